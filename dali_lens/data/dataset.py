@@ -1,0 +1,103 @@
+"""The one description of a dataset that every loader backend consumes."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+FITS_EXTS = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz")
+NPY_EXTS = (".npy",)
+KINDS = ("image", "npy", "fits", "fits-bands")
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One cutout.
+
+    ``path`` is absolute. For per-band files (one file per band) ``band_paths`` lists them in band order
+    and ``path`` is the first. ``label`` is 1 for a lens, 0 for a non-lens, ``None`` when unlabelled.
+    ``meta`` holds numeric catalogue columns (e.g. ``einstein_area``).
+    """
+
+    path: str
+    label: int | None
+    id: str
+    band_paths: tuple[str, ...] = ()
+    meta: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self.band_paths or (self.path,)
+
+
+@dataclass
+class Dataset:
+    """A list of samples plus what a loader must know to read them.
+
+    ``kind`` is ``'image'`` (PNG/JPEG), ``'npy'`` (float arrays shaped (bands, H, W)), ``'fits'`` (one file
+    per sample, one band per HDU or one 3-D HDU) or ``'fits-bands'`` (one FITS file per band per sample).
+    """
+
+    samples: list[Sample]
+    bands: int
+    kind: str
+    root: str
+    split: str = "train"
+    hdus: tuple[int | str, ...] | None = None
+    shape: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown dataset kind {self.kind!r}; expected one of {KINDS}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labelled(self) -> bool:
+        return all(s.label is not None for s in self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [-1 if s.label is None else int(s.label) for s in self.samples]
+
+    def counts(self) -> dict[str, int]:
+        labels = self.labels
+        return {"lens": labels.count(1), "nonlens": labels.count(0), "unlabelled": labels.count(-1)}
+
+    def subset(self, indices, split: str | None = None) -> "Dataset":
+        return Dataset([self.samples[i] for i in indices], self.bands, self.kind, self.root,
+                       split or self.split, self.hdus, self.shape)
+
+    def describe(self) -> str:
+        c = self.counts()
+        shape = "x".join(map(str, self.shape)) if self.shape else "?"
+        text = f"{self.split}: {len(self)} {self.kind} samples ({c['lens']} lens, {c['nonlens']} non-lens"
+        if c["unlabelled"]:
+            text += f", {c['unlabelled']} unlabelled"
+        return text + f"), {self.bands} band(s), {shape} px"
+
+
+def kind_of(path: str) -> str | None:
+    """The dataset kind a file belongs to, by extension; None if not a supported file."""
+    low = path.lower()
+    if low.endswith(IMAGE_EXTS):
+        return "image"
+    if low.endswith(NPY_EXTS):
+        return "npy"
+    if low.endswith(FITS_EXTS):
+        return "fits"
+    return None
+
+
+def sample_id(path: str) -> str:
+    name = os.path.basename(path)
+    for ext in sorted(IMAGE_EXTS + FITS_EXTS + NPY_EXTS, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name

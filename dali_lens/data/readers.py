@@ -1,0 +1,118 @@
+"""Read one sample into a (bands, H, W) numpy array, with checks that name the file.
+
+Used by the torchvision backend, by the DALI CPU backend for FITS (DALI's FITS reader needs CUDA), by
+`python -m dali_lens.check` and to compute normalisation statistics. Images come back as uint8, float data
+as float32.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .dataset import DataError, Dataset, Sample
+
+
+def read_image(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "RGB"):
+                im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA") else "L")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc})") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return arr
+
+
+def read_npy(path: str) -> np.ndarray:
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError/EOFError/OSError for corrupt files
+        raise DataError(f"{path}: cannot read .npy ({exc})") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise DataError(f"{path}: expected an array shaped (bands, H, W), got shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def _fits_hdus(path: str):
+    from astropy.io import fits
+
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    try:
+        return fits.open(path, memmap=False, lazy_load_hdus=False)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read FITS ({exc})") from None
+
+
+def read_fits(path: str, hdus: tuple[int | str, ...] | None = None) -> np.ndarray:
+    """One band per image HDU (chosen by index or EXTNAME), or a single 2-D/3-D HDU."""
+    with _fits_hdus(path) as hdul:
+        try:
+            if hdus:
+                planes = [np.asarray(hdul[h].data, dtype=np.float32) for h in hdus]
+            else:
+                planes = [np.asarray(h.data, dtype=np.float32) for h in hdul
+                          if getattr(h, "data", None) is not None and getattr(h.data, "ndim", 0) in (2, 3)]
+        except KeyError as exc:
+            raise DataError(f"{path}: no HDU {exc} (HDUs: {[h.name for h in hdul]})") from None
+        except (TypeError, ValueError, OSError) as exc:
+            raise DataError(f"{path}: cannot read FITS data ({exc})") from None
+    if not planes:
+        raise DataError(f"{path}: no image data in any HDU")
+    if len(planes) == 1 and planes[0].ndim == 3:
+        return planes[0]
+    if any(p.ndim != 2 for p in planes) or len({p.shape for p in planes}) != 1:
+        raise DataError(f"{path}: HDUs have different shapes {[p.shape for p in planes]}")
+    return np.stack(planes)
+
+
+def read_sample(sample: Sample, dataset: Dataset, check: bool = True) -> np.ndarray:
+    """Read ``sample`` as (bands, H, W): uint8 for images, float32 otherwise; raises DataError on problems."""
+    for f in sample.files:
+        if not os.path.exists(f):
+            raise DataError(f"{f}: file not found")
+    kind = dataset.kind
+    if kind == "image":
+        arr = read_image(sample.path)
+    elif kind == "npy":
+        arr = read_npy(sample.path)
+    elif kind == "fits":
+        arr = read_fits(sample.path, dataset.hdus)
+    elif kind == "fits-bands":
+        planes = [read_fits(p) for p in sample.band_paths]
+        shapes = {p.shape for p in planes}
+        if len(shapes) != 1 or any(p.shape[0] != 1 for p in planes):
+            raise DataError(f"object {sample.id}: band files have different shapes "
+                            + ", ".join(f"{os.path.basename(f)} {p.shape[1:]}" for f, p in zip(sample.band_paths, planes)))
+        arr = np.concatenate(planes)
+    else:
+        raise ValueError(kind)
+    if check:
+        check_array(arr, sample, dataset)
+    return arr
+
+
+def check_array(arr: np.ndarray, sample: Sample, dataset: Dataset, allow_nonfinite: bool = False) -> None:
+    where = sample.path if not sample.band_paths else f"object {sample.id} ({sample.path})"
+    if arr.shape[0] != dataset.bands:
+        raise DataError(f"{where}: has {arr.shape[0]} band(s), the dataset has {dataset.bands}")
+    if dataset.shape is not None and tuple(arr.shape[1:]) != tuple(dataset.shape):
+        raise DataError(f"{where}: is {arr.shape[1]}x{arr.shape[2]} px, the dataset's images are "
+                        f"{dataset.shape[0]}x{dataset.shape[1]} (mixed sizes)")
+    if not allow_nonfinite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise DataError(f"{where}: contains {bad} NaN/inf value(s)")

@@ -1,0 +1,198 @@
+"""Find the samples of a dataset on disk and describe them as :class:`Dataset` splits.
+
+Supported layouts (checked in this order):
+
+1. CSV manifests ``train.csv`` / ``val.csv`` / ``test.csv`` with columns ``filepath,label`` (paths relative to
+   the data root; extra numeric columns become per-sample metadata) — the mechine_lensing layout.
+2. Split folders ``train/``, ``val/``, ``test/`` each holding class folders ``lens/`` and ``nonlens/``.
+3. Class folders ``lens/`` and ``nonlens/`` directly under the root (one ``train`` split).
+4. Files directly under the root, or a single CSV file: unlabelled samples (split ``predict``).
+
+Files may be PNG/JPEG, ``.npy`` (bands, H, W) or FITS (one band per HDU, or one 3-D HDU). If there is no
+``val`` split, a seeded, stratified fraction of ``train`` becomes ``val``.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+from .dataset import DataError, Dataset, Sample, kind_of, sample_id
+
+SPLITS = ("train", "val", "test")
+LENS_NAMES = {"lens", "lenses", "1", "positive", "pos"}
+NONLENS_NAMES = {"nonlens", "nonlenses", "non_lens", "non-lens", "0", "negative", "neg"}
+_TRUE = {"1", "lens", "true", "yes", "1.0"}
+_FALSE = {"0", "nonlens", "non-lens", "non_lens", "false", "no", "0.0"}
+
+
+def parse_label(value: str, where: str) -> int | None:
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return 1
+    if v in _FALSE:
+        return 0
+    if v in ("", "-1", "none", "nan"):
+        return None
+    raise DataError(f"{where}: unknown label {value!r} (use 1 for lens, 0 for non-lens)")
+
+
+def _list_files(folder: str) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(folder):
+        out.extend(os.path.join(dirpath, n) for n in names if kind_of(n))
+    return sorted(out)
+
+
+def _class_folders(folder: str) -> list[Sample] | None:
+    subdirs = [d for d in sorted(os.listdir(folder)) if os.path.isdir(os.path.join(folder, d))]
+    labelled = {d: 1 for d in subdirs if d.lower() in LENS_NAMES}
+    labelled.update({d: 0 for d in subdirs if d.lower() in NONLENS_NAMES})
+    if not labelled:
+        return None
+    unknown = [d for d in subdirs if d not in labelled]
+    if unknown:
+        raise DataError(f"{folder}: unknown class folder(s) {unknown}; expected 'lens/' and 'nonlens/'")
+    samples = []
+    for d, label in labelled.items():
+        files = _list_files(os.path.join(folder, d))
+        if not files:
+            raise DataError(f"{os.path.join(folder, d)}: class folder is empty")
+        samples.extend(Sample(os.path.abspath(f), label, sample_id(f)) for f in files)
+    for label, name in ((1, "lens"), (0, "nonlens")):
+        if not any(s.label == label for s in samples):
+            raise DataError(f"{folder}: no '{name}' samples (an empty class)")
+    return samples
+
+
+def read_manifest(path: str, root: str) -> list[Sample]:
+    """Samples from a CSV with a ``filepath`` column (``path``/``file`` accepted) and optional ``label``."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        path_col = next((c for c in ("filepath", "path", "file", "filename") if c in cols), None)
+        if path_col is None:
+            raise DataError(f"{path}: no 'filepath' column (columns: {cols})")
+        label_col = next((c for c in ("label", "is_lens", "y") if c in cols), None)
+        samples = []
+        for lineno, row in enumerate(reader, start=2):
+            where = f"{path}, line {lineno}"
+            rel = (row.get(path_col) or "").strip()
+            if not rel:
+                raise DataError(f"{where}: empty file path")
+            full = rel if os.path.isabs(rel) else os.path.join(root, rel)
+            if not os.path.exists(full):
+                raise DataError(f"{where}: file not found: {full}")
+            label = parse_label(row[label_col], where) if label_col else None
+            meta = {}
+            for c in cols:
+                if c in (path_col, label_col):
+                    continue
+                try:
+                    meta[c] = float(row[c])
+                except (TypeError, ValueError):
+                    pass
+            samples.append(Sample(os.path.abspath(full), label, sample_id(full), meta=meta))
+    if not samples:
+        raise DataError(f"{path}: manifest lists no samples")
+    return samples
+
+
+def _dataset(samples: list[Sample], root: str, split: str, hdus=None) -> Dataset:
+    from .readers import read_sample
+
+    kinds = {kind_of(s.path) for s in samples}
+    if None in kinds:
+        bad = next(s.path for s in samples if kind_of(s.path) is None)
+        raise DataError(f"{bad}: unsupported file type (use PNG, JPEG, .npy or FITS)")
+    if len(kinds) > 1:
+        raise DataError(f"{root} ({split}): mixed file types {sorted(kinds)}; use one format per dataset")
+    kind = kinds.pop()
+    probe = Dataset(samples, bands=0, kind=kind, root=root, split=split, hdus=hdus)
+    first = read_sample(samples[0], probe, check=False)
+    probe.bands, probe.shape = int(first.shape[0]), (int(first.shape[1]), int(first.shape[2]))
+    return probe
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split ``samples`` into (keep, held_out) with ``fraction`` of each class held out, reproducibly."""
+    rng = random.Random(seed)
+    keep, held = [], []
+    for label in sorted({s.label for s in samples}, key=lambda v: -2 if v is None else v):
+        group = [s for s in samples if s.label == label]
+        rng.shuffle(group)
+        n_held = max(1, round(len(group) * fraction)) if len(group) > 1 else 0
+        held.extend(group[:n_held])
+        keep.extend(group[n_held:])
+    order = {s: i for i, s in enumerate(samples)}
+    return sorted(keep, key=order.get), sorted(held, key=order.get)
+
+
+def discover(root: str, hdus: tuple[int | str, ...] | None = None, val_fraction: float = 0.15,
+             seed: int = 0) -> dict[str, Dataset]:
+    """Describe the dataset at ``root`` as ``{split: Dataset}`` (see the module docstring for layouts)."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.exists(root):
+        raise DataError(f"{root}: no such file or directory")
+    found: dict[str, list[Sample]] = {}
+    if os.path.isfile(root):
+        if not root.lower().endswith(".csv"):
+            kind = kind_of(root)
+            if kind is None:
+                raise DataError(f"{root}: not a dataset folder, CSV manifest or supported file")
+            found["predict"] = [Sample(root, None, sample_id(root))]
+        else:
+            found["predict"] = read_manifest(root, os.path.dirname(root))
+        base = os.path.dirname(root)
+    else:
+        base = root
+        from .challenge import is_challenge_layout, read_challenge
+
+        if is_challenge_layout(root):
+            return _with_val(read_challenge(root), val_fraction, seed)
+        manifests = {s: os.path.join(root, f"{s}.csv") for s in SPLITS}
+        if any(os.path.exists(p) for p in manifests.values()):
+            found = {s: read_manifest(p, root) for s, p in manifests.items() if os.path.exists(p)}
+        elif any(os.path.isdir(os.path.join(root, s)) for s in SPLITS):
+            for s in SPLITS:
+                folder = os.path.join(root, s)
+                if os.path.isdir(folder):
+                    samples = _class_folders(folder)
+                    if samples is None:
+                        raise DataError(f"{folder}: expected class folders 'lens/' and 'nonlens/'")
+                    found[s] = samples
+        else:
+            samples = _class_folders(root)
+            if samples is not None:
+                found["train"] = samples
+            else:
+                files = _list_files(root)
+                if not files:
+                    raise DataError(f"{root}: no images, .npy or FITS files found")
+                found["predict"] = [Sample(os.path.abspath(f), None, sample_id(f)) for f in files]
+    datasets = {s: _dataset(v, base, s, hdus) for s, v in found.items()}
+    _check_consistent(datasets)
+    return _with_val(datasets, val_fraction, seed)
+
+
+def _check_consistent(datasets: dict[str, Dataset]) -> None:
+    ref_name, ref = next(iter(datasets.items()))
+    for name, d in datasets.items():
+        if d.kind != ref.kind or d.bands != ref.bands:
+            raise DataError(f"{d.samples[0].path}: {name} split has {d.bands} band(s) of {d.kind} data but "
+                            f"{ref_name} has {ref.bands} band(s) of {ref.kind} data")
+
+
+def _with_val(datasets: dict[str, Dataset], val_fraction: float, seed: int) -> dict[str, Dataset]:
+    if "train" in datasets and "val" not in datasets and val_fraction > 0:
+        train = datasets["train"]
+        keep, held = stratified_split(train.samples, val_fraction, seed)
+        datasets["train"] = Dataset(keep, train.bands, train.kind, train.root, "train", train.hdus, train.shape)
+        datasets["val"] = Dataset(held, train.bands, train.kind, train.root, "val", train.hdus, train.shape)
+    for name in ("train",):
+        if name in datasets:
+            counts = datasets[name].counts()
+            if counts["lens"] == 0 or counts["nonlens"] == 0:
+                empty = "lens" if counts["lens"] == 0 else "nonlens"
+                raise DataError(f"{datasets[name].root}: the {name} split has no '{empty}' samples (an empty class)")
+    return datasets

@@ -1,0 +1,60 @@
+"""Every loader backend behind one factory and one batch contract (see ``batch.py``).
+
+``build_loader(dataset, backend=..., scales=..., batch_size=..., train=...)`` returns an iterable with
+``len()``, ``set_epoch()``, ``state_dict()``/``load_state_dict()``; iterating yields
+``{"image": {scale: (B, C, s, s)}, "label": (B,), "index": (B,)}``. Trainers never import a backend.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..data.dataset import Dataset
+from . import dali_backend
+from .options import LoaderOptions, compute_stats
+
+BACKENDS = ("auto", "dali", "dali-cpu", "torchvision")
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto``: DALI on the GPU when CUDA and DALI are there, else DALI's CPU backend, else torchvision."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend == "auto":
+        if dali_backend.available():
+            return "dali" if torch.cuda.is_available() else "dali-cpu"
+        return "torchvision"
+    if backend in ("dali", "dali-cpu") and not dali_backend.available():
+        raise RuntimeError(f"backend {backend!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); "
+                           "use --backend torchvision")
+    if backend == "dali" and not torch.cuda.is_available():
+        raise RuntimeError("backend 'dali' needs a CUDA GPU; use 'dali-cpu' or 'torchvision' on this machine")
+    return backend
+
+
+def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions | None = None, **kwargs):
+    """The one loader factory. ``kwargs`` are :class:`LoaderOptions` fields (scales, batch_size, train, ...)."""
+    opts = options or LoaderOptions(**kwargs)
+    if options is not None and kwargs:
+        raise TypeError("pass either options= or keyword options, not both")
+    if len(dataset) == 0:
+        raise ValueError(f"{dataset.root} ({dataset.split}): no samples to load")
+    name = resolve_backend(backend)
+    if name == "dali" and opts.device_id is None:
+        opts.device_id = torch.cuda.current_device()
+    if opts.dtype == "uint8" and dataset.kind != "image":
+        raise ValueError("dtype='uint8' output is only for 8-bit images; use float32 or float16")
+    if opts.train and len(dataset) // opts.num_shards < opts.batch_size:
+        warnings.warn(f"{dataset.split}: {len(dataset)} samples over {opts.num_shards} shard(s) do not fill one "
+                      f"batch of {opts.batch_size}; the training loader would be empty, using a smaller batch",
+                      stacklevel=2)
+        opts.batch_size = max(1, len(dataset) // opts.num_shards)
+    if name == "torchvision":
+        from .torchvision_backend import TorchvisionLoader
+
+        return TorchvisionLoader(dataset, opts, device="cuda" if torch.cuda.is_available() else "cpu")
+    return dali_backend.DaliLoader(dataset, opts, device="gpu" if name == "dali" else "cpu")
+
+
+__all__ = ["BACKENDS", "LoaderOptions", "build_loader", "compute_stats", "resolve_backend"]

@@ -1,0 +1,302 @@
+"""DALI backend: one pipeline definition for the CPU (``device_id=None``) and the GPU.
+
+Per sample: read -> decode once -> (float data: mask, scaling) -> one dihedral transform and shift drawn
+once -> ``fn.resize`` to each requested scale from the same decoded image -> normalise + HWC->CHW + cast.
+Only the device differs between CPU and GPU: ``'mixed'`` decoding (JPEG on nvJPEG, PNG on the CPU then
+moved to the GPU), the GPU numpy/FITS readers, and every later op on the GPU.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from ..data.dataset import DataError, Dataset
+from .batch import BatchChecker
+from .options import LoaderOptions, base_permutation, batches_per_epoch
+
+try:  # DALI is optional: the package falls back to torchvision without it
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    HAVE_DALI = True
+except ImportError:  # pragma: no cover - exercised only where DALI is missing
+    HAVE_DALI = False
+
+_SOURCE_INFO_LEN = 4096  # bytes kept of each file name returned by readers that have no label output
+
+
+def available() -> bool:
+    return HAVE_DALI
+
+
+def _augment(img, opts: LoaderOptions, shape_hw):
+    """One element of the dihedral group (+ optional shift) per sample, on HWC data."""
+    if opts.augment:
+        if fn.random.coin_flip(probability=0.5):
+            img = fn.transpose(img, perm=[1, 0, 2], transpose_layout=False)
+        img = fn.flip(img, horizontal=fn.random.coin_flip(probability=0.5),
+                      vertical=fn.random.coin_flip(probability=0.5))
+        if opts.max_shift:
+            k = opts.max_shift
+            shift = fn.random.uniform(values=list(range(-k, k + 1)), shape=[2], dtype=types.INT32)
+            img = fn.slice(img, start=-shift, shape=list(shape_hw), axis_names="HW",
+                           out_of_bounds_policy="pad", fill_values=0)
+    return img
+
+
+def _float_steps(x, opts: LoaderOptions):
+    """Masking and flux scaling for float data (mirrors options.prescale)."""
+    from nvidia.dali import math as dmath
+
+    if opts.mask_value is not None:
+        finite = (x == x) & (dmath.abs(x) < float(np.finfo(np.float32).max))
+        keep = finite & (x != float(opts.mask_value))
+        # NaN * 0 is NaN: first make every value finite (min then max maps NaN to 3e38), then multiply
+        x = dmath.max(dmath.min(x, 3.0e38), -3.0e38) * fn.cast(keep, dtype=types.FLOAT)
+    if opts.scaling == "asinh":
+        x = dmath.asinh(x * float(opts.scale_a))
+    elif opts.scaling == "clip":
+        x = dmath.clamp(x, -float(opts.scale_a), float(opts.scale_a)) / float(opts.scale_a)
+    return x
+
+
+class _PythonSource:
+    """Per-sample external source for data DALI cannot read here (FITS on a machine without CUDA).
+
+    Yields (HWC float32, index) in the same order and shards as DALI's readers; pads the last batch by
+    repeating the shard's last sample (the iterator trims it).
+    """
+
+    def __init__(self, dataset: Dataset, files_order: np.ndarray, opts: LoaderOptions):
+        from .options import shard_bounds
+
+        self.dataset, self.opts = dataset, opts
+        self.order = files_order
+        self.n = len(files_order)
+        self.shard_bounds = shard_bounds
+
+    def shard(self, epoch: int) -> np.ndarray:
+        order = self.order
+        if self.opts.train:
+            order = np.random.default_rng([self.opts.seed, epoch, 0x5eed]).permutation(order)
+            per = self.n // self.opts.num_shards
+            return order[self.opts.shard_id * per:(self.opts.shard_id + 1) * per]
+        lo, hi = self.shard_bounds(self.n, self.opts.shard_id, self.opts.num_shards)
+        return order[lo:hi]
+
+    def __call__(self, info):
+        from ..data.readers import read_sample
+
+        idx = self.shard(info.epoch_idx)
+        b = self.opts.batch_size
+        limit = (len(idx) // b) * b if self.opts.train else -(-len(idx) // b) * b
+        if info.idx_in_epoch >= limit:
+            raise StopIteration
+        i = int(idx[min(info.idx_in_epoch, len(idx) - 1)])
+        x = read_sample(self.dataset.samples[i], self.dataset, check=self.opts.mask_value is None)
+        return np.ascontiguousarray(x.transpose(1, 2, 0)), np.array([i], dtype=np.int64)
+
+
+def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray):
+    """Reader + decoder: returns (HWC image node, index node, reader name or None)."""
+    train = opts.train
+    common = dict(shard_id=opts.shard_id, num_shards=opts.num_shards, pad_last_batch=True, name="reader",
+                  shuffle_after_epoch=train, stick_to_shard=not train, prefetch_queue_depth=2)
+    files = [dataset.samples[i].path for i in order]
+    if dataset.kind == "image":
+        raw, index = fn.readers.file(files=files, labels=[int(i) for i in order], **common)
+        out_type = types.GRAY if dataset.bands == 1 else types.RGB
+        if gpu:  # buffers sized for small cutouts, not the ImageNet-sized defaults (8-16 MiB per thread)
+            img = fn.decoders.image(raw, device="mixed", output_type=out_type,
+                                    host_memory_padding=256 * 1024, device_memory_padding=1024 * 1024)
+        else:
+            img = fn.decoders.image(raw, device="cpu", output_type=out_type)
+        return img, index, "reader"
+    if dataset.kind == "npy":
+        x = fn.readers.numpy(files=files, device="gpu" if gpu else "cpu", **common)
+        index = fn.pad(fn.get_property(x, key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
+        x = fn.reshape(x, layout="CHW")  # the numpy reader sets no layout; resize would read CHW as HWC
+        x = fn.transpose(x, perm=[1, 2, 0], output_layout="HWC")
+        return x, index, "reader"
+    if gpu and dataset.kind == "fits" and dataset.hdus is not None:
+        hdus = [int(h) for h in dataset.hdus]
+        planes = fn.experimental.readers.fits(files=files, hdu_indices=hdus, device="gpu", **common)
+        planes = planes if isinstance(planes, (list, tuple)) else [planes]
+        x = fn.stack(*planes, axis=2, axis_name="C") if len(planes) > 1 else fn.reshape(planes[0], layout="HW")
+        if len(planes) == 1:
+            x = fn.expand_dims(x, axes=[2], new_axis_names="C")
+        index = fn.pad(fn.get_property(planes[0], key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
+        return fn.cast(x, dtype=types.FLOAT), index, "reader"
+    # FITS (any arrangement) without DALI's FITS reader: astropy in a per-sample external source.
+    src = _PythonSource(dataset, order, opts)
+    x, index = fn.external_source(source=src, num_outputs=2, batch=False, layout=["HWC", None],
+                                  dtype=[types.FLOAT, types.INT64])
+    if gpu:
+        x = x.gpu()
+    return x, index, None
+
+
+def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, checkpoint: str | None):
+    images_are_uint8 = dataset.kind == "image"
+    mean = list(opts.mean or [0.0] * dataset.bands)
+    std = list(opts.std or [1.0] * dataset.bands)
+    if images_are_uint8:  # images are normalised from 0..255 directly: (x/255 - m)/s = (x - 255 m)/(255 s)
+        mean = [255.0 * m for m in mean]
+        std = [255.0 * s for s in std]
+    out_dtype = {"float32": types.FLOAT, "float16": types.FLOAT16, "uint8": types.UINT8}[opts.dtype]
+    shape_hw = dataset.shape or (max(opts.scales),) * 2
+
+    @pipeline_def(enable_conditionals=opts.augment, enable_checkpointing=checkpoint is not False)
+    def pipe():
+        img, index, _ = _decoded(dataset, opts, gpu, order)
+        shapes = img.shape(dtype=types.INT64)
+        if not images_are_uint8:
+            img = _float_steps(img, opts)
+        img = _augment(img, opts, shape_hw)
+        outs = []
+        for s in opts.scales:
+            y = img
+            if tuple(shape_hw) != (s, s):
+                y = fn.resize(img, size=[s, s], antialias=True, interp_type=types.INTERP_LINEAR,
+                              dtype=types.FLOAT if not images_are_uint8 or opts.dtype != "uint8" else types.UINT8)
+            if opts.dtype == "uint8":
+                if not images_are_uint8:
+                    raise ValueError("dtype='uint8' output is only for 8-bit images")
+                outs.append(fn.transpose(fn.cast(y, dtype=types.UINT8), perm=[2, 0, 1]))
+            else:
+                outs.append(fn.crop_mirror_normalize(y, mean=mean, std=std, dtype=out_dtype, output_layout="CHW"))
+        return (*outs, index, shapes)
+
+    threads = max(1, opts.workers)
+    kwargs = dict(batch_size=opts.batch_size, num_threads=threads, device_id=opts.device_id if gpu else None,
+                  seed=(opts.seed * 1009 + opts.shard_id) % (2 ** 31), prefetch_queue_depth=2)
+    if checkpoint:
+        kwargs["checkpoint"] = checkpoint
+    p = pipe(**kwargs)
+    p.build()
+    return p
+
+
+class DaliLoader:
+    """Contract batches from a DALI pipeline through ``DALIGenericIterator``.
+
+    Policies: training uses ``LastBatchPolicy.DROP`` with ``shuffle_after_epoch`` (the whole file list is
+    reshuffled every epoch, identically on all ranks, so shards stay disjoint); evaluation uses
+    ``LastBatchPolicy.PARTIAL`` with ``pad_last_batch`` and ``stick_to_shard`` so each sample is returned
+    exactly once. ``state_dict()`` holds DALI's reader/RNG checkpoint for mid-epoch resume.
+    """
+
+    def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
+        if not HAVE_DALI:
+            raise RuntimeError("NVIDIA DALI is not installed; use backend='torchvision' "
+                               "(pip install nvidia-dali-cuda120 on Linux)")
+        self.dataset, self.opts = dataset, opts
+        self.gpu = device != "cpu"
+        self.backend = "dali" if self.gpu else "dali-cpu"
+        self.device = torch.device(f"cuda:{opts.device_id or 0}" if self.gpu else "cpu")
+        self.order = base_permutation(len(dataset), opts.seed) if opts.train else np.arange(len(dataset))
+        self._by_name = None
+        self._check = BatchChecker(dataset, self.device, tta=opts.tta)
+        self.epoch, self._done = 0, 0
+        self._checkpoint = None
+        self._it = None
+
+    @property
+    def checkpointable(self) -> bool:
+        return self.dataset.kind in ("image", "npy")
+
+    def _iterator(self):
+        if self._it is None:
+            p = _build(self.dataset, self.opts, self.gpu, self.order,
+                       self._checkpoint if self.checkpointable else False)
+            names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
+            policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL
+            if self.checkpointable or self.dataset.kind == "fits" and self.gpu and self.dataset.hdus is not None:
+                self._it = DALIGenericIterator(p, names, reader_name="reader", last_batch_policy=policy,
+                                               auto_reset=True)
+            else:
+                from .options import shard_bounds
+
+                lo, hi = shard_bounds(len(self.dataset), self.opts.shard_id, self.opts.num_shards)
+                size = (len(self.dataset) // self.opts.num_shards) if self.opts.train else hi - lo
+                self._it = DALIGenericIterator(p, names, size=size, last_batch_policy=policy,
+                                               last_batch_padded=True, auto_reset=True)
+        return self._it
+
+    def __len__(self) -> int:
+        return batches_per_epoch(len(self.dataset), self.opts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """DALI reshuffles internally each epoch (identically on every rank); epochs must be consumed in order."""
+        if epoch != self.epoch and self._it is not None:
+            warnings.warn(f"DALI loader is at epoch {self.epoch}; set_epoch({epoch}) only renumbers it", stacklevel=2)
+        self.epoch = epoch
+
+    def _indices(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.dataset.kind == "image":
+            return raw.reshape(-1).long()
+        if self._by_name is None:
+            self._by_name = {s.path: i for i, s in enumerate(self.dataset.samples)}
+        if raw.dtype != torch.uint8:
+            return raw.reshape(-1).long()
+        rows = raw.cpu().numpy()
+        out = []
+        for r in rows:
+            name = bytes(r[r != 0]).decode()
+            if name not in self._by_name:
+                raise DataError(f"DALI returned an unknown file {name!r}")
+            out.append(self._by_name[name])
+        return torch.tensor(out, dtype=torch.long)
+
+    def __iter__(self):
+        it = self._iterator()
+        limit = len(self)
+        self._done = 0
+        try:
+            for out in it:
+                out = out[0]
+                index = self._indices(out["index"])
+                if len(index) == 0:
+                    continue
+                images = {s: out[f"s{s}"] for s in self.opts.scales}
+                batch = self._check(images, index, out["shape"])
+                self._done += 1
+                yield batch
+                if self.opts.train and self._done >= limit:
+                    pass
+        except DataError:
+            raise
+        except RuntimeError as exc:
+            raise self._explain(exc) from None
+        self.epoch += 1
+        self._done = 0
+
+    def _explain(self, exc: RuntimeError) -> Exception:
+        """Turn a DALI error into one that names the bad file(s), found by scanning this shard."""
+        from ..check import find_problems
+
+        problems = find_problems(self.dataset, max_problems=5)
+        self._it = None
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "rror" in line), first[0] if first else "")
+        if problems:
+            listed = "; ".join(problems)
+            return DataError(f"bad input in {self.dataset.split} data: {listed}")
+        return RuntimeError(f"DALI pipeline failed on {self.dataset.split} data: {detail}")
+
+    def state_dict(self) -> dict:
+        state = {"backend": self.backend, "epoch": self.epoch, "batches_done": self._done}
+        if self._it is not None and self.checkpointable:
+            state["dali"] = self._it.checkpoints()[0]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        if "dali" in state and self.checkpointable:
+            self._checkpoint = state["dali"]
+            self._it = None
+        elif state.get("batches_done"):
+            warnings.warn(f"{self.dataset.kind} data cannot be checkpointed by DALI: restarting epoch {self.epoch} "
+                          "from its beginning", stacklevel=2)

@@ -1,0 +1,141 @@
+"""Loader options shared by every backend, sample order, and normalisation statistics."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+DTYPES = ("float32", "float16", "uint8")
+SCALINGS = ("none", "asinh", "clip")
+
+
+@dataclass
+class LoaderOptions:
+    """Everything a backend needs besides the dataset. The defaults suit 64 px cutouts.
+
+    ``train=True`` means shuffle (classes mixed from the first batch), random dihedral augmentation (the 8
+    rotations/flips of the square, drawn once per sample and applied identically at every scale), optional
+    integer shifts up to ``max_shift`` pixels, and dropping the last partial batch. ``train=False`` keeps file
+    order and yields every sample exactly once across all shards.
+
+    Normalisation: images are first divided by 255; float data first goes through ``scaling`` (``asinh``:
+    arcsinh(scale_a * x); ``clip``: clip to +-scale_a then divide by scale_a). Then ``(x - mean) / std`` per
+    band. ``mask_value``: pixels equal to it, and NaN/inf, are set to 0 before scaling (without it, NaN/inf
+    in the data is an error naming the file).
+    ``dtype='uint8'`` (images only) skips normalisation so that it can be done later on the GPU.
+    """
+
+    scales: tuple[int, ...] = (64,)
+    batch_size: int = 64
+    train: bool = False
+    augment: bool | None = None
+    max_shift: int = 0
+    seed: int = 0
+    shard_id: int = 0
+    num_shards: int = 1
+    num_workers: int | None = None
+    dtype: str = "float32"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scaling: str = "none"
+    scale_a: float = 1.0
+    mask_value: float | None = None
+    tta: bool = False
+    device_id: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(int(s) for s in self.scales)
+        if not self.scales or min(self.scales) < 8:
+            raise ValueError(f"scales must be a non-empty list of sizes >= 8 px, got {self.scales}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id {self.shard_id} out of range for num_shards {self.num_shards}")
+        if self.augment is None:
+            self.augment = self.train
+
+    @property
+    def workers(self) -> int:
+        return self.num_workers if self.num_workers is not None else (os.cpu_count() or 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """DALI's sharding rule: shard i covers [floor(i*n/S), floor((i+1)*n/S))."""
+    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+
+
+def base_permutation(n: int, seed: int) -> np.ndarray:
+    """The seeded order in which training samples are handed to a backend (the same on every rank)."""
+    return np.random.default_rng([seed, 0x1e25]).permutation(n)
+
+
+def epoch_order(n: int, epoch: int, opts: LoaderOptions) -> np.ndarray:
+    """Sample indices this shard visits in ``epoch`` (torchvision backend; DALI shuffles internally).
+
+    Train: a permutation that depends on (seed, epoch), identical on all ranks, cut into equal shards of
+    floor(n / S) samples (like DistributedSampler with drop_last). Eval: contiguous shards, every sample once.
+    """
+    if not opts.train:
+        lo, hi = shard_bounds(n, opts.shard_id, opts.num_shards)
+        return np.arange(lo, hi)
+    perm = np.random.default_rng([opts.seed, epoch, 0x5eed]).permutation(n)
+    per = n // opts.num_shards
+    return perm[opts.shard_id * per:(opts.shard_id + 1) * per]
+
+
+def batches_per_epoch(n: int, opts: LoaderOptions) -> int:
+    if opts.train:
+        return (n // opts.num_shards) // opts.batch_size
+    lo, hi = shard_bounds(n, opts.shard_id, opts.num_shards)
+    return math.ceil((hi - lo) / opts.batch_size)
+
+
+def augment_params(seed: int, epoch: int, index: int, max_shift: int) -> tuple[int, int, int, int, int]:
+    """(flip_h, flip_v, transpose, shift_y, shift_x) for one sample: one element of the dihedral group."""
+    r = np.random.default_rng([seed, epoch, index, 0xa06])
+    fh, fv, tr = (int(v) for v in r.integers(0, 2, size=3))
+    dy, dx = (int(v) for v in r.integers(-max_shift, max_shift + 1, size=2)) if max_shift else (0, 0)
+    return fh, fv, tr, dy, dx
+
+
+def compute_stats(dataset, opts: LoaderOptions, max_samples: int = 512) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band mean and std of the training data after the options' scaling (images in [0, 1])."""
+    from ..data.readers import read_sample
+
+    n = len(dataset)
+    idx = np.random.default_rng(opts.seed).choice(n, size=min(n, max_samples), replace=False)
+    acc = np.zeros((dataset.bands, 3), dtype=np.float64)
+    for i in sorted(idx):
+        x = prescale(read_sample(dataset.samples[i], dataset, check=False), dataset.kind, opts)
+        x = x.reshape(x.shape[0], -1).astype(np.float64)
+        acc[:, 0] += x.shape[1]
+        acc[:, 1] += x.sum(1)
+        acc[:, 2] += (x * x).sum(1)
+    mean = acc[:, 1] / acc[:, 0]
+    std = np.sqrt(np.maximum(acc[:, 2] / acc[:, 0] - mean ** 2, 0))
+    std = np.where(std < 1e-12, 1.0, std)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def prescale(x: np.ndarray, kind: str, opts: LoaderOptions) -> np.ndarray:
+    """Reference numpy version of the per-pixel steps before normalisation (both backends match it)."""
+    if kind == "image":
+        return x.astype(np.float32) / 255.0
+    x = x.astype(np.float32, copy=True)
+    if opts.mask_value is not None:
+        x[~np.isfinite(x) | (x == np.float32(opts.mask_value))] = 0.0
+    if opts.scaling == "asinh":
+        x = np.arcsinh(opts.scale_a * x)
+    elif opts.scaling == "clip":
+        x = np.clip(x, -opts.scale_a, opts.scale_a) / opts.scale_a
+    return x

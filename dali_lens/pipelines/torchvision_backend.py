@@ -1,0 +1,135 @@
+"""The torchvision fallback: a Dataset + DataLoader that returns the same batches as the DALI backends.
+
+Decoding uses ``torchvision.io.decode_image`` for PNG/JPEG, numpy for ``.npy`` and astropy for FITS; each
+sample is decoded once and resized to every scale with the same antialiased bilinear filter DALI uses.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..data.dataset import DataError, Dataset
+from ..data.readers import check_array, read_sample
+from .batch import BatchChecker
+from .options import LoaderOptions, augment_params, batches_per_epoch, epoch_order, prescale
+
+
+def decode(dataset: Dataset, index: int) -> np.ndarray:
+    sample = dataset.samples[index]
+    if dataset.kind == "image":
+        import torchvision.io as tvio
+
+        try:
+            data = tvio.read_file(sample.path)
+            if data.numel() == 0:
+                raise DataError(f"{sample.path}: empty file (0 bytes)")
+            mode = tvio.ImageReadMode.GRAY if dataset.bands == 1 else tvio.ImageReadMode.RGB
+            arr = tvio.decode_image(data, mode=mode).numpy()
+        except DataError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            raise DataError(f"{sample.path}: cannot decode image ({str(exc).splitlines()[0]})") from None
+        check_array(arr, sample, dataset)
+        return arr
+    return read_sample(sample, dataset)
+
+
+def transform(x: torch.Tensor, opts: LoaderOptions, params) -> dict[int, torch.Tensor]:
+    """(C, H, W) float -> {scale: (C, s, s)}: augment once, resize to each scale, normalise."""
+    fh, fv, tr, dy, dx = params
+    if tr:
+        x = x.transpose(-2, -1)
+    if fh:
+        x = x.flip(-1)
+    if fv:
+        x = x.flip(-2)
+    if dy or dx:
+        x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+        if dy > 0:
+            x[:, :dy] = 0
+        elif dy < 0:
+            x[:, dy:] = 0
+        if dx > 0:
+            x[:, :, :dx] = 0
+        elif dx < 0:
+            x[:, :, dx:] = 0
+    mean = torch.tensor(opts.mean or [0.0] * x.shape[0]).view(-1, 1, 1)
+    std = torch.tensor(opts.std or [1.0] * x.shape[0]).view(-1, 1, 1)
+    out = {}
+    for s in opts.scales:
+        y = x if tuple(x.shape[-2:]) == (s, s) else F.interpolate(
+            x[None], size=(s, s), mode="bilinear", antialias=True, align_corners=False)[0]
+        if opts.dtype == "uint8":
+            out[s] = (y * 255.0).round().clamp(0, 255).to(torch.uint8)
+            continue
+        y = (y - mean) / std
+        out[s] = y.half() if opts.dtype == "float16" else y
+    return out
+
+
+class _Samples(torch.utils.data.Dataset):
+    def __init__(self, dataset: Dataset, opts: LoaderOptions):
+        self.dataset, self.opts, self.epoch = dataset, opts, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(np.ascontiguousarray(prescale(decode(self.dataset, i), self.dataset.kind, self.opts)))
+        params = (augment_params(self.opts.seed + 7919 * self.opts.shard_id, self.epoch, i, self.opts.max_shift)
+                  if self.opts.augment else (0, 0, 0, 0, 0))
+        return transform(x, self.opts, params), i
+
+
+class TorchvisionLoader:
+    """Iterable of contract batches with ``len()``, ``set_epoch()`` and resumable ``state_dict()``."""
+
+    backend = "torchvision"
+
+    def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
+        self.dataset, self.opts, self.device = dataset, opts, torch.device(device)
+        self._samples = _Samples(dataset, opts)
+        self._check = BatchChecker(dataset, self.device, tta=opts.tta)
+        self.epoch, self._done, self._skip = 0, 0, 0
+        self._loader = None
+
+    def __len__(self) -> int:
+        return batches_per_epoch(len(self.dataset), self.opts)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _make_loader(self, order: list[int]) -> DataLoader:
+        workers = self.opts.workers if len(order) > self.opts.batch_size else 0
+        return DataLoader(self._samples, batch_size=self.opts.batch_size, sampler=order, num_workers=workers,
+                          drop_last=self.opts.train, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False, worker_init_fn=_one_thread,
+                          multiprocessing_context="fork" if workers else None)
+
+    def __iter__(self):
+        self._samples.epoch = self.epoch
+        order = epoch_order(len(self.dataset), self.epoch, self.opts).tolist()
+        skip, self._skip = self._skip, 0
+        order = order[skip * self.opts.batch_size:]
+        self._done = skip
+        if order:
+            for images, index in self._make_loader(order):
+                images = {s: t.to(self.device, non_blocking=True) for s, t in images.items()}
+                batch = self._check(images, index)
+                self._done += 1
+                yield batch
+        self.epoch += 1
+        self._done = 0
+
+    def state_dict(self) -> dict:
+        return {"backend": self.backend, "epoch": self.epoch, "batches_done": self._done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._skip = int(state.get("batches_done", 0))
+
+
+def _one_thread(_):
+    torch.set_num_threads(1)
