@@ -1,0 +1,43 @@
+"""Train a lens finder.
+
+With no arguments: generates the built-in synthetic dataset once (cached in ~/.cache/dali-lens, or
+$DALI_LENS_CACHE), trains the small CNN on the CPU (or GPU if present) and prints test metrics.
+
+Examples:
+  python -m dali_lens.train
+  python -m dali_lens.train --data-root /data/lenses --arch resnet18 --img-size 96 --epochs 20
+  python -m dali_lens.train --trainer multiscale --scales 64,112,224 --consistency kl
+  python -m dali_lens.train --trainer ensemble --members small_cnn:64:0,resnet18:112:1,vit_b_16:224:2
+  torchrun --nproc_per_node 4 -m dali_lens.train --data-root /data/lenses
+Outputs go to --out (default runs/<trainer>-<arch>-<time>/): best.pt, last.pt, config.json,
+metrics.json, predictions.csv, roc.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data.dataset import DataError
+from .trainers.config import add_arguments, from_args
+from .trainers.runner import run
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dali_lens.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(from_args(args))
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

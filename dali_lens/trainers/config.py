@@ -1,0 +1,127 @@
+"""Every training knob, with its default and its help text (the CLI is generated from this)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+import torch
+
+TRAINERS = ("single", "multiscale", "ensemble")
+
+
+def _f(default, help: str, **kw):
+    meta = {"help": help, **kw}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_root: str | None = _f(None, "dataset root: class folders, CSV manifests (train.csv/val.csv/test.csv), "
+                                     "FITS, .npy or the lens-finding-challenge layout. Default: the built-in "
+                                     "synthetic set, generated once and cached", flag="--data-root")
+    out: str | None = _f(None, "run directory for checkpoints, metrics.json, predictions.csv, roc.png "
+                               "(default: runs/<trainer>-<arch>-<time>)")
+    resume: bool = _f(False, "continue the run in --out from its last checkpoint (mid-epoch if saved mid-epoch)")
+    val_fraction: float = _f(0.15, "fraction of train held out (stratified, seeded) when there is no val split")
+    hdus: str | None = _f(None, "FITS: comma-separated HDU indices or EXTNAMEs, one per band (default: all image HDUs)")
+    skip_bad: bool = _f(False, "scan the data first and skip unreadable/bad samples (listed), instead of stopping")
+    # loading
+    backend: str = _f("auto", "loader: auto (DALI GPU if CUDA+DALI, else DALI CPU, else torchvision), dali, "
+                              "dali-cpu, torchvision", choices=("auto", "dali", "dali-cpu", "torchvision"))
+    workers: int | None = _f(None, "loader threads/workers (default: all cores)")
+    norm: str = _f("stats", "per-band normalisation: stats (mean/std of the training set) or none",
+                   choices=("stats", "none"))
+    scaling: str = _f("none", "float data (FITS/.npy) before normalisation: none, asinh (arcsinh(a*x)), clip (+-a)",
+                      choices=("none", "asinh", "clip"))
+    scale_a: float = _f(1.0, "the 'a' of --scaling")
+    mask_value: float | None = _f(None, "pixels with this value (and NaN/inf) are masked to 0, e.g. 100 for the "
+                                        "lens-finding challenge")
+    max_shift: int = _f(2, "training augmentation: random shifts up to this many pixels (0 = off); "
+                           "random 90-degree rotations and flips are always on")
+    tta: bool = _f(False, "evaluate with the mean over the 8 rotations/flips (test-time augmentation)")
+    # model and trainer
+    trainer: str = _f("single", "single: one model, one scale; multiscale: one model on several scales; "
+                                "ensemble: several members, each its own architecture/scale/seed",
+                      choices=TRAINERS)
+    arch: str = _f("small_cnn", "single/multiscale model: small_cnn, resnet18, resnet34, vit_tiny, vit_b_16")
+    img_size: int = _f(64, "single trainer: input size in pixels (images are resized on the loader's device)")
+    scales: str = _f("48,64,96", "multiscale trainer: comma-separated input sizes from one decode")
+    schedule: str = _f("all", "multiscale: all (every scale every step) or progressive (low to high resolution)",
+                       choices=("all", "progressive"))
+    progressive_epochs: int = _f(2, "multiscale progressive: epochs per scale before switching up")
+    consistency: str = _f("none", "multiscale: per-sample consistency between scales: none, kl (symmetric "
+                                  "Bernoulli KL) or mse", choices=("none", "kl", "mse"))
+    consistency_weight: float = _f(0.1, "weight of the consistency term")
+    members: str = _f("small_cnn:48:0,small_cnn:64:1,resnet18:64:2",
+                      "ensemble: comma-separated ARCH:SCALE[:SEED] members")
+    fusion: str = _f("mean_prob", "ensemble fusion: mean_prob, mean_logit, temperature (fitted on validation)",
+                     choices=("mean_prob", "mean_logit", "temperature"))
+    weights: str | None = _f(None, "initial weights: a local state-dict file (no downloads)")
+    # optimisation
+    epochs: int = _f(6, "training epochs")
+    batch_size: int = _f(64, "batch size per process")
+    lr: float = _f(2e-3, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    lr_schedule: str = _f("cosine", "cosine (with warm-up) or onecycle", choices=("cosine", "onecycle"))
+    patience: int = _f(4, "early stopping: epochs without a better validation AUC (0 = off)")
+    amp: str = _f("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off",
+                  choices=("auto", "bf16", "fp16", "off"))
+    channels_last: bool = _f(True, "channels-last memory format on GPU")
+    seed: int = _f(0, "random seed (data order, augmentation, initialisation)")
+    checkpoint_every: int = _f(0, "also checkpoint every N training steps (mid-epoch resume); 0 = per epoch only")
+    threshold: float = _f(0.5, "score threshold for accuracy/precision/recall/F1")
+    progress: bool = _f(True, "progress bars")
+
+    def amp_dtype(self, device: torch.device):
+        if device.type != "cuda" or self.amp == "off":
+            return None
+        if self.amp == "fp16":
+            return torch.float16
+        if self.amp == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    @property
+    def scale_list(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in str(self.scales).split(",") if s.strip())
+
+    @property
+    def hdu_list(self):
+        if not self.hdus:
+            return None
+        return tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in self.hdus.split(","))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, named --field-name, documented by the field's help text."""
+    for f in fields(TrainConfig):
+        meta = dict(f.metadata)
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        helptext = meta.pop("help")
+        default = f.default
+        if f.type in ("bool",) or isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=helptext)
+            continue
+        typ = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
+        if typ is None:
+            typ = type(default) if default is not None else (float if "float" in str(f.type) else
+                                                           int if "int" in str(f.type) else str)
+        parser.add_argument(flag, dest=f.name, type=typ, default=default,
+                            help=helptext if default is None else f"{helptext} (default: {default})", **meta)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

@@ -1,0 +1,174 @@
+"""The shared epoch loop: train members on contract batches, predict, gather across ranks, fuse."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def consistency_loss(logits: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """Per-sample agreement between the lens probabilities at different scales (not a batch softmax).
+
+    Each scale is pulled toward the mean of the *other* scales' probabilities, which are detached, so every
+    scale's backward pass is independent and the step's memory stays bounded by one scale at a time.
+    ``kl``: symmetric Bernoulli KL; ``mse``: squared difference of probabilities.
+    """
+    probs = [torch.sigmoid(z.float()) for z in logits]
+    losses = []
+    for i, p in enumerate(probs):
+        others = [q.detach() for j, q in enumerate(probs) if j != i]
+        if not others:
+            continue
+        target = torch.stack(others).mean(0).clamp(1e-6, 1 - 1e-6)
+        pc = p.clamp(1e-6, 1 - 1e-6)
+        if kind == "mse":
+            losses.append(((pc - target) ** 2).mean())
+        else:
+            kl_pt = pc * (pc / target).log() + (1 - pc) * ((1 - pc) / (1 - target)).log()
+            kl_tp = target * (target / pc).log() + (1 - target) * ((1 - target) / (1 - pc)).log()
+            losses.append((0.5 * (kl_pt + kl_tp)).mean())
+    return torch.stack(losses).mean() if losses else logits[0].new_zeros(())
+
+
+def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_scales=None,
+                on_step=None, show_progress: bool = True) -> dict:
+    """One pass over ``loader``; each member sees its own scales. Returns mean loss per member."""
+    for m in members:
+        m.model.train()
+    amp = cfg.amp_dtype(device)
+    totals = {m.spec.name: 0.0 for m in members}
+    steps, seen, t0, wait = 0, 0, time.perf_counter(), 0.0
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1} train", leave=False, disable=not show_progress,
+               dynamic_ncols=True)
+    fetch = time.perf_counter()
+    for batch in loader:
+        wait += time.perf_counter() - fetch
+        y = batch["label"].to(device, non_blocking=True).float()
+        for m in members:
+            scales = [s for s in m.spec.scales if active_scales is None or s in active_scales]
+            m.optimizer.zero_grad(set_to_none=True)
+            logits = []
+            loss_value = 0.0
+            # memory-bounded: one scale's graph at a time; the consistency term uses detached partners
+            with torch.no_grad(), autocast(device, amp):
+                partner = ([m.model(_to(batch["image"][s], device, cfg)).float() for s in scales]
+                           if cfg.consistency != "none" and len(scales) > 1 else None)
+            for k, s in enumerate(scales):
+                with autocast(device, amp):
+                    z = m.model(_to(batch["image"][s], device, cfg)).float()
+                loss = F.binary_cross_entropy_with_logits(z, y) / len(scales)
+                if partner is not None:
+                    group = [z if j == k else partner[j] for j in range(len(scales))]
+                    loss = loss + cfg.consistency_weight * consistency_loss(group, cfg.consistency) / len(scales)
+                if m.scaler is not None:
+                    m.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                loss_value += float(loss.detach())
+                logits.append(z.detach())
+            if m.scaler is not None:
+                m.scaler.step(m.optimizer)
+                m.scaler.update()
+            else:
+                m.optimizer.step()
+            m.scheduler.step()
+            totals[m.spec.name] += loss_value
+        steps += 1
+        seen += len(y)
+        bar.update(1)
+        if steps % 10 == 0:
+            bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if on_step is not None:
+            on_step(steps)
+        fetch = time.perf_counter()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return {"loss": {k: v / max(1, steps) for k, v in totals.items()}, "steps": steps, "samples": seen,
+            "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9)}
+
+
+def _to(x: torch.Tensor, device: torch.device, cfg) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    if cfg.channels_last and device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def predict(members, loader, cfg, device: torch.device, desc: str = "eval", show_progress: bool = True):
+    """Logits per member for every sample of ``loader`` (averaged over a member's scales and over TTA).
+
+    Returns ``(index, label, {member name: logits})`` as numpy arrays, gathered across ranks so that every
+    rank holds the whole split, ordered by sample index.
+    """
+    for m in members:
+        m.model.eval()
+    amp = cfg.amp_dtype(device)
+    idx, lab, out = [], [], {m.spec.name: [] for m in members}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
+        idx.append(batch["index"].cpu())
+        lab.append(batch["label"].cpu())
+        for m in members:
+            per_scale = []
+            for s in m.spec.scales:
+                x = batch["image"][s]
+                tta = x.dim() == 5
+                if tta:
+                    b, k = x.shape[:2]
+                    x = x.reshape(b * k, *x.shape[2:])
+                with autocast(device, amp):
+                    z = m.core(_to(x, device, cfg)).float()
+                if tta:
+                    z = z.reshape(b, k).mean(1)
+                per_scale.append(z)
+            out[m.spec.name].append(torch.stack(per_scale).mean(0).cpu())
+    index = torch.cat(idx).numpy() if idx else np.zeros(0, dtype=np.int64)
+    label = torch.cat(lab).numpy() if lab else np.zeros(0, dtype=np.int64)
+    logits = {k: (torch.cat(v).numpy() if v else np.zeros(0, dtype=np.float32)) for k, v in out.items()}
+    rank, world, _ = dist_info()
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (index, label, logits))
+        index = np.concatenate([p[0] for p in parts])
+        label = np.concatenate([p[1] for p in parts])
+        logits = {k: np.concatenate([p[2][k] for p in parts]) for k in logits}
+    order = np.argsort(index, kind="stable")
+    return index[order], label[order], {k: v[order] for k, v in logits.items()}
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
+def fuse(logits: dict[str, np.ndarray], how: str = "mean_prob", temperatures: dict[str, float] | None = None) -> np.ndarray:
+    """Ensemble lens probability from member logits: ``mean_prob``, ``mean_logit`` or ``temperature``."""
+    zs = np.stack(list(logits.values()))
+    if how == "mean_logit":
+        return sigmoid(zs.mean(0))
+    if how == "temperature":
+        t = np.array([(temperatures or {}).get(k, 1.0) for k in logits])[:, None]
+        return sigmoid(zs / t).mean(0)
+    if how != "mean_prob":
+        raise ValueError(f"unknown fusion {how!r}: mean_prob, mean_logit or temperature")
+    return sigmoid(zs).mean(0)

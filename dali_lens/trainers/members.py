@@ -1,0 +1,97 @@
+"""A *member* is one model being trained on one or more input scales.
+
+The single-scale trainer trains one member on one scale, the multi-scale trainer one member on several
+scales, the ensemble trainer several members each on its own scale. All of them read one loader that
+produces the union of the scales from a single decode.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models import build_model
+
+
+@dataclass
+class MemberSpec:
+    """``arch`` at ``scales`` (the first scale is its main one), seeded with ``seed``."""
+
+    arch: str
+    scales: tuple[int, ...]
+    seed: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(int(s) for s in self.scales)
+        if not self.name:
+            self.name = f"{self.arch}@{'-'.join(map(str, self.scales))}#{self.seed}"
+
+    @classmethod
+    def parse(cls, text: str) -> "MemberSpec":
+        """``ARCH:SCALE[:SEED]``, e.g. ``resnet18:112:1``."""
+        parts = text.strip().split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"ensemble member {text!r}: expected ARCH:SCALE[:SEED], e.g. resnet18:112:1")
+        return cls(parts[0], (int(parts[1]),), int(parts[2]) if len(parts) == 3 else 0)
+
+
+@dataclass
+class Member:
+    spec: MemberSpec
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler | None
+    temperature: float = 1.0
+    history: list = field(default_factory=list)
+
+    @property
+    def core(self) -> torch.nn.Module:
+        """The model without a DistributedDataParallel wrapper."""
+        return getattr(self.model, "module", self.model)
+
+
+def make_member(spec: MemberSpec, in_chans: int, cfg, steps_per_epoch: int, device: torch.device,
+                distributed: bool = False) -> Member:
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.arch, in_chans=in_chans, img_size=max(spec.scales), weights=cfg.weights).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(1, steps_per_epoch * cfg.epochs)
+    if cfg.lr_schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+    else:
+        warm = min(total // 10, 500)
+
+        def lr_at(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp_dtype(device) == torch.float16 else None
+    return Member(spec, model, opt, sched, scaler)
+
+
+def member_state(m: Member) -> dict:
+    return {"spec": vars(m.spec).copy(), "model": m.core.state_dict(), "optimizer": m.optimizer.state_dict(),
+            "scheduler": m.scheduler.state_dict(), "scaler": m.scaler.state_dict() if m.scaler else None,
+            "temperature": m.temperature, "history": m.history}
+
+
+def load_member_state(m: Member, state: dict, weights_only: bool = False) -> None:
+    m.core.load_state_dict(state["model"])
+    m.temperature = float(state.get("temperature", 1.0))
+    if weights_only:
+        return
+    m.optimizer.load_state_dict(state["optimizer"])
+    m.scheduler.load_state_dict(state["scheduler"])
+    if m.scaler is not None and state.get("scaler"):
+        m.scaler.load_state_dict(state["scaler"])
+    m.history = list(state.get("history", []))

@@ -1,0 +1,51 @@
+"""What every run writes: metrics.json, predictions.csv (file, label, score[, members]), roc.png."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..data.dataset import Dataset
+from ..data.io import atomic_write_csv, atomic_write_json
+from ..metrics import classification_metrics, plot_roc, to_jsonable
+from .loop import fuse, sigmoid
+
+
+def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndarray, logits: dict, cfg,
+                  temperatures=None, extra: dict | None = None) -> dict:
+    names = list(logits)
+    fusion = cfg.fusion if len(names) > 1 else "mean_prob"
+    score = fuse(logits, fusion, temperatures)
+    member_scores = {k: sigmoid(z / ((temperatures or {}).get(k, 1.0))) for k, z in logits.items()}
+    labelled = labels >= 0
+    result = {"split": dataset.split, "n": int(len(index))}
+    if labelled.any():
+        result["metrics"] = classification_metrics(labels[labelled], score[labelled], cfg.threshold)
+        if len(names) > 1:
+            result["members"] = {k: classification_metrics(labels[labelled], v[labelled], cfg.threshold)
+                                 for k, v in member_scores.items()}
+            result["fusion"] = fusion
+            if temperatures:
+                result["temperatures"] = temperatures
+    result.update(extra or {})
+    header = ["file", "id", "label", "score"]
+    if len(names) > 1:
+        header += [f"score_{k}" for k in names] + ["member_std"]
+        spread = np.stack(list(member_scores.values())).std(0)
+    rows = []
+    for j, i in enumerate(index):
+        s = dataset.samples[int(i)]
+        row = [s.path, s.id, "" if labels[j] < 0 else int(labels[j]), f"{score[j]:.6f}"]
+        if len(names) > 1:
+            row += [f"{member_scores[k][j]:.6f}" for k in names] + [f"{spread[j]:.6f}"]
+        rows.append(row)
+    atomic_write_csv(os.path.join(out, "predictions.csv"), header, rows)
+    if labelled.any() and len(set(labels[labelled].tolist())) == 2:
+        extra_curves = ({k: (labels[labelled], v[labelled]) for k, v in member_scores.items()}
+                        if len(names) > 1 else None)
+        plot_roc(labels[labelled], score[labelled], os.path.join(out, "roc.png"),
+                 title=f"{dataset.split}: {os.path.basename(out)}", extra_curves=extra_curves,
+                 label="ensemble" if len(names) > 1 else names[0])
+    result = to_jsonable(result)
+    atomic_write_json(os.path.join(out, "metrics.json"), result)
+    return result

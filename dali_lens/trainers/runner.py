@@ -1,0 +1,254 @@
+"""Run a training job: data -> loaders -> members -> epochs -> checkpoints -> test metrics and outputs.
+
+The three trainers differ only in their members and which scales are active in an epoch
+(``single.py``, ``multiscale.py``, ``ensemble.py``); this module is the loop around them.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data import DataError, discover
+from ..data.io import atomic_save_torch, atomic_write_json
+from ..pipelines import build_loader, compute_stats, resolve_backend
+from ..pipelines.options import LoaderOptions
+from .config import TrainConfig
+from .loop import dist_info, fuse, predict, sigmoid, train_epoch
+from .members import load_member_state, make_member, member_state
+from .outputs import write_outputs
+
+DEFAULT_N = 4000
+DEFAULT_SIZE = 64
+
+
+def cache_dir() -> str:
+    return os.environ.get("DALI_LENS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dali-lens"))
+
+
+def default_dataset(log=print) -> str:
+    """The built-in synthetic set, generated once into the cache (atomically: a temp folder renamed)."""
+    root = os.path.join(cache_dir(), f"synthetic-v1-n{DEFAULT_N}-{DEFAULT_SIZE}px-seed0")
+    if os.path.exists(os.path.join(root, "train.csv")):
+        return root
+    from ..data.synthetic import generate_dataset
+
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = f"{root}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"generating the default synthetic dataset ({DEFAULT_N} cutouts, {DEFAULT_SIZE} px, g,r,i PNG) in {root}")
+    generate_dataset(tmp, n=DEFAULT_N, size=DEFAULT_SIZE, fmt="png", seed=0)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process generated it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def trainer_module(name: str):
+    from . import ensemble, multiscale, single
+
+    return {"single": single, "multiscale": multiscale, "ensemble": ensemble}[name]
+
+
+def _setup_distributed() -> torch.device:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+
+
+def _prepare_out(cfg: TrainConfig) -> str:
+    out = cfg.out or os.path.join("runs", f"{cfg.trainer}-{cfg.arch if cfg.trainer != 'ensemble' else 'ensemble'}-"
+                                          f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out = os.path.abspath(out)
+    if cfg.resume:
+        if not os.path.exists(os.path.join(out, "last.pt")):
+            raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(out, 'last.pt')} to resume from")
+    elif os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out} already holds files; refusing to overwrite them. Use --resume to continue "
+                              "that run, or choose another --out")
+    return out
+
+
+def run(cfg: TrainConfig, log=print) -> dict:
+    """Train and evaluate as ``cfg`` says; returns the final metrics (also written to ``metrics.json``)."""
+    device = _setup_distributed()
+    rank, world, _ = dist_info()
+    is_main = rank == 0
+    say = log if is_main else (lambda *a, **k: None)
+    kind = trainer_module(cfg.trainer)
+    specs = kind.member_specs(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    out = _prepare_out(cfg)
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+    data_root = cfg.data_root or (default_dataset(say) if is_main else None)
+    if world > 1:
+        holder = [data_root]
+        dist.broadcast_object_list(holder, src=0)
+        data_root = holder[0]
+    splits = discover(data_root, hdus=cfg.hdu_list, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if "train" not in splits:
+        raise DataError(f"{data_root}: no training data (labelled train split) found")
+    if cfg.skip_bad:
+        from ..check import drop_bad
+
+        splits = {k: drop_bad(v, allow_nonfinite=cfg.mask_value is not None, log=say) for k, v in splits.items()}
+    for ds in splits.values():
+        say(ds.describe())
+
+    backend = resolve_backend(cfg.backend)
+    all_scales = tuple(sorted({s for sp in specs for s in sp.scales}))
+    base = LoaderOptions(scales=all_scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
+                         num_shards=world, num_workers=cfg.workers, scaling=cfg.scaling, scale_a=cfg.scale_a,
+                         mask_value=cfg.mask_value, max_shift=cfg.max_shift)
+    if cfg.norm == "stats":
+        base.mean, base.std = compute_stats(splits["train"], base)
+
+    def loader(split: str, train: bool, scales=all_scales, tta: bool = False):
+        opts = LoaderOptions(**{**base.to_dict(), "scales": scales, "train": train, "augment": train, "tta": tta})
+        return build_loader(splits[split], backend=backend, options=opts)
+
+    say(f"backend {backend} on {device}; trainer {cfg.trainer}: "
+        + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
+    active = kind.active_scales(cfg, 0)
+    train_loader = loader("train", True, active)
+    members = [make_member(sp, splits["train"].bands, cfg, len(train_loader), device, distributed=world > 1)
+               for sp in specs]
+
+    start_epoch, best_auc, bad_epochs, history = 0, -1.0, 0, []
+    ckpt_last, ckpt_best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    loader_state = None
+    if cfg.resume:
+        state = torch.load(ckpt_last, map_location=device, weights_only=False)
+        for m, ms in zip(members, state["members"]):
+            load_member_state(m, ms)
+        start_epoch, best_auc = state["epoch"], state["best_auc"]
+        bad_epochs, history = state["bad_epochs"], state["history"]
+        loader_state = state.get("loader")
+        say(f"resumed {ckpt_last} at epoch {start_epoch + 1}"
+            + (f", step {loader_state['batches_done']}" if loader_state and loader_state.get("batches_done") else ""))
+
+    def save(path: str, epoch: int, loader_state=None) -> None:
+        if not is_main:
+            return
+        atomic_save_torch({"members": [member_state(m) for m in members], "epoch": epoch, "best_auc": best_auc,
+                           "bad_epochs": bad_epochs, "history": history, "loader": loader_state,
+                           "config": cfg.to_dict(), "norm": {"mean": base.mean, "std": base.std},
+                           "bands": splits["train"].bands, "kind": splits["train"].kind}, path)
+
+    if is_main:
+        atomic_write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "data_root": data_root,
+                                                             "backend_resolved": backend, "world_size": world})
+    val_loader = loader("val", False, all_scales) if "val" in splits else None
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        scales_now = kind.active_scales(cfg, epoch)
+        if scales_now != active:
+            active = scales_now
+            train_loader = loader("train", True, active)
+            say(f"epoch {epoch + 1}: training scales now {active}")
+        train_loader.set_epoch(epoch)
+        if loader_state is not None and loader_state.get("epoch", epoch) == epoch:
+            train_loader.load_state_dict(loader_state)
+        loader_state = None
+
+        def on_step(step: int, epoch=epoch) -> None:
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save(ckpt_last, epoch, train_loader.state_dict())
+
+        stats = train_epoch(members, train_loader, cfg, device, epoch, active_scales=active, on_step=on_step,
+                            show_progress=cfg.progress and is_main)
+        line = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images_per_s": round(stats["images_per_s"], 1),
+                "data_wait_fraction": round(stats["data_wait_fraction"], 3)}
+        if val_loader is not None:
+            _, y, logits = predict(members, val_loader, cfg, device, desc="val", show_progress=cfg.progress and is_main)
+            from ..metrics import roc_auc
+
+            aucs = {k: roc_auc(y, sigmoid(z)) for k, z in logits.items()}
+            auc = roc_auc(y, fuse(logits, "mean_prob"))
+            line.update(val_auc=round(float(auc), 4), val_auc_members=aucs if len(aucs) > 1 else None)
+        else:
+            auc = -stats["loss"][members[0].spec.name]
+        history.append(line)
+        improved = auc > best_auc
+        if improved:
+            best_auc, bad_epochs = float(auc), 0
+        else:
+            bad_epochs += 1
+        loss_txt = " ".join(f"{v:.4f}" for v in stats["loss"].values())
+        say(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_txt}  "
+            + (f"val AUC {line['val_auc']:.4f}  " if "val_auc" in line else "")
+            + f"{stats['images_per_s']:.0f} img/s  data wait {100 * stats['data_wait_fraction']:.0f}%"
+            + ("  *best*" if improved else ""))
+        if improved:
+            save(ckpt_best, epoch + 1)
+        save(ckpt_last, epoch + 1)
+        if cfg.patience and bad_epochs >= cfg.patience:
+            say(f"early stopping: no better validation AUC for {cfg.patience} epoch(s)")
+            break
+    train_seconds = time.perf_counter() - t_start
+
+    if os.path.exists(ckpt_best) or world > 1:
+        if world > 1:
+            dist.barrier()
+        best = torch.load(ckpt_best, map_location=device, weights_only=False)
+        for m, ms in zip(members, best["members"]):
+            load_member_state(m, ms, weights_only=True)
+    temperatures = None
+    if cfg.trainer == "ensemble" and cfg.fusion == "temperature" and val_loader is not None:
+        from ..metrics import fit_temperature
+
+        _, y, logits = predict(members, val_loader, cfg, device, desc="calibrate", show_progress=False)
+        temperatures = {k: float(fit_temperature(z, y)) for k, z in logits.items()}
+        for m in members:
+            m.temperature = temperatures[m.spec.name]
+        save(ckpt_best, best_epoch(history))
+        say("fitted temperatures: " + ", ".join(f"{k} {v:.3f}" for k, v in temperatures.items()))
+
+    eval_split = "test" if "test" in splits else "val"
+    eval_loader = loader(eval_split, False, all_scales, tta=cfg.tta)
+    index, y, logits = predict(members, eval_loader, cfg, device, desc=eval_split, show_progress=cfg.progress and is_main)
+    result = {}
+    if is_main:
+        result = write_outputs(out, splits[eval_split], index, y, logits, cfg, temperatures,
+                               extra={"history": history, "train_seconds": round(train_seconds, 1),
+                                      "backend": backend, "device": str(device), "world_size": world,
+                                      "data_root": data_root, "eval_split": eval_split})
+        say(summary_line(result, eval_split))
+        say(f"outputs in {out}")
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def best_epoch(history: list) -> int:
+    if not history or "val_auc" not in history[0]:
+        return len(history)
+    return int(max(history, key=lambda h: h["val_auc"])["epoch"])
+
+
+def summary_line(result: dict, split: str) -> str:
+    m = result.get("metrics", {})
+
+    def f(k):
+        v = m.get(k)
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return (f"{split}: AUC {f('roc_auc')}  PR-AUC {f('pr_auc')}  accuracy {f('accuracy')}  F1 {f('f1')}  "
+            f"TPR0 {f('tpr0')}  TPR10 {f('tpr10')}  ECE {f('ece')}  (n={m.get('n')})")
