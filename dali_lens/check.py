@@ -42,6 +42,70 @@ def scan(dataset: Dataset, allow_nonfinite: bool = False, workers: int | None = 
     return found
 
 
+_PIL_BANDS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "P": 3, "RGB": 3, "YCbCr": 3, "LA": 2, "RGBA": 4, "CMYK": 4}
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def quick_problem(dataset: Dataset, i: int) -> str | None:
+    """Header-level check of one sample, without decoding it: what DALI's decoders must never be handed.
+
+    Images: readable header, size, channel count, and the end-of-stream marker (truncated PNG/JPEG files
+    can crash DALI's CPU decoder instead of raising). ``.npy``: header shape and the file's full length.
+    """
+    s = dataset.samples[i]
+    path = s.path
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return f"{path}: file not found"
+    if size == 0:
+        return f"{path}: empty file (0 bytes)"
+    if dataset.kind == "image":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                fmt, mode, (w, h) = im.format, im.mode, im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            return f"{path}: cannot decode image ({exc})"
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - 64))
+            tail = fh.read()
+        if fmt == "PNG" and not tail.endswith(_PNG_END):
+            return f"{path}: truncated PNG (no end-of-image chunk)"
+        if fmt == "JPEG" and b"\xff\xd9" not in tail[-32:]:
+            return f"{path}: truncated JPEG (no end-of-image marker)"
+        bands = _PIL_BANDS.get(mode)
+        if bands != dataset.bands:
+            return f"{path}: has {bands or mode} band(s), the dataset has {dataset.bands}"
+        if dataset.shape is not None and (h, w) != tuple(dataset.shape):
+            return (f"{path}: is {h}x{w} px, the dataset's images are {dataset.shape[0]}x{dataset.shape[1]} "
+                    "(mixed sizes)")
+    elif dataset.kind == "npy":
+        import numpy as np
+
+        try:  # a memory map reads only the header, and fails if the file is shorter than it promises
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            shape = arr.shape
+            del arr
+        except Exception as exc:
+            return f"{path}: cannot read .npy (truncated or corrupt: {exc})"
+        want = (dataset.bands, *dataset.shape) if dataset.shape else None
+        if len(shape) == 2 and dataset.bands == 1:
+            shape = (1, *shape)
+        if want and tuple(shape) != want:
+            return f"{path}: array shape {tuple(shape)}, the dataset's samples are {want}"
+    return None
+
+
+def quick_scan(dataset: Dataset, workers: int | None = None) -> dict[int, str]:
+    """``{index: problem}`` from header-level checks of every sample (fast: no decoding)."""
+    workers = workers or min(16, (os.cpu_count() or 1) * 4)
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda j: quick_problem(dataset, j), range(len(dataset)), chunksize=64)
+        return {i: msg for i, msg in enumerate(results) if msg}
+
+
 def find_problems(dataset: Dataset, max_problems: int | None = None, allow_nonfinite: bool = False) -> list[str]:
     return list(scan(dataset, allow_nonfinite, max_problems=max_problems).values())
 

@@ -27,8 +27,16 @@ except ImportError:  # pragma: no cover - exercised only where DALI is missing
 _SOURCE_INFO_LEN = 4096  # bytes kept of each file name returned by readers that have no label output
 
 
+_BUILT = [0]
+
+
 def available() -> bool:
     return HAVE_DALI
+
+
+def pipelines_built() -> int:
+    """How many DALI pipelines this process has built (its threads make forking unsafe)."""
+    return _BUILT[0]
 
 
 def _augment(img, opts: LoaderOptions, shape_hw):
@@ -87,7 +95,7 @@ class _PythonSource:
         return order[lo:hi]
 
     def __call__(self, info):
-        from ..data.readers import read_sample
+        from ..data.readers import check_array, read_sample
 
         idx = self.shard(info.epoch_idx)
         b = self.opts.batch_size
@@ -95,31 +103,37 @@ class _PythonSource:
         if info.idx_in_epoch >= limit:
             raise StopIteration
         i = int(idx[min(info.idx_in_epoch, len(idx) - 1)])
-        x = read_sample(self.dataset.samples[i], self.dataset, check=self.opts.mask_value is None)
+        sample = self.dataset.samples[i]
+        x = read_sample(sample, self.dataset, check=False)
+        check_array(x, sample, self.dataset, allow_nonfinite=self.opts.mask_value is not None)
         return np.ascontiguousarray(x.transpose(1, 2, 0)), np.array([i], dtype=np.int64)
 
 
 def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray):
-    """Reader + decoder: returns (HWC image node, index node, reader name or None)."""
+    """Reader + decoder: returns (HWC image node, index node).
+
+    Images are decoded with their own channel count, so a greyscale file in an RGB dataset is an error
+    rather than silently expanded to three identical bands.
+    """
     train = opts.train
     common = dict(shard_id=opts.shard_id, num_shards=opts.num_shards, pad_last_batch=True, name="reader",
                   shuffle_after_epoch=train, stick_to_shard=not train, prefetch_queue_depth=2)
     files = [dataset.samples[i].path for i in order]
     if dataset.kind == "image":
         raw, index = fn.readers.file(files=files, labels=[int(i) for i in order], **common)
-        out_type = types.GRAY if dataset.bands == 1 else types.RGB
+        out_type = types.ANY_DATA  # keep the encoded channel count, so a band mismatch is caught, not hidden
         if gpu:  # buffers sized for small cutouts, not the ImageNet-sized defaults (8-16 MiB per thread)
             img = fn.decoders.image(raw, device="mixed", output_type=out_type,
                                     host_memory_padding=256 * 1024, device_memory_padding=1024 * 1024)
         else:
             img = fn.decoders.image(raw, device="cpu", output_type=out_type)
-        return img, index, "reader"
+        return img, index
     if dataset.kind == "npy":
         x = fn.readers.numpy(files=files, device="gpu" if gpu else "cpu", **common)
         index = fn.pad(fn.get_property(x, key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
         x = fn.reshape(x, layout="CHW")  # the numpy reader sets no layout; resize would read CHW as HWC
         x = fn.transpose(x, perm=[1, 2, 0], output_layout="HWC")
-        return x, index, "reader"
+        return x, index
     if gpu and dataset.kind == "fits" and dataset.hdus is not None:
         hdus = [int(h) for h in dataset.hdus]
         planes = fn.experimental.readers.fits(files=files, hdu_indices=hdus, device="gpu", **common)
@@ -128,14 +142,14 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
         if len(planes) == 1:
             x = fn.expand_dims(x, axes=[2], new_axis_names="C")
         index = fn.pad(fn.get_property(planes[0], key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
-        return fn.cast(x, dtype=types.FLOAT), index, "reader"
+        return fn.cast(x, dtype=types.FLOAT), index
     # FITS (any arrangement) without DALI's FITS reader: astropy in a per-sample external source.
     src = _PythonSource(dataset, order, opts)
     x, index = fn.external_source(source=src, num_outputs=2, batch=False, layout=["HWC", None],
                                   dtype=[types.FLOAT, types.INT64])
     if gpu:
         x = x.gpu()
-    return x, index, None
+    return x, index
 
 
 def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, checkpoint: str | None):
@@ -150,7 +164,7 @@ def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, 
 
     @pipeline_def(enable_conditionals=opts.augment, enable_checkpointing=checkpoint is not False)
     def pipe():
-        img, index, _ = _decoded(dataset, opts, gpu, order)
+        img, index = _decoded(dataset, opts, gpu, order)
         shapes = img.shape(dtype=types.INT64)
         if not images_are_uint8:
             img = _float_steps(img, opts)
@@ -175,8 +189,24 @@ def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, 
     if checkpoint:
         kwargs["checkpoint"] = checkpoint
     p = pipe(**kwargs)
+    _BUILT[0] += 1
     p.build()
     return p
+
+
+def _validate(dataset: Dataset) -> None:
+    """Refuse data that DALI's decoders may crash or hang on, naming the files (once per dataset object)."""
+    if getattr(dataset, "_validated", False) or dataset.kind not in ("image", "npy"):
+        return
+    from ..check import quick_scan
+
+    problems = quick_scan(dataset)
+    if problems:
+        listed = "; ".join(list(problems.values())[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError(f"bad input in {dataset.split} data: {listed}{more}. Run `python -m dali_lens.check` "
+                        "for the full list, or skip bad samples (--skip-bad)")
+    dataset._validated = True
 
 
 class DaliLoader:
@@ -193,6 +223,8 @@ class DaliLoader:
             raise RuntimeError("NVIDIA DALI is not installed; use backend='torchvision' "
                                "(pip install nvidia-dali-cuda120 on Linux)")
         self.dataset, self.opts = dataset, opts
+        if opts.extra.get("validate", True):
+            _validate(dataset)
         self.gpu = device != "cpu"
         self.backend = "dali" if self.gpu else "dali-cpu"
         self.device = torch.device(f"cuda:{opts.device_id or 0}" if self.gpu else "cpu")
@@ -251,10 +283,10 @@ class DaliLoader:
         return torch.tensor(out, dtype=torch.long)
 
     def __iter__(self):
-        it = self._iterator()
         limit = len(self)
         self._done = 0
         try:
+            it = self._iterator()
             for out in it:
                 out = out[0]
                 index = self._indices(out["index"])

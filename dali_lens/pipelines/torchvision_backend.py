@@ -16,7 +16,7 @@ from .batch import BatchChecker
 from .options import LoaderOptions, augment_params, batches_per_epoch, epoch_order, prescale
 
 
-def decode(dataset: Dataset, index: int) -> np.ndarray:
+def decode(dataset: Dataset, index: int, allow_nonfinite: bool = False) -> np.ndarray:
     sample = dataset.samples[index]
     if dataset.kind == "image":
         import torchvision.io as tvio
@@ -25,15 +25,16 @@ def decode(dataset: Dataset, index: int) -> np.ndarray:
             data = tvio.read_file(sample.path)
             if data.numel() == 0:
                 raise DataError(f"{sample.path}: empty file (0 bytes)")
-            mode = tvio.ImageReadMode.GRAY if dataset.bands == 1 else tvio.ImageReadMode.RGB
-            arr = tvio.decode_image(data, mode=mode).numpy()
+            arr = tvio.decode_image(data, mode=tvio.ImageReadMode.UNCHANGED).numpy()
         except DataError:
             raise
         except (RuntimeError, ValueError) as exc:
             raise DataError(f"{sample.path}: cannot decode image ({str(exc).splitlines()[0]})") from None
         check_array(arr, sample, dataset)
         return arr
-    return read_sample(sample, dataset)
+    arr = read_sample(sample, dataset, check=False)
+    check_array(arr, sample, dataset, allow_nonfinite=allow_nonfinite)
+    return arr
 
 
 def transform(x: torch.Tensor, opts: LoaderOptions, params) -> dict[int, torch.Tensor]:
@@ -70,30 +71,57 @@ def transform(x: torch.Tensor, opts: LoaderOptions, params) -> dict[int, torch.T
 
 
 class _Samples(torch.utils.data.Dataset):
+    """Map-style dataset indexed by (sample index, epoch) so persistent workers see the current epoch."""
+
     def __init__(self, dataset: Dataset, opts: LoaderOptions):
-        self.dataset, self.opts, self.epoch = dataset, opts, 0
+        self.dataset, self.opts = dataset, opts
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        x = torch.from_numpy(np.ascontiguousarray(prescale(decode(self.dataset, i), self.dataset.kind, self.opts)))
-        params = (augment_params(self.opts.seed + 7919 * self.opts.shard_id, self.epoch, i, self.opts.max_shift)
+    def __getitem__(self, key):
+        i, epoch = key
+        x = torch.from_numpy(np.ascontiguousarray(prescale(decode(self.dataset, i, self.opts.mask_value is not None), self.dataset.kind, self.opts)))
+        params = (augment_params(self.opts.seed + 7919 * self.opts.shard_id, epoch, i, self.opts.max_shift)
                   if self.opts.augment else (0, 0, 0, 0, 0))
         return transform(x, self.opts, params), i
 
 
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch) in this shard's order for the loader's current epoch (and resume offset)."""
+
+    def __init__(self, owner: "TorchvisionLoader"):
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return len(self.owner._order)
+
+    def __iter__(self):
+        epoch = self.owner.epoch
+        return iter([(int(i), epoch) for i in self.owner._order])
+
+
 class TorchvisionLoader:
-    """Iterable of contract batches with ``len()``, ``set_epoch()`` and resumable ``state_dict()``."""
+    """Iterable of contract batches with ``len()``, ``set_epoch()`` and resumable ``state_dict()``.
+
+    Workers persist across epochs. They are forked, unless this process already runs DALI pipelines or CUDA:
+    forking those threads crashes workers, so then they are spawned (spawned workers re-import the main
+    script, which therefore needs an ``if __name__ == "__main__":`` guard).
+    """
 
     backend = "torchvision"
 
     def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
         self.dataset, self.opts, self.device = dataset, opts, torch.device(device)
-        self._samples = _Samples(dataset, opts)
         self._check = BatchChecker(dataset, self.device, tta=opts.tta)
         self.epoch, self._done, self._skip = 0, 0, 0
-        self._loader = None
+        self._order: list[int] = []
+        workers = self.opts.workers if len(dataset) > 2 * self.opts.batch_size else 0
+        self._loader = DataLoader(_Samples(dataset, opts), batch_size=opts.batch_size,
+                                  sampler=_EpochSampler(self), num_workers=workers, drop_last=opts.train,
+                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                  worker_init_fn=_one_thread, prefetch_factor=4 if workers else None,
+                                  multiprocessing_context=_worker_context() if workers else None)
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.dataset), self.opts)
@@ -101,25 +129,21 @@ class TorchvisionLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _make_loader(self, order: list[int]) -> DataLoader:
-        workers = self.opts.workers if len(order) > self.opts.batch_size else 0
-        return DataLoader(self._samples, batch_size=self.opts.batch_size, sampler=order, num_workers=workers,
-                          drop_last=self.opts.train, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False, worker_init_fn=_one_thread,
-                          multiprocessing_context="fork" if workers else None)
-
     def __iter__(self):
-        self._samples.epoch = self.epoch
         order = epoch_order(len(self.dataset), self.epoch, self.opts).tolist()
         skip, self._skip = self._skip, 0
-        order = order[skip * self.opts.batch_size:]
+        self._order = order[skip * self.opts.batch_size:]
         self._done = skip
-        if order:
-            for images, index in self._make_loader(order):
-                images = {s: t.to(self.device, non_blocking=True) for s, t in images.items()}
-                batch = self._check(images, index)
-                self._done += 1
-                yield batch
+        if self._order:
+            try:
+                for images, index in self._loader:
+                    images = {s: t.to(self.device, non_blocking=True) for s, t in images.items()}
+                    batch = self._check(images, index)
+                    self._done += 1
+                    yield batch
+            except DataError as exc:  # re-raised from a worker with its traceback: keep the message only
+                last = str(exc).strip().splitlines()[-1]
+                raise DataError(last.split("DataError: ", 1)[-1]) from None
         self.epoch += 1
         self._done = 0
 
@@ -129,6 +153,16 @@ class TorchvisionLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self._skip = int(state.get("batches_done", 0))
+
+
+def _worker_context() -> str:
+    import sys
+
+    from . import dali_backend
+
+    if dali_backend.pipelines_built() or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return "spawn"
+    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def _one_thread(_):

@@ -1,0 +1,244 @@
+"""The loader contract, checked on the real DALI CPU backend and the torchvision backend."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dali_lens.data import DataError, discover
+from dali_lens.pipelines import LoaderOptions, build_loader
+
+BACKENDS = ["dali-cpu", "torchvision"]
+SCALES = (24, 40, 56)  # native size 40: a downscale, the identity and an upscale
+
+
+def collect(loader):
+    """All batches of one epoch as (index, label, {scale: images}) sorted by sample index."""
+    idx, lab, imgs = [], [], {}
+    for b in loader:
+        idx.append(b["index"])
+        lab.append(b["label"])
+        for s, t in b["image"].items():
+            imgs.setdefault(s, []).append(t)
+    idx = torch.cat(idx)
+    order = idx.argsort()
+    return idx[order], torch.cat(lab)[order], {s: torch.cat(v)[order] for s, v in imgs.items()}
+
+
+def eval_tensors(ds, backend, **kw):
+    opts = dict(scales=SCALES, batch_size=7, num_workers=2)
+    opts.update(kw)
+    return collect(build_loader(ds, backend=backend, **opts))
+
+
+@pytest.mark.parametrize("fmt,bands", [("png", 3), ("png", 1), ("jpeg", 3), ("npy", 3), ("npy", 5), ("fits", 4)])
+def test_dali_cpu_matches_torchvision(make_dataset, fmt, bands):
+    root = make_dataset(fmt, bands=bands, n_per_class=5)
+    ds = discover(root)["test"]
+    assert ds.bands == bands and ds.shape == (40, 40)
+    kw = {}
+    if fmt in ("npy", "fits"):
+        kw = dict(mean=(100.0,) * bands, std=(300.0,) * bands)
+    a_idx, a_lab, a = eval_tensors(ds, "dali-cpu", **kw)
+    b_idx, b_lab, b = eval_tensors(ds, "torchvision", **kw)
+    assert a_idx.tolist() == b_idx.tolist() == list(range(len(ds)))
+    assert a_lab.tolist() == b_lab.tolist() == ds.labels
+    for s in SCALES:
+        assert a[s].shape == b[s].shape == (len(ds), bands, s, s)
+        assert a[s].dtype == b[s].dtype == torch.float32
+        diff = (a[s] - b[s]).abs()
+        # images are in [0, 1] (or ~[0, 3] for float data): a few 8-bit levels at most, far less on average
+        assert diff.max() < (0.05 if fmt == "jpeg" else 0.02), (s, float(diff.max()))
+        assert diff.mean() < 2e-3, (s, float(diff.mean()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_every_sample_exactly_once_and_order_kept(make_dataset, backend):
+    ds = discover(make_dataset("png", n_per_class=11))["test"]  # 22 samples, batch 5 -> last batch of 2
+    loader = build_loader(ds, backend=backend, scales=(40,), batch_size=5)
+    assert len(loader) == 5
+    for _ in range(2):  # two epochs
+        batches = list(loader)
+        assert [len(b["index"]) for b in batches] == [5, 5, 5, 5, 2]
+        assert torch.cat([b["index"] for b in batches]).tolist() == list(range(22))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_disjoint_and_complete(make_dataset, backend, world):
+    ds = discover(make_dataset("png", n_per_class=11))["test"]  # 22 samples: not divisible by 3
+    seen, train_seen, lengths = [], [], set()
+    for rank in range(world):
+        ev = build_loader(ds, backend=backend, scales=(40,), batch_size=4, shard_id=rank, num_shards=world)
+        seen.append([i for b in ev for i in b["index"].tolist()])
+        tr = build_loader(ds, backend=backend, scales=(40,), batch_size=3, shard_id=rank, num_shards=world,
+                          train=True, seed=5)
+        batches = list(tr)
+        lengths.add((len(tr), len(batches)))
+        train_seen.append([i for b in batches for i in b["index"].tolist()])
+    flat = [i for part in seen for i in part]
+    assert sorted(flat) == list(range(22)), "eval shards must cover every sample exactly once"
+    tflat = [i for part in train_seen for i in part]
+    assert len(tflat) == len(set(tflat)), "training shards must be disjoint within an epoch"
+    assert len(lengths) == 1, f"every rank must get the same number of batches: {lengths}"
+    n_batches = lengths.pop()[0]
+    assert n_batches == (22 // world) // 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_shuffles_mixed_classes_and_drops_remainder(make_dataset, backend):
+    ds = discover(make_dataset("png", n_per_class=20), val_fraction=0)["train"]  # class-sorted files
+    loader = build_loader(ds, backend=backend, scales=(40,), batch_size=8, train=True, seed=1)
+    assert len(loader) == 5
+    epochs = [list(loader) for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == 5 and all(len(b["index"]) == 8 for b in batches)
+        assert len(set(torch.cat([b["index"] for b in batches]).tolist())) == 40
+        assert 0 < batches[0]["label"].float().mean() < 1, "first batch must hold both classes"
+    orders = [torch.cat([b["index"] for b in bs]).tolist() for bs in epochs]
+    assert orders[0] != orders[1], "each epoch is reshuffled"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augmentation_drawn_once_for_all_scales(make_dataset, backend):
+    ds = discover(make_dataset("png", n_per_class=12), val_fraction=0)["train"]
+    loader = build_loader(ds, backend=backend, scales=(20, 40), batch_size=8, train=True, seed=3)
+    ref = collect(build_loader(ds, backend=backend, scales=(40,), batch_size=8))[2][40]
+    moved = 0
+    for b in loader:
+        full, small = b["image"][40], b["image"][20]
+        down = F.interpolate(full, size=(20, 20), mode="bilinear", antialias=True, align_corners=False)
+        assert (down - small).abs().max() < 0.03, "the 20 px view must be the same transform as the 40 px view"
+        moved += int(((full - ref[b["index"]]).abs().amax(dim=(1, 2, 3)) > 0.05).sum())
+    assert moved > 0, "training must augment (random rotations/flips)"
+
+
+def test_dihedral_transforms_are_exact(make_dataset):
+    """With shifts off, every augmented training image is one of the 8 rotations/flips of the original."""
+    from dali_lens.pipelines.batch import dihedral8
+
+    ds = discover(make_dataset("png", n_per_class=8), val_fraction=0)["train"]
+    ref = collect(build_loader(ds, backend="dali-cpu", scales=(40,), batch_size=4))[2][40]
+    for backend in BACKENDS:
+        for b in build_loader(ds, backend=backend, scales=(40,), batch_size=4, train=True, seed=9):
+            views = dihedral8(ref[b["index"]])  # (B, 8, C, H, W)
+            err = (views - b["image"][40][:, None]).abs().amax(dim=(2, 3, 4)).amin(dim=1)
+            assert err.max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_continues_where_it_stopped(make_dataset, backend):
+    ds = discover(make_dataset("png", n_per_class=16), val_fraction=0)["train"]
+    opts = dict(scales=(40,), batch_size=4, train=True, seed=2)
+    full = build_loader(ds, backend=backend, **opts)
+    first_epoch = [b["index"].tolist() for b in full]
+    second_epoch = [b["index"].tolist() for b in full]
+
+    run = build_loader(ds, backend=backend, **opts)
+    list(run)  # epoch 0
+    it = iter(run)
+    head = [next(it)["index"].tolist() for _ in range(3)]
+    state = run.state_dict()
+    assert state["epoch"] == 1 and state["batches_done"] == 3
+    resumed = build_loader(ds, backend=backend, **opts)
+    resumed.load_state_dict(state)
+    tail = [b["index"].tolist() for b in resumed]
+    assert head + tail == second_epoch
+    assert first_epoch != second_epoch
+
+
+def test_output_dtypes(make_dataset):
+    ds = discover(make_dataset("png", n_per_class=4))["test"]
+    for backend in BACKENDS:
+        b16 = next(iter(build_loader(ds, backend=backend, scales=(32,), batch_size=4, dtype="float16")))
+        assert b16["image"][32].dtype == torch.float16
+        u8 = next(iter(build_loader(ds, backend=backend, scales=(32,), batch_size=4, dtype="uint8")))
+        assert u8["image"][32].dtype == torch.uint8 and u8["image"][32].max() > 100
+
+
+def test_tta_gives_eight_views(make_dataset):
+    ds = discover(make_dataset("png", n_per_class=4))["test"]
+    b = next(iter(build_loader(ds, backend="dali-cpu", scales=(32,), batch_size=4, tta=True)))
+    assert b["image"][32].shape == (4, 8, 3, 32, 32)
+    x = b["image"][32][:, 0]
+    assert torch.allclose(b["image"][32][:, 1], torch.rot90(x, 1, dims=(-2, -1)))
+    assert torch.allclose(b["image"][32][:, 4], x.transpose(-2, -1))
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+def _corrupt(root, how):
+    victim = os.path.join(root, "test", "lens", "lens002.png")
+    if how == "zero-byte":
+        open(victim, "wb").close()
+    elif how == "truncated":
+        data = open(victim, "rb").read()
+        open(victim, "wb").write(data[: len(data) // 2])
+    elif how == "garbage":
+        open(victim, "wb").write(os.urandom(2000))
+    elif how == "wrong-bands":
+        from PIL import Image
+
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(victim)
+    elif how == "mixed-size":
+        from PIL import Image
+
+        Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(victim)
+    return victim
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["zero-byte", "truncated", "garbage", "wrong-bands", "mixed-size"])
+def test_bad_image_named_in_error(make_dataset, backend, how):
+    root = make_dataset("png", n_per_class=6)
+    victim = _corrupt(root, how)
+    ds = discover(root)["test"]
+    with pytest.raises(DataError) as err:
+        for _ in build_loader(ds, backend=backend, scales=(32,), batch_size=4):
+            pass
+    assert victim in str(err.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_npy_named_in_error_or_masked(make_dataset, backend):
+    root = make_dataset("npy", n_per_class=6)
+    victim = os.path.join(root, "test", "nonlens", "nonlens004.npy")
+    x = np.load(victim)
+    x[0, 3, 4] = np.nan
+    x[1, 5, 5] = np.inf
+    np.save(victim, x)
+    ds = discover(root)["test"]
+    with pytest.raises(DataError, match="NaN/inf") as err:
+        for _ in build_loader(ds, backend=backend, scales=(32,), batch_size=4):
+            pass
+    assert victim in str(err.value)
+    # with a mask value, NaN/inf (and the sentinel) become 0 instead
+    x[2, 6, 6] = 100.0
+    np.save(victim, x)
+    _, _, imgs = collect(build_loader(ds, backend=backend, scales=(40,), batch_size=4, mask_value=100.0))
+    i = [s.path for s in ds.samples].index(victim)
+    assert torch.isfinite(imgs[40]).all()
+    assert imgs[40][i, 0, 3, 4] == 0 and imgs[40][i, 1, 5, 5] == 0 and imgs[40][i, 2, 6, 6] == 0
+
+
+def test_skip_bad_and_check_command(make_dataset, capsys):
+    from dali_lens.check import drop_bad, main
+
+    root = make_dataset("png", n_per_class=6)
+    victims = [_corrupt(root, "truncated")]
+    other = os.path.join(root, "test", "nonlens", "nonlens001.png")
+    open(other, "wb").close()
+    victims.append(other)
+    ds = discover(root)["test"]
+    logged = []
+    kept = drop_bad(ds, log=logged.append)
+    assert len(kept) == len(ds) - 2
+    assert any("skipping 2 bad sample" in line for line in logged)
+    assert all(any(v in line for line in logged) for v in victims)
+    assert len(collect(build_loader(kept, backend="dali-cpu", scales=(32,), batch_size=4))[0]) == len(ds) - 2
+    assert main([root]) == 1
+    out = capsys.readouterr().out
+    assert all(v in out for v in victims) and "2 problem(s) found" in out
