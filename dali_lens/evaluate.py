@@ -1,0 +1,337 @@
+"""Evaluate trained lens finders on a labelled split: metrics with confidence intervals, completeness, plots.
+
+Scores the split with every member of the given checkpoint(s) and their ensemble, and writes to --out:
+
+  metrics.json     per-member and ensemble metrics side by side (accuracy, precision, recall, F1 at
+                   --threshold; ROC AUC, PR AUC, ECE, TPR0, TPR10), bootstrap confidence intervals
+                   (stratified percentile bootstrap, --n-boot replicates) for ROC AUC, TPR0 and TPR10,
+                   completeness of the lenses at --threshold binned by every numeric catalogue column of
+                   the samples (einstein_area, numb_pix_lensed_image, flux_lensed_image_in_sigma, ...), and
+                   the expected contamination (false positives per true lens, purity) in a survey whose
+                   lens fraction is --prior
+  predictions.csv  file,id,label,score[,score_<member>...,member_std]
+  roc.png          ROC curves of the members and the ensemble
+  completeness_<column>.png   one per catalogue column
+
+TPR0 / TPR10 follow the lens-finding challenge (Metcalf et al. 2019): the highest true-positive rate with
+no false positive / fewer than ten. Every file is written atomically; an existing non-empty --out is not
+touched unless --overwrite.
+
+Examples:
+  python -m dali_lens.evaluate --checkpoint runs/single-small_cnn /data/lenses --out eval/small_cnn
+  python -m dali_lens.evaluate -c runs/a -c runs/b /data/lenses --split val --fusion mean_logit --out eval/ab
+  python -m dali_lens.evaluate -c runs/ens/best.pt /data/lenses --tta --fusion temperature --out eval/ens
+  python -m dali_lens.evaluate -c runs/a challenge_data/ --prior 1e-4 --threshold 0.9 --out eval/challenge
+Exit status: 0 done, 2 bad input (the message names the file), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import re
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from .data.dataset import DataError, Dataset
+
+CI_METRICS = ("roc_auc", "tpr0", "tpr10")
+TABLE = ("roc_auc", "pr_auc", "tpr0", "tpr10", "accuracy", "precision", "recall", "f1", "ece")
+
+
+class EvaluateError(ValueError):
+    """Bad arguments or an output directory that would be overwritten."""
+
+
+def log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise EvaluateError(f"{out}: --out exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise EvaluateError(f"{out}: directory is not empty; refusing to overwrite it (pass --overwrite, or "
+                            "choose another --out)")
+
+
+def numeric_columns(dataset: Dataset, labels: np.ndarray, wanted: list[str] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Catalogue columns usable for completeness: finite for some lenses and not constant among them."""
+    names: list[str] = []
+    for s in dataset.samples:
+        for k in s.meta:
+            if k not in names:
+                names.append(k)
+    if wanted:
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise EvaluateError(f"{dataset.root}: no catalogue column(s) {missing} in the samples "
+                                f"(available: {', '.join(names) or 'none'})")
+        names = list(wanted)
+    out = {}
+    lens = labels == 1
+    for k in names:
+        v = np.array([float(s.meta.get(k, math.nan)) for s in dataset.samples], dtype=np.float64)
+        lv = v[lens & np.isfinite(v)]
+        if lv.size >= 2 and np.ptp(lv) > 0:
+            out[k] = v
+        elif wanted:
+            log(f"note: column {k!r} does not vary among the lenses; no completeness for it")
+    return out
+
+
+def model_report(y: np.ndarray, s: np.ndarray, args) -> dict:
+    from .metrics import bootstrap_ci, classification_metrics, expected_contamination, roc_auc, tpr0, tpr10
+
+    rep = classification_metrics(y, s, args.threshold)
+    fns = {"roc_auc": roc_auc, "tpr0": tpr0, "tpr10": tpr10}
+    if args.n_boot > 0 and len(set(y.tolist())) == 2:
+        rep["ci"] = {k: list(bootstrap_ci(y, s, fns[k], n_boot=args.n_boot, alpha=args.alpha, seed=args.seed))
+                     for k in CI_METRICS}
+    else:
+        rep["ci"] = {k: [math.nan, math.nan] for k in CI_METRICS}
+    rep["contamination"] = expected_contamination(y, s, args.threshold, args.prior)
+    return rep
+
+
+def _cell(rep: dict, key: str) -> str:
+    v = rep.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    text = f"{v:.3f}"
+    ci = rep.get("ci", {}).get(key)
+    if ci and all(c is not None and not math.isnan(c) for c in ci):
+        text += f" [{ci[0]:.3f},{ci[1]:.3f}]"
+    return text
+
+
+def table(reports: dict[str, dict]) -> str:
+    """Side-by-side text table: one row per metric, one column per model."""
+    cols = list(reports)
+    rows = [["metric"] + cols]
+    for key in TABLE:
+        rows.append([key] + [_cell(reports[c], key) for c in cols])
+    rows.append(["fp_per_tp"] + [_cell(reports[c]["contamination"], "fp_per_tp") for c in cols])
+    rows.append(["purity"] + [_cell(reports[c]["contamination"], "purity") for c in cols])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "column"
+
+
+def evaluate(args) -> dict:
+    import torch
+
+    from .data.io import atomic_write_csv, atomic_write_json
+    from .inference import check_dataset, load_ensemble, loader_options, score_batches
+    from .metrics import completeness_by_bin, plot_completeness, plot_roc, to_jsonable
+    from .pipelines import build_loader, resolve_backend
+    from .predict import gather_inputs
+
+    out = os.path.abspath(os.path.expanduser(args.out))
+    _check_out(out, args.overwrite)
+    if not 0 < args.prior < 1:
+        raise EvaluateError(f"--prior must be in (0, 1), got {args.prior}")
+    if not 0 < args.alpha < 1:
+        raise EvaluateError(f"--alpha must be in (0, 1), got {args.alpha}")
+    try:
+        backend = resolve_backend(args.backend)
+    except RuntimeError as exc:
+        raise EvaluateError(str(exc)) from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ens = load_ensemble(args.checkpoint, device)
+    hdus = ens.hdus
+    if args.hdus:
+        hdus = tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in args.hdus.split(","))
+    dataset = gather_inputs([args.data], args.split, hdus, float(ens.config.get("val_fraction", 0.15)),
+                            int(ens.config.get("seed", 0)))
+    check_dataset(ens, dataset)
+    if args.skip_bad:
+        from .check import drop_bad
+
+        dataset = drop_bad(dataset, allow_nonfinite=ens.mask_value is not None, log=log)
+    all_labels = np.array(dataset.labels, dtype=np.int64)
+    if not (all_labels >= 0).any():
+        raise DataError(f"{dataset.root}: the {dataset.split} samples have no labels; nothing to evaluate "
+                        "(use python -m dali_lens.predict to score unlabelled data)")
+    fusion = args.fusion or ens.fusion
+    wanted = [c.strip() for c in args.completeness_columns.split(",") if c.strip()] if args.completeness_columns \
+        else None
+    columns = numeric_columns(dataset, all_labels, wanted)  # fail early on a bad column name
+    log(f"{dataset.describe()}")
+    log(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}" + (", TTA x8" if args.tta else "")
+        + f"; backend {backend} on {device}")
+
+    opts = loader_options(ens, args.batch_size, args.tta, workers=args.workers)
+    loader = build_loader(dataset, backend=backend, options=opts)
+    from tqdm import tqdm
+
+    idx_parts, logit_parts = [], {k: [] for k in ens.names}
+    t0 = time.perf_counter()
+    with tqdm(total=len(dataset), unit="img", desc=f"evaluate {dataset.split}", disable=not args.progress,
+              dynamic_ncols=True, leave=False) as bar:
+        for idx, _, logits in score_batches(ens, loader):
+            idx_parts.append(idx)
+            for k, z in logits.items():
+                logit_parts[k].append(z)
+            bar.update(len(idx))
+    seconds = time.perf_counter() - t0
+    index = np.concatenate(idx_parts)
+    order = np.argsort(index, kind="stable")
+    index = index[order]
+    if len(index) != len(dataset) or not np.array_equal(index, np.arange(len(dataset))):
+        raise RuntimeError(f"the loader returned {len(index)} samples for {len(dataset)} in the split")
+    logits = {k: np.concatenate(v)[order] for k, v in logit_parts.items()}
+    score, probs, spread = ens.probabilities(logits, fusion)
+
+    labelled = all_labels >= 0
+    y = all_labels[labelled]
+    if labelled.sum() < len(dataset):
+        log(f"note: {len(dataset) - int(labelled.sum())} unlabelled sample(s) are left out of the metrics")
+    if len(set(y.tolist())) < 2:
+        log(f"warning: only {'lenses' if y.all() else 'non-lenses'} in {dataset.split}: ROC AUC, TPR0/10 and "
+            "contamination are undefined")
+    curves = {k: probs[k][labelled] for k in ens.names}
+    ens_name = "ensemble" if len(ens.members) > 1 else ens.names[0]
+    members = {k: model_report(y, v, args) for k, v in curves.items()}
+    ensemble = model_report(y, score[labelled], args) if len(ens.members) > 1 else members[ens.names[0]]
+
+    completeness = {}
+    for col, values in columns.items():
+        v = values[labelled]
+        completeness[col] = {
+            "ensemble": completeness_by_bin(y, score[labelled], v, args.threshold, bins=args.bins),
+            "members": ({k: completeness_by_bin(y, s, v, args.threshold, bins=args.bins) for k, s in curves.items()}
+                        if len(ens.members) > 1 else {}),
+        }
+
+    result = {
+        "data": dataset.root, "split": dataset.split, "n": int(len(dataset)), "n_labelled": int(labelled.sum()),
+        "n_pos": int((y == 1).sum()), "n_neg": int((y == 0).sum()),
+        "checkpoints": ens.checkpoints,
+        "members_info": [{"name": m.name, "arch": m.arch, "scales": list(m.scales), "temperature": m.temperature,
+                          "checkpoint": m.checkpoint} for m in ens.members],
+        "fusion": fusion, "tta": bool(args.tta), "threshold": args.threshold, "prior": args.prior,
+        "bootstrap": {"n_boot": args.n_boot, "alpha": args.alpha, "seed": args.seed, "stratified": True,
+                      "metrics": list(CI_METRICS)},
+        "ensemble": ensemble, "members": members,
+        "completeness": completeness,
+        "backend": backend, "device": str(device), "seconds": round(seconds, 2),
+        "images_per_s": round(len(dataset) / max(seconds, 1e-9), 1),
+    }
+
+    os.makedirs(out, exist_ok=True)
+    for stale in glob.glob(os.path.join(out, "completeness_*.png")):
+        os.unlink(stale)  # only reached with --overwrite (or an empty directory)
+    header = ["file", "id", "label", "score"]
+    if len(ens.members) > 1:
+        header += [f"score_{k}" for k in ens.names] + ["member_std"]
+    rows = []
+    for j, s in enumerate(dataset.samples):
+        row = [s.path, s.id, "" if all_labels[j] < 0 else int(all_labels[j]), f"{score[j]:.7g}"]
+        if len(ens.members) > 1:
+            row += [f"{probs[k][j]:.7g}" for k in ens.names] + [f"{spread[j]:.7g}"]
+        rows.append(row)
+    atomic_write_csv(os.path.join(out, "predictions.csv"), header, rows)
+    plots = []
+    if len(set(y.tolist())) == 2:
+        extra = {k: (y, v) for k, v in curves.items()} if len(ens.members) > 1 else None
+        plots.append(plot_roc(y, score[labelled], os.path.join(out, "roc.png"),
+                              title=f"{dataset.split}: {os.path.basename(out)}", extra_curves=extra, label=ens_name))
+    for col, tab in completeness.items():
+        plots.append(plot_completeness(to_jsonable(tab["ensemble"]),
+                                       os.path.join(out, f"completeness_{_safe(col)}.png"), col))
+    result["plots"] = [os.path.basename(p) for p in plots]
+    result = to_jsonable(result)
+    atomic_write_json(os.path.join(out, "metrics.json"), result)
+    shown = dict(members) if len(ens.members) > 1 else {}
+    shown[ens_name] = ensemble
+    print(table(to_jsonable(shown)))
+    c = ensemble["contamination"]
+    print(f"{dataset.split}: n={len(dataset)} ({result['n_pos']} lenses); at threshold {args.threshold} and prior "
+          f"{args.prior:g}: {_num(c['fp_per_tp'])} false positives per true lens (purity {_num(c['purity'])})")
+    print(f"wrote {out}/metrics.json, predictions.csv, {len(plots)} plot(s); {result['images_per_s']} img/s")
+    return result
+
+
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return "inf" if isinstance(v, float) and math.isinf(v) else f"{v:.3g}"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dali_lens.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", metavar="DATA", help="labelled data: a dataset root, or a CSV manifest with labels")
+    ap.add_argument("--checkpoint", "-c", action="append", required=True, metavar="CKPT",
+                    help="a checkpoint (best.pt/last.pt) or a run directory (its best.pt); repeat for an ensemble")
+    ap.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
+    ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    ap.add_argument("--split", default="test",
+                    help="split to evaluate: test (default), val (the training run's validation split), train, all")
+    ap.add_argument("--fusion", choices=("mean_prob", "mean_logit", "temperature"), default=None,
+                    help="ensemble fusion (default: the training run's, else mean_prob); temperature uses the "
+                         "temperatures stored in the checkpoints")
+    ap.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips (8x the compute)")
+    ap.add_argument("--threshold", type=float, default=0.5,
+                    help="score threshold for accuracy/precision/recall/F1, completeness, contamination (default: 0.5)")
+    ap.add_argument("--prior", type=float, default=1e-3,
+                    help="lens fraction of the survey for the expected contamination (default: 1e-3)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the intervals (0 = none; "
+                                                             "default: 1000)")
+    ap.add_argument("--alpha", type=float, default=0.05, help="intervals at level 1 - alpha (default: 0.05)")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    ap.add_argument("--bins", type=int, default=5, help="completeness: quantile bins per column (default: 5)")
+    ap.add_argument("--completeness-columns", default=None, metavar="COLS",
+                    help="comma-separated catalogue columns (default: every numeric column that varies among "
+                         "the lenses)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "dali", "dali-cpu", "torchvision"),
+                    help="loader (default: auto)")
+    ap.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default: 64)")
+    ap.add_argument("--workers", type=int, default=None, help="loader threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="PyTorch CPU threads for the models (default: PyTorch's choice; on a small, busy machine "
+                         "--threads 1 --workers 1 can be much faster)")
+    ap.add_argument("--hdus", default=None, help="FITS: HDU indices/EXTNAMEs per band (default: the checkpoint's)")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="read every file first and leave out the unreadable/bad ones (listed) instead of stopping")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
+    if args.n_boot < 0:
+        ap.error("--n-boot must be >= 0")
+    if args.bins < 1:
+        ap.error("--bins must be >= 1")
+    from .inference import CheckpointError
+
+    # DALI's advice to iterator authors (the FITS path sizes its iterator itself), not to users of the CLI
+    warnings.filterwarnings("ignore", message=".*set `reader_name`")
+    try:
+        evaluate(args)
+    except KeyboardInterrupt:
+        log("interrupted: nothing was written")
+        return 130
+    except (DataError, CheckpointError, EvaluateError, FileNotFoundError, PermissionError) as exc:
+        log(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

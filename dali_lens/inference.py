@@ -1,0 +1,336 @@
+"""Load trained checkpoints as an ensemble and score data with it, batch by batch.
+
+This is the shared core of ``python -m dali_lens.predict`` and ``python -m dali_lens.evaluate``:
+
+* :func:`load_ensemble` reads one or more checkpoints (``best.pt`` / ``last.pt`` written by the trainers, or
+  a run directory, meaning its ``best.pt``), rebuilds every member (architecture, scales, temperature) in
+  eval mode and collects the loader settings stored with them (per-band mean/std, flux scaling, mask value,
+  FITS HDUs). Several checkpoints form one ensemble: their members are concatenated. They must agree on the
+  band count and on the non-linear pixel steps (scaling, ``scale_a``, mask value, HDUs); different per-band
+  mean/std are allowed and corrected exactly per member (normalisation is affine per band, so it commutes
+  with the resize).
+* :func:`loader_options` gives the :class:`~dali_lens.pipelines.LoaderOptions` for an evaluation loader that
+  decodes every image once and produces the union of all members' scales.
+* :func:`score_batches` streams a loader: per batch ``(indices, labels, {member: logits})`` with each
+  member's logits averaged over its scales and over the 8 test-time-augmentation views. Nothing is
+  accumulated, so memory stays bounded whatever the number of cutouts.
+* :meth:`Ensemble.probabilities` turns member logits into member probabilities, the fused ensemble score
+  (``mean_prob``, ``mean_logit`` or ``temperature`` with the temperatures stored in the checkpoints) and the
+  spread between members.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .data.dataset import DataError, Dataset
+from .pipelines.options import LoaderOptions
+
+FUSIONS = ("mean_prob", "mean_logit", "temperature")
+
+__all__ = ["FUSIONS", "CheckpointError", "LoadedMember", "Ensemble", "resolve_checkpoint", "load_ensemble",
+           "loader_options", "score_batches", "check_dataset"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or inconsistent; the message names the file."""
+
+
+@dataclass
+class LoadedMember:
+    """One trained model ready for inference."""
+
+    name: str
+    arch: str
+    scales: tuple[int, ...]
+    temperature: float
+    model: torch.nn.Module
+    checkpoint: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    # per-band affine correction (scale, shift) from the loader's normalisation to this member's; None = same
+    correction: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class Ensemble:
+    """Members plus the loader settings their checkpoints were trained with."""
+
+    members: list[LoadedMember]
+    bands: int
+    kind: str
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    scaling: str
+    scale_a: float
+    mask_value: float | None
+    hdus: tuple[int | str, ...] | None
+    device: torch.device
+    checkpoints: list[str]
+    config: dict = field(default_factory=dict)   # the first checkpoint's training config
+    fusion: str = "mean_prob"                      # the training run's fusion (the default at inference)
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = True
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """The union of every member's scales (one loader produces all of them from one decode)."""
+        return tuple(sorted({s for m in self.members for s in m.scales}))
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    @property
+    def temperatures(self) -> dict[str, float]:
+        return {m.name: m.temperature for m in self.members}
+
+    def describe(self) -> str:
+        parts = [f"{m.name} (T={m.temperature:.3g})" if m.temperature != 1.0 else m.name for m in self.members]
+        return f"{len(self.members)} member(s): " + ", ".join(parts)
+
+    def probabilities(self, logits: dict[str, np.ndarray], fusion: str = "mean_prob"
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """``(ensemble score, {member: probability}, member spread)`` from member logits.
+
+        Member probabilities are ``sigmoid(z / T)`` with the stored temperature ``T`` under ``temperature``
+        fusion and ``sigmoid(z)`` otherwise. The ensemble score is their mean (``mean_prob``,
+        ``temperature``) or ``sigmoid(mean z)`` (``mean_logit``). The spread is the standard deviation of
+        the member probabilities (0 for a single member).
+        """
+        from .trainers.loop import fuse, sigmoid
+
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}: choose from {FUSIONS}")
+        temps = self.temperatures if fusion == "temperature" else {}
+        probs = {k: sigmoid(np.asarray(z, dtype=np.float64) / temps.get(k, 1.0)) for k, z in logits.items()}
+        score = fuse({k: np.asarray(z, dtype=np.float64) for k, z in logits.items()}, fusion, temps or None)
+        spread = np.stack(list(probs.values())).std(0)
+        return score, probs, spread
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, or a run directory (its ``best.pt``); a clear error when there is none."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.isdir(path):
+        best = os.path.join(path, "best.pt")
+        if os.path.isfile(best):
+            return best
+        last = os.path.join(path, "last.pt")
+        hint = f" (there is {last}: pass it explicitly to use the last epoch)" if os.path.isfile(last) else ""
+        raise CheckpointError(f"{path}: run directory without best.pt{hint}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return path
+
+
+def _read_checkpoint(path: str) -> dict:
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty checkpoint file (0 bytes)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt, truncated, not a torch file
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("members"), list) or not state["members"]:
+        raise CheckpointError(f"{path}: not a dali-lens training checkpoint (no 'members' list)")
+    for ms in state["members"]:
+        if not isinstance(ms, dict) or "spec" not in ms or "model" not in ms:
+            raise CheckpointError(f"{path}: not a dali-lens training checkpoint (a member without spec/weights)")
+    if "bands" not in state:
+        raise CheckpointError(f"{path}: checkpoint does not record the number of bands")
+    return state
+
+
+def _hdu_list(text) -> tuple[int | str, ...] | None:
+    if not text:
+        return None
+    if isinstance(text, (list, tuple)):
+        return tuple(text)
+    return tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in str(text).split(","))
+
+
+def _floats(v) -> tuple[float, ...] | None:
+    return None if v is None else tuple(float(x) for x in v)
+
+
+def _unique_names(members: list[LoadedMember]) -> None:
+    """Members with the same name (e.g. two single-model runs) are prefixed with their run directory."""
+    names = [m.name for m in members]
+    if len(set(names)) == len(names):
+        return
+    for m in members:
+        if names.count(m.name) > 1:
+            m.name = f"{os.path.basename(os.path.dirname(m.checkpoint)) or 'run'}/{m.name}"
+    seen: dict[str, int] = {}
+    for m in members:
+        k = seen.get(m.name, 0)
+        seen[m.name] = k + 1
+        if k:
+            m.name = f"{m.name}~{k + 1}"
+
+
+def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | None = None) -> Ensemble:
+    """Rebuild the members of one or more checkpoints on ``device`` (default: CUDA if present, else CPU)."""
+    from .models import build_model
+    from .trainers.config import TrainConfig
+
+    if isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = [os.fspath(checkpoints)]
+    if not checkpoints:
+        raise CheckpointError("no checkpoint given")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    paths = [resolve_checkpoint(c) for c in checkpoints]
+    if len(set(paths)) != len(paths):
+        dup = next(p for p in paths if paths.count(p) > 1)
+        raise CheckpointError(f"{dup}: the same checkpoint is given twice")
+    members: list[LoadedMember] = []
+    ref: dict | None = None
+    first_cfg: dict = {}
+    fusions = []
+    for path in paths:
+        state = _read_checkpoint(path)
+        cfg = state.get("config") or {}
+        norm = state.get("norm") or {}
+        bands = int(state["bands"])
+        settings = {
+            "bands": bands,
+            "scaling": cfg.get("scaling", "none"),
+            "scale_a": float(cfg.get("scale_a", 1.0)),
+            "mask_value": None if cfg.get("mask_value") is None else float(cfg["mask_value"]),
+            "hdus": _hdu_list(cfg.get("hdus")),
+            "kind": state.get("kind", "image"),
+        }
+        if ref is None:
+            ref, first_cfg = dict(settings, path=path, mean=_floats(norm.get("mean")),
+                                  std=_floats(norm.get("std"))), cfg
+        else:
+            for key in ("bands", "scaling", "scale_a", "mask_value", "hdus"):
+                if settings[key] != ref[key]:
+                    raise CheckpointError(f"{path}: {key} = {settings[key]!r} but {ref['path']} has "
+                                          f"{ref[key]!r}; checkpoints of one ensemble must be trained on the "
+                                          "same kind of input")
+            if (settings["kind"] == "image") != (ref["kind"] == "image"):
+                raise CheckpointError(f"{path}: trained on {settings['kind']} data but {ref['path']} on "
+                                      f"{ref['kind']} data")
+        if len(state["members"]) > 1 or cfg.get("trainer") == "ensemble":
+            fusions.append(cfg.get("fusion", "mean_prob"))
+        for ms in state["members"]:
+            spec = ms["spec"]
+            try:
+                arch, scales = str(spec["arch"]), tuple(int(s) for s in spec["scales"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: a member has no valid arch/scales in its spec") from None
+            try:
+                model = build_model(arch, in_chans=bands, img_size=max(scales))
+                model.load_state_dict(ms["model"])
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: cannot rebuild member {spec.get('name', arch)!r} "
+                                      f"({str(exc).strip().splitlines()[0][:200]})") from None
+            model = model.to(device).eval()
+            members.append(LoadedMember(
+                name=str(spec.get("name") or f"{arch}@{'-'.join(map(str, scales))}#{spec.get('seed', 0)}"),
+                arch=arch, scales=scales, temperature=float(ms.get("temperature", 1.0) or 1.0), model=model,
+                checkpoint=path, mean=_floats(norm.get("mean")), std=_floats(norm.get("std"))))
+        del state
+    _unique_names(members)
+    tc = TrainConfig.from_dict(first_cfg)
+    ens = Ensemble(members=members, bands=ref["bands"], kind=ref["kind"], mean=ref["mean"], std=ref["std"],
+                   scaling=ref["scaling"], scale_a=ref["scale_a"], mask_value=ref["mask_value"], hdus=ref["hdus"],
+                   device=device, checkpoints=paths, config=first_cfg,
+                   fusion=fusions[0] if fusions and len(set(fusions)) == 1 else "mean_prob",
+                   amp_dtype=tc.amp_dtype(device), channels_last=bool(first_cfg.get("channels_last", True)))
+    _set_corrections(ens)
+    return ens
+
+
+def _set_corrections(ens: Ensemble) -> None:
+    """Per-member affine maps from the loader's normalisation (the first checkpoint's) to the member's own."""
+    c = ens.bands
+    ref_m = np.array(ens.mean or [0.0] * c, dtype=np.float64)
+    ref_s = np.array(ens.std or [1.0] * c, dtype=np.float64)
+    for m in ens.members:
+        mm = np.array(m.mean or [0.0] * c, dtype=np.float64)
+        ms = np.array(m.std or [1.0] * c, dtype=np.float64)
+        if len(mm) != c or len(ms) != c:
+            raise CheckpointError(f"{m.checkpoint}: normalisation has {len(mm)} band(s), expected {c}")
+        if np.array_equal(mm, ref_m) and np.array_equal(ms, ref_s):
+            m.correction = None
+            continue
+        # x_loader = (raw - ref_m) / ref_s  ->  x_member = (raw - mm) / ms = x_loader * ref_s/ms + (ref_m - mm)/ms
+        scale = torch.tensor(ref_s / ms, dtype=torch.float32, device=ens.device).view(c, 1, 1)
+        shift = torch.tensor((ref_m - mm) / ms, dtype=torch.float32, device=ens.device).view(c, 1, 1)
+        m.correction = (scale, shift)
+
+
+def check_dataset(ens: Ensemble, dataset: Dataset) -> None:
+    """The data must have the band count (and the kind of pixels) the checkpoints were trained on."""
+    where = dataset.samples[0].path if len(dataset) else dataset.root
+    if dataset.bands != ens.bands:
+        raise DataError(f"{where}: the data has {dataset.bands} band(s) but {ens.checkpoints[0]} was trained "
+                        f"on {ens.bands}")
+    if (dataset.kind == "image") != (ens.kind == "image"):
+        raise DataError(f"{where}: {dataset.kind} data, but {ens.checkpoints[0]} was trained on {ens.kind} data "
+                        "(8-bit images and float arrays are normalised differently)")
+
+
+def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, shard_id: int = 0,
+                   num_shards: int = 1, workers: int | None = None) -> LoaderOptions:
+    """Evaluation-loader options: every member's scale from one decode, the checkpoint's normalisation."""
+    return LoaderOptions(scales=ensemble.scales, batch_size=int(batch_size), train=False, augment=False,
+                         shard_id=shard_id, num_shards=num_shards, num_workers=workers,
+                         mean=ensemble.mean, std=ensemble.std, scaling=ensemble.scaling, scale_a=ensemble.scale_a,
+                         mask_value=ensemble.mask_value, tta=bool(tta))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scoring
+
+
+def _member_logits(ens: Ensemble, m: LoadedMember, images: dict[int, torch.Tensor]) -> torch.Tensor:
+    from .trainers.loop import autocast
+
+    per_scale = []
+    for s in m.scales:
+        x = images[s].to(ens.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        tta = x.dim() == 5
+        if tta:
+            b, k = x.shape[:2]
+            x = x.reshape(b * k, *x.shape[2:])
+        if m.correction is not None:
+            x = x.float() * m.correction[0] + m.correction[1]
+        if ens.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(ens.device, ens.amp_dtype):
+            z = m.model(x).float().reshape(-1)
+        if tta:
+            z = z.reshape(b, k).mean(1)
+        per_scale.append(z)
+    return torch.stack(per_scale).mean(0)
+
+
+@torch.inference_mode()
+def score_batches(ensemble: Ensemble, loader) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+    """Per batch of ``loader``: ``(indices, labels, {member name: logits})`` as numpy arrays.
+
+    ``indices`` point into the loader's dataset; ``labels`` are -1 for unlabelled samples. A member's logits
+    are the mean over its scales and, with TTA batches ``(B, 8, C, s, s)``, over the 8 views.
+    """
+    if ensemble.channels_last:
+        for m in ensemble.members:
+            m.model.to(memory_format=torch.channels_last)
+    for batch in loader:
+        images = batch["image"]
+        logits = {m.name: _member_logits(ensemble, m, images).cpu().numpy() for m in ensemble.members}
+        yield batch["index"].cpu().numpy().astype(np.int64), batch["label"].cpu().numpy().astype(np.int64), logits

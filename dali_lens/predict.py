@@ -1,0 +1,514 @@
+"""Score cutouts with trained lens finders and write their lens probabilities to a CSV file.
+
+DATA is any number of cutouts: a folder of loose files, a CSV manifest (a 'filepath' column), FITS/PNG/.npy
+files given one by one, a text file listing one path per line (.txt/.lst), or a dataset root (the split
+folders or manifests written by `python -m dali_lens.generate`; --split picks one, default all of them).
+Labels are not needed.
+
+The output has one row per cutout, `file,id,score` (the ensemble's lens probability), plus with several
+members `score_<member>` for each member and `member_std` (their spread); member scores are sigmoid(logit/T)
+with the checkpoint's temperature T under --fusion temperature, sigmoid(logit) otherwise. Rows are appended
+and flushed batch by batch, so memory stays bounded and an interrupted run loses at most one batch. Rerunning
+the same command resumes: rows already in --out are kept untouched (a truncated last line is cut off), the files
+they name are skipped, and the missing rows are appended. A complete output is left as it is.
+
+Several processes: under torchrun each rank scores its share of the remaining cutouts (every cutout exactly
+once) into OUT.part-<rank>-of-<world>.csv, then rank 0 merges the parts into OUT atomically. --merge does the
+merge step alone (for ranks launched as separate jobs). A restarted job skips the rows already in the parts.
+
+Examples:
+  python -m dali_lens.predict --checkpoint runs/single-small_cnn/best.pt /data/cutouts --out preds.csv
+  python -m dali_lens.predict --checkpoint runs/a --checkpoint runs/b survey.csv --out preds.csv --tta
+  python -m dali_lens.predict --checkpoint runs/a /data/lenses --split test --out test_preds.csv
+  python -m dali_lens.predict --checkpoint runs/a tile1/*.fits --out tile1.csv --backend dali-cpu
+  torchrun --nproc_per_node 4 -m dali_lens.predict --checkpoint runs/a /data/cutouts --out preds.csv
+  python -m dali_lens.predict --merge --out preds.csv
+Exit status: 0 done (or nothing left to do), 2 bad input (the message names the file), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import sys
+import time
+import warnings
+
+from .data.dataset import DataError, Dataset, Sample, kind_of, sample_id
+
+SPLIT_ORDER = ("train", "val", "test", "predict")
+LIST_EXTS = (".txt", ".lst", ".list")
+
+
+class PredictError(ValueError):
+    """Bad arguments or an output file that does not match this run."""
+
+
+def log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _from_list_file(path: str) -> list[Sample]:
+    base = os.path.dirname(os.path.abspath(path))
+    samples = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            full = os.path.abspath(os.path.join(base, os.path.expanduser(entry)))
+            if not os.path.isfile(full):
+                raise DataError(f"{path}, line {lineno}: file not found: {full}")
+            if kind_of(full) is None:
+                raise DataError(f"{path}, line {lineno}: {full}: unsupported file type (use PNG, JPEG, .npy or FITS)")
+            samples.append(Sample(full, None, sample_id(full)))
+    if not samples:
+        raise DataError(f"{path}: the list names no files")
+    return samples
+
+
+def _concat(parts: list[Dataset], root: str, split: str) -> Dataset:
+    ref = parts[0]
+    samples, seen, dups = [], set(), 0
+    for d in parts:
+        if d.bands != ref.bands or d.kind != ref.kind:
+            raise DataError(f"{d.samples[0].path}: {d.bands} band(s) of {d.kind} data, but "
+                            f"{ref.samples[0].path} has {ref.bands} band(s) of {ref.kind} data")
+        if d.shape and ref.shape and d.shape != ref.shape:
+            raise DataError(f"{d.samples[0].path}: {d.shape[0]}x{d.shape[1]} px, but {ref.samples[0].path} is "
+                            f"{ref.shape[0]}x{ref.shape[1]} px; score differently sized cutouts separately")
+        for s in d.samples:
+            if s.path in seen:
+                dups += 1
+                continue
+            seen.add(s.path)
+            samples.append(s)
+    if dups:
+        log(f"note: {dups} file(s) given more than once are scored once")
+    return Dataset(samples, ref.bands, ref.kind, root, split, ref.hdus, ref.shape)
+
+
+def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: float = 0.0,
+                  seed: int = 0) -> Dataset:
+    """One :class:`Dataset` from every DATA argument (files, folders, manifests, list files, dataset roots)."""
+    from .data.sources import _dataset, discover
+
+    parts: list[Dataset] = []
+    loose: list[Sample] = []
+    for arg in data:
+        path = os.path.abspath(os.path.expanduser(arg))
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file or directory")
+        if os.path.isfile(path) and path.lower().endswith(LIST_EXTS):
+            loose.extend(_from_list_file(path))
+            continue
+        if os.path.isfile(path) and not path.lower().endswith(".csv"):
+            if kind_of(path) is None:
+                raise DataError(f"{path}: not a dataset folder, CSV manifest, list file or supported image file")
+            loose.append(Sample(path, None, sample_id(path)))
+            continue
+        splits = discover(path, hdus=hdus, val_fraction=val_fraction if split not in ("all", "predict") else 0.0,
+                          seed=seed)
+        if split == "all":
+            names = [s for s in SPLIT_ORDER if s in splits] + [s for s in splits if s not in SPLIT_ORDER]
+            parts.extend(splits[s] for s in names)
+        elif split in splits:
+            parts.append(splits[split])
+        elif len(splits) == 1 and "predict" in splits:
+            parts.append(splits["predict"])  # unlabelled files have no splits: --split does not apply
+        else:
+            raise DataError(f"{path}: no '{split}' split (found: {', '.join(splits)}); use --split all for every one")
+    if loose:
+        kinds = {kind_of(s.path) for s in loose}
+        if len(kinds) > 1:
+            raise DataError(f"{loose[0].path}: mixed file types {sorted(kinds)}; score one format at a time")
+        parts.append(_dataset(loose, os.path.commonpath([os.path.dirname(s.path) for s in loose]), "predict", hdus))
+    if not parts:
+        raise DataError("no input data given")
+    root = parts[0].root if len(parts) == 1 else os.path.commonpath([p.root for p in parts])
+    return _concat(parts, root, split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the output file(s)
+
+
+def header_for(names: list[str]) -> list[str]:
+    head = ["file", "id", "score"]
+    if len(names) > 1:
+        head += [f"score_{n}" for n in names] + ["member_std"]
+    return head
+
+
+def part_path(out: str, rank: int, world: int) -> str:
+    return f"{out}.part-{rank}-of-{world}.csv"
+
+
+def find_parts(out: str) -> list[str]:
+    """Existing part files of ``out`` (any world size), ordered by (world size, rank)."""
+    directory, name = os.path.split(os.path.abspath(out))
+    pat = re.compile(re.escape(name) + r"\.part-(\d+)-of-(\d+)\.csv$")
+    found = []
+    if os.path.isdir(directory):
+        for entry in os.listdir(directory):
+            m = pat.match(entry)
+            if m:
+                found.append((int(m.group(2)), int(m.group(1)), os.path.join(directory, entry)))
+    return [p for _, _, p in sorted(found)]
+
+
+def complete_length(path: str) -> int:
+    """Bytes up to and including the last newline (what survives of a file cut off mid-line)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        pos = size
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            fh.seek(pos)
+            k = fh.read(step).rfind(b"\n")
+            if k >= 0:
+                return pos + k + 1
+    return 0
+
+
+def repair(path: str) -> int:
+    """Cut a truncated last line off ``path``; returns the number of bytes removed."""
+    if not os.path.isfile(path):
+        return 0
+    size, keep = os.path.getsize(path), complete_length(path)
+    if keep < size:
+        os.truncate(path, keep)
+    return size - keep
+
+
+def _parse(line: str) -> list[str]:
+    return next(csv.reader([line]))
+
+
+def iter_rows(path: str, header: list[str] | None):
+    """``(file, line)`` for every complete row of a predictions CSV (a truncated last line is ignored).
+
+    Checks the header against ``header`` (when given) and that every row has the header's columns.
+    Yields ``("", header line)`` first.
+    """
+    with open(path, encoding="utf-8", newline="") as fh:
+        first = fh.readline()
+        if not first.endswith("\n"):
+            return  # empty, or only a truncated header
+        found = _parse(first)
+        if header is not None and found != header:
+            raise PredictError(f"{path}: its columns {found} differ from this run's {header} (written with other "
+                               "checkpoints?); choose another --out or remove the file")
+        yield "", first
+        for lineno, line in enumerate(fh, start=2):
+            if not line.endswith("\n"):
+                break  # truncated by an interruption
+            row = _parse(line)
+            if len(row) != len(found):
+                raise PredictError(f"{path}, line {lineno}: {len(row)} columns instead of {len(found)} "
+                                   "(a damaged file; remove it to start again)")
+            yield row[0], line
+
+
+def done_files(paths: list[str], header: list[str] | None) -> set[str]:
+    done: set[str] = set()
+    for p in paths:
+        if os.path.isfile(p):
+            done.update(f for f, _ in iter_rows(p, header) if f)
+    return done
+
+
+def merge(out: str, header: list[str] | None = None) -> tuple[int, int]:
+    """Merge ``out`` and its part files into ``out`` atomically (each file once); removes the parts.
+
+    Returns (rows in ``out`` afterwards, part files merged). Rows are copied verbatim: rows already in
+    ``out`` first, then the parts by (world size, rank).
+    """
+    from .data.io import atomic_open
+
+    parts = find_parts(out)
+    if not parts:
+        n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
+        return n, 0
+    sources = ([out] if os.path.isfile(out) else []) + parts
+    if header is None:
+        for src in sources:
+            first = next(iter_rows(src, None), None)
+            if first is not None:
+                header = _parse(first[1])
+                break
+    if header is None:
+        raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
+    seen: set[str] = set()
+    with atomic_open(out, "w", newline="") as dst:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(header)
+        dst.write(buf.getvalue())
+        for src in sources:
+            for f, line in iter_rows(src, header):
+                if f and f not in seen:
+                    seen.add(f)
+                    dst.write(line)
+    for p in parts:
+        os.unlink(p)
+    return len(seen), len(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running
+
+
+def _setup_distributed():
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    return rank, world, local, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _fmt(v: float) -> str:
+    return f"{float(v):.7g}"
+
+
+def predict(args) -> int:
+    import torch
+
+    from .inference import check_dataset, load_ensemble, loader_options, score_batches
+    from .pipelines import build_loader, resolve_backend
+    from .pipelines.options import shard_bounds
+
+    rank, world, _, device = _setup_distributed()
+    main_rank = rank == 0
+    say = log if main_rank else (lambda *a, **k: None)
+    out = os.path.abspath(os.path.expanduser(args.out))
+    if os.path.isdir(out):
+        raise PredictError(f"{out}: --out is a directory; give the CSV file to write")
+    try:
+        backend = resolve_backend(args.backend)
+    except RuntimeError as exc:
+        raise PredictError(str(exc)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ens = load_ensemble(args.checkpoint, device)
+    hdus = ens.hdus
+    if args.hdus:
+        hdus = tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in args.hdus.split(","))
+    dataset = gather_inputs(args.data, args.split, hdus, float(ens.config.get("val_fraction", 0.15)),
+                            int(ens.config.get("seed", 0)))
+    check_dataset(ens, dataset)
+    if args.skip_bad:
+        from .check import drop_bad
+
+        dataset = drop_bad(dataset, allow_nonfinite=ens.mask_value is not None, log=say)
+    fusion = args.fusion or ens.fusion
+    header = header_for(ens.names)
+    say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"
+        + (", TTA x8" if args.tta else "") + f"; backend {backend} on {device}; {world} process(es)")
+
+    # repair (rank 0 only), then every rank reads the same state, then everyone writes
+    if main_rank:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        for p in [out] + find_parts(out):
+            cut = repair(p)
+            if cut:
+                say(f"{p}: removed a truncated last line ({cut} bytes) left by an interruption")
+    _barrier(world)
+    existing = [out] + find_parts(out)
+    done = done_files(existing, header)
+    _barrier(world)
+    paths = {s.path for s in dataset.samples}
+    extra = len(done - paths)
+    remaining = [i for i, s in enumerate(dataset.samples) if s.path not in done]
+    total_left = len(remaining)
+    if args.limit is not None:
+        remaining = remaining[: max(0, args.limit)]
+    if extra:
+        say(f"note: {out} holds {extra} row(s) for files not in this DATA; they are kept")
+    if not remaining:
+        parts = find_parts(out)
+        if main_rank and parts:
+            n, k = merge(out, header)
+            say(f"merged {k} part file(s) into {out}: {n} rows")
+        elif total_left == 0:
+            say(f"{out} is complete: all {len(dataset)} cutouts are scored; nothing to do")
+        else:
+            say("--limit 0: nothing scored")
+        _barrier(world)
+        return 0
+    say(f"{len(dataset)} cutouts, {len(done & paths)} already scored, {len(remaining)} to score now"
+        + (f" (of {total_left} left)" if len(remaining) < total_left else ""))
+
+    target = out if world == 1 else part_path(out, rank, world)
+    lo, hi = shard_bounds(len(remaining), rank, world)
+    t0, written = time.perf_counter(), 0
+    if hi > lo:
+        sub = dataset.subset(remaining)
+        workers = args.workers
+        if workers is None:
+            workers = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        opts = loader_options(ens, args.batch_size, args.tta, shard_id=rank, num_shards=world, workers=workers)
+        loader = build_loader(sub, backend=backend, options=opts)
+        from tqdm import tqdm
+
+        bar = tqdm(total=hi - lo, unit="img", desc="predict" if world == 1 else f"predict rank {rank}/{world}",
+                   disable=not (args.progress and main_rank), dynamic_ncols=True, smoothing=0.1)
+        new = not os.path.isfile(target) or os.path.getsize(target) == 0
+        with open(target, "a", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            if new:
+                writer.writerow(header)
+                fh.flush()
+            try:
+                for idx, _, logits in score_batches(ens, loader):
+                    score, probs, spread = ens.probabilities(logits, fusion)
+                    rows = []
+                    for j, i in enumerate(idx):
+                        s = sub.samples[int(i)]
+                        row = [s.path, s.id, _fmt(score[j])]
+                        if len(ens.members) > 1:
+                            row += [_fmt(probs[k][j]) for k in ens.names] + [_fmt(spread[j])]
+                        rows.append(row)
+                    writer.writerows(rows)
+                    fh.flush()
+                    written += len(rows)
+                    bar.update(len(rows))
+            finally:
+                bar.close()
+                fh.flush()
+                os.fsync(fh.fileno())
+        if written != hi - lo:
+            raise RuntimeError(f"rank {rank}: the loader returned {written} of {hi - lo} cutouts")
+    seconds = time.perf_counter() - t0
+    _barrier(world)
+    if world > 1:
+        import torch.distributed as dist
+
+        counts = [None] * world
+        dist.all_gather_object(counts, (written, seconds))
+        written_all, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
+    else:
+        written_all = written
+    if main_rank:
+        if find_parts(out):
+            n, k = merge(out, header)
+            say(f"merged {k} part file(s) into {out}")
+        n = sum(1 for f, _ in iter_rows(out, header) if f)
+        rate = written_all / max(seconds, 1e-9)
+        left = total_left - written_all
+        say(f"scored {written_all} cutouts in {seconds:.1f} s ({rate:.1f} img/s); {out} holds {n} rows"
+            + (f"; {left} left (rerun to continue)" if left > 0 else ""))
+    _barrier(world)
+    return 0
+
+
+def merge_only(args) -> int:
+    out = os.path.abspath(os.path.expanduser(args.out))
+    parts = find_parts(out)
+    if not parts:
+        if os.path.isfile(out):
+            log(f"{out}: no part files to merge; left as it is")
+            return 0
+        raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv exists")
+    for p in [out] + parts:
+        cut = repair(p)
+        if cut:
+            log(f"{p}: removed a truncated last line ({cut} bytes)")
+    n, k = merge(out)
+    log(f"merged {k} part file(s) into {out}: {n} rows")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dali_lens.predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", nargs="*", metavar="DATA",
+                    help="cutouts: folder(s), CSV manifest(s), image/FITS/.npy file(s), a .txt list of paths, or a "
+                         "dataset root")
+    ap.add_argument("--checkpoint", "-c", action="append", metavar="CKPT",
+                    help="a checkpoint (best.pt/last.pt) or a run directory (its best.pt); repeat for an ensemble")
+    ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming)")
+    ap.add_argument("--split", default="all",
+                    help="for a labelled dataset root: train, val, test, or all (every split; default)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "dali", "dali-cpu", "torchvision"),
+                    help="loader: auto (DALI on GPU, else DALI CPU, else torchvision) (default: auto)")
+    ap.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default: 64)")
+    ap.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips (8x the compute)")
+    ap.add_argument("--fusion", choices=("mean_prob", "mean_logit", "temperature"), default=None,
+                    help="how member scores are combined (default: the training run's, else mean_prob); "
+                         "temperature uses the temperatures stored in the checkpoints")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="loader threads per process (default: the cores divided among local processes)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="PyTorch CPU threads for the models (default: PyTorch's choice; on a small, busy machine "
+                         "--threads 1 --workers 1 can be much faster)")
+    ap.add_argument("--hdus", default=None, help="FITS: HDU indices/EXTNAMEs per band (default: the checkpoint's)")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="read every file first and skip the unreadable/bad ones (listed) instead of stopping")
+    ap.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="score at most N of the cutouts not yet in --out, then stop (rerun to continue)")
+    ap.add_argument("--merge", action="store_true",
+                    help="only merge OUT.part-*-of-*.csv into OUT (no checkpoint or DATA needed)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if not args.merge:
+        if not args.checkpoint:
+            ap.error("--checkpoint is required (or --merge)")
+        if not args.data:
+            ap.error("DATA is required (or --merge)")
+        if args.batch_size < 1:
+            ap.error("--batch-size must be >= 1")
+    from .inference import CheckpointError
+
+    # DALI's advice to iterator authors (the FITS path sizes its iterator itself), not to users of the CLI
+    warnings.filterwarnings("ignore", message=".*set `reader_name`")
+    try:
+        return merge_only(args) if args.merge else predict(args)
+    except KeyboardInterrupt:
+        log(f"interrupted: rows written so far are kept in {args.out} (or its part files); "
+            "rerun the same command to resume")
+        return 130
+    except (DataError, CheckpointError, PredictError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        log(f"error: {exc}")
+        return 2
+    finally:
+        _shutdown()
+
+
+def _shutdown() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # pragma: no cover - best effort at exit
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
