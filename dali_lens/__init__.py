@@ -1,4 +1,36 @@
-"""dali-lens: fast data loading (NVIDIA DALI, torchvision fallback) and trainers for strong-lens finders."""
-from ._version import __version__
+"""dali-lens: fast data loading (NVIDIA DALI, torchvision fallback) and trainers for strong-lens finders.
 
-__all__ = ["__version__"]
+The public surface::
+
+    import dali_lens
+    splits = dali_lens.describe("data/")                      # {split: Dataset} from any supported source
+    loader = dali_lens.build_loader(splits["train"], backend="auto", scales=(64, 112), batch_size=64,
+                                    train=True)               # iterable with len(), set_epoch()
+    for batch in loader:                                      # {"image": {64: ..., 112: ...}, "label", "index"}
+        ...
+    dali_lens.train("data/", arch="resnet18", epochs=10)     # the trainers, as on the command line
+    dali_lens.predict("runs/r18", "cutouts/", "scores.csv")   # streaming, resumable scoring
+
+Everything not exported here is private and may change.
+"""
+from ._version import __version__
+from .api import describe, predict, train
+from .data.dataset import DataError, Dataset, Sample
+from .data.sources import register_source
+from .pipelines import BACKENDS, LoaderOptions, build_loader, compute_stats, register_batch_transform
+
+__all__ = [
+    "BACKENDS",
+    "DataError",
+    "Dataset",
+    "LoaderOptions",
+    "Sample",
+    "__version__",
+    "build_loader",
+    "compute_stats",
+    "describe",
+    "predict",
+    "register_batch_transform",
+    "register_source",
+    "train",
+]

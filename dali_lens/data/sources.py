@@ -26,6 +26,20 @@ _TRUE = {"1", "lens", "true", "yes", "1.0"}
 _FALSE = {"0", "nonlens", "non-lens", "non_lens", "false", "no", "0.0"}
 
 
+_REGISTERED: dict[str, tuple] = {}
+
+
+def register_source(name: str, detect, read) -> None:
+    """Add a data source without touching loaders or trainers.
+
+    ``detect(root) -> bool`` says whether ``root`` is in your layout; ``read(root) -> {split: Dataset}``
+    describes it (each :class:`Dataset` lists :class:`Sample` objects of a supported ``kind``). Registered
+    sources are tried before the built-in layouts, in registration order; registering a name again
+    replaces it.
+    """
+    _REGISTERED[name] = (detect, read)
+
+
 def parse_label(value: str, where: str) -> int | None:
     v = str(value).strip().lower()
     if v in _TRUE:
@@ -147,6 +161,12 @@ def discover(root: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
     else:
         base = root
         from .challenge import is_challenge_layout, read_challenge
+
+        for detect, read in _REGISTERED.values():
+            if detect(root):
+                datasets = read(root)
+                _check_consistent(datasets)
+                return _with_val(datasets, val_fraction, seed)
 
         if is_challenge_layout(root):
             return _with_val(read_challenge(root), val_fraction, seed)

@@ -15,6 +15,38 @@ from . import dali_backend
 from .options import LoaderOptions, compute_stats
 
 BACKENDS = ("auto", "dali", "dali-cpu", "torchvision")
+_TRANSFORMS: dict = {}
+
+
+def register_batch_transform(name: str, fn) -> None:
+    """Add a batch-level augmentation usable by name (``LoaderOptions.transforms``, ``--batch-transforms``).
+
+    ``fn(batch) -> batch`` receives a contract batch on the loader's device (so it runs on the GPU with the
+    DALI GPU backend) and returns it, e.g. with extra noise added to ``batch["image"][scale]``.
+    """
+    _TRANSFORMS[name] = fn
+
+
+class _Transformed:
+    """A loader whose batches pass through registered batch transforms (same interface as the loader)."""
+
+    def __init__(self, loader, names):
+        missing = [n for n in names if n not in _TRANSFORMS]
+        if missing:
+            raise ValueError(f"unknown batch transform(s) {missing}; registered: {sorted(_TRANSFORMS)}")
+        self.loader, self.fns = loader, [_TRANSFORMS[n] for n in names]
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            for fn in self.fns:
+                batch = fn(batch)
+            yield batch
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -53,8 +85,11 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
     if name == "torchvision":
         from .torchvision_backend import TorchvisionLoader
 
-        return TorchvisionLoader(dataset, opts, device="cuda" if torch.cuda.is_available() else "cpu")
-    return dali_backend.DaliLoader(dataset, opts, device="gpu" if name == "dali" else "cpu")
+        loader = TorchvisionLoader(dataset, opts, device="cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        loader = dali_backend.DaliLoader(dataset, opts, device="gpu" if name == "dali" else "cpu")
+    return _Transformed(loader, opts.transforms) if opts.transforms else loader
 
 
-__all__ = ["BACKENDS", "LoaderOptions", "build_loader", "compute_stats", "resolve_backend"]
+__all__ = ["BACKENDS", "LoaderOptions", "build_loader", "compute_stats", "register_batch_transform",
+           "resolve_backend"]

@@ -25,6 +25,7 @@ class LoaderOptions:
     band. ``mask_value``: pixels equal to it, and NaN/inf, are set to 0 before scaling (without it, NaN/inf
     in the data is an error naming the file).
     ``dtype='uint8'`` (images only) skips normalisation so that it can be done later on the GPU.
+    ``transforms``: names of batch transforms added with ``register_batch_transform``, applied in order.
     """
 
     scales: tuple[int, ...] = (64,)
@@ -44,10 +45,12 @@ class LoaderOptions:
     mask_value: float | None = None
     tta: bool = False
     device_id: int | None = None
+    transforms: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
+        self.transforms = tuple(self.transforms)
         if not self.scales or min(self.scales) < 8:
             raise ValueError(f"scales must be a non-empty list of sizes >= 8 px, got {self.scales}")
         if self.batch_size < 1:

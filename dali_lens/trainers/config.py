@@ -42,6 +42,8 @@ class TrainConfig:
                                         "lens-finding challenge")
     max_shift: int = _f(2, "training augmentation: random shifts up to this many pixels (0 = off); "
                            "random 90-degree rotations and flips are always on")
+    batch_transforms: str = _f("", "training: comma-separated batch transforms added with "
+                                   "dali_lens.register_batch_transform (run on the loader's device)")
     tta: bool = _f(False, "evaluate with the mean over the 8 rotations/flips (test-time augmentation)")
     # model and trainer
     trainer: str = _f("single", "single: one model, one scale; multiscale: one model on several scales; "

@@ -121,7 +121,9 @@ def run(cfg: TrainConfig, log=print) -> dict:
         base.mean, base.std = compute_stats(splits["train"], base)
 
     def loader(split: str, train: bool, scales=all_scales, tta: bool = False):
-        opts = LoaderOptions(**{**base.to_dict(), "scales": scales, "train": train, "augment": train, "tta": tta})
+        transforms = tuple(t for t in cfg.batch_transforms.split(",") if t.strip()) if train else ()
+        opts = LoaderOptions(**{**base.to_dict(), "scales": scales, "train": train, "augment": train, "tta": tta,
+                                "transforms": transforms})
         return build_loader(splits[split], backend=backend, options=opts)
 
     say(f"backend {backend} on {device}; trainer {cfg.trainer}: "

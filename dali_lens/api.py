@@ -1,0 +1,58 @@
+"""The Python entry points behind ``import dali_lens`` (the same options as the command line)."""
+from __future__ import annotations
+
+import os
+
+from .data.dataset import Dataset
+from .data.sources import discover
+
+
+def describe(path: str, hdus: tuple[int | str, ...] | None = None, val_fraction: float = 0.15,
+             seed: int = 0) -> dict[str, Dataset]:
+    """Describe the dataset at ``path`` (any supported source) as ``{split: Dataset}``.
+
+    Layouts: class folders, CSV manifests, FITS, ``.npy``, the lens-finding-challenge layout, packed shards,
+    and any source added with :func:`dali_lens.register_source`. Without a ``val`` split, a seeded,
+    stratified ``val_fraction`` of ``train`` is held out.
+    """
+    return discover(path, hdus=hdus, val_fraction=val_fraction, seed=seed)
+
+
+def train(data_root: str | None = None, **options) -> dict:
+    """Train like ``python -m dali_lens.train``; keyword names are the CLI flags with ``_`` for ``-``.
+
+    Example: ``dali_lens.train("data/", arch="resnet18", img_size=96, epochs=10, out="runs/r18")``.
+    Returns the final metrics (also written to ``<out>/metrics.json``).
+    """
+    from .trainers.config import TrainConfig
+    from .trainers.runner import run
+
+    return run(TrainConfig(data_root=data_root, **options))
+
+
+def predict(checkpoint: str | list[str], data: str | list[str], out: str, **options) -> str:
+    """Score ``data`` with one checkpoint or an ensemble like ``python -m dali_lens.predict``.
+
+    Writes ``out`` (``file,id,score[,member scores]``; resumable) and returns its path. ``options`` are the
+    CLI flags with ``_`` for ``-`` (``backend``, ``batch_size``, ``tta``, ``fusion``, ``workers``, ...);
+    ``True`` turns a switch on.
+    """
+    from .predict import main
+
+    argv: list[str] = []
+    for ck in [checkpoint] if isinstance(checkpoint, str) else checkpoint:
+        argv += ["--checkpoint", ck]
+    argv += ["--out", out, "--no-progress"] if "progress" not in options else ["--out", out]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        else:
+            argv += [flag, str(value)]
+    argv += [data] if isinstance(data, str) else list(data)
+    code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"prediction failed (exit status {code}); see the message above")
+    return os.path.abspath(out)
