@@ -207,6 +207,8 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
             "scaling": cfg.get("scaling", "none"),
             "scale_a": float(cfg.get("scale_a", 1.0)),
             "mask_value": None if cfg.get("mask_value") is None else float(cfg["mask_value"]),
+            "mask_channel": bool(cfg.get("mask_channel", False)),
+            "resize_mode": cfg.get("resize_mode", "resize"),
             "hdus": _hdu_list(cfg.get("hdus")),
             "kind": state.get("kind", "image"),
         }
@@ -214,7 +216,7 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
             ref, first_cfg = dict(settings, path=path, mean=_floats(norm.get("mean")),
                                   std=_floats(norm.get("std"))), cfg
         else:
-            for key in ("bands", "scaling", "scale_a", "mask_value", "hdus"):
+            for key in ("bands", "scaling", "scale_a", "mask_value", "mask_channel", "resize_mode", "hdus"):
                 if settings[key] != ref[key]:
                     raise CheckpointError(f"{path}: {key} = {settings[key]!r} but {ref['path']} has "
                                           f"{ref[key]!r}; checkpoints of one ensemble must be trained on the "
@@ -231,7 +233,7 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: a member has no valid arch/scales in its spec") from None
             try:
-                model = build_model(arch, in_chans=bands, img_size=max(scales))
+                model = build_model(arch, in_chans=bands + int(settings["mask_channel"]), img_size=max(scales))
                 model.load_state_dict(ms["model"])
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: cannot rebuild member {spec.get('name', arch)!r} "
@@ -255,7 +257,7 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
 
 def _set_corrections(ens: Ensemble) -> None:
     """Per-member affine maps from the loader's normalisation (the first checkpoint's) to the member's own."""
-    c = ens.bands
+    c = ens.bands + int(bool(ens.config.get("mask_channel", False)))
     ref_m = np.array(ens.mean or [0.0] * c, dtype=np.float64)
     ref_s = np.array(ens.std or [1.0] * c, dtype=np.float64)
     for m in ens.members:
@@ -278,8 +280,8 @@ def check_dataset(ens: Ensemble, dataset: Dataset) -> None:
     if dataset.bands != ens.bands:
         raise DataError(f"{where}: the data has {dataset.bands} band(s) but {ens.checkpoints[0]} was trained "
                         f"on {ens.bands}")
-    if (dataset.kind == "image") != (ens.kind == "image"):
-        raise DataError(f"{where}: {dataset.kind} data, but {ens.checkpoints[0]} was trained on {ens.kind} data "
+    if (dataset.pixel_kind == "image") != (ens.kind == "image"):  # packed shards: the kind of their pixels
+        raise DataError(f"{where}: {dataset.pixel_kind} data, but {ens.checkpoints[0]} was trained on {ens.kind} data "
                         "(8-bit images and float arrays are normalised differently)")
 
 
@@ -289,7 +291,9 @@ def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, 
     return LoaderOptions(scales=ensemble.scales, batch_size=int(batch_size), train=False, augment=False,
                          shard_id=shard_id, num_shards=num_shards, num_workers=workers,
                          mean=ensemble.mean, std=ensemble.std, scaling=ensemble.scaling, scale_a=ensemble.scale_a,
-                         mask_value=ensemble.mask_value, tta=bool(tta))
+                         mask_value=ensemble.mask_value, tta=bool(tta),
+                         mask_channel=bool(ensemble.config.get("mask_channel", False)),
+                         resize_mode=ensemble.config.get("resize_mode", "resize"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -75,13 +75,17 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
     name = resolve_backend(backend)
     if name == "dali" and opts.device_id is None:
         opts.device_id = torch.cuda.current_device()
-    if opts.dtype == "uint8" and dataset.kind != "image":
+    if opts.dtype == "uint8" and dataset.pixel_kind != "image":
         raise ValueError("dtype='uint8' output is only for 8-bit images; use float32 or float16")
     if opts.train and len(dataset) // opts.num_shards < opts.batch_size:
         warnings.warn(f"{dataset.split}: {len(dataset)} samples over {opts.num_shards} shard(s) do not fill one "
                       f"batch of {opts.batch_size}; the training loader would be empty, using a smaller batch",
                       stacklevel=2)
         opts.batch_size = max(1, len(dataset) // opts.num_shards)
+    if name == "torchvision" and dataset.kind == "shards":  # packed shards: streamed with the webdataset library
+        from .shards_torch import ShardsLoader
+
+        return ShardsLoader(dataset, opts, device="cuda" if torch.cuda.is_available() else "cpu")
     if name == "torchvision":
         from .torchvision_backend import TorchvisionLoader
 

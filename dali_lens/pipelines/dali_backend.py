@@ -63,10 +63,15 @@ def _float_steps(x, opts: LoaderOptions):
         keep = finite & (x != float(opts.mask_value))
         # NaN * 0 is NaN: first make every value finite (min then max maps NaN to 3e38), then multiply
         x = dmath.max(dmath.min(x, 3.0e38), -3.0e38) * fn.cast(keep, dtype=types.FLOAT)
+    masked = None
+    if opts.mask_channel:  # 1 where any band is masked
+        masked = 1.0 - fn.reductions.min(fn.cast(keep, dtype=types.FLOAT), axes=[2], keep_dims=True)
     if opts.scaling == "asinh":
         x = dmath.asinh(x * float(opts.scale_a))
     elif opts.scaling == "clip":
         x = dmath.clamp(x, -float(opts.scale_a), float(opts.scale_a)) / float(opts.scale_a)
+    if masked is not None:
+        x = fn.cat(x, masked, axis=2)
     return x
 
 
@@ -118,6 +123,8 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
     train = opts.train
     common = dict(shard_id=opts.shard_id, num_shards=opts.num_shards, pad_last_batch=True, name="reader",
                   shuffle_after_epoch=train, stick_to_shard=not train, prefetch_queue_depth=2)
+    if dataset.kind == "shards":
+        return _decoded_shards(dataset, opts, gpu, common)
     files = [dataset.samples[i].path for i in order]
     if dataset.kind == "image":
         raw, index = fn.readers.file(files=files, labels=[int(i) for i in order], **common)
@@ -143,6 +150,19 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
             x = fn.expand_dims(x, axes=[2], new_axis_names="C")
         index = fn.pad(fn.get_property(planes[0], key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
         return fn.cast(x, dtype=types.FLOAT), index
+    if gpu and dataset.kind == "fits-bands":
+        # one FITS reader per band, in lock-step: identical file order, sharding, padding and shuffling
+        # (shuffle_after_epoch uses DALI's fixed seed), so output b of step k is band b of the same object
+        planes = []
+        for band in range(dataset.bands):
+            band_files = [dataset.samples[i].band_paths[band] for i in order]
+            out = fn.experimental.readers.fits(files=band_files, hdu_indices=[0], device="gpu",
+                                               **{**common, "name": "reader" if band == 0 else f"reader{band}"})
+            planes.append(out[0] if isinstance(out, (list, tuple)) else out)
+        x = fn.stack(*planes, axis=2, axis_name="C") if len(planes) > 1 else fn.expand_dims(
+            fn.reshape(planes[0], layout="HW"), axes=[2], new_axis_names="C")
+        index = fn.pad(fn.get_property(planes[0], key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
+        return fn.cast(x, dtype=types.FLOAT), index
     # FITS (any arrangement) without DALI's FITS reader: astropy in a per-sample external source.
     src = _PythonSource(dataset, order, opts)
     x, index = fn.external_source(source=src, num_outputs=2, batch=False, layout=["HWC", None],
@@ -152,10 +172,45 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
     return x, index
 
 
+def _decoded_shards(dataset: Dataset, opts: LoaderOptions, gpu: bool, common: dict):
+    """Packed WebDataset shards (``data/shards.py``) through ``fn.readers.webdataset`` and their DALI indexes.
+
+    Outputs the pixels member (PNG/JPEG decoded like loose images; ``.npy`` with DALI's numpy decoder) and the
+    ``idx`` member (the sample's key number, an int64 that ``DaliLoader._indices`` maps to a position). The
+    webdataset reader ignores ``shuffle_after_epoch``: training shuffles with its random buffer instead
+    (``initial_fill`` samples, ``opts.extra['shuffle_buffer']``, default 1024) over shards that ``pack`` has
+    already shuffled; each rank keeps its contiguous part of the samples.
+    """
+    from ..data.shards import shard_plan
+
+    plan = shard_plan(dataset)
+    paths, index_paths = plan.dali_files()
+    wds = dict(common, stick_to_shard=True, shuffle_after_epoch=False)
+    if opts.train:
+        fill = int(opts.extra.get("shuffle_buffer", 1024))
+        wds.update(random_shuffle=True, initial_fill=max(1, min(fill, len(dataset) // opts.num_shards)))
+    raw, number = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=[plan.dali_ext, "idx"],
+                                        dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
+                                        **wds)
+    if plan.member_kind == "image":
+        if gpu:
+            img = fn.decoders.image(raw, device="mixed", output_type=types.ANY_DATA,
+                                    host_memory_padding=256 * 1024, device_memory_padding=1024 * 1024)
+        else:
+            img = fn.decoders.image(raw, device="cpu", output_type=types.ANY_DATA)
+        return img, number
+    x = fn.decoders.numpy(raw, dtype=types.FLOAT)  # CPU only: (bands, H, W)
+    if gpu:
+        x = x.gpu()
+    x = fn.reshape(x, layout="CHW")
+    return fn.transpose(x, perm=[1, 2, 0], output_layout="HWC"), number
+
+
 def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, checkpoint: str | None):
-    images_are_uint8 = dataset.kind == "image"
-    mean = list(opts.mean or [0.0] * dataset.bands)
-    std = list(opts.std or [1.0] * dataset.bands)
+    images_are_uint8 = dataset.pixel_kind == "image"
+    channels = dataset.bands + int(opts.mask_channel)
+    mean = list(opts.mean or [0.0] * channels)
+    std = list(opts.std or [1.0] * channels)
     if images_are_uint8:  # images are normalised from 0..255 directly: (x/255 - m)/s = (x - 255 m)/(255 s)
         mean = [255.0 * m for m in mean]
         std = [255.0 * s for s in std]
@@ -172,7 +227,9 @@ def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, 
         outs = []
         for s in opts.scales:
             y = img
-            if tuple(shape_hw) != (s, s):
+            if tuple(shape_hw) != (s, s) and opts.resize_mode == "crop":
+                y = fn.crop(img, crop=[s, s], out_of_bounds_policy="pad", fill_values=0)
+            elif tuple(shape_hw) != (s, s):
                 y = fn.resize(img, size=[s, s], antialias=True, interp_type=types.INTERP_LINEAR,
                               dtype=types.FLOAT if not images_are_uint8 or opts.dtype != "uint8" else types.UINT8)
             if opts.dtype == "uint8":
@@ -236,8 +293,15 @@ class DaliLoader:
         self._it = None
 
     @property
+    def _dali_fits(self) -> bool:
+        """FITS read by DALI's own (GPU) FITS reader rather than astropy in an external source."""
+        return self.gpu and (self.dataset.kind == "fits-bands" or
+                             (self.dataset.kind == "fits" and bool(self.dataset.hdus)
+                              and all(isinstance(h, int) for h in self.dataset.hdus)))
+
+    @property
     def checkpointable(self) -> bool:
-        return self.dataset.kind in ("image", "npy")
+        return self.dataset.kind in ("image", "npy", "shards")
 
     def _iterator(self):
         if self._it is None:
@@ -245,7 +309,7 @@ class DaliLoader:
                        self._checkpoint if self.checkpointable else False)
             names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
             policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL
-            if self.checkpointable or self.dataset.kind == "fits" and self.gpu and self.dataset.hdus is not None:
+            if self.checkpointable or self._dali_fits:
                 self._it = DALIGenericIterator(p, names, reader_name="reader", last_batch_policy=policy,
                                                auto_reset=True)
             else:
@@ -253,8 +317,10 @@ class DaliLoader:
 
                 lo, hi = shard_bounds(len(self.dataset), self.opts.shard_id, self.opts.num_shards)
                 size = (len(self.dataset) // self.opts.num_shards) if self.opts.train else hi - lo
-                self._it = DALIGenericIterator(p, names, size=size, last_batch_policy=policy,
-                                               last_batch_padded=True, auto_reset=True)
+                with warnings.catch_warnings():  # the external source pads shards itself, as DALI asks
+                    warnings.filterwarnings("ignore", message=".*reader_name.*")
+                    self._it = DALIGenericIterator(p, names, size=size, last_batch_policy=policy,
+                                                   last_batch_padded=True, auto_reset=True)
         return self._it
 
     def __len__(self) -> int:
@@ -267,6 +333,10 @@ class DaliLoader:
         self.epoch = epoch
 
     def _indices(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.dataset.kind == "shards":  # key numbers from the packed 'idx' members -> dataset positions
+            from ..data.shards import shard_plan
+
+            return torch.from_numpy(shard_plan(self.dataset).positions(raw.reshape(-1).cpu().numpy()))
         if self.dataset.kind == "image":
             return raw.reshape(-1).long()
         if self._by_name is None:

@@ -9,6 +9,7 @@ import numpy as np
 
 DTYPES = ("float32", "float16", "uint8")
 SCALINGS = ("none", "asinh", "clip")
+RESIZE_MODES = ("resize", "crop")
 
 
 @dataclass
@@ -25,6 +26,9 @@ class LoaderOptions:
     band. ``mask_value``: pixels equal to it, and NaN/inf, are set to 0 before scaling (without it, NaN/inf
     in the data is an error naming the file).
     ``dtype='uint8'`` (images only) skips normalisation so that it can be done later on the GPU.
+    ``mask_channel``: append one channel that is 1 where any band was masked (needs ``mask_value``).
+    ``resize_mode``: ``resize`` (antialiased bilinear) or ``crop`` (centre crop, or zero-pad when the scale
+    is larger than the cutout; e.g. 101 px challenge cutouts at 64 px without resampling).
     ``transforms``: names of batch transforms added with ``register_batch_transform``, applied in order.
     """
 
@@ -43,6 +47,8 @@ class LoaderOptions:
     scaling: str = "none"
     scale_a: float = 1.0
     mask_value: float | None = None
+    mask_channel: bool = False
+    resize_mode: str = "resize"
     tta: bool = False
     device_id: int | None = None
     transforms: tuple[str, ...] = ()
@@ -59,6 +65,10 @@ class LoaderOptions:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.mask_channel and self.mask_value is None:
+            raise ValueError("mask_channel needs mask_value (the value of masked pixels)")
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id {self.shard_id} out of range for num_shards {self.num_shards}")
         if self.augment is None:
@@ -119,7 +129,7 @@ def compute_stats(dataset, opts: LoaderOptions, max_samples: int = 512) -> tuple
     idx = np.random.default_rng(opts.seed).choice(n, size=min(n, max_samples), replace=False)
     acc = np.zeros((dataset.bands, 3), dtype=np.float64)
     for i in sorted(idx):
-        x = prescale(read_sample(dataset.samples[i], dataset, check=False), dataset.kind, opts)
+        x = prescale(read_sample(dataset.samples[i], dataset, check=False), dataset.pixel_kind, opts)
         x = x.reshape(x.shape[0], -1).astype(np.float64)
         acc[:, 0] += x.shape[1]
         acc[:, 1] += x.sum(1)
@@ -135,10 +145,21 @@ def prescale(x: np.ndarray, kind: str, opts: LoaderOptions) -> np.ndarray:
     if kind == "image":
         return x.astype(np.float32) / 255.0
     x = x.astype(np.float32, copy=True)
+    masked = None
     if opts.mask_value is not None:
-        x[~np.isfinite(x) | (x == np.float32(opts.mask_value))] = 0.0
+        bad = ~np.isfinite(x) | (x == np.float32(opts.mask_value))
+        x[bad] = 0.0
+        masked = bad.any(0, keepdims=True).astype(np.float32)
     if opts.scaling == "asinh":
         x = np.arcsinh(opts.scale_a * x)
     elif opts.scaling == "clip":
         x = np.clip(x, -opts.scale_a, opts.scale_a) / opts.scale_a
+    if opts.mask_channel:
+        x = np.concatenate([x, masked])
     return x
+
+
+def centre_offset(size: int, target: int) -> int:
+    """Where a centred ``target`` window starts in ``size`` pixels (negative: padding), as DALI rounds it."""
+    a = size - target
+    return int(np.sign(a) * np.floor(abs(a) / 2 + 0.5))

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ..data.dataset import DataError, Dataset
 from ..data.readers import check_array, read_sample
 from .batch import BatchChecker
-from .options import LoaderOptions, augment_params, batches_per_epoch, epoch_order, prescale
+from .options import LoaderOptions, augment_params, batches_per_epoch, centre_offset, epoch_order, prescale
 
 
 def decode(dataset: Dataset, index: int, allow_nonfinite: bool = False) -> np.ndarray:
@@ -60,13 +60,28 @@ def transform(x: torch.Tensor, opts: LoaderOptions, params) -> dict[int, torch.T
     std = torch.tensor(opts.std or [1.0] * x.shape[0]).view(-1, 1, 1)
     out = {}
     for s in opts.scales:
-        y = x if tuple(x.shape[-2:]) == (s, s) else F.interpolate(
-            x[None], size=(s, s), mode="bilinear", antialias=True, align_corners=False)[0]
+        if tuple(x.shape[-2:]) == (s, s):
+            y = x
+        elif opts.resize_mode == "crop":
+            y = _crop_or_pad(x, s)
+        else:
+            y = F.interpolate(x[None], size=(s, s), mode="bilinear", antialias=True, align_corners=False)[0]
         if opts.dtype == "uint8":
             out[s] = (y * 255.0).round().clamp(0, 255).to(torch.uint8)
             continue
         y = (y - mean) / std
         out[s] = y.half() if opts.dtype == "float16" else y
+    return out
+
+
+def _crop_or_pad(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Centre crop (or zero-pad) (C, H, W) to (C, s, s) with DALI's ``fn.crop`` rounding."""
+    out = x.new_zeros((x.shape[0], s, s))
+    oy, ox = centre_offset(x.shape[1], s), centre_offset(x.shape[2], s)
+    ys, xs = max(oy, 0), max(ox, 0)
+    yd, xd = max(-oy, 0), max(-ox, 0)
+    h, w = min(x.shape[1] - ys, s - yd), min(x.shape[2] - xs, s - xd)
+    out[:, yd:yd + h, xd:xd + w] = x[:, ys:ys + h, xs:xs + w]
     return out
 
 

@@ -40,6 +40,9 @@ class TrainConfig:
     scale_a: float = _f(1.0, "the 'a' of --scaling")
     mask_value: float | None = _f(None, "pixels with this value (and NaN/inf) are masked to 0, e.g. 100 for the "
                                         "lens-finding challenge")
+    mask_channel: bool = _f(False, "add a channel marking masked pixels (needs --mask-value)")
+    resize_mode: str = _f("resize", "how cutouts reach each scale: resize (antialiased bilinear) or crop "
+                                    "(centre crop / zero-pad, no resampling)", choices=("resize", "crop"))
     max_shift: int = _f(2, "training augmentation: random shifts up to this many pixels (0 = off); "
                            "random 90-degree rotations and flips are always on")
     batch_transforms: str = _f("", "training: comma-separated batch transforms added with "

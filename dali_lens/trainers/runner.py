@@ -116,7 +116,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
     all_scales = tuple(sorted({s for sp in specs for s in sp.scales}))
     base = LoaderOptions(scales=all_scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
                          num_shards=world, num_workers=cfg.workers, scaling=cfg.scaling, scale_a=cfg.scale_a,
-                         mask_value=cfg.mask_value, max_shift=cfg.max_shift)
+                         mask_value=cfg.mask_value, mask_channel=cfg.mask_channel, resize_mode=cfg.resize_mode,
+                         max_shift=cfg.max_shift)
     if cfg.norm == "stats":
         base.mean, base.std = compute_stats(splits["train"], base)
 
@@ -130,7 +131,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
         + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
     active = kind.active_scales(cfg, 0)
     train_loader = loader("train", True, active)
-    members = [make_member(sp, splits["train"].bands, cfg, len(train_loader), device, distributed=world > 1)
+    in_chans = splits["train"].bands + int(cfg.mask_channel)
+    members = [make_member(sp, in_chans, cfg, len(train_loader), device, distributed=world > 1)
                for sp in specs]
 
     start_epoch, best_auc, bad_epochs, history = 0, -1.0, 0, []
@@ -152,7 +154,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
         atomic_save_torch({"members": [member_state(m) for m in members], "epoch": epoch, "best_auc": best_auc,
                            "bad_epochs": bad_epochs, "history": history, "loader": loader_state,
                            "config": cfg.to_dict(), "norm": {"mean": base.mean, "std": base.std},
-                           "bands": splits["train"].bands, "kind": splits["train"].kind}, path)
+                           "bands": splits["train"].bands, "kind": splits["train"].pixel_kind}, path)
 
     if is_main:
         atomic_write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "data_root": data_root,
