@@ -56,3 +56,19 @@ def predict(checkpoint: str | list[str], data: str | list[str], out: str, **opti
     if code != 0:
         raise RuntimeError(f"prediction failed (exit status {code}); see the message above")
     return os.path.abspath(out)
+
+
+def _callable_module(name: str, fn) -> None:
+    """Let ``dali_lens.train(...)`` / ``dali_lens.predict(...)`` keep working after ``import dali_lens.train``.
+
+    Importing a submodule sets it as an attribute of the package, replacing the function of the same name;
+    making the module object callable (delegating to the function) keeps the public API intact.
+    """
+    import sys
+    import types
+
+    class _Module(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return fn(*args, **kwargs)
+
+    sys.modules[name].__class__ = _Module

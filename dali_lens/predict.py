@@ -512,3 +512,8 @@ def _shutdown() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+from .api import _callable_module, predict as _predict  # noqa: E402
+
+_callable_module(__name__, _predict)

@@ -41,3 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+from .api import _callable_module, train as _train  # noqa: E402
+
+_callable_module(__name__, _train)

@@ -86,3 +86,11 @@ def test_pytorch_lightning_fit_one_epoch(make_dataset, tmp_path):
     assert trainer.current_epoch == 1
     assert len(seen) - before >= (n_train // 6) * 6 - 12  # a full epoch of training batches
     assert set(seen) <= set(range(n_train))
+
+
+def test_train_and_predict_stay_callable_after_importing_their_modules():
+    import dali_lens.predict  # noqa: F401  (the CLI modules share the functions' names)
+    import dali_lens.train  # noqa: F401
+
+    assert callable(dali_lens.train) and callable(dali_lens.predict)
+    assert dali_lens.train.__doc__ and dali_lens.predict.__doc__

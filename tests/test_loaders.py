@@ -242,3 +242,16 @@ def test_skip_bad_and_check_command(make_dataset, capsys):
     assert main([root]) == 1
     out = capsys.readouterr().out
     assert all(v in out for v in victims) and "2 problem(s) found" in out
+
+
+def test_torchvision_worker_processes_after_dali_ran(tmp_path):
+    """Worker processes start (spawned, since DALI threads exist here) and cover every sample once."""
+    from tests.conftest import write_dataset
+
+    root = write_dataset(str(tmp_path / "many"), "png", n_per_class=130, size=16, splits=("test",))
+    ds = discover(root)["test"]
+    list(build_loader(ds, backend="dali-cpu", scales=(16,), batch_size=64))  # DALI threads now exist
+    loader = build_loader(ds, backend="torchvision", scales=(16,), batch_size=64, num_workers=2)
+    assert loader._loader.num_workers == 2
+    for _ in range(2):
+        assert sorted(i for b in loader for i in b["index"].tolist()) == list(range(260))

@@ -131,7 +131,8 @@ class TorchvisionLoader:
         self._check = BatchChecker(dataset, self.device, tta=opts.tta)
         self.epoch, self._done, self._skip = 0, 0, 0
         self._order: list[int] = []
-        workers = self.opts.workers if len(dataset) > 2 * self.opts.batch_size else 0
+        # worker processes only pay off past a few hundred samples (spawning one costs seconds)
+        workers = self.opts.workers if len(dataset) >= 256 else 0
         self._loader = DataLoader(_Samples(dataset, opts), batch_size=opts.batch_size,
                                   sampler=_EpochSampler(self), num_workers=workers, drop_last=opts.train,
                                   pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
