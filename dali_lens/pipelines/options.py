@@ -67,6 +67,8 @@ class LoaderOptions:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive for every band, got {self.std}")
         if self.mask_channel and self.mask_value is None:
             raise ValueError("mask_channel needs mask_value (the value of masked pixels)")
         if not 0 <= self.shard_id < self.num_shards:
@@ -76,7 +78,13 @@ class LoaderOptions:
 
     @property
     def workers(self) -> int:
-        return self.num_workers if self.num_workers is not None else (os.cpu_count() or 1)
+        """Loader threads/workers: ``num_workers`` or the CPUs this process may use."""
+        if self.num_workers is not None:
+            return self.num_workers
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
 
     def to_dict(self) -> dict:
         return asdict(self)

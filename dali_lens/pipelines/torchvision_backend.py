@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.io as tvio  # imported here, before workers start, not once per worker
 from torch.utils.data import DataLoader
 
 from ..data.dataset import DataError, Dataset
@@ -19,8 +20,6 @@ from .options import LoaderOptions, augment_params, batches_per_epoch, centre_of
 def decode(dataset: Dataset, index: int, allow_nonfinite: bool = False) -> np.ndarray:
     sample = dataset.samples[index]
     if dataset.kind == "image":
-        import torchvision.io as tvio
-
         try:
             data = tvio.read_file(sample.path)
             if data.numel() == 0:
@@ -128,7 +127,7 @@ class TorchvisionLoader:
 
     def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
         self.dataset, self.opts, self.device = dataset, opts, torch.device(device)
-        self._check = BatchChecker(dataset, self.device, tta=opts.tta)
+        self._check = BatchChecker(dataset, self.device, tta=opts.tta, check_finite=dataset.kind != "image")
         self.epoch, self._done, self._skip = 0, 0, 0
         self._order: list[int] = []
         # worker processes only pay off past a few hundred samples (spawning one costs seconds)
@@ -136,7 +135,7 @@ class TorchvisionLoader:
         self._loader = DataLoader(_Samples(dataset, opts), batch_size=opts.batch_size,
                                   sampler=_EpochSampler(self), num_workers=workers, drop_last=opts.train,
                                   pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                                  worker_init_fn=_one_thread, prefetch_factor=4 if workers else None,
+                                  worker_init_fn=_one_thread, prefetch_factor=2 if workers else None,
                                   multiprocessing_context=_worker_context() if workers else None)
 
     def __len__(self) -> int:
