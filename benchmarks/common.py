@@ -1,0 +1,393 @@
+"""Helpers shared by the benchmark scripts: machine description, a process-tree memory sampler, atomic JSON.
+
+Nothing here imports torch or DALI at module import time, so the orchestrating process stays light; the
+versions are read from the installed distributions' metadata.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+
+MB = 1024.0 * 1024.0
+
+
+# --------------------------------------------------------------------------------------------- machine info
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def total_ram_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024 / 1024, 2)
+    except OSError:
+        pass
+    return None
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (affinity mask), the number DataLoader workers should match."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+_GPU_PROBE = (
+    "import json, torch\n"
+    "p = torch.cuda.get_device_properties(0)\n"
+    "print(json.dumps({'name': p.name, 'memory_gb': round(p.total_memory / 1024 ** 3, 2),"
+    " 'count': torch.cuda.device_count(), 'cuda': torch.version.cuda}))\n"
+)
+
+
+def gpu_info() -> dict | None:
+    """Name and memory of CUDA device 0, or None without CUDA.
+
+    The properties are read in a short-lived subprocess so that this (orchestrating) process never creates a
+    CUDA context: it would hold device memory during every measured run.
+    """
+    try:
+        import subprocess
+
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        out = subprocess.run([sys.executable, "-c", _GPU_PROBE], capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except Exception:  # noqa: BLE001 - a broken driver must not stop a CPU benchmark
+        return None
+
+
+def machine_info(with_gpu: bool = True) -> dict:
+    """Everything needed to read a result file later: host, CPU, RAM, GPU, software versions."""
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "ram_gb": total_ram_gb(),
+        "gpu": gpu_info() if with_gpu else None,
+        "platform": platform.platform(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": _dist_version("torch"),
+            "torchvision": _dist_version("torchvision"),
+            "dali": _dist_version("nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali-cuda130",
+                                  "nvidia-dali"),
+            "numpy": _dist_version("numpy"),
+            "pillow": _dist_version("pillow", "Pillow"),
+            "astropy": _dist_version("astropy"),
+            "dali_lens": _dist_version("dali-lens"),
+        },
+    }
+
+
+def machine_line(info: dict) -> str:
+    """One human line describing the machine, for tables and plot titles."""
+    gpu = info.get("gpu")
+    gpu_txt = f"{gpu['name']}" if gpu else "no GPU"
+    v = info.get("versions", {})
+    ram = info.get("ram_gb")
+    return (f"{info.get('cpu_model', '?')}, {info.get('usable_cores') or info.get('logical_cores')} cores, "
+            f"{ram:.0f} GiB RAM, {gpu_txt}; torch {v.get('torch')}, torchvision {v.get('torchvision')}, "
+            f"DALI {v.get('dali')}, Python {v.get('python')}" if ram else
+            f"{info.get('cpu_model', '?')}, {gpu_txt}")
+
+
+def device_tag(info: dict) -> str:
+    """A file-name-safe tag for a results file: the GPU name when there is one, else the host name."""
+    gpu = info.get("gpu")
+    raw = gpu["name"] if gpu else info.get("hostname") or "host"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-").lower() or "host"
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+
+
+def utc_timestamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# --------------------------------------------------------------------------------------------- atomic JSON
+
+def _umask_mode() -> int:
+    """0o666 minus the process umask: the mode ``open()`` would give a new file (mkstemp uses 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: str, path: str) -> None:
+    """Give ``tmp`` ordinary file permissions and move it onto ``path`` atomically."""
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj, indent: int = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=indent, sort_keys=False, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        publish(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+            os.replace(tmp, path)
+        else:
+            publish(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # the command name is in parentheses and may contain spaces: split after the last ')'
+    rest = data[data.rfind(b")") + 2:].split()
+    return int(rest[1]) if len(rest) > 1 else None
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (from /proc/<pid>/stat; works without CONFIG_PROC_CHILDREN)."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        pp = _ppid(pid)
+        if pp is not None:
+            parents.setdefault(pp, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, ()))
+    return out
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class TreeMemorySampler(threading.Thread):
+    """Background thread sampling the memory of a process and all its children (e.g. DataLoader workers).
+
+    Every ``interval`` (50 ms) it sums the RSS of the tree (cheap: /proc/<pid>/statm). The headline figure
+    is the summed PSS (proportional set size, /proc/<pid>/smaps_rollup): PSS charges each shared page once
+    in total (copy-on-write pages and shared libraries inherited by forked workers, shared-memory batches),
+    so it is what the tree really costs, while an RSS sum counts ~0.5 GB of torch libraries once per worker.
+    Reading smaps_rollup walks the page tables (~15 ms for a 600 MB torch process), which at 50 ms for three
+    processes would occupy a whole core of a 2-core machine and slow the run being measured; so PSS is read
+    whenever the RSS sum reaches a new high (at most every ``pss_min_interval``) and otherwise every
+    ``pss_interval`` seconds. Without smaps_rollup (old kernels) PSS falls back to RSS.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05, pss_min_interval: float = 0.2, pss_interval: float = 1.0):
+        super().__init__(daemon=True, name=f"mem-sampler-{pid}")
+        self.pid, self.interval = pid, interval
+        self.pss_min_interval, self.pss_interval = pss_min_interval, pss_interval
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.peak_procs = 0
+        self.samples = 0
+        self.pss_samples = 0
+        self._last_pss_t = -1e9
+        self._rss_at_last_pss = 0
+        self._stop_evt = threading.Event()
+        self._pss_ok = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
+
+    def sample(self, force_pss: bool = False) -> None:
+        pids = process_tree(self.pid)
+        rss_by = {p: _rss_bytes(p) for p in pids}
+        rss_by = {p: r for p, r in rss_by.items() if r}
+        if not rss_by:
+            return
+        rss = sum(rss_by.values())
+        self.samples += 1
+        self.peak_procs = max(self.peak_procs, len(rss_by))
+        now = time.perf_counter()
+        new_high = rss > self.peak_rss
+        self.peak_rss = max(self.peak_rss, rss)
+        due = now - self._last_pss_t >= (self.pss_min_interval if new_high or rss > self._rss_at_last_pss
+                                         else self.pss_interval)
+        if force_pss or due:
+            if self._pss_ok:
+                pss = 0
+                for p, r in rss_by.items():
+                    v = _pss_bytes(p)
+                    pss += v if v is not None else r
+            else:
+                pss = rss
+            self.pss_samples += 1
+            self.peak_pss = max(self.peak_pss, pss)
+            self._last_pss_t, self._rss_at_last_pss = now, rss
+
+    def run(self) -> None:
+        while not self._stop_evt.is_set():
+            t = time.perf_counter()
+            self.sample()
+            self._stop_evt.wait(max(0.005, self.interval - (time.perf_counter() - t)))
+
+    def stop(self) -> dict:
+        self._stop_evt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        return {"peak_host_mb": round(self.peak_pss / MB, 1), "peak_rss_sum_mb": round(self.peak_rss / MB, 1),
+                "memory_metric": "pss" if self._pss_ok else "rss", "memory_samples": self.samples,
+                "pss_samples": self.pss_samples, "peak_processes": self.peak_procs}
+
+
+# --------------------------------------------------------------------------------------------- CPU load
+
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as fh:
+        vals = [float(v) for v in fh.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)
+    return sum(vals) - idle, sum(vals)
+
+
+class CpuAccount:
+    """CPU used by the measured subprocess tree versus everything else on the machine during a run.
+
+    ``foreign_cpu_frac`` is the share of the machine's CPU capacity used by *other* processes (other users'
+    jobs, this orchestrator and its memory sampler) while the run was going: a busy machine makes numbers
+    low and noisy; compare only runs with a small value.
+    """
+
+    def __init__(self) -> None:
+        import resource
+
+        self._res = resource
+        self.t0 = time.perf_counter()
+        self.busy0, self.total0 = _cpu_times()
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.child0 = r.ru_utime + r.ru_stime
+        self.load0 = os.getloadavg()[0]
+
+    def finish(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        busy1, total1 = _cpu_times()
+        r = self._res.getrusage(self._res.RUSAGE_CHILDREN)
+        run_cpu = r.ru_utime + r.ru_stime - self.child0
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (busy1 - self.busy0) / hz
+        ncpu = usable_cores()
+        capacity = max(1e-9, (total1 - self.total0) / hz) or wall * ncpu
+        return {"run_cpu_s": round(run_cpu, 2), "machine_busy_frac": round(busy / capacity, 3),
+                "foreign_cpu_frac": round(max(0.0, busy - run_cpu) / capacity, 3),
+                "loadavg_1min_start": round(self.load0, 2), "loadavg_1min_end": round(os.getloadavg()[0], 2)}
+
+
+def _proc_cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of ``pid`` (clock ticks), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return 0
+    f = data[data.rfind(b")") + 2:].split()
+    return int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # fields 14-17 of proc(5)
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all threads), its reaped children and its live descendants.
+
+    Consistent across a child's exit (its time moves from 'live' into RUSAGE_CHILDREN), so the difference of
+    two readings is the CPU the whole tree spent in between: DALI threads, DataLoader workers, everything.
+    """
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+    hz = os.sysconf("SC_CLK_TCK")
+    pid = os.getpid()
+    return total + sum(_proc_cpu_ticks(p) for p in process_tree(pid) if p != pid) / hz
+
+
+def machine_load(seconds: float = 1.0) -> float:
+    """Fraction of the machine's CPU busy over ``seconds`` (for waiting until it is quiet)."""
+    b0, t0 = _cpu_times()
+    time.sleep(seconds)
+    b1, t1 = _cpu_times()
+    return (b1 - b0) / max(1e-9, t1 - t0)

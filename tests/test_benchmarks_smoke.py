@@ -1,0 +1,75 @@
+"""Smoke test of benchmarks/bench_loaders.py --quick: it runs and writes well-formed JSON (not a speed test)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "bench_loaders.py")
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "loaders-smoke.json"
+    # baseline-tensor-decode is left out to keep the test short; --quick runs dali-cpu where DALI is present
+    backends = ["torchvision", "baseline"]
+    try:
+        import nvidia.dali  # noqa: F401
+
+        backends.insert(0, "dali-cpu")
+    except ImportError:
+        pass
+    cmd = [sys.executable, BENCH, "--quick", "--out", str(out), "--data-dir", str(tmp / "data"),
+           "--backends", ",".join(backends)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as fh:
+        doc = json.load(fh)
+    return doc, out, backends
+
+
+def test_quick_json_is_well_formed(quick_result):
+    doc, out, backends = quick_result
+    for key in ("benchmark", "machine", "command", "timestamp", "mode", "settings", "runs", "targets"):
+        assert key in doc, key
+    m = doc["machine"]
+    for key in ("cpu_model", "logical_cores", "ram_gb", "gpu", "versions"):
+        assert key in m, key
+    assert m["logical_cores"] >= 1 and m["ram_gb"] > 0
+    for key in ("python", "torch", "torchvision", "dali", "numpy"):
+        assert key in m["versions"]
+    assert "--quick" in doc["command"]
+    assert doc["mode"] == "quick"
+    assert {r["backend"] for r in doc["runs"]} == set(backends)
+    for r in doc["runs"]:
+        assert r["ok"], r
+        for key in ("backend", "format", "size", "scales", "batch", "images_per_s", "epochs_timed",
+                    "peak_host_mb", "peak_gpu_mb", "cpu_ms_per_image"):
+            assert key in r, key
+        assert r["images_per_s"] > 0 and r["epochs_timed"] >= 1 and r["peak_host_mb"] > 0
+        assert r["cpu_ms_per_image"] > 0
+        assert r["peak_gpu_mb"] is None or r["peak_gpu_mb"] > 0
+        assert r["scales"] == [64, 112, 224]
+    assert os.path.exists(os.path.splitext(str(out))[0] + ".png")
+
+
+def test_render_table_reads_the_result(quick_result):
+    doc, out, backends = quick_result
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import render_table
+    finally:
+        sys.path.pop(0)
+    md = render_table.render(doc)
+    assert "| format | size | scales | batch |" in md
+    for b in backends:
+        assert b in md
+    text = "intro\n<!-- bench:loaders:start -->\nold\n<!-- bench:loaders:end -->\noutro\n"
+    new = render_table.replace_between_markers(text, md)
+    assert md in new and "old" not in new and new.endswith("<!-- bench:loaders:end -->\noutro\n")
+    assert render_table.replace_between_markers("no markers", md) is None
