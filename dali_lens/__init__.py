@@ -14,10 +14,24 @@ The public surface::
 Everything not exported here is private and may change.
 """
 from ._version import __version__
-from .api import describe, predict, train
+from .api import describe
 from .data.dataset import DataError, Dataset, Sample
 from .data.sources import register_source
 from .pipelines import BACKENDS, LoaderOptions, build_loader, compute_stats, register_batch_transform
+
+
+
+def __getattr__(name: str):
+    """``train`` and ``predict`` are the CLI modules made callable, imported on first use.
+
+    ``dali_lens.train(...)`` runs :func:`dali_lens.api.train` and ``dali_lens.train.main(argv)`` is the
+    command line: one name whatever was imported first, and ``python -m dali_lens.train`` stays clean.
+    """
+    if name in ("train", "predict"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "BACKENDS",

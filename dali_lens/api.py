@@ -68,7 +68,6 @@ def _callable_module(name: str, fn) -> None:
     import types
 
     class _Module(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return fn(*args, **kwargs)
+        __call__ = staticmethod(fn)
 
     sys.modules[name].__class__ = _Module

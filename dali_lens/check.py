@@ -84,12 +84,15 @@ def quick_problem(dataset: Dataset, i: int) -> str | None:
     elif dataset.kind == "npy":
         import numpy as np
 
-        try:  # a memory map reads only the header, and fails if the file is shorter than it promises
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            shape = arr.shape
-            del arr
+        from .data.readers import npy_header
+
+        try:  # the header only, then the file's length against what the header promises
+            shape, dtype, _, offset = npy_header(path)
         except Exception as exc:
-            return f"{path}: cannot read .npy (truncated or corrupt: {exc})"
+            return f"{path}: cannot read .npy (corrupt header: {exc})"
+        need = offset + int(np.prod(shape)) * dtype.itemsize
+        if size < need:
+            return f"{path}: truncated .npy ({size} bytes, the header promises {need})"
         want = (dataset.bands, *dataset.shape) if dataset.shape else None
         if len(shape) == 2 and dataset.bands == 1:
             shape = (1, *shape)
@@ -122,15 +125,32 @@ def drop_bad(dataset: Dataset, allow_nonfinite: bool = False, log=print) -> Data
     return dataset.subset(keep)
 
 
+def check_packed(root: str, allow_nonfinite: bool | None = None) -> int:
+    """Verify a packed set (``python -m dali_lens.pack``): per-split sample counts, every shard's sha256, index
+    and sample list, and every member read and decoded. Prints the problems; returns the exit status."""
+    from .data.shards import verify
+
+    problems = verify(root, allow_nonfinite=allow_nonfinite)
+    for msg in problems:
+        print(f"  problem: {msg}")
+    print(f"{len(problems)} problem(s) found" if problems else "no problems found")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dali_lens.check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", help="dataset root (folders, CSV manifests, FITS, .npy, challenge layout)")
+    ap.add_argument("data", help="dataset root (folders, CSV manifests, FITS, .npy, challenge layout, or a packed "
+                                 "set: then every shard's checksum and member is verified)")
     ap.add_argument("--hdus", default=None, help="FITS: comma-separated HDU indices or EXTNAMEs, one per band")
     ap.add_argument("--mask-value", type=float, default=None,
                     help="masked pixels use this value (NaN/inf then count as masked, not as errors)")
     args = ap.parse_args(argv)
+    from .data.shards import is_packed
     from .data.sources import discover
+
+    if os.path.isdir(args.data) and is_packed(args.data):  # a packed set: verify shards against manifest.json
+        return check_packed(args.data, allow_nonfinite=True if args.mask_value is not None else None)
 
     hdus = tuple(int(h) if h.isdigit() else h for h in args.hdus.split(",")) if args.hdus else None
     try:

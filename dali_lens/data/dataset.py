@@ -8,7 +8,7 @@ from typing import Mapping
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 FITS_EXTS = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz")
 NPY_EXTS = (".npy",)
-KINDS = ("image", "npy", "fits", "fits-bands")
+KINDS = ("image", "npy", "fits", "fits-bands", "shards")
 
 
 class DataError(ValueError):
@@ -40,7 +40,8 @@ class Dataset:
     """A list of samples plus what a loader must know to read them.
 
     ``kind`` is ``'image'`` (PNG/JPEG), ``'npy'`` (float arrays shaped (bands, H, W)), ``'fits'`` (one file
-    per sample, one band per HDU or one 3-D HDU) or ``'fits-bands'`` (one FITS file per band per sample).
+    per sample, one band per HDU or one 3-D HDU) or ``'fits-bands'`` (one FITS file per band per sample), or
+    ``'shards'`` (a packed set, see ``data/shards.py``: sample paths are ``<shard>.tar#<member>``).
     """
 
     samples: list[Sample]
@@ -57,6 +58,13 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def pixel_kind(self) -> str:
+        """``'image'`` for 8-bit PNG/JPEG pixels (loose or packed), else the float kind (packed: ``'npy'``)."""
+        if self.kind != "shards":
+            return self.kind
+        return "image" if self.samples and kind_of(self.samples[0].path) == "image" else "npy"
 
     @property
     def labelled(self) -> bool:

@@ -7,6 +7,7 @@ as float32.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -33,12 +34,35 @@ def read_image(path: str) -> np.ndarray:
     return arr
 
 
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of a .npy file, reading only its header.
+
+    numpy parses the header with ``ast.literal_eval``, which is not thread-safe in CPython 3.11 (concurrent
+    calls fail with "AST constructor recursion depth mismatch"), so parsing is serialised.
+    """
+    with open(path, "rb") as fh, _NPY_HEADER_LOCK:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+        return tuple(shape), np.dtype(dtype), bool(fortran), fh.tell()
+
+
 def read_npy(path: str) -> np.ndarray:
-    if os.path.getsize(path) == 0:
+    size = os.path.getsize(path)
+    if size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
     try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy raises ValueError/EOFError/OSError for corrupt files
+        shape, dtype, fortran, offset = npy_header(path)
+        count = int(np.prod(shape))
+        if dtype.hasobject or size < offset + count * dtype.itemsize:
+            raise ValueError(f"truncated or not a numeric array ({size} bytes, header promises "
+                             f"{offset + count * dtype.itemsize})")
+        arr = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        arr = arr.reshape(shape, order="F" if fortran else "C")
+    except Exception as exc:  # ValueError/EOFError/OSError for corrupt files
         raise DataError(f"{path}: cannot read .npy ({exc})") from None
     if arr.ndim == 2:
         arr = arr[None]
@@ -82,6 +106,13 @@ def read_fits(path: str, hdus: tuple[int | str, ...] | None = None) -> np.ndarra
 
 def read_sample(sample: Sample, dataset: Dataset, check: bool = True) -> np.ndarray:
     """Read ``sample`` as (bands, H, W): uint8 for images, float32 otherwise; raises DataError on problems."""
+    if dataset.kind == "shards":  # a member of a packed shard (random access through its index)
+        from .shards import read_packed
+
+        arr = read_packed(sample)
+        if check:
+            check_array(arr, sample, dataset)
+        return arr
     for f in sample.files:
         if not os.path.exists(f):
             raise DataError(f"{f}: file not found")

@@ -8,6 +8,9 @@ Supported layouts (checked in this order):
 3. Class folders ``lens/`` and ``nonlens/`` directly under the root (one ``train`` split).
 4. Files directly under the root, or a single CSV file: unlabelled samples (split ``predict``).
 
+A folder holding a packed set's ``manifest.json`` (``python -m dali_lens.pack``) gives its splits as datasets of
+kind ``'shards'`` (see ``data/shards.py``).
+
 Files may be PNG/JPEG, ``.npy`` (bands, H, W) or FITS (one band per HDU, or one 3-D HDU). If there is no
 ``val`` split, a seeded, stratified fraction of ``train`` becomes ``val``.
 """
@@ -161,6 +164,10 @@ def discover(root: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
     else:
         base = root
         from .challenge import is_challenge_layout, read_challenge
+        from .shards import is_packed, load_packed
+
+        if is_packed(root):  # written by `python -m dali_lens.pack`
+            return _with_val(load_packed(root), val_fraction, seed)
 
         for detect, read in _REGISTERED.values():
             if detect(root):

@@ -1,0 +1,597 @@
+"""Packed data sets: WebDataset tar shards with DALI index files, described by ``manifest.json``.
+
+Layout written by ``python -m dali_lens.pack DATA OUT``::
+
+    OUT/manifest.json                 format, settings, bands/shape/kind, every shard (count, bytes, sha256), totals
+    OUT/<split>/shard-000000.tar      WebDataset shard: per sample <key>.png|jpg|npy, <key>.cls, <key>.idx, <key>.json
+    OUT/<split>/shard-000000.idx      DALI index (wds2idx format v1.2: one line per sample, "ext offset size name"...)
+    OUT/<split>/shard-000000.json     the shard's sample list (keys, ids, labels, catalogue columns), checksums
+
+Members of one sample (in this order): the pixels (``png``/``jpg``: the original encoded bytes; ``npy``: float32
+(bands, H, W), ``.npy`` format 1.0), ``cls`` (ASCII ``1``/``0``/``-1``), ``idx`` (the key's number as one
+little-endian int64, so a reader can map a decoded sample back to its position) and ``json`` (original id,
+source path, split, label, catalogue columns). ``__key__`` is the sample's number in the whole packed set,
+zero-padded (unique across splits). Tar headers are fixed (mtime 0, uid/gid 0, mode 0644): packing the same
+data again gives byte-identical shards.
+
+A packed split is a :class:`~dali_lens.data.dataset.Dataset` of kind ``'shards'`` whose sample paths are
+``"<shard .tar path>#<member name>"`` (e.g. ``/out/train/shard-000003.tar#000001234.png``); everything a loader
+needs (shard, index file, member kind, key number) follows from that path, so subsets and concatenations of
+packed datasets (``Dataset.subset``, ``--skip-bad``, resumed predictions) need no extra bookkeeping.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dataset import DataError, Dataset, Sample
+
+MANIFEST = "manifest.json"
+FORMAT = "dali-lens-shards"
+VERSION = 1
+INDEX_VERSION = "v1.2"
+BLOCK = 512
+END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+IMAGE_MEMBER_EXTS = ("png", "jpg", "jpeg")
+DALI_IMAGE_EXTS = "png;jpg;jpeg"
+
+
+# ============================================================================================ names
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}"
+
+
+def member_path(tar_path: str, key: str, ext: str) -> str:
+    """The sample path of a packed sample: ``<tar>#<key>.<ext>``."""
+    return f"{tar_path}#{key}.{ext}"
+
+
+def split_member_path(path: str) -> tuple[str, str]:
+    """``<tar>#<member>`` -> (tar path, member name)."""
+    tar, sep, member = path.rpartition("#")
+    if not sep or not tar.endswith(".tar"):
+        raise DataError(f"{path}: not a packed sample path (<shard>.tar#<member>)")
+    return tar, member
+
+
+def key_number(member: str) -> int:
+    return int(member.split(".", 1)[0])
+
+
+def index_path_of(tar_path: str) -> str:
+    return tar_path[: -len(".tar")] + ".idx"
+
+
+def samples_path_of(tar_path: str) -> str:
+    return tar_path[: -len(".tar")] + ".json"
+
+
+# ============================================================================================ writing
+
+_HDR_MODE_IDS = b"0000644\0" + b"0000000\0" * 2
+_HDR_MTIME = b"00000000000\0"
+_HDR_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 247
+_HDR_SUM = sum(_HDR_MODE_IDS) + sum(_HDR_MTIME) + sum(b" " * 8) + sum(_HDR_TAIL)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header for a regular file (mode 0644, uid/gid 0, mtime 0): fixed, so shards are reproducible."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"member name too long for a tar header: {name!r}")
+    size_field = b"%011o\0" % size
+    checksum = _HDR_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw, b"\0" * (100 - len(raw)), _HDR_MODE_IDS, size_field, _HDR_MTIME,
+                     b"%06o\0 " % checksum, _HDR_TAIL))
+
+
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def sample_tar_bytes(members: list[tuple[str, bytes]]) -> int:
+    """Bytes the members of one sample take in a tar (headers + data padded to 512-byte blocks)."""
+    return sum(BLOCK + _padded(len(d)) for _, d in members)
+
+
+class ShardWriter:
+    """Writes one shard: the tar (streamed, hashed on the fly) and, on ``finish``, its DALI index lines."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fh = open(path, "wb", buffering=1 << 20)
+        self._sha = hashlib.sha256()
+        self.pos = 0
+        self.lines: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.lines)
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        parts, line = [], []
+        for ext, data in members:
+            name = f"{key}.{ext}"
+            parts.append(tar_header(name, len(data)))
+            self.pos += BLOCK
+            line.append(f"{ext} {self.pos} {len(data)} {name}")
+            parts.append(data)
+            pad = _padded(len(data)) - len(data)
+            if pad:
+                parts.append(b"\0" * pad)
+            self.pos += len(data) + pad
+        blob = b"".join(parts)
+        self._fh.write(blob)
+        self._sha.update(blob)
+        self.lines.append(" ".join(line))
+
+    def finish(self, fsync: bool = True) -> tuple[int, str]:
+        """Close the archive; returns (size in bytes, sha256 hex)."""
+        self._fh.write(END_OF_ARCHIVE)
+        self._sha.update(END_OF_ARCHIVE)
+        self.pos += len(END_OF_ARCHIVE)
+        self._fh.flush()
+        if fsync:
+            os.fsync(self._fh.fileno())
+        self._fh.close()
+        return self.pos, self._sha.hexdigest()
+
+    def abort(self) -> None:
+        try:
+            self._fh.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def index_text(self) -> str:
+        return format_index(self.lines)
+
+
+def format_index(lines: list[str]) -> str:
+    """DALI's webdataset index (the format ``wds2idx`` writes): a version line, then one line per sample."""
+    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` as a float32, C-ordered ``.npy`` file (format 1.0, which DALI's numpy decoder reads)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr, dtype="<f4"), version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
+
+
+def label_bytes(label: int | None) -> bytes:
+    return b"-1" if label is None else str(int(label)).encode()
+
+
+def key_bytes(number: int) -> bytes:
+    return struct.pack("<q", number)
+
+
+# ============================================================================================ reading
+
+def is_packed(root: str) -> bool:
+    """True when ``root`` is a folder holding a packed set's ``manifest.json``."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_manifest(root: str) -> dict:
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the packed set's manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a dali-lens packed set (format {manifest.get('format')!r})")
+    if int(manifest.get("version", 0)) > VERSION:
+        raise DataError(f"{path}: packed with a newer dali-lens (format version {manifest['version']}); upgrade")
+    return manifest
+
+
+def read_shard_samples(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the shard's sample list ({exc})") from None
+
+
+def load_packed(root: str) -> dict[str, Dataset]:
+    """``{split: Dataset(kind='shards')}`` for the packed set at ``root``."""
+    root = os.path.abspath(root)
+    manifest = read_manifest(root)
+    if not manifest.get("complete"):
+        done = sum(s["count"] for s in manifest.get("shards", []))
+        raise DataError(f"{root}: packing is incomplete ({done} samples in {len(manifest.get('shards', []))} "
+                        "shard(s) so far); rerun `python -m dali_lens.pack` with the same arguments to finish it")
+    bands = int(manifest["bands"])
+    shape = tuple(int(v) for v in manifest["shape"]) if manifest.get("shape") else None
+    out: dict[str, Dataset] = {}
+    for split in manifest["splits"]:
+        samples: list[Sample] = []
+        for entry in (e for e in manifest["shards"] if e["split"] == split):
+            tar = os.path.join(root, entry["path"])
+            info = read_shard_samples(os.path.join(root, entry["samples"]))
+            keys, ids, labels = info["keys"], info["ids"], info["labels"]
+            exts = info.get("exts") or [info["ext"]] * len(keys)
+            metas = info.get("meta") or [None] * len(keys)
+            width = int(manifest.get("key_width", 9))
+            if not len(keys) == len(ids) == len(labels) == entry["count"]:
+                raise DataError(f"{tar}: its sample list holds {len(keys)} samples, the manifest says {entry['count']}")
+            for k, ident, label, ext, meta in zip(keys, ids, labels, exts, metas):
+                samples.append(Sample(member_path(tar, f"{k:0{width}d}", ext), None if label < 0 else int(label),
+                                      str(ident), meta=meta or {}))
+        if samples:
+            out[split] = Dataset(samples, bands, "shards", root, split, None, shape)
+    if not out:
+        raise DataError(f"{root}: the packed set holds no samples")
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _index(idx_path: str, mtime_ns: int, size: int) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{key: {ext: (offset, size)}}`` from a DALI index file (cached while the file is unchanged)."""
+    del mtime_ns, size
+    return {k: comps for k, comps, _ in parse_index(idx_path)}
+
+
+def parse_index(idx_path: str) -> list[tuple[str, dict[str, tuple[int, int]], str]]:
+    """``[(key, {ext: (offset, size)}, line)]`` in file order; DataError naming the file when malformed."""
+    try:
+        with open(idx_path, encoding="utf-8") as fh:
+            head = fh.readline().split()
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{idx_path}: cannot read the shard index ({exc})") from None
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines):
+        raise DataError(f"{idx_path}: not a DALI webdataset index (expected '{INDEX_VERSION} <n>' and n lines)")
+    out = []
+    for lineno, line in enumerate(lines, start=2):
+        f = line.split()
+        if not f or len(f) % 4:
+            raise DataError(f"{idx_path}, line {lineno}: malformed index line")
+        comps = {}
+        try:
+            for j in range(0, len(f), 4):
+                comps[f[j]] = (int(f[j + 1]), int(f[j + 2]))
+        except ValueError:
+            raise DataError(f"{idx_path}, line {lineno}: malformed index line") from None
+        out.append((f[3].split(".", 1)[0], comps, line))
+    return out
+
+
+def shard_index(tar_path: str) -> dict[str, dict[str, tuple[int, int]]]:
+    idx = index_path_of(tar_path)
+    try:
+        st = os.stat(idx)
+    except OSError:
+        raise DataError(f"{idx}: shard index not found") from None
+    return _index(idx, st.st_mtime_ns, st.st_size)
+
+
+def read_member_bytes(path: str) -> bytes:
+    """The bytes of the member a packed sample path names (random access through the shard's index)."""
+    tar, member = split_member_path(path)
+    key, _, ext = member.partition(".")
+    comps = shard_index(tar).get(key)
+    if comps is None or ext not in comps:
+        raise DataError(f"{path}: no such member in the shard index")
+    offset, size = comps[ext]
+    try:
+        with open(tar, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+    except OSError as exc:
+        raise DataError(f"{tar}: cannot read ({exc})") from None
+    if len(data) != size:
+        raise DataError(f"{path}: truncated shard ({len(data)} of {size} bytes)")
+    return data
+
+
+def decode_member(data: bytes, member: str, where: str) -> np.ndarray:
+    """Pixels of one packed member as (bands, H, W): uint8 for PNG/JPEG, float32 for ``.npy``."""
+    ext = member.rsplit(".", 1)[-1].lower()
+    if ext in IMAGE_MEMBER_EXTS:
+        from PIL import Image, UnidentifiedImageError
+
+        if not data:
+            raise DataError(f"{where}: empty member (0 bytes)")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode in ("P", "CMYK", "YCbCr"):
+                    im = im.convert("RGB")
+                arr = np.asarray(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{where}: cannot decode image ({exc})") from None
+        return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    if ext == "npy":
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - numpy raises several types for corrupt data
+            raise DataError(f"{where}: cannot read .npy ({exc})") from None
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise DataError(f"{where}: expected an array shaped (bands, H, W), got shape {arr.shape}")
+        return arr.astype(np.float32, copy=False)
+    raise DataError(f"{where}: unsupported member type {ext!r}")
+
+
+def read_packed(sample: Sample) -> np.ndarray:
+    """Read one packed sample (used by ``readers.read_sample``, statistics, ``check`` and ``--skip-bad``)."""
+    _, member = split_member_path(sample.path)
+    return decode_member(read_member_bytes(sample.path), member, sample.path)
+
+
+# ============================================================================================ loader plans
+
+@dataclass
+class Group:
+    """Consecutive samples of a dataset that live in the same shard (positions in dataset order)."""
+
+    tar: str
+    positions: np.ndarray
+    keys: list[str]
+    full: bool = False   # exactly the whole shard, in tar order (its own index file can be used)
+
+
+@dataclass
+class ShardPlan:
+    """How a packed dataset maps onto shards: groups, the key-number -> position table, the member kind."""
+
+    groups: list[Group]
+    lookup: np.ndarray            # key number -> position in dataset.samples (-1: not in this dataset)
+    member_kind: str              # 'image' or 'npy'
+    _tmpdir: str | None = field(default=None, repr=False)
+    _dali: tuple[list[str], list[str]] | None = field(default=None, repr=False)
+
+    @property
+    def dali_ext(self) -> str:
+        return DALI_IMAGE_EXTS if self.member_kind == "image" else "npy"
+
+    def positions(self, numbers) -> np.ndarray:
+        """Dataset positions of key numbers (DataError for one that is not in this dataset)."""
+        numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
+        ok = (numbers >= 0) & (numbers < len(self.lookup))
+        pos = np.full(len(numbers), -1, dtype=np.int64)
+        pos[ok] = self.lookup[numbers[ok]]
+        if (pos < 0).any():
+            bad = int(numbers[int(np.flatnonzero(pos < 0)[0])])
+            raise DataError(f"the shards returned sample {bad}, which is not in this dataset (stale index files?)")
+        return pos
+
+    def dali_files(self) -> tuple[list[str], list[str]]:
+        """(tar paths, index paths) for ``fn.readers.webdataset``: a shard's own index when the dataset holds
+        the whole shard in order, else an index listing just this dataset's samples (written to a temporary
+        folder removed with the plan)."""
+        if self._dali is None:
+            paths, idx = [], []
+            for k, g in enumerate(self.groups):
+                paths.append(g.tar)
+                if g.full:
+                    idx.append(index_path_of(g.tar))
+                    continue
+                if self._tmpdir is None:
+                    self._tmpdir = tempfile.mkdtemp(prefix="dali-lens-wds-")
+                    weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
+                lines = {key: line for key, _, line in parse_index(index_path_of(g.tar))}
+                missing = [key for key in g.keys if key not in lines]
+                if missing:
+                    raise DataError(f"{g.tar}: sample {missing[0]} is not in the shard's index")
+                path = os.path.join(self._tmpdir, f"{k:06d}.idx")
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(format_index([lines[key] for key in g.keys]))
+                idx.append(path)
+            self._dali = (paths, idx)
+        return self._dali
+
+
+def _index_count(tar: str) -> int:
+    idx = index_path_of(tar)
+    try:
+        with open(idx, encoding="utf-8") as fh:
+            head = fh.readline().split()
+        return int(head[1])
+    except (OSError, IndexError, ValueError):
+        raise DataError(f"{idx}: shard index missing or unreadable") from None
+
+
+def shard_plan(dataset: Dataset) -> ShardPlan:
+    """The (cached) :class:`ShardPlan` of a ``'shards'`` dataset."""
+    plan = getattr(dataset, "_shard_plan", None)
+    if plan is not None and plan[0] == len(dataset):
+        return plan[1]
+    if dataset.kind != "shards":
+        raise ValueError(f"not a packed dataset (kind {dataset.kind!r})")
+    groups: list[Group] = []
+    numbers = np.empty(len(dataset), dtype=np.int64)
+    cur_tar, cur_pos, cur_keys = None, [], []
+    member_kinds = set()
+
+    def close():
+        if cur_tar is not None:
+            groups.append(Group(cur_tar, np.asarray(cur_pos, dtype=np.int64), cur_keys))
+
+    for i, s in enumerate(dataset.samples):
+        tar, member = split_member_path(s.path)
+        key, _, ext = member.partition(".")
+        member_kinds.add("image" if ext.lower() in IMAGE_MEMBER_EXTS else "npy")
+        numbers[i] = int(key)
+        if tar != cur_tar:
+            close()
+            cur_tar, cur_pos, cur_keys = tar, [], []
+        cur_pos.append(i)
+        cur_keys.append(key)
+    close()
+    if len(member_kinds) > 1:
+        raise DataError(f"{dataset.root}: packed images and float arrays mixed in one dataset")
+    counts: dict[str, int] = {}
+    for g in groups:
+        nums = numbers[g.positions]
+        increasing = len(nums) < 2 or bool((np.diff(nums) > 0).all())
+        if increasing:
+            if g.tar not in counts:
+                counts[g.tar] = _index_count(g.tar)
+            g.full = counts[g.tar] == len(nums)
+    lookup = np.full(int(numbers.max()) + 1 if len(numbers) else 0, -1, dtype=np.int64)
+    if len(np.unique(numbers)) != len(numbers):
+        raise DataError(f"{dataset.root}: the same packed sample is listed twice in {dataset.split}")
+    lookup[numbers] = np.arange(len(numbers))
+    plan = ShardPlan(groups, lookup, member_kinds.pop() if member_kinds else "npy")
+    dataset._shard_plan = (len(dataset), plan)
+    return plan
+
+
+# ============================================================================================ verification
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool = False,
+                 max_problems: int = 20) -> list[str]:
+    """Problems of one shard: missing files, size/checksum mismatch, index/sample list mismatch, and every
+    member that cannot be read or decoded (or has the wrong band count/size, NaN/inf)."""
+    import tarfile
+
+    tar = os.path.join(root, entry["path"])
+    problems: list[str] = []
+    if not os.path.isfile(tar):
+        return [f"{tar}: shard missing"]
+    size = os.path.getsize(tar)
+    if size != entry["bytes"]:
+        problems.append(f"{tar}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced shard)")
+    digest = _sha256(tar)
+    if digest != entry["sha256"]:
+        problems.append(f"{tar}: checksum mismatch (sha256 {digest[:16]}..., the manifest says "
+                        f"{entry['sha256'][:16]}...): the shard is corrupt")
+    idx_path = os.path.join(root, entry["index"])
+    try:
+        index = parse_index(idx_path)
+    except DataError as exc:
+        return problems + [str(exc)]
+    if len(index) != entry["count"]:
+        problems.append(f"{idx_path}: indexes {len(index)} samples, the manifest says {entry['count']}")
+    try:
+        info = read_shard_samples(os.path.join(root, entry["samples"]))
+    except DataError as exc:
+        return problems + [str(exc)]
+    width = int(manifest.get("key_width", 9))
+    listed = [f"{k:0{width}d}" for k in info.get("keys", [])]
+    if listed != [k for k, _, _ in index]:
+        problems.append(f"{os.path.join(root, entry['samples'])}: its keys differ from the shard index")
+    bands, shape = int(manifest["bands"]), manifest.get("shape")
+    by_key = {k: comps for k, comps, _ in index}
+    seen = set()
+    try:
+        with tarfile.open(tar, mode="r|") as tf:  # streamed: members are not accumulated in memory
+            for ti in tf:
+                tf.members = []
+                if len(problems) >= max_problems:
+                    break
+                if not ti.isreg():
+                    continue
+                where = f"{tar}#{ti.name}"
+                key, _, ext = ti.name.partition(".")
+                comps = by_key.get(key)
+                if comps is None or ext not in comps:
+                    problems.append(f"{where}: member not in the shard index")
+                    continue
+                if comps[ext] != (ti.offset_data, ti.size):
+                    problems.append(f"{where}: the index points at offset {comps[ext][0]}, the member is at "
+                                    f"{ti.offset_data}")
+                    continue
+                data = tf.extractfile(ti).read()
+                seen.add((key, ext))
+                try:
+                    _check_member(data, ti.name, ext, key, where, bands, shape, allow_nonfinite)
+                except DataError as exc:
+                    problems.append(str(exc))
+    except (tarfile.TarError, OSError) as exc:
+        problems.append(f"{tar}: unreadable tar ({exc})")
+    missing = [f"{k}.{e}" for k, comps in by_key.items() for e in comps if (k, e) not in seen]
+    if missing and len(problems) < max_problems:
+        problems.append(f"{tar}: {len(missing)} indexed member(s) missing from the archive (first: {missing[0]})")
+    return problems
+
+
+def _check_member(data: bytes, name: str, ext: str, key: str, where: str, bands: int, shape,
+                  allow_nonfinite: bool) -> None:
+    if ext in IMAGE_MEMBER_EXTS or ext == "npy":
+        arr = decode_member(data, name, where)
+        if arr.shape[0] != bands:
+            raise DataError(f"{where}: has {arr.shape[0]} band(s), the packed set has {bands}")
+        if shape and tuple(arr.shape[1:]) != tuple(shape):
+            raise DataError(f"{where}: is {arr.shape[1]}x{arr.shape[2]} px, the packed set's samples are "
+                            f"{shape[0]}x{shape[1]}")
+        if not allow_nonfinite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise DataError(f"{where}: contains {int((~np.isfinite(arr)).sum())} NaN/inf value(s)")
+    elif ext == "cls":
+        try:
+            if int(data.decode("ascii")) not in (-1, 0, 1):
+                raise ValueError
+        except (UnicodeDecodeError, ValueError):
+            raise DataError(f"{where}: label is not 1, 0 or -1 ({data[:20]!r})") from None
+    elif ext == "idx":
+        if len(data) != 8 or struct.unpack("<q", data)[0] != int(key):
+            raise DataError(f"{where}: sample number does not match its key")
+    elif ext == "json":
+        try:
+            json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DataError(f"{where}: unreadable JSON ({exc})") from None
+
+
+def verify(root: str, allow_nonfinite: bool | None = None, workers: int | None = None, log=print) -> list[str]:
+    """Check a packed set against its manifest: every shard's checksum, index, sample list and members, and the
+    per-split sample counts. Returns the problems (an empty list when the set is sound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = os.path.abspath(root)
+    try:
+        manifest = read_manifest(root)
+    except DataError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    if not manifest.get("complete"):
+        problems.append(f"{root}: packing is incomplete; rerun `python -m dali_lens.pack` to finish it")
+    if allow_nonfinite is None:
+        allow_nonfinite = bool(manifest.get("settings", {}).get("allow_nonfinite", False))
+    entries = manifest.get("shards", [])
+    for split, info in manifest.get("splits", {}).items():
+        counted = sum(e["count"] for e in entries if e["split"] == split)
+        shards = sum(1 for e in entries if e["split"] == split)
+        log(f"{split}: {info.get('samples')} packed {manifest.get('kind')} samples in {shards} shard(s), "
+            f"{manifest.get('bands')} band(s), {'x'.join(map(str, manifest.get('shape') or ['?']))} px")
+        if counted != info.get("samples"):
+            problems.append(f"{root}: split {split} lists {info.get('samples')} samples, its shards hold {counted}")
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        for found in pool.map(lambda e: verify_shard(root, e, manifest, allow_nonfinite), entries):
+            problems.extend(found)
+    return problems
