@@ -73,6 +73,10 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
     if len(dataset) == 0:
         raise ValueError(f"{dataset.root} ({dataset.split}): no samples to load")
     name = resolve_backend(backend)
+    if backend == "auto" and name == "dali-cpu" and dataset.kind in ("fits", "fits-bands"):
+        # without CUDA, DALI reads FITS through astropy in one Python thread; torchvision's worker processes
+        # read them in parallel and were faster (benchmarks/results/challenge-fits-vm.json)
+        name = "torchvision"
     if name == "dali" and opts.device_id is None:
         opts.device_id = torch.cuda.current_device()
     if opts.dtype == "uint8" and dataset.pixel_kind != "image":
