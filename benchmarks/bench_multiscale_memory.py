@@ -92,18 +92,25 @@ DEFAULT_VARIANTS = ("as-shipped", "queue=2", "threads=1", "dtype=uint8", "arenas
 QUICK_VARIANTS = ("as-shipped",)
 
 
-def library_tree_sha() -> str:
-    """A hash of every dali_lens/*.py file as it is on disk now (the library under test changes over time)."""
+def _library_files() -> dict[str, str]:
+    """sha256 (16 hex digits) of every dali_lens/*.py file as it is on disk now."""
     import glob
     import hashlib
 
-    h = hashlib.sha256()
     pkg = os.path.join(ROOT, "dali_lens")
+    out = {}
     for path in sorted(glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True)):
-        h.update(os.path.relpath(path, pkg).encode() + b"\0")
         with open(path, "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()[:16]
+            out[os.path.relpath(path, pkg)] = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return out
+
+
+def library_tree_sha(files: dict[str, str] | None = None) -> str:
+    """One hash of the dali_lens/*.py files (the library under test may change while a benchmark runs)."""
+    import hashlib
+
+    files = _library_files() if files is None else files
+    return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()[:16]
 
 
 def library_state() -> dict:
@@ -115,17 +122,23 @@ def library_state() -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
 
+    files = _library_files()
     status = git("status", "--porcelain", "--", "dali_lens")
     return {"git_head": git("rev-parse", "HEAD"), "uncommitted": status.splitlines() if status else [],
-            "tree_sha256": library_tree_sha()}
+            "tree_sha256": library_tree_sha(files), "_files": files}
 
 
 def check_library(state: dict, records: list[dict]) -> dict:
-    """Add the end-of-run tree hash and whether the library changed while the benchmark ran."""
-    end = library_tree_sha()
+    """Add the end-of-run tree hash, whether the library changed while the benchmark ran, and which files."""
+    state = dict(state)
+    start = state.pop("_files", {})
+    end = _library_files()
     seen = {r.get("library_sha") for r in records if r.get("library_sha")}
-    state = dict(state, tree_sha256_end=end)
-    state["changed_during_run"] = end != state["tree_sha256"] or bool(seen - {state["tree_sha256"]})
+    state["tree_sha256_end"] = library_tree_sha(end)
+    state["changed_during_run"] = (state["tree_sha256_end"] != state["tree_sha256"]
+                                   or bool(seen - {state["tree_sha256"]}))
+    state["changed_files"] = sorted(k for k in set(start) | set(end) if start.get(k) != end.get(k))
+    state["tree_sha256_per_run"] = sorted(seen)
     return state
 
 
@@ -894,7 +907,8 @@ def main(argv=None) -> int:
         log(f"variant {v['variant']:<30} batch {v['batch']}: {v['peak_host_mb']:.0f} MB{rng} "
             f"({v['delta_vs_as_shipped_mb']:+.0f} MB vs as-shipped, median of {v['repeats']})")
     if doc["library"]["changed_during_run"]:
-        log("WARNING: dali_lens/*.py changed while the benchmark ran: runs measured different code")
+        log("WARNING: dali_lens/*.py changed while the benchmark ran (" + ", ".join(doc["library"]["changed_files"])
+            + "): not every run measured the same code; see each run's library_sha")
     failed = [r for r in records if not r["ok"]]
     log(f"done in {doc['total_s']:.0f} s; {len(records) - len(failed)} ok, {len(failed)} failed -> {out}")
     return 1 if failed else 0

@@ -376,7 +376,8 @@ def main(argv=None) -> int:
         log(f"{s['arch']:<10} {s['size']:>3}px {s['backend']:<12} {s['samples_per_s']:>8.1f} samples/s, "
             f"data wait {s['data_wait_pct']:.1f}%{eff}")
     if doc["library"]["changed_during_run"]:
-        log("WARNING: dali_lens/*.py changed while the benchmark ran: runs measured different code")
+        log("WARNING: dali_lens/*.py changed while the benchmark ran (" + ", ".join(doc["library"]["changed_files"])
+            + "): not every run measured the same code; see each run's library_sha")
     failed = [r for r in records if not r["ok"]]
     log(f"done in {doc['total_s']:.0f} s; {len(records) - len(failed)} ok, {len(failed)} failed -> {out}")
     return 1 if failed else 0
