@@ -35,21 +35,23 @@ Target (from the issue): dali-lens >= 50 % lower peak host memory than the legac
 (and GPU memory on a GPU). The JSON's "targets" reports the reduction for the train runs and, for context,
 for the loader-only runs and for the loader-attributable part (train peak - model-only floor).
 
-dali-cpu variants (loader-only, batch = the largest of --batches), each emulating one library setting:
+dali-cpu variants (loader-only, batch = the largest of --batches), each emulating one library setting
+(default list: as-shipped, queue=2, threads=1, dtype=uint8):
   as-shipped         the library as it is (the JSON's "library" records which: git HEAD, uncommitted files,
                      a hash of dali_lens/*.py; num_threads = usable cores)
   queue=K            pipeline prefetch_queue_depth=K, through LoaderOptions.extra['prefetch_queue_depth']
-                     (read by dali_backend._build since a working-tree change on top of 23ffd12: default 1
-                     on the CPU, 2 on the GPU; it was hard-coded to 2 before) and, for older versions, by
-                     wrapping pipeline_def (benchmarks/profile_dali_cpu._override_pipeline_kwargs)
+                     (read by dali_backend._build since aeaf1a4: default 1 on the CPU, 2 on the GPU; it was
+                     hard-coded to 2 before) and, for older versions, by wrapping pipeline_def
+                     (benchmarks/profile_dali_cpu._override_pipeline_kwargs)
   threads=N          num_threads=N, through LoaderOptions(num_workers=N) (a real option)
   dtype=uint8|float16 LoaderOptions(dtype=...) (a real option; uint8 = normalisation left to the trainer)
   no-finite-check    BatchChecker without the per-batch NaN/inf scan of 8-bit images
-                     (profile_dali_cpu.apply(['no-finite-check']); what the library does since 2c1b44c)
+                     (profile_dali_cpu.apply(['no-finite-check']); what DaliLoader does since aeaf1a4)
   cheap-finite       the NaN/inf scan done on per-sample sums (one reduction, no full-size temporaries)
                      instead of torch.isfinite over the largest scale (profile_dali_cpu.apply(['cheap-finite']))
   arenas=N           the child runs with MALLOC_ARENA_MAX=N: tests whether glibc's per-thread malloc arenas
-                     (up to 8 per core) retain freed DALI buffers (memory kept mapped but no longer used)
+                     (up to 8 per core) retain freed DALI buffers (memory kept mapped but no longer used);
+                     not in the default list: arenas=2 measured -13 and -51 MB at batch 128, within noise
 Variants combine with '+', e.g. queue=2+threads=1.
 
 Modes: default (< 8 min on 2 busy cores): batches 64,128 over --n 128 images (one epoch = 2 / 1 steps, for
@@ -88,7 +90,7 @@ SCALES = (64, 112, 224)
 BAND_NAMES = ("g", "r", "i")
 MEAN, STD = 0.5, 0.25  # the same per-band normalisation for every loader (images after /255)
 ARCH = "small_cnn"
-DEFAULT_VARIANTS = ("as-shipped", "queue=2", "threads=1", "dtype=uint8", "arenas=2")
+DEFAULT_VARIANTS = ("as-shipped", "queue=2", "threads=1", "dtype=uint8")
 QUICK_VARIANTS = ("as-shipped",)
 
 
@@ -871,7 +873,9 @@ def main(argv=None) -> int:
         "settings": {"scales": list(SCALES), "image_size": 64, "format": "png", "bands": list(BAND_NAMES),
                      "model": ARCH, "batches": args.batch_list, "backends": backends, "train_images": n,
                      "loader_only_images": loader_n, "loader_only_timed_epochs": loader_epochs,
-                     "floor_steps": args.floor_steps, "workers": workers, "generator": generator, "data_root": root,
+                     "floor_steps": args.floor_steps, "workers": workers, "variants": args.variant_list,
+                     "repeats": args.repeats, "train_repeats": args.train_repeats, "generator": generator,
+                     "data_root": root,
                      "normalisation": {"mean": MEAN, "std": STD},
                      "batch_payload_mb": {str(b): batch_payload_mb(b) for b in args.batch_list},
                      "memory": "peak of the summed PSS of the run's process and all its children, sampled every "
