@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .data.dataset import DataError, Dataset
-from .pipelines.options import LoaderOptions
+from .pipelines.options import LoaderOptions, finish
 
 FUSIONS = ("mean_prob", "mean_logit", "temperature")
 
@@ -287,13 +287,18 @@ def check_dataset(ens: Ensemble, dataset: Dataset) -> None:
 
 def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, shard_id: int = 0,
                    num_shards: int = 1, workers: int | None = None) -> LoaderOptions:
-    """Evaluation-loader options: every member's scale from one decode, the checkpoint's normalisation."""
+    """Evaluation-loader options: every member's scale from one decode, the checkpoint's normalisation.
+
+    8-bit images come out of the loader as uint8 and are normalised on the model's device per scale
+    (:func:`score_batches`), which keeps the loader's batches four times smaller than float32.
+    """
     return LoaderOptions(scales=ensemble.scales, batch_size=int(batch_size), train=False, augment=False,
                          shard_id=shard_id, num_shards=num_shards, num_workers=workers,
                          mean=ensemble.mean, std=ensemble.std, scaling=ensemble.scaling, scale_a=ensemble.scale_a,
                          mask_value=ensemble.mask_value, tta=bool(tta),
                          mask_channel=bool(ensemble.config.get("mask_channel", False)),
-                         resize_mode=ensemble.config.get("resize_mode", "resize"))
+                         resize_mode=ensemble.config.get("resize_mode", "resize"),
+                         dtype="uint8" if ensemble.kind == "image" else "float32")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,9 +310,7 @@ def _member_logits(ens: Ensemble, m: LoadedMember, images: dict[int, torch.Tenso
 
     per_scale = []
     for s in m.scales:
-        x = images[s].to(ens.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
+        x = finish(images[s].to(ens.device, non_blocking=True), ens.mean, ens.std)
         tta = x.dim() == 5
         if tta:
             b, k = x.shape[:2]

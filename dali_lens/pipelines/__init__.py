@@ -12,7 +12,7 @@ import torch
 
 from ..data.dataset import Dataset
 from . import dali_backend
-from .options import LoaderOptions, compute_stats
+from .options import LoaderOptions, compute_stats, finish
 
 BACKENDS = ("auto", "dali", "dali-cpu", "torchvision")
 _TRANSFORMS: dict = {}
@@ -99,5 +99,5 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
     return _Transformed(loader, opts.transforms) if opts.transforms else loader
 
 
-__all__ = ["BACKENDS", "LoaderOptions", "build_loader", "compute_stats", "register_batch_transform",
+__all__ = ["BACKENDS", "LoaderOptions", "build_loader", "compute_stats", "finish", "register_batch_transform",
            "resolve_backend"]

@@ -167,6 +167,28 @@ def prescale(x: np.ndarray, kind: str, opts: LoaderOptions) -> np.ndarray:
     return x
 
 
+def finish(x, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    """Complete the normalisation of a ``dtype='uint8'`` batch tensor on its own device (a no-op otherwise).
+
+    uint8 batches become ``(x / 255 - mean) / std`` per band in float32, exactly what the loader computes for
+    ``dtype='float32'``; float batches were normalised by the loader and are returned unchanged. Works for
+    ``(B, C, s, s)`` and TTA ``(B, 8, C, s, s)`` batches. Call it per scale, just before the forward pass,
+    so that at most one scale exists in float at a time.
+    """
+    import torch
+
+    if x.dtype != torch.uint8:
+        return x
+    x = x.float().div_(255.0)
+    if mean is not None:
+        c = x.shape[-3]
+        x.sub_(x.new_tensor(mean).view(c, 1, 1))
+    if std is not None:
+        c = x.shape[-3]
+        x.div_(x.new_tensor(std).view(c, 1, 1))
+    return x
+
+
 def centre_offset(size: int, target: int) -> int:
     """Where a centred ``target`` window starts in ``size`` pixels (negative: padding), as DALI rounds it."""
     a = size - target

@@ -33,6 +33,10 @@ class TrainConfig:
     backend: str = _f("auto", "loader: auto (DALI GPU if CUDA+DALI, else DALI CPU, else torchvision), dali, "
                               "dali-cpu, torchvision", choices=("auto", "dali", "dali-cpu", "torchvision"))
     workers: int | None = _f(None, "loader threads/workers (default: all cores)")
+    dtype: str = _f("auto", "loader output: auto (uint8 for 8-bit images, normalised on the training device just "
+                            "before each scale's forward pass, so one scale at a time is float; float32 for float "
+                            "data or with --batch-transforms), float32, float16 or uint8",
+                    choices=("auto", "float32", "float16", "uint8"))
     norm: str = _f("stats", "per-band normalisation: stats (mean/std of the training set) or none",
                    choices=("stats", "none"))
     scaling: str = _f("none", "float data (FITS/.npy) before normalisation: none, asinh (arcsinh(a*x)), clip (+-a)",

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..pipelines.options import finish
+
 
 def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
@@ -59,6 +61,7 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
     steps, seen, t0, wait = 0, 0, time.perf_counter(), 0.0
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1} train", leave=False, disable=not show_progress,
                dynamic_ncols=True)
+    norm = _norm(loader)
     fetch = time.perf_counter()
     for batch in loader:
         wait += time.perf_counter() - fetch
@@ -70,11 +73,11 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
             loss_value = 0.0
             # memory-bounded: one scale's graph at a time; the consistency term uses detached partners
             with torch.no_grad(), autocast(device, amp):
-                partner = ([m.model(_to(batch["image"][s], device, cfg)).float() for s in scales]
+                partner = ([m.model(_to(batch["image"][s], device, cfg, norm)).float() for s in scales]
                            if cfg.consistency != "none" and len(scales) > 1 else None)
             for k, s in enumerate(scales):
                 with autocast(device, amp):
-                    z = m.model(_to(batch["image"][s], device, cfg)).float()
+                    z = m.model(_to(batch["image"][s], device, cfg, norm)).float()
                 loss = F.binary_cross_entropy_with_logits(z, y) / len(scales)
                 if partner is not None:
                     group = [z if j == k else partner[j] for j in range(len(scales))]
@@ -106,10 +109,15 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
             "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9)}
 
 
-def _to(x: torch.Tensor, device: torch.device, cfg) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
+def _norm(loader) -> tuple:
+    """(mean, std) with which uint8 batches of ``loader`` are finished on the training device."""
+    opts = getattr(loader, "opts", None)
+    return (opts.mean, opts.std) if opts is not None else (None, None)
+
+
+def _to(x: torch.Tensor, device: torch.device, cfg, norm: tuple = (None, None)) -> torch.Tensor:
+    """One scale of a batch on ``device``, normalised there if the loader left that to the trainer (uint8)."""
+    x = finish(x.to(device, non_blocking=True), *norm)
     if cfg.channels_last and device.type == "cuda" and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -126,6 +134,7 @@ def predict(members, loader, cfg, device: torch.device, desc: str = "eval", show
         m.model.eval()
     amp = cfg.amp_dtype(device)
     idx, lab, out = [], [], {m.spec.name: [] for m in members}
+    norm = _norm(loader)
     for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
         idx.append(batch["index"].cpu())
         lab.append(batch["label"].cpu())
@@ -138,7 +147,7 @@ def predict(members, loader, cfg, device: torch.device, desc: str = "eval", show
                     b, k = x.shape[:2]
                     x = x.reshape(b * k, *x.shape[2:])
                 with autocast(device, amp):
-                    z = m.core(_to(x, device, cfg)).float()
+                    z = m.core(_to(x, device, cfg, norm)).float()
                 if tta:
                     z = z.reshape(b, k).mean(1)
                 per_scale.append(z)

@@ -34,6 +34,16 @@ def cache_dir() -> str:
     return os.environ.get("DALI_LENS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dali-lens"))
 
 
+def output_dtype(cfg: TrainConfig, dataset) -> str:
+    """The loader's output dtype for ``--dtype``: ``auto`` is uint8 for 8-bit images, float32 otherwise.
+
+    With ``--batch-transforms`` ``auto`` stays float32: batch transforms see normalised float batches.
+    """
+    if cfg.dtype == "auto":
+        return "uint8" if dataset.pixel_kind == "image" and not cfg.batch_transforms.strip() else "float32"
+    return cfg.dtype
+
+
 def default_dataset(log=print) -> str:
     """The built-in synthetic set, generated once into the cache (atomically: a temp folder renamed)."""
     root = os.path.join(cache_dir(), f"synthetic-v1-n{DEFAULT_N}-{DEFAULT_SIZE}px-seed0")
@@ -117,7 +127,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     base = LoaderOptions(scales=all_scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
                          num_shards=world, num_workers=cfg.workers, scaling=cfg.scaling, scale_a=cfg.scale_a,
                          mask_value=cfg.mask_value, mask_channel=cfg.mask_channel, resize_mode=cfg.resize_mode,
-                         max_shift=cfg.max_shift)
+                         max_shift=cfg.max_shift, dtype=output_dtype(cfg, splits["train"]))
     if cfg.norm == "stats":
         base.mean, base.std = compute_stats(splits["train"], base)
 
