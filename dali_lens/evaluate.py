@@ -33,10 +33,10 @@ import os
 import re
 import sys
 import time
-import warnings
 
 import numpy as np
 
+from .cli import add_scoring_args, log, run_command
 from .data.dataset import DataError, Dataset
 
 CI_METRICS = ("roc_auc", "tpr0", "tpr10")
@@ -45,10 +45,6 @@ TABLE = ("roc_auc", "pr_auc", "tpr0", "tpr10", "accuracy", "precision", "recall"
 
 class EvaluateError(ValueError):
     """Bad arguments or an output directory that would be overwritten."""
-
-
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -279,10 +275,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     ap.add_argument("--split", default="test",
                     help="split to evaluate: test (default), val (the training run's validation split), train, all")
-    ap.add_argument("--fusion", choices=("mean_prob", "mean_logit", "temperature"), default=None,
-                    help="ensemble fusion (default: the training run's, else mean_prob); temperature uses the "
-                         "temperatures stored in the checkpoints")
-    ap.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips (8x the compute)")
     ap.add_argument("--threshold", type=float, default=0.5,
                     help="score threshold for accuracy/precision/recall/F1, completeness, contamination (default: 0.5)")
     ap.add_argument("--prior", type=float, default=1e-3,
@@ -295,17 +287,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--completeness-columns", default=None, metavar="COLS",
                     help="comma-separated catalogue columns (default: every numeric column that varies among "
                          "the lenses)")
-    ap.add_argument("--backend", default="auto", choices=("auto", "dali", "dali-cpu", "torchvision"),
-                    help="loader (default: auto)")
-    ap.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default: 64)")
-    ap.add_argument("--workers", type=int, default=None, help="loader threads (default: all cores)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="PyTorch CPU threads for the models (default: PyTorch's choice; on a small, busy machine "
-                         "--threads 1 --workers 1 can be much faster)")
-    ap.add_argument("--hdus", default=None, help="FITS: HDU indices/EXTNAMEs per band (default: the checkpoint's)")
-    ap.add_argument("--skip-bad", action="store_true",
-                    help="read every file first and leave out the unreadable/bad ones (listed) instead of stopping")
-    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    add_scoring_args(ap)
     return ap
 
 
@@ -320,17 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--bins must be >= 1")
     from .inference import CheckpointError
 
-    # DALI's advice to iterator authors (the FITS path sizes its iterator itself), not to users of the CLI
-    warnings.filterwarnings("ignore", message=".*set `reader_name`")
-    try:
-        evaluate(args)
-    except KeyboardInterrupt:
-        log("interrupted: nothing was written")
-        return 130
-    except (DataError, CheckpointError, EvaluateError, FileNotFoundError, PermissionError) as exc:
-        log(f"error: {exc}")
-        return 2
-    return 0
+    return run_command(lambda: evaluate(args),
+                       (DataError, CheckpointError, EvaluateError, FileNotFoundError, PermissionError),
+                       "interrupted: nothing was written")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .cli import log, run_command
 from .data.dataset import DataError, Dataset
 from .data.io import atomic_write_json, atomic_write_text, _fsync_dir
 from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, is_packed, key_bytes, label_bytes, npy_bytes,
@@ -444,24 +445,23 @@ def main(argv: list[str] | None = None) -> int:
     hdus = tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in args.hdus.split(",")) \
         if args.hdus else None
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    def run():
+        _report(pack(args.data, args.out, shard_size=args.shard_size, skip_bad=args.skip_bad, hdus=hdus,
+                     val_fraction=args.val_fraction, seed=args.seed, allow_nonfinite=args.allow_nonfinite,
+                     overwrite=args.overwrite, workers=args.workers, progress=args.progress, fsync=args.fsync,
+                     log=log), args.out)
 
-    try:
-        m = pack(args.data, args.out, shard_size=args.shard_size, skip_bad=args.skip_bad, hdus=hdus,
-                 val_fraction=args.val_fraction, seed=args.seed, allow_nonfinite=args.allow_nonfinite,
-                 overwrite=args.overwrite, workers=args.workers, progress=args.progress, fsync=args.fsync, log=log)
-    except KeyboardInterrupt:
-        log(f"interrupted: the complete shards in {args.out} are kept; rerun the same command to resume")
-        return 130
-    except DataError as exc:
-        log(f"error: {exc}")
-        if not args.skip_bad:
-            log("(fix or remove the file and rerun to resume, or pass --skip-bad to skip bad files)")
-        return 2
-    except (PackError, FileNotFoundError, PermissionError) as exc:
-        log(f"error: {exc}")
-        return 2
+    def hint(exc):
+        if isinstance(exc, DataError) and not args.skip_bad:
+            return "(fix or remove the file and rerun to resume, or pass --skip-bad to skip bad files)"
+        return None
+
+    return run_command(run, (DataError, PackError, FileNotFoundError, PermissionError),
+                       f"interrupted: the complete shards in {args.out} are kept; rerun the same command to resume",
+                       hint)
+
+
+def _report(m: dict, out: str) -> None:
     for name, info in m["splits"].items():
         log(f"{name}: {info['samples']} samples in {info['shards']} shard(s), {info['bytes'] / 2 ** 20:.1f} MB"
             + (f", {info['skipped']} bad file(s) skipped" if info["skipped"] else ""))
@@ -472,8 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     run = m.get("run")
     if run and run["samples_packed_now"]:
         log(f"packed {run['samples_packed_now']} samples in {run['packing_seconds']:.1f} s "
-            f"({run['samples_per_s']:.0f} samples/s, {run['mb_per_s']:.1f} MB/s) into {os.path.abspath(args.out)}")
-    return 0
+            f"({run['samples_per_s']:.0f} samples/s, {run['mb_per_s']:.1f} MB/s) into {os.path.abspath(out)}")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ import os
 import re
 import sys
 import time
-import warnings
 
+from .cli import add_scoring_args, log, run_command
 from .data.dataset import DataError, Dataset, Sample, kind_of, sample_id
 
 SPLIT_ORDER = ("train", "val", "test", "predict")
@@ -44,10 +44,6 @@ LIST_EXTS = (".txt", ".lst", ".list")
 
 class PredictError(ValueError):
     """Bad arguments or an output file that does not match this run."""
-
-
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -450,26 +446,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming)")
     ap.add_argument("--split", default="all",
                     help="for a labelled dataset root: train, val, test, or all (every split; default)")
-    ap.add_argument("--backend", default="auto", choices=("auto", "dali", "dali-cpu", "torchvision"),
-                    help="loader: auto (DALI on GPU, else DALI CPU, else torchvision) (default: auto)")
-    ap.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default: 64)")
-    ap.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips (8x the compute)")
-    ap.add_argument("--fusion", choices=("mean_prob", "mean_logit", "temperature"), default=None,
-                    help="how member scores are combined (default: the training run's, else mean_prob); "
-                         "temperature uses the temperatures stored in the checkpoints")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="loader threads per process (default: the cores divided among local processes)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="PyTorch CPU threads for the models (default: PyTorch's choice; on a small, busy machine "
-                         "--threads 1 --workers 1 can be much faster)")
-    ap.add_argument("--hdus", default=None, help="FITS: HDU indices/EXTNAMEs per band (default: the checkpoint's)")
-    ap.add_argument("--skip-bad", action="store_true",
-                    help="read every file first and skip the unreadable/bad ones (listed) instead of stopping")
+    add_scoring_args(ap, "the cores divided among local processes")
     ap.add_argument("--limit", type=int, default=None, metavar="N",
                     help="score at most N of the cutouts not yet in --out, then stop (rerun to continue)")
     ap.add_argument("--merge", action="store_true",
                     help="only merge OUT.part-*-of-*.csv into OUT (no checkpoint or DATA needed)")
-    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     return ap
 
 
@@ -485,17 +466,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--batch-size must be >= 1")
     from .inference import CheckpointError
 
-    # DALI's advice to iterator authors (the FITS path sizes its iterator itself), not to users of the CLI
-    warnings.filterwarnings("ignore", message=".*set `reader_name`")
     try:
-        return merge_only(args) if args.merge else predict(args)
-    except KeyboardInterrupt:
-        log(f"interrupted: rows written so far are kept in {args.out} (or its part files); "
-            "rerun the same command to resume")
-        return 130
-    except (DataError, CheckpointError, PredictError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        log(f"error: {exc}")
-        return 2
+        return run_command(lambda: merge_only(args) if args.merge else predict(args),
+                           (DataError, CheckpointError, PredictError, FileNotFoundError, PermissionError,
+                            IsADirectoryError),
+                           f"interrupted: rows written so far are kept in {args.out} (or its part files); "
+                           "rerun the same command to resume")
     finally:
         _shutdown()
 

@@ -27,14 +27,13 @@ import tarfile
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ..data.dataset import DataError, Dataset
 from ..data.readers import check_array
 from ..data.shards import BLOCK, decode_member, shard_index, shard_plan, split_member_path
-from .batch import BatchChecker
-from .options import LoaderOptions, augment_params, batches_per_epoch, prescale, shard_bounds
-from .torchvision_backend import _one_thread, _worker_context, transform
+from .options import LoaderOptions, augment_params, prescale, shard_bounds
+from .torchvision_backend import WorkerLoader, transform
 
 try:
     from webdataset.tariterators import tar_file_iterator as _wds_tar_iterator
@@ -181,50 +180,16 @@ class _ShardStream(IterableDataset):
                             "assembled from the shards (samples missing)")
 
 
-class ShardsLoader:
+class ShardsLoader(WorkerLoader):
     """Iterable of contract batches from packed shards, with ``len()``, ``set_epoch()`` and resumable state."""
 
-    backend = "torchvision"
-
     def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
-        self.dataset, self.opts, self.device = dataset, opts, torch.device(device)
-        self._check = BatchChecker(dataset, self.device, tta=opts.tta)
-        self.epoch, self._done, self._skip = 0, 0, 0
+        super().__init__(dataset, opts, device)
         self._state = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, batches to skip) for workers
-        stream = _ShardStream(dataset, opts, self._state)
         workers = self.opts.workers if len(dataset) > 2 * self.opts.batch_size else 0
         workers = min(workers, len(self))
-        self._loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                                  worker_init_fn=_one_thread, prefetch_factor=2 if workers else None,
-                                  multiprocessing_context=_worker_context() if workers else None)
+        self._loader = self._dataloader(_ShardStream(dataset, opts, self._state), workers, batch_size=None)
 
-    def __len__(self) -> int:
-        return batches_per_epoch(len(self.dataset), self.opts)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
+    def _begin(self, skip: int) -> bool:
         self._state[0], self._state[1] = self.epoch, skip
-        self._done = skip
-        if skip < len(self):
-            try:
-                for images, index in self._loader:
-                    images = {s: t.to(self.device, non_blocking=True) for s, t in images.items()}
-                    batch = self._check(images, index)
-                    self._done += 1
-                    yield batch
-            except DataError as exc:  # re-raised from a worker with its traceback: keep the message only
-                last = str(exc).strip().splitlines()[-1]
-                raise DataError(last.split("DataError: ", 1)[-1]) from None
-        self.epoch += 1
-        self._done = 0
-
-    def state_dict(self) -> dict:
-        return {"backend": self.backend, "epoch": self.epoch, "batches_done": self._done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self._skip = int(state.get("batches_done", 0))
+        return skip < len(self)

@@ -115,28 +115,29 @@ class _EpochSampler(torch.utils.data.Sampler):
         return iter([(int(i), epoch) for i in self.owner._order])
 
 
-class TorchvisionLoader:
-    """Iterable of contract batches with ``len()``, ``set_epoch()`` and resumable ``state_dict()``.
+class WorkerLoader:
+    """What the torchvision-side loaders share: a DataLoader over worker processes, the batch loop, and
+    epoch / resume bookkeeping (``len()``, ``set_epoch()``, ``state_dict()``/``load_state_dict()``).
 
-    Workers persist across epochs. They are forked, unless this process already runs DALI pipelines or CUDA:
-    forking those threads crashes workers, so then they are spawned (spawned workers re-import the main
-    script, which therefore needs an ``if __name__ == "__main__":`` guard).
+    A subclass builds ``self._loader`` with :meth:`_dataloader` and implements :meth:`_begin`, which readies
+    the epoch ``self.epoch`` from batch ``skip`` on and says whether any batch is left.
     """
 
     backend = "torchvision"
 
-    def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
+    def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str, check_finite: bool = True):
         self.dataset, self.opts, self.device = dataset, opts, torch.device(device)
-        self._check = BatchChecker(dataset, self.device, tta=opts.tta, check_finite=dataset.kind != "image")
+        self._check = BatchChecker(dataset, self.device, tta=opts.tta, check_finite=check_finite)
         self.epoch, self._done, self._skip = 0, 0, 0
-        self._order: list[int] = []
-        # worker processes only pay off past a few hundred samples (spawning one costs seconds)
-        workers = self.opts.workers if len(dataset) >= 256 else 0
-        self._loader = DataLoader(_Samples(dataset, opts), batch_size=opts.batch_size,
-                                  sampler=_EpochSampler(self), num_workers=workers, drop_last=opts.train,
-                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                                  worker_init_fn=_one_thread, prefetch_factor=2 if workers else None,
-                                  multiprocessing_context=_worker_context() if workers else None)
+
+    def _dataloader(self, data, workers: int, **kw) -> DataLoader:
+        return DataLoader(data, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=workers > 0, worker_init_fn=_one_thread,
+                          prefetch_factor=2 if workers else None,
+                          multiprocessing_context=_worker_context() if workers else None, **kw)
+
+    def _begin(self, skip: int) -> bool:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.dataset), self.opts)
@@ -145,11 +146,9 @@ class TorchvisionLoader:
         self.epoch = epoch
 
     def __iter__(self):
-        order = epoch_order(len(self.dataset), self.epoch, self.opts).tolist()
         skip, self._skip = self._skip, 0
-        self._order = order[skip * self.opts.batch_size:]
         self._done = skip
-        if self._order:
+        if self._begin(skip):
             try:
                 for images, index in self._loader:
                     images = {s: t.to(self.device, non_blocking=True) for s, t in images.items()}
@@ -168,6 +167,28 @@ class TorchvisionLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self._skip = int(state.get("batches_done", 0))
+
+
+class TorchvisionLoader(WorkerLoader):
+    """Iterable of contract batches with ``len()``, ``set_epoch()`` and resumable ``state_dict()``.
+
+    Workers persist across epochs. They are forked, unless this process already runs DALI pipelines or CUDA:
+    forking those threads crashes workers, so then they are spawned (spawned workers re-import the main
+    script, which therefore needs an ``if __name__ == "__main__":`` guard).
+    """
+
+    def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
+        super().__init__(dataset, opts, device, check_finite=dataset.kind != "image")
+        self._order: list[int] = []
+        # worker processes only pay off past a few hundred samples (spawning one costs seconds)
+        workers = self.opts.workers if len(dataset) >= 256 else 0
+        self._loader = self._dataloader(_Samples(dataset, opts), workers, batch_size=opts.batch_size,
+                                        sampler=_EpochSampler(self), drop_last=opts.train)
+
+    def _begin(self, skip: int) -> bool:
+        order = epoch_order(len(self.dataset), self.epoch, self.opts).tolist()
+        self._order = order[skip * self.opts.batch_size:]
+        return bool(self._order)
 
 
 def _worker_context() -> str:
