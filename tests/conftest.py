@@ -5,6 +5,19 @@ import os
 
 import numpy as np
 import pytest
+import torch
+
+
+def _gpu_dali() -> bool:
+    from dali_lens.pipelines import dali_backend
+
+    return torch.cuda.is_available() and dali_backend.available()
+
+
+# The DALI backends under test: the CPU one everywhere, the GPU one (the same pipeline code on the device)
+# where CUDA and DALI are present. `python benchmarks/gpu_check.py` runs the GPU cases and records them.
+DALI_BACKENDS = ["dali-cpu"] + (["dali"] if _gpu_dali() else [])
+BACKENDS = DALI_BACKENDS + ["torchvision"]
 
 
 def pytest_configure(config):
@@ -66,3 +79,17 @@ def make_dataset(tmp_path):
     def make(fmt="png", **kw):
         return write_dataset(str(tmp_path / f"data-{fmt}-{kw.get('bands', 3)}"), fmt, **kw)
     return make
+
+
+def collect(loader):
+    """All batches of one epoch: (indices in the order yielded, labels, {scale: images}), the labels and
+    images ordered by sample index."""
+    idx, lab, imgs = [], [], {}
+    for b in loader:
+        idx.append(b["index"].cpu())
+        lab.append(b["label"].cpu())
+        for s, t in b["image"].items():
+            imgs.setdefault(s, []).append(t.cpu())
+    idx = torch.cat(idx)
+    order = idx.argsort()
+    return idx, torch.cat(lab)[order], {s: torch.cat(v)[order] for s, v in imgs.items()}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from astropy.io import fits
 
+from conftest import BACKENDS, DALI_BACKENDS, collect
 from dali_lens.data import DataError, discover
 from dali_lens.data.readers import read_sample
 from dali_lens.data.synthetic import CHALLENGE_MASK_VALUE, generate_dataset
@@ -28,17 +29,6 @@ def space(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("challenge") / "space")
     generate_dataset(root, n=20, layout="challenge", track="space", seed=5)
     return root
-
-
-def collect(loader):
-    idx, imgs = [], {}
-    for b in loader:
-        idx.append(b["index"])
-        for s, t in b["image"].items():
-            imgs.setdefault(s, []).append(t)
-    idx = torch.cat(idx)
-    order = idx.argsort()
-    return idx[order], {s: torch.cat(v)[order] for s, v in imgs.items()}
 
 
 def test_layout_recognised_and_bands_stacked_in_order(ground, space):
@@ -67,7 +57,7 @@ def test_missing_band_file_names_the_object(ground, tmp_path):
         discover(root, val_fraction=0)
 
 
-@pytest.mark.parametrize("backend", ["dali-cpu", "torchvision"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masks_scaling_and_mask_channel(ground, backend):
     ds = discover(ground, val_fraction=0)["train"]
     raws = [read_sample(s, ds, check=False) for s in ds.samples]
@@ -75,7 +65,7 @@ def test_masks_scaling_and_mask_channel(ground, backend):
     assert masked, "the generator masks some cutouts"
     opts = dict(scales=(101,), batch_size=8, mask_value=CHALLENGE_MASK_VALUE, scaling="asinh", scale_a=1e11,
                 mask_channel=True)
-    _, imgs = collect(build_loader(ds, backend=backend, **opts))
+    _, _, imgs = collect(build_loader(ds, backend=backend, **opts))
     x = imgs[101]
     assert x.shape == (40, 5, 101, 101) and torch.isfinite(x).all()
     for i in masked[:3]:
@@ -87,7 +77,8 @@ def test_masks_scaling_and_mask_channel(ground, backend):
         np.testing.assert_allclose(x[i, :4].numpy()[keep], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_dali_cpu_and_torchvision_agree_on_challenge_data(ground):
+@pytest.mark.parametrize("dali", DALI_BACKENDS)  # on a GPU also DALI's per-band FITS readers in lock-step
+def test_dali_and_torchvision_agree_on_challenge_data(ground, dali):
     ds = discover(ground, val_fraction=0)["train"]
     base = LoaderOptions(mask_value=CHALLENGE_MASK_VALUE, scaling="asinh", scale_a=1e11)
     mean, std = compute_stats(ds, base)
@@ -95,8 +86,8 @@ def test_dali_cpu_and_torchvision_agree_on_challenge_data(ground):
     for mode in ("resize", "crop"):
         kw = dict(scales=(64, 101, 128), batch_size=6, mask_value=CHALLENGE_MASK_VALUE, scaling="asinh",
                   scale_a=1e11, mean=mean, std=std, resize_mode=mode)
-        ia, a = collect(build_loader(ds, backend="dali-cpu", **kw))
-        ib, b = collect(build_loader(ds, backend="torchvision", **kw))
+        ia, _, a = collect(build_loader(ds, backend=dali, **kw))
+        ib, _, b = collect(build_loader(ds, backend="torchvision", **kw))
         assert ia.tolist() == ib.tolist() == list(range(40))
         for s in (64, 101, 128):
             assert a[s].shape == (40, 4, s, s)

@@ -8,24 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import BACKENDS, DALI_BACKENDS, collect
 from dali_lens.data import DataError, discover
 from dali_lens.pipelines import LoaderOptions, build_loader
 
-BACKENDS = ["dali-cpu", "torchvision"]
 SCALES = (24, 40, 56)  # native size 40: a downscale, the identity and an upscale
-
-
-def collect(loader):
-    """All batches of one epoch as (index, label, {scale: images}) sorted by sample index."""
-    idx, lab, imgs = [], [], {}
-    for b in loader:
-        idx.append(b["index"])
-        lab.append(b["label"])
-        for s, t in b["image"].items():
-            imgs.setdefault(s, []).append(t)
-    idx = torch.cat(idx)
-    order = idx.argsort()
-    return idx[order], torch.cat(lab)[order], {s: torch.cat(v)[order] for s, v in imgs.items()}
 
 
 def eval_tensors(ds, backend, **kw):
@@ -34,15 +21,16 @@ def eval_tensors(ds, backend, **kw):
     return collect(build_loader(ds, backend=backend, **opts))
 
 
+@pytest.mark.parametrize("dali", DALI_BACKENDS)
 @pytest.mark.parametrize("fmt,bands", [("png", 3), ("png", 1), ("jpeg", 3), ("npy", 3), ("npy", 5), ("fits", 4)])
-def test_dali_cpu_matches_torchvision(make_dataset, fmt, bands):
+def test_dali_matches_torchvision(make_dataset, fmt, bands, dali):
     root = make_dataset(fmt, bands=bands, n_per_class=5)
     ds = discover(root)["test"]
     assert ds.bands == bands and ds.shape == (40, 40)
     kw = {}
     if fmt in ("npy", "fits"):
         kw = dict(mean=(100.0,) * bands, std=(300.0,) * bands)
-    a_idx, a_lab, a = eval_tensors(ds, "dali-cpu", **kw)
+    a_idx, a_lab, a = eval_tensors(ds, dali, **kw)
     b_idx, b_lab, b = eval_tensors(ds, "torchvision", **kw)
     assert a_idx.tolist() == b_idx.tolist() == list(range(len(ds)))
     assert a_lab.tolist() == b_lab.tolist() == ds.labels
@@ -109,7 +97,7 @@ def test_augmentation_drawn_once_for_all_scales(make_dataset, backend):
     ref = collect(build_loader(ds, backend=backend, scales=(40,), batch_size=8))[2][40]
     moved = 0
     for b in loader:
-        full, small = b["image"][40], b["image"][20]
+        full, small = b["image"][40].cpu(), b["image"][20].cpu()
         down = F.interpolate(full, size=(20, 20), mode="bilinear", antialias=True, align_corners=False)
         assert (down - small).abs().max() < 0.03, "the 20 px view must be the same transform as the 40 px view"
         moved += int(((full - ref[b["index"]]).abs().amax(dim=(1, 2, 3)) > 0.05).sum())
@@ -157,6 +145,26 @@ def test_output_dtypes(make_dataset):
         assert b16["image"][32].dtype == torch.float16
         u8 = next(iter(build_loader(ds, backend=backend, scales=(32,), batch_size=4, dtype="uint8")))
         assert u8["image"][32].dtype == torch.uint8 and u8["image"][32].max() > 100
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_output_finished_later_equals_float32(make_dataset, backend):
+    """dtype='uint8' + pipelines.options.finish (what trainers and predict do) == the loader's float32 batch."""
+    from dali_lens.pipelines.options import finish
+
+    ds = discover(make_dataset("png", n_per_class=5))["test"]
+    norm = dict(mean=(0.2, 0.3, 0.4), std=(0.5, 0.25, 0.125))
+    _, _, f32 = eval_tensors(ds, backend, **norm)
+    _, _, u8 = eval_tensors(ds, backend, dtype="uint8", **norm)
+    # DALI resizes 8-bit images in 8 bits for every output dtype: the same numbers; torchvision resizes in
+    # float and rounds to 8 bits only for uint8 output: at most half a level apart
+    tol = 1e-5 if backend != "torchvision" else 0.5 / 255 / min(norm["std"]) + 1e-5
+    for s in SCALES:
+        assert u8[s].dtype == torch.uint8
+        done = finish(u8[s], **norm)
+        assert done.dtype == torch.float32
+        torch.testing.assert_close(done, f32[s], atol=tol, rtol=0)
+    assert finish(f32[SCALES[0]], **norm) is f32[SCALES[0]]  # float batches are left alone
 
 
 def test_tta_gives_eight_views(make_dataset):

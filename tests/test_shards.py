@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import BACKENDS, collect, write_dataset
 from dali_lens.data import DataError, discover
 from dali_lens.data.shards import read_member_bytes, split_member_path
 from dali_lens.pack import main as pack_main
 from dali_lens.pack import pack
 from dali_lens.pipelines import build_loader
 
-BACKENDS = ["dali-cpu", "torchvision"]
 SCALES = (24, 40, 56)  # native size 40: a downscale, the identity and an upscale
 
 
@@ -38,19 +37,6 @@ def sets(tmp_path_factory):
         pack(src, packed, shard_size=size, fsync=False, log=lambda *a: None)
         out[fmt] = (src, packed)
     return out
-
-
-def collect(loader):
-    """All batches of one epoch: (indices in yield order, labels, {scale: images}) ordered by index."""
-    idx, lab, imgs = [], [], {}
-    for b in loader:
-        idx.append(b["index"])
-        lab.append(b["label"])
-        for s, t in b["image"].items():
-            imgs.setdefault(s, []).append(t)
-    idx = torch.cat(idx)
-    order = idx.argsort()
-    return idx, torch.cat(lab)[order], {s: torch.cat(v)[order] for s, v in imgs.items()}
 
 
 def by_id(ds, loader):
