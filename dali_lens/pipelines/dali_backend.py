@@ -250,7 +250,7 @@ def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, 
             if opts.dtype == "uint8":
                 if not images_are_uint8:
                     raise ValueError("dtype='uint8' output is only for 8-bit images")
-                outs.append(fn.transpose(fn.cast(y, dtype=types.UINT8), perm=[2, 0, 1]))
+                outs.append(fn.transpose(y, perm=[2, 0, 1], output_layout="CHW"))  # already uint8
             else:
                 outs.append(fn.crop_mirror_normalize(y, mean=mean, std=std, dtype=out_dtype, output_layout="CHW"))
         return (*outs, index, shapes)
