@@ -8,14 +8,20 @@ What is compared (64 px g,r,i PNG cutouts -> scales 64,112,224, equal batch size
              Dataset whose __getitem__ opens the image with PIL and materialises every scale of the sample
              (Resize((s, s)) -> ToTensor -> Normalize per scale), collated by a DataLoader with
              num_workers = usable cores (persistent, fork, pin_memory only with CUDA, shuffle, drop_last)
-Both feed the same model step: one epoch of dali_lens.trainers.loop.train_epoch with a multi-scale small_cnn
-member built by dali_lens.trainers.members.make_member (exactly what `--trainer multiscale --scales
-64,112,224` runs: forward + backward per scale, one scale's graph alive at a time, AdamW step).
+The model is the same multi-scale small_cnn member (dali_lens.trainers.members.make_member, AdamW). The step:
+  ours       dali_lens.trainers.loop.train_epoch, exactly what `--trainer multiscale --scales 64,112,224` runs:
+             the loader's uint8 batches (the trainer's --dtype auto) are normalised per scale just before that
+             scale's forward pass, forward + backward per scale, one scale's graph alive at a time
+  legacy     (--baseline-step legacy, the default) mechine_lensing's MultiScaleTrainer.train_epoch in standard
+             mode: every scale forwarded, losses averaged, one backward, so all three graphs are alive at once
+             (its scale grouping puts 64, 112 and 224 in one group); --baseline-step ours gives the baseline
+             our step instead, which isolates the loader
 
 Three kinds of run, each in a fresh subprocess (nothing shared, no warm caches):
   train        loader + model step, one epoch (the figure the target is about)
-  model-only   the same model step fed one resident synthetic batch (no loader, no decoding): the floor that
-               the model, its autograd graph and the optimizer cost whatever the loader does
+  model-only   each step (ours-step, legacy-step) fed one resident synthetic float batch (no loader, no
+               decoding): the floor that the model, its autograd graphs and the optimizer cost whatever the
+               loader does
   loader-only  the loader alone (no model), 1 warm-up + timed epochs over --loader-n images: the memory the
                loader itself adds, not diluted by the model; also run for dali-cpu variants that change
                one knob (see --variants) to find out where the DALI loader's memory goes
@@ -36,7 +42,7 @@ Target (from the issue): dali-lens >= 50 % lower peak host memory than the legac
 for the loader-only runs and for the loader-attributable part (train peak - model-only floor).
 
 dali-cpu variants (loader-only, batch = the largest of --batches), each emulating one library setting
-(default list: as-shipped, queue=2, threads=1, dtype=uint8):
+(default list: as-shipped, queue=2, threads=1, dtype=float32):
   as-shipped         the library as it is (the JSON's "library" records which: git HEAD, uncommitted files,
                      a hash of dali_lens/*.py; num_threads = usable cores)
   queue=K            pipeline prefetch_queue_depth=K, through LoaderOptions.extra['prefetch_queue_depth']
@@ -44,7 +50,8 @@ dali-cpu variants (loader-only, batch = the largest of --batches), each emulatin
                      hard-coded to 2 before) and, for older versions, by wrapping pipeline_def
                      (benchmarks/profile_dali_cpu._override_pipeline_kwargs)
   threads=N          num_threads=N, through LoaderOptions(num_workers=N) (a real option)
-  dtype=uint8|float16 LoaderOptions(dtype=...) (a real option; uint8 = normalisation left to the trainer)
+  dtype=float32|float16|uint8 LoaderOptions(dtype=...) (a real option; as shipped, 8-bit images come out as
+                     uint8 and the trainer normalises them: dtype=float32 shows what that saves)
   no-finite-check    BatchChecker without the per-batch NaN/inf scan of 8-bit images
                      (profile_dali_cpu.apply(['no-finite-check']); what DaliLoader does since aeaf1a4)
   cheap-finite       the NaN/inf scan done on per-sample sums (one reduction, no full-size temporaries)
@@ -90,7 +97,7 @@ SCALES = (64, 112, 224)
 BAND_NAMES = ("g", "r", "i")
 MEAN, STD = 0.5, 0.25  # the same per-band normalisation for every loader (images after /255)
 ARCH = "small_cnn"
-DEFAULT_VARIANTS = ("as-shipped", "queue=2", "threads=1", "dtype=uint8")
+DEFAULT_VARIANTS = ("as-shipped", "queue=2", "threads=1", "dtype=float32")
 QUICK_VARIANTS = ("as-shipped",)
 
 
@@ -203,8 +210,13 @@ def _build(cfg: dict, dataset, cuda: bool):
         return _bench_loaders().build_baseline(dataset, SCALES, cfg["batch"], cuda, False, cfg["workers"], True)
     from dali_lens.pipelines import build_loader
 
+    from dali_lens.trainers.config import TrainConfig
+    from dali_lens.trainers.runner import output_dtype
+
+    # as shipped: the output dtype `python -m dali_lens.train` uses (uint8 for 8-bit images, normalised per
+    # scale on the training device by the trainer)
     opts = dict(scales=SCALES, batch_size=cfg["batch"], train=True, mean=(MEAN,) * dataset.bands,
-                std=(STD,) * dataset.bands, num_workers=cfg["workers"])
+                std=(STD,) * dataset.bands, num_workers=cfg["workers"], dtype=output_dtype(TrainConfig(), dataset))
     opts.update(_apply_variant(cfg.get("variant", "as-shipped")))
     return build_loader(dataset, backend=backend, **opts)
 
@@ -261,6 +273,43 @@ class _ResidentBatches:
             yield self.batch
 
 
+def legacy_train_epoch(member, loader, device, on_step=None) -> dict:
+    """mechine_lensing's multi-scale training step (``MultiScaleTrainer.train_epoch``, standard mode).
+
+    Its ``_group_scales_by_memory`` puts 64, 112 and 224 in one group ((s/224)^2 sums to 1.33 < its budget
+    of 2.0), so every scale is forwarded, the losses averaged, and one backward pass made: the autograd graphs
+    of all three scales are alive at once. dali_lens's ``train_epoch`` keeps one scale's graph at a time.
+    Same model, optimizer (AdamW) and schedule as the dali_lens member, so only the step differs.
+    """
+    import torch.nn.functional as F
+
+    m = member
+    m.model.train()
+    steps, seen, total, wait, t0 = 0, 0, 0.0, 0.0, time.perf_counter()
+    fetch = t0
+    for batch in loader:
+        wait += time.perf_counter() - fetch
+        y = batch["label"].to(device).float()
+        loss = 0.0
+        for s in SCALES:
+            z = m.model(batch["image"][s].to(device, non_blocking=True)).float()
+            loss = loss + F.binary_cross_entropy_with_logits(z, y)
+        loss = loss / len(SCALES)
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        m.optimizer.step()
+        m.scheduler.step()
+        total += float(loss.detach())
+        steps += 1
+        seen += len(y)
+        if on_step is not None:
+            on_step(steps)
+        fetch = time.perf_counter()
+    elapsed = time.perf_counter() - t0
+    return {"loss": {"legacy": total / max(1, steps)}, "steps": steps, "samples": seen, "seconds": elapsed,
+            "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9)}
+
+
 def _maxrss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # KiB on Linux
 
@@ -315,12 +364,17 @@ def run_child(cfg: dict) -> dict:
                          epochs=1, workers=cfg["workers"], progress=False, seed=cfg["seed"])
         member = make_member(MemberSpec(ARCH, SCALES, cfg["seed"]), bands, tc, len(loader), device)
         rec["build_s"] = round(time.perf_counter() - t0, 3)
-        stats = train_epoch([member], loader, tc, device, 0, on_step=lambda step: gpu.read(), show_progress=False)
+        if cfg.get("step", "ours") == "legacy":
+            stats = legacy_train_epoch(member, loader, device, on_step=lambda step: gpu.read())
+        else:
+            stats = train_epoch([member], loader, tc, device, 0, on_step=lambda step: gpu.read(),
+                                show_progress=False)
         if stats["steps"] == 0:
             raise RuntimeError(f"no training step ran ({n_samples} samples, batch {cfg['batch']})")
         rec.update({"steps": stats["steps"], "images": stats["samples"], "epoch_s": round(stats["seconds"], 3),
                     "images_per_s": round(stats["images_per_s"], 2),
                     "data_wait_fraction": round(stats["data_wait_fraction"], 4),
+                    "step": cfg.get("step", "ours"),
                     "loss": round(float(next(iter(stats["loss"].values()))), 4),
                     "dataset_samples": n_samples, **gpu.record()})
     rec["main_maxrss_mb"] = _maxrss_mb()
@@ -504,9 +558,12 @@ def build_plan(args, have_cuda: bool) -> list[dict]:
     for rep in range(args.train_repeats):
         for b in args.batch_list:
             for backend in ours + ["baseline"]:
-                plan.append({"kind": "train", "backend": backend, "variant": "as-shipped", "batch": b, "rep": rep})
-            if not args.quick:  # the smoke test skips the floor (the same train_epoch, fed a resident batch)
-                plan.append({"kind": "model-only", "backend": None, "variant": None, "batch": b, "rep": rep})
+                plan.append({"kind": "train", "backend": backend, "variant": "as-shipped", "batch": b, "rep": rep,
+                             "step": args.baseline_step if backend == "baseline" else "ours"})
+            if not args.quick:  # the smoke test skips the floors (each step fed a resident batch)
+                for step in sorted({"ours", args.baseline_step}):
+                    plan.append({"kind": "model-only", "backend": None, "variant": f"{step}-step", "batch": b,
+                                 "rep": rep, "step": step})
     if not args.no_loader_only:
         for rep in range(args.repeats):
             for b in args.batch_list:
@@ -534,7 +591,8 @@ def aggregate(records: list[dict]) -> list[dict]:
             groups.setdefault((r["kind"], r["backend"], r["variant"], r["batch"]), []).append(r)
     out = []
     for (kind, backend, variant, batch), rs in groups.items():
-        row = {"kind": kind, "backend": backend, "variant": variant, "batch": batch, "repeats": len(rs), "ok": True}
+        row = {"kind": kind, "backend": backend, "variant": variant, "batch": batch, "repeats": len(rs), "ok": True,
+               "step": rs[0].get("step")}
         for k in AGG_KEYS:
             vals = [r[k] for r in rs if r.get(k) is not None]
             if not vals:
@@ -567,7 +625,8 @@ def targets(records: list[dict], batches, backends) -> list[dict]:
     out = []
     for b in batches:
         base = _find(records, kind="train", backend="baseline", batch=b)
-        floor = _find(records, kind="model-only", batch=b)
+        floor = _find(records, kind="model-only", batch=b, variant="ours-step")
+        base_floor = _find(records, kind="model-only", batch=b, variant=f"{base['step']}-step") if base else None
         lbase = _find(records, kind="loader-only", backend="baseline", batch=b, variant="as-shipped")
         for backend in backends:
             ours = _find(records, kind="train", backend=backend, batch=b)
@@ -587,13 +646,18 @@ def targets(records: list[dict], batches, backends) -> list[dict]:
                          baseline_peak_gpu_device_mb=base["peak_gpu_device_mb"],
                          gpu_reduction_pct=_pct(ours["peak_gpu_device_mb"], base["peak_gpu_device_mb"]))
                 e["gpu_met"] = e["gpu_reduction_pct"] >= 50.0
-            if floor:
+            e["baseline_step"] = base.get("step")
+            if floor and base_floor:
+                # each run's memory above the floor of its own training step: what its loader adds
                 e["model_only_floor_mb"] = floor["peak_host_mb"]
                 e["model_only_floor_data_mb"] = floor.get("peak_data_mb")
-                lo, lb = ours["peak_host_mb"] - floor["peak_host_mb"], base["peak_host_mb"] - floor["peak_host_mb"]
+                e["baseline_step_floor_mb"] = base_floor["peak_host_mb"]
+                e["baseline_step_floor_data_mb"] = base_floor.get("peak_data_mb")
+                lo = ours["peak_host_mb"] - floor["peak_host_mb"]
+                lb = base["peak_host_mb"] - base_floor["peak_host_mb"]
                 e["ours_above_floor_mb"], e["baseline_above_floor_mb"] = round(lo, 1), round(lb, 1)
                 e["above_floor_reduction_pct"] = _pct(lo, lb) if lb > 0 else None
-                # even a loader costing nothing could only reach (base - floor) / base
+                # even a loader costing nothing could only reach (base - our floor) / base
                 e["best_possible_reduction_pct"] = _pct(floor["peak_host_mb"], base["peak_host_mb"])
             lours = _find(records, kind="loader-only", backend=backend, batch=b, variant="as-shipped")
             if lours and lbase:
@@ -671,10 +735,11 @@ def plot(doc: dict, path: str) -> None:
             ax.text(x, r.get("peak_host_mb_max") or r["peak_host_mb"], f"{r['peak_host_mb']:.0f}", ha="center",
                     va="bottom", fontsize=7)
         for j, b in enumerate(batches):
-            f = _find(recs, kind="model-only", batch=b)
-            if f and i == 0:
-                ax.hlines(f["peak_host_mb"], j - 0.45, j + 0.45, colors="k", linestyles="--", lw=1,
-                          label="model-only floor" if j == 0 else None)
+            for step, style in (("ours", "--"), ("legacy", ":")):
+                f = _find(recs, kind="model-only", batch=b, variant=f"{step}-step")
+                if f and i == 0:
+                    ax.hlines(f["peak_host_mb"], j - 0.45, j + 0.45, colors="k", linestyles=style, lw=1,
+                              label=f"model-only floor, {step} step" if j == 0 else None)
     for t in doc["targets"]:
         j = batches.index(t["batch"])
         ax.text(j + (backends.index(t["backend"]) - (len(backends) - 1) / 2) * w, ax.get_ylim()[1] * 0.08,
@@ -786,6 +851,10 @@ def main(argv=None) -> int:
     p.add_argument("--train-repeats", type=int, default=1,
                    help="measurements of every train / model-only configuration (default 1)")
     p.add_argument("--workers", type=int, help="DataLoader workers / DALI threads (default: usable cores)")
+    p.add_argument("--baseline-step", choices=("legacy", "ours"), default="legacy",
+                   help="the baseline's training step: legacy (mechine_lensing's MultiScaleTrainer: all scales' "
+                        "graphs alive, one backward; default) or ours (dali_lens's train_epoch, to isolate the "
+                        "loader)")
     p.add_argument("--timeout", type=float, default=300, help="seconds before one run is killed (default 300)")
     p.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "dali-lens-bench"),
                    help="where the generated PNG set is cached (default ~/.cache/dali-lens-bench)")
@@ -895,7 +964,8 @@ def main(argv=None) -> int:
     if not args.no_plot:
         plot(doc, os.path.splitext(out)[0] + ".png")
     for t in doc["targets"]:
-        extra = (f"; loader-attributable (above the {t['model_only_floor_mb']:.0f} MB model-only floor) "
+        extra = (f"; model-only floors {t['model_only_floor_mb']:.0f} (our step) vs "
+                 f"{t['baseline_step_floor_mb']:.0f} MB ({t['baseline_step']} step); loader-attributable "
                  f"{t['ours_above_floor_mb']:.0f} vs {t['baseline_above_floor_mb']:.0f} MB"
                  if "model_only_floor_mb" in t else "")
         lo = (f"; loader-only {t['loader_only_ours_mb']:.0f} vs {t['loader_only_baseline_mb']:.0f} MB "
