@@ -276,6 +276,24 @@ def run_child(kind: str, cfg: dict, timeout: float) -> dict:
     return rec
 
 
+def read_targets(doc: dict) -> None:
+    """The issue's read targets: shards at least as fast as loose files with a warm page cache (median of the
+    steady-state epochs), faster with a cold one (first epoch after eviction, per eviction method)."""
+    r = doc["read"]
+    loose, shards = r.get("loose", {}), r.get("shards", {})
+    w_l, w_s = loose.get("warm", {}), shards.get("warm", {})
+    if w_l.get("ok") and w_s.get("ok"):
+        a, b = w_l["later_epochs"]["images_per_s_median"], w_s["later_epochs"]["images_per_s_median"]
+        doc["targets"].append({"name": "read 64 px .npy, warm page cache: shards >= loose files (img/s, median of "
+                                       "steady-state epochs)", "value": {"loose": a, "shards": b}, "met": b >= a})
+    for key in sorted(k for k in shards if k.startswith("cold_")):
+        c_l, c_s = loose.get(key, {}), shards[key]
+        if c_l.get("ok") and c_s.get("ok"):
+            a, b = c_l["first_epoch"]["images_per_s"], c_s["first_epoch"]["images_per_s"]
+            doc["targets"].append({"name": f"read 64 px .npy, cold page cache ({key[5:]}): shards > loose files "
+                                           "(img/s, first epoch)", "value": {"loose": a, "shards": b}, "met": b > a})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smoke test with tiny sets")
@@ -392,6 +410,9 @@ def main(argv=None) -> int:
             else:
                 log(f"read {name} cold: FAILED {rec.get('output_tail')}")
         save()
+
+    read_targets(doc)
+    save()
 
     # 3. predict from shards over large sets: peak memory
     pool = generated(args.data_dir, "png", min(4096, max(predict_ns)), args.seed + 1, log)
