@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 from .cli import add_scoring_args, log, run_command
-from .data.dataset import DataError, Dataset
+from .data.dataset import DataError, Dataset, parse_hdus
 
 CI_METRICS = ("roc_auc", "tpr0", "tpr10")
 TABLE = ("roc_auc", "pr_auc", "tpr0", "tpr10", "accuracy", "precision", "recall", "f1", "ece")
@@ -145,9 +145,7 @@ def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     ens = load_ensemble(args.checkpoint, device)
-    hdus = ens.hdus
-    if args.hdus:
-        hdus = tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in args.hdus.split(","))
+    hdus = parse_hdus(args.hdus) or ens.hdus
     dataset = gather_inputs([args.data], args.split, hdus, float(ens.config.get("val_fraction", 0.15)),
                             int(ens.config.get("seed", 0)))
     check_dataset(ens, dataset)

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data.dataset import DataError, Dataset
+from .data.dataset import DataError, Dataset, parse_hdus
 from .pipelines.options import LoaderOptions, finish
 
 FUSIONS = ("mean_prob", "mean_logit", "temperature")
@@ -150,14 +150,6 @@ def _read_checkpoint(path: str) -> dict:
     return state
 
 
-def _hdu_list(text) -> tuple[int | str, ...] | None:
-    if not text:
-        return None
-    if isinstance(text, (list, tuple)):
-        return tuple(text)
-    return tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in str(text).split(","))
-
-
 def _floats(v) -> tuple[float, ...] | None:
     return None if v is None else tuple(float(x) for x in v)
 
@@ -209,7 +201,7 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
             "mask_value": None if cfg.get("mask_value") is None else float(cfg["mask_value"]),
             "mask_channel": bool(cfg.get("mask_channel", False)),
             "resize_mode": cfg.get("resize_mode", "resize"),
-            "hdus": _hdu_list(cfg.get("hdus")),
+            "hdus": parse_hdus(cfg.get("hdus")),
             "kind": state.get("kind", "image"),
         }
         if ref is None:

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .cli import log, run_command
-from .data.dataset import DataError, Dataset
+from .data.dataset import DataError, Dataset, parse_hdus
 from .data.io import atomic_write_json, atomic_write_text, _fsync_dir
 from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, is_packed, key_bytes, label_bytes, npy_bytes,
                           read_manifest, sample_tar_bytes, shard_name)
@@ -442,8 +442,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    hdus = tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in args.hdus.split(",")) \
-        if args.hdus else None
+    hdus = parse_hdus(args.hdus)
 
     def run():
         _report(pack(args.data, args.out, shard_size=args.shard_size, skip_bad=args.skip_bad, hdus=hdus,

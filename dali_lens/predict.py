@@ -36,7 +36,7 @@ import sys
 import time
 
 from .cli import add_scoring_args, log, run_command
-from .data.dataset import DataError, Dataset, Sample, kind_of, sample_id
+from .data.dataset import DataError, Dataset, Sample, kind_of, parse_hdus, sample_id
 
 SPLIT_ORDER = ("train", "val", "test", "predict")
 LIST_EXTS = (".txt", ".lst", ".list")
@@ -307,9 +307,7 @@ def predict(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ens = load_ensemble(args.checkpoint, device)
-    hdus = ens.hdus
-    if args.hdus:
-        hdus = tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in args.hdus.split(","))
+    hdus = parse_hdus(args.hdus) or ens.hdus
     dataset = gather_inputs(args.data, args.split, hdus, float(ens.config.get("val_fraction", 0.15)),
                             int(ens.config.get("seed", 0)))
     check_dataset(ens, dataset)

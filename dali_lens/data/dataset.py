@@ -109,3 +109,12 @@ def sample_id(path: str) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+def parse_hdus(text) -> tuple[int | str, ...] | None:
+    """``--hdus`` text (``"1,2,3"`` or ``"G,R,I"``, mixed allowed) as HDU indices and EXTNAMEs; None if empty."""
+    if not text:
+        return None
+    if isinstance(text, (list, tuple)):
+        return tuple(text)
+    return tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in str(text).split(","))

@@ -100,9 +100,9 @@ class TrainConfig:
 
     @property
     def hdu_list(self):
-        if not self.hdus:
-            return None
-        return tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in self.hdus.split(","))
+        from ..data.dataset import parse_hdus
+
+        return parse_hdus(self.hdus)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
