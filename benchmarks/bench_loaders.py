@@ -54,7 +54,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -408,45 +407,10 @@ def wait_quiet(max_wait: float, log, threshold: float = 0.25) -> float:
 
 def launch(cfg: dict, timeout: float, log) -> dict:
     """Run ``cfg`` in a fresh subprocess while sampling its process tree's memory from this process."""
-    fd, result_path = tempfile.mkstemp(prefix="bench-loader-", suffix=".json")
-    os.close(fd)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps(cfg), "--_result", result_path]
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    t = time.perf_counter()
-    cpu = common.CpuAccount()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = common.TreeMemorySampler(proc.pid, interval=0.05)
-    sampler.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        rc = "timeout"
-    mem = sampler.stop()
-    mem.update(cpu.finish())
-    wall = time.perf_counter() - t
     rec = {k: cfg[k] for k in ("backend", "format", "size", "scales", "scale_mode", "batch")}
-    try:
-        with open(result_path) as fh:
-            child = json.load(fh)
-    except (OSError, ValueError):
-        child = None
-    finally:
-        try:
-            os.unlink(result_path)
-        except OSError:
-            pass
-    if rc != 0 or not child or "error" in (child or {}):
-        err = (child or {}).get("error") or f"exit status {rc}"
-        tail = "\n".join((out or "").strip().splitlines()[-15:])
-        log(f"    FAILED: {err}\n{tail}")
-        rec.update({"ok": False, "error": err, "output_tail": tail[-2000:], "subprocess_s": round(wall, 2), **mem})
-        return rec
-    rec.update({"ok": True, **child, **mem, "subprocess_s": round(wall, 2)})
-    return rec
+    return common.run_measured(os.path.abspath(__file__), cfg, timeout, log, rec, env=env, cwd=ROOT)
 
 
 def target_check(records: list[dict]) -> list[dict]:
@@ -528,18 +492,7 @@ def plot(doc: dict, path: str) -> None:
         title += f" (other jobs used up to {100 * max(busy):.0f}% of the CPUs)"
     fig.suptitle(f"{title}\n{common.machine_line(doc['machine'])}", fontsize=9)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        common.publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -580,16 +533,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args._child:
-        cfg = json.loads(args._child)
-        try:
-            res = run_one(cfg)
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which records the failure
-            import traceback
-
-            traceback.print_exc()
-            res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-        common.write_json_atomic(args._result, res)
-        return 0 if "error" not in res else 1
+        return common.child_main(run_one, args._child, args._result)
 
     def log(msg: str) -> None:
         print(msg, flush=True)

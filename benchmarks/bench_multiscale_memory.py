@@ -22,6 +22,8 @@ Three kinds of run, each in a fresh subprocess (nothing shared, no warm caches):
   model-only   each step (ours-step, legacy-step) fed one resident synthetic float batch (no loader, no
                decoding): the floor that the model, its autograd graphs and the optimizer cost whatever the
                loader does
+  import-floor a process that imports torch (variant torch) or torch, DALI and dali_lens (torch+dali) and
+               stops: what any run holds before it touches data (not in --quick)
   loader-only  the loader alone (no model), 1 warm-up + timed epochs over --loader-n images: the memory the
                loader itself adds, not diluted by the model; also run for dali-cpu variants that change
                one knob (see --variants) to find out where the DALI loader's memory goes
@@ -328,7 +330,13 @@ def run_child(cfg: dict) -> dict:
     t0 = time.perf_counter()
     rec: dict = {"torch_threads": torch.get_num_threads()}
 
-    if kind == "loader-only":
+    if kind == "import-floor":  # what every torch process holds before any data: the libraries, nothing else
+        if "dali" in cfg["variant"]:
+            import nvidia.dali.plugin.pytorch  # noqa: F401
+
+            import dali_lens.pipelines  # noqa: F401
+        time.sleep(1.0)  # let the parent's sampler read the settled process
+    elif kind == "loader-only":
         dataset = _subset(cfg["root"], cfg["n"], cfg["seed"])
         loader = _build(cfg, dataset, cuda)
         gpu = _GpuPeak(cuda)
@@ -380,7 +388,8 @@ def run_child(cfg: dict) -> dict:
     rec["main_maxrss_mb"] = _maxrss_mb()
     rec["child_s"] = round(time.perf_counter() - t0, 2)
     rec["dali_imported"] = "nvidia.dali" in sys.modules
-    del loader
+    if kind != "import-floor":
+        del loader
     gc.collect()
     return rec
 
@@ -416,31 +425,14 @@ class DataMemorySampler(common.TreeMemorySampler):
             return None
         return (pss, data) if pss is not None and data is not None else None
 
-    def sample(self, force_pss: bool = False) -> None:
-        pids = common.process_tree(self.pid)
-        rss_by = {p: common._rss_bytes(p) for p in pids}
-        rss_by = {p: r for p, r in rss_by.items() if r}
-        if not rss_by:
-            return
-        rss = sum(rss_by.values())
-        self.samples += 1
-        self.peak_procs = max(self.peak_procs, len(rss_by))
-        now = time.perf_counter()
-        new_high = rss > self.peak_rss
-        self.peak_rss = max(self.peak_rss, rss)
-        due = now - self._last_pss_t >= (self.pss_min_interval if new_high or rss > self._rss_at_last_pss
-                                         else self.pss_interval)
-        if not (force_pss or due):
-            return
+    def _read_pss(self, rss_by: dict[int, int]) -> None:
         pss = data = 0
         for p, r in rss_by.items():
             v = self._rollup(p) if self._pss_ok else None
             pss += v[0] if v else r
             data += v[1] if v else 0
-        self.pss_samples += 1
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_data = max(self.peak_data, data)
-        self._last_pss_t, self._rss_at_last_pss = now, rss
 
     def stop(self) -> dict:
         out = super().stop()
@@ -495,48 +487,14 @@ def prepare_child(spec: dict) -> dict:
 def launch(cfg: dict, timeout: float, log, script: str | None = None,
            keys=("kind", "backend", "variant", "batch")) -> dict:
     """Run one configuration in a fresh subprocess while sampling the memory of its process tree."""
-    fd, result_path = tempfile.mkstemp(prefix="bench-child-", suffix=".json")
-    os.close(fd)
-    cmd = [sys.executable, script or os.path.abspath(__file__), "--_child", json.dumps(cfg), "--_result", result_path]
     env = _child_env()
     for part in (cfg.get("variant") or "").split("+"):
         if part.startswith("arenas="):  # glibc reads it at start-up: it cannot be set from inside the child
             env["MALLOC_ARENA_MAX"] = part.split("=", 1)[1]
-    t = time.perf_counter()
-    cpu = common.CpuAccount()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = DataMemorySampler(proc.pid, interval=0.05)
-    sampler.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        rc = "timeout"
-    mem = sampler.stop()
-    mem.update(cpu.finish())
     rec = {k: cfg.get(k) for k in keys}
     rec["n"] = cfg["n"] if cfg.get("kind") != "model-only" else None
-    try:
-        with open(result_path) as fh:
-            child = json.load(fh)
-    except (OSError, ValueError):
-        child = None
-    finally:
-        try:
-            os.unlink(result_path)
-        except OSError:
-            pass
-    wall = round(time.perf_counter() - t, 2)
-    if rc != 0 or not child or "error" in child:
-        err = (child or {}).get("error") or f"exit status {rc}"
-        tail = "\n".join((out or "").strip().splitlines()[-15:])
-        log(f"    FAILED: {err}\n{tail}")
-        rec.update({"ok": False, "error": err, "output_tail": tail[-2000:], "subprocess_s": wall, **mem})
-        return rec
-    rec.update({"ok": True, **child, **mem, "subprocess_s": wall})
-    return rec
+    return common.run_measured(script or os.path.abspath(__file__), cfg, timeout, log, rec, env=env,
+                               sampler=DataMemorySampler, cwd=ROOT)
 
 
 def batch_payload_mb(batch: int, bands: int = len(BAND_NAMES)) -> float:
@@ -564,6 +522,10 @@ def build_plan(args, have_cuda: bool) -> list[dict]:
                 for step in sorted({"ours", args.baseline_step}):
                     plan.append({"kind": "model-only", "backend": None, "variant": f"{step}-step", "batch": b,
                                  "rep": rep, "step": step})
+    if not args.quick:  # the floor under every figure: a process that imports torch (and DALI) and stops
+        for rep in range(args.repeats):
+            for v in ("torch", "torch+dali"):
+                plan.append({"kind": "import-floor", "backend": None, "variant": v, "batch": None, "rep": rep})
     if not args.no_loader_only:
         for rep in range(args.repeats):
             for b in args.batch_list:
@@ -670,6 +632,12 @@ def targets(records: list[dict], batches, backends) -> list[dict]:
                          loader_only_baseline_data_mb=lbase.get("peak_data_mb"))
                 if lours.get("peak_data_mb") and lbase.get("peak_data_mb"):
                     e["loader_only_data_reduction_pct"] = _pct(lours["peak_data_mb"], lbase["peak_data_mb"])
+            imp = _find(records, kind="import-floor", variant="torch")
+            if imp and e.get("loader_only_baseline_mb"):
+                # half the baseline's loader-only peak vs what `import torch` alone holds in this environment
+                e["import_torch_floor_mb"] = imp["peak_host_mb"]
+                e["loader_only_50pct_goal_mb"] = round(0.5 * e["loader_only_baseline_mb"], 1)
+                e["loader_only_50pct_below_import_floor"] = e["loader_only_50pct_goal_mb"] < imp["peak_host_mb"]
             e["met"] = e["host_met"] and e.get("gpu_met", True)
             out.append(e)
     return out
@@ -804,18 +772,7 @@ def plot(doc: dict, path: str) -> None:
                  f"Dataset\n{common.machine_line(doc['machine'])}"
                  + (f"; load avg {load[0]:.1f} at start" if load else ""), fontsize=9)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        common.publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def host_tag() -> str:
@@ -868,19 +825,8 @@ def main(argv=None) -> int:
     if args._prepare:
         common.write_json_atomic(args._result, prepare_child(json.loads(args._prepare)))
         return 0
-    if args._child:
-        cfg = json.loads(args._child)
-        sha = library_tree_sha()  # the library files as this process imports them
-        try:
-            res = run_child(cfg)
-            res["library_sha"] = sha
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which records the failure
-            import traceback
-
-            traceback.print_exc()
-            res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-        common.write_json_atomic(args._result, res)
-        return 0 if "error" not in res else 1
+    if args._child:  # the library files as this process imports them
+        return common.child_main(run_child, args._child, args._result, library_sha=library_tree_sha())
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -980,12 +926,7 @@ def main(argv=None) -> int:
         rng = f" [{rng[0]:.0f}-{rng[1]:.0f}]" if rng[0] is not None else ""
         log(f"variant {v['variant']:<30} batch {v['batch']}: {v['peak_host_mb']:.0f} MB{rng} "
             f"({v['delta_vs_as_shipped_mb']:+.0f} MB vs as-shipped, median of {v['repeats']})")
-    if doc["library"]["changed_during_run"]:
-        log("WARNING: dali_lens/*.py changed while the benchmark ran (" + ", ".join(doc["library"]["changed_files"])
-            + "): not every run measured the same code; see each run's library_sha")
-    failed = [r for r in records if not r["ok"]]
-    log(f"done in {doc['total_s']:.0f} s; {len(records) - len(failed)} ok, {len(failed)} failed -> {out}")
-    return 1 if failed else 0
+    return common.finish_log(doc, records, out, log)
 
 
 if __name__ == "__main__":

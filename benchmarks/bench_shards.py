@@ -315,10 +315,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args._child:
-        cfg = json.loads(args._child)
-        res = {"pack": child_pack, "read": child_read}[cfg["kind"]](cfg)
-        common.write_json_atomic(args._result, res)
-        return 0
+        return common.child_main(lambda cfg: {"pack": child_pack, "read": child_read}[cfg["kind"]](cfg),
+                                 args._child, args._result)
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -244,18 +243,7 @@ def plot(doc: dict, path: str) -> None:
                  + (f"; other jobs used {100 * min(busy):.0f}-{100 * max(busy):.0f}% of the CPUs during the runs"
                     if busy else ""), fontsize=8)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        common.publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -289,19 +277,8 @@ def main(argv=None) -> int:
     if args._prepare:
         common.write_json_atomic(args._result, bmm.prepare_child(json.loads(args._prepare)))
         return 0
-    if args._child:
-        cfg = json.loads(args._child)
-        sha = bmm.library_tree_sha()  # the library files as this process imports them
-        try:
-            res = run_child(cfg)
-            res["library_sha"] = sha
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which records the failure
-            import traceback
-
-            traceback.print_exc()
-            res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-        common.write_json_atomic(args._result, res)
-        return 0 if "error" not in res else 1
+    if args._child:  # the library files as this process imports them
+        return common.child_main(run_child, args._child, args._result, library_sha=bmm.library_tree_sha())
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -375,12 +352,7 @@ def main(argv=None) -> int:
                if s["loader_efficiency"] is not None else "")
         log(f"{s['arch']:<10} {s['size']:>3}px {s['backend']:<12} {s['samples_per_s']:>8.1f} samples/s, "
             f"data wait {s['data_wait_pct']:.1f}%{eff}")
-    if doc["library"]["changed_during_run"]:
-        log("WARNING: dali_lens/*.py changed while the benchmark ran (" + ", ".join(doc["library"]["changed_files"])
-            + "): not every run measured the same code; see each run's library_sha")
-    failed = [r for r in records if not r["ok"]]
-    log(f"done in {doc['total_s']:.0f} s; {len(records) - len(failed)} ok, {len(failed)} failed -> {out}")
-    return 1 if failed else 0
+    return common.finish_log(doc, records, out, log)
 
 
 if __name__ == "__main__":

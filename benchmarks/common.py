@@ -176,6 +176,42 @@ def write_json_atomic(path: str, obj, indent: int = 2) -> None:
         raise
 
 
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Write a matplotlib figure as PNG to ``path`` atomically (temporary file in the same folder, renamed
+    when complete) and close it."""
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def child_main(run, cfg_json: str, result_path: str, **extra) -> int:
+    """The measured subprocess's side: ``run(cfg)`` -> dict (plus ``extra``) written to ``result_path``.
+
+    An exception is printed with its traceback and recorded as ``{"error": ...}`` for the parent, which keeps
+    the failure in its results; the exit status is then 1.
+    """
+    try:
+        res = run(json.loads(cfg_json))
+        res.update(extra)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which records the failure
+        import traceback
+
+        traceback.print_exc()
+        res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    write_json_atomic(result_path, res)
+    return 0 if "error" not in res else 1
+
+
 def write_text_atomic(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
@@ -290,16 +326,17 @@ class TreeMemorySampler(threading.Thread):
         due = now - self._last_pss_t >= (self.pss_min_interval if new_high or rss > self._rss_at_last_pss
                                          else self.pss_interval)
         if force_pss or due:
-            if self._pss_ok:
-                pss = 0
-                for p, r in rss_by.items():
-                    v = _pss_bytes(p)
-                    pss += v if v is not None else r
-            else:
-                pss = rss
+            self._read_pss(rss_by)
             self.pss_samples += 1
-            self.peak_pss = max(self.peak_pss, pss)
             self._last_pss_t, self._rss_at_last_pss = now, rss
+
+    def _read_pss(self, rss_by: dict[int, int]) -> None:
+        """Read the PSS of every process (``rss_by``: pid -> RSS bytes) and keep the peak of their sum."""
+        pss = 0
+        for p, r in rss_by.items():
+            v = _pss_bytes(p) if self._pss_ok else None
+            pss += v if v is not None else r
+        self.peak_pss = max(self.peak_pss, pss)
 
     def run(self) -> None:
         while not self._stop_evt.is_set():
@@ -391,3 +428,63 @@ def machine_load(seconds: float = 1.0) -> float:
     time.sleep(seconds)
     b1, t1 = _cpu_times()
     return (b1 - b0) / max(1e-9, t1 - t0)
+
+
+# --------------------------------------------------------------------------------------------- measured runs
+
+def run_measured(script: str, cfg: dict, timeout: float, log, rec: dict, env: dict | None = None,
+                 sampler=None, cwd: str | None = None) -> dict:
+    """Run ``script --_child CFG --_result FILE`` (whose child side is :func:`child_main`) in a fresh
+    subprocess, sampling the memory of its process tree (``sampler``, default :class:`TreeMemorySampler`)
+    and the CPU meanwhile. ``rec`` (the run's identifying fields) is completed and returned: ``ok``, the
+    child's result, the memory and CPU figures, ``subprocess_s``; on failure ``error`` and the output's tail.
+    """
+    import subprocess
+
+    fd, result_path = tempfile.mkstemp(prefix="bench-child-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, script, "--_child", json.dumps(cfg), "--_result", result_path]
+    t = time.perf_counter()
+    cpu = CpuAccount()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mem_sampler = (sampler or TreeMemorySampler)(proc.pid, interval=0.05)
+    mem_sampler.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        rc = "timeout"
+    mem = mem_sampler.stop()
+    mem.update(cpu.finish())
+    try:
+        with open(result_path) as fh:
+            child = json.load(fh)
+    except (OSError, ValueError):
+        child = None
+    finally:
+        try:
+            os.unlink(result_path)
+        except OSError:
+            pass
+    wall = round(time.perf_counter() - t, 2)
+    if rc != 0 or not child or "error" in child:
+        err = (child or {}).get("error") or f"exit status {rc}"
+        tail = "\n".join((out or "").strip().splitlines()[-15:])
+        log(f"    FAILED: {err}\n{tail}")
+        rec.update({"ok": False, "error": err, "output_tail": tail[-2000:], "subprocess_s": wall, **mem})
+        return rec
+    rec.update({"ok": True, **child, **mem, "subprocess_s": wall})
+    return rec
+
+
+def finish_log(doc: dict, records: list[dict], out: str, log) -> int:
+    """The closing lines of a benchmark that records its library state: a warning if dali_lens changed
+    during the run, then the count of runs; exit status 1 if any failed."""
+    if doc.get("library", {}).get("changed_during_run"):
+        log("WARNING: dali_lens/*.py changed while the benchmark ran (" + ", ".join(doc["library"]["changed_files"])
+            + "): not every run measured the same code; see each run's library_sha")
+    failed = [r for r in records if not r["ok"]]
+    log(f"done in {doc['total_s']:.0f} s; {len(records) - len(failed)} ok, {len(failed)} failed -> {out}")
+    return 1 if failed else 0
