@@ -22,8 +22,9 @@ Three kinds of run, each in a fresh subprocess (nothing shared, no warm caches):
   model-only   each step (ours-step, legacy-step) fed one resident synthetic float batch (no loader, no
                decoding): the floor that the model, its autograd graphs and the optimizer cost whatever the
                loader does
-  import-floor a process that imports torch (variant torch) or torch, DALI and dali_lens (torch+dali) and
-               stops: what any run holds before it touches data (not in --quick)
+  import-floor a process that imports and stops: torch; torch+dali (plus DALI and dali_lens.pipelines);
+               run (everything a measured run imports): what any run holds before it touches data (not in
+               --quick)
   loader-only  the loader alone (no model), 1 warm-up + timed epochs over --loader-n images: the memory the
                loader itself adds, not diluted by the model; also run for dali-cpu variants that change
                one knob (see --variants) to find out where the DALI loader's memory goes
@@ -316,7 +317,30 @@ def _maxrss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # KiB on Linux
 
 
+def import_floor(variant: str) -> dict:
+    """A process that imports and stops: ``torch``; ``torch+dali`` (plus DALI's PyTorch plugin and
+    dali_lens.pipelines); ``run`` (everything a measured run imports: the trainers and the legacy baseline).
+    What any run of that kind holds before it touches data."""
+    t0 = time.perf_counter()
+    import torch  # noqa: F401
+
+    if variant in ("torch+dali", "run"):
+        sys.path.insert(0, ROOT)
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+
+        import dali_lens.pipelines  # noqa: F401
+    if variant == "run":
+        import dali_lens.trainers.loop  # noqa: F401
+        import dali_lens.trainers.members  # noqa: F401
+
+        _bench_loaders()
+    time.sleep(1.0)  # let the parent's sampler read the settled process
+    return {"main_maxrss_mb": _maxrss_mb(), "child_s": round(time.perf_counter() - t0, 2)}
+
+
 def run_child(cfg: dict) -> dict:
+    if cfg["kind"] == "import-floor":
+        return import_floor(cfg["variant"])
     import torch
 
     sys.path.insert(0, ROOT)
@@ -330,13 +354,7 @@ def run_child(cfg: dict) -> dict:
     t0 = time.perf_counter()
     rec: dict = {"torch_threads": torch.get_num_threads()}
 
-    if kind == "import-floor":  # what every torch process holds before any data: the libraries, nothing else
-        if "dali" in cfg["variant"]:
-            import nvidia.dali.plugin.pytorch  # noqa: F401
-
-            import dali_lens.pipelines  # noqa: F401
-        time.sleep(1.0)  # let the parent's sampler read the settled process
-    elif kind == "loader-only":
+    if kind == "loader-only":
         dataset = _subset(cfg["root"], cfg["n"], cfg["seed"])
         loader = _build(cfg, dataset, cuda)
         gpu = _GpuPeak(cuda)
@@ -388,8 +406,7 @@ def run_child(cfg: dict) -> dict:
     rec["main_maxrss_mb"] = _maxrss_mb()
     rec["child_s"] = round(time.perf_counter() - t0, 2)
     rec["dali_imported"] = "nvidia.dali" in sys.modules
-    if kind != "import-floor":
-        del loader
+    del loader
     gc.collect()
     return rec
 
@@ -524,7 +541,7 @@ def build_plan(args, have_cuda: bool) -> list[dict]:
                                  "rep": rep, "step": step})
     if not args.quick:  # the floor under every figure: a process that imports torch (and DALI) and stops
         for rep in range(args.repeats):
-            for v in ("torch", "torch+dali"):
+            for v in ("torch", "torch+dali", "run"):
                 plan.append({"kind": "import-floor", "backend": None, "variant": v, "batch": None, "rep": rep})
     if not args.no_loader_only:
         for rep in range(args.repeats):
@@ -633,11 +650,17 @@ def targets(records: list[dict], batches, backends) -> list[dict]:
                 if lours.get("peak_data_mb") and lbase.get("peak_data_mb"):
                     e["loader_only_data_reduction_pct"] = _pct(lours["peak_data_mb"], lbase["peak_data_mb"])
             imp = _find(records, kind="import-floor", variant="torch")
-            if imp and e.get("loader_only_baseline_mb"):
-                # half the baseline's loader-only peak vs what `import torch` alone holds in this environment
+            run_floor = _find(records, kind="import-floor", variant="run")
+            if imp and run_floor and e.get("loader_only_baseline_mb"):
+                # half the baseline's loader-only peak vs what importing alone holds in this environment
                 e["import_torch_floor_mb"] = imp["peak_host_mb"]
+                e["import_run_floor_mb"] = run_floor["peak_host_mb"]
                 e["loader_only_50pct_goal_mb"] = round(0.5 * e["loader_only_baseline_mb"], 1)
-                e["loader_only_50pct_below_import_floor"] = e["loader_only_50pct_goal_mb"] < imp["peak_host_mb"]
+                e["loader_only_50pct_below_import_floor"] = e["loader_only_50pct_goal_mb"] < run_floor["peak_host_mb"]
+                lo = e["loader_only_ours_mb"] - run_floor["peak_host_mb"]
+                lb = e["loader_only_baseline_mb"] - run_floor["peak_host_mb"]
+                e["loader_only_above_import_floor_mb"] = {"ours": round(lo, 1), "baseline": round(lb, 1)}
+                e["loader_only_above_import_floor_reduction_pct"] = _pct(lo, lb) if lb > 0 else None
             e["met"] = e["host_met"] and e.get("gpu_met", True)
             out.append(e)
     return out
