@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .dataset import DataError, Dataset, Sample
+from .dataset import _NO_META, DataError, Dataset, Sample
 
 MANIFEST = "manifest.json"
 FORMAT = "dali-lens-shards"
@@ -240,7 +240,7 @@ def load_packed(root: str) -> dict[str, Dataset]:
                 raise DataError(f"{tar}: its sample list holds {len(keys)} samples, the manifest says {entry['count']}")
             for k, ident, label, ext, meta in zip(keys, ids, labels, exts, metas):
                 samples.append(Sample(member_path(tar, f"{k:0{width}d}", ext), None if label < 0 else int(label),
-                                      str(ident), meta=meta or {}))
+                                      str(ident), meta=meta or _NO_META))
         if samples:
             out[split] = Dataset(samples, bands, "shards", root, split, None, shape)
     if not out:
