@@ -29,6 +29,8 @@ used meanwhile (foreign_cpu_frac): the machine is shared, compare runs with smal
 
   python benchmarks/bench_shards.py                    # the full run (~15 min on 2 cores)
   python benchmarks/bench_shards.py --quick            # a smoke test (~1 min)
+  python benchmarks/bench_shards.py --sections predict --predict-n 50000,100000,200000
+                                                       # rerun one section, keep the others in the JSON
 """
 from __future__ import annotations
 
@@ -276,6 +278,26 @@ def run_child(kind: str, cfg: dict, timeout: float) -> dict:
     return rec
 
 
+def all_targets(doc: dict) -> None:
+    """The issue's targets, from whatever sections ``doc`` holds (recomputed after every section)."""
+    doc["targets"] = []
+    pack = doc.get("pack") or {}
+    if pack.get("runs"):
+        best = pack.get("cutouts_per_s_best")
+        doc["targets"].append({"name": "pack >= 3000 cutouts/s (64 px PNG)", "value": best,
+                               "met": best is not None and best >= 3000})
+    read_targets(doc)
+    shard_runs = sorted((r for r in doc.get("predict", []) if r["source"] == "shards" and r["ok"]), key=lambda r: r["n"])
+    if len(shard_runs) >= 2:
+        a, b = shard_runs[0], shard_runs[-1]
+        growth = {k: round((b[k] - a[k]) * common.MB / (b["n"] - a["n"]), 1)
+                  for k in ("peak_rss_sum_mb", "peak_host_mb", "peak_rss_anon_mb")}
+        doc["predict_memory_growth_bytes_per_cutout"] = growth
+        doc["targets"].append({"name": f"predict peak RSS flat from {a['n']} to {b['n']} cutouts: growth below 2 KB per "
+                                       "cutout (the per-sample bookkeeping: samples, shard plan, DALI's tar index)",
+                               "value": growth["peak_rss_sum_mb"], "met": growth["peak_rss_sum_mb"] < 2048})
+
+
 def read_targets(doc: dict) -> None:
     """The issue's read targets: shards at least as fast as loose files with a warm page cache (median of the
     steady-state epochs), faster with a cold one (first epoch after eviction, per eviction method)."""
@@ -310,6 +332,9 @@ def main(argv=None) -> int:
                    help="where generated and packed sets are kept (default ~/.cache/dali-lens-bench/shards)")
     p.add_argument("--out", help="result JSON (default benchmarks/results/shards-<host>.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sections", default="pack,read,predict",
+                   help="comma list of the sections to run (default: pack,read,predict); the others are kept from "
+                        "the existing --out file, and each section records when and by which command it ran")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -331,128 +356,139 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(HERE, "results", f"shards-{common.device_tag(info)}.json")
     os.makedirs(args.data_dir, exist_ok=True)
     log(f"{common.machine_line(info)}\nresults -> {out}")
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    bad = [x for x in sections if x not in ("pack", "read", "predict")]
+    if bad or not sections:
+        p.error(f"--sections: choose from pack, read, predict (got {args.sections!r})")
+    mode = "quick" if args.quick else "full"
+    settings = {"size": SIZE, "bands": len(BANDS), "pack_n": pack_n, "read_n": read_n, "predict_n": predict_ns,
+                "workers": workers, "cold": args.cold, "data_dir": args.data_dir}
     doc = {"benchmark": "shards", "machine": info, "command": common.command_line(), "timestamp": common.utc_timestamp(),
-           "mode": "quick" if args.quick else "full",
-           "settings": {"size": SIZE, "bands": len(BANDS), "pack_n": pack_n, "read_n": read_n,
-                        "predict_n": predict_ns, "workers": workers, "cold": args.cold, "data_dir": args.data_dir},
-           "pack": {}, "read": {}, "predict": [], "targets": []}
+           "mode": mode, "settings": settings, "pack": {}, "read": {}, "predict": [], "targets": []}
+    if len(sections) < 3 and os.path.exists(out):  # keep the sections not rerun from the existing results
+        with open(out) as fh:
+            old = json.load(fh)
+        if old.get("mode") != mode:
+            p.error(f"{out} holds a {old.get('mode')} run; rerun every section or write elsewhere (--out)")
+        for key in ("pack", "read", "predict"):
+            if key not in sections:
+                doc[key] = old.get(key, doc[key])
+        doc["section_runs"] = old.get("section_runs") or {
+            k: {"timestamp": old.get("timestamp"), "command": old.get("command")} for k in ("pack", "read", "predict")}
+        # a setting that belongs to a section kept from the old file keeps its old value
+        owner = {"pack_n": "pack", "read_n": "read", "cold": "read", "predict_n": "predict"}
+        doc["settings"] = {**old.get("settings", {}),
+                           **{k: v for k, v in settings.items() if owner.get(k, sections[0]) in sections}}
+    doc.setdefault("section_runs", {})
+    for key in sections:
+        doc["section_runs"][key] = {"timestamp": doc["timestamp"], "command": doc["command"]}
 
     def save() -> None:
+        all_targets(doc)
         doc["seconds_total"] = round(time.perf_counter() - t_all, 1)
         common.write_json_atomic(out, doc)
 
-    # 1. packing throughput (64 px PNG, warm cache)
-    src = generated(args.data_dir, "png", pack_n, args.seed, log)
-    for f in dataset_files(src):  # warm the page cache
-        with open(f, "rb") as fh:
-            fh.read()
-    runs = []
-    for r in range(repeats):
-        rec = run_child("pack", {"src": src, "out": os.path.join(args.data_dir, "packed-png")}, timeout=1800)
-        runs.append(rec)
-        log(f"pack {pack_n} PNG [{r + 1}/{repeats}]: " + (f"{rec['cutouts_per_s']:.0f} cutouts/s, {rec['mb_per_s']:.1f} "
-            f"MB/s, {rec['shards']} shard(s), peak {rec['peak_host_mb']:.0f} MB PSS, other processes "
-            f"{100 * rec['foreign_cpu_frac']:.0f}% of the CPUs" if rec["ok"] else f"FAILED {rec.get('output_tail')}"))
-    ok = [r for r in runs if r["ok"]]
-    doc["pack"] = {"source": "png", "n": pack_n, "runs": runs,
-                   "cutouts_per_s_best": max((r["cutouts_per_s"] for r in ok), default=None),
-                   "cutouts_per_s_median": statistics.median(r["cutouts_per_s"] for r in ok) if ok else None,
-                   "mb_per_s_best": max((r["mb_per_s"] for r in ok), default=None)}
-    doc["targets"].append({"name": "pack >= 3000 cutouts/s (64 px PNG)", "value": doc["pack"]["cutouts_per_s_best"],
-                           "met": bool(ok) and doc["pack"]["cutouts_per_s_best"] >= 3000})
-    save()
-
-    # 2. reading: DALI CPU over loose .npy vs the same samples packed
-    npy = generated(args.data_dir, "npy", read_n, args.seed, log)
-    npy_packed = os.path.join(args.data_dir, f"packed-npy-{read_n}")
-    rec = run_child("pack", {"src": npy, "out": npy_packed}, timeout=1800)
-    doc["read"]["pack_npy"] = rec
-    if rec["ok"]:
-        log(f"pack {read_n} npy: {rec['cutouts_per_s']:.0f} cutouts/s, {rec['mb_per_s']:.1f} MB/s, {rec['shards']} shard(s)")
-    cold_methods = {"auto": ["fadvise", "drop_caches"], "none": []}.get(args.cold, [args.cold])
-    for name, root, extra in (("loose", npy, {}), ("shards", npy_packed, {}), ("shards-mmap", npy_packed, {"mmap": True})):
-        files = dataset_files(root)
-        for f in files:  # warm: everything in the page cache
+    if "pack" in sections:
+        # 1. packing throughput (64 px PNG, warm cache)
+        src = generated(args.data_dir, "png", pack_n, args.seed, log)
+        for f in dataset_files(src):  # warm the page cache
             with open(f, "rb") as fh:
-                while fh.read(1 << 22):
-                    pass
-        cfg = {"root": root, "batch": 256, "workers": workers, "min_epochs": 1 if args.quick else 2,
-               "min_time": 0 if args.quick else 10, "extra": extra}
-        rec = run_child("read", cfg, timeout=1800)
-        doc["read"][name] = {"warm": rec}
-        if rec["ok"]:
-            log(f"read {name:<11} warm: peak RSS {rec['peak_rss_anon_mb']:.0f} MB anonymous + "
-                f"{rec['peak_rss_file_mb']:.0f} MB file-backed; first epoch {rec['first_epoch']['images_per_s']:.0f} img/s (incl. loader "
-                f"construction {rec['loader_construction_s']:.2f} s), then {rec['later_epochs']['images_per_s_best']:.0f} "
-                f"img/s best ({rec['later_epochs']['images_per_s_median']:.0f} median, "
-                f"{rec['later_epochs']['cpu_ms_per_image_median']:.3f} CPU ms/img); other processes "
-                f"{100 * rec['foreign_cpu_frac']:.0f}% of the CPUs")
-        else:
-            log(f"read {name} warm: FAILED {rec.get('output_tail')}")
-        for method in cold_methods if name != "shards-mmap" else []:
-            try:
-                used = evict(files, method)
-            except OSError as exc:
-                doc["read"][name][f"cold_{method}"] = {"ok": False, "error": f"eviction failed: {exc}"}
-                log(f"read {name} cold ({method}): eviction not permitted here ({exc})")
-                continue
-            rec = run_child("read", dict(cfg, min_epochs=1, min_time=0), timeout=1800)
-            rec["eviction"] = used
-            doc["read"][name][f"cold_{used}"] = rec
-            if rec["ok"]:
-                log(f"read {name:<11} cold ({used}, {100 * (rec['resident_at_start'] or 0):.0f}% of the data resident "
-                    f"at start): first epoch {rec['first_epoch']['images_per_s']:.0f} img/s "
-                    f"({rec['first_epoch']['payload_mb_per_s']:.0f} MB/s payload, loader construction "
-                    f"{rec['loader_construction_s']:.2f} s), next epoch {rec['later_epochs']['images_per_s_best']:.0f} "
-                    f"img/s; other processes {100 * rec['foreign_cpu_frac']:.0f}% of the CPUs")
-            else:
-                log(f"read {name} cold: FAILED {rec.get('output_tail')}")
+                fh.read()
+        runs = []
+        for r in range(repeats):
+            rec = run_child("pack", {"src": src, "out": os.path.join(args.data_dir, "packed-png")}, timeout=1800)
+            runs.append(rec)
+            log(f"pack {pack_n} PNG [{r + 1}/{repeats}]: " + (f"{rec['cutouts_per_s']:.0f} cutouts/s, {rec['mb_per_s']:.1f} "
+                f"MB/s, {rec['shards']} shard(s), peak {rec['peak_host_mb']:.0f} MB PSS, other processes "
+                f"{100 * rec['foreign_cpu_frac']:.0f}% of the CPUs" if rec["ok"] else f"FAILED {rec.get('output_tail')}"))
+        ok = [r for r in runs if r["ok"]]
+        doc["pack"] = {"source": "png", "n": pack_n, "runs": runs,
+                       "cutouts_per_s_best": max((r["cutouts_per_s"] for r in ok), default=None),
+                       "cutouts_per_s_median": statistics.median(r["cutouts_per_s"] for r in ok) if ok else None,
+                       "mb_per_s_best": max((r["mb_per_s"] for r in ok), default=None)}
         save()
 
-    read_targets(doc)
-    save()
-
-    # 3. predict from shards over large sets: peak memory
-    pool = generated(args.data_dir, "png", min(4096, max(predict_ns)), args.seed + 1, log)
-    ckpt = make_checkpoint(os.path.join(args.data_dir, "small_cnn64.pt"))
-    for n in predict_ns:
-        loose = linked_set(pool, os.path.join(args.data_dir, f"links-{n}"), n, log)
-        packed = os.path.join(args.data_dir, f"packed-links-{n}")
-        prec = run_child("pack", {"src": loose, "out": packed}, timeout=3600)
-        if prec["ok"]:
-            log(f"pack {n} linked PNG: {prec['cutouts_per_s']:.0f} cutouts/s, {prec['mb_per_s']:.1f} MB/s, "
-                f"{prec['shards']} shard(s), peak {prec['peak_host_mb']:.0f} MB PSS")
-        targets = [("shards", packed)] + ([("loose", loose)] if args.predict_loose and n == min(predict_ns) else [])
-        for source, data in targets:
-            csv_out = os.path.join(args.data_dir, f"predict-{source}-{n}.csv")
-            if os.path.exists(csv_out):
-                os.unlink(csv_out)
-            cmd = [sys.executable, "-m", "dali_lens.predict", "-c", ckpt, data, "--out", csv_out, "--backend",
-                   "dali-cpu", "--batch-size", "256", "--workers", "1", "--threads", "1", "--no-progress"]
-            log(f"predict {n} cutouts from {source} ...")
-            rec = launch(cmd, timeout=3600, timeline=True)
-            output = rec.pop("_output", "")
-            rows = sum(1 for _ in open(csv_out)) - 1 if os.path.exists(csv_out) else 0
-            rec.update(n=n, source=source, rows=rows, pack=prec if source == "shards" else None,
-                       images_per_s=round(n / rec["wall_s"], 1),
-                       log_tail=[ln for ln in output.splitlines() if "scored" in ln or "cutouts" in ln][-2:])
-            doc["predict"].append(rec)
-            log(f"  {rows} rows in {rec['wall_s']:.0f} s ({rec['images_per_s']:.0f} img/s incl. start-up), peak "
-                f"{rec['peak_host_mb']:.0f} MB PSS / {rec['peak_rss_sum_mb']:.0f} MB RSS sum (anonymous "
-                f"{rec['peak_rss_anon_mb']:.0f} MB, file-backed {rec['peak_rss_file_mb']:.0f} MB); other processes "
-                f"{100 * rec['foreign_cpu_frac']:.0f}% of the CPUs")
-            if os.path.exists(csv_out):
-                os.unlink(csv_out)
+    if "read" in sections:
+        # 2. reading: DALI CPU over loose .npy vs the same samples packed
+        npy = generated(args.data_dir, "npy", read_n, args.seed, log)
+        npy_packed = os.path.join(args.data_dir, f"packed-npy-{read_n}")
+        rec = run_child("pack", {"src": npy, "out": npy_packed}, timeout=1800)
+        doc["read"]["pack_npy"] = rec
+        if rec["ok"]:
+            log(f"pack {read_n} npy: {rec['cutouts_per_s']:.0f} cutouts/s, {rec['mb_per_s']:.1f} MB/s, {rec['shards']} shard(s)")
+        cold_methods = {"auto": ["fadvise", "drop_caches"], "none": []}.get(args.cold, [args.cold])
+        for name, root, extra in (("loose", npy, {}), ("shards", npy_packed, {}), ("shards-mmap", npy_packed, {"mmap": True})):
+            files = dataset_files(root)
+            for f in files:  # warm: everything in the page cache
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 22):
+                        pass
+            cfg = {"root": root, "batch": 256, "workers": workers, "min_epochs": 1 if args.quick else 2,
+                   "min_time": 0 if args.quick else 10, "extra": extra}
+            rec = run_child("read", cfg, timeout=1800)
+            doc["read"][name] = {"warm": rec}
+            if rec["ok"]:
+                log(f"read {name:<11} warm: peak RSS {rec['peak_rss_anon_mb']:.0f} MB anonymous + "
+                    f"{rec['peak_rss_file_mb']:.0f} MB file-backed; first epoch {rec['first_epoch']['images_per_s']:.0f} img/s (incl. loader "
+                    f"construction {rec['loader_construction_s']:.2f} s), then {rec['later_epochs']['images_per_s_best']:.0f} "
+                    f"img/s best ({rec['later_epochs']['images_per_s_median']:.0f} median, "
+                    f"{rec['later_epochs']['cpu_ms_per_image_median']:.3f} CPU ms/img); other processes "
+                    f"{100 * rec['foreign_cpu_frac']:.0f}% of the CPUs")
+            else:
+                log(f"read {name} warm: FAILED {rec.get('output_tail')}")
+            for method in cold_methods if name != "shards-mmap" else []:
+                try:
+                    used = evict(files, method)
+                except OSError as exc:
+                    doc["read"][name][f"cold_{method}"] = {"ok": False, "error": f"eviction failed: {exc}"}
+                    log(f"read {name} cold ({method}): eviction not permitted here ({exc})")
+                    continue
+                rec = run_child("read", dict(cfg, min_epochs=1, min_time=0), timeout=1800)
+                rec["eviction"] = used
+                doc["read"][name][f"cold_{used}"] = rec
+                if rec["ok"]:
+                    log(f"read {name:<11} cold ({used}, {100 * (rec['resident_at_start'] or 0):.0f}% of the data resident "
+                        f"at start): first epoch {rec['first_epoch']['images_per_s']:.0f} img/s "
+                        f"({rec['first_epoch']['payload_mb_per_s']:.0f} MB/s payload, loader construction "
+                        f"{rec['loader_construction_s']:.2f} s), next epoch {rec['later_epochs']['images_per_s_best']:.0f} "
+                        f"img/s; other processes {100 * rec['foreign_cpu_frac']:.0f}% of the CPUs")
+                else:
+                    log(f"read {name} cold: FAILED {rec.get('output_tail')}")
             save()
-    shard_runs = sorted((r for r in doc["predict"] if r["source"] == "shards" and r["ok"]), key=lambda r: r["n"])
-    if len(shard_runs) >= 2:
-        a, b = shard_runs[0], shard_runs[-1]
-        growth = {k: round((b[k] - a[k]) * common.MB / (b["n"] - a["n"]), 1)
-                  for k in ("peak_rss_sum_mb", "peak_host_mb", "peak_rss_anon_mb")}
-        doc["predict_memory_growth_bytes_per_cutout"] = growth
-        doc["targets"].append({"name": f"predict peak RSS flat from {a['n']} to {b['n']} cutouts: growth below 2 KB per "
-                                       "cutout (what the samples' metadata costs)",
-                               "value": growth["peak_rss_sum_mb"], "met": growth["peak_rss_sum_mb"] < 2048})
+
+    if "predict" in sections:
+        # 3. predict from shards over large sets: peak memory
+        pool = generated(args.data_dir, "png", min(4096, max(predict_ns)), args.seed + 1, log)
+        ckpt = make_checkpoint(os.path.join(args.data_dir, "small_cnn64.pt"))
+        for n in predict_ns:
+            loose = linked_set(pool, os.path.join(args.data_dir, f"links-{n}"), n, log)
+            packed = os.path.join(args.data_dir, f"packed-links-{n}")
+            prec = run_child("pack", {"src": loose, "out": packed}, timeout=3600)
+            if prec["ok"]:
+                log(f"pack {n} linked PNG: {prec['cutouts_per_s']:.0f} cutouts/s, {prec['mb_per_s']:.1f} MB/s, "
+                    f"{prec['shards']} shard(s), peak {prec['peak_host_mb']:.0f} MB PSS")
+            targets = [("shards", packed)] + ([("loose", loose)] if args.predict_loose and n == min(predict_ns) else [])
+            for source, data in targets:
+                csv_out = os.path.join(args.data_dir, f"predict-{source}-{n}.csv")
+                if os.path.exists(csv_out):
+                    os.unlink(csv_out)
+                cmd = [sys.executable, "-m", "dali_lens.predict", "-c", ckpt, data, "--out", csv_out, "--backend",
+                       "dali-cpu", "--batch-size", "256", "--workers", "1", "--threads", "1", "--no-progress"]
+                log(f"predict {n} cutouts from {source} ...")
+                rec = launch(cmd, timeout=3600, timeline=True)
+                output = rec.pop("_output", "")
+                rows = sum(1 for _ in open(csv_out)) - 1 if os.path.exists(csv_out) else 0
+                rec.update(n=n, source=source, rows=rows, pack=prec if source == "shards" else None,
+                           images_per_s=round(n / rec["wall_s"], 1),
+                           log_tail=[ln for ln in output.splitlines() if "scored" in ln or "cutouts" in ln][-2:])
+                doc["predict"].append(rec)
+                log(f"  {rows} rows in {rec['wall_s']:.0f} s ({rec['images_per_s']:.0f} img/s incl. start-up), peak "
+                    f"{rec['peak_host_mb']:.0f} MB PSS / {rec['peak_rss_sum_mb']:.0f} MB RSS sum (anonymous "
+                    f"{rec['peak_rss_anon_mb']:.0f} MB, file-backed {rec['peak_rss_file_mb']:.0f} MB); other processes "
+                    f"{100 * rec['foreign_cpu_frac']:.0f}% of the CPUs")
+                if os.path.exists(csv_out):
+                    os.unlink(csv_out)
+                save()
     save()
     for t in doc["targets"]:
         log(f"target {t['name']}: {t['value']} -> {'met' if t['met'] else 'NOT met'}")
