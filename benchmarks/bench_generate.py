@@ -5,8 +5,9 @@ Measures, at 64 x 64 px and 3 bands (g, r, i) with the default difficulty:
 * simulate only (``simulate``), single-threaded and with the default thread count;
 * simulate + write the standard layout as PNG and as .npy (``generate_dataset``, temporary directory);
 
-and writes the figures plus a description of the machine (CPU model, cores, Python / numpy versions, load
-average) to ``benchmarks/results/generate.json``.
+and writes the figures, the machine (CPU model, cores, GPU, versions of torch / torchvision / DALI / numpy),
+the command and the load average to ``benchmarks/results/generate-<gpu-or-host>.json`` (--out), with a bar
+chart next to it (same name, .png). Target (from the foundation issue): >= 1,000 cutouts/s simulate-only.
 
     python benchmarks/bench_generate.py            # full run (~1 minute)
     python benchmarks/bench_generate.py --quick    # tiny run (smoke test)
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -23,34 +23,12 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
+import common  # noqa: E402  (benchmarks/common.py)
 from dali_lens.data import synthetic as syn  # noqa: E402
-from dali_lens.data.io import atomic_write_json  # noqa: E402
-
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generate.json")
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover (not Linux)
-        usable = os.cpu_count()
-    try:
-        load = list(os.getloadavg())
-    except OSError:  # pragma: no cover
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "python": platform.python_version(),
-            "numpy": np.__version__, "platform": platform.platform(), "loadavg_at_start": load}
 
 
 def bench_simulate(n: int, workers: int | None, repeats: int) -> dict:
@@ -89,20 +67,50 @@ def bench_write(n: int, fmt: str, repeats: int) -> dict:
             "cutouts_per_cpu_s": n / min(cpu), "files": files, "bytes": size}
 
 
+def plot(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = doc["results"]
+    labels = ["simulate\n1 thread", f"simulate\n{res['simulate_default_threads']['workers']} threads",
+              "simulate +\nwrite PNG", "simulate +\nwrite .npy"]
+    keys = ["simulate_1_thread", "simulate_default_threads", "write_png", "write_npy"]
+    vals = [res[k]["cutouts_per_s"] for k in keys]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    bars = ax.bar(range(len(vals)), vals, color=["#2a7ab9", "#2a7ab9", "#888888", "#888888"])
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1000, color="k", ls="--", lw=1, label="target 1,000 cutouts/s (simulate)")
+    ax.set_xticks(range(len(vals)), labels, fontsize=8)
+    ax.set_ylabel("cutouts / s (best of repeats)")
+    ax.set_title(f"Synthetic lens generator, 64 px, 3 bands\n{common.machine_line(doc['machine'])}", fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny run (256 cutouts, 1 repeat): a smoke test")
     p.add_argument("--n", type=int, default=None, help="cutouts per measurement (default 8192; quick: 256)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement, best kept (default 3)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default: {os.path.relpath(DEFAULT_OUT)})")
+    p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/generate-<gpu-or-host>.json)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
     n = args.n or (256 if args.quick else 8192)
     repeats = args.repeats or (1 if args.quick else 3)
     n_write = max(64, n // 2)
 
-    info = {"benchmark": "generate", "quick": args.quick, "machine": machine(),
+    machine = common.machine_info()
+    out = args.out or os.path.join(HERE, "results", f"generate-{common.device_tag(machine)}.json")
+    info = {"benchmark": "generate", "mode": "quick" if args.quick else "full", "machine": machine,
+            "command": common.command_line(), "timestamp": common.utc_timestamp(),
+            "loadavg_start": [round(v, 2) for v in os.getloadavg()],
             "settings": {"size": 64, "bands": ["g", "r", "i"], "difficulty": syn.DEFAULT_DIFFICULTY,
-                         "supersample": 2,
+                         "supersample": 2, "n": n, "n_write": n_write, "repeats": repeats,
                          "note": "best of `repeats` runs; simulate = float32 images in memory. cutouts_per_s is "
                                  "wall-clock; cutouts_per_cpu_s divides by the process CPU time, which is "
                                  "robust to other processes competing for the cores (see loadavg)"}}
@@ -119,10 +127,15 @@ def main(argv=None) -> int:
         print(f"simulate + write {fmt}:     {results[f'write_{fmt}']['cutouts_per_s']:8.0f} cutouts/s "
               f"({results[f'write_{fmt}']['bytes'] / n_write / 1024:.1f} KiB/cutout)")
     info["results"] = results
-    info["machine"]["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write_json(args.out, info)
-    print(f"wrote {args.out}")
+    best = results["simulate_default_threads"]["cutouts_per_s"]
+    info["targets"] = [{"name": "simulate >= 1000 cutouts/s (64 px, 3 bands)", "value": round(best, 1),
+                        "met": best >= 1000}]
+    info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    common.write_json_atomic(out, info)
+    if not args.no_plot:
+        plot(info, os.path.splitext(out)[0] + ".png")
+    print(f"wrote {out}")
     return 0
 
 
