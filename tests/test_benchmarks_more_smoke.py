@@ -1,0 +1,81 @@
+"""Smoke tests of the other benchmark scripts with --quick: they run and write well-formed JSON with the
+machine, the command and their targets (keys present, positive numbers). Not speed tests."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def run(script: str, *args: str, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+    return proc.stdout
+
+
+def load(path) -> dict:
+    with open(path) as fh:
+        doc = json.load(fh)
+    m = doc["machine"]
+    assert m["versions"]["torch"] and m["usable_cores"] >= 1 and "gpu" in m
+    assert "--quick" in doc["command"] and doc["timestamp"]
+    return doc
+
+
+def test_generate_quick(tmp_path):
+    out = tmp_path / "gen.json"
+    run("bench_generate.py", "--quick", "--out", str(out))
+    doc = load(out)
+    assert doc["mode"] == "quick"
+    for key in ("simulate_1_thread", "simulate_default_threads", "write_png", "write_npy"):
+        assert doc["results"][key]["cutouts_per_s"] > 0, key
+    assert doc["results"]["write_png"]["files"] > 0
+    assert [t["name"] for t in doc["targets"]] == ["simulate >= 1000 cutouts/s (64 px, 3 bands)"]
+    assert (tmp_path / "gen.png").stat().st_size > 0
+
+
+def test_shards_quick_and_one_section_rerun(tmp_path):
+    pytest.importorskip("nvidia.dali", reason="the read and predict sections use the DALI CPU backend")
+    out = tmp_path / "shards.json"
+    common = ["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--cold", "fadvise"]
+    run("bench_shards.py", *common)
+    doc = load(out)
+    assert doc["pack"]["cutouts_per_s_best"] > 0
+    assert doc["read"]["loose"]["warm"]["ok"] and doc["read"]["shards"]["warm"]["ok"]
+    assert doc["predict"] and doc["predict"][0]["rows"] == doc["predict"][0]["n"]
+    names = [t["name"] for t in doc["targets"]]
+    assert names[0].startswith("pack") and any(n.startswith("read 64 px .npy, warm") for n in names)
+    first_pack = doc["pack"]
+    # rerun only the predict section: the others are kept, each section says when it ran
+    run("bench_shards.py", *common, "--sections", "predict")
+    again = load(out)
+    assert again["pack"] == first_pack and again["read"] == doc["read"]
+    assert again["section_runs"]["predict"]["timestamp"] >= again["section_runs"]["pack"]["timestamp"]
+    assert "--sections predict" in again["section_runs"]["predict"]["command"]
+
+
+def test_challenge_fits_quick(tmp_path):
+    pytest.importorskip("nvidia.dali", reason="compares the DALI CPU backend with torchvision")
+    out = tmp_path / "fits.json"
+    run("bench_challenge_fits.py", "--quick", "--out", str(out))
+    doc = load(out)
+    runs = doc["runs"]
+    assert {r["backend"] for r in runs} >= {"dali-cpu", "torchvision"}
+    assert all(r["images_per_s"] > 0 for r in runs)
+
+
+def test_gpu_check_without_a_gpu_records_nothing(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: benchmarks/gpu_check.py runs the real GPU cases there")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--out", str(tmp_path / "g.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+    assert not (tmp_path / "g.json").exists()
