@@ -168,3 +168,36 @@ def test_cli_help_and_clear_errors(tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("consistency", ["none", "kl"])
+def test_micro_batches_give_the_whole_batch_update(consistency):
+    """--micro-batch N: gradients accumulated over chunks of N equal the whole batch's (no BatchNorm here)."""
+    from types import SimpleNamespace
+
+    from dali_lens.trainers.loop import train_epoch
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": {8: torch.randint(0, 256, (10, 3, 8, 8), generator=g, dtype=torch.uint8),
+                       12: torch.randint(0, 256, (10, 3, 12, 12), generator=g, dtype=torch.uint8)},
+             "label": torch.tensor([0, 1] * 5), "index": torch.arange(10)}
+
+    def member():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                    torch.nn.Flatten(), torch.nn.Linear(4, 1), torch.nn.Flatten(0))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        return SimpleNamespace(model=model, optimizer=opt, scaler=None, spec=SimpleNamespace(name="m", scales=(8, 12)),
+                               scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+
+    results = []
+    for micro in (0, 3):  # 3 does not divide 10: chunks of 3, 3, 3, 1
+        m = member()
+        cfg = TrainConfig(consistency=consistency, consistency_weight=0.5, micro_batch=micro)
+        stats = train_epoch([m], [batch], cfg, torch.device("cpu"), 0, show_progress=False)
+        results.append((stats["loss"]["m"], [p.detach().clone() for p in m.model.parameters()]))
+    (loss_a, params_a), (loss_b, params_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any((a != p).any() for a, p in zip(params_a, member().model.parameters())), "the step changed nothing"

@@ -65,6 +65,9 @@ class TrainConfig:
     consistency: str = _f("none", "multiscale: per-sample consistency between scales: none, kl (symmetric "
                                   "Bernoulli KL) or mse", choices=("none", "kl", "mse"))
     consistency_weight: float = _f(0.1, "weight of the consistency term")
+    micro_batch: int = _f(0, "memory bound: forward/backward at most N samples at a time, gradients accumulated "
+                             "over the batch (same update; BatchNorm then normalises over N samples); 0 = whole "
+                             "batch")
     members: str = _f("small_cnn:48:0,small_cnn:64:1,resnet18:64:2",
                       "ensemble: comma-separated ARCH:SCALE[:SEED] members")
     fusion: str = _f("mean_prob", "ensemble fusion: mean_prob, mean_logit, temperature (fitted on validation)",

@@ -69,25 +69,29 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
         for m in members:
             scales = [s for s in m.spec.scales if active_scales is None or s in active_scales]
             m.optimizer.zero_grad(set_to_none=True)
-            logits = []
             loss_value = 0.0
-            # memory-bounded: one scale's graph at a time; the consistency term uses detached partners
+            # memory-bounded: one scale's graph at a time (and, with --micro-batch, at most that many samples);
+            # the consistency term uses detached partners
+            chunks = _chunks(len(y), cfg.micro_batch)
             with torch.no_grad(), autocast(device, amp):
-                partner = ([m.model(_to(batch["image"][s], device, cfg, norm)).float() for s in scales]
-                           if cfg.consistency != "none" and len(scales) > 1 else None)
+                partner = ([torch.cat([m.model(_to(batch["image"][s][c], device, cfg, norm)).float() for c in chunks])
+                            for s in scales] if cfg.consistency != "none" and len(scales) > 1 else None)
             for k, s in enumerate(scales):
-                with autocast(device, amp):
-                    z = m.model(_to(batch["image"][s], device, cfg, norm)).float()
-                loss = F.binary_cross_entropy_with_logits(z, y) / len(scales)
-                if partner is not None:
-                    group = [z if j == k else partner[j] for j in range(len(scales))]
-                    loss = loss + cfg.consistency_weight * consistency_loss(group, cfg.consistency) / len(scales)
-                if m.scaler is not None:
-                    m.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                loss_value += float(loss.detach())
-                logits.append(z.detach())
+                for c in chunks:
+                    yc = y[c]
+                    with autocast(device, amp):
+                        z = m.model(_to(batch["image"][s][c], device, cfg, norm)).float()
+                    # each chunk's share of the batch mean: the accumulated gradient is the whole batch's
+                    share = len(yc) / len(y) / len(scales)
+                    loss = F.binary_cross_entropy_with_logits(z, yc) * share
+                    if partner is not None:
+                        group = [z if j == k else partner[j][c] for j in range(len(scales))]
+                        loss = loss + cfg.consistency_weight * consistency_loss(group, cfg.consistency) * share
+                    if m.scaler is not None:
+                        m.scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                    loss_value += float(loss.detach())
             if m.scaler is not None:
                 m.scaler.step(m.optimizer)
                 m.scaler.update()
@@ -107,6 +111,12 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
     elapsed = time.perf_counter() - t0
     return {"loss": {k: v / max(1, steps) for k, v in totals.items()}, "steps": steps, "samples": seen,
             "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9)}
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    """``n`` samples as slices of at most ``size`` (all of them at once when ``size`` is 0)."""
+    size = size if size and size > 0 else n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def _norm(loader) -> tuple:
