@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -491,22 +490,12 @@ def _new_figure(figsize=(5.0, 4.5)):
 
 
 def _atomic_savefig(fig, path: str | os.PathLike) -> str:
+    from .data.io import atomic_open
+
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png")
     return path
 
 

@@ -99,25 +99,8 @@ def _unlink_quietly(path: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, os.replace)."""
-    path = os.fspath(path)
-    tmp = _tmp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view.nbytes:
-                written = os.write(fd, view)
-                view = view[written:]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    if fsync:
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    with atomic_open(path, "wb", fsync=fsync) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8", fsync: bool = True) -> None:
