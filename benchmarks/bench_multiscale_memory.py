@@ -463,6 +463,30 @@ class DataMemorySampler(common.TreeMemorySampler):
         return out
 
 
+def add_run_args(p: argparse.ArgumentParser, timeout: float, data_help: str) -> None:
+    """The options this script and bench_train.py share, and their hidden subprocess modes."""
+    p.add_argument("--timeout", type=float, default=timeout,
+                   help=f"seconds before one run is killed (default {timeout:g})")
+    p.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "dali-lens-bench"),
+                   help=f"{data_help} (default ~/.cache/dali-lens-bench)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--_prepare", help=argparse.SUPPRESS)
+    p.add_argument("--_result", help=argparse.SUPPRESS)
+
+
+def internal_entry(args, run_child) -> int | None:
+    """Serve the hidden modes: ``--_prepare`` (data sets, GPU description) and ``--_child`` (one measured
+    run, tagged with the library files as this process imports them). None when neither was asked for."""
+    if args._prepare:
+        common.write_json_atomic(args._result, prepare_child(json.loads(args._prepare)))
+        return 0
+    if args._child:
+        return common.child_main(run_child, args._child, args._result, library_sha=library_tree_sha())
+    return None
+
+
 def _child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + HERE + os.pathsep + env.get("PYTHONPATH", "")
@@ -709,6 +733,22 @@ def _err(r: dict) -> dict:
             "capsize": 2}
 
 
+def _bars(ax, recs, kind: str, backends, batches, w: float, colors: dict) -> None:
+    """Grouped bars of the as-shipped ``kind`` runs: peak PSS per backend and batch, the data part hatched."""
+    for i, bk in enumerate(backends):
+        for j, b in enumerate(batches):
+            r = _find(recs, kind=kind, backend=bk, batch=b, variant="as-shipped")
+            if not r:
+                continue
+            x = j + (i - (len(backends) - 1) / 2) * w
+            ax.bar(x, r["peak_host_mb"], w, color=colors.get(bk), label=bk if j == 0 else None, **_err(r))
+            if r.get("peak_data_mb"):
+                ax.bar(x, r["peak_data_mb"], w * 0.5, color="none", edgecolor="k", hatch="///", lw=0.6,
+                       label="of which anon+shmem" if j == 0 and i == 0 else None)
+            ax.text(x, r.get("peak_host_mb_max") or r["peak_host_mb"], f"{r['peak_host_mb']:.0f}", ha="center",
+                    va="bottom", fontsize=7)
+
+
 def plot(doc: dict, path: str) -> None:
     import matplotlib
 
@@ -726,24 +766,13 @@ def plot(doc: dict, path: str) -> None:
     # panel 1: train runs (loader + model step), with the model-only floor
     ax = axes[0]
     w = 0.8 / len(backends)
-    for i, bk in enumerate(backends):
-        for j, b in enumerate(batches):
-            r = _find(recs, kind="train", backend=bk, batch=b, variant="as-shipped")
-            if not r:
-                continue
-            x = j + (i - (len(backends) - 1) / 2) * w
-            ax.bar(x, r["peak_host_mb"], w, color=colors.get(bk), label=bk if j == 0 else None, **_err(r))
-            if r.get("peak_data_mb"):
-                ax.bar(x, r["peak_data_mb"], w * 0.5, color="none", edgecolor="k", hatch="///", lw=0.6,
-                       label="of which anon+shmem" if j == 0 and i == 0 else None)
-            ax.text(x, r.get("peak_host_mb_max") or r["peak_host_mb"], f"{r['peak_host_mb']:.0f}", ha="center",
-                    va="bottom", fontsize=7)
-        for j, b in enumerate(batches):
-            for step, style in (("ours", "--"), ("legacy", ":")):
-                f = _find(recs, kind="model-only", batch=b, variant=f"{step}-step")
-                if f and i == 0:
-                    ax.hlines(f["peak_host_mb"], j - 0.45, j + 0.45, colors="k", linestyles=style, lw=1,
-                              label=f"model-only floor, {step} step" if j == 0 else None)
+    _bars(ax, recs, "train", backends, batches, w, colors)
+    for j, b in enumerate(batches):
+        for step, style in (("ours", "--"), ("legacy", ":")):
+            f = _find(recs, kind="model-only", batch=b, variant=f"{step}-step")
+            if f:
+                ax.hlines(f["peak_host_mb"], j - 0.45, j + 0.45, colors="k", linestyles=style, lw=1,
+                          label=f"model-only floor, {step} step" if j == 0 else None)
     for t in doc["targets"]:
         j = batches.index(t["batch"])
         ax.text(j + (backends.index(t["backend"]) - (len(backends) - 1) / 2) * w, ax.get_ylim()[1] * 0.08,
@@ -758,17 +787,7 @@ def plot(doc: dict, path: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     # panel 2: loader-only
     ax = axes[1]
-    for i, bk in enumerate(backends):
-        for j, b in enumerate(batches):
-            r = _find(recs, kind="loader-only", backend=bk, batch=b, variant="as-shipped")
-            if r:
-                x = j + (i - (len(backends) - 1) / 2) * w
-                ax.bar(x, r["peak_host_mb"], w, color=colors.get(bk), label=bk if j == 0 else None, **_err(r))
-                if r.get("peak_data_mb"):
-                    ax.bar(x, r["peak_data_mb"], w * 0.5, color="none", edgecolor="k", hatch="///", lw=0.6,
-                           label="of which anon+shmem" if j == 0 and i == 0 else None)
-                ax.text(x, r.get("peak_host_mb_max") or r["peak_host_mb"], f"{r['peak_host_mb']:.0f}", ha="center",
-                        va="bottom", fontsize=7)
+    _bars(ax, recs, "loader-only", backends, batches, w, colors)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_title("loader only (no model)", fontsize=9)
     ax.set_ylabel("peak host MB (PSS)")
@@ -853,21 +872,11 @@ def main(argv=None) -> int:
                    help="the baseline's training step: legacy (mechine_lensing's MultiScaleTrainer: all scales' "
                         "graphs alive, one backward; default) or ours (dali_lens's train_epoch, to isolate the "
                         "loader)")
-    p.add_argument("--timeout", type=float, default=300, help="seconds before one run is killed (default 300)")
-    p.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "dali-lens-bench"),
-                   help="where the generated PNG set is cached (default ~/.cache/dali-lens-bench)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--_child", help=argparse.SUPPRESS)
-    p.add_argument("--_prepare", help=argparse.SUPPRESS)
-    p.add_argument("--_result", help=argparse.SUPPRESS)
+    add_run_args(p, timeout=300, data_help="where the generated PNG set is cached")
     args = p.parse_args(argv)
-
-    if args._prepare:
-        common.write_json_atomic(args._result, prepare_child(json.loads(args._prepare)))
-        return 0
-    if args._child:  # the library files as this process imports them
-        return common.child_main(run_child, args._child, args._result, library_sha=library_tree_sha())
+    rc = internal_entry(args, run_child)
+    if rc is not None:
+        return rc
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -33,7 +33,6 @@ chart (.png) in --out (a folder, default benchmarks/results, or a .json path).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -264,21 +263,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-model-only", action="store_true",
                    help="skip the model-only reference rows (always skipped by --quick)")
     p.add_argument("--workers", type=int, help="loader workers / DALI threads (default: usable cores)")
-    p.add_argument("--timeout", type=float, default=400, help="seconds before one run is killed (default 400)")
-    p.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "dali-lens-bench"),
-                   help="where generated data sets are cached (default ~/.cache/dali-lens-bench)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--_child", help=argparse.SUPPRESS)
-    p.add_argument("--_prepare", help=argparse.SUPPRESS)
-    p.add_argument("--_result", help=argparse.SUPPRESS)
+    bmm.add_run_args(p, timeout=400, data_help="where generated data sets are cached")
     args = p.parse_args(argv)
-
-    if args._prepare:
-        common.write_json_atomic(args._result, bmm.prepare_child(json.loads(args._prepare)))
-        return 0
-    if args._child:  # the library files as this process imports them
-        return common.child_main(run_child, args._child, args._result, library_sha=bmm.library_tree_sha())
+    rc = bmm.internal_entry(args, run_child)
+    if rc is not None:
+        return rc
 
     def log(msg: str) -> None:
         print(msg, flush=True)
