@@ -93,3 +93,16 @@ def collect(loader):
     idx = torch.cat(idx)
     order = idx.argsort()
     return idx, torch.cat(lab)[order], {s: torch.cat(v)[order] for s, v in imgs.items()}
+
+
+def resume_after(make_loader, k: int):
+    """Run epoch 0 of ``make_loader()`` in full, then ``k`` batches of epoch 1; return those batches' indices,
+    the loader's state at that point, and the indices a fresh loader restored from that state yields."""
+    run = make_loader()
+    list(run)  # epoch 0
+    it = iter(run)
+    head = [next(it)["index"].tolist() for _ in range(k)]
+    state = run.state_dict()
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    return head, state, [b["index"].tolist() for b in resumed]
