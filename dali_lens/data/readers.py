@@ -64,10 +64,15 @@ def read_npy(path: str) -> np.ndarray:
         arr = arr.reshape(shape, order="F" if fortran else "C")
     except Exception as exc:  # ValueError/EOFError/OSError for corrupt files
         raise DataError(f"{path}: cannot read .npy ({exc})") from None
+    return as_bands(arr, path)
+
+
+def as_bands(arr: np.ndarray, where: str) -> np.ndarray:
+    """A stored float array as float32 ``(bands, H, W)``: a 2-D array is one band; other shapes are an error."""
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
-        raise DataError(f"{path}: expected an array shaped (bands, H, W), got shape {arr.shape}")
+        raise DataError(f"{where}: expected an array shaped (bands, H, W), got shape {arr.shape}")
     return arr.astype(np.float32, copy=False)
 
 

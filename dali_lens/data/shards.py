@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .dataset import _NO_META, DataError, Dataset, Sample
+from .readers import as_bands
 
 MANIFEST = "manifest.json"
 FORMAT = "dali-lens-shards"
@@ -330,11 +331,7 @@ def decode_member(data: bytes, member: str, where: str) -> np.ndarray:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as exc:  # noqa: BLE001 - numpy raises several types for corrupt data
             raise DataError(f"{where}: cannot read .npy ({exc})") from None
-        if arr.ndim == 2:
-            arr = arr[None]
-        if arr.ndim != 3:
-            raise DataError(f"{where}: expected an array shaped (bands, H, W), got shape {arr.shape}")
-        return arr.astype(np.float32, copy=False)
+        return as_bands(arr, where)
     raise DataError(f"{where}: unsupported member type {ext!r}")
 
 
