@@ -5,6 +5,7 @@ versions are read from the installed distributions' metadata.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -156,18 +157,21 @@ def publish(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: str, obj, indent: int = 2) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+@contextlib.contextmanager
+def _atomic_path(path: str, suffix: str = "", keep_mode: bool = False):
+    """A temporary file name in ``path``'s folder; on a clean exit the file replaces ``path`` atomically with
+    ordinary permissions (``keep_mode``: those of the file it replaces, when there is one); removed on error."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=indent, sort_keys=False, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        publish(tmp, path)
+        yield tmp
+        if keep_mode and os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+            os.replace(tmp, path)
+        else:
+            publish(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -176,20 +180,23 @@ def write_json_atomic(path: str, obj, indent: int = 2) -> None:
         raise
 
 
+def write_json_atomic(path: str, obj, indent: int = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    with _atomic_path(path, ".json") as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=indent, sort_keys=False, allow_nan=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def save_figure(fig, path: str, dpi: int = 110) -> None:
     """Write a matplotlib figure as PNG to ``path`` atomically (temporary file in the same folder, renamed
     when complete) and close it."""
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with _atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
 
@@ -213,22 +220,9 @@ def child_main(run, cfg_json: str, result_path: str, **extra) -> int:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-            os.replace(tmp, path)
-        else:
-            publish(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Replace ``path`` with ``text`` atomically, keeping the replaced file's permissions."""
+    with _atomic_path(path, keep_mode=True) as tmp, open(tmp, "w") as fh:
+        fh.write(text)
 
 
 # --------------------------------------------------------------------------------------------- memory
