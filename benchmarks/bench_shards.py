@@ -378,7 +378,7 @@ def main(argv=None) -> int:
         # a setting that belongs to a section kept from the old file keeps its old value
         owner = {"pack_n": "pack", "read_n": "read", "cold": "read", "predict_n": "predict"}
         doc["settings"] = {**old.get("settings", {}),
-                           **{k: v for k, v in settings.items() if owner.get(k, sections[0]) in sections}}
+                           **{k: v for k, v in settings.items() if k not in owner or owner[k] in sections}}
     doc.setdefault("section_runs", {})
     for key in sections:
         doc["section_runs"][key] = {"timestamp": doc["timestamp"], "command": doc["command"]}

@@ -57,7 +57,7 @@ class Sample:
     label: int | None
     id: str
     band_paths: tuple[str, ...] = ()
-    meta: Mapping[str, float] = field(default_factory=lambda: _NO_META, compare=False, hash=False)
+    meta: Mapping[str, float] = field(default_factory=_no_meta, compare=False, hash=False)
 
     @property
     def files(self) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
 DTYPES = ("float32", "float16", "uint8")
 SCALINGS = ("none", "asinh", "clip")
@@ -175,8 +176,6 @@ def finish(x, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | No
     ``(B, C, s, s)`` and TTA ``(B, 8, C, s, s)`` batches. Call it per scale, just before the forward pass,
     so that at most one scale exists in float at a time.
     """
-    import torch
-
     if x.dtype != torch.uint8:
         return x
     x = x.float().div_(255.0)
