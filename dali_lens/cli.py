@@ -14,8 +14,9 @@ def log(*parts) -> None:
 def run_command(action, errors: tuple, interrupted: str, hint=None) -> int:
     """Run a command's ``action()`` and turn the outcome into an exit code.
 
-    ``action``'s own int (any other return value means success, 0); 2 with a one-line ``error: ...`` (no traceback) for the expected ``errors``,
-    plus ``hint(exc)``'s line when it returns one; 130 with the ``interrupted`` line on Ctrl-C.
+    ``action``'s own int (any other return value means success, 0); 2 with a one-line ``error: ...`` (no
+    traceback) for the expected ``errors``, plus ``hint(exc)``'s line when it returns one; 130 with the
+    ``interrupted`` line on Ctrl-C.
     DALI's advice to iterator authors (``set reader_name``) is silenced: it is not meant for a CLI's users.
     """
     warnings.filterwarnings("ignore", message=".*set `reader_name`")

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..data.dataset import parse_hdus
+
 TRAINERS = ("single", "multiscale", "ensemble")
 
 
@@ -103,8 +105,6 @@ class TrainConfig:
 
     @property
     def hdu_list(self):
-        from ..data.dataset import parse_hdus
-
         return parse_hdus(self.hdus)
 
     def to_dict(self) -> dict:
