@@ -19,8 +19,10 @@ The model is the same multi-scale small_cnn member (dali_lens.trainers.members.m
 
 Kinds of run, each in a fresh subprocess (nothing shared, no warm caches):
   train        loader + model step, one epoch (the figure the target is about); also our trainer with a
-               memory knob (--train-variants, default micro-batch=16: `--micro-batch 16`, the same update
-               from gradients accumulated over 16-sample chunks), reported beside the as-shipped figure
+               memory knob (--train-variants, default micro-batch=16 and memory-budget=256MB: `--micro-batch
+               16`, the same update from gradients accumulated over 16-sample chunks; `--memory-budget 256MB`,
+               each scale cut into the largest chunks whose saved activations fit in 256 MB), reported beside
+               the as-shipped figure
   model-only   each step (ours-step, legacy-step) fed one resident synthetic float batch (no loader, no
                decoding): the floor that the model, its autograd graphs and the optimizer cost whatever the
                loader does
@@ -104,6 +106,7 @@ MEAN, STD = 0.5, 0.25  # the same per-band normalisation for every loader (image
 ARCH = "small_cnn"
 DEFAULT_VARIANTS = ("as-shipped", "queue=2", "threads=1", "dtype=float32")
 QUICK_VARIANTS = ("as-shipped",)
+TRAIN_VARIANTS = ("micro-batch=16", "memory-budget=256MB")
 
 
 def _library_files() -> dict[str, str]:
@@ -200,8 +203,8 @@ def _apply_variant(variant: str) -> dict:
             over["dtype"] = part.split("=")[1]
         elif part.startswith("arenas="):
             pass  # set in the child's environment by launch()
-        elif part.startswith("micro-batch="):
-            pass  # a trainer option (--micro-batch), read by run_child
+        elif part.startswith(("micro-batch=", "memory-budget=")):
+            pass  # trainer options (--micro-batch, --memory-budget), read by run_child
         elif part in ("no-finite-check", "cheap-finite"):
             import profile_dali_cpu
 
@@ -390,10 +393,11 @@ def run_child(cfg: dict) -> dict:
             bands, n_samples = dataset.bands, len(dataset)
             gpu = _GpuPeak(cuda)
             loader = _build(cfg, dataset, cuda)
-        micro = [int(v.split("=")[1]) for v in (cfg.get("variant") or "").split("+") if v.startswith("micro-batch=")]
+        knobs = dict(v.split("=", 1) for v in (cfg.get("variant") or "").split("+")
+                     if v.startswith(("micro-batch=", "memory-budget=")))
         tc = TrainConfig(trainer="multiscale", arch=ARCH, scales=",".join(map(str, SCALES)), batch_size=cfg["batch"],
                          epochs=1, workers=cfg["workers"], progress=False, seed=cfg["seed"],
-                         micro_batch=micro[0] if micro else 0)
+                         micro_batch=int(knobs.get("micro-batch", 0)), memory_budget=knobs.get("memory-budget", "off"))
         member = make_member(MemberSpec(ARCH, SCALES, cfg["seed"]), bands, tc, len(loader), device)
         rec["build_s"] = round(time.perf_counter() - t0, 3)
         if cfg.get("step", "ours") == "legacy":
@@ -861,8 +865,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-loader-only", action="store_true", help="skip the loader-only runs and variants")
     p.add_argument("--train-variants", default=None,
                    help="train runs of our trainer with a memory knob, reported beside as-shipped (default "
-                        "micro-batch=16: --micro-batch 16, the same update from gradients accumulated over 16-sample "
-                        "chunks; 'none' for no such runs)")
+                        f"{','.join(TRAIN_VARIANTS)}: --micro-batch 16, the same update from gradients accumulated "
+                        "over 16-sample chunks; --memory-budget 256MB, each scale cut into the largest chunks whose "
+                        "activations fit in 256 MB; 'none' for no such runs)")
     p.add_argument("--repeats", type=int, help="measurements of every loader-only configuration, in rounds; the "
                                                "median is reported, with the range (default 2; quick 1)")
     p.add_argument("--train-repeats", type=int, default=1,
@@ -885,7 +890,7 @@ def main(argv=None) -> int:
     load_start = [round(v, 2) for v in os.getloadavg()]
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.batch_list = [int(b) for b in args.batches.split(",")] if args.batches else ([4] if args.quick else [64, 128])
-    tv = args.train_variants if args.train_variants is not None else ("none" if args.quick else "micro-batch=16")
+    tv = args.train_variants if args.train_variants is not None else ("none" if args.quick else ",".join(TRAIN_VARIANTS))
     args.train_variant_list = [] if tv == "none" else tv.split(",")
     n = args.n or (4 if args.quick else 128)
     loader_n = args.loader_n or (16 if args.quick else 1024)

@@ -171,8 +171,9 @@ def test_cli_help_and_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("consistency", ["none", "kl"])
-def test_micro_batches_give_the_whole_batch_update(consistency):
-    """--micro-batch N: gradients accumulated over chunks of N equal the whole batch's (no BatchNorm here)."""
+@pytest.mark.parametrize("bound", [{"micro_batch": 3}, {"memory_budget": "0.01MB"}])
+def test_micro_batches_give_the_whole_batch_update(consistency, bound):
+    """--micro-batch N / --memory-budget: gradients accumulated over chunks equal the whole batch's (no BatchNorm)."""
     from types import SimpleNamespace
 
     from dali_lens.trainers.loop import train_epoch
@@ -191,13 +192,68 @@ def test_micro_batches_give_the_whole_batch_update(consistency):
                                scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
 
     results = []
-    for micro in (0, 3):  # 3 does not divide 10: chunks of 3, 3, 3, 1
+    for options in ({}, bound):  # micro-batch 3 does not divide 10: chunks of 3, 3, 3, 1
         m = member()
-        cfg = TrainConfig(consistency=consistency, consistency_weight=0.5, micro_batch=micro)
+        cfg = TrainConfig(consistency=consistency, consistency_weight=0.5, **options)
         stats = train_epoch([m], [batch], cfg, torch.device("cpu"), 0, show_progress=False)
         results.append((stats["loss"]["m"], [p.detach().clone() for p in m.model.parameters()]))
+        chunks = stats["chunk_sizes"]["m"]
+    if "memory_budget" in bound:  # 10 KiB: the 12 px scale keeps more per sample, so it gets smaller chunks
+        saved = stats["saved_mb_per_sample"]
+        assert saved["m@12"] > saved["m@8"] > 0
+        assert chunks[12] < chunks[8] < 10
+        assert chunks[12] == int(10240 // (saved["m@12"] * 2 ** 20))
+    else:
+        assert chunks == {8: 3, 12: 3}
     (loss_a, params_a), (loss_b, params_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for a, b in zip(params_a, params_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any((a != p).any() for a, p in zip(params_a, member().model.parameters())), "the step changed nothing"
+
+
+def test_memory_budget_measures_what_autograd_keeps_and_leaves_the_model_as_it_was():
+    """Saved bytes per sample grow with the pixel count; BatchNorm statistics and the RNG are untouched."""
+    import contextlib
+
+    from dali_lens.models import build_model
+    from dali_lens.trainers.budget import chunk_size, saved_bytes_per_sample
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", in_chans=3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    per = {s: saved_bytes_per_sample(model, torch.rand(4, 3, s, s), contextlib.nullcontext) for s in (32, 64)}
+    after_probe = torch.rand(3)
+    torch.manual_seed(5)
+    torch.rand(4, 3, 32, 32), torch.rand(4, 3, 64, 64)
+    assert torch.equal(after_probe, torch.rand(3)), "the probe consumed random numbers (dropout) it did not restore"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+    # a conv net keeps activations proportional to the pixel count: 4x the pixels, about 4x the bytes
+    assert 3.5 < per[64] / per[32] < 4.5
+    # small_cnn at 64 px keeps its first block's activations at full size: at least 4 of 32x64x64 float maps
+    assert per[64] > 4 * 32 * 64 * 64 * 4
+    assert chunk_size(64, per[64], budget=10 * per[64]) == 10
+    assert chunk_size(64, per[64], budget=10 * per[64], micro_batch=4) == 4
+    assert chunk_size(64, per[64], budget=1) == 1 and chunk_size(64, per[64], None) == 64
+
+
+@pytest.mark.parametrize("text,expected", [("auto", "auto"), ("off", None), ("0", None), ("2", 2 * 2 ** 30),
+                                           ("1.5GB", 1.5 * 2 ** 30), ("512MB", 512 * 2 ** 20), ("256m", 256 * 2 ** 20)])
+def test_memory_budget_values(text, expected):
+    from dali_lens.trainers.budget import budget_bytes, parse_budget
+
+    assert parse_budget(text) == expected
+    if expected != "auto":
+        assert budget_bytes(text, torch.device("cpu")) == expected
+    else:
+        assert budget_bytes(text, torch.device("cpu")) is None  # auto: no budget on CPU
+
+
+def test_bad_memory_budget_is_a_clear_error_before_any_data_is_read(tmp_path, capsys):
+    from dali_lens.train import main
+
+    rc = main(["--data-root", str(tmp_path / "never-read"), "--out", str(tmp_path / "o"), "--memory-budget", "lots"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--memory-budget 'lots'" in err and "2GB" in err

@@ -70,6 +70,11 @@ class TrainConfig:
     micro_batch: int = _f(0, "memory bound: forward/backward at most N samples at a time, gradients accumulated "
                              "over the batch (same update; BatchNorm then normalises over N samples); 0 = whole "
                              "batch")
+    memory_budget: str = _f("auto", "memory bound per forward/backward: each scale's batch is cut into the largest "
+                                    "chunks whose activations (the tensors autograd keeps for backward, measured "
+                                    "on the first batch) fit, gradients accumulated (the same update; BatchNorm "
+                                    "then normalises over a chunk). A size (2GB, 512MB), off, or auto (half the "
+                                    "GPU memory still free; off on CPU)")
     members: str = _f("small_cnn:48:0,small_cnn:64:1,resnet18:64:2",
                       "ensemble: comma-separated ARCH:SCALE[:SEED] members")
     fusion: str = _f("mean_prob", "ensemble fusion: mean_prob, mean_logit, temperature (fitted on validation)",

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..pipelines.options import finish
+from .budget import budget_bytes, chunk_size, saved_bytes_per_sample
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -62,6 +63,7 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1} train", leave=False, disable=not show_progress,
                dynamic_ncols=True)
     norm = _norm(loader)
+    chunker = Chunker(cfg, device, amp, norm)
     fetch = time.perf_counter()
     for batch in loader:
         wait += time.perf_counter() - fetch
@@ -70,14 +72,14 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
             scales = [s for s in m.spec.scales if active_scales is None or s in active_scales]
             m.optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
-            # memory-bounded: one scale's graph at a time (and, with --micro-batch, at most that many samples);
-            # the consistency term uses detached partners
-            chunks = _chunks(len(y), cfg.micro_batch)
+            # memory-bounded: one scale's graph at a time and, with --micro-batch or --memory-budget, at most
+            # that many samples of it; the consistency term uses detached partners
+            chunks = {s: chunker(m, s, batch["image"][s]) for s in scales}
             with torch.no_grad(), autocast(device, amp):
-                partner = ([torch.cat([m.model(_to(batch["image"][s][c], device, cfg, norm)).float() for c in chunks])
+                partner = ([torch.cat([m.model(_to(batch["image"][s][c], device, cfg, norm)).float() for c in chunks[s]])
                             for s in scales] if cfg.consistency != "none" and len(scales) > 1 else None)
             for k, s in enumerate(scales):
-                for c in chunks:
+                for c in chunks[s]:
                     yc = y[c]
                     with autocast(device, amp):
                         z = m.model(_to(batch["image"][s][c], device, cfg, norm)).float()
@@ -110,13 +112,41 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
     bar.close()
     elapsed = time.perf_counter() - t0
     return {"loss": {k: v / max(1, steps) for k, v in totals.items()}, "steps": steps, "samples": seen,
-            "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9)}
+            "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9),
+            **chunker.report()}
 
 
-def _chunks(n: int, size: int) -> list[slice]:
-    """``n`` samples as slices of at most ``size`` (all of them at once when ``size`` is 0)."""
-    size = size if size and size > 0 else n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+class Chunker:
+    """Slices of a batch that one forward(/backward) pass may take, per member and scale.
+
+    Bounded by ``--micro-batch`` and by ``--memory-budget`` (see ``budget.py``), whose bytes per sample are
+    measured once per member, scale and sample shape.
+    """
+
+    def __init__(self, cfg, device: torch.device, amp, norm: tuple):
+        self.cfg, self.device, self.amp, self.norm = cfg, device, amp, norm
+        self.micro = getattr(cfg, "micro_batch", 0)
+        self.budget = budget_bytes(getattr(cfg, "memory_budget", "off"), device)
+        self.per_sample: dict = {}  # (member, scale, sample shape) -> bytes autograd keeps per sample
+        self.sizes: dict = {}  # member -> {scale: largest chunk used}
+
+    def __call__(self, m, scale: int, x: torch.Tensor) -> list[slice]:
+        per = 0.0
+        if self.budget is not None:
+            key = (m.spec.name, scale, tuple(x.shape[1:]))
+            if key not in self.per_sample:
+                self.per_sample[key] = saved_bytes_per_sample(
+                    getattr(m, "core", m.model), _to(x[:4], self.device, self.cfg, self.norm),
+                    lambda: autocast(self.device, self.amp))
+            per = self.per_sample[key]
+        size = chunk_size(len(x), per, self.budget, self.micro)
+        sizes = self.sizes.setdefault(m.spec.name, {})
+        sizes[scale] = max(sizes.get(scale, 0), size)
+        return [slice(i, min(i + size, len(x))) for i in range(0, len(x), size)]
+
+    def report(self) -> dict:
+        return {"chunk_sizes": self.sizes, "budget_bytes": self.budget,
+                "saved_mb_per_sample": {f"{k[0]}@{k[1]}": round(v / 2 ** 20, 3) for k, v in self.per_sample.items()}}
 
 
 def _norm(loader) -> tuple:
@@ -145,6 +175,7 @@ def predict(members, loader, cfg, device: torch.device, desc: str = "eval", show
     amp = cfg.amp_dtype(device)
     idx, lab, out = [], [], {m.spec.name: [] for m in members}
     norm = _norm(loader)
+    chunker = Chunker(cfg, device, amp, norm)  # evaluation at the training batch size stays under the budget too
     for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
         idx.append(batch["index"].cpu())
         lab.append(batch["label"].cpu())
@@ -157,7 +188,7 @@ def predict(members, loader, cfg, device: torch.device, desc: str = "eval", show
                     b, k = x.shape[:2]
                     x = x.reshape(b * k, *x.shape[2:])
                 with autocast(device, amp):
-                    z = m.core(_to(x, device, cfg, norm)).float()
+                    z = torch.cat([m.core(_to(x[c], device, cfg, norm)).float() for c in chunker(m, s, x)])
                 if tta:
                     z = z.reshape(b, k).mean(1)
                 per_scale.append(z)

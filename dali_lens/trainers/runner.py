@@ -21,6 +21,7 @@ from ..data import DataError, discover
 from ..data.io import atomic_save_torch, atomic_write_json
 from ..pipelines import build_loader, compute_stats, resolve_backend
 from ..pipelines.options import LoaderOptions
+from .budget import parse_budget
 from .config import TrainConfig
 from .loop import dist_info, fuse, predict, sigmoid, train_epoch
 from .members import load_member_state, make_member, member_state
@@ -101,6 +102,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     say = log if is_main else (lambda *a, **k: None)
     kind = trainer_module(cfg.trainer)
     specs = kind.member_specs(cfg)
+    parse_budget(cfg.memory_budget)  # a bad value fails here, before any data is touched
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -171,6 +173,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
                                                              "backend_resolved": backend, "world_size": world})
     val_loader = loader("val", False, all_scales) if "val" in splits else None
     t_start = time.perf_counter()
+    chunks_said: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         scales_now = kind.active_scales(cfg, epoch)
         if scales_now != active:
@@ -188,6 +191,12 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
         stats = train_epoch(members, train_loader, cfg, device, epoch, active_scales=active, on_step=on_step,
                             show_progress=cfg.progress and is_main)
+        split = {name: {s: n for s, n in sizes.items() if n < cfg.batch_size} for name, sizes in stats["chunk_sizes"].items()}
+        split = {name: sizes for name, sizes in split.items() if sizes}
+        if split and split != chunks_said:
+            say("forward/backward in chunks (--memory-budget / --micro-batch): "
+                + _chunk_note(split, stats["saved_mb_per_sample"]))
+            chunks_said = split
         line = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images_per_s": round(stats["images_per_s"], 1),
                 "data_wait_fraction": round(stats["data_wait_fraction"], 3)}
         if val_loader is not None:
@@ -249,6 +258,15 @@ def run(cfg: TrainConfig, log=print) -> dict:
     if world > 1:
         dist.barrier()
     return result
+
+
+def _chunk_note(split: dict, saved_mb: dict) -> str:
+    parts = []
+    for name, sizes in split.items():
+        for scale, n in sizes.items():
+            mb = saved_mb.get(f"{name}@{scale}")
+            parts.append(f"{name} at {scale} px: {n} samples" + (f" ({mb:.1f} MB kept for backward per sample)" if mb else ""))
+    return "; ".join(parts)
 
 
 def best_epoch(history: list) -> int:
