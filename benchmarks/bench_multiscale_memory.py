@@ -415,7 +415,7 @@ def run_child(cfg: dict) -> dict:
                     # samples per forward/backward at each scale (--micro-batch / --memory-budget) and the
                     # measured bytes autograd keeps per sample (budget runs only)
                     "chunk_sizes": next(iter(stats.get("chunk_sizes", {}).values()), None),
-                    "saved_mb_per_sample": stats.get("saved_mb_per_sample") or None,
+                    "saved_bytes_per_sample": stats.get("saved_bytes_per_sample") or None,
                     "dataset_samples": n_samples, **gpu.record()})
     rec["main_maxrss_mb"] = _maxrss_mb()
     rec["child_s"] = round(time.perf_counter() - t0, 2)

@@ -4,9 +4,9 @@ A multi-scale step runs one scale's graph at a time; the memory that graph holds
 saves for backward, which grow with the batch and with the square of the scale.  Given a budget in bytes,
 each scale's batch is cut into the largest chunks whose saved tensors fit, gradients accumulated over the
 chunks (the same update, except that BatchNorm normalises over a chunk).  The saved bytes per sample are
-measured, not guessed: two probe forward passes (2 and 4 samples of the real batch) with autograd's
-saved-tensor hooks counting each saved storage once; their difference is what one more sample costs, free of
-the weights autograd also saves.  BatchNorm running statistics and the RNG are restored after the probes.
+measured, not guessed: two probe forward passes (1 and 2 samples of the real batch; 2 and 4 where
+BatchNorm needs more than one value per channel) with autograd's saved-tensor hooks counting each saved
+storage once; their difference is what one more sample costs, free of the weights autograd also saves.  BatchNorm running statistics and the RNG are restored after the probes.
 """
 from __future__ import annotations
 
@@ -49,13 +49,17 @@ def saved_bytes_per_sample(model: torch.nn.Module, x: torch.Tensor, autocast_ctx
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
     try:
-        small, large = (_saved_bytes(model, x[torch.arange(n) % len(x)], autocast_ctx) for n in (2, 4))
+        # indexing copies: a probe input never shares (and counts) the storage of the whole batch
+        try:  # 1 and 2 samples keep the probe itself small; BatchNorm over a 1x1 map needs 2 and 4
+            small, large, n = _saved_bytes(model, x[[0]], autocast_ctx), _saved_bytes(model, x[[0, 0]], autocast_ctx), 1
+        except ValueError:
+            small, large, n = (*(_saved_bytes(model, x[torch.arange(k) % len(x)], autocast_ctx) for k in (2, 4)), 2)
     finally:
         model.load_state_dict(buffers, strict=False)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, x.device)
-    return max(large - small, 0) / 2
+    return max(large - small, 0) / n
 
 
 def _saved_bytes(model: torch.nn.Module, x: torch.Tensor, autocast_ctx) -> int:

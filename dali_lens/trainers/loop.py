@@ -128,17 +128,19 @@ class Chunker:
         self.micro = getattr(cfg, "micro_batch", 0)
         self.budget = budget_bytes(getattr(cfg, "memory_budget", "off"), device)
         self.per_sample: dict = {}  # (member, scale, sample shape) -> bytes autograd keeps per sample
+        self.measured: dict = {}  # the same, also by training mode, for members that do not keep it
         self.sizes: dict = {}  # member -> {scale: largest chunk used}
 
     def __call__(self, m, scale: int, x: torch.Tensor) -> list[slice]:
         per = 0.0
         if self.budget is not None:
+            model = getattr(m, "core", m.model)
             key = (m.spec.name, scale, tuple(x.shape[1:]))
-            if key not in self.per_sample:
-                self.per_sample[key] = saved_bytes_per_sample(
-                    getattr(m, "core", m.model), _to(x[:4], self.device, self.cfg, self.norm),
-                    lambda: autocast(self.device, self.amp))
-            per = self.per_sample[key]
+            known = getattr(m, "saved_bytes", self.measured)  # a Member keeps it from epoch to epoch
+            if (key, model.training) not in known:
+                known[key, model.training] = saved_bytes_per_sample(
+                    model, _to(x[:4], self.device, self.cfg, self.norm), lambda: autocast(self.device, self.amp))
+            per = self.per_sample[key] = known[key, model.training]
         size = chunk_size(len(x), per, self.budget, self.micro)
         sizes = self.sizes.setdefault(m.spec.name, {})
         sizes[scale] = max(sizes.get(scale, 0), size)
@@ -146,7 +148,7 @@ class Chunker:
 
     def report(self) -> dict:
         return {"chunk_sizes": self.sizes, "budget_bytes": self.budget,
-                "saved_mb_per_sample": {f"{k[0]}@{k[1]}": round(v / 2 ** 20, 3) for k, v in self.per_sample.items()}}
+                "saved_bytes_per_sample": {f"{k[0]}@{k[1]}": int(v) for k, v in self.per_sample.items()}}
 
 
 def _norm(loader) -> tuple:

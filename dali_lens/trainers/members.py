@@ -46,6 +46,7 @@ class Member:
     scaler: torch.amp.GradScaler | None
     temperature: float = 1.0
     history: list = field(default_factory=list)
+    saved_bytes: dict = field(default_factory=dict)  # --memory-budget: bytes kept for backward per sample, by scale
 
     @property
     def core(self) -> torch.nn.Module:

@@ -6,6 +6,7 @@ The three trainers differ only in their members and which scales are active in a
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -178,6 +179,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
         scales_now = kind.active_scales(cfg, epoch)
         if scales_now != active:
             active = scales_now
+            train_loader = None  # the previous pipeline's buffers go before the next one is built
+            gc.collect()
             train_loader = loader("train", True, active)
             say(f"epoch {epoch + 1}: training scales now {active}")
         train_loader.set_epoch(epoch)
@@ -195,7 +198,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
         split = {name: sizes for name, sizes in split.items() if sizes}
         if split and split != chunks_said:
             say("forward/backward in chunks (--memory-budget / --micro-batch): "
-                + _chunk_note(split, stats["saved_mb_per_sample"]))
+                + _chunk_note(split, stats["saved_bytes_per_sample"]))
             chunks_said = split
         line = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images_per_s": round(stats["images_per_s"], 1),
                 "data_wait_fraction": round(stats["data_wait_fraction"], 3)}
@@ -226,6 +229,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
             say(f"early stopping: no better validation AUC for {cfg.patience} epoch(s)")
             break
     train_seconds = time.perf_counter() - t_start
+    train_loader = None  # evaluation needs neither the training pipeline's buffers nor its threads
 
     if os.path.exists(ckpt_best) or world > 1:
         if world > 1:
@@ -233,6 +237,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
         best = torch.load(ckpt_best, map_location=device, weights_only=False)
         for m, ms in zip(members, best["members"]):
             load_member_state(m, ms, weights_only=True)
+        del best  # the optimizer states in it would otherwise stay in memory through evaluation
     temperatures = None
     if cfg.trainer == "ensemble" and cfg.fusion == "temperature" and val_loader is not None:
         from ..metrics import fit_temperature
@@ -244,6 +249,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
         save(ckpt_best, best_epoch(history))
         say("fitted temperatures: " + ", ".join(f"{k} {v:.3f}" for k, v in temperatures.items()))
 
+    val_loader = None
+    gc.collect()
     eval_split = "test" if "test" in splits else "val"
     eval_loader = loader(eval_split, False, all_scales, tta=cfg.tta)
     index, y, logits = predict(members, eval_loader, cfg, device, desc=eval_split, show_progress=cfg.progress and is_main)
@@ -260,12 +267,13 @@ def run(cfg: TrainConfig, log=print) -> dict:
     return result
 
 
-def _chunk_note(split: dict, saved_mb: dict) -> str:
+def _chunk_note(split: dict, saved: dict) -> str:
     parts = []
     for name, sizes in split.items():
         for scale, n in sizes.items():
-            mb = saved_mb.get(f"{name}@{scale}")
-            parts.append(f"{name} at {scale} px: {n} samples" + (f" ({mb:.1f} MB kept for backward per sample)" if mb else ""))
+            per = saved.get(f"{name}@{scale}")
+            parts.append(f"{name} at {scale} px: {n} samples"
+                         + (f" ({per / 2 ** 20:.1f} MB kept for backward per sample)" if per else ""))
     return "; ".join(parts)
 
 
