@@ -23,5 +23,5 @@ cat <<'PLAN'
 
 First call: carry [".dali-parts/p00", ".whl"] and start its command with
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
-Last call's <your GPU work>: bash benchmarks/gpu_session.sh   (writes everything under $OUT; about 8 minutes)
+Last call's <your GPU work>: bash benchmarks/gpu_session.sh   (writes everything under $OUT; at most 8.5 minutes, most important check first)
 PLAN
