@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import BACKENDS, DALI_BACKENDS, collect, resume_after
 from dali_lens.data import DataError, discover
+from dali_lens.data.readers import read_sample
 from dali_lens.pipelines import LoaderOptions, build_loader
 
 SCALES = (24, 40, 56)  # native size 40: a downscale, the identity and an upscale
@@ -41,6 +42,83 @@ def test_dali_matches_torchvision(make_dataset, fmt, bands, dali):
         # images are in [0, 1] (or ~[0, 3] for float data): a few 8-bit levels at most, far less on average
         assert diff.max() < (0.05 if fmt == "jpeg" else 0.02), (s, float(diff.max()))
         assert diff.mean() < 2e-3, (s, float(diff.mean()))
+
+
+def write_fits_bands(root: str, n_per_class: int = 6, size: int = 40, bands: int = 3, compressed: bool = False,
+                     seed: int = 0) -> str:
+    """root/test/<class>/*.fits[.fz]: an empty primary HDU and one int16 image HDU per band, Rice tile-compressed
+    (lossless for integers) with ``compressed``."""
+    from astropy.io import fits
+
+    from conftest import smooth_images
+
+    for k, cls in enumerate(("lens", "nonlens")):
+        d = os.path.join(root, "test", cls)
+        os.makedirs(d, exist_ok=True)
+        for i, x in enumerate(smooth_images(n_per_class, size, bands, seed + k)):
+            planes = (x * 1000).round().astype(np.int16)
+            hdu = (lambda a, name: fits.CompImageHDU(a, name=name, compression_type="RICE_1")) if compressed \
+                else (lambda a, name: fits.ImageHDU(a, name=name))
+            fits.HDUList([fits.PrimaryHDU()] + [hdu(planes[b], f"B{b}") for b in range(bands)]).writeto(
+                os.path.join(d, f"{cls}{i:03d}.fits" + (".fz" if compressed else "")))
+    return root
+
+
+@pytest.mark.parametrize("dali", DALI_BACKENDS)  # on a GPU: DALI's FITS reader, decompressing Rice tiles there
+@pytest.mark.parametrize("compressed", [False, True])
+def test_fits_hdus_by_index_plain_and_rice_compressed(tmp_path, dali, compressed):
+    root = write_fits_bands(str(tmp_path / "fits"), compressed=compressed)
+    ds = discover(root, hdus=(1, 2, 3))["test"]
+    assert ds.kind == "fits" and ds.bands == 3 and len(ds) == 12
+    if compressed:
+        assert all(s.path.endswith(".fits.fz") for s in ds.samples)
+    kw = dict(scales=(32, 40), batch_size=5, mean=(300.0,) * 3, std=(200.0,) * 3)
+    a_idx, a_lab, a = collect(build_loader(ds, backend=dali, **kw))
+    b_idx, b_lab, b = collect(build_loader(ds, backend="torchvision", **kw))
+    assert a_idx.tolist() == b_idx.tolist() == list(range(12))
+    assert a_lab.tolist() == b_lab.tolist() == ds.labels
+    # the native scale is not resampled: the decompressed integers, exactly
+    raw = torch.from_numpy(np.stack([read_sample(smp, ds) for smp in ds.samples]))
+    torch.testing.assert_close(a[40], (raw - 300.0) / 200.0)
+    assert (a[32] - b[32]).abs().max() < 0.02
+    # training: every rank its own samples, each once, classes mixed, a new order each epoch
+    orders = []
+    for rank in range(2):
+        tr = build_loader(ds, backend=dali, scales=(40,), batch_size=3, train=True, seed=2, shard_id=rank,
+                          num_shards=2, max_shift=0)
+        epochs = [[i for batch in tr for i in batch["index"].tolist()] for _ in range(2)]
+        assert all(len(e) == len(set(e)) == 6 for e in epochs) and epochs[0] != epochs[1]
+        orders.append(epochs)
+    assert not set(orders[0][0]) & set(orders[1][0]) and not set(orders[0][1]) & set(orders[1][1])
+
+
+def test_fits_hdu_numbers_for_dalis_reader_count_from_one(tmp_path):
+    """CFITSIO's HDU numbers (primary = 1) from astropy's (primary = 0); EXTNAMEs and cubes stay with astropy."""
+    from astropy.io import fits
+
+    from dali_lens.data.synthetic import generate_dataset
+    from dali_lens.pipelines.dali_backend import fits_hdu_numbers
+
+    plain = write_fits_bands(str(tmp_path / "plain"), n_per_class=1)
+    assert fits_hdu_numbers(discover(plain, hdus=(1, 2, 3))["test"]) == [2, 3, 4]
+    assert fits_hdu_numbers(discover(plain, hdus=(3, 1))["test"]) == [4, 2]
+    assert fits_hdu_numbers(discover(plain, hdus=("B2", "B0"))["test"]) is None
+    assert fits_hdu_numbers(discover(plain)["test"]) is None
+    for cls in ("lens", "nonlens"):
+        (tmp_path / "cube" / "test" / cls).mkdir(parents=True)
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((3, 8, 8), np.float32))]).writeto(
+            tmp_path / "cube" / "test" / cls / "a.fits")
+    assert fits_hdu_numbers(discover(str(tmp_path / "cube"), hdus=(1,))["test"]) is None
+    challenge = str(tmp_path / "challenge")
+    generate_dataset(challenge, n=4, layout="challenge", track="ground", seed=1)
+    bands = discover(challenge, val_fraction=0)["train"]
+    assert bands.kind == "fits-bands" and fits_hdu_numbers(bands) == [1]  # data in the primary HDU
+    # a tile-compressed per-band file keeps its image in the first extension
+    first = bands.samples[0].band_paths[0]
+    data = fits.getdata(first)
+    os.remove(first)
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, compression_type="RICE_1")]).writeto(first)
+    assert fits_hdu_numbers(discover(challenge, val_fraction=0)["train"]) == [2]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -75,6 +75,22 @@ def _float_steps(x, opts: LoaderOptions):
     return x
 
 
+def epoch_shard(order: np.ndarray, epoch: int, opts: LoaderOptions) -> np.ndarray:
+    """The dataset positions this rank reads in ``epoch``, for pipelines that are handed their order.
+
+    Training: ``order`` reshuffled per epoch (the same on every rank), cut into equal shards (the remainder
+    left out, so every rank has as many batches). Evaluation: DALI's contiguous shard of ``order``.
+    """
+    from .options import shard_bounds
+
+    if opts.train:
+        order = np.random.default_rng([opts.seed, epoch, 0x5eed]).permutation(order)
+        per = len(order) // opts.num_shards
+        return order[opts.shard_id * per:(opts.shard_id + 1) * per]
+    lo, hi = shard_bounds(len(order), opts.shard_id, opts.num_shards)
+    return order[lo:hi]
+
+
 class _PythonSource:
     """Per-sample external source for data DALI cannot read here (FITS on a machine without CUDA).
 
@@ -83,21 +99,11 @@ class _PythonSource:
     """
 
     def __init__(self, dataset: Dataset, files_order: np.ndarray, opts: LoaderOptions):
-        from .options import shard_bounds
-
         self.dataset, self.opts = dataset, opts
         self.order = files_order
-        self.n = len(files_order)
-        self.shard_bounds = shard_bounds
 
     def shard(self, epoch: int) -> np.ndarray:
-        order = self.order
-        if self.opts.train:
-            order = np.random.default_rng([self.opts.seed, epoch, 0x5eed]).permutation(order)
-            per = self.n // self.opts.num_shards
-            return order[self.opts.shard_id * per:(self.opts.shard_id + 1) * per]
-        lo, hi = self.shard_bounds(self.n, self.opts.shard_id, self.opts.num_shards)
-        return order[lo:hi]
+        return epoch_shard(self.order, epoch, self.opts)
 
     def __call__(self, info):
         from ..data.readers import check_array, read_sample
@@ -112,6 +118,49 @@ class _PythonSource:
         x = read_sample(sample, self.dataset, check=False)
         check_array(x, sample, self.dataset, allow_nonfinite=self.opts.mask_value is not None)
         return np.ascontiguousarray(x.transpose(1, 2, 0)), np.array([i], dtype=np.int64)
+
+
+class _ListedIndex:
+    """Dataset positions of the samples a reader reads front to back from ``order`` (no shuffling, one shard),
+    the last one repeated for the padding of the last batch: DALI's FITS reader reports no file name."""
+
+    def __init__(self, order: np.ndarray):
+        self.order = np.asarray(order, dtype=np.int64)
+
+    def __call__(self, info):
+        return self.order[min(info.idx_in_epoch, len(self.order) - 1)].reshape(1)
+
+
+def fits_hdu_numbers(dataset: Dataset) -> list[int] | None:
+    """HDU numbers for DALI's FITS reader, one per band, or None where astropy reads the data instead.
+
+    CFITSIO numbers HDUs from 1 (the primary HDU), astropy and ``--hdus`` from 0. FITS with ``--hdus`` given as
+    indices: those, plus one. One file per band: the first HDU holding 2-D data (HDU 1, or HDU 2 for a
+    tile-compressed ``.fits.fz``, whose image lives in an extension). The layout is read from the first file;
+    HDUs that are not 2-D there (a cube of bands) and ``--hdus`` given as EXTNAMEs, which astropy looks up in
+    every file, stay with astropy. Cached on the dataset.
+    """
+    if not hasattr(dataset, "_dali_hdus"):
+        dataset._dali_hdus = _first_file_hdus(dataset)
+    return dataset._dali_hdus
+
+
+def _first_file_hdus(dataset: Dataset) -> list[int] | None:
+    from ..data.readers import _fits_hdus
+
+    def two_d(h) -> bool:
+        return getattr(h, "data", None) is not None and getattr(h.data, "ndim", 0) == 2
+
+    if not len(dataset):
+        return None
+    if dataset.kind == "fits" and dataset.hdus and all(isinstance(h, int) for h in dataset.hdus):
+        with _fits_hdus(dataset.samples[0].path) as hdul:
+            if all(0 <= h < len(hdul) and two_d(hdul[h]) for h in dataset.hdus):
+                return [int(h) + 1 for h in dataset.hdus]
+    if dataset.kind == "fits-bands":
+        with _fits_hdus(dataset.samples[0].band_paths[0]) as hdul:
+            return next(([k + 1] for k, h in enumerate(hdul) if two_d(h)), None)
+    return None
 
 
 def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray):
@@ -141,28 +190,28 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
         x = fn.reshape(x, layout="CHW")  # the numpy reader sets no layout; resize would read CHW as HWC
         x = fn.transpose(x, perm=[1, 2, 0], output_layout="HWC")
         return x, index
-    if gpu and dataset.kind == "fits" and dataset.hdus is not None:
-        hdus = [int(h) for h in dataset.hdus]
-        planes = fn.experimental.readers.fits(files=files, hdu_indices=hdus, device="gpu", **common)
-        planes = planes if isinstance(planes, (list, tuple)) else [planes]
-        x = fn.stack(*planes, axis=2, axis_name="C") if len(planes) > 1 else fn.reshape(planes[0], layout="HW")
-        if len(planes) == 1:
-            x = fn.expand_dims(x, axes=[2], new_axis_names="C")
-        index = fn.pad(fn.get_property(planes[0], key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
-        return fn.cast(x, dtype=types.FLOAT), index
-    if gpu and dataset.kind == "fits-bands":
-        # one FITS reader per band, in lock-step: identical file order, sharding, padding and shuffling
-        # (shuffle_after_epoch uses DALI's fixed seed), so output b of step k is band b of the same object
+    hdu_numbers = fits_hdu_numbers(dataset) if gpu and dataset.kind in ("fits", "fits-bands") else None
+    if hdu_numbers is not None:
+        # DALI's FITS reader (tile-compressed HDUs decompressed on the GPU) reads ``order``, this rank's samples
+        # of this epoch (DaliLoader rebuilds the pipeline each epoch), front to back: no reader-side sharding
+        # or shuffling, so that the sample positions, which the reader does not report, are known. One reader
+        # per band file, in lock-step, for one file per band.
+        listed = dict(shard_id=0, num_shards=1, pad_last_batch=True, stick_to_shard=True,
+                      shuffle_after_epoch=False, prefetch_queue_depth=2)
+        if dataset.kind == "fits":
+            sources = [([dataset.samples[i].path for i in order], hdu_numbers)]
+        else:
+            sources = [([dataset.samples[i].band_paths[b] for i in order], hdu_numbers) for b in range(dataset.bands)]
         planes = []
-        for band in range(dataset.bands):
-            band_files = [dataset.samples[i].band_paths[band] for i in order]
-            out = fn.experimental.readers.fits(files=band_files, hdu_indices=[0], device="gpu",
-                                               **{**common, "name": "reader" if band == 0 else f"reader{band}"})
-            planes.append(out[0] if isinstance(out, (list, tuple)) else out)
+        for k, (paths, hdus) in enumerate(sources):
+            out = fn.experimental.readers.fits(files=paths, hdu_indices=hdus, device="gpu",
+                                               name="reader" if k == 0 else f"reader{k}", **listed)
+            planes += list(out) if isinstance(out, (list, tuple)) else [out]
+        planes = [fn.reshape(fn.cast(q, dtype=types.FLOAT), layout="HW") for q in planes]
         x = fn.stack(*planes, axis=2, axis_name="C") if len(planes) > 1 else fn.expand_dims(
-            fn.reshape(planes[0], layout="HW"), axes=[2], new_axis_names="C")
-        index = fn.pad(fn.get_property(planes[0], key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
-        return fn.cast(x, dtype=types.FLOAT), index
+            planes[0], axes=[2], new_axis_names="C")
+        index = fn.external_source(source=_ListedIndex(order), batch=False, dtype=types.INT64)
+        return x, index
     # FITS (any arrangement) without DALI's FITS reader: astropy in a per-sample external source.
     src = _PythonSource(dataset, order, opts)
     x, index = fn.external_source(source=src, num_outputs=2, batch=False, layout=["HWC", None],
@@ -184,6 +233,7 @@ if HAVE_DALI:
     from nvidia.dali.pipeline import do_not_convert
 
     _shard_files = do_not_convert(_shard_files)
+    fits_hdu_numbers = do_not_convert(fits_hdu_numbers)
 
 
 def _decoded_shards(dataset: Dataset, opts: LoaderOptions, gpu: bool, common: dict):
@@ -313,9 +363,7 @@ class DaliLoader:
     @property
     def _dali_fits(self) -> bool:
         """FITS read by DALI's own (GPU) FITS reader rather than astropy in an external source."""
-        return self.gpu and (self.dataset.kind == "fits-bands" or
-                             (self.dataset.kind == "fits" and bool(self.dataset.hdus)
-                              and all(isinstance(h, int) for h in self.dataset.hdus)))
+        return self.gpu and self.dataset.kind in ("fits", "fits-bands") and fits_hdu_numbers(self.dataset) is not None
 
     @property
     def checkpointable(self) -> bool:
@@ -323,8 +371,9 @@ class DaliLoader:
 
     def _iterator(self):
         if self._it is None:
-            p = _build(self.dataset, self.opts, self.gpu, self.order,
-                       self._checkpoint if self.checkpointable else False)
+            # DALI's FITS reader is handed this rank's samples of this epoch (see _decoded)
+            order = epoch_shard(self.order, self.epoch, self.opts) if self._dali_fits else self.order
+            p = _build(self.dataset, self.opts, self.gpu, order, self._checkpoint if self.checkpointable else False)
             names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
             policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL
             if self.checkpointable or self._dali_fits:
@@ -372,6 +421,8 @@ class DaliLoader:
 
     def __iter__(self):
         self._done = 0
+        if self._dali_fits:
+            self._it = None  # a pipeline per epoch: its reader is given the epoch's order
         try:
             it = self._iterator()
             for out in it:
