@@ -116,7 +116,8 @@ def test_ensemble_trainer_members_side_by_side(lenses, tmp_path):
 
 
 def test_ddp_two_processes_gloo_each_sample_once(lenses, tmp_path):
-    """torchrun with 2 CPU processes: training finishes, shards are disjoint, evaluation is exact."""
+    """torchrun with 2 CPU processes: training finishes, shards are disjoint, the ranks' weights stay equal
+    (gradients accumulated over micro-batches are averaged across ranks once per step), evaluation is exact."""
     out = str(tmp_path / "ddp")
     log = str(tmp_path / "seen")
     script = tmp_path / "ddp_probe.py"
@@ -136,20 +137,24 @@ def probe(members, loader, cfg, device, epoch, **kw):
                 seen.extend(b["index"].tolist())
                 yield b
     stats = real(members, Spy(), cfg, device, epoch, **kw)
+    weights = float(sum(p.double().sum() for p in members[0].core.parameters()))
     with open({log!r} + f"-{{os.environ['RANK']}}-{{epoch}}.json", "w") as fh:
-        json.dump(seen, fh)
+        json.dump({{"seen": seen, "weights": weights}}, fh)
     return stats
 runner.train_epoch = probe
 if __name__ == "__main__":
+    # micro-batches of 3 (8 = 3 + 3 + 2): gradients are synchronised once per step, in the last pass
     runner.run(TrainConfig(data_root={lenses!r}, out={out!r}, epochs=2, batch_size=8, img_size=32,
-                           backend="dali-cpu", progress=False, workers=1))
+                           backend="dali-cpu", progress=False, workers=1, micro_batch=3))
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     n_train = 168  # 240 * 0.7
     for epoch in range(2):
-        parts = [json.load(open(f"{log}-{r}-{epoch}.json")) for r in range(2)]
+        records = [json.load(open(f"{log}-{r}-{epoch}.json")) for r in range(2)]
+        assert records[0]["weights"] == records[1]["weights"], "the ranks' models must stay identical"
+        parts = [r["seen"] for r in records]
         assert len(parts[0]) == len(parts[1]) > 0
         assert not set(parts[0]) & set(parts[1]), "ranks must see disjoint samples"
         assert len(parts[0]) + len(parts[1]) == (n_train // 2 // 8) * 8 * 2

@@ -78,9 +78,12 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
             with torch.no_grad(), autocast(device, amp):
                 partner = ([torch.cat([m.model(_to(batch["image"][s][c], device, cfg, norm)).float() for c in chunks[s]])
                             for s in scales] if cfg.consistency != "none" and len(scales) > 1 else None)
-            for k, s in enumerate(scales):
-                for c in chunks[s]:
-                    yc = y[c]
+            passes = [(k, s, c) for k, s in enumerate(scales) for c in chunks[s]]
+            for n, (k, s, c) in enumerate(passes):
+                yc = y[c]
+                # DistributedDataParallel: gradients are averaged across ranks once, in the step's last pass
+                sync = n == len(passes) - 1 or not hasattr(m.model, "no_sync")
+                with (contextlib.nullcontext() if sync else m.model.no_sync()):
                     with autocast(device, amp):
                         z = m.model(_to(batch["image"][s][c], device, cfg, norm)).float()
                     # each chunk's share of the batch mean: the accumulated gradient is the whole batch's
@@ -93,7 +96,7 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
                         m.scaler.scale(loss).backward()
                     else:
                         loss.backward()
-                    loss_value += float(loss.detach())
+                loss_value += float(loss.detach())
             if m.scaler is not None:
                 m.scaler.step(m.optimizer)
                 m.scaler.update()
