@@ -14,7 +14,7 @@ import torch
 
 from ..data.dataset import DataError, Dataset
 from .batch import BatchChecker
-from .options import LoaderOptions, base_permutation, batches_per_epoch
+from .options import LoaderOptions, base_permutation, batches_per_epoch, epoch_order
 
 try:  # DALI is optional: the package falls back to torchvision without it
     from nvidia.dali import fn, pipeline_def, types
@@ -75,22 +75,6 @@ def _float_steps(x, opts: LoaderOptions):
     return x
 
 
-def epoch_shard(order: np.ndarray, epoch: int, opts: LoaderOptions) -> np.ndarray:
-    """The dataset positions this rank reads in ``epoch``, for pipelines that are handed their order.
-
-    Training: ``order`` reshuffled per epoch (the same on every rank), cut into equal shards (the remainder
-    left out, so every rank has as many batches). Evaluation: DALI's contiguous shard of ``order``.
-    """
-    from .options import shard_bounds
-
-    if opts.train:
-        order = np.random.default_rng([opts.seed, epoch, 0x5eed]).permutation(order)
-        per = len(order) // opts.num_shards
-        return order[opts.shard_id * per:(opts.shard_id + 1) * per]
-    lo, hi = shard_bounds(len(order), opts.shard_id, opts.num_shards)
-    return order[lo:hi]
-
-
 class _PythonSource:
     """Per-sample external source for data DALI cannot read here (FITS on a machine without CUDA).
 
@@ -103,7 +87,7 @@ class _PythonSource:
         self.order = files_order
 
     def shard(self, epoch: int) -> np.ndarray:
-        return epoch_shard(self.order, epoch, self.opts)
+        return self.order[epoch_order(len(self.order), epoch, self.opts)]
 
     def __call__(self, info):
         from ..data.readers import check_array, read_sample
@@ -372,7 +356,7 @@ class DaliLoader:
     def _iterator(self):
         if self._it is None:
             # DALI's FITS reader is handed this rank's samples of this epoch (see _decoded)
-            order = epoch_shard(self.order, self.epoch, self.opts) if self._dali_fits else self.order
+            order = self.order[epoch_order(len(self.order), self.epoch, self.opts)] if self._dali_fits else self.order
             p = _build(self.dataset, self.opts, self.gpu, order, self._checkpoint if self.checkpointable else False)
             names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
             policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL

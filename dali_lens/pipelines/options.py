@@ -102,7 +102,8 @@ def base_permutation(n: int, seed: int) -> np.ndarray:
 
 
 def epoch_order(n: int, epoch: int, opts: LoaderOptions) -> np.ndarray:
-    """Sample indices this shard visits in ``epoch`` (torchvision backend; DALI shuffles internally).
+    """Sample indices this shard visits in ``epoch`` (torchvision backend, and DALI pipelines that are handed
+    their order: FITS through astropy or DALI's FITS reader; DALI's other readers shuffle internally).
 
     Train: a permutation that depends on (seed, epoch), identical on all ranks, cut into equal shards of
     floor(n / S) samples (like DistributedSampler with drop_last). Eval: contiguous shards, every sample once.

@@ -6,7 +6,8 @@ each scale's batch is cut into the largest chunks whose saved tensors fit, gradi
 chunks (the same update, except that BatchNorm normalises over a chunk).  The saved bytes per sample are
 measured, not guessed: two probe forward passes (1 and 2 samples of the real batch; 2 and 4 where
 BatchNorm needs more than one value per channel) with autograd's saved-tensor hooks counting each saved
-storage once; their difference is what one more sample costs, free of the weights autograd also saves.  BatchNorm running statistics and the RNG are restored after the probes.
+storage once; their difference is what one more sample costs, free of the weights autograd also saves.
+BatchNorm running statistics and the RNG are restored after the probes.
 """
 from __future__ import annotations
 
