@@ -24,7 +24,8 @@ try:  # DALI is optional: the package falls back to torchvision without it
 except ImportError:  # pragma: no cover - exercised only where DALI is missing
     HAVE_DALI = False
 
-_SOURCE_INFO_LEN = 4096  # bytes kept of each file name returned by readers that have no label output
+_SOURCE_INFO_LEN = 4096
+OUT_BYTES = {"float32": 4, "float16": 2, "uint8": 1}  # bytes kept of each file name returned by readers that have no label output
 
 
 _BUILT = [0]
@@ -147,6 +148,17 @@ def _first_file_hdus(dataset: Dataset) -> list[int] | None:
     return None
 
 
+def _decode_images(raw, dataset: Dataset, gpu: bool):
+    """PNG/JPEG bytes -> HWC uint8 with the file's own channel count (ANY_DATA), so that a band mismatch is
+    caught, not hidden. Buffers sized for small cutouts, not the ImageNet-sized defaults (8-16 MiB per thread)."""
+    h, w = dataset.shape or (0, 0)
+    hint = dict(bytes_per_sample_hint=h * w * dataset.bands)
+    if gpu:  # 'mixed': JPEG on nvJPEG / the hardware decoder, PNG on the CPU then copied to the GPU
+        return fn.decoders.image(raw, device="mixed", output_type=types.ANY_DATA, host_memory_padding=256 * 1024,
+                                 device_memory_padding=1024 * 1024, **hint)
+    return fn.decoders.image(raw, device="cpu", output_type=types.ANY_DATA, **hint)
+
+
 def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray):
     """Reader + decoder: returns (HWC image node, index node).
 
@@ -161,13 +173,7 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
     files = [dataset.samples[i].path for i in order]
     if dataset.kind == "image":
         raw, index = fn.readers.file(files=files, labels=[int(i) for i in order], **common)
-        out_type = types.ANY_DATA  # keep the encoded channel count, so a band mismatch is caught, not hidden
-        if gpu:  # buffers sized for small cutouts, not the ImageNet-sized defaults (8-16 MiB per thread)
-            img = fn.decoders.image(raw, device="mixed", output_type=out_type,
-                                    host_memory_padding=256 * 1024, device_memory_padding=1024 * 1024)
-        else:
-            img = fn.decoders.image(raw, device="cpu", output_type=out_type)
-        return img, index
+        return _decode_images(raw, dataset, gpu), index
     if dataset.kind == "npy":
         x = fn.readers.numpy(files=files, device="gpu" if gpu else "cpu", **common)
         index = fn.pad(fn.get_property(x, key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
@@ -241,12 +247,7 @@ def _decoded_shards(dataset: Dataset, opts: LoaderOptions, gpu: bool, common: di
                                         dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
                                         **wds)
     if plan.member_kind == "image":
-        if gpu:
-            img = fn.decoders.image(raw, device="mixed", output_type=types.ANY_DATA,
-                                    host_memory_padding=256 * 1024, device_memory_padding=1024 * 1024)
-        else:
-            img = fn.decoders.image(raw, device="cpu", output_type=types.ANY_DATA)
-        return img, number
+        return _decode_images(raw, dataset, gpu), number
     x = fn.decoders.numpy(raw, dtype=types.FLOAT)  # CPU only: (bands, H, W)
     if gpu:
         x = x.gpu()
@@ -274,19 +275,23 @@ def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, 
         img = _augment(img, opts, shape_hw)
         outs = []
         for s in opts.scales:
+            # GPU (and pinned) outputs preallocated for a cutout of this scale rather than grown batch by batch
+            pixels = channels * s * s
+            work = pixels * (1 if images_are_uint8 else 4)
             y = img
             if tuple(shape_hw) != (s, s) and opts.resize_mode == "crop":
-                y = fn.crop(img, crop=[s, s], out_of_bounds_policy="pad", fill_values=0)
+                y = fn.crop(img, crop=[s, s], out_of_bounds_policy="pad", fill_values=0, bytes_per_sample_hint=work)
             elif tuple(shape_hw) != (s, s):
                 # 8-bit images stay 8-bit until normalisation: a quarter of the memory of float intermediates
                 y = fn.resize(img, size=[s, s], antialias=True, interp_type=types.INTERP_LINEAR,
-                              dtype=types.UINT8 if images_are_uint8 else types.FLOAT)
+                              dtype=types.UINT8 if images_are_uint8 else types.FLOAT, bytes_per_sample_hint=work)
             if opts.dtype == "uint8":
                 if not images_are_uint8:
                     raise ValueError("dtype='uint8' output is only for 8-bit images")
-                outs.append(fn.transpose(y, perm=[2, 0, 1], output_layout="CHW"))  # already uint8
+                outs.append(fn.transpose(y, perm=[2, 0, 1], output_layout="CHW", bytes_per_sample_hint=pixels))
             else:
-                outs.append(fn.crop_mirror_normalize(y, mean=mean, std=std, dtype=out_dtype, output_layout="CHW"))
+                outs.append(fn.crop_mirror_normalize(y, mean=mean, std=std, dtype=out_dtype, output_layout="CHW",
+                                                     bytes_per_sample_hint=pixels * OUT_BYTES[opts.dtype]))
         return (*outs, index, shapes)
 
     threads = max(1, opts.workers)
