@@ -623,18 +623,14 @@ def main(argv=None) -> int:
         "targets": target_check(records),
         "total_s": round(time.perf_counter() - t_all, 1),
     }
-    common.write_json_atomic(out, doc)
-    if not args.no_plot:
-        plot(doc, os.path.splitext(out)[0] + ".png")
+    common.save_result(doc, out, None if args.no_plot else plot)
     for t in doc["targets"]:
         log(f"target {t['config']}: dali-cpu {t['dali_cpu_images_per_s']:.0f} vs baseline "
             f"{t['baseline_images_per_s']:.0f} img/s = {t['speedup']:.2f}x (need 2x); peak host "
             f"{t['dali_cpu_peak_host_mb']:.0f} vs {t['baseline_peak_host_mb']:.0f} MB -> "
             f"{'MET' if t['met'] else 'NOT MET'} (CPU time per image: baseline / dali-cpu = "
             f"{t['cpu_efficiency_ratio']:.2f})")
-    failed = [r for r in records if not r["ok"]]
-    log(f"done in {doc['total_s']:.0f} s; {len(records) - len(failed)} ok, {len(failed)} failed -> {out}")
-    return 1 if failed else 0
+    return common.finish_log(doc, records, out, log)
 
 
 if __name__ == "__main__":

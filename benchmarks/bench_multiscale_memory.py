@@ -967,9 +967,7 @@ def main(argv=None) -> int:
         "variant_effects": variant_effects(summary),
         "total_s": round(time.perf_counter() - t_all, 1),
     }
-    common.write_json_atomic(out, doc)
-    if not args.no_plot:
-        plot(doc, os.path.splitext(out)[0] + ".png")
+    common.save_result(doc, out, None if args.no_plot else plot)
     for t in doc["targets"]:
         extra = (f"; model-only floors {t['model_only_floor_mb']:.0f} (our step) vs "
                  f"{t['baseline_step_floor_mb']:.0f} MB ({t['baseline_step']} step); loader-attributable "

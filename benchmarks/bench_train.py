@@ -333,9 +333,7 @@ def main(argv=None) -> int:
         "summary": summarise(records),
         "total_s": round(time.perf_counter() - t_all, 1),
     }
-    common.write_json_atomic(out, doc)
-    if not args.no_plot:
-        plot(doc, os.path.splitext(out)[0] + ".png")
+    common.save_result(doc, out, None if args.no_plot else plot)
     for s in doc["summary"]:
         eff = (f", {100 * s['loader_efficiency']:.0f}% of model-only {s['model_only_samples_per_s']:.1f}/s"
                if s["loader_efficiency"] is not None else "")

@@ -189,6 +189,13 @@ def write_json_atomic(path: str, obj, indent: int = 2) -> None:
         os.fsync(fh.fileno())
 
 
+def save_result(doc: dict, out: str, plot=None) -> None:
+    """A benchmark's JSON at ``out`` and, unless ``plot`` is None, its figure next to it (same name, .png)."""
+    write_json_atomic(out, doc)
+    if plot is not None:
+        plot(doc, os.path.splitext(out)[0] + ".png")
+
+
 def save_figure(fig, path: str, dpi: int = 110) -> None:
     """Write a matplotlib figure as PNG to ``path`` atomically (temporary file in the same folder, renamed
     when complete) and close it."""
