@@ -46,7 +46,8 @@ def budget_bytes(text, device: torch.device) -> float | None:
 
 def saved_bytes_per_sample(model: torch.nn.Module, x: torch.Tensor, autocast_ctx) -> float:
     """Bytes autograd keeps for backward per sample of ``x`` in ``model``'s training forward pass."""
-    buffers = {k: v.detach().clone() for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
+    names = {name for name, _ in model.named_buffers()}
+    buffers = {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
     try:
