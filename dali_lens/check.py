@@ -11,7 +11,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from .data.dataset import DataError, Dataset
+from .data.dataset import DataError, Dataset, parse_hdus
 from .data.readers import check_array, read_sample
 
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isdir(args.data) and is_packed(args.data):  # a packed set: verify shards against manifest.json
         return check_packed(args.data, allow_nonfinite=True if args.mask_value is not None else None)
 
-    hdus = tuple(int(h) if h.isdigit() else h for h in args.hdus.split(",")) if args.hdus else None
+    hdus = parse_hdus(args.hdus)
     try:
         splits = discover(args.data, hdus=hdus, val_fraction=0)
     except DataError as exc:
