@@ -1,0 +1,145 @@
+"""Look at the candidates: colour thumbnails, ``gallery.png`` and a keyboard grading page (``index.html``).
+
+:func:`inspect_predictions` is ``python -m dali_lens.inspect``; :func:`split_gallery` is what ``train`` and
+``evaluate`` call to write the false-positive and missed-lens gallery of their evaluation split. Cutouts are
+read with :func:`dali_lens.data.readers.read_sample`, so every source kind works (loose images, FITS by HDU,
+per-band FITS, the challenge layout, ``.npy``, packed shards). See ``composite.py`` for the colour scheme.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from ..data.dataset import DataError, Dataset
+from .candidates import (DEFAULT_BINS, GRADES, Candidate, format_purity, match, purity_table, read_grades,
+                         read_ids, read_predictions, select)
+from .composite import parse_rgb_bands, thumbnail
+
+__all__ = ["inspect_predictions", "split_gallery", "grades_summary", "Candidate", "read_predictions", "select",
+           "read_grades", "purity_table", "format_purity", "thumbnail", "GRADES", "DEFAULT_BINS", "OUTPUTS",
+           "GALLERY_N"]
+
+OUTPUTS = ("gallery.png", "index.html")
+CHALLENGE_MASK_VALUE = 100.0  # Metcalf et al. (2019): masked pixels hold 100
+GALLERY_N = 50  # false positives and missed lenses each, in the galleries train and evaluate write
+
+
+def _quiet(*_a, **_k) -> None:
+    return None
+
+
+def data_mask_value(root: str) -> float | None:
+    """The masked-pixel value of the data at ``root``: the one a generated set records (``dataset.json`` or
+    ``generator.json``), else 100 for the lens-finding-challenge layout (its convention), else None."""
+    from ..data.challenge import is_challenge_layout
+
+    folder = root if os.path.isdir(root) else os.path.dirname(root)
+    for name in ("dataset.json", "generator.json"):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                v = json.load(fh).get("mask_value")
+            if v is not None:
+                return float(v)
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+    return CHALLENGE_MASK_VALUE if is_challenge_layout(folder) else None
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"{out}: --out exists and is not a directory")
+    there = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
+    if there and not overwrite:
+        raise DataError(f"{out}: already holds {', '.join(there)}; refusing to overwrite (pass --overwrite, or "
+                        "choose another --out)")
+
+
+def write_inspection(out: str, shown: list[Candidate], title: str, rgb_bands=None, mask_value=None,
+                     grades: dict[str, int] | None = None, threshold: float = 0.5, gallery_max: int = 200,
+                     workers: int | None = None, log=_quiet) -> dict:
+    """Render ``shown`` and write ``out/gallery.png`` (the first ``gallery_max``) and ``out/index.html``."""
+    from .render import render_thumbnails, write_gallery, write_page
+
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    thumbs = render_thumbnails(shown, rgb_bands, mask_value, workers=workers, log=log)
+    t1 = time.perf_counter()
+    k = max(1, gallery_max)
+    if len(shown) > k:
+        log(f"note: gallery.png shows the first {k} of {len(shown)} candidates (--gallery-max); index.html has all")
+    write_gallery(os.path.join(out, "gallery.png"), shown[:k], thumbs[:k], title)
+    t2 = time.perf_counter()
+    write_page(os.path.join(out, "index.html"), shown, thumbs, title, grades, threshold)
+    t3 = time.perf_counter()
+    return {"out": out, "shown": len(shown), "problems": {c.id: c.problem for c in shown if c.problem},
+            "seconds": {"thumbnails": round(t1 - t0, 2), "gallery": round(t2 - t1, 2), "page": round(t3 - t2, 2)}}
+
+
+def inspect_predictions(predictions: str, data: str, out: str | None = None, *, top: int = 0, bottom: int = 0,
+                        ids: str | None = None, false_positives: int = 0, missed: int = 0,
+                        rgb_bands: str | None = None, mask_value: float | None = None, hdus=None,
+                        threshold: float = 0.5, grades: str | None = None, gallery_max: int = 200,
+                        overwrite: bool = False, workers: int | None = None, log=_quiet) -> dict:
+    """Select candidates from ``predictions`` (a predictions CSV), read their cutouts from ``data`` and write
+    ``gallery.png`` and ``index.html`` to ``out`` (default: ``inspect/`` next to the CSV).
+
+    With no selection at all, the top 100 are shown. IDs in the CSV (or in ``ids``) that are not in the data
+    are logged by name and shown as placeholder tiles; so is any cutout that cannot be read.
+    """
+    from ..data.sources import discover
+
+    predictions = os.path.abspath(os.path.expanduser(predictions))
+    out = os.path.abspath(os.path.expanduser(out or os.path.join(os.path.dirname(predictions), "inspect")))
+    check_out(out, overwrite)
+    cands = read_predictions(predictions)
+    wanted = read_ids(ids) if ids else None
+    if not (top or bottom or wanted or false_positives or missed):
+        top = 100
+    datasets = list(discover(data, hdus=hdus, val_fraction=0.0).values())
+    if mask_value is None:
+        mask_value = data_mask_value(os.path.abspath(os.path.expanduser(data)))
+    shown, unknown = select(cands, top, bottom, wanted, false_positives, missed, threshold)
+    if unknown:
+        log(f"warning: {len(unknown)} id(s) from {ids} not in {os.path.basename(predictions)}: "
+            + ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else ""))
+    missing = match(shown, datasets)
+    if missing:
+        log(f"warning: {len(missing)} id(s) in {os.path.basename(predictions)} not found in {data}: "
+            + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+    picked = parse_rgb_bands(rgb_bands, datasets[0].bands) if rgb_bands else None
+    prior = {k: g for k, (g, _) in read_grades(grades).items()} if grades else None
+    groups = [g for g in ("top", "bottom", "ids", "false-positive", "missed")
+              if any(g in c.groups for c in shown)]
+    title = f"{os.path.basename(os.path.dirname(predictions))}/{os.path.basename(predictions)}: " \
+            f"{len(shown)} candidates ({', '.join(groups)})"
+    result = write_inspection(out, shown, title, picked, mask_value, prior, threshold, gallery_max, workers, log)
+    result.update(missing=missing, unknown_ids=unknown)
+    return result
+
+
+def split_gallery(out: str, dataset: Dataset, scores, labels, spread=None, *, n: int = GALLERY_N,
+                  threshold: float = 0.5, mask_value: float | None = None, log=_quiet) -> dict | None:
+    """The ``n`` highest-scoring non-lenses and ``n`` lowest-scoring lenses of ``dataset`` (scores and labels
+    in its sample order; label -1 = unknown) as ``out/gallery.png`` and ``out/index.html``. None if the split
+    has no labels."""
+    labels = np.asarray(labels)
+    if not (labels >= 0).any():
+        return None
+    scores = np.asarray(scores, dtype=np.float64)
+    cands = [Candidate(s.id, float(scores[j]), s.path, None if labels[j] < 0 else int(labels[j]),
+                       None if spread is None else float(spread[j]), sample=s, dataset=dataset)
+             for j, s in enumerate(dataset.samples)]
+    shown, _ = select(cands, false_positives=n, missed=n, threshold=threshold)
+    title = f"{dataset.split}: the {n} highest-scoring non-lenses and the {n} lowest-scoring lenses"
+    return write_inspection(out, shown, title, mask_value=mask_value, threshold=threshold, workers=None, log=log)
+
+
+def grades_summary(grades: str, bins=DEFAULT_BINS) -> str:
+    """Purity of the graded set by score bin, as a text table (``inspect --grades FILE --summary``)."""
+    g = read_grades(grades)
+    unscored = sum(1 for _, s in g.values() if s is None)
+    head = f"{grades}: {len(g)} graded candidate(s); purity = share graded 2 (probable) or 3 (definite)\n"
+    return head + format_purity(purity_table(g, bins), unscored)

@@ -1,0 +1,212 @@
+"""Which cutouts to look at: rows of a predictions CSV, matched to the data and selected; grades and purity."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+
+from ..data.dataset import DataError, Dataset, Sample
+
+GRADES = {0: "not a lens", 1: "possible", 2: "probable", 3: "definite"}
+DEFAULT_BINS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+@dataclass
+class Candidate:
+    """One row of a predictions CSV (``file,id[,label],score[,score_<member>...,member_std]``)."""
+
+    id: str
+    score: float
+    file: str = ""
+    label: int | None = None
+    spread: float | None = None
+    members: dict[str, float] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)  # why it was picked: top, bottom, ids, false-positive, missed
+    sample: Sample | None = None
+    dataset: Dataset | None = None
+    problem: str | None = None  # why its cutout could not be shown
+
+    @property
+    def kind(self) -> str:
+        """'false-positive', 'missed' or '' (how the gallery marks it)."""
+        if "false-positive" in self.groups:
+            return "false-positive"
+        if "missed" in self.groups:
+            return "missed"
+        return ""
+
+
+def _float(text: str, where: str, column: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {column} {text!r} is not a number") from None
+    return v
+
+
+def read_predictions(path: str) -> list[Candidate]:
+    """The rows of a predictions CSV written by ``predict``, ``evaluate`` or a training run."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        if "score" not in cols or not ({"id", "file"} & set(cols)):
+            raise DataError(f"{path}: not a predictions CSV (needs 'score' and 'id' or 'file' columns; has {cols})")
+        members = [c for c in cols if c.startswith("score_")]
+        rows = []
+        for lineno, row in enumerate(reader, start=2):
+            where = f"{path}, line {lineno}"
+            file = (row.get("file") or "").strip()
+            cid = (row.get("id") or "").strip() or os.path.basename(file)
+            label_text = (row.get("label") or "").strip()
+            label = None
+            if label_text not in ("", "-1"):
+                label = 1 if _float(label_text, where, "label") > 0 else 0
+            spread = (row.get("member_std") or "").strip()
+            rows.append(Candidate(
+                cid, _float(row["score"], where, "score"), file, label,
+                _float(spread, where, "member_std") if spread else None,
+                {c[len("score_"):]: _float(row[c], where, c) for c in members if (row.get(c) or "").strip()}))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def match(candidates: list[Candidate], datasets: list[Dataset]) -> list[str]:
+    """Attach each candidate's sample (by file path, else by a unique id); returns the ids not found."""
+    by_path: dict[str, tuple[Sample, Dataset]] = {}
+    by_id: dict[str, list[tuple[Sample, Dataset]]] = {}
+    for ds in datasets:
+        for s in ds.samples:
+            by_path[s.path] = (s, ds)
+            by_id.setdefault(s.id, []).append((s, ds))
+    missing = []
+    for c in candidates:
+        hit = by_path.get(os.path.abspath(c.file)) if c.file else None
+        if hit is None:
+            found = by_id.get(c.id, [])
+            hit = found[0] if len(found) == 1 else None
+        if hit is None:
+            missing.append(c.id)
+            c.problem = "not in the data"
+            continue
+        c.sample, c.dataset = hit
+        if c.label is None and hit[0].label is not None:
+            c.label = int(hit[0].label)
+    return missing
+
+
+def read_ids(path: str) -> list[str]:
+    """IDs, one per line (or the first column of a CSV with an 'id' header); '#' starts a comment."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    ids = []
+    with open(path, encoding="utf-8") as fh:
+        for k, line in enumerate(fh):
+            entry = line.split("#", 1)[0].strip().split(",")[0].strip()
+            if entry and not (k == 0 and entry.lower() == "id"):
+                ids.append(entry)
+    return ids
+
+
+def select(candidates: list[Candidate], top: int = 0, bottom: int = 0, ids: list[str] | None = None,
+           false_positives: int = 0, missed: int = 0, threshold: float = 0.5) -> tuple[list[Candidate], list[str]]:
+    """The candidates to show, in order (top, bottom, ids, false positives, missed; each once), and the
+    requested ids that are not in the predictions.
+
+    Labelled candidates are also marked 'false-positive' (a non-lens scoring >= ``threshold``) or 'missed'
+    (a lens scoring below it), whichever list picked them.
+    """
+    by_score = sorted(candidates, key=lambda c: -c.score)
+    picked: dict[int, Candidate] = {}
+
+    def add(group: str, items) -> None:
+        for c in items:
+            if group not in c.groups:
+                c.groups.append(group)
+            picked.setdefault(id(c), c)
+
+    add("top", by_score[:max(0, top)])
+    add("bottom", by_score[::-1][:max(0, bottom)])
+    unknown = []
+    if ids:
+        index = {c.id: c for c in candidates}
+        unknown = [i for i in ids if i not in index]
+        add("ids", [index[i] for i in ids if i in index])
+    if false_positives or missed:
+        if not any(c.label is not None for c in candidates):
+            raise DataError("--false-positives/--missed need labels (a 'label' column in the predictions, or "
+                            "labelled data)")
+    add("false-positive", [c for c in by_score if c.label == 0][:max(0, false_positives)])
+    add("missed", [c for c in by_score[::-1] if c.label == 1][:max(0, missed)])
+    shown = list(picked.values())
+    for c in shown:
+        if c.label == 0 and c.score >= threshold and "false-positive" not in c.groups:
+            c.groups.append("false-positive")
+        if c.label == 1 and c.score < threshold and "missed" not in c.groups:
+            c.groups.append("missed")
+    return shown, unknown
+
+
+# ---------------------------------------------------------------------------------------------------------
+# grades
+
+
+def read_grades(path: str) -> dict[str, tuple[int, float | None]]:
+    """``id -> (grade, score)`` from a grades CSV (``id,grade,score``, as the page exports it)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    out: dict[str, tuple[int, float | None]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        if "id" not in cols or "grade" not in cols:
+            raise DataError(f"{path}: not a grades CSV (needs 'id' and 'grade' columns; has {cols})")
+        for lineno, row in enumerate(reader, start=2):
+            where = f"{path}, line {lineno}"
+            text = (row.get("grade") or "").strip()
+            if text == "":
+                continue
+            try:
+                grade = int(text)
+            except ValueError:
+                grade = -1
+            if grade not in GRADES:
+                raise DataError(f"{where}: grade {text!r} is not 0, 1, 2 or 3")
+            score = (row.get("score") or "").strip()
+            out[row["id"].strip()] = (grade, _float(score, where, "score") if score else None)
+    return out
+
+
+def purity_table(grades: dict[str, tuple[int, float | None]], bins=DEFAULT_BINS) -> list[dict]:
+    """Per score bin: graded count, count per grade, purity (share graded 2 or 3) and with 'possible' (>= 1)."""
+    edges = list(bins)
+    rows = []
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        last = k == len(edges) - 2
+        gs = [g for g, s in grades.values() if s is not None and lo <= s and (s < hi or (last and s <= hi))]
+        n = len(gs)
+        rows.append({"bin": f"[{lo:g}, {hi:g}{']' if last else ')'}", "n": n,
+                     **{f"g{g}": gs.count(g) for g in GRADES},
+                     "purity": sum(g >= 2 for g in gs) / n if n else math.nan,
+                     "purity_incl_possible": sum(g >= 1 for g in gs) / n if n else math.nan})
+    return rows
+
+
+def format_purity(rows: list[dict], unscored: int = 0) -> str:
+    head = ["score bin", "graded", "0", "1", "2", "3", "purity (2-3)", "incl. possible (1-3)"]
+    body = [[r["bin"], str(r["n"]), *(str(r[f"g{g}"]) for g in GRADES),
+             "n/a" if math.isnan(r["purity"]) else f"{r['purity']:.3f}",
+             "n/a" if math.isnan(r["purity_incl_possible"]) else f"{r['purity_incl_possible']:.3f}"] for r in rows]
+    total = sum(r["n"] for r in rows)
+    good = sum(r["g2"] + r["g3"] for r in rows)
+    body.append(["all", str(total), *(str(sum(r[f"g{g}"] for r in rows)) for g in GRADES),
+                 f"{good / total:.3f}" if total else "n/a",
+                 f"{sum(r['n'] - r['g0'] for r in rows) / total:.3f}" if total else "n/a"])
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + body]
+    if unscored:
+        lines.append(f"({unscored} graded candidate(s) without a score are not in any bin)")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Thumbnails of the selected candidates, ``gallery.png`` (matplotlib mosaic) and ``index.html`` (grading page)."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..data.dataset import DataError
+from ..data.io import atomic_open, atomic_write_text
+from .candidates import Candidate
+from .composite import default_rgb_bands, placeholder, thumbnail
+from .page import page_html
+
+KIND_COLOUR = {"false-positive": (220, 40, 40), "missed": (30, 150, 255)}
+KIND_TEXT = {"false-positive": "FALSE POSITIVE", "missed": "MISSED LENS"}
+
+
+def render_thumbnails(cands: list[Candidate], rgb_bands=None, mask_value: float | None = None,
+                      workers: int | None = None, log=None) -> list[np.ndarray]:
+    """(H, W, 3) uint8 per candidate, in order; a placeholder naming the problem for any it cannot read."""
+    from ..data.readers import check_array, read_sample
+
+    size = next(((c.dataset.shape or (64, 64)) for c in cands if c.dataset is not None), (64, 64))
+
+    def one(c: Candidate) -> np.ndarray:
+        if c.sample is None:
+            return placeholder(size, f"{c.id}: {c.problem or 'not in the data'}")
+        ds = c.dataset
+        try:
+            arr = read_sample(c.sample, ds, check=False)
+            check_array(arr, c.sample, ds, allow_nonfinite=True)
+            bands = rgb_bands if rgb_bands is not None else default_rgb_bands(ds)
+            return thumbnail(arr, ds.pixel_kind, bands, mask_value)
+        except (DataError, OSError, ValueError) as exc:
+            c.problem = str(exc)
+            if log is not None:
+                log(f"warning: {c.id}: {exc}; a placeholder tile is shown instead")
+            return placeholder(ds.shape or size, f"{c.id}: cannot read: {exc}")
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(cands) < 8:
+        return [one(c) for c in cands]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, cands, chunksize=8))
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=3)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def caption(c: Candidate) -> list[str]:
+    """The lines under a tile: ID; score (and ensemble spread); label and mark."""
+    lines = [c.id if len(c.id) <= 22 else c.id[:10] + "…" + c.id[-10:]]
+    line = f"score {c.score:.3f}"
+    if c.spread is not None:
+        line += f" ±{c.spread:.3f}"
+    lines.append(line)
+    label = {1: "lens", 0: "non-lens", None: "unlabelled"}[c.label]
+    if c.kind:
+        label += "  " + KIND_TEXT[c.kind]
+    if c.problem:
+        label = "NOT SHOWN: " + c.problem[:40]
+    lines.append(label)
+    return lines
+
+
+def write_gallery(path: str, cands: list[Candidate], thumbs: list[np.ndarray], title: str, tile: int = 120,
+                  columns: int = 10) -> None:
+    """A mosaic of ``thumbs`` labelled with ID, score (± spread), label; false positives framed red, missed
+    lenses blue. Drawn as one image with one text per line (fast for hundreds of tiles)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = len(cands)
+    cols = max(1, min(columns, n))
+    rows = max(1, math.ceil(n / cols))
+    pad, text_h, head = 6, 40, 46
+    cw, ch = tile + 2 * pad, tile + 2 * pad + text_h
+    canvas = np.full((head + rows * ch, cols * cw, 3), 255, np.uint8)
+    for k, (c, t) in enumerate(zip(cands, thumbs)):
+        r, q = divmod(k, cols)
+        y0, x0 = head + r * ch, q * cw
+        if c.kind:
+            canvas[y0 + 1:y0 + tile + 2 * pad - 1, x0 + 1:x0 + cw - 1] = KIND_COLOUR[c.kind]
+        img = np.asarray(Image.fromarray(t).resize((tile, tile), Image.BICUBIC if t.shape[0] < tile else Image.LANCZOS))
+        canvas[y0 + pad:y0 + pad + tile, x0 + pad:x0 + pad + tile] = img
+    dpi = 100
+    fig = plt.figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    ax.text(6, 6, title, va="top", ha="left", fontsize=9, fontweight="bold")
+    ax.text(6, 26, "red frame: false positive (non-lens scored high)   blue frame: missed lens (lens scored low)",
+            va="top", ha="left", fontsize=7.5, color="0.25")
+    for k, c in enumerate(cands):
+        r, q = divmod(k, cols)
+        y, x = head + r * ch + tile + 2 * pad + 1, q * cw + pad
+        for j, line in enumerate(caption(c)):
+            colour = "black" if j < 2 else (np.array(KIND_COLOUR[c.kind]) / 255 * 0.8 if c.kind else "0.3")
+            ax.text(x, y + 12 * j, line, va="top", ha="left", fontsize=6.5, family="monospace", color=colour,
+                    fontweight="bold" if (j == 2 and c.kind) else "normal")
+    ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
+    ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
+    try:
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def page_key(cands: list[Candidate], grades: dict) -> str:
+    """Where the page keeps its grades in the browser: the same candidates (and imported grades) share it."""
+    h = hashlib.sha1()
+    for c in cands:
+        h.update(c.id.encode() + b"\0")
+    h.update(json.dumps(sorted(grades.items())).encode())
+    return h.hexdigest()[:16]
+
+
+def write_page(path: str, cands: list[Candidate], thumbs: list[np.ndarray], title: str,
+               grades: dict[str, int] | None = None, threshold: float = 0.5) -> None:
+    grades = {k: int(v) for k, v in (grades or {}).items() if k in {c.id for c in cands}}
+    data = {
+        "title": title, "threshold": threshold, "key": page_key(cands, grades), "grades": grades,
+        "candidates": [{"id": c.id, "score": c.score, "label": c.label, "spread": c.spread, "kind": c.kind,
+                        "groups": c.groups, "problem": c.problem, "caption": caption(c),
+                        "img": png_data_uri(t)} for c, t in zip(cands, thumbs)],
+    }
+    atomic_write_text(path, page_html(title, data))
