@@ -12,6 +12,8 @@ Scores the split with every member of the given checkpoint(s) and their ensemble
   predictions.csv  file,id,label,score[,score_<member>...,member_std]
   roc.png          ROC curves of the members and the ensemble
   completeness_<column>.png   one per catalogue column
+  gallery/         gallery.png and index.html (grading page) of the false positives and missed lenses
+                   (--no-gallery: off)
 
 TPR0 / TPR10 follow the lens-finding challenge (Metcalf et al. 2019): the highest true-positive rate with
 no false positive / fewer than ten. Every file is written atomically; an existing non-empty --out is not
@@ -236,6 +238,12 @@ def evaluate(args) -> dict:
             row += [f"{probs[k][j]:.7g}" for k in ens.names] + [f"{spread[j]:.7g}"]
         rows.append(row)
     atomic_write_csv(os.path.join(out, "predictions.csv"), header, rows)
+    if args.gallery:
+        from .inspection import split_gallery
+
+        split_gallery(os.path.join(out, "gallery"), dataset, score, all_labels,
+                      spread if len(ens.members) > 1 else None, threshold=args.threshold, mask_value=ens.mask_value,
+                      log=log)
     plots = []
     if len(set(y.tolist())) == 2:
         extra = {k: (y, v) for k, v in curves.items()} if len(ens.members) > 1 else None
@@ -281,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
                                                              "default: 1000)")
     ap.add_argument("--alpha", type=float, default=0.05, help="intervals at level 1 - alpha (default: 0.05)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    ap.add_argument("--gallery", action=argparse.BooleanOptionalAction, default=True,
+                    help="write gallery/ (gallery.png, index.html: the 50 highest-scoring non-lenses and 50 "
+                         "lowest-scoring lenses; see python -m dali_lens.inspect) (default: on)")
     ap.add_argument("--bins", type=int, default=5, help="completeness: quantile bins per column (default: 5)")
     ap.add_argument("--completeness-columns", default=None, metavar="COLS",
                     help="comma-separated catalogue columns (default: every numeric column that varies among "

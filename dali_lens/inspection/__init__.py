@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -29,6 +30,10 @@ GALLERY_N = 50  # false positives and missed lenses each, in the galleries train
 
 def _quiet(*_a, **_k) -> None:
     return None
+
+
+def _stderr(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
 
 
 def data_mask_value(root: str) -> float | None:
@@ -101,14 +106,14 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
     datasets = list(discover(data, hdus=hdus, val_fraction=0.0).values())
     if mask_value is None:
         mask_value = data_mask_value(os.path.abspath(os.path.expanduser(data)))
+    missing = match(cands, datasets)  # first: labels missing from the CSV come from the data
+    if missing:
+        log(f"warning: {len(missing)} id(s) in {os.path.basename(predictions)} not found in {data}: "
+            + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "") + " (placeholder tiles if shown)")
     shown, unknown = select(cands, top, bottom, wanted, false_positives, missed, threshold)
     if unknown:
         log(f"warning: {len(unknown)} id(s) from {ids} not in {os.path.basename(predictions)}: "
             + ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else ""))
-    missing = match(shown, datasets)
-    if missing:
-        log(f"warning: {len(missing)} id(s) in {os.path.basename(predictions)} not found in {data}: "
-            + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
     picked = parse_rgb_bands(rgb_bands, datasets[0].bands) if rgb_bands else None
     prior = {k: g for k, (g, _) in read_grades(grades).items()} if grades else None
     groups = [g for g in ("top", "bottom", "ids", "false-positive", "missed")
@@ -121,7 +126,7 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
 
 
 def split_gallery(out: str, dataset: Dataset, scores, labels, spread=None, *, n: int = GALLERY_N,
-                  threshold: float = 0.5, mask_value: float | None = None, log=_quiet) -> dict | None:
+                  threshold: float = 0.5, mask_value: float | None = None, log=_stderr) -> dict | None:
     """The ``n`` highest-scoring non-lenses and ``n`` lowest-scoring lenses of ``dataset`` (scores and labels
     in its sample order; label -1 = unknown) as ``out/gallery.png`` and ``out/index.html``. None if the split
     has no labels."""

@@ -42,7 +42,7 @@ const grid = document.getElementById('grid'), sortSel = document.getElementById(
 function save() { try { localStorage.setItem(KEY, JSON.stringify(grades)); } catch (e) {} }
 function labelName(l) { return l === 1 ? 'lens' : l === 0 ? 'non-lens' : 'unlabelled'; }
 function keep(c) {
-  const f = filtSel.value, g = grades[c.id];
+  const f = filtSel.value, g = grades[c.key];
   if (f === 'all') return true;
   if (f === 'lens') return c.label === 1;
   if (f === 'nonlens') return c.label === 0;
@@ -80,7 +80,7 @@ function build() {
 function paint() {
   let n = 0;
   cards.forEach(function(d, i){
-    const g = grades[C[i].id], b = d.querySelector('.grade');
+    const g = grades[C[i].key], b = d.querySelector('.grade');
     b.textContent = g === undefined ? '' : String(g); b.className = 'grade' + (g === undefined ? '' : ' g' + g);
     if (g !== undefined) n++;
     d.classList.toggle('cur', view[cur] === i);
@@ -104,16 +104,16 @@ document.addEventListener('keydown', function(e){
   else if (e.key === 'ArrowLeft') move(-1);
   else if (e.key === 'ArrowDown') move(perRow());
   else if (e.key === 'ArrowUp') move(-perRow());
-  else if (/^[0-3]$/.test(e.key) && i !== undefined) { grades[C[i].id] = Number(e.key); save(); move(1); }
+  else if (/^[0-3]$/.test(e.key) && i !== undefined) { grades[C[i].key] = Number(e.key); save(); move(1); }
   else if ((e.key === 's' || e.key === ' ') && i !== undefined) move(1);
-  else if ((e.key === 'Backspace' || e.key === 'Delete') && i !== undefined) { delete grades[C[i].id]; save(); paint(); }
+  else if ((e.key === 'Backspace' || e.key === 'Delete') && i !== undefined) { delete grades[C[i].key]; save(); paint(); }
   else return;
   e.preventDefault();
 });
 function csv() {
   const rows = ['id,grade,score'], q = function(s){ return /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; };
   C.slice().sort(function(a, b){ return b.score - a.score; }).forEach(function(c){
-    if (grades[c.id] !== undefined) rows.push(q(c.id) + ',' + grades[c.id] + ',' + c.score);
+    if (grades[c.key] !== undefined) rows.push(q(c.key) + ',' + grades[c.key] + ',' + c.score);
   });
   return rows.join('\n') + '\n';
 }

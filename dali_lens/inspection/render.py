@@ -121,6 +121,16 @@ def write_gallery(path: str, cands: list[Candidate], thumbs: list[np.ndarray], t
         plt.close(fig)
 
 
+def grade_keys(cands: list[Candidate]) -> list[str]:
+    """What each candidate's grade is filed under (the ``id`` of grades.csv): its ID, or where IDs repeat (the
+    same name in two splits) ``ID@split`` (``ID@file`` without a split)."""
+    seen: dict[str, int] = {}
+    for c in cands:
+        seen[c.id] = seen.get(c.id, 0) + 1
+    return [c.id if seen[c.id] == 1 else f"{c.id}@{c.dataset.split if c.dataset else os.path.basename(c.file)}"
+            for c in cands]
+
+
 def page_key(cands: list[Candidate], grades: dict) -> str:
     """Where the page keeps its grades in the browser: the same candidates (and imported grades) share it."""
     h = hashlib.sha1()
@@ -132,11 +142,12 @@ def page_key(cands: list[Candidate], grades: dict) -> str:
 
 def write_page(path: str, cands: list[Candidate], thumbs: list[np.ndarray], title: str,
                grades: dict[str, int] | None = None, threshold: float = 0.5) -> None:
-    grades = {k: int(v) for k, v in (grades or {}).items() if k in {c.id for c in cands}}
+    keys = grade_keys(cands)
+    grades = {k: int(v) for k, v in (grades or {}).items() if k in set(keys)}
     data = {
         "title": title, "threshold": threshold, "key": page_key(cands, grades), "grades": grades,
-        "candidates": [{"id": c.id, "score": c.score, "label": c.label, "spread": c.spread, "kind": c.kind,
+        "candidates": [{"id": c.id, "key": k, "score": c.score, "label": c.label, "spread": c.spread, "kind": c.kind,
                         "groups": c.groups, "problem": c.problem, "caption": caption(c),
-                        "img": png_data_uri(t)} for c, t in zip(cands, thumbs)],
+                        "img": png_data_uri(t)} for c, k, t in zip(cands, keys, thumbs)],
     }
     atomic_write_text(path, page_html(title, data))

@@ -93,6 +93,8 @@ class TrainConfig:
     seed: int = _f(0, "random seed (data order, augmentation, initialisation)")
     checkpoint_every: int = _f(0, "also checkpoint every N training steps (mid-epoch resume); 0 = per epoch only")
     threshold: float = _f(0.5, "score threshold for accuracy/precision/recall/F1")
+    gallery: bool = _f(True, "write gallery/ in the run directory: gallery.png and index.html (grading page) of the "
+                             "test split's 50 highest-scoring non-lenses and 50 lowest-scoring lenses")
     progress: bool = _f(True, "progress bars")
 
     def amp_dtype(self, device: torch.device):

@@ -1,4 +1,4 @@
-"""What every run writes: metrics.json, predictions.csv (file, label, score[, members]), roc.png."""
+"""What every run writes: metrics.json, predictions.csv (file, label, score[, members]), roc.png, gallery/."""
 from __future__ import annotations
 
 import os
@@ -40,6 +40,11 @@ def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndar
             row += [f"{member_scores[k][j]:.6f}" for k in names] + [f"{spread[j]:.6f}"]
         rows.append(row)
     atomic_write_csv(os.path.join(out, "predictions.csv"), header, rows)
+    if getattr(cfg, "gallery", False):  # gallery/: the split's highest-scoring non-lenses, lowest-scoring lenses
+        from ..inspection import split_gallery
+
+        split_gallery(os.path.join(out, "gallery"), dataset.subset(index), score, labels,
+                      spread if len(names) > 1 else None, threshold=cfg.threshold, mask_value=cfg.mask_value)
     if labelled.any() and len(set(labels[labelled].tolist())) == 2:
         extra_curves = ({k: (labels[labelled], v[labelled]) for k, v in member_scores.items()}
                         if len(names) > 1 else None)
