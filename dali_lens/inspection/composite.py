@@ -67,8 +67,8 @@ def _normalised(plane: np.ndarray, good: np.ndarray) -> np.ndarray:
     vals = plane[good]
     if vals.size == 0:
         return np.zeros_like(plane, dtype=np.float32)
-    sky = np.median(vals)
-    top = np.percentile(vals, 99.5) - sky
+    sky, top = np.percentile(vals, (50.0, 99.5))  # one partition for both
+    top -= sky
     if not np.isfinite(top) or top <= 0:
         top = max(float(np.max(vals) - sky), 1e-30)
     out = (plane - sky) / top

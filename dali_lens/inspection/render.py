@@ -59,37 +59,47 @@ def png_data_uri(rgb: np.ndarray) -> str:
 
 
 def caption(c: Candidate) -> list[str]:
-    """The lines under a tile: ID; score (and ensemble spread); label and mark."""
+    """The lines under a tile: ID; score (and ensemble spread); the label, or the mark (FALSE POSITIVE is a
+    non-lens, MISSED LENS a lens)."""
     lines = [c.id if len(c.id) <= 22 else c.id[:10] + "…" + c.id[-10:]]
     line = f"score {c.score:.3f}"
     if c.spread is not None:
         line += f" ±{c.spread:.3f}"
     lines.append(line)
-    label = {1: "lens", 0: "non-lens", None: "unlabelled"}[c.label]
-    if c.kind:
-        label += "  " + KIND_TEXT[c.kind]
+    label = KIND_TEXT[c.kind] if c.kind else {1: "lens", 0: "non-lens", None: "unlabelled"}[c.label]
     if c.problem:
         label = "NOT SHOWN: " + c.problem[:40]
     lines.append(label)
     return lines
 
 
+def _font(size: int, bold: bool = False):
+    """matplotlib's DejaVu Sans Mono (it ships with matplotlib) as a PIL font; PIL's default without it."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        name = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans Mono",
+                                                                 weight="bold" if bold else "normal"))
+        return ImageFont.truetype(name, size)
+    except Exception:  # noqa: BLE001 - any font problem: fall back on PIL's built-in font
+        return ImageFont.load_default()
+
+
 def write_gallery(path: str, cands: list[Candidate], thumbs: list[np.ndarray], title: str, tile: int = 120,
                   columns: int = 10) -> None:
     """A mosaic of ``thumbs`` labelled with ID, score (± spread), label; false positives framed red, missed
-    lenses blue. Drawn as one image with one text per line (fast for hundreds of tiles)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    lenses blue. Composed with PIL in matplotlib's DejaVu font: a matplotlib figure with hundreds of texts
+    took ~10 s for 200 tiles, this well under one."""
+    from PIL import Image, ImageDraw
 
     n = len(cands)
     cols = max(1, min(columns, n))
     rows = max(1, math.ceil(n / cols))
-    pad, text_h, head = 6, 40, 46
+    pad, text_h, head = 6, 42, 46
     cw, ch = tile + 2 * pad, tile + 2 * pad + text_h
-    canvas = np.full((head + rows * ch, cols * cw, 3), 255, np.uint8)
+    canvas = np.full((head + rows * ch, max(cols * cw, 640), 3), 255, np.uint8)
     for k, (c, t) in enumerate(zip(cands, thumbs)):
         r, q = divmod(k, cols)
         y0, x0 = head + r * ch, q * cw
@@ -97,28 +107,22 @@ def write_gallery(path: str, cands: list[Candidate], thumbs: list[np.ndarray], t
             canvas[y0 + 1:y0 + tile + 2 * pad - 1, x0 + 1:x0 + cw - 1] = KIND_COLOUR[c.kind]
         img = np.asarray(Image.fromarray(t).resize((tile, tile), Image.BICUBIC if t.shape[0] < tile else Image.LANCZOS))
         canvas[y0 + pad:y0 + pad + tile, x0 + pad:x0 + pad + tile] = img
-    dpi = 100
-    fig = plt.figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(canvas, interpolation="nearest")
-    ax.set_axis_off()
-    ax.text(6, 6, title, va="top", ha="left", fontsize=9, fontweight="bold")
-    ax.text(6, 26, "red frame: false positive (non-lens scored high)   blue frame: missed lens (lens scored low)",
-            va="top", ha="left", fontsize=7.5, color="0.25")
+    im = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(im)
+    small, bold, big = _font(10), _font(10, bold=True), _font(13, bold=True)
+    draw.text((6, 6), title, fill=(0, 0, 0), font=big)
+    draw.text((6, 26), "red frame: false positive (non-lens scored high)   blue frame: missed lens (lens scored low)",
+              fill=(64, 64, 64), font=small)
     for k, c in enumerate(cands):
         r, q = divmod(k, cols)
         y, x = head + r * ch + tile + 2 * pad + 1, q * cw + pad
-        for j, line in enumerate(caption(c)):
-            colour = "black" if j < 2 else (np.array(KIND_COLOUR[c.kind]) / 255 * 0.8 if c.kind else "0.3")
-            ax.text(x, y + 12 * j, line, va="top", ha="left", fontsize=6.5, family="monospace", color=colour,
-                    fontweight="bold" if (j == 2 and c.kind) else "normal")
-    ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
-    ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
-    try:
-        with atomic_open(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
+        lines = caption(c)
+        draw.text((x, y), lines[0], fill=(0, 0, 0), font=small)
+        draw.text((x, y + 13), lines[1], fill=(0, 0, 0), font=small)
+        colour = tuple(int(v * 0.8) for v in KIND_COLOUR[c.kind]) if c.kind else (80, 80, 80)
+        draw.text((x, y + 26), lines[2], fill=colour, font=bold if c.kind else small)
+    with atomic_open(path, "wb") as fh:
+        im.save(fh, format="PNG", compress_level=4)
 
 
 def grade_keys(cands: list[Candidate]) -> list[str]:
