@@ -238,12 +238,6 @@ def evaluate(args) -> dict:
             row += [f"{probs[k][j]:.7g}" for k in ens.names] + [f"{spread[j]:.7g}"]
         rows.append(row)
     atomic_write_csv(os.path.join(out, "predictions.csv"), header, rows)
-    if args.gallery:
-        from .inspection import split_gallery
-
-        split_gallery(os.path.join(out, "gallery"), dataset, score, all_labels,
-                      spread if len(ens.members) > 1 else None, threshold=args.threshold, mask_value=ens.mask_value,
-                      log=log)
     plots = []
     if len(set(y.tolist())) == 2:
         extra = {k: (y, v) for k, v in curves.items()} if len(ens.members) > 1 else None
@@ -255,6 +249,12 @@ def evaluate(args) -> dict:
     result["plots"] = [os.path.basename(p) for p in plots]
     result = to_jsonable(result)
     atomic_write_json(os.path.join(out, "metrics.json"), result)
+    if args.gallery:
+        from .inspection import split_gallery
+
+        split_gallery(os.path.join(out, "gallery"), dataset, score, all_labels,
+                      spread if len(ens.members) > 1 else None, threshold=args.threshold, mask_value=ens.mask_value,
+                      log=log)
     shown = dict(members) if len(ens.members) > 1 else {}
     shown[ens_name] = ensemble
     print(table(to_jsonable(shown)))

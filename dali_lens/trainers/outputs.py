@@ -40,11 +40,6 @@ def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndar
             row += [f"{member_scores[k][j]:.6f}" for k in names] + [f"{spread[j]:.6f}"]
         rows.append(row)
     atomic_write_csv(os.path.join(out, "predictions.csv"), header, rows)
-    if getattr(cfg, "gallery", False):  # gallery/: the split's highest-scoring non-lenses, lowest-scoring lenses
-        from ..inspection import split_gallery
-
-        split_gallery(os.path.join(out, "gallery"), dataset.subset(index), score, labels,
-                      spread if len(names) > 1 else None, threshold=cfg.threshold, mask_value=cfg.mask_value)
     if labelled.any() and len(set(labels[labelled].tolist())) == 2:
         extra_curves = ({k: (labels[labelled], v[labelled]) for k, v in member_scores.items()}
                         if len(names) > 1 else None)
@@ -53,4 +48,9 @@ def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndar
                  label="ensemble" if len(names) > 1 else names[0])
     result = to_jsonable(result)
     atomic_write_json(os.path.join(out, "metrics.json"), result)
+    if getattr(cfg, "gallery", False):  # gallery/: the split's highest-scoring non-lenses, lowest-scoring lenses
+        from ..inspection import split_gallery
+
+        split_gallery(os.path.join(out, "gallery"), dataset.subset(index), score, labels,
+                      spread if len(names) > 1 else None, threshold=cfg.threshold, mask_value=cfg.mask_value)
     return result
