@@ -488,3 +488,17 @@ def test_grading_page_in_a_real_browser(npy_data, tmp_path):
     from dali_lens.inspection import read_grades
 
     assert read_grades(str(target_csv)) == {c["key"]: (int(g), pytest.approx(c["score"])) for c, g in want}
+
+
+def test_benchmark_script_runs_quick(tmp_path):
+    """benchmarks/bench_inspect.py --quick runs and writes its JSON (a smoke test, not a speed test)."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "inspect.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_inspect.py"), "--quick",
+                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.load(open(out))
+    assert doc["thumbnails"] == 30 and doc["runs"][0]["problems"] == 0 and doc["machine"]["usable_cores"] >= 1
+    assert doc["best_seconds"] > 0 and doc["meets_target"] is None  # a quick run measures nothing
