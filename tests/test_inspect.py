@@ -462,6 +462,17 @@ def test_grading_page_in_a_real_browser(npy_data, tmp_path):
         time.sleep(0.3)
         wait_loaded()
         assert js("document.getElementById('count').textContent").startswith("graded 3 / 6")  # kept in the browser
+        # the filter by label and the sort by score
+        def choose(select, value):
+            return js(f"(() => {{ const s = document.getElementById('{select}'); s.value = '{value}';"
+                      "s.dispatchEvent(new Event('change'));"
+                      "return Array.from(document.querySelectorAll('#grid .card')).map(d => d.dataset.i).join(','); })()")
+
+        non = [str(i) for i, c in enumerate(cands) if c["label"] == 0]
+        assert choose("filter", "nonlens") == ",".join(non) and 0 < len(non) < len(cands)
+        assert choose("filter", "graded") == "0,2,3"
+        assert choose("filter", "all") == "0,1,2,3,4,5"
+        assert choose("sort", "asc") == "5,4,3,2,1,0"
         box = js("JSON.stringify(document.getElementById('export').getBoundingClientRect())")
         box = json.loads(box)
         x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
