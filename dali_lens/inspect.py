@@ -14,7 +14,8 @@ Writes to --out (default: inspect/ next to PREDICTIONS):
 Colour: 3+ float bands are an asinh RGB composite in the Lupton et al. (2004) style (--rgb-bands R,G,B picks
 the bands; default 2,1,0 = the first three reversed, for bands ordered blue to red like g,r,i; the challenge
 ground track R,I,G,U defaults to 1,0,2); 1-2 bands are greyscale asinh; PNG/JPEG cutouts are shown as they
-are. Masked pixels (NaN/inf and --mask-value) are drawn flat grey and do not affect the stretch.
+are. Masked pixels (NaN/inf and --mask-value) are drawn flat grey and do not affect the stretch. A missing
+or unreadable cutout is a placeholder tile naming the problem (and a log line); IDs not in DATA are listed.
 
 Examples:
   python -m dali_lens.inspect runs/single-small_cnn/predictions.csv data/lenses --top 200
@@ -50,8 +51,8 @@ def parser() -> argparse.ArgumentParser:
                          "below it) (default: 0.5)")
     ap.add_argument("--rgb-bands", default=None, metavar="R,G,B", help="0-based bands shown as red, green, blue")
     ap.add_argument("--mask-value", type=float, default=None,
-                    help="pixels with this value are masked (default: the data's dataset.json, e.g. 100 for "
-                         "generated challenge data; NaN/inf always are)")
+                    help="pixels with this value are masked (default: the value a generated set records in its "
+                         "dataset.json/generator.json, else 100 for the challenge layout; NaN/inf always are)")
     ap.add_argument("--hdus", default=None, help="FITS: HDU indices/EXTNAMEs per band")
     ap.add_argument("--grades", default=None, metavar="FILE",
                     help="grades CSV (id,grade[,score]) to bring into the new page; with --summary: the file to "
