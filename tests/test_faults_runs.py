@@ -98,3 +98,124 @@ def test_predict_refuses_rows_without_a_record(small, tmp_path, capsys):
     assert P.main(["-c", small["a"]] + [small["data"], "--out", out] + QUICK) == 2
     assert "no record" in _last_err(capsys)
     assert open(out, "rb").read() == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train: one run per directory, reusable after an early stop, --resume only with the same options
+
+
+@pytest.fixture(scope="module")
+def lenses(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("lenses") / "data")
+    generate_dataset(root, n=64, size=32, seed=5)
+    return root
+
+
+def _train_args(data, out, *extra):
+    return ["--data-root", data, "--out", out, "--img-size", "32", "--batch-size", "16", "--workers", "1",
+            "--backend", "dali-cpu", "--no-progress", "--epochs", "1", *extra]
+
+
+def _cfg(data, out, **kw):
+    from dali_lens.trainers import TrainConfig
+
+    base = dict(data_root=data, out=out, img_size=32, batch_size=16, workers=1, backend="dali-cpu", progress=False,
+                epochs=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_two_concurrent_trainings_on_one_out(lenses, tmp_path):
+    """Two real processes start together on the same --out: one trains, the other refuses naming it."""
+    out = str(tmp_path / "shared")
+    cmd = [sys.executable, "-m", "dali_lens.train"] + _train_args(lenses, out, "--epochs", "2")
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.pid,) + p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    codes = sorted(r[3] for r in results)
+    assert codes == [0, 2], [(r[3], r[2][-500:]) for r in results]
+    (winner,) = [r for r in results if r[3] == 0]
+    (loser,) = [r for r in results if r[3] == 2]
+    assert f"in use by another training run (pid {winner[0]} on " in loser[2] and "Traceback" not in loser[2]
+    assert "outputs in" not in loser[1] + loser[2]
+    assert json.load(open(os.path.join(out, "metrics.json")))["n"] > 0
+
+
+def test_run_stopped_before_its_first_checkpoint_is_reusable(lenses, tmp_path, monkeypatch, capsys):
+    import dali_lens.trainers.runner as runner
+    from dali_lens.trainers import run
+
+    out = str(tmp_path / "early")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands for kill -9 / a DataError in the first epoch: no checkpoint yet
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "train_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(_cfg(lenses, out))
+    assert "config.json" in os.listdir(out) and not os.path.exists(os.path.join(out, "last.pt"))
+    run(_cfg(lenses, out))  # a plain rerun reuses it
+    assert "no checkpoint yet" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "best.pt"))
+    # --resume on such a directory starts from scratch too
+    out2 = str(tmp_path / "early2")
+    with monkeypatch.context() as m:
+        m.setattr(runner, "train_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(_cfg(lenses, out2))
+    run(_cfg(lenses, out2, resume=True))
+    assert "nothing to resume, so starting from scratch" in capsys.readouterr().out
+    # a directory with a user's file is still refused and the file kept
+    out3 = tmp_path / "mine"
+    out3.mkdir()
+    (out3 / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        run(_cfg(lenses, str(out3)))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(_cfg(lenses, str(out3), resume=True))
+    assert (out3 / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_other_options_is_refused_unless_allowed(lenses, tmp_path, capsys):
+    from dali_lens.train import main as train_main
+
+    out = str(tmp_path / "run")
+    assert train_main(_train_args(lenses, out)) == 0
+    config = open(os.path.join(out, "config.json")).read()
+    other = str(tmp_path / "copy")
+    os.symlink(lenses, other + "-link")
+    generate_dataset(other, n=64, size=32, seed=6)
+    assert train_main(_train_args(other, out, "--resume", "--lr", "0.01", "--epochs", "2")) == 2
+    err = capsys.readouterr().err
+    assert "--lr: 0.002 then, 0.01 now" in err and "--data-root" in err and "--allow-config-change" in err
+    assert open(os.path.join(out, "config.json")).read() == config
+    # the same data by another path and a longer run: allowed
+    assert train_main(_train_args(other + "-link", out, "--resume", "--epochs", "2")) == 0
+    assert [h["epoch"] for h in json.load(open(os.path.join(out, "metrics.json")))["history"]] == [1, 2]
+    # a deliberate change: allowed with the flag, and recorded
+    assert train_main(_train_args(lenses, out, "--resume", "--epochs", "3", "--lr", "0.001",
+                                  "--allow-config-change")) == 0
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["lr"] == 0.001 and saved["config_changes"][-1]["changed"]["lr"] == {"from": 0.002, "to": 0.001}
+
+
+def test_single_class_val_split_still_selects_and_writes_best(tmp_path, capsys):
+    """A val split of lenses only: AUC is undefined, so best.pt is chosen by the validation loss (warned)."""
+    import csv
+
+    from dali_lens.trainers import run
+
+    data = str(tmp_path / "data")
+    generate_dataset(data, n=64, size=32, seed=8)
+    with open(os.path.join(data, "val.csv"), newline="") as fh:
+        rows = list(csv.reader(fh))
+    with open(os.path.join(data, "val.csv"), "w", newline="") as fh:
+        csv.writer(fh).writerows([rows[0]] + [r for r in rows[1:] if r[1] == "1"])
+    out = str(tmp_path / "run")
+    run(_cfg(data, out, epochs=2))
+    assert "chosen by the validation loss" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "best.pt"))
+    history = json.load(open(os.path.join(out, "metrics.json")))["history"]
+    assert all(h["val_loss"] > 0 for h in history)
+    assert P.main(["-c", out, data, "--split", "val", "--out", str(tmp_path / "v.csv")] + QUICK) == 0

@@ -27,7 +27,12 @@ class TrainConfig:
                                      "synthetic set, generated once and cached", flag="--data-root")
     out: str | None = _f(None, "run directory for checkpoints, metrics.json, predictions.csv, roc.png "
                                "(default: runs/<trainer>-<arch>-<time>)")
-    resume: bool = _f(False, "continue the run in --out from its last checkpoint (mid-epoch if saved mid-epoch)")
+    resume: bool = _f(False, "continue the run in --out from its last checkpoint (mid-epoch if saved mid-epoch); "
+                             "with no checkpoint there yet, start from scratch in it")
+    allow_config_change: bool = _f(False, "--resume with options that differ from the run's config.json (data, "
+                                          "model, optimisation...); without it such a resume stops and lists "
+                                          "them. --epochs, --patience, --workers, --backend and the like may "
+                                          "always change")
     val_fraction: float = _f(0.15, "fraction of train held out (stratified, seeded) when there is no val split")
     hdus: str | None = _f(None, "FITS: comma-separated HDU indices or EXTNAMEs, one per band (default: all image HDUs)")
     skip_bad: bool = _f(False, "scan the data first and skip unreadable/bad samples (listed), instead of stopping")
