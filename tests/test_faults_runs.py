@@ -219,3 +219,50 @@ def test_single_class_val_split_still_selects_and_writes_best(tmp_path, capsys):
     history = json.load(open(os.path.join(out, "metrics.json")))["history"]
     assert all(h["val_loss"] > 0 for h in history)
     assert P.main(["-c", out, data, "--split", "val", "--out", str(tmp_path / "v.csv")] + QUICK) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exit codes: 0 ok, 2 bad input or options, for every command
+
+
+def _exit_code(module: str, argv: list[str]) -> int:
+    try:
+        return importlib.import_module(f"dali_lens.{module}").main(argv)
+    except SystemExit as exc:  # argparse
+        return exc.code
+
+
+@pytest.mark.parametrize("command", ["check", "pack", "generate", "evaluate", "predict", "train", "train-backend"])
+def test_every_command_exits_2_on_bad_input(command, small, tmp_path, capsys):
+    import torch
+
+    missing = str(tmp_path / "missing")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = {
+        "check": [missing],
+        "pack": [missing, str(tmp_path / "packed")],
+        "generate": [str(afile / "sub"), "--n", "4"],
+        "evaluate": ["-c", small["a"], missing, "--out", str(tmp_path / "ev")],
+        "predict": ["-c", small["a"], missing, "--out", str(tmp_path / "p.csv")],
+        "train": ["--data-root", missing, "--out", str(tmp_path / "r")],
+        # an option this machine cannot honour: an error line, not a traceback
+        "train-backend": ["--data-root", small["data"], "--out", str(tmp_path / "r"), "--epochs", "1",
+                          "--no-progress", "--backend", "dali" if not torch.cuda.is_available() else "nope"],
+    }[command]
+    assert _exit_code(command.split("-")[0], argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "error" in captured.err
+
+
+def test_check_exits_2_when_it_finds_problems(small, tmp_path, capsys):
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(small["data"], data)
+    victim = next(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(data, "train")) for f in fs
+                  if f.endswith(".png"))
+    with open(victim, "r+b") as fh:
+        fh.truncate(100)
+    assert _exit_code("check", [data]) == 2
+    assert victim in capsys.readouterr().out

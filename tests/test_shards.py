@@ -280,7 +280,7 @@ def test_check_verifies_and_names_a_corrupt_shard(sets, tmp_path, capsys):
     raw = bytearray(open(victim, "rb").read())
     raw[700] ^= 0xFF  # one byte inside the first member's image data
     open(victim, "wb").write(bytes(raw))
-    assert check_main([packed]) == 1
+    assert check_main([packed]) == 2
     out = capsys.readouterr().out
     assert victim in out and "checksum mismatch" in out
 
