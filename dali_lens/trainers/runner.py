@@ -144,6 +144,7 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
 
     say(f"backend {backend} on {device}; trainer {cfg.trainer}: "
         + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
+    _say_stems(specs, cfg, say)
     active = kind.active_scales(cfg, 0)
     train_loader = loader("train", True, active)
     in_chans = splits["train"].bands + int(cfg.mask_channel)
@@ -286,6 +287,19 @@ def _chunk_note(split: dict, saved: dict) -> str:
             parts.append(f"{name} at {scale} px: {n} samples"
                          + (f" ({per / 2 ** 20:.1f} MB kept for backward per sample)" if per else ""))
     return "; ".join(parts)
+
+
+def _say_stems(specs, cfg, say) -> None:
+    """Log which stem each ResNet member gets (--stem auto switches at 96 px, at a large cost in compute)."""
+    from ..models import small_stem
+
+    for sp in specs:
+        small = small_stem(sp.arch, max(sp.scales), cfg.stem)
+        if small is not None:
+            say(f"{sp.name}: " + ("small-input stem (3x3 stride 1, no max-pool; about 6x the compute of the "
+                                  "ImageNet stem at 96 px)" if small else "ImageNet stem (7x7 stride 2 + max-pool)")
+                + (f" chosen by --stem auto for {max(sp.scales)} px; --stem imagenet|small to choose"
+                   if cfg.stem == "auto" else f" (--stem {cfg.stem})"))
 
 
 def selection_metric(val, log=print) -> str:
