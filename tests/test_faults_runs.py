@@ -266,3 +266,37 @@ def test_check_exits_2_when_it_finds_problems(small, tmp_path, capsys):
         fh.truncate(100)
     assert _exit_code("check", [data]) == 2
     assert victim in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a user script without `if __name__ == "__main__":`: spawned workers must not re-run it
+
+
+UNGUARDED = """
+import sys
+import dali_lens
+from dali_lens.pipelines import build_loader
+
+train = dali_lens.describe(sys.argv[1])["train"]
+assert len(train) >= 256, len(train)  # enough samples for worker processes
+first = next(iter(build_loader(train, backend="dali-cpu", batch_size=8, scales=(32,), num_workers=1)))
+loader = build_loader(train, backend="torchvision", batch_size=64, scales=(32,), num_workers=2)
+print("batches", sum(1 for _ in loader), flush=True)
+"""
+
+
+def test_unguarded_script_with_torchvision_after_dali_does_not_hang(tmp_path):
+    data = str(tmp_path / "data")
+    generate_dataset(data, n=420, size=32, seed=9)
+    script = tmp_path / "user_script.py"
+    script.write_text(UNGUARDED)
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, str(script), data], cwd=str(tmp_path), env=env, capture_output=True,
+                              text=True, timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the script hung: spawned workers re-ran it")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "batches" in proc.stdout and 'if __name__ == "__main__":' in proc.stderr
+    assert time.time() - t0 < 150
