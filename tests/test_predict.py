@@ -226,7 +226,7 @@ def test_inputs_list_folder_manifest(env, tmp_path):
             "--backend", "torchvision", "--no-progress"]
     assert P.main(argv) == 0
     _, rows = read(out)
-    assert len(rows) == 12
+    assert len(rows) == 12 and all(r[2] == "" for r in rows)  # unlabelled inputs: an empty label
     got = by_file(rows)
     for f, v in got.items():
         original = next(s for s in src if os.path.basename(s) == os.path.basename(f))
