@@ -191,7 +191,7 @@ def provenance_path(out: str) -> str:
 
 def provenance(ens, args, hdus, fusion: str, header: list[str]) -> dict:
     """What determines the scores in ``out``: the checkpoints' contents and the scoring options (and, for
-    information, the DATA given and the backend; rows are keyed by file, so other DATA may be added)."""
+    information, the DATA and --split given; rows are keyed by file, so other DATA may be added)."""
     from .data.shards import _sha256
 
     return {"written_by": "dali_lens.predict", "columns": header,
