@@ -1,6 +1,7 @@
 """ResNet stems at one input size: training and inference throughput of the ImageNet stem (7x7 stride 2 +
 max-pool) against the small-input stem (3x3 stride 1, no max-pool) that ``--stem auto`` picks for inputs of
-96 px or less. The small stem keeps 4x the pixels through every block, so it costs several times the compute.
+96 px or less. The small stem keeps 16x the pixels through every block (4x per side), so it costs about 15x
+the forward FLOPs (counted exactly with torch's FlopCounterMode, unlike timings on a busy machine).
 
     python benchmarks/bench_stem.py                      # resnet18, 96 px, 3 bands, batch 32
     python benchmarks/bench_stem.py --arch resnet34 --size 64 --device cuda
@@ -51,13 +52,18 @@ def measure(arch: str, stem: str, size: int, bands: int, batch: int, steps: int,
             best = min(best, time.perf_counter() - t0)
         return batch / best
 
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:  # exact, unlike timings on a busy machine
+        model(x[:1])
     model.train()
     train = timed(train_step, steps)
     model.eval()
     with torch.no_grad():
         infer = timed(lambda: model(x), steps)
     return {"train_images_per_s": round(train, 2), "inference_images_per_s": round(infer, 2),
-            "small_input": bool(model.small_input)}
+            "forward_gflop_per_image": round(flops.get_total_flops() / 1e9, 3), "small_input": bool(model.small_input)}
 
 
 def main(argv=None) -> int:
@@ -88,8 +94,11 @@ def main(argv=None) -> int:
               f"{results[stem]['inference_images_per_s']} img/s inference", flush=True)
     ratio = {k: round(results["imagenet"][k] / results["small"][k], 2)
              for k in ("train_images_per_s", "inference_images_per_s")}
+    ratio["forward_gflop_small_over_imagenet"] = round(results["small"]["forward_gflop_per_image"]
+                                                       / results["imagenet"]["forward_gflop_per_image"], 2)
     print(f"the small stem is {ratio['train_images_per_s']}x slower to train, "
-          f"{ratio['inference_images_per_s']}x slower at inference")
+          f"{ratio['inference_images_per_s']}x slower at inference, "
+          f"{ratio['forward_gflop_small_over_imagenet']}x the forward FLOPs")
     doc = {"benchmark": "stem", "mode": "quick" if args.quick else "full", "command": common.command_line(),
            "timestamp": common.utc_timestamp(), "machine": machine,
            "settings": {"arch": args.arch, "size": args.size, "bands": args.bands, "batch": args.batch,

@@ -296,8 +296,8 @@ def _say_stems(specs, cfg, say) -> None:
     for sp in specs:
         small = small_stem(sp.arch, max(sp.scales), cfg.stem)
         if small is not None:
-            say(f"{sp.name}: " + ("small-input stem (3x3 stride 1, no max-pool: 4x the pixels through every "
-                                  "block, several times the compute)" if small else "ImageNet stem (7x7 stride 2 + max-pool)")
+            say(f"{sp.name}: " + ("small-input stem (3x3 stride 1, no max-pool: 16x the pixels through every "
+                                  "block, ~15x the compute)" if small else "ImageNet stem (7x7 stride 2 + max-pool)")
                 + (f" chosen by --stem auto for {max(sp.scales)} px; --stem imagenet|small to choose"
                    if cfg.stem == "auto" else f" (--stem {cfg.stem})"))
 
