@@ -16,7 +16,8 @@ Architectures (``ARCHS``)
     ``in_chans`` bands.  ``small_input=True`` replaces the 7x7 stride-2 stem and its max-pool with a 3x3
     stride-1 conv and no pool (as for CIFAR-sized images), so a 64 px cutout ends as an 8x8 feature map
     instead of 2x2.  Default: ``small_input = img_size <= 96``.  Any input size works.  The small stem
-    keeps 16x the pixels through every block: 15x the forward FLOPs at 96 px (``benchmarks/bench_stem.py``). ``stem="imagenet"|"small"`` (``--stem``) overrides the default.
+    keeps 16x the pixels through every block: 15x the forward FLOPs at 96 px (``benchmarks/bench_stem.py``).
+    ``stem="imagenet"|"small"`` (``--stem``) overrides the default.
 ``vit_tiny``
     torchvision ``VisionTransformer`` with hidden 192, 6 layers, 3 heads, MLP 768 (a light ViT for CPU
     tests and small data).  Patch 8 for ``img_size <= 128``, else 16.

@@ -66,8 +66,9 @@ class TrainConfig:
     arch: str = _f("small_cnn", "single/multiscale model: small_cnn, resnet18, resnet34, vit_tiny, vit_b_16")
     img_size: int = _f(64, "single trainer: input size in pixels (images are resized on the loader's device)")
     stem: str = _f("auto", "ResNets: auto (the small-input stem, 3x3 stride 1 without max-pool, for inputs <= 96 "
-                           "px: 16x the pixels through every block, 15x the forward FLOPs of the ImageNet stem at 96 px, see "
-                           "benchmarks/bench_stem.py; the ImageNet stem above), imagenet (7x7 stride 2 + max-pool) or small",
+                           "px: 16x the pixels through every block, 15x the forward FLOPs of the ImageNet stem at "
+                           "96 px, see benchmarks/bench_stem.py; the ImageNet stem above), imagenet (7x7 stride 2 "
+                           "+ max-pool) or small",
                    choices=("auto", "imagenet", "small"))
     scales: str = _f("48,64,96", "multiscale trainer: comma-separated input sizes from one decode")
     schedule: str = _f("all", "multiscale: all (every scale every step) or progressive (low to high resolution)",
