@@ -33,7 +33,7 @@ def train(data_root: str | None = None, **options) -> dict:
 def predict(checkpoint: str | list[str], data: str | list[str], out: str, **options) -> str:
     """Score ``data`` with one checkpoint or an ensemble like ``python -m dali_lens.predict``.
 
-    Writes ``out`` (``file,id,score[,member scores]``; resumable) and returns its path. ``options`` are the
+    Writes ``out`` (``file,id,label,score[,member scores]``; resumable) and returns its path. ``options`` are the
     CLI flags with ``_`` for ``-`` (``backend``, ``batch_size``, ``tta``, ``fusion``, ``workers``, ...);
     ``True`` turns a switch on.
     """

@@ -1,8 +1,8 @@
 """``python -m dali_lens.check DATA``: scan a dataset and report every problem, file by file.
 
 Checks each sample is readable (not zero-byte, truncated or corrupt), has the dataset's band count and
-size, and holds no NaN/inf (unless ``--mask-value`` says masked pixels are expected). Exit status 1 when
-problems are found.
+size, and holds no NaN/inf (unless ``--mask-value`` says masked pixels are expected). Exit status: 0 no
+problems, 2 problems found or the data cannot be read (bad input, as for every command).
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def check_packed(root: str, allow_nonfinite: bool | None = None) -> int:
     for msg in problems:
         print(f"  problem: {msg}")
     print(f"{len(problems)} problem(s) found" if problems else "no problems found")
-    return 1 if problems else 0
+    return 2 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         splits = discover(args.data, hdus=hdus, val_fraction=0)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     total = 0
     for name, ds in splits.items():
         print(ds.describe())
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  problem: {msg}")
         total += len(bad)
     print(f"{total} problem(s) found" if total else "no problems found")
-    return 1 if total else 0
+    return 2 if total else 0
 
 
 if __name__ == "__main__":

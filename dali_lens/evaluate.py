@@ -132,6 +132,7 @@ def evaluate(args) -> dict:
     from .metrics import completeness_by_bin, plot_completeness, plot_roc, to_jsonable
     from .pipelines import build_loader, resolve_backend
     from .predict import gather_inputs
+    from .trainers.outputs import prediction_header
 
     out = os.path.abspath(os.path.expanduser(args.out))
     _check_out(out, args.overwrite)
@@ -228,9 +229,7 @@ def evaluate(args) -> dict:
     os.makedirs(out, exist_ok=True)
     for stale in glob.glob(os.path.join(out, "completeness_*.png")):
         os.unlink(stale)  # only reached with --overwrite (or an empty directory)
-    header = ["file", "id", "label", "score"]
-    if len(ens.members) > 1:
-        header += [f"score_{k}" for k in ens.names] + ["member_std"]
+    header = prediction_header(ens.names)
     rows = []
     for j, s in enumerate(dataset.samples):
         row = [s.path, s.id, "" if all_labels[j] < 0 else int(all_labels[j]), f"{score[j]:.7g}"]

@@ -225,7 +225,8 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: a member has no valid arch/scales in its spec") from None
             try:
-                model = build_model(arch, in_chans=bands + int(settings["mask_channel"]), img_size=max(scales))
+                model = build_model(arch, in_chans=bands + int(settings["mask_channel"]), img_size=max(scales),
+                                    stem=cfg.get("stem", "auto"))
                 model.load_state_dict(ms["model"])
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: cannot rebuild member {spec.get('name', arch)!r} "

@@ -15,7 +15,9 @@ Architectures (``ARCHS``)
     torchvision ResNets built with random weights (nothing is ever downloaded), first conv taking
     ``in_chans`` bands.  ``small_input=True`` replaces the 7x7 stride-2 stem and its max-pool with a 3x3
     stride-1 conv and no pool (as for CIFAR-sized images), so a 64 px cutout ends as an 8x8 feature map
-    instead of 2x2.  Default: ``small_input = img_size <= 96``.  Any input size works.
+    instead of 2x2.  Default: ``small_input = img_size <= 96``.  Any input size works.  The small stem
+    keeps 16x the pixels through every block: 15x the forward FLOPs at 96 px (``benchmarks/bench_stem.py``).
+    ``stem="imagenet"|"small"`` (``--stem``) overrides the default.
 ``vit_tiny``
     torchvision ``VisionTransformer`` with hidden 192, 6 layers, 3 heads, MLP 768 (a light ViT for CPU
     tests and small data).  Patch 8 for ``img_size <= 128``, else 16.
@@ -58,6 +60,17 @@ from torchvision.models.vision_transformer import VisionTransformer
 __all__ = ["ARCHS", "build_model", "load_weights", "adapt_input_conv", "SmallCNN"]
 
 ARCHS: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vit_tiny", "vit_b_16")
+#: ResNet stems (``--stem``): auto (small for img_size <= 96), imagenet (7x7 stride 2 + max-pool), small (3x3, stride 1)
+STEMS: tuple[str, ...] = ("auto", "imagenet", "small")
+
+
+def small_stem(arch: str, img_size: int, stem: str = "auto") -> bool | None:
+    """Whether ``arch`` at ``img_size`` gets the small-input stem under ``stem``; None for non-ResNets."""
+    if arch not in ("resnet18", "resnet34"):
+        return None
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)}")
+    return img_size <= 96 if stem == "auto" else stem == "small"
 
 _VIT_CONFIGS = {
     # name: (num_layers, num_heads, hidden_dim, mlp_dim)
@@ -180,13 +193,15 @@ def build_model(
     weights: str | os.PathLike | None = None,
     *,
     small_input: bool | None = None,
+    stem: str = "auto",
     dropout: float = 0.0,
 ) -> nn.Module:
     """Build a lens finder; ``model(x)`` with ``x`` of shape ``(B, in_chans, H, W)`` returns ``(B,)`` logits.
 
     ``num_classes > 1`` gives ``(B, num_classes)``.  ``img_size``: the training cutout size (ViTs need
     exactly this input size, a multiple of their patch; ResNets use it for the ``small_input`` default).
-    ``small_input`` (ResNets only): 3x3 stride-1 stem without max-pool; default ``img_size <= 96``.
+    ``small_input`` (ResNets only): 3x3 stride-1 stem without max-pool; default from ``stem`` (``auto``:
+    ``img_size <= 96``; ``imagenet``; ``small``), see :func:`small_stem`.
     ``dropout``: before the linear head (CNNs) or inside the encoder (ViTs).
     ``weights``: local checkpoint path, see ``load_weights``.
 
@@ -205,7 +220,7 @@ def build_model(
     elif arch in ("resnet18", "resnet34"):
         layers = [2, 2, 2, 2] if arch == "resnet18" else [3, 4, 6, 3]
         if small_input is None:
-            small_input = img_size <= 96
+            small_input = small_stem(arch, img_size, stem)
         model = _LensResNet(layers, in_chans, num_classes, bool(small_input), dropout)
     else:
         patch = 16 if arch == "vit_b_16" else (8 if img_size <= 128 else 16)

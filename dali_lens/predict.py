@@ -5,12 +5,17 @@ files given one by one, a text file listing one path per line (.txt/.lst), or a 
 folders or manifests written by `python -m dali_lens.generate`; --split picks one, default all of them).
 Labels are not needed.
 
-The output has one row per cutout, `file,id,score` (the ensemble's lens probability), plus with several
-members `score_<member>` for each member and `member_std` (their spread); member scores are sigmoid(logit/T)
-with the checkpoint's temperature T under --fusion temperature, sigmoid(logit) otherwise. Rows are appended
-and flushed batch by batch, so memory stays bounded and an interrupted run loses at most one batch. Rerunning
-the same command resumes: rows already in --out are kept untouched (a truncated last line is cut off), the files
-they name are skipped, and the missing rows are appended. A complete output is left as it is.
+The output has one row per cutout, `file,id,label,score` (label: 1 lens, 0 non-lens, empty when the data
+has no labels; score: the ensemble's lens probability), plus with several members `score_<member>` for each
+member and `member_std` (their spread); member scores are sigmoid(logit/T) with the checkpoint's temperature T
+under --fusion temperature, sigmoid(logit) otherwise. Rows are appended and flushed batch by batch, so memory
+stays bounded and an interrupted run loses at most one batch. Rerunning the same command resumes: rows already
+in --out are kept untouched (a truncated last line is cut off), the files they name are skipped, and the missing
+rows are appended. A complete output is left as it is.
+
+What wrote --out is recorded next to it in OUT.meta.json (the checkpoints' sha256, --fusion, --tta, --hdus,
+DATA). A rerun appends only to a file whose first line is exactly this run's header and whose record matches
+(else it stops, listing what differs, and touches nothing); any other existing file is never modified.
 
 Several processes: under torchrun each rank scores its share of the remaining cutouts (every cutout exactly
 once) into OUT.part-<rank>-of-<world>.csv, then rank 0 merges the parts into OUT atomically. --merge does the
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import re
 import sys
@@ -138,10 +144,106 @@ def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: 
 
 
 def header_for(names: list[str]) -> list[str]:
-    head = ["file", "id", "score"]
-    if len(names) > 1:
-        head += [f"score_{n}" for n in names] + ["member_std"]
-    return head
+    from .trainers.outputs import prediction_header
+
+    return prediction_header(names)
+
+
+def _header_line(header: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(header)
+    return buf.getvalue()
+
+
+def check_own(path: str, header: list[str]) -> None:
+    """Refuse, without touching it, an existing ``path`` that is not a predictions CSV with exactly ``header``.
+
+    Only an empty file or one whose first line is this header may be repaired and appended to: anything else
+    (a notes file, an image, another command's CSV, predictions with other columns) raises PredictError.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    want = _header_line(header).encode()
+    with open(path, "rb") as fh:
+        head = fh.read(max(len(want), 1 << 16))
+    if head.startswith(want):
+        return
+    first = head.split(b"\n", 1)[0]
+    try:
+        found = _parse(first.decode("utf-8")) if first else []
+    except (UnicodeDecodeError, csv.Error):
+        found = None
+    if found and found[:2] == ["file", "id"] and b"\n" in head:
+        raise PredictError(f"{path}: its columns {found} differ from this run's {header} (written with other "
+                           "checkpoints, or by an older dali-lens?); it is left untouched: choose another --out or "
+                           "remove the file")
+    raise PredictError(f"{path}: exists and is not a predictions CSV written by dali_lens.predict (its first line "
+                       f"is not the header {','.join(header)}); it is left untouched: choose another --out")
+
+
+PROVENANCE_KEYS = ("checkpoints", "fusion", "tta", "hdus")
+
+
+def provenance_path(out: str) -> str:
+    """The record of what wrote ``out`` (next to it)."""
+    return out + ".meta.json"
+
+
+def provenance(ens, args, hdus, fusion: str, header: list[str]) -> dict:
+    """What determines the scores in ``out``: the checkpoints' contents and the scoring options (and, for
+    information, the DATA and --split given; rows are keyed by file, so other DATA may be added)."""
+    from .data.shards import _sha256
+
+    return {"written_by": "dali_lens.predict", "columns": header,
+            "checkpoints": [{"sha256": _sha256(p), "path": p} for p in ens.checkpoints],
+            "fusion": fusion, "tta": bool(args.tta), "hdus": list(hdus) if hdus else None,
+            "data": [os.path.abspath(os.path.expanduser(d)) for d in args.data], "split": args.split}
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    diffs = []
+    old_ck, new_ck = saved.get("checkpoints") or [], now["checkpoints"]
+    if [c.get("sha256") for c in old_ck] != [c["sha256"] for c in new_ck]:
+        def show(cks):
+            return ", ".join(f"{c.get('path')} (sha256 {str(c.get('sha256'))[:12]})" for c in cks) or "none"
+
+        diffs.append(f"checkpoints: {show(old_ck)} then, {show(new_ck)} now")
+    for key in PROVENANCE_KEYS[1:]:
+        if saved.get(key) != now[key]:
+            diffs.append(f"--{key}: {saved.get(key)!r} then, {now[key]!r} now")
+    return diffs
+
+
+def check_provenance(out: str, now: dict, header: list[str]) -> bool:
+    """Whether ``out``'s record must be written. Raises PredictError when ``out`` (or its part files) hold
+    rows that another model or other options produced, or rows with no record, or when the record's name is
+    taken by a file that is not one."""
+    side = provenance_path(out)
+    files = [p for p in [out] + find_parts(out) if os.path.isfile(p)]
+    has_rows = any(os.path.getsize(p) > len(_header_line(header).encode()) for p in files)
+    if os.path.exists(side):
+        try:
+            with open(side, encoding="utf-8") as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise PredictError(f"{side}: not a readable record of dali_lens.predict ({exc}); it is left "
+                               "untouched: choose another --out") from None
+        if not isinstance(saved, dict) or saved.get("written_by") != "dali_lens.predict":
+            raise PredictError(f"{side}: exists and was not written by dali_lens.predict; it is left untouched: "
+                               "choose another --out")
+        if not has_rows:
+            return saved != now
+        diffs = _differences(saved, now)
+        if diffs:
+            raise PredictError(f"{out}: its rows were written by another model or with other options ("
+                               + "; ".join(diffs) + "); nothing was changed: choose another --out, or remove "
+                               f"{out} and {os.path.basename(side)} to score again")
+        return False
+    if has_rows:
+        raise PredictError(f"{out}: holds rows but no record {os.path.basename(side)} of the checkpoints and "
+                           "options that wrote them (an older dali-lens?), so they cannot be checked against this "
+                           "run; it is left untouched: choose another --out, or remove the file to score again")
+    return True
 
 
 def part_path(out: str, rank: int, world: int) -> str:
@@ -292,6 +394,7 @@ def _fmt(v: float) -> str:
 def predict(args) -> int:
     import torch
 
+    from .data.io import atomic_write_json
     from .inference import check_dataset, load_ensemble, loader_options, score_batches
     from .pipelines import build_loader, resolve_backend
     from .pipelines.options import shard_bounds
@@ -322,9 +425,17 @@ def predict(args) -> int:
     say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"
         + (", TTA x8" if args.tta else "") + f"; backend {backend} on {device}; {world} process(es)")
 
-    # repair (rank 0 only), then every rank reads the same state, then everyone writes
+    # check (every rank, read-only: all stop alike), then repair and record (rank 0 only), then every rank
+    # reads the same state, then everyone writes
+    for p in [out] + find_parts(out):
+        check_own(p, header)
+    now = provenance(ens, args, hdus, fusion, header)
+    record = check_provenance(out, now, header)
+    _barrier(world)
     if main_rank:
         os.makedirs(os.path.dirname(out), exist_ok=True)
+        if record:
+            atomic_write_json(provenance_path(out), now)
         for p in [out] + find_parts(out):
             cut = repair(p)
             if cut:
@@ -384,7 +495,7 @@ def predict(args) -> int:
                     rows = []
                     for j, i in enumerate(idx):
                         s = sub.samples[int(i)]
-                        row = [s.path, s.id, _fmt(score[j])]
+                        row = [s.path, s.id, "" if s.label is None else int(s.label), _fmt(score[j])]
                         if len(ens.members) > 1:
                             row += [_fmt(probs[k][j]) for k in ens.names] + [_fmt(spread[j])]
                         rows.append(row)
@@ -429,11 +540,16 @@ def merge_only(args) -> int:
             log(f"{out}: no part files to merge; left as it is")
             return 0
         raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv exists")
+    header = next((_parse(line) for p in parts for _, line in iter_rows(p, None)), None)
+    if header is None:
+        raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
+    for p in [out] + parts:
+        check_own(p, header)
     for p in [out] + parts:
         cut = repair(p)
         if cut:
             log(f"{p}: removed a truncated last line ({cut} bytes)")
-    n, k = merge(out)
+    n, k = merge(out, header)
     log(f"merged {k} part file(s) into {out}: {n} rows")
     return 0
 

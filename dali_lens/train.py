@@ -10,14 +10,18 @@ Examples:
   python -m dali_lens.train --trainer ensemble --members small_cnn:64:0,resnet18:112:1,vit_b_16:224:2
   torchrun --nproc_per_node 4 -m dali_lens.train --data-root /data/lenses
 Outputs go to --out (default runs/<trainer>-<arch>-<time>/): best.pt, last.pt, config.json,
-metrics.json, predictions.csv, roc.png.
+metrics.json, predictions.csv, roc.png. One run at a time per --out (run.lock); --resume continues it with
+the same options (--allow-config-change for deliberate changes).
+Exit status: 0 done, 2 bad input or options (the message names the file or option), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .cli import run_command
 from .data.dataset import DataError
+from .pipelines import resolve_backend
 from .trainers.config import add_arguments, from_args
 from .trainers.runner import run
 
@@ -31,12 +35,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def train() -> None:
+        try:
+            resolve_backend(args.backend)  # an unusable --backend is an option error, not a traceback
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
         run(from_args(args))
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(train, (DataError, FileExistsError, FileNotFoundError, PermissionError, ValueError),
+                       "interrupted: the checkpoints written so far are kept; rerun with --resume to continue")
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ def test_skip_bad_and_check_command(make_dataset, capsys):
     assert any("skipping 2 bad sample" in line for line in logged)
     assert all(any(v in line for line in logged) for v in victims)
     assert len(collect(build_loader(kept, backend="dali-cpu", scales=(32,), batch_size=4))[0]) == len(ds) - 2
-    assert main([root]) == 1
+    assert main([root]) == 2
     out = capsys.readouterr().out
     assert all(v in out for v in victims) and "2 problem(s) found" in out
 

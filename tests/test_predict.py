@@ -69,7 +69,7 @@ def read(path: str) -> tuple[list[str], list[list[str]]]:
 
 
 def by_file(rows: list[list[str]]) -> dict[str, np.ndarray]:
-    return {r[0]: np.array([float(v) for v in r[2:]]) for r in rows}
+    return {r[0]: np.array([float(v) for v in r[3:]]) for r in rows}
 
 
 def all_files(data: str) -> set[str]:
@@ -77,6 +77,14 @@ def all_files(data: str) -> set[str]:
     for split in ("train", "val", "test"):
         with open(os.path.join(data, f"{split}.csv"), newline="") as fh:
             out.update(os.path.join(data, r["filepath"]) for r in csv.DictReader(fh))
+    return out
+
+
+def all_labels(data: str) -> dict[str, str]:
+    out = {}
+    for split in ("train", "val", "test"):
+        with open(os.path.join(data, f"{split}.csv"), newline="") as fh:
+            out.update((os.path.join(data, r["filepath"]), r["label"]) for r in csv.DictReader(fh))
     return out
 
 
@@ -95,12 +103,13 @@ def assert_same_scores(path: str, ref: str, tol: float = 1e-5) -> None:
 def test_reference_output(env):
     head, rows = read(env["ref"])
     names = ["small_cnn@32#0", "small_cnn@24#1"]
-    assert head == ["file", "id", "score"] + [f"score_{n}" for n in names] + ["member_std"]
+    assert head == ["file", "id", "label", "score"] + [f"score_{n}" for n in names] + ["member_std"]
     assert {r[0] for r in rows} == all_files(env["data"])
     assert len(rows) == N
     for r in rows:
         assert r[1] == os.path.basename(r[0]).rsplit(".", 1)[0]
-    v = np.array([[float(x) for x in r[2:]] for r in rows])
+    assert {r[0]: r[2] for r in rows} == all_labels(env["data"])  # labelled data: its labels are written
+    v = np.array([[float(x) for x in r[3:]] for r in rows])
     assert np.all((v[:, :3] >= 0) & (v[:, :3] <= 1))
     # the default fusion is the checkpoint's ('mean_prob' for this config); score = mean of the members
     np.testing.assert_allclose(v[:, 0], v[:, 1:3].mean(1), atol=2e-7)
@@ -217,7 +226,7 @@ def test_inputs_list_folder_manifest(env, tmp_path):
             "--backend", "torchvision", "--no-progress"]
     assert P.main(argv) == 0
     _, rows = read(out)
-    assert len(rows) == 12
+    assert len(rows) == 12 and all(r[2] == "" for r in rows)  # unlabelled inputs: an empty label
     got = by_file(rows)
     for f, v in got.items():
         original = next(s for s in src if os.path.basename(s) == os.path.basename(f))

@@ -280,7 +280,7 @@ def test_check_verifies_and_names_a_corrupt_shard(sets, tmp_path, capsys):
     raw = bytearray(open(victim, "rb").read())
     raw[700] ^= 0xFF  # one byte inside the first member's image data
     open(victim, "wb").write(bytes(raw))
-    assert check_main([packed]) == 1
+    assert check_main([packed]) == 2
     out = capsys.readouterr().out
     assert victim in out and "checksum mismatch" in out
 
@@ -308,7 +308,7 @@ def test_predict_on_packed_data(sets, tmp_path):
     assert len(_rows(csv_a)) == 11
     assert P.main(common + [packed, "--out", csv_a, "--backend", "dali-cpu"]) == 0  # resumes: the other 29
     assert P.main(common + [packed, "--out", csv_b, "--backend", "torchvision"]) == 0
-    loose = {os.path.relpath(r[0], src): float(r[2]) for r in _rows(loose_csv)}
+    loose = {os.path.relpath(r[0], src): float(r[3]) for r in _rows(loose_csv)}
     datasets = discover(packed)
     samples = {s.path: s for d in datasets.values() for s in d.samples}
     # DALI reads the very same bytes with the same decoder and resize as for the loose files; torchvision's
@@ -316,8 +316,8 @@ def test_predict_on_packed_data(sets, tmp_path):
     for path, tol in ((csv_a, 1e-5), (csv_b, 5e-3)):
         rows = _rows(path)
         assert len(rows) == len({r[0] for r in rows}) == 40, "one row per sample"
-        for file, ident, score in rows:
-            assert samples[file].id == ident
+        for file, ident, label, score in rows:
+            assert samples[file].id == ident and label == str(samples[file].label)
             assert abs(float(score) - loose[source_of(samples[file])]) < tol, (path, file)
 
 

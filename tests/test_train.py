@@ -265,3 +265,19 @@ def test_bad_memory_budget_is_a_clear_error_before_any_data_is_read(tmp_path, ca
     rc = main(["--data-root", str(tmp_path / "never-read"), "--out", str(tmp_path / "o"), "--memory-budget", "lots"])
     err = capsys.readouterr().err
     assert rc == 2 and "--memory-budget 'lots'" in err and "2GB" in err
+
+
+def test_stem_flag_is_logged_stored_and_used_by_predict(lenses, tmp_path, capsys):
+    """--stem imagenet at a size where auto would pick the small-input stem: logged, and predict rebuilds it."""
+    from dali_lens.inference import load_ensemble
+    from dali_lens.models import build_model
+
+    assert build_model("resnet18", 3, img_size=96).small_input  # auto: small at <= 96 px
+    assert not build_model("resnet18", 3, img_size=96, stem="imagenet").small_input
+    assert build_model("resnet18", 3, img_size=128, stem="small").small_input
+    out = str(tmp_path / "r18")
+    run(TrainConfig(data_root=lenses, out=out, epochs=1, batch_size=16, img_size=32, arch="resnet18",
+                    stem="imagenet", **QUIET))
+    assert "ImageNet stem (7x7 stride 2 + max-pool) (--stem imagenet)" in capsys.readouterr().out
+    ens = load_ensemble(out, "cpu")
+    assert not ens.members[0].model.small_input

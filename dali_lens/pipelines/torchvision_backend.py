@@ -131,10 +131,21 @@ class WorkerLoader:
         self.epoch, self._done, self._skip = 0, 0, 0
 
     def _dataloader(self, data, workers: int, **kw) -> DataLoader:
+        _refuse_in_spawned_bootstrap()
+        context = _worker_context() if workers else None
+        if context == "spawn" and not _main_is_guarded():
+            import sys
+            import warnings
+
+            warnings.warn(f"{sys.modules['__main__'].__file__} has no `if __name__ == \"__main__\":` guard, and the "
+                          f"loader's worker processes must be spawned here (this process runs DALI pipelines or "
+                          "CUDA, which forked workers would crash): spawned workers re-run the whole script. "
+                          f"Loading in this process instead of {workers} worker(s) (slower); put the script's "
+                          "code under such a guard to use workers", stacklevel=4)
+            workers, context = 0, None
         return DataLoader(data, num_workers=workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0, worker_init_fn=_one_thread,
-                          prefetch_factor=2 if workers else None,
-                          multiprocessing_context=_worker_context() if workers else None, **kw)
+                          prefetch_factor=2 if workers else None, multiprocessing_context=context, **kw)
 
     def _begin(self, skip: int) -> bool:
         raise NotImplementedError
@@ -173,8 +184,10 @@ class TorchvisionLoader(WorkerLoader):
     """Iterable of contract batches with ``len()``, ``set_epoch()`` and resumable ``state_dict()``.
 
     Workers persist across epochs. They are forked, unless this process already runs DALI pipelines or CUDA:
-    forking those threads crashes workers, so then they are spawned (spawned workers re-import the main
-    script, which therefore needs an ``if __name__ == "__main__":`` guard).
+    forking those threads crashes workers, so then they are spawned. Spawned workers re-run the main script,
+    so a script without an ``if __name__ == "__main__":`` guard gets no workers (in-process loading, with
+    a warning) instead of re-running itself in every worker; a loader built while a spawned worker re-runs
+    the script raises at once.
     """
 
     def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
@@ -199,6 +212,41 @@ def _worker_context() -> str:
     if dali_backend.pipelines_built() or (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return "spawn"
     return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def _main_is_guarded() -> bool:
+    """Whether spawned workers can re-import the main module without re-running the user's code: no main
+    file (interactive, ``python -c``), or one with a top-level ``if __name__ == "__main__":``."""
+    import ast
+    import sys
+
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not path.endswith(".py"):
+        return True
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read(), path)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return True  # cannot tell: keep the workers
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and len(node.test.comparators) == 1:
+            sides = [node.test.left, node.test.comparators[0]]
+            names = {n.id for n in sides if isinstance(n, ast.Name)}
+            consts = {n.value for n in sides if isinstance(n, ast.Constant)}
+            if names == {"__name__"} and consts == {"__main__"}:
+                return True
+    return False
+
+
+def _refuse_in_spawned_bootstrap() -> None:
+    """A spawned worker re-running the parent's main script must not build loaders (and spawn workers of its
+    own): that re-runs the user's whole job once per worker. Fail at once with what to do."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError("a loader was built while a spawned worker process re-ran the main script: put the "
+                           "script's code under `if __name__ == \"__main__\":` (spawned workers re-import the "
+                           "script; see the README's Python example)")
 
 
 def _one_thread(_):

@@ -27,7 +27,12 @@ class TrainConfig:
                                      "synthetic set, generated once and cached", flag="--data-root")
     out: str | None = _f(None, "run directory for checkpoints, metrics.json, predictions.csv, roc.png "
                                "(default: runs/<trainer>-<arch>-<time>)")
-    resume: bool = _f(False, "continue the run in --out from its last checkpoint (mid-epoch if saved mid-epoch)")
+    resume: bool = _f(False, "continue the run in --out from its last checkpoint (mid-epoch if saved mid-epoch); "
+                             "with no checkpoint there yet, start from scratch in it")
+    allow_config_change: bool = _f(False, "--resume with options that differ from the run's config.json (data, "
+                                          "model, optimisation...); without it such a resume stops and lists "
+                                          "them. --epochs, --patience, --workers, --backend and the like may "
+                                          "always change")
     val_fraction: float = _f(0.15, "fraction of train held out (stratified, seeded) when there is no val split")
     hdus: str | None = _f(None, "FITS: comma-separated HDU indices or EXTNAMEs, one per band (default: all image HDUs)")
     skip_bad: bool = _f(False, "scan the data first and skip unreadable/bad samples (listed), instead of stopping")
@@ -60,6 +65,11 @@ class TrainConfig:
                       choices=TRAINERS)
     arch: str = _f("small_cnn", "single/multiscale model: small_cnn, resnet18, resnet34, vit_tiny, vit_b_16")
     img_size: int = _f(64, "single trainer: input size in pixels (images are resized on the loader's device)")
+    stem: str = _f("auto", "ResNets: auto (the small-input stem, 3x3 stride 1 without max-pool, for inputs <= 96 "
+                           "px: 16x the pixels through every block, 15x the forward FLOPs of the ImageNet stem at "
+                           "96 px, see benchmarks/bench_stem.py; the ImageNet stem above), imagenet (7x7 stride 2 "
+                           "+ max-pool) or small",
+                   choices=("auto", "imagenet", "small"))
     scales: str = _f("48,64,96", "multiscale trainer: comma-separated input sizes from one decode")
     schedule: str = _f("all", "multiscale: all (every scale every step) or progressive (low to high resolution)",
                        choices=("all", "progressive"))

@@ -57,7 +57,8 @@ class Member:
 def make_member(spec: MemberSpec, in_chans: int, cfg, steps_per_epoch: int, device: torch.device,
                 distributed: bool = False) -> Member:
     torch.manual_seed(spec.seed)
-    model = build_model(spec.arch, in_chans=in_chans, img_size=max(spec.scales), weights=cfg.weights).to(device)
+    model = build_model(spec.arch, in_chans=in_chans, img_size=max(spec.scales), weights=cfg.weights,
+                        stem=getattr(cfg, "stem", "auto")).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if distributed:

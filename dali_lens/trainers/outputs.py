@@ -11,6 +11,15 @@ from ..metrics import classification_metrics, plot_roc, to_jsonable
 from .loop import fuse, sigmoid
 
 
+def prediction_header(names: list[str]) -> list[str]:
+    """The columns of every predictions CSV (training, ``predict``, ``evaluate``): ``file,id,label,score`` and,
+    with several members, ``score_<member>`` for each and ``member_std``."""
+    head = ["file", "id", "label", "score"]
+    if len(names) > 1:
+        head += [f"score_{n}" for n in names] + ["member_std"]
+    return head
+
+
 def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndarray, logits: dict, cfg,
                   temperatures=None, extra: dict | None = None) -> dict:
     names = list(logits)
@@ -28,9 +37,8 @@ def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndar
             if temperatures:
                 result["temperatures"] = temperatures
     result.update(extra or {})
-    header = ["file", "id", "label", "score"]
+    header = prediction_header(names)
     if len(names) > 1:
-        header += [f"score_{k}" for k in names] + ["member_std"]
         spread = np.stack(list(member_scores.values())).std(0)
     rows = []
     for j, i in enumerate(index):

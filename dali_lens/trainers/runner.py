@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .loop import dist_info, fuse, predict, sigmoid, train_epoch
 from .members import load_member_state, make_member, member_state
 from .outputs import write_outputs
+from .rundir import RunDir, check_resume_config
 
 DEFAULT_N = 4000
 DEFAULT_SIZE = 64
@@ -82,21 +83,21 @@ def _setup_distributed() -> torch.device:
     return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
 
 
-def _prepare_out(cfg: TrainConfig) -> str:
+def _out_dir(cfg: TrainConfig) -> str:
     out = cfg.out or os.path.join("runs", f"{cfg.trainer}-{cfg.arch if cfg.trainer != 'ensemble' else 'ensemble'}-"
                                           f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    out = os.path.abspath(out)
-    if cfg.resume:
-        if not os.path.exists(os.path.join(out, "last.pt")):
-            raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(out, 'last.pt')} to resume from")
-    elif os.path.isdir(out) and os.listdir(out):
-        raise FileExistsError(f"{out} already holds files; refusing to overwrite them. Use --resume to continue "
-                              "that run, or choose another --out")
-    return out
+    return os.path.abspath(out)
 
 
 def run(cfg: TrainConfig, log=print) -> dict:
-    """Train and evaluate as ``cfg`` says; returns the final metrics (also written to ``metrics.json``)."""
+    """Train and evaluate as ``cfg`` says; returns the final metrics (also written to ``metrics.json``).
+
+    The run directory is locked for the whole run (``rundir.py``: one run at a time per ``--out``)."""
+    with RunDir() as rundir:
+        return _run(cfg, log, rundir)
+
+
+def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     device = _setup_distributed()
     rank, world, _ = dist_info()
     is_main = rank == 0
@@ -107,14 +108,15 @@ def run(cfg: TrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    out = _prepare_out(cfg)
-    if is_main:
-        os.makedirs(out, exist_ok=True)
+    out = _out_dir(cfg)
+    resume = rundir.claim(out, cfg.resume, is_main, world, say)
     data_root = cfg.data_root or (default_dataset(say) if is_main else None)
     if world > 1:
         holder = [data_root]
         dist.broadcast_object_list(holder, src=0)
         data_root = holder[0]
+    config_extra = (check_resume_config(out, {**cfg.to_dict(), "data_root": data_root}, cfg.allow_config_change, say)
+                    if resume else {})
     splits = discover(data_root, hdus=cfg.hdu_list, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
@@ -142,16 +144,17 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     say(f"backend {backend} on {device}; trainer {cfg.trainer}: "
         + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
+    _say_stems(specs, cfg, say)
     active = kind.active_scales(cfg, 0)
     train_loader = loader("train", True, active)
     in_chans = splits["train"].bands + int(cfg.mask_channel)
     members = [make_member(sp, in_chans, cfg, len(train_loader), device, distributed=world > 1)
                for sp in specs]
 
-    start_epoch, best_auc, bad_epochs, history = 0, -1.0, 0, []
+    start_epoch, best_auc, bad_epochs, history = 0, float("-inf"), 0, []
     ckpt_last, ckpt_best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     loader_state = None
-    if cfg.resume:
+    if resume:
         state = torch.load(ckpt_last, map_location=device, weights_only=False)
         for m, ms in zip(members, state["members"]):
             load_member_state(m, ms)
@@ -171,8 +174,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     if is_main:
         atomic_write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "data_root": data_root,
-                                                             "backend_resolved": backend, "world_size": world})
+                                                             "backend_resolved": backend, "world_size": world,
+                                                             **config_extra})
     val_loader = loader("val", False, all_scales) if "val" in splits else None
+    select = selection_metric(splits.get("val"), say)
     t_start = time.perf_counter()
     chunks_said: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -208,11 +213,15 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
             aucs = {k: roc_auc(y, sigmoid(z)) for k, z in logits.items()}
             auc = roc_auc(y, fuse(logits, "mean_prob"))
-            line.update(val_auc=round(float(auc), 4), val_auc_members=aucs if len(aucs) > 1 else None)
+            loss = bce(y, logits)
+            line.update(val_auc=round(float(auc), 4), val_auc_members=aucs if len(aucs) > 1 else None,
+                        val_loss=round(loss, 5))
+            auc = auc if select == "AUC" else -loss
+            line["val_select"] = float(auc)
         else:
             auc = -stats["loss"][members[0].spec.name]
         history.append(line)
-        improved = auc > best_auc
+        improved = bool(auc > best_auc)  # a NaN score never improves
         if improved:
             best_auc, bad_epochs = float(auc), 0
         else:
@@ -226,8 +235,11 @@ def run(cfg: TrainConfig, log=print) -> dict:
             save(ckpt_best, epoch + 1)
         save(ckpt_last, epoch + 1)
         if cfg.patience and bad_epochs >= cfg.patience:
-            say(f"early stopping: no better validation AUC for {cfg.patience} epoch(s)")
+            say(f"early stopping: no better validation {select} for {cfg.patience} epoch(s)")
             break
+    if is_main and not os.path.exists(ckpt_best) and history:
+        say(f"warning: no epoch had a finite validation {select}; best.pt holds the last epoch")
+        save(ckpt_best, len(history))
     train_seconds = time.perf_counter() - t_start
     train_loader = None  # evaluation needs neither the training pipeline's buffers nor its threads
 
@@ -277,10 +289,45 @@ def _chunk_note(split: dict, saved: dict) -> str:
     return "; ".join(parts)
 
 
+def _say_stems(specs, cfg, say) -> None:
+    """Log which stem each ResNet member gets (--stem auto switches at 96 px, at a large cost in compute)."""
+    from ..models import small_stem
+
+    for sp in specs:
+        small = small_stem(sp.arch, max(sp.scales), cfg.stem)
+        if small is not None:
+            say(f"{sp.name}: " + ("small-input stem (3x3 stride 1, no max-pool: 16x the pixels through every "
+                                  "block, ~15x the compute)" if small else "ImageNet stem (7x7 stride 2 + max-pool)")
+                + (f" chosen by --stem auto for {max(sp.scales)} px; --stem imagenet|small to choose"
+                   if cfg.stem == "auto" else f" (--stem {cfg.stem})"))
+
+
+def selection_metric(val, log=print) -> str:
+    """What picks best.pt: the validation AUC, or the validation loss when the val split holds one class only
+    (its AUC is undefined), with a warning."""
+    if val is None or len(set(val.labels) - {-1}) == 2:
+        return "AUC"
+    counts = val.counts()
+    log(f"warning: the val split has {counts['lens']} lens(es) and {counts['nonlens']} non-lens(es): its AUC is "
+        "undefined, so the best epoch (best.pt) is chosen by the validation loss instead; give a val split with "
+        "both classes to select by AUC")
+    return "loss"
+
+
+def bce(y: np.ndarray, logits: dict) -> float:
+    """Mean binary cross-entropy of the members' logits against the labels ``y`` (NaN without labels)."""
+    keep = y >= 0
+    if not keep.any():
+        return float("nan")
+    yk = y[keep].astype(np.float64)
+    return float(np.mean([np.mean(np.logaddexp(0.0, z[keep]) - yk * z[keep]) for z in logits.values()]))
+
+
 def best_epoch(history: list) -> int:
-    if not history or "val_auc" not in history[0]:
+    key = "val_select" if history and "val_select" in history[0] else "val_auc"
+    if not history or key not in history[0]:
         return len(history)
-    return int(max(history, key=lambda h: h["val_auc"])["epoch"])
+    return int(max(history, key=lambda h: h[key])["epoch"])
 
 
 def summary_line(result: dict, split: str) -> str:

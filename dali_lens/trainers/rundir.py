@@ -1,0 +1,175 @@
+"""The run directory of a training job: one run at a time, resumable, never mixed with other files.
+
+* **One run at a time.** The run takes ``<out>/run.lock`` with an exclusive ``flock`` for its whole duration
+  and writes who holds it (pid, host, start time, command) into it. A second run on the same ``--out`` fails
+  at once, naming the first. The kernel drops the lock when the holder exits, however it exits (kill -9
+  included), so a lock file left behind never blocks a later run. (``flock`` on NFS is only as reliable as the
+  NFS server's locking; use a local or a cluster file system that supports it.)
+* **A run that stopped before its first checkpoint** (killed during the first epoch, or stopped by bad data)
+  leaves only ``config.json`` (and ``run.lock``). Such a directory is reused: a plain rerun, or ``--resume``
+  (which has nothing to resume), starts from scratch in it and says so. Any other file in the directory
+  (a user's) makes a fresh run refuse, as before: nothing a user wrote is touched.
+* **--resume with other options.** The options that decide what is trained (data, model, optimisation,
+  loader) must equal the run's ``config.json``; otherwise the run stops and lists what differs.
+  ``--allow-config-change`` continues with the new values and records the change in ``config.json``.
+  Options that do not change what the checkpoint means may differ freely: :data:`SAFE_TO_CHANGE`
+  (``--epochs`` extends or shortens the run; the learning-rate schedule is then stretched over the new
+  total from the step reached).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import socket
+import sys
+
+LOCK = "run.lock"
+CHECKPOINT = "last.pt"
+#: what a run writes before its first checkpoint (besides its lock); a directory holding only these is reusable
+BEFORE_CHECKPOINT = ("config.json",)
+#: options that may differ on --resume without --allow-config-change
+SAFE_TO_CHANGE = ("out", "resume", "allow_config_change", "epochs", "patience", "progress", "workers",
+                  "checkpoint_every", "threshold", "tta", "backend", "memory_budget", "micro_batch",
+                  "channels_last")
+# an atomic write's temporary file (data/io.py) left by a killed run: .<name>.<pid>.<n>.tmp
+_TMP = re.compile(r"^\..+\.\d+\.\d+\.tmp$")
+
+
+class RunDirError(FileExistsError):
+    """The run directory is in use by another run, or holds files that are not this run's."""
+
+
+class ConfigChangedError(ValueError):
+    """--resume with options that change what is being trained."""
+
+
+class RunDir:
+    """Context manager holding the run directory's lock (rank 0 only) from :meth:`claim` to the end of the run."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def claim(self, out: str, resume: bool, is_main: bool, world: int, log=print) -> bool:
+        """Lock ``out`` (rank 0) and decide whether this run resumes from its checkpoint: returns that.
+
+        Raises :class:`RunDirError` (another run holds it; or it holds other files), ``FileNotFoundError``
+        (``--resume`` without a checkpoint in a directory that holds other files). Under torchrun rank 0
+        decides and the other ranks follow (or raise the same error).
+        """
+        decision: list = [None, None]
+        if is_main:
+            try:
+                self._lock(out)
+                decision[0] = _decide(out, resume, log)
+            except (FileExistsError, FileNotFoundError) as exc:
+                self.release()
+                decision[1] = exc
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(decision, src=0)
+        if decision[1] is not None:
+            raise decision[1]
+        return bool(decision[0])
+
+    def _lock(self, out: str) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no protection against a concurrent run
+            return
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise RunDirError(f"{out} is in use by another training run ({_describe(holder)}); wait for it to "
+                              "finish or stop it, or choose another --out") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self.fd = fd
+
+
+def _describe(holder: str) -> str:
+    try:
+        h = json.loads(holder)
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h.get('command', '')}".rstrip(": ")
+    except (ValueError, KeyError, TypeError):
+        return "it is just starting" if not holder else holder[:200]
+
+
+def _decide(out: str, resume: bool, log) -> bool:
+    files = sorted(f for f in os.listdir(out) if f != LOCK and not _TMP.match(f)) if os.path.isdir(out) else []
+    if os.path.isfile(os.path.join(out, CHECKPOINT)):
+        if resume:
+            return True
+        raise RunDirError(f"{out} already holds a run (its checkpoint {CHECKPOINT}); refusing to overwrite it. Use "
+                          "--resume to continue that run, or choose another --out")
+    others = [f for f in files if f not in BEFORE_CHECKPOINT]
+    if others:
+        if resume:
+            raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(out, CHECKPOINT)} to resume from "
+                                    f"({out} holds other files: {', '.join(others[:5])})")
+        raise RunDirError(f"{out} already holds files ({', '.join(others[:5])}); refusing to overwrite them. "
+                          "Choose another --out (or --resume to continue a run there)")
+    if files:
+        log(f"{out}: no checkpoint yet (an earlier run stopped before its first one); "
+            + ("nothing to resume, so " if resume else "") + "starting from scratch in it")
+    return False
+
+
+def check_resume_config(out: str, now: dict, allow: bool, log=print) -> dict:
+    """``--resume``: the options in ``now`` (``TrainConfig.to_dict()`` plus the resolved ``data_root``) against
+    the run's ``config.json``. Raises :class:`ConfigChangedError` listing what differs (unless ``allow``);
+    returns what to add to the new ``config.json`` (the record of allowed changes)."""
+    from .config import TrainConfig
+
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            saved_all = json.load(fh)
+    except (OSError, ValueError):
+        import torch
+
+        saved_all = torch.load(os.path.join(out, CHECKPOINT), map_location="cpu", weights_only=False).get("config", {})
+    saved = {**TrainConfig.from_dict(saved_all).to_dict(), "data_root": saved_all.get("data_root")}
+    diffs = {}
+    for key, value in now.items():
+        if key in SAFE_TO_CHANGE or key not in saved:
+            continue
+        old = saved[key]
+        if key == "data_root" and old and value:
+            same = os.path.realpath(str(old)) == os.path.realpath(str(value))
+        else:
+            same = old == value
+        if not same:
+            diffs[key] = (old, value)
+    changes = list(saved_all.get("config_changes", []))
+    if not diffs:
+        return {"config_changes": changes} if changes else {}
+    listing = "; ".join(f"--{k.replace('_', '-')}: {a!r} then, {b!r} now" for k, (a, b) in diffs.items())
+    if not allow:
+        raise ConfigChangedError(f"--resume: options differ from the run in {out} ({listing}). Give the run's "
+                                 f"options (see {path}), or pass --allow-config-change to continue with the new ones")
+    log(f"--allow-config-change: continuing {out} with {listing}")
+    changes.append({"at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    "changed": {k: {"from": a, "to": b} for k, (a, b) in diffs.items()}})
+    return {"config_changes": changes}
