@@ -8,8 +8,9 @@ sample counts, bands, shape, kind, image extension, sha256 per shard, per-split 
 ``dali_lens/data/shards.py`` for the format. Train with ``--data-root OUT``, score with
 ``python -m dali_lens.predict ... OUT``, verify with ``python -m dali_lens.check OUT``.
 
-* PNG/JPEG stay encoded: the original bytes are copied (member ``png``/``jpg``), after a header-level check
-  (readable header, size, band count, end-of-image marker) — no decoding. ``.npy``, FITS and per-band FITS
+* PNG/JPEG stay encoded: the original bytes are copied (member ``png``/``jpg``), after a strict check of those
+  bytes (``data/validate.py``: PNG chunk checksums, a full decode, libjpeg's corrupt-data warnings, size, band
+  count), so that no decoder is later handed a corrupt file. ``.npy``, FITS and per-band FITS
   are read (numpy/astropy), checked (bands, size, NaN/inf unless --allow-nonfinite) and stored as float32
   (bands, H, W) ``.npy`` members.
 * Each sample keeps its label (``cls``: 1, 0, -1 if unlabelled) and its original id, path and catalogue
@@ -70,17 +71,20 @@ def parse_size(text: str | int) -> int:
 # ============================================================================================ one sample
 
 def _image_bytes(dataset: Dataset, i: int) -> tuple[str, bytes]:
-    from .check import quick_problem
+    from .data.validate import image_problem
 
-    problem = quick_problem(dataset, i)  # header, size, bands, end marker: what decoding would trip over
-    if problem:
-        raise DataError(problem)
     path = dataset.samples[i].path
     try:
         with open(path, "rb") as fh:
             data = fh.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
+    # the bytes that are packed, fully decoded and checked (PNG CRCs, libjpeg's corrupt-data warnings, bands, size)
+    problem = image_problem(data, path, dataset.bands, dataset.shape)
+    if problem:
+        raise DataError(problem)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png", data
     if data[:2] == b"\xff\xd8":

@@ -15,23 +15,29 @@ from .dataset import DataError, Dataset, Sample
 
 
 def read_image(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
+    with open(path, "rb") as fh:
+        return decode_image(fh.read(), path)
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Encoded image bytes -> (bands, H, W) uint8 through Pillow (palette/colour-space encodings as RGB)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise DataError(f"{where}: empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.mode in ("P", "CMYK", "YCbCr"):  # palette/colour-space encodings of RGB data
                 im = im.convert("RGB")
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc})") from None
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    return arr
+        raise DataError(f"{where}: cannot decode image ({exc})") from None
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 _NPY_HEADER_LOCK = threading.Lock()

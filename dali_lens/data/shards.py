@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .dataset import _NO_META, DataError, Dataset, Sample
-from .readers import as_bands
+from .readers import as_bands, decode_image
 
 MANIFEST = "manifest.json"
 FORMAT = "dali-lens-shards"
@@ -313,19 +313,9 @@ def decode_member(data: bytes, member: str, where: str) -> np.ndarray:
     """Pixels of one packed member as (bands, H, W): uint8 for PNG/JPEG, float32 for ``.npy``."""
     ext = member.rsplit(".", 1)[-1].lower()
     if ext in IMAGE_MEMBER_EXTS:
-        from PIL import Image, UnidentifiedImageError
-
         if not data:
             raise DataError(f"{where}: empty member (0 bytes)")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                if im.mode in ("P", "CMYK", "YCbCr"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{where}: cannot decode image ({exc})") from None
-        return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return decode_image(data, where)
     if ext == "npy":
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)

@@ -33,7 +33,7 @@ from ..data.dataset import DataError, Dataset
 from ..data.readers import check_array
 from ..data.shards import BLOCK, decode_member, shard_index, shard_plan, split_member_path
 from .options import LoaderOptions, augment_params, prescale, shard_bounds
-from .torchvision_backend import WorkerLoader, transform
+from .torchvision_backend import WorkerLoader, decode_image_bytes, transform
 
 try:
     from webdataset.tariterators import tar_file_iterator as _wds_tar_iterator
@@ -128,15 +128,7 @@ class _ShardStream(IterableDataset):
         sample = self.dataset.samples[pos]
         allow = self.opts.mask_value is not None
         if self.image:
-            import torchvision.io as tvio
-
-            if not data:
-                raise DataError(f"{sample.path}: empty member (0 bytes)")
-            try:
-                arr = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                        mode=tvio.ImageReadMode.UNCHANGED).numpy()
-            except (RuntimeError, ValueError) as exc:
-                raise DataError(f"{sample.path}: cannot decode image ({str(exc).splitlines()[0]})") from None
+            arr = decode_image_bytes(data, sample.path)
             check_array(arr, sample, self.dataset)
             kind = "image"
         else:

@@ -119,7 +119,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
     if cfg.skip_bad:
-        from ..check import drop_bad
+        from ..data.validate import drop_bad
 
         splits = {k: drop_bad(v, allow_nonfinite=cfg.mask_value is not None, log=say) for k, v in splits.items()}
     for ds in splits.values():
