@@ -45,8 +45,8 @@ import numpy as np
 from .cli import log, run_command
 from .data.dataset import DataError, Dataset, parse_hdus
 from .data.io import atomic_write_json, atomic_write_text, _fsync_dir
-from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, is_packed, key_bytes, label_bytes, npy_bytes,
-                          read_manifest, sample_tar_bytes, shard_name)
+from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, file_sha256, is_packed, key_bytes, label_bytes,
+                          npy_bytes, read_manifest, sample_tar_bytes, shard_name)
 
 DEFAULT_SHARD_SIZE = 256 * 1024 * 1024
 SPLIT_ORDER = ("train", "val", "test", "predict")
@@ -140,11 +140,12 @@ def _prepared(dataset: Dataset, order: np.ndarray, start: int, allow_nonfinite: 
 
 # ============================================================================================ output folder
 
-def _entry(split: str, info: dict) -> dict:
+def _entry(split: str, info: dict, folder: str) -> dict:
     name = shard_name(info["shard"])
     return {"split": split, "path": f"{split}/{name}.tar", "index": f"{split}/{name}.idx",
             "samples": f"{split}/{name}.json", "count": info["count"], "bytes": info["bytes"],
             "sha256": info["sha256"], "index_sha256": info["index_sha256"],
+            "samples_sha256": file_sha256(os.path.join(folder, name + ".json")),  # labels and ids covered too
             "first_key": info["keys"][0] if info["keys"] else None,
             "last_key": info["keys"][-1] if info["keys"] else None}
 
@@ -177,7 +178,7 @@ def _resume_split(folder: str, split: str, log) -> tuple[list[dict], list[dict],
         except (OSError, ValueError) as exc:
             log(f"note: {os.path.join(folder, shard_name(k))}.tar: incomplete ({exc}); writing it again")
             break
-        entries.append(_entry(split, info))
+        entries.append(_entry(split, info, folder))
         summaries.append(_summary(info))
         pos = int(info["source_end"])
         k += 1
@@ -347,7 +348,7 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
                 os.replace(writer.path, final + ".tar")  # the .tar last: its presence marks the shard complete
                 if fsync:
                     _fsync_dir(folder)
-                entries.append(_entry(s, cur))
+                entries.append(_entry(s, cur, folder))
                 summaries[s].append(_summary(cur))
                 new_bytes += size
                 write_manifest(False)

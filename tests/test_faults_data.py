@@ -182,3 +182,60 @@ def test_corrupt_png_data_named_not_a_segfault_in_torchvision(tmp_path, where):
     proc = _loader_in_subprocess(data, "torchvision")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DataError:" in proc.stdout and victim in proc.stdout
+
+
+# --- item 5: check on a packed set ---------------------------------------------------------------------------
+
+@pytest.fixture
+def packed(tmp_path):
+    from dali_lens.pack import pack
+
+    src = write_dataset(str(tmp_path / "src"), "png", n_per_class=6, size=16)
+    out = str(tmp_path / "packed")
+    pack(src, out, shard_size="8K", fsync=False, log=lambda *a: None)
+    return out
+
+
+def _check(path, capsys) -> tuple[int, str]:
+    from dali_lens.check import main
+
+    rc = main([path])
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err
+
+
+def test_check_packed_finds_edited_labels(packed, capsys):
+    assert _check(packed, capsys)[0] == 0
+    m = json.load(open(os.path.join(packed, "manifest.json")))
+    side = os.path.join(packed, m["shards"][0]["samples"])
+    info = json.load(open(side))
+    info["labels"] = [1 - v for v in info["labels"]]  # flipped labels: what the loaders train on
+    json.dump(info, open(side, "w"))
+    rc, out = _check(packed, capsys)
+    assert rc == 1 and side in out and "label" in out
+
+
+def test_check_packed_finds_a_shard_dropped_from_the_manifest(packed, capsys):
+    path = os.path.join(packed, "manifest.json")
+    m = json.load(open(path))
+    gone = m["shards"].pop(1)
+    info = m["splits"][gone["split"]]
+    info["samples"] -= gone["count"]
+    info["shards"] -= 1
+    m["total_samples"] -= gone["count"]
+    json.dump(m, open(path, "w"))
+    rc, out = _check(packed, capsys)
+    assert rc == 1 and os.path.join(packed, gone["path"]) in out and "orphan" in out
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.update(shards=None), lambda m: m["shards"][0].pop("count"),
+                                  lambda m: m.update(bands="three"), lambda m: m["shards"].append(7)])
+def test_malformed_manifest_one_clear_line(packed, capsys, edit):
+    path = os.path.join(packed, "manifest.json")
+    m = json.load(open(path))
+    edit(m)
+    json.dump(m, open(path, "w"))
+    rc, out = _check(packed, capsys)
+    assert rc == 1 and "Traceback" not in out and f"{path}: malformed manifest" in out
+    with pytest.raises(DataError, match="malformed manifest"):
+        discover(packed)
