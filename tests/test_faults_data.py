@@ -239,3 +239,188 @@ def test_malformed_manifest_one_clear_line(packed, capsys, edit):
     assert rc == 1 and "Traceback" not in out and f"{path}: malformed manifest" in out
     with pytest.raises(DataError, match="malformed manifest"):
         discover(packed)
+
+
+# --- item 6: challenge is_lens is 0 or 1 -------------------------------------------------------------------------
+
+def _challenge(root: str, labels: list[str], planes: dict | None = None, nan: tuple | None = None) -> str:
+    """A tiny ground-track challenge layout: 8x8 px, one FITS file per band per object."""
+    from astropy.io import fits
+
+    rows = ["ID,is_lens,einstein_area"]
+    for oid, lab in enumerate(labels, start=100):
+        rows.append(f"{oid},{lab},1.5")
+        for b, band in enumerate(("R", "I", "G", "U")):
+            d = os.path.join(root, "Public", f"Band{b + 1}")
+            os.makedirs(d, exist_ok=True)
+            x = np.random.default_rng(oid * 10 + b).random((8, 8)).astype(np.float32)
+            if planes and planes.get((oid, b)):
+                x = np.stack([x] * planes[(oid, b)])
+            if nan == (oid, b):
+                x[2, 3] = np.nan
+            fits.PrimaryHDU(x).writeto(os.path.join(d, f"imageSDSS_{band}-{oid}.fits"))
+    open(os.path.join(root, "classifications.csv"), "w").write("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("bad", ["-1", "2", "yes", "0.5"])
+def test_challenge_is_lens_must_be_0_or_1(tmp_path, bad, capsys):
+    from dali_lens.check import main
+
+    root = _challenge(str(tmp_path / "c"), ["1", "0", bad, "1", "0"])
+    catalogue = os.path.join(root, "classifications.csv")
+    with pytest.raises(DataError, match=f"line 4.*{bad!r}.*not 0 or 1") as err:
+        discover(root)
+    assert catalogue in str(err.value)
+    assert main([root]) == 1 and "Traceback" not in capsys.readouterr().err
+    ok = discover(_challenge(str(tmp_path / "ok"), ["1", "0", "1.0", "0.0", ""]), val_fraction=0)["train"]
+    assert ok.labels == [1, 0, 1, 0, -1]
+
+
+def test_challenge_band_file_with_two_planes_and_nan_in_band3_named(tmp_path):
+    from dali_lens.data.readers import read_sample
+
+    root = _challenge(str(tmp_path / "c"), ["1", "0", "1", "0"], planes={(101, 1): 2}, nan=(102, 2))
+    ds = discover(root, val_fraction=0)["train"]
+    assert ds.shape == (8, 8) and ds.bands == 4
+    with pytest.raises(DataError, match="2 image planes") as err:
+        read_sample(ds.samples[1], ds)
+    assert ds.samples[1].band_paths[1] in str(err.value)
+    with pytest.raises(DataError, match="NaN") as err:
+        read_sample(ds.samples[2], ds)
+    assert ds.samples[2].band_paths[2] in str(err.value) and "Band1" not in str(err.value)
+
+
+# --- item 9 and wrong band counts: the file is named by compute_stats --------------------------------------------
+
+@pytest.mark.parametrize("how", ["nan", "rgba", "four-band-npy"])
+def test_compute_stats_names_the_bad_file(tmp_path, how):
+    from PIL import Image
+
+    from dali_lens.pipelines import LoaderOptions, compute_stats
+
+    fmt = "npy" if how != "rgba" else "png"
+    root = write_dataset(str(tmp_path / "d"), fmt, n_per_class=4, size=16, splits=("train",))
+    victim = os.path.join(root, "train", "nonlens", f"nonlens002.{fmt}")
+    if how == "nan":
+        x = np.load(victim)
+        x[1, 2, 3] = np.nan
+        np.save(victim, x)
+    elif how == "four-band-npy":
+        np.save(victim, np.zeros((4, 16, 16), np.float32))
+    else:
+        Image.fromarray(np.zeros((16, 16, 4), np.uint8)).save(victim)
+    ds = discover(root, val_fraction=0)["train"]
+    with pytest.raises(DataError) as err:
+        compute_stats(ds, LoaderOptions(scales=(16,)))
+    assert victim in str(err.value)
+    if how == "nan":  # masked pixels are expected with a mask value: no error, finite statistics
+        mean, std = compute_stats(ds, LoaderOptions(scales=(16,), mask_value=-99.0))
+        assert np.isfinite(mean).all() and np.isfinite(std).all()
+
+
+# --- item 10: duplicates -----------------------------------------------------------------------------------------
+
+def test_check_reports_duplicate_paths_and_content_across_splits(tmp_path, capsys):
+    from dali_lens.check import main
+
+    root = write_dataset(str(tmp_path / "d"), "png", n_per_class=4, size=16)
+    leaked = os.path.join(root, "test", "lens", "lens000.png")
+    shutil.copy(os.path.join(root, "train", "lens", "lens001.png"), leaked)  # a training file in test
+    rows = ["filepath,label"] + [f"train/{c}/{c}{i:03d}.png,{int(c == 'lens')}"
+                                 for c in ("lens", "nonlens") for i in range(4)]
+    rows.append("train/nonlens/nonlens003.png,0")  # the same row twice
+    open(os.path.join(root, "train.csv"), "w").write("\n".join(rows) + "\n")
+    open(os.path.join(root, "test.csv"), "w").write(
+        "filepath,label\n" + "".join(f"test/{c}/{c}{i:03d}.png,{int(c == 'lens')}\n"
+                                     for c in ("lens", "nonlens") for i in range(4)))
+    assert main([root]) == 1
+    out = capsys.readouterr().out
+    assert "nonlens003.png: listed 2 times" in out
+    assert "identical content across test and train" in out and leaked in out
+
+
+def test_train_warns_about_duplicates_across_splits(tmp_path):
+    from dali_lens.trainers import TrainConfig, run
+
+    root = write_dataset(str(tmp_path / "d"), "png", n_per_class=8, size=16)
+    leaked = os.path.join(root, "test", "nonlens", "nonlens000.png")
+    shutil.copy(os.path.join(root, "train", "nonlens", "nonlens005.png"), leaked)
+    said = []
+    run(TrainConfig(data_root=root, out=str(tmp_path / "run"), epochs=1, batch_size=8, img_size=16,
+                    progress=False, workers=1, backend="dali-cpu"), log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("warning" in line and leaked in line for line in said)
+
+
+# --- item 11: the held-out split does not depend on row order ----------------------------------------------------
+
+def test_val_split_same_through_csv_in_any_order_and_folders(tmp_path):
+    root = write_dataset(str(tmp_path / "d"), "png", n_per_class=20, size=16, splits=("train",))
+    by_folder = discover(root, val_fraction=0.2, seed=3)
+    rows = [f"train/{c}/{c}{i:03d}.png,{int(c == 'lens')}" for c in ("lens", "nonlens") for i in range(20)]
+    np.random.default_rng(0).shuffle(rows)
+    open(os.path.join(root, "train.csv"), "w").write("filepath,label\n" + "\n".join(rows) + "\n")
+    by_csv = discover(root, val_fraction=0.2, seed=3)
+    assert sorted(s.path for s in by_csv["val"].samples) == sorted(s.path for s in by_folder["val"].samples)
+    assert by_csv["val"].counts() == {"lens": 4, "nonlens": 4, "unlabelled": 0}
+    other_seed = discover(root, val_fraction=0.2, seed=4)
+    assert sorted(s.path for s in other_seed["val"].samples) != sorted(s.path for s in by_csv["val"].samples)
+
+
+# --- unclear messages ------------------------------------------------------------------------------------------
+
+def test_truncated_first_file_is_reported_not_taken_as_reference(tmp_path, capsys):
+    from dali_lens.check import main
+
+    root = write_dataset(str(tmp_path / "d"), "png", n_per_class=4, size=16, splits=("train",))
+    first = os.path.join(root, "train", "lens", "lens000.png")
+    second = os.path.join(root, "train", "nonlens", "nonlens002.png")
+    for v in (first, second):
+        data = open(v, "rb").read()
+        open(v, "wb").write(data[: len(data) // 2])
+    ds = discover(root, val_fraction=0)["train"]
+    assert ds.samples[0].path == first and ds.bands == 3 and ds.shape == (16, 16)
+    assert main([root]) == 1
+    out = capsys.readouterr().out
+    assert first in out and second in out and "2 problem(s)" in out
+    from dali_lens.data.validate import drop_bad
+
+    assert len(drop_bad(ds, log=lambda *a: None)) == 6
+
+
+def test_skip_bad_skips_missing_manifest_rows(tmp_path, capsys):
+    from dali_lens.check import main
+
+    root = write_dataset(str(tmp_path / "d"), "png", n_per_class=3, size=16, splits=("train",))
+    rows = ["filepath,label", "train/lens/gone.png,1"] + [f"train/{c}/{c}{i:03d}.png,{int(c == 'lens')}"
+                                                          for c in ("lens", "nonlens") for i in range(3)]
+    open(os.path.join(root, "train.csv"), "w").write("\n".join(rows) + "\n")
+    gone = os.path.join(root, "train", "lens", "gone.png")
+    ds = discover(root, val_fraction=0)["train"]
+    from dali_lens.data.validate import drop_bad
+
+    logged = []
+    assert len(drop_bad(ds, log=logged.append)) == 6 and any(gone in line for line in logged)
+    with pytest.raises(DataError, match="file not found") as err:
+        build_loader(ds, backend="dali-cpu", scales=(16,), batch_size=2)
+    assert gone in str(err.value)
+    assert main([root]) == 1 and gone in capsys.readouterr().out
+
+
+def test_split_smaller_than_the_number_of_ranks_is_a_clear_error(tmp_path):
+    root = write_dataset(str(tmp_path / "d"), "png", n_per_class=1, size=16, splits=("test",))
+    ds = discover(root)["test"]
+    with pytest.raises(DataError, match="2 sample.*4 processes"):
+        build_loader(ds, backend="dali-cpu", scales=(16,), batch_size=1, num_shards=4, shard_id=3)
+
+
+def test_empty_manifest_and_foreign_tar_files_get_a_hint(tmp_path):
+    root = write_dataset(str(tmp_path / "d"), "png", n_per_class=2, size=16, splits=("train",))
+    open(os.path.join(root, "train.csv"), "w").close()
+    with pytest.raises(DataError, match="empty manifest"):
+        discover(root)
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    (tars / "shard-000.tar").write_bytes(b"\0" * 1024)
+    with pytest.raises(DataError, match="dali_lens.pack"):
+        discover(str(tars))
