@@ -335,9 +335,10 @@ def drop_bad(dataset: Dataset, allow_nonfinite: bool = False, log=print) -> Data
 
 def validate(dataset: Dataset) -> None:
     """Refuse data that decoders may crash on, decode silently into wrong pixels, or hang on, naming the files:
-    images checked strictly (decoded once), ``.npy`` at header level. Done once per dataset object."""
+    images checked strictly (decoded once), ``.npy`` at header level, FITS for missing or empty files (astropy
+    names a corrupt one when it reads it). Done once per dataset object."""
     entry = _cache(dataset)
-    if entry.get("valid") or dataset.kind not in ("image", "npy"):
+    if entry.get("valid") or dataset.kind == "shards":  # packed: checked by pack, checksums by `check`
         return
     problems = _image_results(dataset)[0] if dataset.kind == "image" else quick_scan(dataset)
     if problems:
