@@ -2,7 +2,7 @@
 
 Same interface and batches as :class:`~dali_lens.pipelines.torchvision_backend.TorchvisionLoader` (``len()``,
 ``set_epoch()``, ``state_dict()``/``load_state_dict()``, contract batches checked by ``BatchChecker``) and the
-same per-sample steps (``torchvision.io.decode_image`` / numpy, ``prescale``, ``transform``), so tensors match
+same per-sample steps (``torchvision_backend.decode_image_bytes`` / numpy, ``prescale``, ``transform``), so tensors match
 the loose files and the DALI backends.
 
 Reading is sequential: each worker streams the shards it needs (``webdataset.tariterators.tar_file_iterator``

@@ -1,7 +1,9 @@
 """The torchvision fallback: a Dataset + DataLoader that returns the same batches as the DALI backends.
 
-Decoding uses ``torchvision.io.decode_image`` for PNG/JPEG, numpy for ``.npy`` and astropy for FITS; each
-sample is decoded once and resized to every scale with the same antialiased bilinear filter DALI uses.
+Decoding uses ``torchvision.io.decode_image`` for JPEG, Pillow for PNG (torchvision's libpng decoder segfaults on
+a corrupt data stream), numpy for ``.npy`` and astropy for FITS; each sample is decoded once and resized to
+every scale with the same antialiased bilinear filter DALI uses. The dataset is validated once first
+(``data/validate.py``).
 """
 from __future__ import annotations
 
