@@ -189,42 +189,45 @@ def _is_libjpeg_warning(line: str) -> bool:
 
 
 def image_problem(data: bytes, where: str, bands: int | None = None, shape=None) -> str | None:
-    """A strict check of one encoded PNG/JPEG: structure (PNG CRCs), a full decode, libjpeg's corrupt-data
-    warnings for JPEG, then the band count and size when given. None when the image is sound."""
+    """A strict check of one encoded PNG/JPEG, decoded once: PNG chunk CRCs then a Pillow decode; JPEG through
+    torchvision's libjpeg decoder with its corrupt-data warnings caught. Then the band count and size when
+    given. None when the image is sound."""
     if not data:
         return f"{where}: empty file (0 bytes)"
-    if data.startswith(_PNG_SIG):
-        bad = png_chunk_problem(data)
-        if bad:
-            return f"{where}: {bad}"
-    elif data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-32:]:
-        return f"{where}: truncated JPEG (no end-of-image marker)"
-    try:
-        arr = decode_image(data, where)
-    except DataError as exc:
-        return str(exc)
     if data[:2] == b"\xff\xd8":
-        bad = _jpeg_warnings(data)
+        if b"\xff\xd9" not in data[-32:]:
+            return f"{where}: truncated JPEG (no end-of-image marker)"
+        bad, size = _jpeg_decode(data)
         if bad:
             return f"{where}: corrupt JPEG data ({bad})"
-    if bands is not None and arr.shape[0] != bands:
-        return f"{where}: has {arr.shape[0]} band(s), the dataset has {bands}"
-    if shape is not None and tuple(arr.shape[1:]) != tuple(shape):
-        return f"{where}: is {arr.shape[1]}x{arr.shape[2]} px, the dataset's images are {shape[0]}x{shape[1]} (mixed sizes)"
+    else:
+        if data.startswith(_PNG_SIG):
+            bad = png_chunk_problem(data)
+            if bad:
+                return f"{where}: {bad}"
+        try:
+            size = decode_image(data, where).shape
+        except DataError as exc:
+            return str(exc)
+    if bands is not None and size[0] != bands:
+        return f"{where}: has {size[0]} band(s), the dataset has {bands}"
+    if shape is not None and tuple(size[1:]) != tuple(shape):
+        return f"{where}: is {size[1]}x{size[2]} px, the dataset's images are {shape[0]}x{shape[1]} (mixed sizes)"
     return None
 
 
-def _jpeg_warnings(data: bytes) -> str:
-    """libjpeg's warnings while decoding ``data`` (torchvision's decoder prints them; empty when none)."""
+def _jpeg_decode(data: bytes) -> tuple[str, tuple[int, int, int] | None]:
+    """(what is wrong with ``data`` as libjpeg decodes it: its error, or the warnings it prints about corrupt data
+    and then decodes through, empty when sound; (bands, H, W) as ``readers.decode_image`` gives them)."""
     import torch
     import torchvision.io as tvio
 
     with _LibjpegWarnings() as cap:
         try:
-            tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            shape = tuple(tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).shape)
         except (RuntimeError, ValueError) as exc:
-            return str(exc).splitlines()[0].split(", ")[-1]
-    return cap.text
+            return str(exc).splitlines()[0].split(", ")[-1], None
+    return cap.text, (3 if shape[0] == 4 else shape[0], *shape[1:])  # CMYK is read as RGB
 
 
 # ============================================================================================ full scans
