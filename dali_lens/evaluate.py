@@ -153,7 +153,7 @@ def evaluate(args) -> dict:
                             int(ens.config.get("seed", 0)))
     check_dataset(ens, dataset)
     if args.skip_bad:
-        from .check import drop_bad
+        from .data.validate import drop_bad
 
         dataset = drop_bad(dataset, allow_nonfinite=ens.mask_value is not None, log=log)
     all_labels = np.array(dataset.labels, dtype=np.int64)

@@ -8,8 +8,9 @@ sample counts, bands, shape, kind, image extension, sha256 per shard, per-split 
 ``dali_lens/data/shards.py`` for the format. Train with ``--data-root OUT``, score with
 ``python -m dali_lens.predict ... OUT``, verify with ``python -m dali_lens.check OUT``.
 
-* PNG/JPEG stay encoded: the original bytes are copied (member ``png``/``jpg``), after a header-level check
-  (readable header, size, band count, end-of-image marker) — no decoding. ``.npy``, FITS and per-band FITS
+* PNG/JPEG stay encoded: the original bytes are copied (member ``png``/``jpg``), after a strict check of those
+  bytes (``data/validate.py``: PNG chunk checksums, a full decode, libjpeg's corrupt-data warnings, size, band
+  count), so that no decoder is later handed a corrupt file. ``.npy``, FITS and per-band FITS
   are read (numpy/astropy), checked (bands, size, NaN/inf unless --allow-nonfinite) and stored as float32
   (bands, H, W) ``.npy`` members.
 * Each sample keeps its label (``cls``: 1, 0, -1 if unlabelled) and its original id, path and catalogue
@@ -44,8 +45,8 @@ import numpy as np
 from .cli import log, run_command
 from .data.dataset import DataError, Dataset, parse_hdus
 from .data.io import atomic_write_json, atomic_write_text, _fsync_dir
-from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, is_packed, key_bytes, label_bytes, npy_bytes,
-                          read_manifest, sample_tar_bytes, shard_name)
+from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, file_sha256, is_packed, key_bytes, label_bytes,
+                          npy_bytes, read_manifest, sample_tar_bytes, shard_name)
 
 DEFAULT_SHARD_SIZE = 256 * 1024 * 1024
 SPLIT_ORDER = ("train", "val", "test", "predict")
@@ -70,17 +71,20 @@ def parse_size(text: str | int) -> int:
 # ============================================================================================ one sample
 
 def _image_bytes(dataset: Dataset, i: int) -> tuple[str, bytes]:
-    from .check import quick_problem
+    from .data.validate import image_problem
 
-    problem = quick_problem(dataset, i)  # header, size, bands, end marker: what decoding would trip over
-    if problem:
-        raise DataError(problem)
     path = dataset.samples[i].path
     try:
         with open(path, "rb") as fh:
             data = fh.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
+    # the bytes that are packed, fully decoded and checked (PNG CRCs, libjpeg's corrupt-data warnings, bands, size)
+    problem = image_problem(data, path, dataset.bands, dataset.shape)
+    if problem:
+        raise DataError(problem)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png", data
     if data[:2] == b"\xff\xd8":
@@ -136,11 +140,12 @@ def _prepared(dataset: Dataset, order: np.ndarray, start: int, allow_nonfinite: 
 
 # ============================================================================================ output folder
 
-def _entry(split: str, info: dict) -> dict:
+def _entry(split: str, info: dict, folder: str) -> dict:
     name = shard_name(info["shard"])
     return {"split": split, "path": f"{split}/{name}.tar", "index": f"{split}/{name}.idx",
             "samples": f"{split}/{name}.json", "count": info["count"], "bytes": info["bytes"],
             "sha256": info["sha256"], "index_sha256": info["index_sha256"],
+            "samples_sha256": file_sha256(os.path.join(folder, name + ".json")),  # labels and ids covered too
             "first_key": info["keys"][0] if info["keys"] else None,
             "last_key": info["keys"][-1] if info["keys"] else None}
 
@@ -173,7 +178,7 @@ def _resume_split(folder: str, split: str, log) -> tuple[list[dict], list[dict],
         except (OSError, ValueError) as exc:
             log(f"note: {os.path.join(folder, shard_name(k))}.tar: incomplete ({exc}); writing it again")
             break
-        entries.append(_entry(split, info))
+        entries.append(_entry(split, info, folder))
         summaries.append(_summary(info))
         pos = int(info["source_end"])
         k += 1
@@ -343,7 +348,7 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
                 os.replace(writer.path, final + ".tar")  # the .tar last: its presence marks the shard complete
                 if fsync:
                     _fsync_dir(folder)
-                entries.append(_entry(s, cur))
+                entries.append(_entry(s, cur, folder))
                 summaries[s].append(_summary(cur))
                 new_bytes += size
                 write_manifest(False)

@@ -417,7 +417,7 @@ def predict(args) -> int:
                             int(ens.config.get("seed", 0)))
     check_dataset(ens, dataset)
     if args.skip_bad:
-        from .check import drop_bad
+        from .data.validate import drop_bad
 
         dataset = drop_bad(dataset, allow_nonfinite=ens.mask_value is not None, log=say)
     fusion = args.fusion or ens.fusion

@@ -53,8 +53,17 @@ def test_missing_band_file_names_the_object(ground, tmp_path):
     ds = discover(root, val_fraction=0)["train"]
     victim = ds.samples[3]
     os.remove(victim.band_paths[2])
-    with pytest.raises(DataError, match=f"object {victim.id}"):
-        discover(root, val_fraction=0)
+    # kept in the listing (so that --skip-bad can skip it), named as missing by the check and the loaders
+    ds = discover(root, val_fraction=0)["train"]
+    assert ds.samples[3].band_paths[2] == victim.band_paths[2]
+    from dali_lens.data.validate import drop_bad
+
+    logged = []
+    assert len(drop_bad(ds, log=logged.append)) == len(ds) - 1
+    assert any(victim.band_paths[2] in line and "file not found" in line for line in logged)
+    with pytest.raises(DataError, match="file not found") as err:
+        build_loader(ds, backend="torchvision", scales=(64,), batch_size=4)
+    assert victim.band_paths[2] in str(err.value)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -304,7 +304,8 @@ def test_nan_in_npy_named_in_error_or_masked(make_dataset, backend):
 
 
 def test_skip_bad_and_check_command(make_dataset, capsys):
-    from dali_lens.check import drop_bad, main
+    from dali_lens.check import main
+    from dali_lens.data.validate import drop_bad
 
     root = make_dataset("png", n_per_class=6)
     victims = [_corrupt(root, "truncated")]

@@ -14,6 +14,7 @@ import os
 import re
 
 from .dataset import DataError, Dataset, Sample
+from .sources import parse_label
 
 GROUND_DIRS = ("Band1", "Band2", "Band3", "Band4")
 SPACE_DIRS = ("EUC_VIS",)
@@ -41,6 +42,14 @@ def _files_by_id(folder: str) -> dict[str, str]:
     return out
 
 
+def _expected_path(files: dict[str, str], oid: str) -> str:
+    """The path object ``oid``'s file would have in a band folder, named like the folder's other files."""
+    other = next(iter(files.values()))
+    folder, name = os.path.split(other)
+    m = _ID.search(name)
+    return os.path.join(folder, name[:m.start()] + f"-{oid}" + name[m.end(1):])
+
+
 def read_challenge(root: str, track: str | None = None) -> dict[str, Dataset]:
     """Describe a challenge-layout folder as a single ``train`` split of per-band FITS samples."""
     root = os.path.abspath(root)
@@ -60,15 +69,21 @@ def read_challenge(root: str, track: str | None = None) -> dict[str, Dataset]:
         if "ID" not in cols:
             raise DataError(f"{catalogue}: no 'ID' column (columns: {cols})")
         for lineno, row in enumerate(reader, start=2):
-            oid = str(int(float(row["ID"])))
+            where = f"{catalogue}, line {lineno}"
+            try:
+                oid = str(int(float(row["ID"])))
+            except (TypeError, ValueError, OverflowError):
+                raise DataError(f"{where}: ID {row['ID']!r} is not a number") from None
             paths = []
             for d, files in zip(dirs, per_band):
                 if oid not in files:
-                    raise DataError(f"object {oid} ({catalogue}, line {lineno}): no file in {d}/")
+                    if not files:
+                        raise DataError(f"object {oid} ({where}): no file in {d}/")
+                    # kept with the name it would have: reported by check and the loaders, skipped by --skip-bad
+                    paths.append(_expected_path(files, oid))
+                    continue
                 paths.append(files[oid])
-            label = None
-            if row.get("is_lens", "") != "":
-                label = 1 if float(row["is_lens"]) > 0 else 0
+            label = parse_label(row.get("is_lens") or "", f"{where}, is_lens", binary=True)
             meta = {}
             for c in cols:
                 if c in ("ID", "is_lens"):
@@ -80,9 +95,8 @@ def read_challenge(root: str, track: str | None = None) -> dict[str, Dataset]:
             samples.append(Sample(paths[0], label, oid, band_paths=tuple(paths), meta=meta))
     if not samples:
         raise DataError(f"{catalogue}: lists no objects")
-    from .readers import read_sample
+    from .readers import reference_layout
 
     ds = Dataset(samples, bands=len(dirs), kind="fits-bands", root=root, split="train")
-    first = read_sample(samples[0], ds, check=False)
-    ds.shape = (int(first.shape[1]), int(first.shape[2]))
+    ds.shape = reference_layout(ds)[1]
     return {"train": ds}

@@ -15,23 +15,29 @@ from .dataset import DataError, Dataset, Sample
 
 
 def read_image(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
+    with open(path, "rb") as fh:
+        return decode_image(fh.read(), path)
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Encoded image bytes -> (bands, H, W) uint8 through Pillow (palette/colour-space encodings as RGB)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise DataError(f"{where}: empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.mode in ("P", "CMYK", "YCbCr"):  # palette/colour-space encodings of RGB data
                 im = im.convert("RGB")
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc})") from None
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    return arr
+        raise DataError(f"{where}: cannot decode image ({exc})") from None
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 _NPY_HEADER_LOCK = threading.Lock()
@@ -130,10 +136,13 @@ def read_sample(sample: Sample, dataset: Dataset, check: bool = True) -> np.ndar
         arr = read_fits(sample.path, dataset.hdus)
     elif kind == "fits-bands":
         planes = [read_fits(p) for p in sample.band_paths]
-        shapes = {p.shape for p in planes}
-        if len(shapes) != 1 or any(p.shape[0] != 1 for p in planes):
+        for f, p in zip(sample.band_paths, planes):
+            if p.shape[0] != 1:
+                raise DataError(f"{f}: holds {p.shape[0]} image planes, a band file of object {sample.id} must hold "
+                                "one 2-D image")
+        if len({p.shape for p in planes}) != 1:
             raise DataError(f"object {sample.id}: band files have different shapes "
-                            + ", ".join(f"{os.path.basename(f)} {p.shape[1:]}" for f, p in zip(sample.band_paths, planes)))
+                            + ", ".join(f"{f} {p.shape[1:]}" for f, p in zip(sample.band_paths, planes)))
         arr = np.concatenate(planes)
     else:
         raise ValueError(kind)
@@ -151,4 +160,29 @@ def check_array(arr: np.ndarray, sample: Sample, dataset: Dataset, allow_nonfini
                         f"{dataset.shape[0]}x{dataset.shape[1]} (mixed sizes)")
     if not allow_nonfinite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
+        if sample.band_paths and len(sample.band_paths) == arr.shape[0]:  # name the band file that holds them
+            band = int(np.flatnonzero(~np.isfinite(arr).reshape(arr.shape[0], -1).all(1))[0])
+            where = f"{sample.band_paths[band]} (object {sample.id}, band {band + 1})"
         raise DataError(f"{where}: contains {bad} NaN/inf value(s)")
+
+
+def reference_layout(dataset: Dataset, tries: int = 7) -> tuple[int, tuple[int, int]]:
+    """(bands, (H, W)) that most of the first ``tries`` readable samples have. A bad first file is then reported
+    as bad (by ``check``, ``--skip-bad``, the loaders) instead of being taken as the dataset's reference.
+    Raises the first sample's error when none of the first ``3 * tries`` samples can be read."""
+    from collections import Counter
+
+    seen: Counter = Counter()
+    first_error = None
+    for k, sample in enumerate(dataset.samples):
+        if k >= 3 * tries or sum(seen.values()) >= tries:
+            break
+        try:
+            arr = read_sample(sample, dataset, check=False)
+        except DataError as exc:
+            first_error = first_error or exc
+            continue
+        seen[(int(arr.shape[0]), (int(arr.shape[1]), int(arr.shape[2])))] += 1
+    if not seen:
+        raise first_error or DataError(f"{dataset.root} ({dataset.split}): no samples")
+    return seen.most_common(1)[0][0]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .dataset import _NO_META, DataError, Dataset, Sample
-from .readers import as_bands
+from .readers import as_bands, decode_image
 
 MANIFEST = "manifest.json"
 FORMAT = "dali-lens-shards"
@@ -190,9 +190,14 @@ def is_packed(root: str) -> bool:
         return False
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+            text = fh.read()
+    except OSError:
         return False
+    try:
+        data = json.loads(text)
+    except ValueError:  # unreadable JSON: packed if it says so, so that read_manifest names the problem
+        return f'"{FORMAT}"' in text
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def read_manifest(root: str) -> dict:
@@ -202,11 +207,45 @@ def read_manifest(root: str) -> dict:
             manifest = json.load(fh)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the packed set's manifest ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not a dali-lens packed set (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: not a dali-lens packed set (format {got!r})")
+    bad = _manifest_problem(manifest)
+    if bad:
+        raise DataError(f"{path}: malformed manifest ({bad}); pack the data again or restore the file")
     if int(manifest.get("version", 0)) > VERSION:
         raise DataError(f"{path}: packed with a newer dali-lens (format version {manifest['version']}); upgrade")
     return manifest
+
+
+_ENTRY_FIELDS = {"split": str, "path": str, "index": str, "samples": str, "count": int, "bytes": int, "sha256": str}
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with the structure of a manifest (None when every field the readers use has its type)."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(m.get("version", 0)):
+        return "'version' is not an integer"
+    if not is_int(m.get("bands")) or m["bands"] < 1:
+        return "'bands' is not a positive integer"
+    shape = m.get("shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 2 and all(map(is_int, shape))):
+        return "'shape' is not a list of two integers"
+    if not isinstance(m.get("splits"), dict) or not all(isinstance(v, dict) for v in m["splits"].values()):
+        return "'splits' is not an object of per-split objects"
+    if not isinstance(m.get("shards"), list):
+        return "'shards' is not a list"
+    for k, e in enumerate(m["shards"]):
+        if not isinstance(e, dict):
+            return f"shards[{k}] is not an object"
+        for name, typ in _ENTRY_FIELDS.items():
+            if not (is_int(e.get(name)) if typ is int else isinstance(e.get(name), typ)):
+                return f"shards[{k}].{name} is missing or not a{'n integer' if typ is int else ' string'}"
+        if e["split"] not in m["splits"]:
+            return f"shards[{k}] belongs to split {e['split']!r}, which 'splits' does not list"
+    return None
 
 
 def read_shard_samples(path: str) -> dict:
@@ -313,19 +352,9 @@ def decode_member(data: bytes, member: str, where: str) -> np.ndarray:
     """Pixels of one packed member as (bands, H, W): uint8 for PNG/JPEG, float32 for ``.npy``."""
     ext = member.rsplit(".", 1)[-1].lower()
     if ext in IMAGE_MEMBER_EXTS:
-        from PIL import Image, UnidentifiedImageError
-
         if not data:
             raise DataError(f"{where}: empty member (0 bytes)")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                if im.mode in ("P", "CMYK", "YCbCr"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{where}: cannot decode image ({exc})") from None
-        return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return decode_image(data, where)
     if ext == "npy":
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
@@ -462,7 +491,7 @@ def shard_plan(dataset: Dataset) -> ShardPlan:
 
 # ============================================================================================ verification
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -483,7 +512,7 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
     size = os.path.getsize(tar)
     if size != entry["bytes"]:
         problems.append(f"{tar}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced shard)")
-    digest = _sha256(tar)
+    digest = file_sha256(tar)
     if digest != entry["sha256"]:
         problems.append(f"{tar}: checksum mismatch (sha256 {digest[:16]}..., the manifest says "
                         f"{entry['sha256'][:16]}...): the shard is corrupt")
@@ -498,10 +527,19 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
         info = read_shard_samples(os.path.join(root, entry["samples"]))
     except DataError as exc:
         return problems + [str(exc)]
+    samples_path = os.path.join(root, entry["samples"])
+    if entry.get("samples_sha256") and file_sha256(samples_path) != entry["samples_sha256"]:
+        problems.append(f"{samples_path}: checksum mismatch (the manifest's samples_sha256): the shard's sample list "
+                        "(labels, ids) was changed after packing")
     width = int(manifest.get("key_width", 9))
-    listed = [f"{k:0{width}d}" for k in info.get("keys", [])]
+    try:
+        listed = [f"{int(k):0{width}d}" for k in info.get("keys", [])]
+        labels = {key: int(v) for key, v in zip(listed, info.get("labels", []))}
+        ids = {key: str(v) for key, v in zip(listed, info.get("ids", []))}
+    except (TypeError, ValueError):
+        return problems + [f"{samples_path}: malformed sample list (keys and labels must be integers)"]
     if listed != [k for k, _, _ in index]:
-        problems.append(f"{os.path.join(root, entry['samples'])}: its keys differ from the shard index")
+        problems.append(f"{samples_path}: its keys differ from the shard index")
     bands, shape = int(manifest["bands"]), manifest.get("shape")
     by_key = {k: comps for k, comps, _ in index}
     seen = set()
@@ -527,6 +565,7 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
                 seen.add((key, ext))
                 try:
                     _check_member(data, ti.name, ext, key, where, bands, shape, allow_nonfinite)
+                    _check_listed(data, ext, key, where, labels, ids, samples_path)
                 except DataError as exc:
                     problems.append(str(exc))
     except (tarfile.TarError, OSError) as exc:
@@ -535,6 +574,18 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
     if missing and len(problems) < max_problems:
         problems.append(f"{tar}: {len(missing)} indexed member(s) missing from the archive (first: {missing[0]})")
     return problems
+
+
+def _check_listed(data: bytes, ext: str, key: str, where: str, labels: dict, ids: dict, samples_path: str) -> None:
+    """The shard's sample list (what the loaders use) must agree with the label and id stored in the tar."""
+    if ext == "cls" and key in labels and int(data.decode("ascii")) != labels[key]:
+        raise DataError(f"{samples_path}: sample {key} is listed with label {labels[key]}, the shard holds "
+                        f"{data.decode('ascii')} ({where}): the sample list was edited")
+    if ext == "json" and key in ids:
+        stored = json.loads(data.decode("utf-8")).get("id")
+        if stored is not None and str(stored) != ids[key]:
+            raise DataError(f"{samples_path}: sample {key} is listed as id {ids[key]!r}, the shard holds "
+                            f"{stored!r} ({where})")
 
 
 def _check_member(data: bytes, name: str, ext: str, key: str, where: str, bands: int, shape,
@@ -564,6 +615,26 @@ def _check_member(data: bytes, name: str, ext: str, key: str, where: str, bands:
             raise DataError(f"{where}: unreadable JSON ({exc})") from None
 
 
+def _orphans(root: str, entries: list[dict]) -> list[str]:
+    """Shard files (.tar/.idx/.json) in the split folders that no manifest entry names: their samples are not
+    part of the set (a shard dropped from manifest.json)."""
+    import re
+
+    named = {os.path.normpath(os.path.join(root, e[k])) for e in entries for k in ("path", "index", "samples")}
+    pattern = re.compile(r"shard-\d+\.(tar|idx|json)$")
+    out = []
+    for folder in sorted(os.listdir(root)):
+        full = os.path.join(root, folder)
+        if not os.path.isdir(full):
+            continue
+        for name in sorted(os.listdir(full)):
+            path = os.path.normpath(os.path.join(full, name))
+            if pattern.match(name) and path not in named:
+                what = "its samples are not part of the set" if name.endswith(".tar") else "not used"
+                out.append(f"{path}: orphan shard file, not listed in {MANIFEST} ({what})")
+    return out
+
+
 def verify(root: str, allow_nonfinite: bool | None = None, workers: int | None = None, log=print) -> list[str]:
     """Check a packed set against its manifest: every shard's checksum, index, sample list and members, and the
     per-split sample counts. Returns the problems (an empty list when the set is sound)."""
@@ -587,6 +658,13 @@ def verify(root: str, allow_nonfinite: bool | None = None, workers: int | None =
             f"{manifest.get('bands')} band(s), {'x'.join(map(str, manifest.get('shape') or ['?']))} px")
         if counted != info.get("samples"):
             problems.append(f"{root}: split {split} lists {info.get('samples')} samples, its shards hold {counted}")
+        source, skipped = info.get("source_samples"), info.get("skipped")
+        if isinstance(source, int) and isinstance(skipped, int) and manifest.get("complete") \
+                and info.get("samples", 0) + skipped != source:
+            problems.append(f"{root}: split {split} holds {info.get('samples')} packed + {skipped} skipped samples, but "
+                            f"{source} were packed from the source: {source - info.get('samples', 0) - skipped} "
+                            "sample(s) missing from the manifest")
+    problems.extend(_orphans(root, entries))
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         for found in pool.map(lambda e: verify_shard(root, e, manifest, allow_nonfinite), entries):

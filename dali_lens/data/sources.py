@@ -17,8 +17,8 @@ Files may be PNG/JPEG, ``.npy`` (bands, H, W) or FITS (one band per HDU, or one 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
-import random
 
 from .dataset import DataError, Dataset, Sample, kind_of, sample_id
 
@@ -43,8 +43,21 @@ def register_source(name: str, detect, read) -> None:
     _REGISTERED[name] = (detect, read)
 
 
-def parse_label(value: str, where: str) -> int | None:
+def parse_label(value: str, where: str, binary: bool = False) -> int | None:
+    """A label cell: 1 for a lens, 0 for a non-lens, None when empty (unlabelled). Words (``lens``, ``yes``,
+    ``-1`` for unlabelled, ...) are accepted unless ``binary``: then only 0 and 1 (``0.0``/``1.0``) are, as in the
+    challenge catalogue's ``is_lens`` column. Anything else is a DataError naming ``where``."""
     v = str(value).strip().lower()
+    if binary:
+        if v == "":
+            return None
+        try:
+            number = float(v)
+        except ValueError:
+            number = None
+        if number in (0.0, 1.0):
+            return int(number)
+        raise DataError(f"{where}: label {value!r} is not 0 or 1")
     if v in _TRUE:
         return 1
     if v in _FALSE:
@@ -88,18 +101,20 @@ def read_manifest(path: str, root: str) -> list[Sample]:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         path_col = next((c for c in ("filepath", "path", "file", "filename") if c in cols), None)
+        if not cols:
+            raise DataError(f"{path}: empty manifest (no header row; expected columns filepath,label)")
         if path_col is None:
             raise DataError(f"{path}: no 'filepath' column (columns: {cols})")
         label_col = next((c for c in ("label", "is_lens", "y") if c in cols), None)
-        samples = []
+        samples, missing = [], []
         for lineno, row in enumerate(reader, start=2):
             where = f"{path}, line {lineno}"
             rel = (row.get(path_col) or "").strip()
             if not rel:
                 raise DataError(f"{where}: empty file path")
             full = rel if os.path.isabs(rel) else os.path.join(root, rel)
-            if not os.path.exists(full):
-                raise DataError(f"{where}: file not found: {full}")
+            if not os.path.exists(full):  # kept: reported by check and the loaders, skipped by --skip-bad
+                missing.append(f"{where}: file not found: {full}")
             label = parse_label(row[label_col], where) if label_col else None
             meta = {}
             for c in cols:
@@ -112,11 +127,13 @@ def read_manifest(path: str, root: str) -> list[Sample]:
             samples.append(Sample(os.path.abspath(full), label, sample_id(full), meta=meta))
     if not samples:
         raise DataError(f"{path}: manifest lists no samples")
+    if len(missing) == len(samples):
+        raise DataError(missing[0] + (f" (and every other file it lists: {len(missing)})" if len(missing) > 1 else ""))
     return samples
 
 
 def _dataset(samples: list[Sample], root: str, split: str, hdus=None) -> Dataset:
-    from .readers import read_sample
+    from .readers import reference_layout
 
     kinds = {kind_of(s.path) for s in samples}
     if None in kinds:
@@ -126,23 +143,30 @@ def _dataset(samples: list[Sample], root: str, split: str, hdus=None) -> Dataset
         raise DataError(f"{root} ({split}): mixed file types {sorted(kinds)}; use one format per dataset")
     kind = kinds.pop()
     probe = Dataset(samples, bands=0, kind=kind, root=root, split=split, hdus=hdus)
-    first = read_sample(samples[0], probe, check=False)
-    probe.bands, probe.shape = int(first.shape[0]), (int(first.shape[1]), int(first.shape[2]))
+    probe.bands, probe.shape = reference_layout(probe)
     return probe
 
 
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Split ``samples`` into (keep, held_out) with ``fraction`` of each class held out, reproducibly."""
-    rng = random.Random(seed)
+    """Split ``samples`` into (keep, held_out) with ``fraction`` of each class held out, reproducibly.
+
+    Which samples are held out depends only on their ids and ``seed`` (within each class, the samples whose
+    hash of (seed, id) ranks lowest), not on the order in which a CSV or a folder listing gives them: the same
+    files read through manifests or through folders give the same validation split. Both lists keep the input
+    order."""
     keep, held = [], []
     for label in sorted({s.label for s in samples}, key=lambda v: -2 if v is None else v):
         group = [s for s in samples if s.label == label]
-        rng.shuffle(group)
+        group.sort(key=lambda s: (_rank(seed, s.id), s.id, s.path))
         n_held = max(1, round(len(group) * fraction)) if len(group) > 1 else 0
         held.extend(group[:n_held])
         keep.extend(group[n_held:])
     order = {s: i for i, s in enumerate(samples)}
     return sorted(keep, key=order.get), sorted(held, key=order.get)
+
+
+def _rank(seed: int, ident: str) -> bytes:
+    return hashlib.blake2b(f"{int(seed)}\0{ident}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
 def discover(root: str, hdus: tuple[int | str, ...] | None = None, val_fraction: float = 0.15,
@@ -164,7 +188,7 @@ def discover(root: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
     else:
         base = root
         from .challenge import is_challenge_layout, read_challenge
-        from .shards import is_packed, load_packed
+        from .shards import MANIFEST, is_packed, load_packed
 
         if is_packed(root):  # written by `python -m dali_lens.pack`
             return _with_val(load_packed(root), val_fraction, seed)
@@ -195,7 +219,11 @@ def discover(root: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
             else:
                 files = _list_files(root)
                 if not files:
-                    raise DataError(f"{root}: no images, .npy or FITS files found")
+                    tars = [n for n in os.listdir(root) if n.lower().endswith(".tar")]
+                    hint = (f"; it holds {len(tars)} .tar file(s) but no {MANIFEST}: only sets written by "
+                            "`python -m dali_lens.pack` are read as shards, so pack the original files with it"
+                            if tars else "")
+                    raise DataError(f"{root}: no images, .npy or FITS files found{hint}")
                 found["predict"] = [Sample(os.path.abspath(f), None, sample_id(f)) for f in files]
     datasets = {s: _dataset(v, base, s, hdus) for s, v in found.items()}
     _check_consistent(datasets)

@@ -149,14 +149,18 @@ def _first_file_hdus(dataset: Dataset) -> list[int] | None:
 
 
 def _decode_images(raw, dataset: Dataset, gpu: bool):
-    """PNG/JPEG bytes -> HWC uint8 with the file's own channel count (ANY_DATA), so that a band mismatch is
-    caught, not hidden. Buffers sized for small cutouts, not the ImageNet-sized defaults (8-16 MiB per thread)."""
+    """PNG/JPEG bytes -> HWC uint8 with the dataset's band count. The output type follows the band count: GRAY
+    for one band, RGB for three (ANY_DATA on a greyscale JPEG crashes DALI's CPU decoder with a heap corruption,
+    issue 18), ANY_DATA only for other counts (PNG with 2 or 4 channels). A file with another band count is
+    refused by ``data.validate`` before it gets here. Buffers sized for small cutouts, not the ImageNet-sized
+    defaults (8-16 MiB per thread)."""
     h, w = dataset.shape or (0, 0)
     hint = dict(bytes_per_sample_hint=h * w * dataset.bands)
+    output_type = {1: types.GRAY, 3: types.RGB}.get(dataset.bands, types.ANY_DATA)
     if gpu:  # 'mixed': JPEG on nvJPEG / the hardware decoder, PNG on the CPU then copied to the GPU
-        return fn.decoders.image(raw, device="mixed", output_type=types.ANY_DATA, host_memory_padding=256 * 1024,
+        return fn.decoders.image(raw, device="mixed", output_type=output_type, host_memory_padding=256 * 1024,
                                  device_memory_padding=1024 * 1024, **hint)
-    return fn.decoders.image(raw, device="cpu", output_type=types.ANY_DATA, **hint)
+    return fn.decoders.image(raw, device="cpu", output_type=output_type, **hint)
 
 
 def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray):
@@ -307,19 +311,19 @@ def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, 
     return p
 
 
-def _validate(dataset: Dataset) -> None:
-    """Refuse data that DALI's decoders may crash or hang on, naming the files (once per dataset object)."""
-    if getattr(dataset, "_validated", False) or dataset.kind not in ("image", "npy"):
-        return
-    from ..check import quick_scan
+def _validate(dataset: Dataset, opts: LoaderOptions) -> None:
+    """Refuse data that DALI's decoders may crash on, hang on or decode silently into wrong pixels, naming the
+    files (``data.validate.validate``: once per dataset object; skipped with ``opts.extra['validate'] = False``),
+    and a split too small to give every process (rank) a sample, which DALI reports only as
+    "Critical error when building pipeline"."""
+    if len(dataset) < opts.num_shards:
+        raise DataError(f"{dataset.root} ({dataset.split}): {len(dataset)} sample(s) cannot be shared among "
+                        f"{opts.num_shards} processes, each needs at least one; run fewer processes or give the "
+                        f"{dataset.split} split more samples")
+    if opts.extra.get("validate", True):
+        from ..data.validate import validate
 
-    problems = quick_scan(dataset)
-    if problems:
-        listed = "; ".join(list(problems.values())[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise DataError(f"bad input in {dataset.split} data: {listed}{more}. Run `python -m dali_lens.check` "
-                        "for the full list, or skip bad samples (--skip-bad)")
-    dataset._validated = True
+        validate(dataset)
 
 
 class DaliLoader:
@@ -336,8 +340,7 @@ class DaliLoader:
             raise RuntimeError("NVIDIA DALI is not installed; use backend='torchvision' "
                                "(pip install nvidia-dali-cuda120 on Linux)")
         self.dataset, self.opts = dataset, opts
-        if opts.extra.get("validate", True):
-            _validate(dataset)
+        _validate(dataset, opts)
         self.gpu = device != "cpu"
         self.backend = "dali" if self.gpu else "dali-cpu"
         self.device = torch.device(f"cuda:{opts.device_id or 0}" if self.gpu else "cpu")
@@ -432,7 +435,7 @@ class DaliLoader:
 
     def _explain(self, exc: RuntimeError) -> Exception:
         """Turn a DALI error into one that names the bad file(s), found by scanning this shard."""
-        from ..check import find_problems
+        from ..data.validate import find_problems
 
         problems = find_problems(self.dataset, max_problems=5)
         self._it = None

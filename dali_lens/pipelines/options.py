@@ -132,14 +132,20 @@ def augment_params(seed: int, epoch: int, index: int, max_shift: int) -> tuple[i
 
 
 def compute_stats(dataset, opts: LoaderOptions, max_samples: int = 512) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-band mean and std of the training data after the options' scaling (images in [0, 1])."""
-    from ..data.readers import read_sample
+    """Per-band mean and std of the training data after the options' scaling (images in [0, 1]).
+
+    Every sample read is checked first (band count, size, and NaN/inf unless ``mask_value`` masks them), so a
+    bad file is named here rather than turning the statistics into NaN or a broadcast error."""
+    from ..data.readers import check_array, read_sample
 
     n = len(dataset)
     idx = np.random.default_rng(opts.seed).choice(n, size=min(n, max_samples), replace=False)
     acc = np.zeros((dataset.bands, 3), dtype=np.float64)
     for i in sorted(idx):
-        x = prescale(read_sample(dataset.samples[i], dataset, check=False), dataset.pixel_kind, opts)
+        sample = dataset.samples[i]
+        raw = read_sample(sample, dataset, check=False)
+        check_array(raw, sample, dataset, allow_nonfinite=opts.mask_value is not None)
+        x = prescale(raw, dataset.pixel_kind, opts)
         x = x.reshape(x.shape[0], -1).astype(np.float64)
         acc[:, 0] += x.shape[1]
         acc[:, 1] += x.sum(1)

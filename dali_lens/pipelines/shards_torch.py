@@ -2,7 +2,7 @@
 
 Same interface and batches as :class:`~dali_lens.pipelines.torchvision_backend.TorchvisionLoader` (``len()``,
 ``set_epoch()``, ``state_dict()``/``load_state_dict()``, contract batches checked by ``BatchChecker``) and the
-same per-sample steps (``torchvision.io.decode_image`` / numpy, ``prescale``, ``transform``), so tensors match
+same per-sample steps (``torchvision_backend.decode_image_bytes`` / numpy, ``prescale``, ``transform``), so tensors match
 the loose files and the DALI backends.
 
 Reading is sequential: each worker streams the shards it needs (``webdataset.tariterators.tar_file_iterator``
@@ -33,7 +33,7 @@ from ..data.dataset import DataError, Dataset
 from ..data.readers import check_array
 from ..data.shards import BLOCK, decode_member, shard_index, shard_plan, split_member_path
 from .options import LoaderOptions, augment_params, prescale, shard_bounds
-from .torchvision_backend import WorkerLoader, transform
+from .torchvision_backend import WorkerLoader, decode_image_bytes, transform
 
 try:
     from webdataset.tariterators import tar_file_iterator as _wds_tar_iterator
@@ -128,15 +128,7 @@ class _ShardStream(IterableDataset):
         sample = self.dataset.samples[pos]
         allow = self.opts.mask_value is not None
         if self.image:
-            import torchvision.io as tvio
-
-            if not data:
-                raise DataError(f"{sample.path}: empty member (0 bytes)")
-            try:
-                arr = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                        mode=tvio.ImageReadMode.UNCHANGED).numpy()
-            except (RuntimeError, ValueError) as exc:
-                raise DataError(f"{sample.path}: cannot decode image ({str(exc).splitlines()[0]})") from None
+            arr = decode_image_bytes(data, sample.path)
             check_array(arr, sample, self.dataset)
             kind = "image"
         else:

@@ -1,7 +1,9 @@
 """The torchvision fallback: a Dataset + DataLoader that returns the same batches as the DALI backends.
 
-Decoding uses ``torchvision.io.decode_image`` for PNG/JPEG, numpy for ``.npy`` and astropy for FITS; each
-sample is decoded once and resized to every scale with the same antialiased bilinear filter DALI uses.
+Decoding uses ``torchvision.io.decode_image`` for JPEG, Pillow for PNG (torchvision's libpng decoder segfaults on
+a corrupt data stream), numpy for ``.npy`` and astropy for FITS; each sample is decoded once and resized to
+every scale with the same antialiased bilinear filter DALI uses. The dataset is validated once first
+(``data/validate.py``).
 """
 from __future__ import annotations
 
@@ -17,18 +19,31 @@ from .batch import BatchChecker
 from .options import LoaderOptions, augment_params, batches_per_epoch, centre_offset, epoch_order, prescale
 
 
+def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
+    """PNG/JPEG bytes -> (C, H, W) uint8. PNG through Pillow: torchvision's libpng decoder segfaults on a corrupt
+    data stream ("bad adaptive filter value", issue 18) where Pillow raises; JPEG through torchvision."""
+    if not data:
+        raise DataError(f"{where}: empty file (0 bytes)")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        from ..data.readers import decode_image
+
+        return decode_image(data, where)
+    try:
+        return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                 mode=tvio.ImageReadMode.UNCHANGED).numpy()
+    except (RuntimeError, ValueError) as exc:
+        raise DataError(f"{where}: cannot decode image ({str(exc).splitlines()[0]})") from None
+
+
 def decode(dataset: Dataset, index: int, allow_nonfinite: bool = False) -> np.ndarray:
     sample = dataset.samples[index]
     if dataset.kind == "image":
         try:
-            data = tvio.read_file(sample.path)
-            if data.numel() == 0:
-                raise DataError(f"{sample.path}: empty file (0 bytes)")
-            arr = tvio.decode_image(data, mode=tvio.ImageReadMode.UNCHANGED).numpy()
-        except DataError:
-            raise
-        except (RuntimeError, ValueError) as exc:
-            raise DataError(f"{sample.path}: cannot decode image ({str(exc).splitlines()[0]})") from None
+            with open(sample.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise DataError(f"{sample.path}: cannot read ({exc})") from None
+        arr = decode_image_bytes(data, sample.path)
         check_array(arr, sample, dataset)
         return arr
     arr = read_sample(sample, dataset, check=False)
@@ -191,6 +206,10 @@ class TorchvisionLoader(WorkerLoader):
     """
 
     def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
+        if opts.extra.get("validate", True):  # corrupt files refused by name before a decoder sees them (once)
+            from ..data.validate import validate
+
+            validate(dataset)
         super().__init__(dataset, opts, device, check_finite=dataset.kind != "image")
         self._order: list[int] = []
         # worker processes only pay off past a few hundred samples (spawning one costs seconds)

@@ -121,11 +121,15 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
     if cfg.skip_bad:
-        from ..check import drop_bad
+        from ..data.validate import drop_bad
 
         splits = {k: drop_bad(v, allow_nonfinite=cfg.mask_value is not None, log=say) for k, v in splits.items()}
     for ds in splits.values():
         say(ds.describe())
+    if is_main:  # warn (not refuse) about the same file twice or identical files, above all across splits
+        from ..data.validate import report_duplicates
+
+        report_duplicates(splits, log=say)
 
     backend = resolve_backend(cfg.backend)
     all_scales = tuple(sorted({s for sp in specs for s in sp.scales}))
