@@ -108,6 +108,12 @@ class _PythonSource:
         return np.ascontiguousarray(x.transpose(1, 2, 0)), np.array([i], dtype=np.int64)
 
 
+# reader arguments for a file list read front to back, the same on every rank: DALI's FITS readers are handed
+# this rank's samples of the epoch (one per band file, which these arguments keep in lock-step)
+LISTED_READER = dict(shard_id=0, num_shards=1, pad_last_batch=True, stick_to_shard=True, shuffle_after_epoch=False,
+                     prefetch_queue_depth=2)
+
+
 class _ListedIndex:
     """Dataset positions of the samples a reader reads front to back from ``order`` (no shuffling, one shard),
     the last one repeated for the padding of the last batch: DALI's FITS reader reports no file name."""
@@ -270,8 +276,7 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
         # of this epoch (DaliLoader rebuilds the pipeline each epoch), front to back: no reader-side sharding
         # or shuffling, so that the sample positions, which the reader does not report, are known. One reader
         # per band file, in lock-step, for one file per band.
-        listed = dict(shard_id=0, num_shards=1, pad_last_batch=True, stick_to_shard=True,
-                      shuffle_after_epoch=False, prefetch_queue_depth=2)
+        listed = LISTED_READER
         if dataset.kind == "fits":
             sources = [([dataset.samples[i].path for i in order], hdu_numbers)]
         else:
@@ -540,8 +545,7 @@ class DaliLoader:
 
     def _iterator(self):
         if self._it is None:
-            # DALI's FITS reader is handed this rank's samples of this epoch (see _decoded)
-            order = self.order[epoch_order(len(self.order), self.epoch, self.opts)] if self._dali_fits else self.order
+            order = self.listed_order() if self._dali_fits else self.order
             p = _build(self.dataset, self.opts, self.gpu, order, self._checkpoint if self.checkpointable else False)
             names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
             policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL
@@ -558,6 +562,10 @@ class DaliLoader:
                     self._it = DALIGenericIterator(p, names, size=size, last_batch_policy=policy,
                                                    last_batch_padded=True, auto_reset=True)
         return self._it
+
+    def listed_order(self) -> np.ndarray:
+        """Dataset positions that DALI's FITS reader is handed for this rank in this epoch (see ``_decoded``)."""
+        return self.order[epoch_order(len(self.order), self.epoch, self.opts)]
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.dataset), self.opts)
