@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import DALI_BACKENDS, write_dataset
 from dali_lens.data import DataError, discover
 from dali_lens.pipelines import LoaderOptions, build_loader, dali_backend
 
@@ -218,3 +218,44 @@ def test_dropped_pipeline_releases_dalis_memory(make_dataset, monkeypatch):
     loader.load_state_dict(loader.state_dict())  # a restored state: the pipeline is rebuilt
     assert calls == [True]  # released once, after the pipeline itself was gone
     assert len(list(loader)) == 3
+
+
+# ---- the device checks (benchmarks/gpu_check.py runs the 'dali' cases first on a GPU; 'dali-cpu' here)
+
+@pytest.mark.parametrize("backend", DALI_BACKENDS)
+@pytest.mark.parametrize("case", ["float-quantised", "rice-int"])
+def test_fits_fz_through_dali_matches_astropy(tmp_path, backend, case):
+    """Tile-compressed FITS through ``--backend dali``: Rice integers by DALI's GPU reader, quantised floats by
+    astropy (the rule of ``fits_hdu_numbers``), both equal to what astropy reads (the torchvision backend)."""
+    from conftest import collect
+
+    make = comp(dtype=np.float32) if case == "float-quantised" else comp()
+    ds = discover(write_fits(str(tmp_path / case), make), hdus=(1, 2))["test"]
+    kw = dict(scales=(16, 24), batch_size=4, mean=(500.0,) * 2, std=(300.0,) * 2)
+    loader = build_loader(ds, backend=backend, **kw)
+    assert loader._dali_fits == (backend == "dali" and case == "rice-int")
+    a_idx, _, a = collect(loader)
+    b_idx, _, b = collect(build_loader(ds, backend="torchvision", **kw))
+    assert a_idx.tolist() == b_idx.tolist() == list(range(len(ds)))
+    assert torch.equal(a[16], b[16]) or (a[16] - b[16]).abs().max() < 1e-5, float((a[16] - b[16]).abs().max())
+    assert (a[24] - b[24]).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("backend", DALI_BACKENDS)
+@pytest.mark.parametrize("reader", ["gpu", "cpu"])
+def test_npy_through_the_gpu_reader_with_and_without_cufile(make_dataset, backend, reader):
+    """.npy on the DALI backend read straight to the GPU (cuFile) and on the CPU then copied: the same tensors
+    as torchvision's. (On the CPU backend both are DALI's CPU reader.)"""
+    from conftest import collect
+
+    if backend == "dali" and reader == "gpu" and dali_backend._load_cufile() is None:
+        pytest.skip("no libcufile.so.0 on this machine: DALI's GPU numpy reader cannot run here")
+    ds = discover(make_dataset("npy", n_per_class=4, size=16))["test"]
+    kw = dict(scales=(16, 24), batch_size=3, mean=(100.0,) * 3, std=(300.0,) * 3)
+    loader = build_loader(ds, backend=backend, extra={"numpy_reader": reader}, **kw)
+    if backend == "dali":
+        assert ("cuFile" in loader.reads) == (reader == "gpu"), loader.reads
+    a_idx, _, a = collect(loader)
+    b_idx, _, b = collect(build_loader(ds, backend="torchvision", **kw))
+    assert a_idx.tolist() == b_idx.tolist()
+    assert (a[16] - b[16]).abs().max() < 1e-5 and (a[24] - b[24]).abs().max() < 0.02

@@ -513,7 +513,9 @@ class DaliLoader:
         if kind == "npy":
             if numpy_reader_device(self.opts) == "gpu":
                 return "DALI reads .npy on the GPU (cuFile: libcufile.so.0 found)"
-            return "DALI reads .npy on the CPU and copies them to the GPU (no libcufile.so.0 for its GPU reader)"
+            why = "no libcufile.so.0 for its GPU reader" if self.opts.extra.get("numpy_reader", "auto") == "auto" \
+                else "numpy_reader='cpu'"
+            return f"DALI reads .npy on the CPU and copies them to the GPU ({why})"
         if kind in ("fits", "fits-bands"):
             if self._dali_fits:
                 return "DALI's GPU FITS reader reads the FITS files"
