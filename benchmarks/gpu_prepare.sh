@@ -42,15 +42,19 @@ fi
 echo "wheels for Python $PY: $(ls .whl/*.whl | wc -l) files, $(du -sh .whl | cut -f1)"
 
 # astropy's numpy requirement against the device's numpy (no registry there: a mismatch would fail on the device)
-need=$(unzip -p .whl/astropy-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: numpy\([^;]*\).*/\1/p' | tr -d ' ()')
-python3 - "$need" "$DEVICE_NUMPY" <<'PY' || fail "astropy wants numpy$need, the device has $DEVICE_NUMPY: pick another astropy or carry a numpy"
+unzip -p .whl/astropy-*.whl '*/METADATA' > .whl/astropy.METADATA
+python3 - .whl/astropy.METADATA "$DEVICE_NUMPY" <<'PY' || fail "astropy does not take the device's numpy $DEVICE_NUMPY: pick another astropy or carry a numpy"
 import sys
-from pip._vendor.packaging.specifiers import SpecifierSet
-spec, have = sys.argv[1], sys.argv[2]
-ok = have in SpecifierSet(spec)
-print(f"astropy needs numpy{spec or ' (any)'}; the device has numpy {have}: {'ok' if ok else 'NOT OK'}")
+from pip._vendor.packaging.requirements import Requirement
+meta, have = sys.argv[1], sys.argv[2]
+reqs = [Requirement(ln.split(":", 1)[1].strip()) for ln in open(meta) if ln.startswith("Requires-Dist:")]
+spec = next((r.specifier for r in reqs if r.name == "numpy" and not r.marker), None)
+ok = spec is None or have in spec
+verdict = "ok" if ok else "NOT OK"
+print(f"astropy needs numpy{spec}; the device has numpy {have}: {verdict}")
 sys.exit(0 if ok else 1)
 PY
+rm -f .whl/astropy.METADATA
 
 # the shared DALI packer: shared/device in a checkout that has it, else beside this checkout, else /work/shared
 packer="${DALI_PARTS:-}"
