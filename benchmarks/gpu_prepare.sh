@@ -63,7 +63,7 @@ for c in shared/device/dali-parts.sh ../shared/device/dali-parts.sh /work/shared
 done
 [ -n "$packer" ] || fail "no dali-parts.sh (set DALI_PARTS=/path/to/dali-parts.sh)"
 [ -d .git ] || fail "the packer writes .git/info/exclude, which a git worktree lacks: run this in a plain clone (git clone . /tmp/clone)"
-DALI_PY="$PY" PART_MIB=48 "$packer" | sed -e 's/^plan:/plan (the FIRST call also carries ".whl" and installs it, see below):/'
+DALI_PY="$PY" PART_MIB=48 "$packer" | sed -e 's/^plan:/plan (the LAST call also carries ".whl" and installs it, see below):/'
 
 # every wheel DALI's metadata requires (numpy, six, packaging are on the device) must have been downloaded
 missing=()
@@ -75,9 +75,12 @@ for req in $(unzip -p .dali-whl/nvidia_dali_cuda120-*.whl '*/METADATA' | sed -n 
 done
 [ ${#missing[@]} -eq 0 ] || fail "DALI's packer did not download: ${missing[*]} (its download errors are not reported: rerun it)"
 echo "DALI's requirements: all $(ls .dali-whl/*.whl | wc -l) wheels present"
-cat <<'PLAN'
+last=$(( $(cat .dali-parts/COUNT) - 1 ))
+echo "sizes: last part $(du -sm .dali-parts/p$(printf %02d $last) | cut -f1) MiB + .whl $(du -sm .whl | cut -f1) MiB + the tree $(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1) MiB (at most 64)"
+cat <<PLAN
 
-First call: carry [".dali-parts/p00", ".whl"] and start its command with
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
-Last call's <your GPU work>: bash benchmarks/gpu_session.sh   (writes everything under $OUT as it goes; at most 8 minutes, most important check first)
+Last call: carry [".dali-parts/p$(printf %02d $last)", ".whl"] (the last part is the smallest) and run
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && mkdir -p /tmp/dali && cp .dali-parts/p$(printf %02d $last)/* /tmp/dali/ && source /tmp/dali/dali-install-remote.sh && bash benchmarks/gpu_session.sh
+(gpu_session.sh writes everything under \$OUT as it goes; at most 7.2 minutes, most important check first;
+ the timed plan is in benchmarks/README.md)
 PLAN
