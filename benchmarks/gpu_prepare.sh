@@ -8,9 +8,10 @@
 #      helpers, webdataset with braceexpand and PyYAML (without PyYAML webdataset silently falls back to
 #      another decoder path), for the device's Python ($DALI_PY, default 3.12); any failed download STOPS here;
 #   2. checks that astropy's numpy requirement admits the device's numpy ($DEVICE_NUMPY, default 2.5.2);
-#   3. packs DALI with the shared packer dali-parts.sh (same $DALI_PY) into parts of at most 48 MiB, so that
-#      the first part and the wheels travel together under the 64 MiB a call carries (~8 minutes the first
-#      time), then checks that every wheel DALI's metadata asks for was downloaded (the packer does not);
+#   3. packs DALI with the shared packer dali-parts.sh (same $DALI_PY) into parts of at most 52 MiB ($PART_MIB):
+#      DALI 2.4 packs to 244 MiB: 5 parts, the last ~36 MiB, which travels with the wheels (50 MiB + the
+#      tree, under the 64 MiB a call carries); 8 minutes on an idle 2-core machine, 40 under load at nice 19;
+#      then checks that every wheel DALI's metadata asks for was downloaded (the packer does not);
 #   4. prints the device calls: one per part, back to back, the last one running benchmarks/gpu_session.sh.
 #
 #   bash benchmarks/gpu_prepare.sh                 # for the device (Python 3.12)
@@ -63,7 +64,7 @@ for c in shared/device/dali-parts.sh ../shared/device/dali-parts.sh /work/shared
 done
 [ -n "$packer" ] || fail "no dali-parts.sh (set DALI_PARTS=/path/to/dali-parts.sh)"
 [ -d .git ] || fail "the packer writes .git/info/exclude, which a git worktree lacks: run this in a plain clone (git clone . /tmp/clone)"
-DALI_PY="$PY" PART_MIB=48 "$packer" | sed -e 's/^plan:/plan (the LAST call also carries ".whl" and installs it, see below):/'
+DALI_PY="$PY" PART_MIB="${PART_MIB:-52}" "$packer" | sed -e 's/^plan:/plan (the LAST call also carries ".whl" and installs it, see below):/'
 
 # every wheel DALI's metadata requires (numpy, six, packaging are on the device) must have been downloaded
 missing=()
