@@ -70,9 +70,9 @@ DALI_PY="$PY" PART_MIB="${PART_MIB:-52}" "$packer" | sed -e 's/^plan:/plan (the 
 missing=()
 for req in $(unzip -p .dali-whl/nvidia_dali_cuda120-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: //p' | grep -v 'extra ==' \
              | cut -d';' -f1 | tr -d ' ' | sed 's/\[all\]//'); do
-  name=$(echo "$req" | sed 's/[<>=~!].*//' | tr 'A-Z-' 'a-z_')
+  name=$(echo "$req" | sed 's/[<>=~!].*//' | tr 'A-Z.-' 'a-z__')
   case "$name" in numpy|six|packaging) continue ;; esac
-  ls .dali-whl | tr 'A-Z-' 'a-z_' | grep -q "^${name}-" || missing+=("$req")
+  ls .dali-whl | sed 's/-.*//' | tr 'A-Z.-' 'a-z__' | grep -qxF "$name" || missing+=("$req")
 done
 [ ${#missing[@]} -eq 0 ] || fail "DALI's packer did not download: ${missing[*]} (its download errors are not reported: rerun it)"
 echo "DALI's requirements: all $(ls .dali-whl/*.whl | wc -l) wheels present"

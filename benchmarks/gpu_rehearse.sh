@@ -20,13 +20,19 @@ TORCH_PY="${TORCH_PY:-$root/.venv/bin/python}"
 [ -x "$TORCH_PY" ] || TORCH_PY="$(git -C "$root" rev-parse --path-format=absolute --git-common-dir)/../.venv/bin/python"
 PY="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 [ "$("$TORCH_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$PY" ] || { echo "TORCH_PY is not Python $PY" >&2; exit 1; }
-timed() { local s; s=$(date +%s.%N); "$@"; printf 'TIME %6.1f s  %s\n' "$(echo "$(date +%s.%N) - $s" | bc)" "$*"; }
+timed() {  # run, print its time, keep its exit status
+  local s rc=0
+  s=$(date +%s.%N)
+  "$@" || rc=$?
+  printf 'TIME %6.1f s  %s\n' "$(echo "$(date +%s.%N) - $s" | bc)" "$*"
+  return $rc
+}
 
 # 1-2. clone and prepare
 if [ -d "$work/.git" ]; then git -C "$work" pull -q --ff-only; else git clone -q "$root" "$work"; fi
 cd "$work"
 timed env DALI_PY="$PY" bash benchmarks/gpu_prepare.sh > "$work/prepare.log" 2>&1 || { cat "$work/prepare.log"; exit 1; }
-grep -E "^(wheels|astropy needs|DALI|sizes|TIME)" "$work/prepare.log"
+grep -E "^(wheels|astropy needs|DALI|sizes|TIME)" "$work/prepare.log" || true
 
 # 4. the device's python3: torch and what the device has, nothing the kit carries
 site="$("$TORCH_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
