@@ -1,27 +1,87 @@
 #!/usr/bin/env bash
 # Here (no GPU needed), from the project root: everything a GPU session must send to the device machine.
+# The timed plan these files serve is in benchmarks/README.md ("The first GPU session").
 #
-# The GPU machine has Python 3.12, torch, torchvision, numpy, pillow, matplotlib, tqdm and pytest, but not
-# DALI, astropy or webdataset, and no package registry. This script
-#   1. downloads the Python 3.12 wheels dali_lens needs besides DALI into .whl/ (about 13 MB),
-#   2. packs DALI with ../shared/device/dali-parts.sh into parts of at most 48 MiB (so that the first part
-#      and the wheels travel together under the 64 MiB a call carries; ~8 minutes the first time),
-#   3. prints the device calls: one per part, back to back, the last one running benchmarks/gpu_session.sh.
+# The GPU machine (Python 3.12, torch 2.11, torchvision 0.26, numpy 2.5.2 as one session's pip list read it:
+# /work/.library/device/KINDS.md) has no DALI, astropy or webdataset, and no package registry. This script
+#   1. downloads the wheels dali_lens needs besides DALI into .whl/ (about 14 MB): astropy and its two
+#      helpers, webdataset with braceexpand and PyYAML (without PyYAML webdataset silently falls back to
+#      another decoder path), for the device's Python ($DALI_PY, default 3.12); any failed download STOPS here;
+#   2. checks that astropy's numpy requirement admits the device's numpy ($DEVICE_NUMPY, default 2.5.2);
+#   3. packs DALI with the shared packer dali-parts.sh (same $DALI_PY) into parts of at most 52 MiB ($PART_MIB):
+#      DALI 2.4 packs to 244 MiB: 5 parts, the last ~36 MiB, which travels with the wheels (50 MiB + the
+#      tree, under the 64 MiB a call carries); 8 minutes on an idle 2-core machine, 40 under load at nice 19;
+#      then checks that every wheel DALI's metadata asks for was downloaded (the packer does not);
+#   4. prints the device calls: one per part, back to back, the last one running benchmarks/gpu_session.sh.
+#
+#   bash benchmarks/gpu_prepare.sh                 # for the device (Python 3.12)
+#   DALI_PY=3.11 bash benchmarks/gpu_prepare.sh    # rehearsal with this machine's Python
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
-mkdir -p .whl
-for req in astropy==8.0.2 pyerfa==2.0.1.5 astropy-iers-data==0.2026.11.2.0.34.55 \
-           webdataset==1.0.2 braceexpand==0.1.7; do
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform manylinux1_x86_64 -d .whl "$req" 2>&1 | grep -v '^WARNING: Location' || true
-done
-echo "wheels: $(ls .whl | wc -l) files, $(du -sh .whl | cut -f1)"
-PART_MIB=48 ../shared/device/dali-parts.sh | sed -e 's/^plan:/plan (the FIRST call also carries ".whl" and installs it, see below):/'
-cat <<'PLAN'
+PY="${DALI_PY:-3.12}"
+DEVICE_NUMPY="${DEVICE_NUMPY:-2.5.2}"
+fail() { echo "gpu_prepare: FAILED: $*" >&2; exit 1; }
+exclude="$(git rev-parse --git-path info/exclude)"  # also right in a git worktree, where .git is a file
+mkdir -p "$(dirname "$exclude")"
+grep -qxF "/.whl/" "$exclude" 2>/dev/null || echo "/.whl/" >> "$exclude"
 
-First call: carry [".dali-parts/p00", ".whl"] and start its command with
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
-Last call's <your GPU work>: bash benchmarks/gpu_session.sh   (writes everything under $OUT; at most 8.5 minutes, most important check first)
+WHEELS=(astropy==8.0.2 pyerfa==2.0.1.5 astropy-iers-data==0.2026.11.2.0.34.55 webdataset==1.0.2 braceexpand==0.1.7
+        PyYAML==6.0.3)
+stamp="py$PY ${WHEELS[*]}"
+if [ "$(cat .whl/STAMP 2>/dev/null)" != "$stamp" ]; then
+  rm -rf .whl && mkdir -p .whl
+  for req in "${WHEELS[@]}"; do
+    python3 -m pip download --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform manylinux1_x86_64 -d .whl "$req" > .whl/pip.log 2>&1 \
+      || { cat .whl/pip.log >&2; rm -rf .whl; fail "could not download $req for Python $PY"; }
+  done
+  rm -f .whl/pip.log
+  echo "$stamp" > .whl/STAMP
+fi
+[ "$(ls .whl/*.whl | wc -l)" -eq "${#WHEELS[@]}" ] || fail "expected ${#WHEELS[@]} wheels in .whl, found $(ls .whl/*.whl | wc -l)"
+echo "wheels for Python $PY: $(ls .whl/*.whl | wc -l) files, $(du -sh .whl | cut -f1)"
+
+# astropy's numpy requirement against the device's numpy (no registry there: a mismatch would fail on the device)
+unzip -p .whl/astropy-*.whl '*/METADATA' > .whl/astropy.METADATA
+python3 - .whl/astropy.METADATA "$DEVICE_NUMPY" <<'PY' || fail "astropy does not take the device's numpy $DEVICE_NUMPY: pick another astropy or carry a numpy"
+import sys
+from pip._vendor.packaging.requirements import Requirement
+meta, have = sys.argv[1], sys.argv[2]
+reqs = [Requirement(ln.split(":", 1)[1].strip()) for ln in open(meta) if ln.startswith("Requires-Dist:")]
+spec = next((r.specifier for r in reqs if r.name == "numpy" and not r.marker), None)
+ok = spec is None or have in spec
+verdict = "ok" if ok else "NOT OK"
+print(f"astropy needs numpy{spec}; the device has numpy {have}: {verdict}")
+sys.exit(0 if ok else 1)
+PY
+rm -f .whl/astropy.METADATA
+
+# the shared DALI packer: shared/device in a checkout that has it, else beside this checkout, else /work/shared
+packer="${DALI_PARTS:-}"
+for c in shared/device/dali-parts.sh ../shared/device/dali-parts.sh /work/shared/device/dali-parts.sh; do
+  [ -z "$packer" ] && [ -x "$c" ] && packer="$c"
+done
+[ -n "$packer" ] || fail "no dali-parts.sh (set DALI_PARTS=/path/to/dali-parts.sh)"
+[ -d .git ] || fail "the packer writes .git/info/exclude, which a git worktree lacks: run this in a plain clone (git clone . /tmp/clone)"
+DALI_PY="$PY" PART_MIB="${PART_MIB:-52}" "$packer" | sed -e 's/^plan:/plan (the LAST call also carries ".whl" and installs it, see below):/'
+
+# every wheel DALI's metadata requires (numpy, six, packaging are on the device) must have been downloaded
+missing=()
+for req in $(unzip -p .dali-whl/nvidia_dali_cuda120-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: //p' | grep -v 'extra ==' \
+             | cut -d';' -f1 | tr -d ' ' | sed 's/\[all\]//'); do
+  name=$(echo "$req" | sed 's/[<>=~!].*//' | tr 'A-Z.-' 'a-z__')
+  case "$name" in numpy|six|packaging) continue ;; esac
+  ls .dali-whl | sed 's/-.*//' | tr 'A-Z.-' 'a-z__' | grep -qxF "$name" || missing+=("$req")
+done
+[ ${#missing[@]} -eq 0 ] || fail "DALI's packer did not download: ${missing[*]} (its download errors are not reported: rerun it)"
+echo "DALI's requirements: all $(ls .dali-whl/*.whl | wc -l) wheels present"
+last=$(( $(cat .dali-parts/COUNT) - 1 ))
+echo "sizes: last part $(du -sm .dali-parts/p$(printf %02d $last) | cut -f1) MiB + .whl $(du -sm .whl | cut -f1) MiB + the tree $(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1) MiB (at most 64)"
+cat <<PLAN
+
+Last call: carry [".dali-parts/p$(printf %02d $last)", ".whl"] (the last part is the smallest) and run
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && mkdir -p /tmp/dali && cp .dali-parts/p$(printf %02d $last)/* /tmp/dali/ && source /tmp/dali/dali-install-remote.sh && bash benchmarks/gpu_session.sh
+(gpu_session.sh writes everything under \$OUT as it goes; at most 7.2 minutes, most important check first;
+ the timed plan is in benchmarks/README.md)
 PLAN

@@ -39,8 +39,9 @@ def test_dali_matches_torchvision(make_dataset, fmt, bands, dali):
         assert a[s].shape == b[s].shape == (len(ds), bands, s, s)
         assert a[s].dtype == b[s].dtype == torch.float32
         diff = (a[s] - b[s]).abs()
-        # images are in [0, 1] (or ~[0, 3] for float data): a few 8-bit levels at most, far less on average
-        assert diff.max() < (0.05 if fmt == "jpeg" else 0.02), (s, float(diff.max()))
+        # images are in [0, 1] (or ~[0, 3] for float data): a few 8-bit levels at most, far less on average; JPEG
+        # too, now that nvJPEG upsamples chroma like libjpeg-turbo (jpeg_fancy_upsampling; was 0.05)
+        assert diff.max() < 0.02, (s, float(diff.max()))
         assert diff.mean() < 2e-3, (s, float(diff.mean()))
 
 
@@ -113,11 +114,12 @@ def test_fits_hdu_numbers_for_dalis_reader_count_from_one(tmp_path):
     generate_dataset(challenge, n=4, layout="challenge", track="ground", seed=1)
     bands = discover(challenge, val_fraction=0)["train"]
     assert bands.kind == "fits-bands" and fits_hdu_numbers(bands) == [1]  # data in the primary HDU
-    # a tile-compressed per-band file keeps its image in the first extension
-    first = bands.samples[0].band_paths[0]
-    data = fits.getdata(first)
-    os.remove(first)
-    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, compression_type="RICE_1")]).writeto(first)
+    # a tile-compressed per-band file keeps its image in the first extension (Rice, integers: exact on the GPU)
+    for path in (p for s in bands.samples for p in s.band_paths):
+        data = fits.getdata(path)
+        os.remove(path)
+        fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(np.round(data * 100).astype(np.int32),
+                                                           compression_type="RICE_1")]).writeto(path)
     assert fits_hdu_numbers(discover(challenge, val_fraction=0)["train"]) == [2]
 
 

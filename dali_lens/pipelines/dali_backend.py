@@ -7,6 +7,9 @@ moved to the GPU), the GPU numpy/FITS readers, and every later op on the GPU.
 """
 from __future__ import annotations
 
+import gc
+import os
+import re
 import warnings
 
 import numpy as np
@@ -105,6 +108,12 @@ class _PythonSource:
         return np.ascontiguousarray(x.transpose(1, 2, 0)), np.array([i], dtype=np.int64)
 
 
+# reader arguments for a file list read front to back, the same on every rank: DALI's FITS readers are handed
+# this rank's samples of the epoch (one per band file, which these arguments keep in lock-step)
+LISTED_READER = dict(shard_id=0, num_shards=1, pad_last_batch=True, stick_to_shard=True, shuffle_after_epoch=False,
+                     prefetch_queue_depth=2)
+
+
 class _ListedIndex:
     """Dataset positions of the samples a reader reads front to back from ``order`` (no shuffling, one shard),
     the last one repeated for the padding of the last batch: DALI's FITS reader reports no file name."""
@@ -123,10 +132,12 @@ def fits_hdu_numbers(dataset: Dataset) -> list[int] | None:
     indices: those, plus one. One file per band: the first HDU holding 2-D data (HDU 1, or HDU 2 for a
     tile-compressed ``.fits.fz``, whose image lives in an extension). The layout is read from the first file;
     HDUs that are not 2-D there (a cube of bands) and ``--hdus`` given as EXTNAMEs, which astropy looks up in
-    every file, stay with astropy. Cached on the dataset.
+    every file, stay with astropy. So does every data set whose files DALI's GPU reader would decode wrongly
+    or differently from one another (``_dali_fits_ok``). Cached on the dataset.
     """
     if not hasattr(dataset, "_dali_hdus"):
-        dataset._dali_hdus = _first_file_hdus(dataset)
+        hdus = _first_file_hdus(dataset)
+        dataset._dali_hdus = hdus if hdus is not None and _dali_fits_ok(dataset, hdus) else None
     return dataset._dali_hdus
 
 
@@ -148,6 +159,81 @@ def _first_file_hdus(dataset: Dataset) -> list[int] | None:
     return None
 
 
+def _fits_headers(path: str, count: int) -> list[dict[str, str]]:
+    """The first ``count`` HDU headers of a FITS file as {keyword: value text}, read card by card, skipping the
+    data (a few 2880-byte blocks per file: ~20x faster than astropy.io.fits.open, which matters when every file
+    of a survey-sized set is checked)."""
+    out: list[dict[str, str]] = []
+    with open(path, "rb") as fh:
+        while len(out) < count:
+            cards: dict[str, str] = {}
+            end = False
+            while not end:
+                block = fh.read(2880)
+                if len(block) < 2880:
+                    raise DataError(f"{path}: truncated FITS file (HDU {len(out)} has no complete header)")
+                for i in range(0, 2880, 80):
+                    card = block[i:i + 80].decode("ascii", "replace")
+                    key = card[:8].strip()
+                    if key == "END":
+                        end = True
+                        break
+                    if card[8:10] == "= ":
+                        value = card[10:].strip()
+                        value = value[1:value.find("'", 1)].strip() if value.startswith("'") else value.split("/")[0].strip()
+                        cards.setdefault(key, value)
+            out.append(cards)
+            naxis = int(cards.get("NAXIS", 0))
+            size = 0
+            if naxis:
+                size = int(np.prod([int(cards.get(f"NAXIS{k}", 0)) for k in range(1, naxis + 1)], dtype=np.int64))
+            size = (size + int(cards.get("PCOUNT", 0))) * int(cards.get("GCOUNT", 1)) * abs(int(cards.get("BITPIX", 8))) // 8
+            fh.seek(-(-size // 2880) * 2880, 1)
+    return out
+
+
+def _hdu_layout(cards: dict[str, str]) -> tuple | None:
+    """What DALI's GPU FITS reader would make of one HDU: a hashable description when it decodes it exactly
+    (uncompressed, or RICE_1-compressed integers in row tiles with no scaling), else None.
+
+    The reader Rice-decodes every tile-compressed HDU without looking at ``ZCMPTYPE``, ignores
+    ``ZSCALE``/``ZZERO``/``BSCALE``/``BZERO`` and dithering, and assumes tiles of one row."""
+    if cards.get("ZIMAGE", "F") != "T":
+        return ("plain", cards.get("BITPIX"))
+    bitpix = int(cards.get("ZBITPIX", 0))
+    width = cards.get("ZNAXIS1")
+    tiles = [cards.get(f"ZTILE{k}") for k in range(1, int(cards.get("ZNAXIS", 0)) + 1)]
+    row_tiles = tiles[0] in (None, width) and all(t in (None, "1") for t in tiles[1:])
+    unscaled = float(cards.get("BSCALE", 1)) == 1.0 and float(cards.get("BZERO", 0)) == 0.0 and "ZSCALE" not in cards \
+        and "ZZERO" not in cards
+    if cards.get("ZCMPTYPE") == "RICE_1" and bitpix > 0 and row_tiles and unscaled:
+        return ("rice", bitpix)
+    return None
+
+
+def _dali_fits_ok(dataset: Dataset, hdu_numbers: list[int]) -> bool:
+    """True when DALI's GPU reader decodes every selected HDU of every file exactly, and every file's layout
+    matches the first file's (the reader takes "compressed" from the first sample of a batch). Reads the
+    headers of every file (``_fits_headers``), in threads; once per dataset (``fits_hdu_numbers`` caches it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [p for s in dataset.samples for p in (s.band_paths if dataset.kind == "fits-bands" else [s.path])]
+    last = max(hdu_numbers)
+
+    def layout(path: str):
+        try:
+            heads = _fits_headers(path, last)
+        except (OSError, ValueError, DataError):
+            return None  # astropy reads it and names the problem
+        return tuple(_hdu_layout(heads[h - 1]) for h in hdu_numbers)
+
+    first = layout(paths[0])
+    if first is None or None in first:
+        return False
+    with ThreadPoolExecutor(min(8, len(paths))) as pool:
+        return all(lay == first for lay in pool.map(layout, paths[1:], chunksize=256))
+
+
 def _decode_images(raw, dataset: Dataset, gpu: bool):
     """PNG/JPEG bytes -> HWC uint8 with the dataset's band count. The output type follows the band count: GRAY
     for one band, RGB for three (ANY_DATA on a greyscale JPEG crashes DALI's CPU decoder with a heap corruption,
@@ -155,7 +241,8 @@ def _decode_images(raw, dataset: Dataset, gpu: bool):
     refused by ``data.validate`` before it gets here. Buffers sized for small cutouts, not the ImageNet-sized
     defaults (8-16 MiB per thread)."""
     h, w = dataset.shape or (0, 0)
-    hint = dict(bytes_per_sample_hint=h * w * dataset.bands)
+    # jpeg_fancy_upsampling: nvJPEG upsamples chroma like libjpeg-turbo (the CPU decoders, PIL), not its cheaper default
+    hint = dict(bytes_per_sample_hint=h * w * dataset.bands, jpeg_fancy_upsampling=True)
     output_type = {1: types.GRAY, 3: types.RGB}.get(dataset.bands, types.ANY_DATA)
     if gpu:  # 'mixed': JPEG on nvJPEG / the hardware decoder, PNG on the CPU then copied to the GPU
         return fn.decoders.image(raw, device="mixed", output_type=output_type, host_memory_padding=256 * 1024,
@@ -179,7 +266,10 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
         raw, index = fn.readers.file(files=files, labels=[int(i) for i in order], **common)
         return _decode_images(raw, dataset, gpu), index
     if dataset.kind == "npy":
-        x = fn.readers.numpy(files=files, device="gpu" if gpu else "cpu", **common)
+        on_gpu = gpu and numpy_reader_device(opts) == "gpu"
+        x = fn.readers.numpy(files=files, device="gpu" if on_gpu else "cpu", **common)
+        if gpu and not on_gpu:
+            x = x.gpu()
         index = fn.pad(fn.get_property(x, key="source_info"), axes=[0], shape=[_SOURCE_INFO_LEN])
         x = fn.reshape(x, layout="CHW")  # the numpy reader sets no layout; resize would read CHW as HWC
         x = fn.transpose(x, perm=[1, 2, 0], output_layout="HWC")
@@ -190,8 +280,7 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
         # of this epoch (DaliLoader rebuilds the pipeline each epoch), front to back: no reader-side sharding
         # or shuffling, so that the sample positions, which the reader does not report, are known. One reader
         # per band file, in lock-step, for one file per band.
-        listed = dict(shard_id=0, num_shards=1, pad_last_batch=True, stick_to_shard=True,
-                      shuffle_after_epoch=False, prefetch_queue_depth=2)
+        listed = LISTED_READER
         if dataset.kind == "fits":
             sources = [([dataset.samples[i].path for i in order], hdu_numbers)]
         else:
@@ -215,6 +304,46 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
     return x, index
 
 
+def _load_cufile() -> str | None:
+    """Where ``libcufile.so.0`` (cuFile / GPUDirect Storage, which DALI's GPU numpy reader opens and its wheel
+    does not ship) was loaded from, or None. Looked for on the library path, then in the ``nvidia-cufile``
+    wheel that CUDA builds of torch bring; found there, it is loaded globally, so that DALI's own ``dlopen`` of
+    the same name finds it."""
+    import ctypes
+    import ctypes.util
+    import glob
+    import importlib.util
+
+    names = ["libcufile.so.0", ctypes.util.find_library("cufile")]
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        names += sorted(glob.glob(os.path.join(root, "cufile", "lib", "libcufile.so*")))
+    for name in filter(None, names):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return name
+        except OSError:
+            continue
+    return None
+
+
+_CUFILE: list = []
+
+
+def numpy_reader_device(opts: LoaderOptions) -> str:
+    """Device of the numpy reader on the GPU backend: ``"gpu"`` (read straight to the GPU with cuFile) when
+    ``libcufile.so.0`` can be loaded, else ``"cpu"`` (read on the CPU, then moved with ``.gpu()``).
+    ``opts.extra['numpy_reader']`` = ``"gpu"``/``"cpu"`` forces one (``"auto"``, the default, decides)."""
+    want = opts.extra.get("numpy_reader", "auto")
+    if want in ("gpu", "cpu"):
+        return want
+    if want != "auto":
+        raise ValueError(f"numpy_reader must be 'auto', 'gpu' or 'cpu', not {want!r}")
+    if not _CUFILE:
+        _CUFILE.append(_load_cufile())
+    return "gpu" if _CUFILE[0] else "cpu"
+
+
 def _shard_files(dataset: Dataset):
     """The dataset's shard plan and the (tar, index) files DALI reads (plain Python: kept from AutoGraph)."""
     from ..data.shards import shard_plan
@@ -228,6 +357,7 @@ if HAVE_DALI:
 
     _shard_files = do_not_convert(_shard_files)
     fits_hdu_numbers = do_not_convert(fits_hdu_numbers)
+    numpy_reader_device = do_not_convert(numpy_reader_device)
 
 
 def _decoded_shards(dataset: Dataset, opts: LoaderOptions, gpu: bool, common: dict):
@@ -259,7 +389,10 @@ def _decoded_shards(dataset: Dataset, opts: LoaderOptions, gpu: bool, common: di
     return fn.transpose(x, perm=[1, 2, 0], output_layout="HWC"), number
 
 
-def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, checkpoint: str | None):
+def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray,
+                    checkpoint: str | None | bool = False):
+    """The loader's DALI pipeline with its graph defined but not built. Defining needs no GPU, even for
+    ``gpu=True`` (only ``build()`` does): ``tests/test_gpu_graphs.py`` checks the GPU graphs on the CPU."""
     images_are_uint8 = dataset.pixel_kind == "image"
     channels = dataset.bands + int(opts.mask_channel)
     mean = list(opts.mean or [0.0] * channels)
@@ -305,7 +438,11 @@ def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, 
                   prefetch_queue_depth=int(opts.extra.get("prefetch_queue_depth", 2 if gpu else 1)))
     if checkpoint:
         kwargs["checkpoint"] = checkpoint
-    p = pipe(**kwargs)
+    return pipe(**kwargs)
+
+
+def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, checkpoint: str | None):
+    p = define_pipeline(dataset, opts, gpu, order, checkpoint)
     _BUILT[0] += 1
     p.build()
     return p
@@ -324,6 +461,24 @@ def _validate(dataset: Dataset, opts: LoaderOptions) -> None:
         from ..data.validate import validate
 
         validate(dataset)
+
+
+_DATA_OPS = re.compile(r"(^|\.)(readers|decoders)\.|external_source")  # ops that read or decode the files
+# failures of the machine, not of the data: no scan, DALI's message says it all
+_DEVICE_FAILURE = re.compile(r"cuda|driver|cufile|nvjpeg|nvimgcodec|out of memory|libcu|\.so\b", re.IGNORECASE)
+_DALI_NOISE = re.compile(r"^(Critical error in pipeline:?|Current pipeline object is no longer valid\.?)$")
+
+
+def dali_error(exc: BaseException) -> tuple[str, str]:
+    """(operator, message) from a DALI exception: the operator named in DALI's "Error in ... operator `...`" line
+    ('' when none), and DALI's own message, the part after "encountered:" (the whole text when there is none)
+    without DALI's header and trailer lines, on one line."""
+    text = str(exc)
+    found = re.search(r"Error in \w+ operator `([^`]+)`", text)
+    body = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    lines = [ln.strip() for ln in body.splitlines() if ln.strip() and not _DALI_NOISE.match(ln.strip())]
+    detail = " ".join(lines) or text.strip()
+    return (found.group(1) if found else ""), detail[:2000]
 
 
 class DaliLoader:
@@ -353,6 +508,38 @@ class DaliLoader:
         self._it = None
 
     @property
+    def reads(self) -> str:
+        """How this loader reads its data on the GPU, for the run log (empty on the CPU backend)."""
+        if not self.gpu:
+            return ""
+        kind = self.dataset.kind
+        if kind == "npy":
+            if numpy_reader_device(self.opts) == "gpu":
+                return "DALI reads .npy on the GPU (cuFile: libcufile.so.0 found)"
+            why = "no libcufile.so.0 for its GPU reader" if self.opts.extra.get("numpy_reader", "auto") == "auto" \
+                else "numpy_reader='cpu'"
+            return f"DALI reads .npy on the CPU and copies them to the GPU ({why})"
+        if kind in ("fits", "fits-bands"):
+            if self._dali_fits:
+                return "DALI's GPU FITS reader reads the FITS files"
+            return "astropy reads the FITS files (layout or compression DALI's GPU reader cannot decode exactly)"
+        return ""
+
+    def _drop(self) -> None:
+        """Drop the pipeline, and hand the memory its pools kept back (DALI keeps device and pinned pools past
+        a pipeline's end; the DALI-FITS path builds one per epoch)."""
+        if self._it is None:
+            return
+        self._it = None
+        gc.collect()  # the iterator and its pipeline may sit in reference cycles
+        try:
+            from nvidia.dali import backend as dali_backend_impl
+
+            dali_backend_impl.ReleaseUnusedMemory()
+        except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - an older DALI, or no CUDA at all
+            pass
+
+    @property
     def _dali_fits(self) -> bool:
         """FITS read by DALI's own (GPU) FITS reader rather than astropy in an external source."""
         return self.gpu and self.dataset.kind in ("fits", "fits-bands") and fits_hdu_numbers(self.dataset) is not None
@@ -363,8 +550,7 @@ class DaliLoader:
 
     def _iterator(self):
         if self._it is None:
-            # DALI's FITS reader is handed this rank's samples of this epoch (see _decoded)
-            order = self.order[epoch_order(len(self.order), self.epoch, self.opts)] if self._dali_fits else self.order
+            order = self.listed_order() if self._dali_fits else self.order
             p = _build(self.dataset, self.opts, self.gpu, order, self._checkpoint if self.checkpointable else False)
             names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
             policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL
@@ -381,6 +567,10 @@ class DaliLoader:
                     self._it = DALIGenericIterator(p, names, size=size, last_batch_policy=policy,
                                                    last_batch_padded=True, auto_reset=True)
         return self._it
+
+    def listed_order(self) -> np.ndarray:
+        """Dataset positions that DALI's FITS reader is handed for this rank in this epoch (see ``_decoded``)."""
+        return self.order[epoch_order(len(self.order), self.epoch, self.opts)]
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.dataset), self.opts)
@@ -414,7 +604,7 @@ class DaliLoader:
     def __iter__(self):
         self._done = 0
         if self._dali_fits:
-            self._it = None  # a pipeline per epoch: its reader is given the epoch's order
+            self._drop()  # a pipeline per epoch: its reader is given the epoch's order
         try:
             it = self._iterator()
             for out in it:
@@ -429,22 +619,24 @@ class DaliLoader:
         except DataError:
             raise
         except RuntimeError as exc:
-            raise self._explain(exc) from None
+            raise self._explain(exc) from exc
         self.epoch += 1
         self._done = 0
 
     def _explain(self, exc: RuntimeError) -> Exception:
-        """Turn a DALI error into one that names the bad file(s), found by scanning this shard."""
-        from ..data.validate import find_problems
+        """Turn a DALI error into one that keeps DALI's own message (``dali_error``), or, when a reader or decoder
+        failed on data, one that names the bad file(s), found by scanning the data set with this loader's options
+        (NaN/inf are not a problem when ``mask_value`` masks them)."""
+        self._drop()
+        op, detail = dali_error(exc)
+        if op and _DATA_OPS.search(op) and not _DEVICE_FAILURE.search(detail):
+            from ..data.validate import find_problems
 
-        problems = find_problems(self.dataset, max_problems=5)
-        self._it = None
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "rror" in line), first[0] if first else "")
-        if problems:
-            listed = "; ".join(problems)
-            return DataError(f"bad input in {self.dataset.split} data: {listed}")
-        return RuntimeError(f"DALI pipeline failed on {self.dataset.split} data: {detail}")
+            problems = find_problems(self.dataset, max_problems=5, allow_nonfinite=self.opts.mask_value is not None)
+            if problems:
+                return DataError(f"bad input in {self.dataset.split} data: {'; '.join(problems)}")
+        where = f" in {op}" if op else ""
+        return RuntimeError(f"DALI pipeline failed on {self.dataset.split} data{where}: {detail}")
 
     def state_dict(self) -> dict:
         state = {"backend": self.backend, "epoch": self.epoch, "batches_done": self._done}
@@ -456,7 +648,7 @@ class DaliLoader:
         self.epoch = int(state["epoch"])
         if "dali" in state and self.checkpointable:
             self._checkpoint = state["dali"]
-            self._it = None
+            self._drop()
         elif state.get("batches_done"):
             warnings.warn(f"{self.dataset.kind} data cannot be checkpointed by DALI: restarting epoch {self.epoch} "
                           "from its beginning", stacklevel=2)

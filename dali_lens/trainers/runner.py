@@ -151,6 +151,8 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     _say_stems(specs, cfg, say)
     active = kind.active_scales(cfg, 0)
     train_loader = loader("train", True, active)
+    if getattr(train_loader, "reads", ""):  # the GPU read path taken (DALI backend): cuFile or not, DALI or astropy
+        say(train_loader.reads)
     in_chans = splits["train"].bands + int(cfg.mask_channel)
     members = [make_member(sp, in_chans, cfg, len(train_loader), device, distributed=world > 1)
                for sp in specs]
