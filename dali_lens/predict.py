@@ -192,10 +192,10 @@ def provenance_path(out: str) -> str:
 def provenance(ens, args, hdus, fusion: str, header: list[str]) -> dict:
     """What determines the scores in ``out``: the checkpoints' contents and the scoring options (and, for
     information, the DATA and --split given; rows are keyed by file, so other DATA may be added)."""
-    from .data.shards import _sha256
+    from .data.shards import file_sha256
 
     return {"written_by": "dali_lens.predict", "columns": header,
-            "checkpoints": [{"sha256": _sha256(p), "path": p} for p in ens.checkpoints],
+            "checkpoints": [{"sha256": file_sha256(p), "path": p} for p in ens.checkpoints],
             "fusion": fusion, "tta": bool(args.tta), "hdus": list(hdus) if hdus else None,
             "data": [os.path.abspath(os.path.expanduser(d)) for d in args.data], "split": args.split}
 
