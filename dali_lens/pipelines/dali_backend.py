@@ -14,7 +14,7 @@ import torch
 
 from ..data.dataset import DataError, Dataset
 from .batch import BatchChecker
-from .options import LoaderOptions, base_permutation, batches_per_epoch, epoch_order
+from .options import LoaderOptions, base_permutation, batches_per_epoch, epoch_order, shard_bounds
 
 try:  # DALI is optional: the package falls back to torchvision without it
     from nvidia.dali import fn, pipeline_def, types
@@ -90,13 +90,20 @@ class _PythonSource:
     def shard(self, epoch: int) -> np.ndarray:
         return self.order[epoch_order(len(self.order), epoch, self.opts)]
 
+    @staticmethod
+    def epoch_samples(n: int, opts: LoaderOptions) -> int:
+        """Samples of this shard the iterator returns per epoch: whole batches only when training (the
+        partial one is never read), the whole shard otherwise (its last batch padded, then trimmed)."""
+        lo, hi = shard_bounds(n, opts.shard_id, opts.num_shards)
+        return (n // opts.num_shards) // opts.batch_size * opts.batch_size if opts.train else hi - lo
+
     def __call__(self, info):
         from ..data.readers import check_array, read_sample
 
         idx = self.shard(info.epoch_idx)
         b = self.opts.batch_size
         limit = (len(idx) // b) * b if self.opts.train else -(-len(idx) // b) * b
-        if info.idx_in_epoch >= limit:
+        if info.idx_in_epoch >= limit:  # the end of the epoch: DALI moves on to info.epoch_idx + 1
             raise StopIteration
         i = int(idx[min(info.idx_in_epoch, len(idx) - 1)])
         sample = self.dataset.samples[i]
@@ -369,10 +376,9 @@ class DaliLoader:
                 self._it = DALIGenericIterator(p, names, reader_name="reader", last_batch_policy=policy,
                                                auto_reset=True)
             else:
-                from .options import shard_bounds
-
-                lo, hi = shard_bounds(len(self.dataset), self.opts.shard_id, self.opts.num_shards)
-                size = (len(self.dataset) // self.opts.num_shards) if self.opts.train else hi - lo
+                # the samples the source yields per epoch: training, only whole batches (the source ends the
+                # epoch there, so the iterator must not expect the dropped partial batch to be read)
+                size = _PythonSource.epoch_samples(len(self.dataset), self.opts)
                 with warnings.catch_warnings():  # the external source pads shards itself, as DALI asks
                     warnings.filterwarnings("ignore", message=".*reader_name.*")
                     self._it = DALIGenericIterator(p, names, size=size, last_batch_policy=policy,

@@ -137,7 +137,7 @@ def compute_stats(dataset, opts: LoaderOptions, max_samples: int = 512) -> tuple
 
     n = len(dataset)
     idx = np.random.default_rng(opts.seed).choice(n, size=min(n, max_samples), replace=False)
-    acc = np.zeros((dataset.bands, 3), dtype=np.float64)
+    acc = np.zeros((dataset.bands + int(opts.mask_channel), 3), dtype=np.float64)  # the mask channel too
     for i in sorted(idx):
         x = prescale(read_sample(dataset.samples[i], dataset, check=False), dataset.pixel_kind, opts)
         x = x.reshape(x.shape[0], -1).astype(np.float64)
