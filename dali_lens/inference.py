@@ -197,9 +197,12 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
         bands = int(state["bands"])
         settings = {
             "bands": bands,
-            "scaling": cfg.get("scaling", "none"),
+            # a config the trainer did not resolve (built from TrainConfig() by hand) may say 'auto' without the
+            # noise estimate that goes with it: no scaling, as for 8-bit images
+            "scaling": cfg.get("scaling", "none") if cfg.get("scaling") != "auto" or norm.get("noise_sigma")
+            else "none",
             "scale_a": float(cfg.get("scale_a", 1.0)),
-            "mask_value": None if cfg.get("mask_value") is None else float(cfg["mask_value"]),
+            "mask_value": None if cfg.get("mask_value") in (None, "auto", "none") else float(cfg["mask_value"]),
             # scaling 'auto': the training set's per-band noise (absent from older checkpoints, which always
             # name their scaling explicitly)
             "noise_sigma": _floats(norm.get("noise_sigma")),
