@@ -198,21 +198,12 @@ def test_mask_value_default_comes_from_the_layout(sources):
 
 def _scaled_copy(src: str, dst: str, factor: float) -> str:
     """The challenge-layout set ``src`` with every flux multiplied by ``factor`` (masked pixels stay 100)."""
-    import shutil
-
-    from astropy.io import fits
-
-    shutil.copytree(src, dst)
-    for folder, _, names in os.walk(dst):
-        for name in names:
-            if name.endswith(".fits"):
-                path = os.path.join(folder, name)
-                with fits.open(path) as hdul:
-                    data = hdul[0].data.astype(np.float32)
-                    header = hdul[0].header
-                data = np.where(data == 100.0, data, data * np.float32(factor)).astype(np.float32)
-                fits.PrimaryHDU(data, header=header).writeto(path, overwrite=True)
-    return dst
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    try:
+        from bench_autoscale import scale_fluxes
+    finally:
+        sys.path.pop(0)
+    return scale_fluxes(src, dst, factor)
 
 
 def _auto_batches(root: str, backend: str, **kw):
@@ -266,3 +257,12 @@ def test_checkpoints_without_a_noise_estimate_load_as_before(sources, tmp_path, 
     torch.save(state, str(tmp_path / "old.pt"))
     old = load_ensemble(str(tmp_path / "old.pt"))
     assert old.scaling == "none" and old.noise_sigma is None and loader_options(old).noise_sigma is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_backend_this_machine_lacks_is_one_line_and_status_2(sources, tmp_path, capsys):
+    from dali_lens import train
+
+    rc = train.main(["--data-root", sources["npy"], "--out", str(tmp_path / "r"), "--backend", "dali"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a CUDA GPU" in err and "Traceback" not in err

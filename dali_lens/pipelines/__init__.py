@@ -49,6 +49,10 @@ class _Transformed:
             yield batch
 
 
+class BackendError(ValueError, RuntimeError):
+    """A backend this machine cannot run (an option error: every command reports it in one line, status 2)."""
+
+
 def resolve_backend(backend: str = "auto", dataset: Dataset | None = None) -> str:
     """The one place that turns ``--backend`` into the backend that runs (every command and build_loader).
 
@@ -58,7 +62,7 @@ def resolve_backend(backend: str = "auto", dataset: Dataset | None = None) -> st
     (benchmarks/results/challenge-fits-vm.json). An explicit backend is checked and kept.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        raise BackendError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "auto":
         if not dali_backend.available():
             return "torchvision"
@@ -66,10 +70,10 @@ def resolve_backend(backend: str = "auto", dataset: Dataset | None = None) -> st
             return "dali"
         return "torchvision" if dataset is not None and dataset.kind in ("fits", "fits-bands") else "dali-cpu"
     if backend in ("dali", "dali-cpu") and not dali_backend.available():
-        raise RuntimeError(f"backend {backend!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); "
+        raise BackendError(f"backend {backend!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); "
                            "use --backend torchvision")
     if backend == "dali" and not torch.cuda.is_available():
-        raise RuntimeError("backend 'dali' needs a CUDA GPU; use 'dali-cpu' or 'torchvision' on this machine")
+        raise BackendError("backend 'dali' needs a CUDA GPU; use 'dali-cpu' or 'torchvision' on this machine")
     return backend
 
 
@@ -105,5 +109,5 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
     return _Transformed(loader, opts.transforms) if opts.transforms else loader
 
 
-__all__ = ["BACKENDS", "LoaderOptions", "build_loader", "compute_stats", "estimate_noise", "finish", "register_batch_transform",
+__all__ = ["BACKENDS", "BackendError", "LoaderOptions", "build_loader", "compute_stats", "estimate_noise", "finish", "register_batch_transform",
            "resolve_backend"]
