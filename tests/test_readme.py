@@ -105,9 +105,9 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("readme")
     cache = base / "cache"
     default = cache / f"synthetic-v1-n{DEFAULT_N}-{DEFAULT_SIZE}px-seed0"
-    generate_dataset(str(default), n=40, size=32, fmt="png", seed=0)
+    generate_dataset(str(default), n=24, size=32, fmt="png", seed=0)
     lenses = str(base / "lenses")
-    generate_dataset(lenses, n=40, size=32, fmt="png", seed=1)
+    generate_dataset(lenses, n=24, size=32, fmt="png", seed=1)
     ref_run = str(base / "ref-run")
     run(TrainConfig(data_root=lenses, out=ref_run, epochs=1, batch_size=8, img_size=32, workers=1, progress=False),
         log=lambda *a: None)
