@@ -141,7 +141,7 @@ def evaluate(args) -> dict:
     if not 0 < args.alpha < 1:
         raise EvaluateError(f"--alpha must be in (0, 1), got {args.alpha}")
     try:
-        backend = resolve_backend(args.backend)
+        resolve_backend(args.backend)  # a backend this machine lacks fails before anything is loaded
     except RuntimeError as exc:
         raise EvaluateError(str(exc)) from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +152,7 @@ def evaluate(args) -> dict:
     dataset = gather_inputs([args.data], args.split, hdus, float(ens.config.get("val_fraction", 0.15)),
                             int(ens.config.get("seed", 0)))
     check_dataset(ens, dataset)
+    backend = resolve_backend(args.backend, dataset)
     if args.skip_bad:
         from .data.validate import drop_bad
 

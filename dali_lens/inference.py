@@ -75,6 +75,7 @@ class Ensemble:
     fusion: str = "mean_prob"                      # the training run's fusion (the default at inference)
     amp_dtype: torch.dtype | None = None
     channels_last: bool = True
+    noise_sigma: tuple[float, ...] | None = None   # scaling 'auto': the training set's per-band noise
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -196,9 +197,15 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
         bands = int(state["bands"])
         settings = {
             "bands": bands,
-            "scaling": cfg.get("scaling", "none"),
+            # a config the trainer did not resolve (built from TrainConfig() by hand) may say 'auto' without the
+            # noise estimate that goes with it: no scaling, as for 8-bit images
+            "scaling": cfg.get("scaling", "none") if cfg.get("scaling") != "auto" or norm.get("noise_sigma")
+            else "none",
             "scale_a": float(cfg.get("scale_a", 1.0)),
-            "mask_value": None if cfg.get("mask_value") is None else float(cfg["mask_value"]),
+            "mask_value": None if cfg.get("mask_value") in (None, "auto", "none") else float(cfg["mask_value"]),
+            # scaling 'auto': the training set's per-band noise (absent from older checkpoints, which always
+            # name their scaling explicitly)
+            "noise_sigma": _floats(norm.get("noise_sigma")),
             "mask_channel": bool(cfg.get("mask_channel", False)),
             "resize_mode": cfg.get("resize_mode", "resize"),
             "hdus": parse_hdus(cfg.get("hdus")),
@@ -208,7 +215,8 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
             ref, first_cfg = dict(settings, path=path, mean=_floats(norm.get("mean")),
                                   std=_floats(norm.get("std"))), cfg
         else:
-            for key in ("bands", "scaling", "scale_a", "mask_value", "mask_channel", "resize_mode", "hdus"):
+            for key in ("bands", "scaling", "scale_a", "noise_sigma", "mask_value", "mask_channel", "resize_mode",
+                        "hdus"):
                 if settings[key] != ref[key]:
                     raise CheckpointError(f"{path}: {key} = {settings[key]!r} but {ref['path']} has "
                                           f"{ref[key]!r}; checkpoints of one ensemble must be trained on the "
@@ -241,6 +249,7 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
     tc = TrainConfig.from_dict(first_cfg)
     ens = Ensemble(members=members, bands=ref["bands"], kind=ref["kind"], mean=ref["mean"], std=ref["std"],
                    scaling=ref["scaling"], scale_a=ref["scale_a"], mask_value=ref["mask_value"], hdus=ref["hdus"],
+                   noise_sigma=ref["noise_sigma"],
                    device=device, checkpoints=paths, config=first_cfg,
                    fusion=fusions[0] if fusions and len(set(fusions)) == 1 else "mean_prob",
                    amp_dtype=tc.amp_dtype(device), channels_last=bool(first_cfg.get("channels_last", True)))
@@ -288,6 +297,7 @@ def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, 
     return LoaderOptions(scales=ensemble.scales, batch_size=int(batch_size), train=False, augment=False,
                          shard_id=shard_id, num_shards=num_shards, num_workers=workers,
                          mean=ensemble.mean, std=ensemble.std, scaling=ensemble.scaling, scale_a=ensemble.scale_a,
+                         noise_sigma=ensemble.noise_sigma,
                          mask_value=ensemble.mask_value, tta=bool(tta),
                          mask_channel=bool(ensemble.config.get("mask_channel", False)),
                          resize_mode=ensemble.config.get("resize_mode", "resize"),

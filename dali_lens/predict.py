@@ -406,7 +406,7 @@ def predict(args) -> int:
     if os.path.isdir(out):
         raise PredictError(f"{out}: --out is a directory; give the CSV file to write")
     try:
-        backend = resolve_backend(args.backend)
+        resolve_backend(args.backend)  # a backend this machine lacks fails before anything is loaded
     except RuntimeError as exc:
         raise PredictError(str(exc)) from None
     if args.threads:
@@ -416,6 +416,7 @@ def predict(args) -> int:
     dataset = gather_inputs(args.data, args.split, hdus, float(ens.config.get("val_fraction", 0.15)),
                             int(ens.config.get("seed", 0)))
     check_dataset(ens, dataset)
+    backend = resolve_backend(args.backend, dataset)
     if args.skip_bad:
         from .data.validate import drop_bad
 

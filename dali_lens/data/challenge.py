@@ -100,3 +100,12 @@ def read_challenge(root: str, track: str | None = None) -> dict[str, Dataset]:
     ds = Dataset(samples, bands=len(dirs), kind="fits-bands", root=root, split="train")
     ds.shape = reference_layout(ds)[1]
     return {"train": ds}
+
+
+#: Masked pixels in the challenge's files hold this value: the default ``--mask-value`` for this layout.
+MASK_VALUE = 100.0
+
+
+def default_mask_value(dataset: Dataset) -> float | None:
+    """The sentinel of masked pixels that ``dataset``'s layout implies (the challenge's 100), else None."""
+    return MASK_VALUE if dataset.kind == "fits-bands" and is_challenge_layout(dataset.root) else None

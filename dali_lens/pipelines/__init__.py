@@ -12,7 +12,7 @@ import torch
 
 from ..data.dataset import Dataset
 from . import dali_backend
-from .options import LoaderOptions, compute_stats, finish
+from .options import LoaderOptions, auto_factors, compute_stats, estimate_noise, finish
 
 BACKENDS = ("auto", "dali", "dali-cpu", "torchvision")
 _TRANSFORMS: dict = {}
@@ -49,19 +49,31 @@ class _Transformed:
             yield batch
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """``auto``: DALI on the GPU when CUDA and DALI are there, else DALI's CPU backend, else torchvision."""
+class BackendError(ValueError, RuntimeError):
+    """A backend this machine cannot run (an option error: every command reports it in one line, status 2)."""
+
+
+def resolve_backend(backend: str = "auto", dataset: Dataset | None = None) -> str:
+    """The one place that turns ``--backend`` into the backend that runs (every command and build_loader).
+
+    ``auto``: DALI on the GPU when CUDA and DALI are there, else DALI's CPU backend, else torchvision; given
+    the ``dataset``, FITS on a machine without CUDA goes to torchvision: DALI then reads FITS through
+    astropy in one Python thread, torchvision's worker processes read them in parallel and were faster
+    (benchmarks/results/challenge-fits-vm.json). An explicit backend is checked and kept.
+    """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        raise BackendError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "auto":
-        if dali_backend.available():
-            return "dali" if torch.cuda.is_available() else "dali-cpu"
-        return "torchvision"
+        if not dali_backend.available():
+            return "torchvision"
+        if torch.cuda.is_available():
+            return "dali"
+        return "torchvision" if dataset is not None and dataset.kind in ("fits", "fits-bands") else "dali-cpu"
     if backend in ("dali", "dali-cpu") and not dali_backend.available():
-        raise RuntimeError(f"backend {backend!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); "
+        raise BackendError(f"backend {backend!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); "
                            "use --backend torchvision")
     if backend == "dali" and not torch.cuda.is_available():
-        raise RuntimeError("backend 'dali' needs a CUDA GPU; use 'dali-cpu' or 'torchvision' on this machine")
+        raise BackendError("backend 'dali' needs a CUDA GPU; use 'dali-cpu' or 'torchvision' on this machine")
     return backend
 
 
@@ -72,13 +84,11 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
         raise TypeError("pass either options= or keyword options, not both")
     if len(dataset) == 0:
         raise ValueError(f"{dataset.root} ({dataset.split}): no samples to load")
-    name = resolve_backend(backend)
-    if backend == "auto" and name == "dali-cpu" and dataset.kind in ("fits", "fits-bands"):
-        # without CUDA, DALI reads FITS through astropy in one Python thread; torchvision's worker processes
-        # read them in parallel and were faster (benchmarks/results/challenge-fits-vm.json)
-        name = "torchvision"
+    name = resolve_backend(backend, dataset)
     if name == "dali" and opts.device_id is None:
         opts.device_id = torch.cuda.current_device()
+    if opts.scaling == "auto" and dataset.pixel_kind != "image":
+        auto_factors(opts, dataset.bands)  # a missing or mismatched noise estimate fails here, not in a worker
     if opts.dtype == "uint8" and dataset.pixel_kind != "image":
         raise ValueError("dtype='uint8' output is only for 8-bit images; use float32 or float16")
     if opts.train and len(dataset) // opts.num_shards < opts.batch_size:
@@ -99,5 +109,5 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
     return _Transformed(loader, opts.transforms) if opts.transforms else loader
 
 
-__all__ = ["BACKENDS", "LoaderOptions", "build_loader", "compute_stats", "finish", "register_batch_transform",
+__all__ = ["BACKENDS", "BackendError", "LoaderOptions", "build_loader", "compute_stats", "estimate_noise", "finish", "register_batch_transform",
            "resolve_backend"]

@@ -17,7 +17,7 @@ import torch
 
 from ..data.dataset import DataError, Dataset
 from .batch import BatchChecker
-from .options import LoaderOptions, base_permutation, batches_per_epoch, epoch_order
+from .options import LoaderOptions, auto_factors, base_permutation, batches_per_epoch, epoch_order, shard_bounds
 
 try:  # DALI is optional: the package falls back to torchvision without it
     from nvidia.dali import fn, pipeline_def, types
@@ -58,7 +58,7 @@ def _augment(img, opts: LoaderOptions, shape_hw):
     return img
 
 
-def _float_steps(x, opts: LoaderOptions):
+def _float_steps(x, opts: LoaderOptions, bands: int):
     """Masking and flux scaling for float data (mirrors options.prescale)."""
     from nvidia.dali import math as dmath
 
@@ -72,6 +72,9 @@ def _float_steps(x, opts: LoaderOptions):
         masked = 1.0 - fn.reductions.min(fn.cast(keep, dtype=types.FLOAT), axes=[2], keep_dims=True)
     if opts.scaling == "asinh":
         x = dmath.asinh(x * float(opts.scale_a))
+    elif opts.scaling == "auto":  # per band: a (1, 1, C) constant broadcast over HWC
+        factors = auto_factors(opts, bands)
+        x = dmath.asinh(x * types.Constant(factors.reshape(1, 1, -1)))
     elif opts.scaling == "clip":
         x = dmath.clamp(x, -float(opts.scale_a), float(opts.scale_a)) / float(opts.scale_a)
     if masked is not None:
@@ -86,20 +89,28 @@ class _PythonSource:
     repeating the shard's last sample (the iterator trims it).
     """
 
-    def __init__(self, dataset: Dataset, files_order: np.ndarray, opts: LoaderOptions):
+    def __init__(self, dataset: Dataset, files_order: np.ndarray, opts: LoaderOptions, first_epoch: int = 0):
         self.dataset, self.opts = dataset, opts
         self.order = files_order
+        self.first_epoch = first_epoch  # the loader's epoch when the pipeline was built (DALI counts from 0)
 
     def shard(self, epoch: int) -> np.ndarray:
         return self.order[epoch_order(len(self.order), epoch, self.opts)]
 
+    @staticmethod
+    def epoch_samples(n: int, opts: LoaderOptions) -> int:
+        """Samples of this shard the iterator returns per epoch: whole batches only when training (the
+        partial one is never read), the whole shard otherwise (its last batch padded, then trimmed)."""
+        lo, hi = shard_bounds(n, opts.shard_id, opts.num_shards)
+        return (n // opts.num_shards) // opts.batch_size * opts.batch_size if opts.train else hi - lo
+
     def __call__(self, info):
         from ..data.readers import check_array, read_sample
 
-        idx = self.shard(info.epoch_idx)
+        idx = self.shard(self.first_epoch + info.epoch_idx)
         b = self.opts.batch_size
         limit = (len(idx) // b) * b if self.opts.train else -(-len(idx) // b) * b
-        if info.idx_in_epoch >= limit:
+        if info.idx_in_epoch >= limit:  # the end of the epoch: DALI moves on to info.epoch_idx + 1
             raise StopIteration
         i = int(idx[min(info.idx_in_epoch, len(idx) - 1)])
         sample = self.dataset.samples[i]
@@ -250,7 +261,7 @@ def _decode_images(raw, dataset: Dataset, gpu: bool):
     return fn.decoders.image(raw, device="cpu", output_type=output_type, **hint)
 
 
-def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray):
+def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, first_epoch: int = 0):
     """Reader + decoder: returns (HWC image node, index node).
 
     Images are decoded with their own channel count, so a greyscale file in an RGB dataset is an error
@@ -296,7 +307,7 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
         index = fn.external_source(source=_ListedIndex(order), batch=False, dtype=types.INT64)
         return x, index
     # FITS (any arrangement) without DALI's FITS reader: astropy in a per-sample external source.
-    src = _PythonSource(dataset, order, opts)
+    src = _PythonSource(dataset, order, opts, first_epoch)
     x, index = fn.external_source(source=src, num_outputs=2, batch=False, layout=["HWC", None],
                                   dtype=[types.FLOAT, types.INT64])
     if gpu:
@@ -390,9 +401,10 @@ def _decoded_shards(dataset: Dataset, opts: LoaderOptions, gpu: bool, common: di
 
 
 def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray,
-                    checkpoint: str | None | bool = False):
+                    checkpoint: str | None | bool = False, first_epoch: int = 0):
     """The loader's DALI pipeline with its graph defined but not built. Defining needs no GPU, even for
-    ``gpu=True`` (only ``build()`` does): ``tests/test_gpu_graphs.py`` checks the GPU graphs on the CPU."""
+    ``gpu=True`` (only ``build()`` does): ``tests/test_gpu_graphs.py`` checks the GPU graphs on the CPU.
+    ``first_epoch``: the loader's epoch when the pipeline is built (a per-sample source counts from it)."""
     images_are_uint8 = dataset.pixel_kind == "image"
     channels = dataset.bands + int(opts.mask_channel)
     mean = list(opts.mean or [0.0] * channels)
@@ -405,10 +417,10 @@ def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.
 
     @pipeline_def(enable_conditionals=opts.augment, enable_checkpointing=checkpoint is not False)
     def pipe():
-        img, index = _decoded(dataset, opts, gpu, order)
+        img, index = _decoded(dataset, opts, gpu, order, first_epoch)
         shapes = img.shape(dtype=types.INT64)
         if not images_are_uint8:
-            img = _float_steps(img, opts)
+            img = _float_steps(img, opts, dataset.bands)
         img = _augment(img, opts, shape_hw)
         outs = []
         for s in opts.scales:
@@ -441,8 +453,9 @@ def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.
     return pipe(**kwargs)
 
 
-def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, checkpoint: str | None):
-    p = define_pipeline(dataset, opts, gpu, order, checkpoint)
+def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, checkpoint: str | None,
+           first_epoch: int = 0):
+    p = define_pipeline(dataset, opts, gpu, order, checkpoint, first_epoch)
     _BUILT[0] += 1
     p.build()
     return p
@@ -551,17 +564,17 @@ class DaliLoader:
     def _iterator(self):
         if self._it is None:
             order = self.listed_order() if self._dali_fits else self.order
-            p = _build(self.dataset, self.opts, self.gpu, order, self._checkpoint if self.checkpointable else False)
+            p = _build(self.dataset, self.opts, self.gpu, order, self._checkpoint if self.checkpointable else False,
+                       first_epoch=self.epoch)
             names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
             policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL
             if self.checkpointable or self._dali_fits:
                 self._it = DALIGenericIterator(p, names, reader_name="reader", last_batch_policy=policy,
                                                auto_reset=True)
             else:
-                from .options import shard_bounds
-
-                lo, hi = shard_bounds(len(self.dataset), self.opts.shard_id, self.opts.num_shards)
-                size = (len(self.dataset) // self.opts.num_shards) if self.opts.train else hi - lo
+                # the samples the source yields per epoch: training, only whole batches (the source ends the
+                # epoch there, so the iterator must not expect the dropped partial batch to be read)
+                size = _PythonSource.epoch_samples(len(self.dataset), self.opts)
                 with warnings.catch_warnings():  # the external source pads shards itself, as DALI asks
                     warnings.filterwarnings("ignore", message=".*reader_name.*")
                     self._it = DALIGenericIterator(p, names, size=size, last_batch_policy=policy,

@@ -9,7 +9,10 @@ import numpy as np
 import torch
 
 DTYPES = ("float32", "float16", "uint8")
-SCALINGS = ("none", "asinh", "clip")
+SCALINGS = ("none", "asinh", "clip", "auto")
+#: ``scaling='auto'``: arcsinh(x / (AUTO_K * noise)) per band, ``noise`` the band's noise level (estimate_noise):
+#: linear within the noise, logarithmic for sources brighter than a few noise levels, whatever the flux unit.
+AUTO_K = 1.0
 RESIZE_MODES = ("resize", "crop")
 
 
@@ -23,8 +26,9 @@ class LoaderOptions:
     order and yields every sample exactly once across all shards.
 
     Normalisation: images are first divided by 255; float data first goes through ``scaling`` (``asinh``:
-    arcsinh(scale_a * x); ``clip``: clip to +-scale_a then divide by scale_a). Then ``(x - mean) / std`` per
-    band. ``mask_value``: pixels equal to it, and NaN/inf, are set to 0 before scaling (without it, NaN/inf
+    arcsinh(scale_a * x); ``clip``: clip to +-scale_a then divide by scale_a; ``auto``: arcsinh(x / (AUTO_K *
+    noise_sigma)) per band, ``noise_sigma`` from :func:`estimate_noise` on the training set, the same for every
+    loader of a run). Then ``(x - mean) / std`` per band. ``mask_value``: pixels equal to it, and NaN/inf, are set to 0 before scaling (without it, NaN/inf
     in the data is an error naming the file).
     ``dtype='uint8'`` (images only) skips normalisation so that it can be done later on the GPU.
     ``mask_channel``: append one channel that is 1 where any band was masked (needs ``mask_value``).
@@ -47,6 +51,7 @@ class LoaderOptions:
     std: tuple[float, ...] | None = None
     scaling: str = "none"
     scale_a: float = 1.0
+    noise_sigma: tuple[float, ...] | None = None
     mask_value: float | None = None
     mask_channel: bool = False
     resize_mode: str = "resize"
@@ -68,6 +73,10 @@ class LoaderOptions:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.noise_sigma is not None:
+            self.noise_sigma = tuple(float(v) for v in self.noise_sigma)
+            if not all(math.isfinite(v) and v > 0 for v in self.noise_sigma):
+                raise ValueError(f"noise_sigma must be positive and finite for every band, got {self.noise_sigma}")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"std must be positive for every band, got {self.std}")
         if self.mask_channel and self.mask_value is None:
@@ -140,7 +149,7 @@ def compute_stats(dataset, opts: LoaderOptions, max_samples: int = 512) -> tuple
 
     n = len(dataset)
     idx = np.random.default_rng(opts.seed).choice(n, size=min(n, max_samples), replace=False)
-    acc = np.zeros((dataset.bands, 3), dtype=np.float64)
+    acc = np.zeros((dataset.bands + int(opts.mask_channel), 3), dtype=np.float64)  # the mask channel too
     for i in sorted(idx):
         sample = dataset.samples[i]
         raw = read_sample(sample, dataset, check=False)
@@ -168,11 +177,63 @@ def prescale(x: np.ndarray, kind: str, opts: LoaderOptions) -> np.ndarray:
         masked = bad.any(0, keepdims=True).astype(np.float32)
     if opts.scaling == "asinh":
         x = np.arcsinh(opts.scale_a * x)
+    elif opts.scaling == "auto":
+        x = np.arcsinh(x * auto_factors(opts, x.shape[0])[:, None, None])
     elif opts.scaling == "clip":
         x = np.clip(x, -opts.scale_a, opts.scale_a) / opts.scale_a
     if opts.mask_channel:
         x = np.concatenate([x, masked])
     return x
+
+
+def auto_factors(opts: LoaderOptions, bands: int) -> np.ndarray:
+    """``scaling='auto'``: the float32 factor 1 / (AUTO_K * noise) of each band (every backend multiplies by it)."""
+    if opts.noise_sigma is None:
+        raise ValueError("scaling='auto' needs noise_sigma, the per-band noise of the training set: "
+                         "opts.noise_sigma = estimate_noise(train_dataset, opts)")
+    if len(opts.noise_sigma) != bands:
+        raise ValueError(f"noise_sigma has {len(opts.noise_sigma)} band(s) but the data has {bands}")
+    return (1.0 / (AUTO_K * np.asarray(opts.noise_sigma, dtype=np.float64))).astype(np.float32)
+
+
+def estimate_noise(dataset, opts: LoaderOptions, max_samples: int = 64) -> tuple[float, ...]:
+    """Per-band noise level of float data, for ``scaling='auto'``: robust, unit-free in the sense that scaling
+    the fluxes by c scales the estimate by c.
+
+    Over a seeded sample of up to ``max_samples`` cutouts, the differences between horizontally adjacent
+    pixels (both finite and not equal to ``opts.mask_value``) are pooled per band; sigma = 1.4826 * MAD / sqrt(2)
+    (the MAD of a difference of two independent pixels is sqrt(2) times a pixel's). Smooth, noise-free data
+    whose MAD is 0 falls back to the differences' standard deviation, then to the pixels' own, then 1.
+    """
+    from ..data.readers import read_sample
+
+    n = len(dataset)
+    idx = np.random.default_rng([opts.seed, 0x5161]).choice(n, size=min(n, max_samples), replace=False)
+    diffs: list[list[np.ndarray]] = [[] for _ in range(dataset.bands)]
+    values: list[list[np.ndarray]] = [[] for _ in range(dataset.bands)]
+    for i in sorted(idx):
+        x = read_sample(dataset.samples[i], dataset, check=False).astype(np.float32)
+        ok = np.isfinite(x)
+        if opts.mask_value is not None:  # as prescale masks: compared in float32
+            ok &= x != np.float32(opts.mask_value)
+        x = x.astype(np.float64)
+        pair = ok[:, :, 1:] & ok[:, :, :-1]
+        d = x[:, :, 1:] - x[:, :, :-1]
+        for b in range(dataset.bands):
+            diffs[b].append(d[b][pair[b]])
+            values[b].append(x[b][ok[b]])
+    out = []
+    for b in range(dataset.bands):
+        d, v = np.concatenate(diffs[b]), np.concatenate(values[b])
+        sigma = 0.0
+        if d.size:
+            sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
+            if not sigma > 0:
+                sigma = float(d.std()) / math.sqrt(2)
+        if not sigma > 0 and v.size:
+            sigma = float(v.std())
+        out.append(sigma if math.isfinite(sigma) and sigma > 0 else 1.0)
+    return tuple(out)
 
 
 def finish(x, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):

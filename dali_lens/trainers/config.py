@@ -12,6 +12,21 @@ from ..data.dataset import parse_hdus
 TRAINERS = ("single", "multiscale", "ensemble")
 
 
+def parse_mask_value(text) -> float | str | None:
+    """``--mask-value``: a number, ``none`` (no masking) or ``auto`` (the data layout's sentinel, if any)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    t = str(text).strip().lower()
+    if t in ("none", "off", ""):
+        return None
+    if t == "auto":
+        return "auto"
+    try:
+        return float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, none or auto, got {text!r}") from None
+
+
 def _f(default, help: str, **kw):
     meta = {"help": help, **kw}
     if isinstance(default, (list, dict)):
@@ -37,8 +52,8 @@ class TrainConfig:
     hdus: str | None = _f(None, "FITS: comma-separated HDU indices or EXTNAMEs, one per band (default: all image HDUs)")
     skip_bad: bool = _f(False, "scan the data first and skip unreadable/bad samples (listed), instead of stopping")
     # loading
-    backend: str = _f("auto", "loader: auto (DALI GPU if CUDA+DALI, else DALI CPU, else torchvision), dali, "
-                              "dali-cpu, torchvision", choices=("auto", "dali", "dali-cpu", "torchvision"))
+    backend: str = _f("auto", "loader: auto (DALI GPU if CUDA+DALI; without CUDA DALI CPU, but torchvision for "
+                              "FITS; torchvision without DALI), dali, dali-cpu, torchvision", choices=("auto", "dali", "dali-cpu", "torchvision"))
     workers: int | None = _f(None, "loader threads/workers (default: all cores)")
     dtype: str = _f("auto", "loader output: auto (uint8 for 8-bit images, normalised on the training device just "
                             "before each scale's forward pass, so one scale at a time is float; float32 for float "
@@ -46,11 +61,14 @@ class TrainConfig:
                     choices=("auto", "float32", "float16", "uint8"))
     norm: str = _f("stats", "per-band normalisation: stats (mean/std of the training set) or none",
                    choices=("stats", "none"))
-    scaling: str = _f("none", "float data (FITS/.npy) before normalisation: none, asinh (arcsinh(a*x)), clip (+-a)",
-                      choices=("none", "asinh", "clip"))
+    scaling: str = _f("auto", "float data (FITS/.npy) before normalisation: auto (arcsinh(x / noise) per band, the "
+                              "noise estimated on the training set and stored in the checkpoint: any flux unit "
+                              "works), none, asinh (arcsinh(a*x)), clip (+-a). 8-bit images are always /255",
+                      choices=("auto", "none", "asinh", "clip"))
     scale_a: float = _f(1.0, "the 'a' of --scaling")
-    mask_value: float | None = _f(None, "pixels with this value (and NaN/inf) are masked to 0, e.g. 100 for the "
-                                        "lens-finding challenge")
+    mask_value: float | str | None = _f("auto", "pixels with this value (and NaN/inf) are masked to 0: a number, "
+                                               "none, or auto (the layout's sentinel: 100 for the lens-finding "
+                                               "challenge layout, none otherwise)", type=parse_mask_value)
     mask_channel: bool = _f(False, "add a channel marking masked pixels (needs --mask-value)")
     resize_mode: str = _f("resize", "how cutouts reach each scale: resize (antialiased bilinear) or crop "
                                     "(centre crop / zero-pad, no resampling)", choices=("resize", "crop"))
@@ -144,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=helptext)
             continue
-        typ = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
+        typ = meta.pop("type", None) or {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
         if typ is None:
             typ = type(default) if default is not None else (float if "float" in str(f.type) else
                                                            int if "int" in str(f.type) else str)

@@ -5,6 +5,7 @@ The three trainers differ only in their members and which scales are active in a
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import json
@@ -20,10 +21,10 @@ import torch.distributed as dist
 
 from ..data import DataError, discover
 from ..data.io import atomic_save_torch, atomic_write_json
-from ..pipelines import build_loader, compute_stats, resolve_backend
-from ..pipelines.options import LoaderOptions
+from ..pipelines import build_loader, compute_stats, estimate_noise, resolve_backend
+from ..pipelines.options import AUTO_K, LoaderOptions
 from .budget import parse_budget
-from .config import TrainConfig
+from .config import TrainConfig, parse_mask_value
 from .loop import dist_info, fuse, predict, sigmoid, train_epoch
 from .members import load_member_state, make_member, member_state
 from .outputs import write_outputs
@@ -89,6 +90,19 @@ def _out_dir(cfg: TrainConfig) -> str:
     return os.path.abspath(out)
 
 
+def layout_defaults(cfg: TrainConfig, train, say) -> TrainConfig:
+    """``--mask-value auto``: the sentinel the data's layout implies (the challenge's 100, logged), else none.
+    The resolved value is what the checkpoint records (predict/evaluate reuse it)."""
+    mask = parse_mask_value(cfg.mask_value)
+    if mask == "auto":
+        from ..data.challenge import default_mask_value
+
+        mask = default_mask_value(train)
+        if mask is not None:
+            say(f"challenge layout recognised: pixels equal to {mask:g} are masked (--mask-value none turns it off)")
+    return dataclasses.replace(cfg, mask_value=mask)
+
+
 def run(cfg: TrainConfig, log=print) -> dict:
     """Train and evaluate as ``cfg`` says; returns the final metrics (also written to ``metrics.json``).
 
@@ -120,6 +134,7 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     splits = discover(data_root, hdus=cfg.hdu_list, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
+    cfg = layout_defaults(cfg, splits["train"], say)
     if cfg.skip_bad:
         from ..data.validate import drop_bad
 
@@ -131,12 +146,16 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
 
         report_duplicates(splits, log=say)
 
-    backend = resolve_backend(cfg.backend)
+    backend = resolve_backend(cfg.backend, splits["train"])
     all_scales = tuple(sorted({s for sp in specs for s in sp.scales}))
     base = LoaderOptions(scales=all_scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
                          num_shards=world, num_workers=cfg.workers, scaling=cfg.scaling, scale_a=cfg.scale_a,
                          mask_value=cfg.mask_value, mask_channel=cfg.mask_channel, resize_mode=cfg.resize_mode,
                          max_shift=cfg.max_shift, dtype=output_dtype(cfg, splits["train"]))
+    if cfg.scaling == "auto" and splits["train"].pixel_kind != "image":
+        base.noise_sigma = estimate_noise(splits["train"], base)
+        say(f"scaling auto: arcsinh(x / ({AUTO_K:g} * noise)) per band, noise "
+            + ", ".join(f"{v:.3g}" for v in base.noise_sigma) + " (estimated on the training set)")
     if cfg.norm == "stats":
         base.mean, base.std = compute_stats(splits["train"], base)
 
@@ -175,7 +194,8 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
             return
         atomic_save_torch({"members": [member_state(m) for m in members], "epoch": epoch, "best_auc": best_auc,
                            "bad_epochs": bad_epochs, "history": history, "loader": loader_state,
-                           "config": cfg.to_dict(), "norm": {"mean": base.mean, "std": base.std},
+                           "config": cfg.to_dict(), "norm": {"mean": base.mean, "std": base.std,
+                                                                             "noise_sigma": base.noise_sigma},
                            "bands": splits["train"].bands, "kind": splits["train"].pixel_kind}, path)
 
     if is_main:

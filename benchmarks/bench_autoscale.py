@@ -1,0 +1,117 @@
+"""No flags vs hand-tuned flux flags on raw challenge fluxes in three units (issue 14's "done when").
+
+Generates a challenge-layout training set and a separate test set (ground track, 4 bands, 101 px, raw fluxes
+~1e-12..1e-9, masked pixels = 100), writes copies with every flux multiplied by 1e-3 and by 1e6 (masked pixels
+stay 100), and for each unit trains the same model with the same seed twice:
+
+* no flags: the defaults (``--scaling auto``: per-band noise from the training set, arcsinh(x / noise);
+  ``--mask-value auto``: the layout's sentinel 100);
+* hand-tuned: ``--mask-value 100 --scaling asinh --scale-a 1e11`` (the README's values for the original unit).
+
+Both share ``--img-size 64 --resize-mode crop`` and the epochs/batch given here. Records the best validation
+AUC (15 % of the training set), the last epoch's, and the test-set AUC from ``dali_lens.evaluate``.
+Writes benchmarks/results/autoscale-<host>.json.
+Example: python benchmarks/bench_autoscale.py --n 1200 --test-n 400 --epochs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import command_line, device_tag, machine_info, utc_timestamp, write_json_atomic  # noqa: E402
+
+UNITS = (1.0, 1e-3, 1e6)
+CONFIGS = {"no flags": [], "hand-tuned": ["--mask-value", "100", "--scaling", "asinh", "--scale-a", "1e11"]}
+
+
+def scale_fluxes(src: str, dst: str, factor: float, sentinel: float = 100.0) -> str:
+    """Copy the FITS folder ``src`` to ``dst`` with every pixel except ``sentinel`` multiplied by ``factor``."""
+    from astropy.io import fits
+
+    shutil.copytree(src, dst)
+    for folder, _, names in os.walk(dst):
+        for name in names:
+            if name.endswith((".fits", ".fit", ".fts")):
+                path = os.path.join(folder, name)
+                with fits.open(path) as hdul:
+                    data, header = hdul[0].data.astype(np.float32), hdul[0].header.copy()
+                data = np.where(data == np.float32(sentinel), data, data * np.float32(factor)).astype(np.float32)
+                fits.PrimaryHDU(data, header=header).writeto(path, overwrite=True)
+    return dst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1200, help="training objects (default 1200; 15 %% held out as val)")
+    ap.add_argument("--test-n", type=int, default=400, help="test objects, generated with another seed")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
+    ap.add_argument("--out", default=None, help="JSON path")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.test_n, args.epochs, args.batch_size = 60, 30, 1, 16
+    from dali_lens import evaluate as evaluate_cmd
+    from dali_lens import train as train_cmd
+    from dali_lens.data.synthetic import generate_dataset
+    from dali_lens.trainers.config import from_args
+    from dali_lens.trainers.runner import run
+
+    info = machine_info()
+    common = ["--img-size", "64", "--resize-mode", "crop", "--epochs", str(args.epochs), "--batch-size",
+              str(args.batch_size), "--seed", str(args.seed), "--patience", "0", "--no-progress"]
+    if args.workers:
+        common += ["--workers", str(args.workers)]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base_train, base_test = os.path.join(tmp, "train-1"), os.path.join(tmp, "test-1")
+        generate_dataset(base_train, n=args.n, layout="challenge", seed=args.seed)
+        generate_dataset(base_test, n=args.test_n, layout="challenge", seed=args.seed + 1)
+        for unit in UNITS:
+            train = base_train if unit == 1.0 else scale_fluxes(base_train, os.path.join(tmp, f"train-{unit:g}"), unit)
+            test = base_test if unit == 1.0 else scale_fluxes(base_test, os.path.join(tmp, f"test-{unit:g}"), unit)
+            for name, flags in CONFIGS.items():
+                out = os.path.join(tmp, f"run-{unit:g}-{name.replace(' ', '-')}")
+                argv_train = ["--data-root", train, "--out", out, *common, *flags]
+                t0 = time.perf_counter()
+                lines: list[str] = []
+                result = run(from_args(train_cmd.parser().parse_args(argv_train)), log=lines.append)
+                seconds = time.perf_counter() - t0
+                ev = os.path.join(tmp, f"eval-{unit:g}-{name.replace(' ', '-')}")
+                rc = evaluate_cmd.main(["--checkpoint", out, test, "--split", "all", "--out", ev, "--no-progress"]
+                                       + (["--workers", str(args.workers)] if args.workers else []))
+                test_auc = json.load(open(os.path.join(ev, "metrics.json")))["ensemble"]["roc_auc"] if rc == 0 else None
+                hist = result["history"]
+                rec = {"unit": unit, "config": name, "flags": flags,
+                       "val_auc_best": max(h["val_auc"] for h in hist), "val_auc_last": hist[-1]["val_auc"],
+                       "val_auc_per_epoch": [h["val_auc"] for h in hist],
+                       "test_auc": None if test_auc is None else round(float(test_auc), 4),
+                       "scaling_log": next((x for x in lines if x.startswith("scaling auto")), None),
+                       "train_seconds": round(seconds, 1)}
+                runs.append(rec)
+                print(f"unit x{unit:g} {name:10s}: val AUC best {rec['val_auc_best']:.4f} last "
+                      f"{rec['val_auc_last']:.4f}  test AUC {rec['test_auc']}  ({seconds:.0f} s)", flush=True)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"autoscale-{device_tag(info)}.json")
+    write_json_atomic(out, {"benchmark": "autoscale", "machine": info, "command": command_line(),
+                            "timestamp": utc_timestamp(),
+                            "settings": {"n": args.n, "test_n": args.test_n, "epochs": args.epochs,
+                                         "batch_size": args.batch_size, "seed": args.seed, "common_flags": common,
+                                         "units": list(UNITS), "configs": CONFIGS},
+                            "runs": runs})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
