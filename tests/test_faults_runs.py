@@ -200,6 +200,22 @@ def test_resume_with_other_options_is_refused_unless_allowed(lenses, tmp_path, c
     assert saved["lr"] == 0.001 and saved["config_changes"][-1]["changed"]["lr"] == {"from": 0.002, "to": 0.001}
 
 
+def test_resume_with_layout_defaults_is_not_a_config_change(tmp_path, capsys):
+    """--mask-value auto is resolved (100 on the challenge layout) before config.json is written; a plain
+    --resume with the same (default) options must compare like with like, not 'auto' with 100."""
+    from dali_lens.train import main as train_main
+
+    data = str(tmp_path / "challenge")
+    generate_dataset(data, n=40, size=32, layout="challenge", track="space", seed=3)
+    out = str(tmp_path / "run")
+    args = ["--data-root", data, "--out", out, "--img-size", "32", "--batch-size", "8", "--workers", "1",
+            "--no-progress", "--epochs", "1", "--no-gallery"]
+    assert train_main(args) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["mask_value"] == 100
+    assert train_main(args[:-3] + ["--epochs", "2", "--resume", "--no-gallery"]) == 0, capsys.readouterr().err
+    assert [h["epoch"] for h in json.load(open(os.path.join(out, "metrics.json")))["history"]] == [1, 2]
+
+
 def test_single_class_val_split_still_selects_and_writes_best(tmp_path, capsys):
     """A val split of lenses only: AUC is undefined, so best.pt is chosen by the validation loss (warned)."""
     import csv

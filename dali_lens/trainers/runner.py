@@ -129,12 +129,13 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
         holder = [data_root]
         dist.broadcast_object_list(holder, src=0)
         data_root = holder[0]
-    config_extra = (check_resume_config(out, {**cfg.to_dict(), "data_root": data_root}, cfg.allow_config_change, say)
-                    if resume else {})
     splits = discover(data_root, hdus=cfg.hdu_list, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
     cfg = layout_defaults(cfg, splits["train"], say)
+    # compared once the defaults are resolved, as config.json records them (--mask-value auto -> 100)
+    config_extra = (check_resume_config(out, {**cfg.to_dict(), "data_root": data_root}, cfg.allow_config_change, say)
+                    if resume else {})
     if cfg.skip_bad:
         from ..data.validate import drop_bad
 
