@@ -131,7 +131,7 @@ def evaluate(args) -> dict:
     from .inference import check_dataset, load_ensemble, loader_options, score_batches
     from .metrics import completeness_by_bin, plot_completeness, plot_roc, to_jsonable
     from .pipelines import build_loader, resolve_backend
-    from .predict import gather_inputs
+    from .data.inputs import gather_inputs
     from .trainers.outputs import prediction_header
 
     out = os.path.abspath(os.path.expanduser(args.out))

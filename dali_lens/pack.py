@@ -44,12 +44,12 @@ import numpy as np
 
 from .cli import log, run_command
 from .data.dataset import DataError, Dataset, parse_hdus
+from .data.inputs import SPLIT_ORDER
 from .data.io import atomic_write_json, atomic_write_text, _fsync_dir
 from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, file_sha256, is_packed, key_bytes, label_bytes,
                           npy_bytes, read_manifest, sample_tar_bytes, shard_name)
 
 DEFAULT_SHARD_SIZE = 256 * 1024 * 1024
-SPLIT_ORDER = ("train", "val", "test", "predict")
 _CHUNK = 64
 
 

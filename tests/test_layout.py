@@ -1,0 +1,92 @@
+"""The package's shape: docs/DESIGN.md lists every module, and library modules never import a command."""
+from __future__ import annotations
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "dali_lens")
+COMMANDS = ("train", "generate", "predict", "check", "evaluate", "pack", "inspect")
+# Imports of a command by the library still to be removed (issue 16): api.predict drives predict's command-line
+# entry point. Nothing may be added here.
+KNOWN_UPWARD = {("dali_lens.api", "dali_lens.predict")}
+
+
+def modules() -> dict[str, str]:
+    """{'dali_lens.data.sources': path, ...} for every module file of the package."""
+    out = {}
+    for dirpath, dirs, files in os.walk(PKG):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = os.path.join(dirpath, f)
+    return out
+
+
+def design_layout() -> set[str]:
+    """Module paths relative to dali_lens/ listed in DESIGN.md's layout block (package folders end in '/')."""
+    text = open(os.path.join(ROOT, "docs", "DESIGN.md"), encoding="utf-8").read()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, package = set(), ""
+    for line in block.splitlines()[2:]:  # after "dali_lens/"
+        if not line.strip() or line.startswith(" " * 12):
+            continue  # continuation of a description
+        indent = len(line) - len(line.lstrip())
+        first = line.split()[0]
+        if indent == 2:
+            package = first if first.endswith("/") else ""
+            names = [w for w in line.split() if w.endswith(".py")] if not package else []
+            listed.update(names if len(names) > 1 else [first] if first.endswith(".py") else [])
+        elif indent == 4 and package and first.endswith(".py"):
+            listed.add(package + first)
+    return listed
+
+
+def test_design_lists_every_module():
+    actual = {os.path.relpath(p, PKG).replace(os.sep, "/") for p in modules().values()}
+    listed = design_layout()
+    assert not actual - listed, f"modules missing from docs/DESIGN.md's layout: {sorted(actual - listed)}"
+    assert not listed - actual, f"docs/DESIGN.md lists modules that do not exist: {sorted(listed - actual)}"
+
+
+def imports_of(name: str, path: str, known: set[str]) -> set[str]:
+    """The package's modules that ``name`` imports, anywhere in the file (also inside functions)."""
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        else:
+            continue
+        found.update(c for c in candidates if c in known and c != name)
+    return found
+
+
+def test_library_never_imports_a_command():
+    mods = modules()
+    commands = {f"dali_lens.{c}" for c in COMMANDS}
+    upward = {(m, t) for m, p in mods.items() if m not in commands and m != "dali_lens.cli"
+              for t in imports_of(m, p, set(mods)) if t in commands}
+    assert upward <= KNOWN_UPWARD, f"library modules importing a command: {sorted(upward - KNOWN_UPWARD)}"
+
+
+def test_commands_do_not_import_each_other():
+    mods = modules()
+    commands = {f"dali_lens.{c}" for c in COMMANDS}
+    crossing = {(m, t) for m in commands for t in imports_of(m, mods[m], set(mods)) if t in commands}
+    assert not crossing, f"commands importing another command (move the shared part into the library): {crossing}"
+
+
+def test_import_rule_sees_a_planted_upward_import(tmp_path):
+    """The import check is not vacuous: a function-level relative import of a command is found."""
+    planted = tmp_path / "x.py"
+    planted.write_text("def f():\n    from ..check import main\n    return main\n")
+    assert imports_of("dali_lens.data.x", str(planted), {"dali_lens.check"}) == {"dali_lens.check"}
