@@ -7,10 +7,14 @@ batches, one worker), never by editing their text:
 
 * ``/data/NAME`` and ``/shared/NAME`` map into a temporary folder; an input that does not exist yet is
   generated there (the challenge layout when NAME mentions ``challenge``, else a small PNG set), outputs
-  (``--out``, ``pack``'s OUT) are left to the command;
+  (``--out``, ``pack``'s OUT) are left to the command; ``~/.cache/dali-lens`` is ``$DALI_LENS_CACHE`` (a
+  temporary folder); glob patterns (``runs/single-small_cnn-*/...``) expand as the shell would;
+* ``--grades FILE`` that no earlier command wrote (the grading page exports it) is made from the first
+  predictions CSV under ``runs/``, grading its rows 0..3 in turn;
 * ``--checkpoint P`` that no earlier command wrote gets a small trained run copied to P;
-* a command without ``--out`` that writes a run gets ``--out runs/readme-L<line>`` (two runs of the same
-  trainer in one second would otherwise collide); the built-in default data set is a small one in a
+* a command without ``--out`` that writes a run gets ``--out runs/<trainer>-<arch>-readme-L<line>`` (the
+  default name with the line for the time: two runs of the same trainer in one second would otherwise
+  collide); the built-in default data set is a small one in a
   temporary ``$DALI_LENS_CACHE``;
 * ``python -m dali_lens.X`` / ``.venv/bin/python -m dali_lens.X`` run in this process (``main(argv)``); a
   one-machine ``torchrun`` runs with 2 CPU processes; several-machine ``torchrun`` commands are skipped
@@ -20,6 +24,7 @@ A ```python block runs as written unless the line before it is ``<!-- readme-tes
 """
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import re
@@ -119,7 +124,32 @@ def world(tmp_path_factory):
 def _data_path(token: str, world: dict) -> str:
     if token.startswith(("/data/", "/shared/")):
         return os.path.join(world["base"], token.lstrip("/"))
+    if token == "~/.cache/dali-lens" or token.startswith("~/.cache/dali-lens/"):
+        return world["cache"] + token[len("~/.cache/dali-lens"):]
     return token
+
+
+def _expand(argv: list[str], cwd: str) -> list[str]:
+    """Glob patterns expanded in ``cwd`` as the shell would (sorted; kept as written when nothing matches)."""
+    out = []
+    for t in argv:
+        found = sorted(glob.glob(os.path.join(cwd, t))) if not t.startswith("-") and glob.has_magic(t) else []
+        out.extend(os.path.relpath(f, cwd) for f in found) if found else out.append(t)
+    return out
+
+
+def _make_grades(path: str, cwd: str) -> None:
+    """What the grading page exports (id,grade,score), for the first predictions CSV of a run under runs/."""
+    import csv
+
+    preds = sorted(glob.glob(os.path.join(cwd, "runs", "*", "predictions.csv")))
+    assert preds, f"{path}: no predictions.csv under runs/ to grade"
+    with open(preds[0], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "grade", "score"])
+        w.writerows([r["id"], k % 4, r["score"]] for k, r in enumerate(rows))
 
 
 def _make_input(path: str, world: dict) -> None:
@@ -138,7 +168,7 @@ def prepare(line: int, tokens: list[str], world: dict) -> tuple[str, list[str], 
     """(module, argv with placeholders mapped and small options appended, torchrun?) for one command."""
     m = tokens.index("-m")
     module = tokens[m + 1].split(".", 1)[1]
-    launcher, argv = tokens[:m], [_data_path(t, world) for t in tokens[m + 2:]]
+    launcher, argv = tokens[:m], _expand([_data_path(t, world) for t in tokens[m + 2:]], world["cwd"])
     outputs = {argv[i + 1] for i, t in enumerate(argv[:-1]) if t in ("--out", "-o")}
     positional = [t for i, t in enumerate(argv) if not t.startswith("-") and (i == 0 or not argv[i - 1].startswith("-"))]
     if module == "pack" and len(positional) >= 2:
@@ -150,9 +180,16 @@ def prepare(line: int, tokens: list[str], world: dict) -> tuple[str, list[str], 
             _make_input(t, world)
         if i and argv[i - 1] in ("--checkpoint", "-c") and not os.path.exists(os.path.join(world["cwd"], t)):
             shutil.copytree(world["run"], os.path.join(world["cwd"], t))
+        if i and argv[i - 1] == "--grades" and not os.path.exists(os.path.join(world["cwd"], t)):
+            _make_grades(os.path.join(world["cwd"], t), world["cwd"])
     argv += SMALL.get(module, [])
     if module in WRITES_RUN and not outputs:
-        argv += ["--out", f"runs/readme-L{line}"]
+        def flag(name: str, default: str) -> str:
+            return next((argv[i + 1] for i, t in enumerate(argv[:-1]) if t == name), default)
+
+        trainer = flag("--trainer", "single")
+        arch = "ensemble" if trainer == "ensemble" else flag("--arch", "small_cnn")
+        argv += ["--out", f"runs/{trainer}-{arch}-readme-L{line}"]
     return module, argv, bool(launcher) and launcher[0] == "torchrun"
 
 
