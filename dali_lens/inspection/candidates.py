@@ -23,6 +23,7 @@ class Candidate:
     spread: float | None = None
     members: dict[str, float] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)  # why it was picked: top, bottom, ids, false-positive, missed
+    mark: str = ""  # 'false-positive' / 'missed': labelled and on the wrong side of the threshold (set by select)
     sample: Sample | None = None
     dataset: Dataset | None = None
     problem: str | None = None  # why its cutout could not be shown
@@ -30,11 +31,7 @@ class Candidate:
     @property
     def kind(self) -> str:
         """'false-positive', 'missed' or '' (how the gallery marks it)."""
-        if "false-positive" in self.groups:
-            return "false-positive"
-        if "missed" in self.groups:
-            return "missed"
-        return ""
+        return self.mark
 
 
 def _float(text: str, where: str, column: str) -> float:
@@ -116,8 +113,9 @@ def select(candidates: list[Candidate], top: int = 0, bottom: int = 0, ids: list
     """The candidates to show, in order (top, bottom, ids, false positives, missed; each once), and the
     requested ids that are not in the predictions.
 
-    Labelled candidates are also marked 'false-positive' (a non-lens scoring >= ``threshold``) or 'missed'
-    (a lens scoring below it), whichever list picked them.
+    Labelled candidates are marked 'false-positive' (a non-lens scoring >= ``threshold``) or 'missed' (a lens
+    scoring below it), whichever list picked them; ``--false-positives``/``--missed`` pick the highest-scoring
+    non-lenses and the lowest-scoring lenses, which are only marked when on the wrong side of the threshold.
     """
     by_score = sorted(candidates, key=lambda c: -c.score)
     picked: dict[int, Candidate] = {}
@@ -143,10 +141,8 @@ def select(candidates: list[Candidate], top: int = 0, bottom: int = 0, ids: list
     add("missed", [c for c in by_score[::-1] if c.label == 1][:max(0, missed)])
     shown = list(picked.values())
     for c in shown:
-        if c.label == 0 and c.score >= threshold and "false-positive" not in c.groups:
-            c.groups.append("false-positive")
-        if c.label == 1 and c.score < threshold and "missed" not in c.groups:
-            c.groups.append("missed")
+        c.mark = ("false-positive" if c.label == 0 and c.score >= threshold else
+                  "missed" if c.label == 1 and c.score < threshold else "")
     return shown, unknown
 
 
