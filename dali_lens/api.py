@@ -34,27 +34,16 @@ def predict(checkpoint: str | list[str], data: str | list[str], out: str, **opti
     """Score ``data`` with one checkpoint or an ensemble like ``python -m dali_lens.predict``.
 
     Writes ``out`` (``file,id,label,score[,member scores]``; resumable) and returns its path. ``options`` are the
-    CLI flags with ``_`` for ``-`` (``backend``, ``batch_size``, ``tta``, ``fusion``, ``workers``, ...);
-    ``True`` turns a switch on.
+    CLI flags with ``_`` for ``-`` (``backend``, ``batch_size``, ``tta``, ``fusion``, ``workers``, ``split``,
+    ``hdus``, ``skip_bad``, ``limit``, ``threads``, ``progress``; see
+    :func:`dali_lens.predictions.predict_files`). Bad input raises ``DataError`` (or ``PredictError`` /
+    ``CheckpointError``), naming the file.
     """
-    from .predict import main
+    from .predictions import predict_files
 
-    argv: list[str] = []
-    for ck in [checkpoint] if isinstance(checkpoint, str) else checkpoint:
-        argv += ["--checkpoint", ck]
-    argv += ["--out", out, "--no-progress"] if "progress" not in options else ["--out", out]
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False or value is None:
-            continue
-        else:
-            argv += [flag, str(value)]
-    argv += [data] if isinstance(data, str) else list(data)
-    code = main(argv)
-    if code != 0:
-        raise RuntimeError(f"prediction failed (exit status {code}); see the message above")
+    options.setdefault("progress", False)
+    predict_files([checkpoint] if isinstance(checkpoint, str) else list(checkpoint),
+                  [data] if isinstance(data, str) else list(data), out, **options)
     return os.path.abspath(out)
 
 

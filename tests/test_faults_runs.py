@@ -16,6 +16,7 @@ import time
 import pytest
 
 from dali_lens.data.synthetic import generate_dataset
+from dali_lens.predictions import provenance_path
 from test_predict import make_checkpoint
 
 P = importlib.import_module("dali_lens.predict")  # the module (dali_lens.predict is also a function)
@@ -55,7 +56,7 @@ def test_predict_never_touches_a_foreign_out(small, tmp_path, capsys, content):
     err = _last_err(capsys)
     assert str(out) in err and "left untouched" in err
     assert out.read_bytes() == content
-    assert not os.path.exists(P.provenance_path(str(out)))
+    assert not os.path.exists(provenance_path(str(out)))
 
 
 def test_merge_never_touches_a_foreign_out(small, tmp_path, capsys):
@@ -78,7 +79,7 @@ def test_predict_refuses_another_models_output(small, tmp_path, capsys):
     assert P.main(["-c", small["b"]] + base) == 2
     err = _last_err(capsys)
     assert "another model" in err and small["a"] in err and small["b"] in err
-    record = json.load(open(P.provenance_path(out)))
+    record = json.load(open(provenance_path(out)))
     assert record["checkpoints"][0]["path"] == small["a"] and len(record["checkpoints"][0]["sha256"]) == 64
     assert P.main(["-c", small["a"]] + base + ["--tta"]) == 2
     assert "--tta: False then, True now" in _last_err(capsys)
@@ -93,7 +94,7 @@ def test_predict_refuses_another_models_output(small, tmp_path, capsys):
 def test_predict_refuses_rows_without_a_record(small, tmp_path, capsys):
     out = str(tmp_path / "old.csv")
     assert P.main(["-c", small["a"]] + [small["data"], "--out", out] + QUICK + ["--limit", "3"]) == 0
-    os.unlink(P.provenance_path(out))
+    os.unlink(provenance_path(out))
     before = open(out, "rb").read()
     assert P.main(["-c", small["a"]] + [small["data"], "--out", out] + QUICK) == 2
     assert "no record" in _last_err(capsys)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dali_lens import predict as P
+from dali_lens.predictions import find_parts, part_path
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import CheckpointError, load_ensemble
 from dali_lens.models import build_model
@@ -179,7 +180,7 @@ def test_two_processes_torchrun(env, tmp_path):
     res = subprocess.run(cmd, cwd=REPO, env=envv, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stderr and "239 to score now" in res.stderr
-    assert not P.find_parts(out), "part files must be merged and removed"
+    assert not find_parts(out), "part files must be merged and removed"
     with open(out, "rb") as fh:
         assert fh.read().startswith(first)
     assert_same_scores(out, env["ref"])
@@ -197,11 +198,11 @@ def test_merge_only(env, tmp_path, capsys):
             fh.write(tail)
 
     write(out, rows[:50])
-    write(P.part_path(out, 0, 2), rows[40:170], tail="/trunc")     # overlaps OUT; a truncated last line
-    write(P.part_path(out, 1, 2), rows[170:])
+    write(part_path(out, 0, 2), rows[40:170], tail="/trunc")     # overlaps OUT; a truncated last line
+    write(part_path(out, 1, 2), rows[170:])
     assert P.main(["--merge", "--out", out]) == 0
     assert "merged 2 part file(s)" in capsys.readouterr().err
-    assert not P.find_parts(out)
+    assert not find_parts(out)
     h2, merged = read(out)
     assert h2 == head and merged == rows  # each row once, OUT's rows first, verbatim
     assert P.main(["--merge", "--out", out]) == 0  # nothing left to merge: untouched

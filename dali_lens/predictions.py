@@ -1,0 +1,449 @@
+"""The predictions CSV a scoring run writes, and the run that writes it.
+
+``predict_files`` is the typed core of ``python -m dali_lens.predict`` and of ``dali_lens.predict``: it scores
+DATA with an ensemble of checkpoints into one CSV (``file,id,label,score[,score_<member>...,member_std]``),
+batch by batch, resumable. The rest is the file's bookkeeping: its header (``header_for``), which existing
+files it may append to (``check_own``), what wrote it (``OUT.meta.json``: ``provenance``/``check_provenance``),
+resuming (``repair``, ``done_files``), per-rank part files and their merge (``part_path``, ``merge``). The
+command's docstring (``dali_lens/predict.py``) says what a user sees.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import time
+
+import numpy as np
+
+from .cli import log
+from .data.dataset import parse_hdus
+from .data.inputs import gather_inputs
+
+
+class PredictError(ValueError):
+    """Bad arguments or an output file that does not match this run."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the output file(s)
+
+
+def header_for(names: list[str]) -> list[str]:
+    from .trainers.outputs import prediction_header
+
+    return prediction_header(names)
+
+
+def _header_line(header: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(header)
+    return buf.getvalue()
+
+
+def check_own(path: str, header: list[str]) -> None:
+    """Refuse, without touching it, an existing ``path`` that is not a predictions CSV with exactly ``header``.
+
+    Only an empty file or one whose first line is this header may be repaired and appended to: anything else
+    (a notes file, an image, another command's CSV, predictions with other columns) raises PredictError.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    want = _header_line(header).encode()
+    with open(path, "rb") as fh:
+        head = fh.read(max(len(want), 1 << 16))
+    if head.startswith(want):
+        return
+    first = head.split(b"\n", 1)[0]
+    try:
+        found = _parse(first.decode("utf-8")) if first else []
+    except (UnicodeDecodeError, csv.Error):
+        found = None
+    if found and found[:2] == ["file", "id"] and b"\n" in head:
+        raise PredictError(f"{path}: its columns {found} differ from this run's {header} (written with other "
+                           "checkpoints, or by an older dali-lens?); it is left untouched: choose another --out or "
+                           "remove the file")
+    raise PredictError(f"{path}: exists and is not a predictions CSV written by dali_lens.predict (its first line "
+                       f"is not the header {','.join(header)}); it is left untouched: choose another --out")
+
+
+PROVENANCE_KEYS = ("checkpoints", "fusion", "tta", "hdus")
+
+
+def provenance_path(out: str) -> str:
+    """The record of what wrote ``out`` (next to it)."""
+    return out + ".meta.json"
+
+
+def provenance(ens, tta: bool, data: list[str], split: str, hdus, fusion: str, header: list[str]) -> dict:
+    """What determines the scores in ``out``: the checkpoints' contents and the scoring options (and, for
+    information, the DATA and --split given; rows are keyed by file, so other DATA may be added)."""
+    from .data.shards import file_sha256
+
+    return {"written_by": "dali_lens.predict", "columns": header,
+            "checkpoints": [{"sha256": file_sha256(p), "path": p} for p in ens.checkpoints],
+            "fusion": fusion, "tta": bool(tta), "hdus": list(hdus) if hdus else None,
+            "data": [os.path.abspath(os.path.expanduser(d)) for d in data], "split": split}
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    diffs = []
+    old_ck, new_ck = saved.get("checkpoints") or [], now["checkpoints"]
+    if [c.get("sha256") for c in old_ck] != [c["sha256"] for c in new_ck]:
+        def show(cks):
+            return ", ".join(f"{c.get('path')} (sha256 {str(c.get('sha256'))[:12]})" for c in cks) or "none"
+
+        diffs.append(f"checkpoints: {show(old_ck)} then, {show(new_ck)} now")
+    for key in PROVENANCE_KEYS[1:]:
+        if saved.get(key) != now[key]:
+            diffs.append(f"--{key}: {saved.get(key)!r} then, {now[key]!r} now")
+    return diffs
+
+
+def check_provenance(out: str, now: dict, header: list[str]) -> bool:
+    """Whether ``out``'s record must be written. Raises PredictError when ``out`` (or its part files) hold
+    rows that another model or other options produced, or rows with no record, or when the record's name is
+    taken by a file that is not one."""
+    side = provenance_path(out)
+    files = [p for p in [out] + find_parts(out) if os.path.isfile(p)]
+    has_rows = any(os.path.getsize(p) > len(_header_line(header).encode()) for p in files)
+    if os.path.exists(side):
+        try:
+            with open(side, encoding="utf-8") as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise PredictError(f"{side}: not a readable record of dali_lens.predict ({exc}); it is left "
+                               "untouched: choose another --out") from None
+        if not isinstance(saved, dict) or saved.get("written_by") != "dali_lens.predict":
+            raise PredictError(f"{side}: exists and was not written by dali_lens.predict; it is left untouched: "
+                               "choose another --out")
+        if not has_rows:
+            return saved != now
+        diffs = _differences(saved, now)
+        if diffs:
+            raise PredictError(f"{out}: its rows were written by another model or with other options ("
+                               + "; ".join(diffs) + "); nothing was changed: choose another --out, or remove "
+                               f"{out} and {os.path.basename(side)} to score again")
+        return False
+    if has_rows:
+        raise PredictError(f"{out}: holds rows but no record {os.path.basename(side)} of the checkpoints and "
+                           "options that wrote them (an older dali-lens?), so they cannot be checked against this "
+                           "run; it is left untouched: choose another --out, or remove the file to score again")
+    return True
+
+
+def part_path(out: str, rank: int, world: int) -> str:
+    return f"{out}.part-{rank}-of-{world}.csv"
+
+
+def find_parts(out: str) -> list[str]:
+    """Existing part files of ``out`` (any world size), ordered by (world size, rank)."""
+    directory, name = os.path.split(os.path.abspath(out))
+    pat = re.compile(re.escape(name) + r"\.part-(\d+)-of-(\d+)\.csv$")
+    found = []
+    if os.path.isdir(directory):
+        for entry in os.listdir(directory):
+            m = pat.match(entry)
+            if m:
+                found.append((int(m.group(2)), int(m.group(1)), os.path.join(directory, entry)))
+    return [p for _, _, p in sorted(found)]
+
+
+def complete_length(path: str) -> int:
+    """Bytes up to and including the last newline (what survives of a file cut off mid-line)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        pos = size
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            fh.seek(pos)
+            k = fh.read(step).rfind(b"\n")
+            if k >= 0:
+                return pos + k + 1
+    return 0
+
+
+def repair(path: str) -> int:
+    """Cut a truncated last line off ``path``; returns the number of bytes removed."""
+    if not os.path.isfile(path):
+        return 0
+    size, keep = os.path.getsize(path), complete_length(path)
+    if keep < size:
+        os.truncate(path, keep)
+    return size - keep
+
+
+def _parse(line: str) -> list[str]:
+    return next(csv.reader([line]))
+
+
+def iter_rows(path: str, header: list[str] | None):
+    """``(file, line)`` for every complete row of a predictions CSV (a truncated last line is ignored).
+
+    Checks the header against ``header`` (when given) and that every row has the header's columns.
+    Yields ``("", header line)`` first.
+    """
+    with open(path, encoding="utf-8", newline="") as fh:
+        first = fh.readline()
+        if not first.endswith("\n"):
+            return  # empty, or only a truncated header
+        found = _parse(first)
+        if header is not None and found != header:
+            raise PredictError(f"{path}: its columns {found} differ from this run's {header} (written with other "
+                               "checkpoints?); choose another --out or remove the file")
+        yield "", first
+        for lineno, line in enumerate(fh, start=2):
+            if not line.endswith("\n"):
+                break  # truncated by an interruption
+            row = _parse(line)
+            if len(row) != len(found):
+                raise PredictError(f"{path}, line {lineno}: {len(row)} columns instead of {len(found)} "
+                                   "(a damaged file; remove it to start again)")
+            yield row[0], line
+
+
+def done_files(paths: list[str], header: list[str] | None) -> set[str]:
+    done: set[str] = set()
+    for p in paths:
+        if os.path.isfile(p):
+            done.update(f for f, _ in iter_rows(p, header) if f)
+    return done
+
+
+def merge(out: str, header: list[str] | None = None) -> tuple[int, int]:
+    """Merge ``out`` and its part files into ``out`` atomically (each file once); removes the parts.
+
+    Returns (rows in ``out`` afterwards, part files merged). Rows are copied verbatim: rows already in
+    ``out`` first, then the parts by (world size, rank).
+    """
+    from .data.io import atomic_open
+
+    parts = find_parts(out)
+    if not parts:
+        n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
+        return n, 0
+    sources = ([out] if os.path.isfile(out) else []) + parts
+    if header is None:
+        for src in sources:
+            first = next(iter_rows(src, None), None)
+            if first is not None:
+                header = _parse(first[1])
+                break
+    if header is None:
+        raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
+    seen: set[str] = set()
+    with atomic_open(out, "w", newline="") as dst:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(header)
+        dst.write(buf.getvalue())
+        for src in sources:
+            for f, line in iter_rows(src, header):
+                if f and f not in seen:
+                    seen.add(f)
+                    dst.write(line)
+    for p in parts:
+        os.unlink(p)
+    return len(seen), len(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running
+
+
+def _setup_distributed():
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    return rank, world, local, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _fmt(v: float) -> str:
+    return f"{float(v):.7g}"
+
+
+def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: str = "all", backend: str = "auto",
+                  batch_size: int = 64, tta: bool = False, fusion: str | None = None, workers: int | None = None,
+                  threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
+                  limit: int | None = None, progress: bool = True) -> int:
+    """Score ``data`` with the ensemble of ``checkpoint`` into the CSV ``out`` (resumable; see
+    ``python -m dali_lens.predict --help`` for every option). Returns 0; raises DataError, PredictError or
+    CheckpointError on bad input."""
+    import torch
+
+    from .data.io import atomic_write_json
+    from .inference import check_dataset, load_ensemble, loader_options, score_batches
+    from .pipelines import build_loader, resolve_backend
+    from .pipelines.options import shard_bounds
+
+    rank, world, _, device = _setup_distributed()
+    main_rank = rank == 0
+    say = log if main_rank else (lambda *a, **k: None)
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.isdir(out):
+        raise PredictError(f"{out}: --out is a directory; give the CSV file to write")
+    try:
+        resolve_backend(backend)  # a backend this machine lacks fails before anything is loaded
+    except RuntimeError as exc:
+        raise PredictError(str(exc)) from None
+    if threads:
+        torch.set_num_threads(threads)
+    ens = load_ensemble(checkpoint, device)
+    hdus = parse_hdus(hdus) or ens.hdus
+    dataset = gather_inputs(data, split, hdus, float(ens.config.get("val_fraction", 0.15)),
+                            int(ens.config.get("seed", 0)))
+    check_dataset(ens, dataset)
+    backend = resolve_backend(backend, dataset)
+    if skip_bad:
+        from .data.validate import drop_bad
+
+        dataset = drop_bad(dataset, allow_nonfinite=ens.mask_value is not None, log=say)
+    fusion = fusion or ens.fusion
+    header = header_for(ens.names)
+    say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"
+        + (", TTA x8" if tta else "") + f"; backend {backend} on {device}; {world} process(es)")
+
+    # check (every rank, read-only: all stop alike), then repair and record (rank 0 only), then every rank
+    # reads the same state, then everyone writes
+    for p in [out] + find_parts(out):
+        check_own(p, header)
+    now = provenance(ens, tta, data, split, hdus, fusion, header)
+    record = check_provenance(out, now, header)
+    _barrier(world)
+    if main_rank:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        if record:
+            atomic_write_json(provenance_path(out), now)
+        for p in [out] + find_parts(out):
+            cut = repair(p)
+            if cut:
+                say(f"{p}: removed a truncated last line ({cut} bytes) left by an interruption")
+    _barrier(world)
+    existing = [out] + find_parts(out)
+    done = done_files(existing, header)
+    _barrier(world)
+    paths = {s.path for s in dataset.samples}
+    extra, already = len(done - paths), len(done & paths)
+    del paths
+    # positions still to score, as one int64 array (a list of ints costs 36 bytes per cutout)
+    remaining = np.fromiter((i for i, s in enumerate(dataset.samples) if s.path not in done), dtype=np.int64)
+    del done
+    total_left = len(remaining)
+    if limit is not None:
+        remaining = remaining[: max(0, limit)]
+    if extra:
+        say(f"note: {out} holds {extra} row(s) for files not in this DATA; they are kept")
+    if len(remaining) == 0:
+        parts = find_parts(out)
+        if main_rank and parts:
+            n, k = merge(out, header)
+            say(f"merged {k} part file(s) into {out}: {n} rows")
+        elif total_left == 0:
+            say(f"{out} is complete: all {len(dataset)} cutouts are scored; nothing to do")
+        else:
+            say("--limit 0: nothing scored")
+        _barrier(world)
+        return 0
+    say(f"{len(dataset)} cutouts, {already} already scored, {len(remaining)} to score now"
+        + (f" (of {total_left} left)" if len(remaining) < total_left else ""))
+
+    target = out if world == 1 else part_path(out, rank, world)
+    lo, hi = shard_bounds(len(remaining), rank, world)
+    t0, written = time.perf_counter(), 0
+    if hi > lo:
+        sub = dataset.subset(remaining)
+        if workers is None:
+            workers = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        opts = loader_options(ens, batch_size, tta, shard_id=rank, num_shards=world, workers=workers)
+        loader = build_loader(sub, backend=backend, options=opts)
+        from tqdm import tqdm
+
+        bar = tqdm(total=hi - lo, unit="img", desc="predict" if world == 1 else f"predict rank {rank}/{world}",
+                   disable=not (progress and main_rank), dynamic_ncols=True, smoothing=0.1)
+        new = not os.path.isfile(target) or os.path.getsize(target) == 0
+        with open(target, "a", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            if new:
+                writer.writerow(header)
+                fh.flush()
+            try:
+                for idx, _, logits in score_batches(ens, loader):
+                    score, probs, spread = ens.probabilities(logits, fusion)
+                    rows = []
+                    for j, i in enumerate(idx):
+                        s = sub.samples[int(i)]
+                        row = [s.path, s.id, "" if s.label is None else int(s.label), _fmt(score[j])]
+                        if len(ens.members) > 1:
+                            row += [_fmt(probs[k][j]) for k in ens.names] + [_fmt(spread[j])]
+                        rows.append(row)
+                    writer.writerows(rows)
+                    fh.flush()
+                    written += len(rows)
+                    bar.update(len(rows))
+            finally:
+                bar.close()
+                fh.flush()
+                os.fsync(fh.fileno())
+        if written != hi - lo:
+            raise RuntimeError(f"rank {rank}: the loader returned {written} of {hi - lo} cutouts")
+    seconds = time.perf_counter() - t0
+    _barrier(world)
+    if world > 1:
+        import torch.distributed as dist
+
+        counts = [None] * world
+        dist.all_gather_object(counts, (written, seconds))
+        written_all, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
+    else:
+        written_all = written
+    if main_rank:
+        if find_parts(out):
+            n, k = merge(out, header)
+            say(f"merged {k} part file(s) into {out}")
+        n = sum(1 for f, _ in iter_rows(out, header) if f)
+        rate = written_all / max(seconds, 1e-9)
+        left = total_left - written_all
+        say(f"scored {written_all} cutouts in {seconds:.1f} s ({rate:.1f} img/s); {out} holds {n} rows"
+            + (f"; {left} left (rerun to continue)" if left > 0 else ""))
+    _barrier(world)
+    return 0
+
+
+def merge_only(out: str) -> int:
+    """Merge ``OUT.part-*-of-*.csv`` into ``out`` (``--merge``)."""
+    out = os.path.abspath(os.path.expanduser(out))
+    parts = find_parts(out)
+    if not parts:
+        if os.path.isfile(out):
+            log(f"{out}: no part files to merge; left as it is")
+            return 0
+        raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv exists")
+    header = next((_parse(line) for p in parts for _, line in iter_rows(p, None)), None)
+    if header is None:
+        raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
+    for p in [out] + parts:
+        check_own(p, header)
+    for p in [out] + parts:
+        cut = repair(p)
+        if cut:
+            log(f"{p}: removed a truncated last line ({cut} bytes)")
+    n, k = merge(out, header)
+    log(f"merged {k} part file(s) into {out}: {n} rows")
+    return 0
