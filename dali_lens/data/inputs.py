@@ -7,16 +7,12 @@ Files, folders, CSV manifests, list files (``.txt``/``.lst``/``.list``, one path
 from __future__ import annotations
 
 import os
-import sys
 
+from ..cli import log
 from .dataset import DataError, Dataset, Sample, kind_of, sample_id
 
 SPLIT_ORDER = ("train", "val", "test", "predict")
 LIST_EXTS = (".txt", ".lst", ".list")
-
-
-def _note(text: str) -> None:  # progress goes to stderr: a command's stdout is for its results
-    print(text, file=sys.stderr, flush=True)
 
 
 def _from_list_file(path: str) -> list[Sample]:
@@ -55,7 +51,7 @@ def _concat(parts: list[Dataset], root: str, split: str) -> Dataset:
             seen.add(s.path)
             samples.append(s)
     if dups:
-        _note(f"note: {dups} file(s) given more than once are scored once")
+        log(f"note: {dups} file(s) given more than once are scored once")
     return Dataset(samples, ref.bands, ref.kind, root, split, ref.hdus, ref.shape)
 
 

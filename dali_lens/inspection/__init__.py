@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
+from ..cli import log
 from ..data.dataset import DataError, Dataset
 from .candidates import (DEFAULT_BINS, GRADES, Candidate, format_purity, match, purity_table, read_grades,
                          read_ids, read_predictions, select)
@@ -30,10 +30,6 @@ GALLERY_N = 50  # false positives and missed lenses each, in the galleries train
 
 def _quiet(*_a, **_k) -> None:
     return None
-
-
-def _stderr(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 def data_mask_value(root: str) -> float | None:
@@ -126,7 +122,7 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
 
 
 def split_gallery(out: str, dataset: Dataset, scores, labels, spread=None, *, n: int = GALLERY_N,
-                  threshold: float = 0.5, mask_value: float | None = None, log=_stderr) -> dict | None:
+                  threshold: float = 0.5, mask_value: float | None = None, log=log) -> dict | None:
     """The ``n`` highest-scoring non-lenses and ``n`` lowest-scoring lenses of ``dataset`` (scores and labels
     in its sample order; label -1 = unknown) as ``out/gallery.png`` and ``out/index.html``. None if the split
     has no labels."""
