@@ -15,8 +15,6 @@ from .dataset import DataError, Dataset, Sample
 
 
 def read_image(path: str) -> np.ndarray:
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: empty file (0 bytes)")
     with open(path, "rb") as fh:
         return decode_image(fh.read(), path)
 
