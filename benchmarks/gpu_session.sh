@@ -6,10 +6,15 @@
 #   0. environment: GPU, versions, where yaml/astropy/DALI come from, cuFile found or not   -> env.txt
 #   1. gpu_check.py: every DALI loader test on the GPU backend, .fits.fz and .npy-with/without-cuFile first
 #                                                                                          -> gpu-tests.json
+#      AT THE SAME TIME gpu_journeys.py: the README's main job with no flags (auto must pick the GPU), then
+#      png/jpeg/fits/npy x train/predict/evaluate, multiscale, ensemble, challenge, packed shards on --backend
+#      dali (correctness, not timing, so it shares the GPU with the tests)    -> journeys-gpu.json, journeys.log
 #   2. bench_multiscale_memory.py: host and GPU memory vs the legacy mode (the 50 % target) -> multiscale-memory-gpu.json
 #   3. bench_loaders.py: DALI GPU vs the baseline, 64 px PNG/JPEG -> 3 scales             -> loaders-gpu.json
 #   4. bench_train.py: ResNet-18 and the small CNN at 224 px, data-wait fraction          -> train-gpu.json
-# Limits: 10 + 210 + 75 + 75 + 60 s = 430 s (7.2 min) at most.
+# Limits: 10 + 210 + 75 + 75 + 60 s = 430 s (7.2 min) at most. At most 8 files come back from $OUT: the
+# benchmarks write no plots here (--no-plot; they are drawn from the JSON later) and pytest's log stays in
+# session.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -39,11 +44,14 @@ print("libcufile.so.0:", dali_backend._load_cufile() or "not found: .npy read on
 PY
 }
 step 10 env_report > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt"
-step 210 python3 benchmarks/gpu_check.py --out "$OUT/gpu-tests.json"
+timeout -k 5 200 python3 benchmarks/gpu_journeys.py --out "$OUT/journeys-gpu.json" > "$OUT/journeys.log" 2>&1 &
+journeys=$!
+step 210 python3 benchmarks/gpu_check.py --out "$OUT/gpu-tests.json" --log /tmp/gpu-check.log
+wait $journeys; echo "== journeys exit $? at $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/journeys.log"
 step 75 python3 benchmarks/bench_multiscale_memory.py --backends dali --batches 128 --no-loader-only --repeats 1 \
-  --out "$OUT/multiscale-memory-gpu.json"
+  --no-plot --out "$OUT/multiscale-memory-gpu.json"
 step 75 python3 benchmarks/bench_loaders.py --backends dali,dali-cpu,baseline --formats png,jpeg --sizes 64 \
-  --scales multi --batches 256 --deadline 60 --out "$OUT/loaders-gpu.json"
+  --scales multi --batches 256 --deadline 60 --no-plot --out "$OUT/loaders-gpu.json"
 step 60 python3 benchmarks/bench_train.py --models resnet18,small_cnn --sizes 224 --backends dali,torchvision \
-  --out "$OUT/train-gpu.json"
+  --no-plot --out "$OUT/train-gpu.json"
 ls -la "$OUT"
