@@ -12,7 +12,9 @@
 #   2. bench_multiscale_memory.py: host and GPU memory vs the legacy mode (the 50 % target) -> multiscale-memory-gpu.json
 #   3. bench_loaders.py: DALI GPU vs the baseline, 64 px PNG/JPEG -> 3 scales             -> loaders-gpu.json
 #   4. bench_train.py: ResNet-18 and the small CNN at 224 px, data-wait fraction          -> train-gpu.json
-# Limits: 10 + 210 + 75 + 75 + 60 s = 430 s (7.2 min) at most. At most 8 files come back from $OUT: the
+# Limits: 10 + 280 (the tests and, beside them, the journeys) + 110 + 90 + 90 s = 580 s (9.7 min) at most. The
+# first session (H200, 2026-11-29) needed: tests 89 s, journeys ~260 s, memory >75 s (7 of 9 runs at 75 s),
+# loaders >75 s (5 of 6), train >60 s (1 of 6 after data generation). At most 8 files come back from $OUT: the
 # benchmarks write no plots here (--no-plot; they are drawn from the JSON later) and pytest's log stays in
 # session.log.
 set -uo pipefail
@@ -43,15 +45,16 @@ from dali_lens.pipelines import dali_backend
 print("libcufile.so.0:", dali_backend._load_cufile() or "not found: .npy read on the CPU, then .gpu()")
 PY
 }
-step 10 env_report > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt"
-timeout -k 5 200 python3 benchmarks/gpu_journeys.py --out "$OUT/journeys-gpu.json" > "$OUT/journeys.log" 2>&1 &
+export -f env_report  # timeout runs programs, not shell functions (the first session lost env.txt so)
+step 10 bash -c env_report > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt"
+timeout -k 5 280 python3 benchmarks/gpu_journeys.py --out "$OUT/journeys-gpu.json" > "$OUT/journeys.log" 2>&1 &
 journeys=$!
 step 210 python3 benchmarks/gpu_check.py --out "$OUT/gpu-tests.json" --log /tmp/gpu-check.log
 wait $journeys; echo "== journeys exit $? at $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/journeys.log"
-step 75 python3 benchmarks/bench_multiscale_memory.py --backends dali --batches 128 --no-loader-only --repeats 1 \
+step 110 python3 benchmarks/bench_multiscale_memory.py --backends dali --batches 128 --no-loader-only --repeats 1 \
   --no-plot --out "$OUT/multiscale-memory-gpu.json"
-step 75 python3 benchmarks/bench_loaders.py --backends dali,dali-cpu,baseline --formats png,jpeg --sizes 64 \
+step 90 python3 benchmarks/bench_loaders.py --backends dali,dali-cpu,baseline --formats png,jpeg --sizes 64 \
   --scales multi --batches 256 --deadline 60 --no-plot --out "$OUT/loaders-gpu.json"
-step 60 python3 benchmarks/bench_train.py --models resnet18,small_cnn --sizes 224 --backends dali,torchvision \
+step 90 python3 benchmarks/bench_train.py --models resnet18,small_cnn --sizes 224 --backends dali,torchvision \
   --no-plot --out "$OUT/train-gpu.json"
 ls -la "$OUT"

@@ -191,6 +191,38 @@ def test_gpu_numpy_reader_reads_on_the_cpu_without_cufile(make_dataset, forced):
         dali_backend.numpy_reader_device(LoaderOptions(extra={"numpy_reader": "gds"}))
 
 
+def test_cufile_probe_reads_one_file_and_says_why_it_cannot(make_dataset):
+    """The probe really runs DALI's GPU numpy reader on a data file; where that fails (here: no GPU at all) it
+    returns DALI's reason, naming the folder. On a GPU machine where cuFile works it returns ''."""
+    ds = discover(make_dataset("npy", n_per_class=1, size=8))["test"]
+    why = dali_backend._probe_cufile(ds.samples[0].path, 0)
+    if torch.cuda.is_available() and not why:
+        return  # cuFile reads this filesystem
+    assert why.startswith(f"cuFile cannot read {os.path.dirname(ds.samples[0].path)}: ") and len(why) > 40, why
+
+
+def test_auto_numpy_reader_falls_back_when_cufile_cannot_read_the_data(make_dataset, monkeypatch):
+    """What the first GPU session found: libcufile.so.0 loads, yet reading the data fails. 'auto' must then read
+    on the CPU and copy (and log why), not fail on the first batch. The probe's verdict for the data's
+    filesystem is planted here (the probe itself needs a GPU: test above)."""
+    ds = discover(make_dataset("npy", n_per_class=2, size=16))["test"]
+    first = ds.samples[0].path
+    monkeypatch.setattr(dali_backend, "_CUFILE", ["/usr/lib/libcufile.so.0"])
+    key = (os.stat(first).st_dev, 0)
+    monkeypatch.setitem(dali_backend._CUFILE_VERDICT, key, "cuFile cannot read /data: file descriptor is not registered")
+    opts = LoaderOptions(scales=(16,), batch_size=2, device_id=0)
+    assert dali_backend.numpy_reader_device(opts, first) == "cpu"
+    pipe = dali_backend.define_pipeline(ds, opts, True, np.arange(len(ds)))
+    reader = next(op for op in graph_ops(pipe) if op._op.schema.Name() == "readers__Numpy")
+    assert reader._op.device == "cpu"
+    loader = dali_backend.DaliLoader(ds, LoaderOptions(scales=(16,), batch_size=2))
+    loader.gpu = True
+    assert "on the CPU" in loader.reads and "file descriptor is not registered" in loader.reads, loader.reads
+    monkeypatch.setitem(dali_backend._CUFILE_VERDICT, key, "")  # where cuFile works: the GPU reader
+    assert dali_backend.numpy_reader_device(opts, first) == "gpu"
+    assert "cuFile" in loader.reads
+
+
 # ---- defect 4: nvJPEG upsamples chroma like the CPU decoders
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -248,9 +280,11 @@ def test_npy_through_the_gpu_reader_with_and_without_cufile(make_dataset, backen
     as torchvision's. (On the CPU backend both are DALI's CPU reader.)"""
     from conftest import collect
 
-    if backend == "dali" and reader == "gpu" and dali_backend._load_cufile() is None:
-        pytest.skip("no libcufile.so.0 on this machine: DALI's GPU numpy reader cannot run here")
     ds = discover(make_dataset("npy", n_per_class=4, size=16))["test"]
+    if backend == "dali" and reader == "gpu":
+        why = dali_backend.cufile_problem(ds.samples[0].path)
+        if why:  # the first H200 machine: libcufile.so.0 loaded, every read "file descriptor is not registered"
+            pytest.skip(f"DALI's GPU numpy reader cannot run here: {why}")
     kw = dict(scales=(16, 24), batch_size=3, mean=(100.0,) * 3, std=(300.0,) * 3)
     loader = build_loader(ds, backend=backend, extra={"numpy_reader": reader}, **kw)
     if backend == "dali":

@@ -277,7 +277,7 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
         raw, index = fn.readers.file(files=files, labels=[int(i) for i in order], **common)
         return _decode_images(raw, dataset, gpu), index
     if dataset.kind == "npy":
-        on_gpu = gpu and numpy_reader_device(opts) == "gpu"
+        on_gpu = gpu and numpy_reader_device(opts, files[0] if files else None) == "gpu"
         x = fn.readers.numpy(files=files, device="gpu" if on_gpu else "cpu", **common)
         if gpu and not on_gpu:
             x = x.gpu()
@@ -339,20 +339,59 @@ def _load_cufile() -> str | None:
 
 
 _CUFILE: list = []
+_CUFILE_VERDICT: dict = {}  # (st_dev of a data file, GPU) -> '' when cuFile reads that filesystem, else why not
 
 
-def numpy_reader_device(opts: LoaderOptions) -> str:
+def cufile_problem(path: str | None, device_id: int = 0, probe: bool = True) -> str:
+    """'' when DALI's GPU numpy reader (cuFile) can read ``path``'s filesystem on GPU ``device_id``, else why not.
+
+    A loadable ``libcufile.so.0`` is not enough: on the first GPU machine it loaded and every read then failed
+    with "CUFile import failed: ... file descriptor is not registered" (the filesystem, or cuFile's own
+    configuration, refused it). So one data file is read through a one-operator GPU pipeline, once per
+    filesystem and GPU. ``probe=False`` (inside a pipeline definition, where no other pipeline may run) only
+    uses an earlier verdict, else the library's presence."""
+    if not _CUFILE:
+        _CUFILE.append(_load_cufile())
+    if not _CUFILE[0]:
+        return "no libcufile.so.0 for its GPU reader"
+    if path is None:
+        return ""
+    key = (os.stat(path).st_dev, device_id)
+    if key not in _CUFILE_VERDICT:
+        if not probe:
+            return ""
+        _CUFILE_VERDICT[key] = _probe_cufile(path, device_id)
+    return _CUFILE_VERDICT[key]
+
+
+def _probe_cufile(path: str, device_id: int) -> str:
+    """Read ``path`` once with DALI's GPU numpy reader: '' when that works, else DALI's reason."""
+    from nvidia.dali.pipeline import Pipeline
+
+    where = os.path.dirname(os.path.abspath(path))
+    try:
+        pipe = Pipeline(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+        with pipe:
+            pipe.set_outputs(fn.readers.numpy(files=[path], device="gpu"))
+        pipe.build()
+        pipe.run()
+        del pipe
+        return ""
+    except RuntimeError as exc:
+        return f"cuFile cannot read {where}: {dali_error(exc)[1][:300]}"
+
+
+def numpy_reader_device(opts: LoaderOptions, path: str | None = None, probe: bool = False) -> str:
     """Device of the numpy reader on the GPU backend: ``"gpu"`` (read straight to the GPU with cuFile) when
-    ``libcufile.so.0`` can be loaded, else ``"cpu"`` (read on the CPU, then moved with ``.gpu()``).
-    ``opts.extra['numpy_reader']`` = ``"gpu"``/``"cpu"`` forces one (``"auto"``, the default, decides)."""
+    ``cufile_problem`` finds none for ``path`` (a file of the data set), else ``"cpu"`` (read on the CPU, then
+    moved with ``.gpu()``). ``opts.extra['numpy_reader']`` = ``"gpu"``/``"cpu"`` forces one (``"auto"``, the
+    default, decides)."""
     want = opts.extra.get("numpy_reader", "auto")
     if want in ("gpu", "cpu"):
         return want
     if want != "auto":
         raise ValueError(f"numpy_reader must be 'auto', 'gpu' or 'cpu', not {want!r}")
-    if not _CUFILE:
-        _CUFILE.append(_load_cufile())
-    return "gpu" if _CUFILE[0] else "cpu"
+    return "cpu" if cufile_problem(path, opts.device_id or 0, probe) else "gpu"
 
 
 def _shard_files(dataset: Dataset):
@@ -512,6 +551,8 @@ class DaliLoader:
         self.gpu = device != "cpu"
         self.backend = "dali" if self.gpu else "dali-cpu"
         self.device = torch.device(f"cuda:{opts.device_id or 0}" if self.gpu else "cpu")
+        if self.gpu and dataset.kind == "npy" and len(dataset):  # settle cuFile before any pipeline is defined
+            numpy_reader_device(opts, dataset.samples[0].path, probe=True)
         self.order = base_permutation(len(dataset), opts.seed) if opts.train else np.arange(len(dataset))
         self._by_name = None
         # 8-bit images normalised with a positive std cannot become NaN/inf: only float data is checked
@@ -527,10 +568,11 @@ class DaliLoader:
             return ""
         kind = self.dataset.kind
         if kind == "npy":
-            if numpy_reader_device(self.opts) == "gpu":
-                return "DALI reads .npy on the GPU (cuFile: libcufile.so.0 found)"
-            why = "no libcufile.so.0 for its GPU reader" if self.opts.extra.get("numpy_reader", "auto") == "auto" \
-                else "numpy_reader='cpu'"
+            first = self.dataset.samples[0].path if len(self.dataset) else None
+            if numpy_reader_device(self.opts, first) == "gpu":
+                return "DALI reads .npy on the GPU (cuFile)"
+            why = cufile_problem(first, self.opts.device_id or 0, probe=False) \
+                if self.opts.extra.get("numpy_reader", "auto") == "auto" else "numpy_reader='cpu'"
             return f"DALI reads .npy on the CPU and copies them to the GPU ({why})"
         if kind in ("fits", "fits-bands"):
             if self._dali_fits:
