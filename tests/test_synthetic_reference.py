@@ -77,7 +77,7 @@ def encoder_hashes() -> dict[str, str]:
         "fits_primary": _sha(syn.fits_bytes(planes[1])),
         "png_rgb": _sha(_png_content(syn.png_bytes(u8))),
         "png_grey": _sha(_png_content(syn.encode_image(u8[:1], "png"))),
-        "npy": _sha(syn._npy_bytes(planes)),
+        "npy": _sha(syn.npy_bytes(planes)),
     }
 
 
