@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dali_lens.data import synthetic as syn
+from dali_lens.data.synthetic import profiles, simulator, writer
 from dali_lens.data.io import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -34,7 +35,7 @@ def test_deterministic_and_chunk_independent():
 
 
 def test_threads_do_not_change_results():
-    n = syn._SUBCHUNK + 6  # more than one block, so the thread pool really splits the work
+    n = simulator._SUBCHUNK + 6  # more than one block, so the thread pool really splits the work
     a, _ = syn.simulate(n, size=16, seed=2, workers=1)
     b, _ = syn.simulate(n, size=16, seed=2, workers=2)
     assert np.array_equal(a, b)
@@ -115,13 +116,13 @@ def test_sie_deflection_physics():
     X, Y = np.meshgrid(x, x)
     X, Y = X[None] + 0.37, Y[None] + 0.21
     one = np.ones(1)
-    ax, ay = syn._sie_deflection(X, Y, 7.0 * one, 0.9999 * one, 0.0 * one, 0.0 * one, 0.0 * one)
+    ax, ay = profiles.sie_deflection(X, Y, 7.0 * one, 0.9999 * one, 0.0 * one, 0.0 * one, 0.0 * one)
     np.testing.assert_allclose(np.hypot(ax, ay), 7.0, rtol=2e-3)
     q, b, phi = 0.6, 5.0, 0.4
     x64 = np.linspace(-10, 10, 401) + 0.013
     X, Y = np.meshgrid(x64, x64)
-    ax, ay = syn._sie_deflection(X[None].astype(np.float32), Y[None].astype(np.float32), b * one, q * one,
-                                 phi * one, 0 * one, 0 * one)
+    ax, ay = profiles.sie_deflection(X[None].astype(np.float32), Y[None].astype(np.float32), b * one, q * one,
+                                     phi * one, 0 * one, 0 * one)
     h = x64[1] - x64[0]
     div = np.gradient(ax[0].astype(np.float64), h, axis=1) + np.gradient(ay[0].astype(np.float64), h, axis=0)
     c, s = np.cos(phi), np.sin(phi)
@@ -332,11 +333,11 @@ def test_atomic_writes(tmp_path):
 
 @pytest.mark.parametrize("n,n_lens", [(6000, 3000), (10, 5), (11, 3), (7, 0), (7, 7), (1, 1)])
 def test_split_counts_exact_and_stratified(n, n_lens):
-    counts = syn._split_counts(n, n_lens, (0.7, 0.15, 0.15))
+    counts = writer._split_counts(n, n_lens, (0.7, 0.15, 0.15))
     assert sum(s for s, _ in counts) == n and sum(l for _, l in counts) == n_lens
     assert all(0 <= l <= s for s, l in counts)
-    assert [s for s, _ in counts] == list(syn._largest_remainder(n, np.array([0.7, 0.15, 0.15])))
-    labels, split = syn._plan(n, n_lens / n, (0.7, 0.15, 0.15), seed=0)
+    assert [s for s, _ in counts] == list(writer._largest_remainder(n, np.array([0.7, 0.15, 0.15])))
+    labels, split = writer._plan(n, n_lens / n, (0.7, 0.15, 0.15), seed=0)
     assert labels.sum() == n_lens
     for k, (s, l) in enumerate(counts):
         assert (split == k).sum() == s and labels[split == k].sum() == l
