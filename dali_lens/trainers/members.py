@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import build_model
+from ..scoring import channels_last_on
 
 
 @dataclass
@@ -59,7 +60,7 @@ def make_member(spec: MemberSpec, in_chans: int, cfg, steps_per_epoch: int, devi
     torch.manual_seed(spec.seed)
     model = build_model(spec.arch, in_chans=in_chans, img_size=max(spec.scales), weights=cfg.weights,
                         stem=getattr(cfg, "stem", "auto")).to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if channels_last_on(device, cfg.channels_last):
         model = model.to(memory_format=torch.channels_last)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(
