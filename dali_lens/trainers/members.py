@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -36,6 +37,14 @@ class MemberSpec:
         if len(parts) not in (2, 3):
             raise ValueError(f"ensemble member {text!r}: expected ARCH:SCALE[:SEED], e.g. resnet18:112:1")
         return cls(parts[0], (int(parts[1]),), int(parts[2]) if len(parts) == 3 else 0)
+
+
+class Trainer(NamedTuple):
+    """What tells the trainers apart (``single.py``, ``multiscale.py``, ``ensemble.py``): their members, and
+    which scales train in an epoch."""
+
+    member_specs: Callable[..., list[MemberSpec]]
+    active_scales: Callable[..., tuple[int, ...]]
 
 
 @dataclass

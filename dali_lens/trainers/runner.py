@@ -27,10 +27,13 @@ from ..scoring import fuse, sigmoid
 from .budget import parse_budget
 from .checkpoint import Checkpoint, PixelSettings
 from .config import TrainConfig, parse_mask_value
+from .ensemble import TRAINER as ENSEMBLE
 from .loop import dist_info, predict, train_epoch
-from .members import load_member_state, make_member, member_state
+from .members import Trainer, load_member_state, make_member, member_state
+from .multiscale import TRAINER as MULTISCALE
 from .outputs import write_outputs
 from .rundir import RunDir, check_resume_config
+from .single import TRAINER as SINGLE
 
 DEFAULT_N = 4000
 DEFAULT_SIZE = 64
@@ -69,10 +72,9 @@ def default_dataset(log=print) -> str:
     return root
 
 
-def trainer_module(name: str):
-    from . import ensemble, multiscale, single
-
-    return {"single": single, "multiscale": multiscale, "ensemble": ensemble}[name]
+def trainer_module(name: str) -> Trainer:
+    """``--trainer``: what ``single.py``, ``multiscale.py`` or ``ensemble.py`` make of the run."""
+    return {"single": SINGLE, "multiscale": MULTISCALE, "ensemble": ENSEMBLE}[name]
 
 
 def _setup_distributed() -> torch.device:
@@ -205,7 +207,7 @@ class _Job:
             ck.save(path)
 
 
-def _train(job: _Job, kind, active: tuple, val_loader, select: str) -> None:
+def _train(job: _Job, kind: Trainer, active: tuple, val_loader, select: str) -> None:
     """The epochs from where ``job.ck`` stands (0, or a resumed run's) to ``--epochs`` or early stopping."""
     cfg = job.cfg
     loader_state, chunks_said = job.ck.loader, {}
