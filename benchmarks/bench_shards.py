@@ -103,6 +103,7 @@ def make_checkpoint(path: str) -> str:
     import torch
 
     from dali_lens.models import build_model
+    from dali_lens.trainers.checkpoint import Checkpoint, PixelSettings
     from dali_lens.trainers.config import TrainConfig
 
     torch.manual_seed(0)
@@ -110,9 +111,8 @@ def make_checkpoint(path: str) -> str:
     spec = {"arch": "small_cnn", "scales": (SIZE,), "seed": 0, "name": f"small_cnn@{SIZE}#0"}
     member = {"spec": spec, "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None,
               "temperature": 1.0, "history": []}
-    torch.save({"members": [member], "epoch": 1, "best_auc": 0.5, "bad_epochs": 0, "history": [], "loader": None,
-                "config": TrainConfig(trainer="single").to_dict(), "norm": {"mean": [0.1] * 3, "std": [0.2] * 3},
-                "bands": 3, "kind": "image"}, path)
+    Checkpoint(members=[member], bands=3, pixels=PixelSettings(kind="image", mean=[0.1] * 3, std=[0.2] * 3),
+               config=TrainConfig(trainer="single").to_dict(), epoch=1, best_auc=0.5).save(path)
     return path
 
 

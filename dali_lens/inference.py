@@ -12,8 +12,9 @@ This is the shared core of ``python -m dali_lens.predict`` and ``python -m dali_
 * :func:`loader_options` gives the :class:`~dali_lens.pipelines.LoaderOptions` for an evaluation loader that
   decodes every image once and produces the union of all members' scales.
 * :func:`score_batches` streams a loader: per batch ``(indices, labels, {member: logits})`` with each
-  member's logits averaged over its scales and over the 8 test-time-augmentation views. Nothing is
-  accumulated, so memory stays bounded whatever the number of cutouts.
+  member's logits averaged over its scales and over the 8 test-time-augmentation views
+  (``scoring.member_logits``, as in the trainer's validation and test passes). Nothing is accumulated, so
+  memory stays bounded whatever the number of cutouts.
 * :meth:`Ensemble.probabilities` turns member logits into member probabilities, the fused ensemble score
   (``mean_prob``, ``mean_logit`` or ``temperature`` with the temperatures stored in the checkpoints) and the
   spread between members.
@@ -27,17 +28,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data.dataset import DataError, Dataset, parse_hdus
-from .pipelines.options import LoaderOptions, finish
-
-FUSIONS = ("mean_prob", "mean_logit", "temperature")
+from .data.dataset import DataError, Dataset
+from .pipelines.options import LoaderOptions
+from .scoring import FUSIONS, channels_last_on, member_logits, probabilities
+from .trainers.checkpoint import Checkpoint, CheckpointError, PixelSettings
 
 __all__ = ["FUSIONS", "CheckpointError", "LoadedMember", "Ensemble", "resolve_checkpoint", "load_ensemble",
            "loader_options", "score_batches", "check_dataset"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or inconsistent; the message names the file."""
 
 
 @dataclass
@@ -62,20 +59,23 @@ class Ensemble:
 
     members: list[LoadedMember]
     bands: int
-    kind: str
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-    scaling: str
-    scale_a: float
-    mask_value: float | None
-    hdus: tuple[int | str, ...] | None
+    pixels: PixelSettings                          # the first checkpoint's (the loader's) pixel settings
     device: torch.device
     checkpoints: list[str]
     config: dict = field(default_factory=dict)   # the first checkpoint's training config
     fusion: str = "mean_prob"                      # the training run's fusion (the default at inference)
     amp_dtype: torch.dtype | None = None
     channels_last: bool = True
-    noise_sigma: tuple[float, ...] | None = None   # scaling 'auto': the training set's per-band noise
+
+    # the pixel settings by name
+    kind = property(lambda self: self.pixels.kind)
+    mean = property(lambda self: self.pixels.mean)
+    std = property(lambda self: self.pixels.std)
+    scaling = property(lambda self: self.pixels.scaling)
+    scale_a = property(lambda self: self.pixels.scale_a)
+    noise_sigma = property(lambda self: self.pixels.noise_sigma)  # scaling 'auto': the training set's noise
+    mask_value = property(lambda self: self.pixels.mask_value)
+    hdus = property(lambda self: self.pixels.hdus)
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -103,15 +103,9 @@ class Ensemble:
         ``temperature``) or ``sigmoid(mean z)`` (``mean_logit``). The spread is the standard deviation of
         the member probabilities (0 for a single member).
         """
-        from .trainers.loop import fuse, sigmoid
-
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}: choose from {FUSIONS}")
-        temps = self.temperatures if fusion == "temperature" else {}
-        probs = {k: sigmoid(np.asarray(z, dtype=np.float64) / temps.get(k, 1.0)) for k, z in logits.items()}
-        score = fuse({k: np.asarray(z, dtype=np.float64) for k, z in logits.items()}, fusion, temps or None)
-        spread = np.stack(list(probs.values())).std(0)
-        return score, probs, spread
+        return probabilities(logits, fusion, self.temperatures if fusion == "temperature" else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,28 +127,6 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def _read_checkpoint(path: str) -> dict:
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: empty checkpoint file (0 bytes)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # corrupt, truncated, not a torch file
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:200]})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("members"), list) or not state["members"]:
-        raise CheckpointError(f"{path}: not a dali-lens training checkpoint (no 'members' list)")
-    for ms in state["members"]:
-        if not isinstance(ms, dict) or "spec" not in ms or "model" not in ms:
-            raise CheckpointError(f"{path}: not a dali-lens training checkpoint (a member without spec/weights)")
-    if "bands" not in state:
-        raise CheckpointError(f"{path}: checkpoint does not record the number of bands")
-    return state
-
-
-def _floats(v) -> tuple[float, ...] | None:
-    return None if v is None else tuple(float(x) for x in v)
-
-
 def _unique_names(members: list[LoadedMember]) -> None:
     """Members with the same name (e.g. two single-model runs) are prefixed with their run directory."""
     names = [m.name for m in members]
@@ -173,7 +145,6 @@ def _unique_names(members: list[LoadedMember]) -> None:
 
 def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | None = None) -> Ensemble:
     """Rebuild the members of one or more checkpoints on ``device`` (default: CUDA if present, else CPU)."""
-    from .models import build_model
     from .trainers.config import TrainConfig
 
     if isinstance(checkpoints, (str, os.PathLike)):
@@ -187,79 +158,67 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
         dup = next(p for p in paths if paths.count(p) > 1)
         raise CheckpointError(f"{dup}: the same checkpoint is given twice")
     members: list[LoadedMember] = []
-    ref: dict | None = None
-    first_cfg: dict = {}
+    first: Checkpoint | None = None
     fusions = []
     for path in paths:
-        state = _read_checkpoint(path)
-        cfg = state.get("config") or {}
-        norm = state.get("norm") or {}
-        bands = int(state["bands"])
-        settings = {
-            "bands": bands,
-            # a config the trainer did not resolve (built from TrainConfig() by hand) may say 'auto' without the
-            # noise estimate that goes with it: no scaling, as for 8-bit images
-            "scaling": cfg.get("scaling", "none") if cfg.get("scaling") != "auto" or norm.get("noise_sigma")
-            else "none",
-            "scale_a": float(cfg.get("scale_a", 1.0)),
-            "mask_value": None if cfg.get("mask_value") in (None, "auto", "none") else float(cfg["mask_value"]),
-            # scaling 'auto': the training set's per-band noise (absent from older checkpoints, which always
-            # name their scaling explicitly)
-            "noise_sigma": _floats(norm.get("noise_sigma")),
-            "mask_channel": bool(cfg.get("mask_channel", False)),
-            "resize_mode": cfg.get("resize_mode", "resize"),
-            "hdus": parse_hdus(cfg.get("hdus")),
-            "kind": state.get("kind", "image"),
-        }
-        if ref is None:
-            ref, first_cfg = dict(settings, path=path, mean=_floats(norm.get("mean")),
-                                  std=_floats(norm.get("std"))), cfg
+        ck = Checkpoint.load(path)
+        ck.pixels = ck.pixels.for_inference()
+        if first is None:
+            first = ck
         else:
-            for key in ("bands", "scaling", "scale_a", "noise_sigma", "mask_value", "mask_channel", "resize_mode",
-                        "hdus"):
-                if settings[key] != ref[key]:
-                    raise CheckpointError(f"{path}: {key} = {settings[key]!r} but {ref['path']} has "
-                                          f"{ref[key]!r}; checkpoints of one ensemble must be trained on the "
-                                          "same kind of input")
-            if (settings["kind"] == "image") != (ref["kind"] == "image"):
-                raise CheckpointError(f"{path}: trained on {settings['kind']} data but {ref['path']} on "
-                                      f"{ref['kind']} data")
-        if len(state["members"]) > 1 or cfg.get("trainer") == "ensemble":
-            fusions.append(cfg.get("fusion", "mean_prob"))
-        for ms in state["members"]:
-            spec = ms["spec"]
-            try:
-                arch, scales = str(spec["arch"]), tuple(int(s) for s in spec["scales"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: a member has no valid arch/scales in its spec") from None
-            try:
-                model = build_model(arch, in_chans=bands + int(settings["mask_channel"]), img_size=max(scales),
-                                    stem=cfg.get("stem", "auto"))
-                model.load_state_dict(ms["model"])
-            except (KeyError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"{path}: cannot rebuild member {spec.get('name', arch)!r} "
-                                      f"({str(exc).strip().splitlines()[0][:200]})") from None
-            model = model.to(device).eval()
-            members.append(LoadedMember(
-                name=str(spec.get("name") or f"{arch}@{'-'.join(map(str, scales))}#{spec.get('seed', 0)}"),
-                arch=arch, scales=scales, temperature=float(ms.get("temperature", 1.0) or 1.0), model=model,
-                checkpoint=path, mean=_floats(norm.get("mean")), std=_floats(norm.get("std"))))
-        del state
+            _check_same_input(path, ck, paths[0], first)
+        if len(ck.members) > 1 or ck.config.get("trainer") == "ensemble":
+            fusions.append(ck.config.get("fusion", "mean_prob"))
+        members += [_rebuild_member(path, ck, ms, device) for ms in ck.members]
+        del ck
     _unique_names(members)
-    tc = TrainConfig.from_dict(first_cfg)
-    ens = Ensemble(members=members, bands=ref["bands"], kind=ref["kind"], mean=ref["mean"], std=ref["std"],
-                   scaling=ref["scaling"], scale_a=ref["scale_a"], mask_value=ref["mask_value"], hdus=ref["hdus"],
-                   noise_sigma=ref["noise_sigma"],
-                   device=device, checkpoints=paths, config=first_cfg,
-                   fusion=fusions[0] if fusions and len(set(fusions)) == 1 else "mean_prob",
-                   amp_dtype=tc.amp_dtype(device), channels_last=bool(first_cfg.get("channels_last", True)))
+    cfg = first.config
+    ens = Ensemble(members=members, bands=first.bands, pixels=first.pixels, device=device, checkpoints=paths,
+                   config=cfg, fusion=fusions[0] if fusions and len(set(fusions)) == 1 else "mean_prob",
+                   amp_dtype=TrainConfig.from_dict(cfg).amp_dtype(device),
+                   channels_last=bool(cfg.get("channels_last", True)))
     _set_corrections(ens)
     return ens
 
 
+def _check_same_input(path: str, ck: Checkpoint, ref_path: str, ref: Checkpoint) -> None:
+    """Checkpoints of one ensemble agree on the bands and on every pixel step but the normalisation (mean/std,
+    corrected per member) and the kind of float data (FITS or .npy: the same floats)."""
+    mine = {"bands": ck.bands, **ck.pixels.to_dict()}
+    theirs = {"bands": ref.bands, **ref.pixels.to_dict()}
+    for key in ("bands", "scaling", "scale_a", "noise_sigma", "mask_value", "mask_channel", "resize_mode", "hdus"):
+        if mine[key] != theirs[key]:
+            raise CheckpointError(f"{path}: {key} = {mine[key]!r} but {ref_path} has {theirs[key]!r}; "
+                                  "checkpoints of one ensemble must be trained on the same kind of input")
+    if (mine["kind"] == "image") != (theirs["kind"] == "image"):
+        raise CheckpointError(f"{path}: trained on {mine['kind']} data but {ref_path} on {theirs['kind']} data")
+
+
+def _rebuild_member(path: str, ck: Checkpoint, ms: dict, device: torch.device) -> LoadedMember:
+    """One member of checkpoint ``ck`` (read from ``path``) in eval mode on ``device``."""
+    from .models import build_model
+
+    spec = ms["spec"]
+    try:
+        arch, scales = str(spec["arch"]), tuple(int(s) for s in spec["scales"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: a member has no valid arch/scales in its spec") from None
+    try:
+        model = build_model(arch, in_chans=ck.bands + int(ck.pixels.mask_channel), img_size=max(scales),
+                            stem=ck.config.get("stem", "auto"))
+        model.load_state_dict(ms["model"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild member {spec.get('name', arch)!r} "
+                              f"({str(exc).strip().splitlines()[0][:200]})") from None
+    return LoadedMember(
+        name=str(spec.get("name") or f"{arch}@{'-'.join(map(str, scales))}#{spec.get('seed', 0)}"),
+        arch=arch, scales=scales, temperature=float(ms.get("temperature", 1.0) or 1.0), model=model.to(device).eval(),
+        checkpoint=path, mean=ck.pixels.mean, std=ck.pixels.std)
+
+
 def _set_corrections(ens: Ensemble) -> None:
     """Per-member affine maps from the loader's normalisation (the first checkpoint's) to the member's own."""
-    c = ens.bands + int(bool(ens.config.get("mask_channel", False)))
+    c = ens.bands + int(ens.pixels.mask_channel)
     ref_m = np.array(ens.mean or [0.0] * c, dtype=np.float64)
     ref_s = np.array(ens.std or [1.0] * c, dtype=np.float64)
     for m in ens.members:
@@ -295,39 +254,13 @@ def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, 
     (:func:`score_batches`), which keeps the loader's batches four times smaller than float32.
     """
     return LoaderOptions(scales=ensemble.scales, batch_size=int(batch_size), train=False, augment=False,
-                         shard_id=shard_id, num_shards=num_shards, num_workers=workers,
-                         mean=ensemble.mean, std=ensemble.std, scaling=ensemble.scaling, scale_a=ensemble.scale_a,
-                         noise_sigma=ensemble.noise_sigma,
-                         mask_value=ensemble.mask_value, tta=bool(tta),
-                         mask_channel=bool(ensemble.config.get("mask_channel", False)),
-                         resize_mode=ensemble.config.get("resize_mode", "resize"),
+                         shard_id=shard_id, num_shards=num_shards, num_workers=workers, tta=bool(tta),
+                         **ensemble.pixels.loader_fields(),
                          dtype="uint8" if ensemble.kind == "image" else "float32")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # scoring
-
-
-def _member_logits(ens: Ensemble, m: LoadedMember, images: dict[int, torch.Tensor]) -> torch.Tensor:
-    from .trainers.loop import autocast
-
-    per_scale = []
-    for s in m.scales:
-        x = finish(images[s].to(ens.device, non_blocking=True), ens.mean, ens.std)
-        tta = x.dim() == 5
-        if tta:
-            b, k = x.shape[:2]
-            x = x.reshape(b * k, *x.shape[2:])
-        if m.correction is not None:
-            x = x.float() * m.correction[0] + m.correction[1]
-        if ens.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(ens.device, ens.amp_dtype):
-            z = m.model(x).float().reshape(-1)
-        if tta:
-            z = z.reshape(b, k).mean(1)
-        per_scale.append(z)
-    return torch.stack(per_scale).mean(0)
 
 
 @torch.inference_mode()
@@ -337,10 +270,13 @@ def score_batches(ensemble: Ensemble, loader) -> Iterator[tuple[np.ndarray, np.n
     ``indices`` point into the loader's dataset; ``labels`` are -1 for unlabelled samples. A member's logits
     are the mean over its scales and, with TTA batches ``(B, 8, C, s, s)``, over the 8 views.
     """
-    if ensemble.channels_last:
+    device, channels_last = ensemble.device, ensemble.channels_last
+    if channels_last_on(device, channels_last):
         for m in ensemble.members:
             m.model.to(memory_format=torch.channels_last)
     for batch in loader:
-        images = batch["image"]
-        logits = {m.name: _member_logits(ensemble, m, images).cpu().numpy() for m in ensemble.members}
+        logits = {m.name: member_logits(m.model, batch["image"], m.scales, device, amp=ensemble.amp_dtype,
+                                        norm=(ensemble.mean, ensemble.std), channels_last=channels_last,
+                                        correction=m.correction).cpu().numpy()
+                  for m in ensemble.members}
         yield batch["index"].cpu().numpy().astype(np.int64), batch["label"].cpu().numpy().astype(np.int64), logits

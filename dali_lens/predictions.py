@@ -288,10 +288,8 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     CheckpointError on bad input."""
     import torch
 
-    from .data.io import atomic_write_json
-    from .inference import check_dataset, load_ensemble, loader_options, score_batches
-    from .pipelines import build_loader, resolve_backend
-    from .pipelines.options import shard_bounds
+    from .inference import check_dataset, load_ensemble
+    from .pipelines import resolve_backend
 
     rank, world, _, device = _setup_distributed()
     main_rank = rank == 0
@@ -320,14 +318,32 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"
         + (", TTA x8" if tta else "") + f"; backend {backend} on {device}; {world} process(es)")
 
-    # check (every rank, read-only: all stop alike), then repair and record (rank 0 only), then every rank
-    # reads the same state, then everyone writes
+    _prepare_out(out, header, provenance(ens, tta, data, split, hdus, fusion, header), main_rank, world, say)
+    remaining, total_left, already = _remaining(dataset, out, header, limit, world, say)
+    if len(remaining) == 0:
+        _nothing_to_score(out, header, total_left, len(dataset), main_rank, world, say)
+        return 0
+    say(f"{len(dataset)} cutouts, {already} already scored, {len(remaining)} to score now"
+        + (f" (of {total_left} left)" if len(remaining) < total_left else ""))
+    if workers is None:
+        workers = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    t0 = time.perf_counter()
+    written = _score_share(ens, dataset.subset(remaining), out, header, fusion, backend, rank, world,
+                           dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank)
+    _finish(out, header, written, time.perf_counter() - t0, total_left, main_rank, world, say)
+    return 0
+
+
+def _prepare_out(out: str, header: list[str], now: dict, main_rank: bool, world: int, say) -> None:
+    """Check ``out`` and its parts (every rank, read-only: all stop alike), then repair them and write the
+    record (rank 0 only); afterwards every rank reads the same state."""
     for p in [out] + find_parts(out):
         check_own(p, header)
-    now = provenance(ens, tta, data, split, hdus, fusion, header)
     record = check_provenance(out, now, header)
     _barrier(world)
     if main_rank:
+        from .data.io import atomic_write_json
+
         os.makedirs(os.path.dirname(out), exist_ok=True)
         if record:
             atomic_write_json(provenance_path(out), now)
@@ -336,8 +352,12 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
             if cut:
                 say(f"{p}: removed a truncated last line ({cut} bytes) left by an interruption")
     _barrier(world)
-    existing = [out] + find_parts(out)
-    done = done_files(existing, header)
+
+
+def _remaining(dataset, out: str, header: list[str], limit: int | None, world: int, say
+               ) -> tuple[np.ndarray, int, int]:
+    """``(positions still to score, at most limit of them; how many are left in all; how many are done)``."""
+    done = done_files([out] + find_parts(out), header)
     _barrier(world)
     paths = {s.path for s in dataset.samples}
     extra, already = len(done - paths), len(done & paths)
@@ -350,80 +370,96 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
         remaining = remaining[: max(0, limit)]
     if extra:
         say(f"note: {out} holds {extra} row(s) for files not in this DATA; they are kept")
-    if len(remaining) == 0:
-        parts = find_parts(out)
-        if main_rank and parts:
-            n, k = merge(out, header)
-            say(f"merged {k} part file(s) into {out}: {n} rows")
-        elif total_left == 0:
-            say(f"{out} is complete: all {len(dataset)} cutouts are scored; nothing to do")
-        else:
-            say("--limit 0: nothing scored")
-        _barrier(world)
-        return 0
-    say(f"{len(dataset)} cutouts, {already} already scored, {len(remaining)} to score now"
-        + (f" (of {total_left} left)" if len(remaining) < total_left else ""))
+    return remaining, total_left, already
+
+
+def _nothing_to_score(out: str, header: list[str], total_left: int, n: int, main_rank: bool, world: int,
+                      say) -> None:
+    parts = find_parts(out)
+    if main_rank and parts:
+        n, k = merge(out, header)
+        say(f"merged {k} part file(s) into {out}: {n} rows")
+    elif total_left == 0:
+        say(f"{out} is complete: all {n} cutouts are scored; nothing to do")
+    else:
+        say("--limit 0: nothing scored")
+    _barrier(world)
+
+
+def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: str, rank: int, world: int,
+                 loader_kw: dict, show_progress: bool) -> int:
+    """Score this rank's share of ``sub`` into ``out`` (or its part file), flushed batch by batch; returns the
+    rows written."""
+    from .inference import loader_options, score_batches
+    from .pipelines import build_loader
+    from .pipelines.options import shard_bounds
 
     target = out if world == 1 else part_path(out, rank, world)
-    lo, hi = shard_bounds(len(remaining), rank, world)
-    t0, written = time.perf_counter(), 0
-    if hi > lo:
-        sub = dataset.subset(remaining)
-        if workers is None:
-            workers = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-        opts = loader_options(ens, batch_size, tta, shard_id=rank, num_shards=world, workers=workers)
-        loader = build_loader(sub, backend=backend, options=opts)
-        from tqdm import tqdm
+    lo, hi = shard_bounds(len(sub), rank, world)
+    if hi <= lo:
+        return 0
+    opts = loader_options(ens, loader_kw["batch_size"], loader_kw["tta"], shard_id=rank, num_shards=world,
+                          workers=loader_kw["workers"])
+    loader = build_loader(sub, backend=backend, options=opts)
+    from tqdm import tqdm
 
-        bar = tqdm(total=hi - lo, unit="img", desc="predict" if world == 1 else f"predict rank {rank}/{world}",
-                   disable=not (progress and main_rank), dynamic_ncols=True, smoothing=0.1)
-        new = not os.path.isfile(target) or os.path.getsize(target) == 0
-        with open(target, "a", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            if new:
-                writer.writerow(header)
+    bar = tqdm(total=hi - lo, unit="img", desc="predict" if world == 1 else f"predict rank {rank}/{world}",
+               disable=not show_progress, dynamic_ncols=True, smoothing=0.1)
+    written = 0
+    new = not os.path.isfile(target) or os.path.getsize(target) == 0
+    with open(target, "a", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        if new:
+            writer.writerow(header)
+            fh.flush()
+        try:
+            for idx, _, logits in score_batches(ens, loader):
+                rows = _rows(ens, sub, idx, *ens.probabilities(logits, fusion))
+                writer.writerows(rows)
                 fh.flush()
-            try:
-                for idx, _, logits in score_batches(ens, loader):
-                    score, probs, spread = ens.probabilities(logits, fusion)
-                    rows = []
-                    for j, i in enumerate(idx):
-                        s = sub.samples[int(i)]
-                        row = [s.path, s.id, "" if s.label is None else int(s.label), _fmt(score[j])]
-                        if len(ens.members) > 1:
-                            row += [_fmt(probs[k][j]) for k in ens.names] + [_fmt(spread[j])]
-                        rows.append(row)
-                    writer.writerows(rows)
-                    fh.flush()
-                    written += len(rows)
-                    bar.update(len(rows))
-            finally:
-                bar.close()
-                fh.flush()
-                os.fsync(fh.fileno())
-        if written != hi - lo:
-            raise RuntimeError(f"rank {rank}: the loader returned {written} of {hi - lo} cutouts")
-    seconds = time.perf_counter() - t0
+                written += len(rows)
+                bar.update(len(rows))
+        finally:
+            bar.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+    if written != hi - lo:
+        raise RuntimeError(f"rank {rank}: the loader returned {written} of {hi - lo} cutouts")
+    return written
+
+
+def _rows(ens, sub, idx, score, probs, spread) -> list[list]:
+    """The CSV rows of one scored batch (``idx``: positions in ``sub``)."""
+    rows = []
+    for j, i in enumerate(idx):
+        s = sub.samples[int(i)]
+        row = [s.path, s.id, "" if s.label is None else int(s.label), _fmt(score[j])]
+        if len(ens.members) > 1:
+            row += [_fmt(probs[k][j]) for k in ens.names] + [_fmt(spread[j])]
+        rows.append(row)
+    return rows
+
+
+def _finish(out: str, header: list[str], written: int, seconds: float, total_left: int, main_rank: bool,
+            world: int, say) -> None:
+    """Every rank done: the counts gathered, the parts merged into ``out`` and the run summed up (rank 0)."""
     _barrier(world)
     if world > 1:
         import torch.distributed as dist
 
         counts = [None] * world
         dist.all_gather_object(counts, (written, seconds))
-        written_all, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
-    else:
-        written_all = written
+        written, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
     if main_rank:
         if find_parts(out):
-            n, k = merge(out, header)
+            _, k = merge(out, header)
             say(f"merged {k} part file(s) into {out}")
         n = sum(1 for f, _ in iter_rows(out, header) if f)
-        rate = written_all / max(seconds, 1e-9)
-        left = total_left - written_all
-        say(f"scored {written_all} cutouts in {seconds:.1f} s ({rate:.1f} img/s); {out} holds {n} rows"
+        rate = written / max(seconds, 1e-9)
+        left = total_left - written
+        say(f"scored {written} cutouts in {seconds:.1f} s ({rate:.1f} img/s); {out} holds {n} rows"
             + (f"; {left} left (rerun to continue)" if left > 0 else ""))
     _barrier(world)
-    return 0
 
 
 def merge_only(out: str) -> int:

@@ -6,18 +6,19 @@ real trainer on generated data; evaluation uses the real DALI CPU backend. No mo
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
-import torch
 
 from dali_lens import evaluate as E
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import load_ensemble, loader_options, score_batches
 from dali_lens.metrics import expected_contamination, roc_auc, tpr0, tpr10
 from dali_lens.pipelines import build_loader
+from dali_lens.trainers.checkpoint import Checkpoint
 from dali_lens.data.inputs import gather_inputs
 
 MEMBERS = ["small_cnn@32#0", "small_cnn@24#1"]
@@ -135,11 +136,11 @@ def test_two_checkpoints_form_one_ensemble(run, tmp_path):
 
 def test_normalisation_correction_is_exact(run, tmp_path):
     """A checkpoint with other mean/std scores the same alone or behind another checkpoint's loader."""
-    state = torch.load(os.path.join(run["run"], "best.pt"), map_location="cpu", weights_only=False)
-    state["norm"] = {"mean": [0.1, 0.3, 0.2], "std": [0.2, 0.1, 0.3]}
-    state["members"] = state["members"][:1]
+    ck = Checkpoint.load(os.path.join(run["run"], "best.pt"))
+    ck.pixels = dataclasses.replace(ck.pixels, mean=(0.1, 0.3, 0.2), std=(0.2, 0.1, 0.3))
+    ck.members = ck.members[:1]
     other = str(tmp_path / "other_norm.pt")
-    torch.save(state, other)
+    ck.save(other)
     ds = gather_inputs([run["data"]], "test", val_fraction=0.15)
 
     def logits(ckpts):

@@ -94,7 +94,6 @@ KNOWN_CYCLES = {
     frozenset({"dali_lens.data.readers", "dali_lens.data.shards"}),
     frozenset({"dali_lens.data.challenge", "dali_lens.data.sources"}),
     frozenset({"dali_lens.pipelines", "dali_lens.pipelines.shards_torch", "dali_lens.pipelines.torchvision_backend"}),
-    frozenset({"dali_lens.trainers", "dali_lens.trainers.runner"}),
 }
 
 

@@ -1,11 +1,12 @@
 """``python -m dali_lens.predict``: streaming, resumable, multi-process scoring on generated cutouts.
 
 Real data from the synthetic generator, the real DALI CPU backend (and torchvision), real checkpoints in
-the trainers' format (``{"members": [...], "config", "norm", "bands", "kind"}``), no mocks.
+the trainers' format (``trainers.checkpoint.Checkpoint``), no mocks.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import resource
 import shutil
@@ -22,6 +23,7 @@ from dali_lens.predictions import find_parts, part_path
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import CheckpointError, load_ensemble
 from dali_lens.models import build_model
+from dali_lens.trainers.checkpoint import Checkpoint, PixelSettings
 from dali_lens.trainers.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +47,9 @@ def make_checkpoint(path: str, members=(("small_cnn", 32, 0), ("small_cnn", 24, 
         spec = {"arch": arch, "scales": (scale,), "seed": seed, "name": f"{arch}@{scale}#{seed}"}
         states.append({"spec": spec, "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None,
                        "temperature": (temperatures or [1.0] * len(members))[k], "history": []})
-    cfg = TrainConfig(trainer="ensemble" if len(members) > 1 else "single", **config).to_dict()
-    torch.save({"members": states, "epoch": 1, "best_auc": 0.5, "bad_epochs": 0, "history": [], "loader": None,
-                "config": cfg, "norm": {"mean": list(mean), "std": list(std)}, "bands": bands, "kind": kind}, path)
+    tc = TrainConfig(trainer="ensemble" if len(members) > 1 else "single", **config)
+    pixels = dataclasses.replace(PixelSettings.from_config(tc, kind), mean=mean, std=std)
+    Checkpoint(members=states, bands=bands, pixels=pixels, config=tc.to_dict(), epoch=1, best_auc=0.5).save(path)
     return path
 
 

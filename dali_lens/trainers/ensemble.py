@@ -5,7 +5,7 @@ Fusion at evaluation: mean probability, mean logit, or temperature-scaled logits
 """
 from __future__ import annotations
 
-from .members import MemberSpec
+from .members import MemberSpec, Trainer
 
 
 def member_specs(cfg) -> list[MemberSpec]:
@@ -20,3 +20,6 @@ def member_specs(cfg) -> list[MemberSpec]:
 
 def active_scales(cfg, epoch: int) -> tuple[int, ...]:
     return tuple(sorted({s.scales[0] for s in member_specs(cfg)}))
+
+
+TRAINER = Trainer(member_specs, active_scales)

@@ -1,4 +1,4 @@
-"""The shared epoch loop: train members on contract batches, predict, gather across ranks, fuse."""
+"""The shared epoch loop: train members on contract batches, predict (``scoring``), gather across ranks."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..pipelines.options import finish
+from ..scoring import autocast, member_logits, to_model
 from .budget import budget_bytes, chunk_size, saved_bytes_per_sample
 
 
@@ -20,12 +20,6 @@ def dist_info() -> tuple[int, int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     return 0, 1, 0
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def consistency_loss(logits: list[torch.Tensor], kind: str) -> torch.Tensor:
@@ -161,16 +155,14 @@ def _norm(loader) -> tuple:
 
 
 def _to(x: torch.Tensor, device: torch.device, cfg, norm: tuple = (None, None)) -> torch.Tensor:
-    """One scale of a batch on ``device``, normalised there if the loader left that to the trainer (uint8)."""
-    x = finish(x.to(device, non_blocking=True), *norm)
-    if cfg.channels_last and device.type == "cuda" and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    """One scale of a batch on ``device`` as the model takes it (``scoring.to_model``)."""
+    return to_model(x, device, norm, cfg.channels_last)
 
 
 @torch.no_grad()
 def predict(members, loader, cfg, device: torch.device, desc: str = "eval", show_progress: bool = True):
-    """Logits per member for every sample of ``loader`` (averaged over a member's scales and over TTA).
+    """Logits per member for every sample of ``loader`` (``scoring.member_logits``: averaged over a member's
+    scales and over TTA).
 
     Returns ``(index, label, {member name: logits})`` as numpy arrays, gathered across ranks so that every
     rank holds the whole split, ordered by sample index.
@@ -185,19 +177,9 @@ def predict(members, loader, cfg, device: torch.device, desc: str = "eval", show
         idx.append(batch["index"].cpu())
         lab.append(batch["label"].cpu())
         for m in members:
-            per_scale = []
-            for s in m.spec.scales:
-                x = batch["image"][s]
-                tta = x.dim() == 5
-                if tta:
-                    b, k = x.shape[:2]
-                    x = x.reshape(b * k, *x.shape[2:])
-                with autocast(device, amp):
-                    z = torch.cat([m.core(_to(x[c], device, cfg, norm)).float() for c in chunker(m, s, x)])
-                if tta:
-                    z = z.reshape(b, k).mean(1)
-                per_scale.append(z)
-            out[m.spec.name].append(torch.stack(per_scale).mean(0).cpu())
+            z = member_logits(m.core, batch["image"], m.spec.scales, device, amp=amp, norm=norm,
+                              channels_last=cfg.channels_last, chunks=lambda s, x, m=m: chunker(m, s, x))
+            out[m.spec.name].append(z.cpu())
     index = torch.cat(idx).numpy() if idx else np.zeros(0, dtype=np.int64)
     label = torch.cat(lab).numpy() if lab else np.zeros(0, dtype=np.int64)
     logits = {k: (torch.cat(v).numpy() if v else np.zeros(0, dtype=np.float32)) for k, v in out.items()}
@@ -210,20 +192,3 @@ def predict(members, loader, cfg, device: torch.device, desc: str = "eval", show
         logits = {k: np.concatenate([p[2][k] for p in parts]) for k in logits}
     order = np.argsort(index, kind="stable")
     return index[order], label[order], {k: v[order] for k, v in logits.items()}
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-
-
-def fuse(logits: dict[str, np.ndarray], how: str = "mean_prob", temperatures: dict[str, float] | None = None) -> np.ndarray:
-    """Ensemble lens probability from member logits: ``mean_prob``, ``mean_logit`` or ``temperature``."""
-    zs = np.stack(list(logits.values()))
-    if how == "mean_logit":
-        return sigmoid(zs.mean(0))
-    if how == "temperature":
-        t = np.array([(temperatures or {}).get(k, 1.0) for k in logits])[:, None]
-        return sigmoid(zs / t).mean(0)
-    if how != "mean_prob":
-        raise ValueError(f"unknown fusion {how!r}: mean_prob, mean_logit or temperature")
-    return sigmoid(zs).mean(0)

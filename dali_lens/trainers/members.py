@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..models import build_model
+from ..scoring import channels_last_on
 
 
 @dataclass
@@ -37,6 +39,14 @@ class MemberSpec:
         return cls(parts[0], (int(parts[1]),), int(parts[2]) if len(parts) == 3 else 0)
 
 
+class Trainer(NamedTuple):
+    """What tells the trainers apart (``single.py``, ``multiscale.py``, ``ensemble.py``): their members, and
+    which scales train in an epoch."""
+
+    member_specs: Callable[..., list[MemberSpec]]
+    active_scales: Callable[..., tuple[int, ...]]
+
+
 @dataclass
 class Member:
     spec: MemberSpec
@@ -59,7 +69,7 @@ def make_member(spec: MemberSpec, in_chans: int, cfg, steps_per_epoch: int, devi
     torch.manual_seed(spec.seed)
     model = build_model(spec.arch, in_chans=in_chans, img_size=max(spec.scales), weights=cfg.weights,
                         stem=getattr(cfg, "stem", "auto")).to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if channels_last_on(device, cfg.channels_last):
         model = model.to(memory_format=torch.channels_last)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -7,7 +7,7 @@ Evaluation averages the model's logits over all scales.
 """
 from __future__ import annotations
 
-from .members import MemberSpec
+from .members import MemberSpec, Trainer
 
 
 def member_specs(cfg) -> list[MemberSpec]:
@@ -24,3 +24,6 @@ def active_scales(cfg, epoch: int) -> tuple[int, ...]:
     if cfg.schedule == "progressive":
         return (scales[min(epoch // max(1, cfg.progressive_epochs), len(scales) - 1)],)
     return scales
+
+
+TRAINER = Trainer(member_specs, active_scales)

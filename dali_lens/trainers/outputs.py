@@ -8,7 +8,7 @@ import numpy as np
 from ..data.dataset import Dataset
 from ..data.io import atomic_write_csv, atomic_write_json
 from ..metrics import classification_metrics, plot_roc, to_jsonable
-from .loop import fuse, sigmoid
+from ..scoring import probabilities
 
 
 def prediction_header(names: list[str]) -> list[str]:
@@ -24,8 +24,7 @@ def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndar
                   temperatures=None, extra: dict | None = None) -> dict:
     names = list(logits)
     fusion = cfg.fusion if len(names) > 1 else "mean_prob"
-    score = fuse(logits, fusion, temperatures)
-    member_scores = {k: sigmoid(z / ((temperatures or {}).get(k, 1.0))) for k, z in logits.items()}
+    score, member_scores, spread = probabilities(logits, fusion, temperatures)
     labelled = labels >= 0
     result = {"split": dataset.split, "n": int(len(index))}
     if labelled.any():
@@ -38,8 +37,6 @@ def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndar
                 result["temperatures"] = temperatures
     result.update(extra or {})
     header = prediction_header(names)
-    if len(names) > 1:
-        spread = np.stack(list(member_scores.values())).std(0)
     rows = []
     for j, i in enumerate(index):
         s = dataset.samples[int(i)]

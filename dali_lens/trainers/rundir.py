@@ -147,9 +147,9 @@ def check_resume_config(out: str, now: dict, allow: bool, log=print) -> dict:
         with open(path, encoding="utf-8") as fh:
             saved_all = json.load(fh)
     except (OSError, ValueError):
-        import torch
+        from .checkpoint import Checkpoint
 
-        saved_all = torch.load(os.path.join(out, CHECKPOINT), map_location="cpu", weights_only=False).get("config", {})
+        saved_all = Checkpoint.load(os.path.join(out, CHECKPOINT)).config
     saved = {**TrainConfig.from_dict(saved_all).to_dict(), "data_root": saved_all.get("data_root")}
     diffs = {}
     for key, value in now.items():

@@ -20,15 +20,20 @@ import torch
 import torch.distributed as dist
 
 from ..data import DataError, discover
-from ..data.io import atomic_save_torch, atomic_write_json
+from ..data.io import atomic_write_json
 from ..pipelines import build_loader, compute_stats, estimate_noise, resolve_backend
 from ..pipelines.options import AUTO_K, LoaderOptions
+from ..scoring import fuse, sigmoid
 from .budget import parse_budget
+from .checkpoint import Checkpoint, PixelSettings
 from .config import TrainConfig, parse_mask_value
-from .loop import dist_info, fuse, predict, sigmoid, train_epoch
-from .members import load_member_state, make_member, member_state
+from .ensemble import TRAINER as ENSEMBLE
+from .loop import dist_info, predict, train_epoch
+from .members import Trainer, load_member_state, make_member, member_state
+from .multiscale import TRAINER as MULTISCALE
 from .outputs import write_outputs
 from .rundir import RunDir, check_resume_config
+from .single import TRAINER as SINGLE
 
 DEFAULT_N = 4000
 DEFAULT_SIZE = 64
@@ -67,10 +72,9 @@ def default_dataset(log=print) -> str:
     return root
 
 
-def trainer_module(name: str):
-    from . import ensemble, multiscale, single
-
-    return {"single": single, "multiscale": multiscale, "ensemble": ensemble}[name]
+def trainer_module(name: str) -> Trainer:
+    """``--trainer``: what ``single.py``, ``multiscale.py`` or ``ensemble.py`` make of the run."""
+    return {"single": SINGLE, "multiscale": MULTISCALE, "ensemble": ENSEMBLE}[name]
 
 
 def _setup_distributed() -> torch.device:
@@ -124,6 +128,161 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
 
     out = _out_dir(cfg)
     resume = rundir.claim(out, cfg.resume, is_main, world, say)
+    cfg, data_root, splits, config_extra = _prepare_data(cfg, out, resume, world, say)
+    backend = resolve_backend(cfg.backend, splits["train"])
+    job = _Job(cfg, splits, backend, specs, device, out, say)
+    say(f"backend {backend} on {device}; trainer {cfg.trainer}: "
+        + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
+    _say_stems(specs, cfg, say)
+    active = kind.active_scales(cfg, 0)
+    job.train_loader = job.loader("train", True, active)
+    if getattr(job.train_loader, "reads", ""):  # the GPU read path taken (DALI backend): cuFile or not, DALI or astropy
+        say(job.train_loader.reads)
+    in_chans = splits["train"].bands + int(cfg.mask_channel)
+    job.members = [make_member(sp, in_chans, cfg, len(job.train_loader), device, distributed=world > 1)
+                   for sp in specs]
+    if resume:
+        _restore(job.ck, job.members, job.last, device, say)
+    if is_main:
+        atomic_write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "data_root": data_root,
+                                                             "backend_resolved": backend, "world_size": world,
+                                                             **config_extra})
+    val_loader = job.loader("val", False) if "val" in splits else None
+    select = selection_metric(splits.get("val"), say)
+    t_start = time.perf_counter()
+    _train(job, kind, active, val_loader, select)
+    if is_main and not os.path.exists(job.best) and job.ck.history:
+        say(f"warning: no epoch had a finite validation {select}; best.pt holds the last epoch")
+        job.save(job.best, len(job.ck.history))
+    train_seconds = time.perf_counter() - t_start
+    job.train_loader = None  # evaluation needs neither the training pipeline's buffers nor its threads
+
+    if os.path.exists(job.best) or world > 1:
+        if world > 1:
+            dist.barrier()
+        for m, ms in zip(job.members, Checkpoint.load(job.best, map_location=device).members):
+            load_member_state(m, ms, weights_only=True)  # (the optimizer states are not kept through evaluation)
+    temperatures = None
+    if cfg.trainer == "ensemble" and cfg.fusion == "temperature" and val_loader is not None:
+        temperatures = _fit_temperatures(job.members, val_loader, cfg, device, say)
+        job.save(job.best, best_epoch(job.ck.history))
+    val_loader = None
+    gc.collect()
+    return _test(job, out, temperatures, {"history": job.ck.history, "train_seconds": round(train_seconds, 1),
+                                          "backend": backend, "device": str(device), "world_size": world,
+                                          "data_root": data_root})
+
+
+class _Job:
+    """A run's moving parts once its data is known: its loaders, its members, and the record of where training
+    stands that best.pt/last.pt hold (``ck``)."""
+
+    def __init__(self, cfg: TrainConfig, splits: dict, backend: str, specs, device, out: str, say):
+        rank, self.world, _ = dist_info()
+        self.is_main = rank == 0
+        self.cfg, self.splits, self.backend, self.device, self.say = cfg, splits, backend, device, say
+        self.show_progress = cfg.progress and self.is_main
+        self.scales = tuple(sorted({s for sp in specs for s in sp.scales}))
+        pixels = measure_pixels(cfg, splits, say)
+        self.base = LoaderOptions(scales=self.scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
+                                  num_shards=self.world, num_workers=cfg.workers, max_shift=cfg.max_shift,
+                                  dtype=output_dtype(cfg, splits["train"]), **pixels.loader_fields())
+        self.ck = Checkpoint(members=[], bands=splits["train"].bands, pixels=pixels, config=cfg.to_dict())
+        self.last, self.best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+        self.members: list = []
+        self.train_loader = None
+
+    def loader(self, split: str, train: bool, scales=None, tta: bool = False):
+        """A loader of ``split`` at ``scales`` (default: every member's), training or evaluation."""
+        transforms = tuple(t for t in self.cfg.batch_transforms.split(",") if t.strip()) if train else ()
+        opts = LoaderOptions(**{**self.base.to_dict(), "scales": scales or self.scales, "train": train,
+                                "augment": train, "tta": tta, "transforms": transforms})
+        return build_loader(self.splits[split], backend=self.backend, options=opts)
+
+    def save(self, path: str, epoch: int, loader_state=None) -> None:
+        """Checkpoint the members at ``epoch`` (rank 0 writes)."""
+        if self.is_main:
+            ck = self.ck
+            ck.members, ck.epoch, ck.loader = [member_state(m) for m in self.members], epoch, loader_state
+            ck.save(path)
+
+
+def _train(job: _Job, kind: Trainer, active: tuple, val_loader, select: str) -> None:
+    """The epochs from where ``job.ck`` stands (0, or a resumed run's) to ``--epochs`` or early stopping."""
+    cfg = job.cfg
+    loader_state, chunks_said = job.ck.loader, {}
+    for epoch in range(job.ck.epoch, cfg.epochs):
+        scales_now = kind.active_scales(cfg, epoch)
+        if scales_now != active:
+            active = scales_now
+            job.train_loader = None  # the previous pipeline's buffers go before the next one is built
+            gc.collect()
+            job.train_loader = job.loader("train", True, active)
+            job.say(f"epoch {epoch + 1}: training scales now {active}")
+        job.train_loader.set_epoch(epoch)
+        if loader_state is not None and loader_state.get("epoch", epoch) == epoch:
+            job.train_loader.load_state_dict(loader_state)
+        loader_state = None
+
+        def on_step(step: int, epoch=epoch) -> None:
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                job.save(job.last, epoch, job.train_loader.state_dict())
+
+        stats = train_epoch(job.members, job.train_loader, cfg, job.device, epoch, active_scales=active,
+                            on_step=on_step, show_progress=job.show_progress)
+        chunks_said = _note_chunks(stats, cfg.batch_size, chunks_said, job.say)
+        if _end_epoch(job, epoch, stats, val_loader, select):
+            break
+
+
+def _end_epoch(job: _Job, epoch: int, stats: dict, val_loader, select: str) -> bool:
+    """Validate, log, checkpoint (best.pt when better); whether to stop early."""
+    cfg, ck = job.cfg, job.ck
+    line = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images_per_s": round(stats["images_per_s"], 1),
+            "data_wait_fraction": round(stats["data_wait_fraction"], 3)}
+    if val_loader is not None:
+        line.update(_validate(job.members, val_loader, cfg, job.device, select, job.show_progress))
+        auc = line["val_select"]
+    else:
+        auc = -stats["loss"][job.members[0].spec.name]
+    ck.history.append(line)
+    improved = bool(auc > ck.best_auc)  # a NaN score never improves
+    if improved:
+        ck.best_auc, ck.bad_epochs = float(auc), 0
+    else:
+        ck.bad_epochs += 1
+    job.say(_epoch_line(line, stats, cfg.epochs, improved))
+    if improved:
+        job.save(job.best, epoch + 1)
+    job.save(job.last, epoch + 1)
+    if cfg.patience and ck.bad_epochs >= cfg.patience:
+        job.say(f"early stopping: no better validation {select} for {cfg.patience} epoch(s)")
+        return True
+    return False
+
+
+def _test(job: _Job, out: str, temperatures, extra: dict) -> dict:
+    """The final pass over the test split (else val), with ``--tta``, and the run's outputs (rank 0)."""
+    cfg, say = job.cfg, job.say
+    eval_split = "test" if "test" in job.splits else "val"
+    eval_loader = job.loader(eval_split, False, tta=cfg.tta)
+    index, y, logits = predict(job.members, eval_loader, cfg, job.device, desc=eval_split,
+                               show_progress=job.show_progress)
+    result = {}
+    if job.is_main:
+        result = write_outputs(out, job.splits[eval_split], index, y, logits, cfg, temperatures,
+                               extra={**extra, "eval_split": eval_split})
+        say(summary_line(result, eval_split))
+        say(f"outputs in {out}")
+    if job.world > 1:
+        dist.barrier()
+    return result
+
+
+def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
+    """``(cfg with the layout's defaults, data root, splits, what config.json adds on a resume)``: the data found
+    (the default synthetic set generated on rank 0 when none is given), checked, described."""
+    is_main = dist_info()[0] == 0
     data_root = cfg.data_root or (default_dataset(say) if is_main else None)
     if world > 1:
         holder = [data_root]
@@ -146,164 +305,75 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
         from ..data.validate import report_duplicates
 
         report_duplicates(splits, log=say)
+    return cfg, data_root, splits, config_extra
 
-    backend = resolve_backend(cfg.backend, splits["train"])
-    all_scales = tuple(sorted({s for sp in specs for s in sp.scales}))
-    base = LoaderOptions(scales=all_scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
-                         num_shards=world, num_workers=cfg.workers, scaling=cfg.scaling, scale_a=cfg.scale_a,
-                         mask_value=cfg.mask_value, mask_channel=cfg.mask_channel, resize_mode=cfg.resize_mode,
-                         max_shift=cfg.max_shift, dtype=output_dtype(cfg, splits["train"]))
+
+def measure_pixels(cfg: TrainConfig, splits: dict, say) -> PixelSettings:
+    """The run's pixel settings: what ``cfg`` asks for, plus the noise estimate of ``--scaling auto`` and the
+    per-band mean/std of ``--norm stats``, both measured on the training set."""
+    pixels = PixelSettings.from_config(cfg, splits["train"].pixel_kind)
+    opts = LoaderOptions(seed=cfg.seed, **pixels.loader_fields())  # (bad options fail here, before any read)
     if cfg.scaling == "auto" and splits["train"].pixel_kind != "image":
-        base.noise_sigma = estimate_noise(splits["train"], base)
+        opts.noise_sigma = estimate_noise(splits["train"], opts)
         say(f"scaling auto: arcsinh(x / ({AUTO_K:g} * noise)) per band, noise "
-            + ", ".join(f"{v:.3g}" for v in base.noise_sigma) + " (estimated on the training set)")
+            + ", ".join(f"{v:.3g}" for v in opts.noise_sigma) + " (estimated on the training set)")
     if cfg.norm == "stats":
-        base.mean, base.std = compute_stats(splits["train"], base)
+        opts.mean, opts.std = compute_stats(splits["train"], opts)
+    return dataclasses.replace(pixels, noise_sigma=opts.noise_sigma, mean=opts.mean, std=opts.std)
 
-    def loader(split: str, train: bool, scales=all_scales, tta: bool = False):
-        transforms = tuple(t for t in cfg.batch_transforms.split(",") if t.strip()) if train else ()
-        opts = LoaderOptions(**{**base.to_dict(), "scales": scales, "train": train, "augment": train, "tta": tta,
-                                "transforms": transforms})
-        return build_loader(splits[split], backend=backend, options=opts)
 
-    say(f"backend {backend} on {device}; trainer {cfg.trainer}: "
-        + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
-    _say_stems(specs, cfg, say)
-    active = kind.active_scales(cfg, 0)
-    train_loader = loader("train", True, active)
-    if getattr(train_loader, "reads", ""):  # the GPU read path taken (DALI backend): cuFile or not, DALI or astropy
-        say(train_loader.reads)
-    in_chans = splits["train"].bands + int(cfg.mask_channel)
-    members = [make_member(sp, in_chans, cfg, len(train_loader), device, distributed=world > 1)
-               for sp in specs]
+def _restore(ck: Checkpoint, members: list, path: str, device, say) -> None:
+    """``--resume``: the members' states and where training stood, from ``path`` (any checkpoint version)."""
+    state = Checkpoint.load(path, map_location=device)
+    for m, ms in zip(members, state.members):
+        load_member_state(m, ms)
+    ck.epoch, ck.best_auc, ck.bad_epochs, ck.history = state.epoch, state.best_auc, state.bad_epochs, state.history
+    ck.loader = state.loader
+    say(f"resumed {path} at epoch {ck.epoch + 1}"
+        + (f", step {ck.loader['batches_done']}" if ck.loader and ck.loader.get("batches_done") else ""))
 
-    start_epoch, best_auc, bad_epochs, history = 0, float("-inf"), 0, []
-    ckpt_last, ckpt_best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
-    loader_state = None
-    if resume:
-        state = torch.load(ckpt_last, map_location=device, weights_only=False)
-        for m, ms in zip(members, state["members"]):
-            load_member_state(m, ms)
-        start_epoch, best_auc = state["epoch"], state["best_auc"]
-        bad_epochs, history = state["bad_epochs"], state["history"]
-        loader_state = state.get("loader")
-        say(f"resumed {ckpt_last} at epoch {start_epoch + 1}"
-            + (f", step {loader_state['batches_done']}" if loader_state and loader_state.get("batches_done") else ""))
 
-    def save(path: str, epoch: int, loader_state=None) -> None:
-        if not is_main:
-            return
-        atomic_save_torch({"members": [member_state(m) for m in members], "epoch": epoch, "best_auc": best_auc,
-                           "bad_epochs": bad_epochs, "history": history, "loader": loader_state,
-                           "config": cfg.to_dict(), "norm": {"mean": base.mean, "std": base.std,
-                                                                             "noise_sigma": base.noise_sigma},
-                           "bands": splits["train"].bands, "kind": splits["train"].pixel_kind}, path)
+def _validate(members, val_loader, cfg: TrainConfig, device, select: str, show_progress: bool) -> dict:
+    """The validation entries of an epoch's history line; ``val_select`` is the score best.pt is chosen by."""
+    from ..metrics import roc_auc
 
-    if is_main:
-        atomic_write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "data_root": data_root,
-                                                             "backend_resolved": backend, "world_size": world,
-                                                             **config_extra})
-    val_loader = loader("val", False, all_scales) if "val" in splits else None
-    select = selection_metric(splits.get("val"), say)
-    t_start = time.perf_counter()
-    chunks_said: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        scales_now = kind.active_scales(cfg, epoch)
-        if scales_now != active:
-            active = scales_now
-            train_loader = None  # the previous pipeline's buffers go before the next one is built
-            gc.collect()
-            train_loader = loader("train", True, active)
-            say(f"epoch {epoch + 1}: training scales now {active}")
-        train_loader.set_epoch(epoch)
-        if loader_state is not None and loader_state.get("epoch", epoch) == epoch:
-            train_loader.load_state_dict(loader_state)
-        loader_state = None
+    _, y, logits = predict(members, val_loader, cfg, device, desc="val", show_progress=show_progress)
+    aucs = {k: roc_auc(y, sigmoid(z)) for k, z in logits.items()}
+    auc = roc_auc(y, fuse(logits, "mean_prob"))
+    loss = bce(y, logits)
+    return {"val_auc": round(float(auc), 4), "val_auc_members": aucs if len(aucs) > 1 else None,
+            "val_loss": round(loss, 5), "val_select": float(auc if select == "AUC" else -loss)}
 
-        def on_step(step: int, epoch=epoch) -> None:
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save(ckpt_last, epoch, train_loader.state_dict())
 
-        stats = train_epoch(members, train_loader, cfg, device, epoch, active_scales=active, on_step=on_step,
-                            show_progress=cfg.progress and is_main)
-        split = {name: {s: n for s, n in sizes.items() if n < cfg.batch_size} for name, sizes in stats["chunk_sizes"].items()}
-        split = {name: sizes for name, sizes in split.items() if sizes}
-        if split and split != chunks_said:
-            say("forward/backward in chunks (--memory-budget / --micro-batch): "
-                + _chunk_note(split, stats["saved_bytes_per_sample"]))
-            chunks_said = split
-        line = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images_per_s": round(stats["images_per_s"], 1),
-                "data_wait_fraction": round(stats["data_wait_fraction"], 3)}
-        if val_loader is not None:
-            _, y, logits = predict(members, val_loader, cfg, device, desc="val", show_progress=cfg.progress and is_main)
-            from ..metrics import roc_auc
-
-            aucs = {k: roc_auc(y, sigmoid(z)) for k, z in logits.items()}
-            auc = roc_auc(y, fuse(logits, "mean_prob"))
-            loss = bce(y, logits)
-            line.update(val_auc=round(float(auc), 4), val_auc_members=aucs if len(aucs) > 1 else None,
-                        val_loss=round(loss, 5))
-            auc = auc if select == "AUC" else -loss
-            line["val_select"] = float(auc)
-        else:
-            auc = -stats["loss"][members[0].spec.name]
-        history.append(line)
-        improved = bool(auc > best_auc)  # a NaN score never improves
-        if improved:
-            best_auc, bad_epochs = float(auc), 0
-        else:
-            bad_epochs += 1
-        loss_txt = " ".join(f"{v:.4f}" for v in stats["loss"].values())
-        say(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_txt}  "
+def _epoch_line(line: dict, stats: dict, epochs: int, improved: bool) -> str:
+    loss_txt = " ".join(f"{v:.4f}" for v in stats["loss"].values())
+    return (f"epoch {line['epoch']}/{epochs}  loss {loss_txt}  "
             + (f"val AUC {line['val_auc']:.4f}  " if "val_auc" in line else "")
             + f"{stats['images_per_s']:.0f} img/s  data wait {100 * stats['data_wait_fraction']:.0f}%"
             + ("  *best*" if improved else ""))
-        if improved:
-            save(ckpt_best, epoch + 1)
-        save(ckpt_last, epoch + 1)
-        if cfg.patience and bad_epochs >= cfg.patience:
-            say(f"early stopping: no better validation {select} for {cfg.patience} epoch(s)")
-            break
-    if is_main and not os.path.exists(ckpt_best) and history:
-        say(f"warning: no epoch had a finite validation {select}; best.pt holds the last epoch")
-        save(ckpt_best, len(history))
-    train_seconds = time.perf_counter() - t_start
-    train_loader = None  # evaluation needs neither the training pipeline's buffers nor its threads
 
-    if os.path.exists(ckpt_best) or world > 1:
-        if world > 1:
-            dist.barrier()
-        best = torch.load(ckpt_best, map_location=device, weights_only=False)
-        for m, ms in zip(members, best["members"]):
-            load_member_state(m, ms, weights_only=True)
-        del best  # the optimizer states in it would otherwise stay in memory through evaluation
-    temperatures = None
-    if cfg.trainer == "ensemble" and cfg.fusion == "temperature" and val_loader is not None:
-        from ..metrics import fit_temperature
 
-        _, y, logits = predict(members, val_loader, cfg, device, desc="calibrate", show_progress=False)
-        temperatures = {k: float(fit_temperature(z, y)) for k, z in logits.items()}
-        for m in members:
-            m.temperature = temperatures[m.spec.name]
-        save(ckpt_best, best_epoch(history))
-        say("fitted temperatures: " + ", ".join(f"{k} {v:.3f}" for k, v in temperatures.items()))
+def _note_chunks(stats: dict, batch_size: int, said: dict, say) -> dict:
+    """Say (once per change) which members trained in chunks smaller than the batch; returns what was said."""
+    split = {name: {s: n for s, n in sizes.items() if n < batch_size} for name, sizes in stats["chunk_sizes"].items()}
+    split = {name: sizes for name, sizes in split.items() if sizes}
+    if split and split != said:
+        say("forward/backward in chunks (--memory-budget / --micro-batch): "
+            + _chunk_note(split, stats["saved_bytes_per_sample"]))
+        return split
+    return said
 
-    val_loader = None
-    gc.collect()
-    eval_split = "test" if "test" in splits else "val"
-    eval_loader = loader(eval_split, False, all_scales, tta=cfg.tta)
-    index, y, logits = predict(members, eval_loader, cfg, device, desc=eval_split, show_progress=cfg.progress and is_main)
-    result = {}
-    if is_main:
-        result = write_outputs(out, splits[eval_split], index, y, logits, cfg, temperatures,
-                               extra={"history": history, "train_seconds": round(train_seconds, 1),
-                                      "backend": backend, "device": str(device), "world_size": world,
-                                      "data_root": data_root, "eval_split": eval_split})
-        say(summary_line(result, eval_split))
-        say(f"outputs in {out}")
-    if world > 1:
-        dist.barrier()
-    return result
+
+def _fit_temperatures(members, val_loader, cfg: TrainConfig, device, say) -> dict:
+    """``--fusion temperature``: each member's temperature, fitted on the validation split and set on it."""
+    from ..metrics import fit_temperature
+
+    _, y, logits = predict(members, val_loader, cfg, device, desc="calibrate", show_progress=False)
+    temperatures = {k: float(fit_temperature(z, y)) for k, z in logits.items()}
+    for m in members:
+        m.temperature = temperatures[m.spec.name]
+    say("fitted temperatures: " + ", ".join(f"{k} {v:.3f}" for k, v in temperatures.items()))
+    return temperatures
 
 
 def _chunk_note(split: dict, saved: dict) -> str:

@@ -1,7 +1,7 @@
 """Single-scale trainer: one model at ``--img-size``."""
 from __future__ import annotations
 
-from .members import MemberSpec
+from .members import MemberSpec, Trainer
 
 
 def member_specs(cfg) -> list[MemberSpec]:
@@ -10,3 +10,6 @@ def member_specs(cfg) -> list[MemberSpec]:
 
 def active_scales(cfg, epoch: int) -> tuple[int, ...]:
     return (cfg.img_size,)
+
+
+TRAINER = Trainer(member_specs, active_scales)
