@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data.dataset import DataError, Dataset, parse_hdus
+from .data.dataset import DataError, Dataset, get_kind, parse_hdus
 from .pipelines.options import LoaderOptions, finish
 
 FUSIONS = ("mean_prob", "mean_logit", "temperature")
@@ -282,7 +282,7 @@ def check_dataset(ens: Ensemble, dataset: Dataset) -> None:
     if dataset.bands != ens.bands:
         raise DataError(f"{where}: the data has {dataset.bands} band(s) but {ens.checkpoints[0]} was trained "
                         f"on {ens.bands}")
-    if (dataset.pixel_kind == "image") != (ens.kind == "image"):  # packed shards: the kind of their pixels
+    if dataset.eight_bit != get_kind(ens.kind).eight_bit:  # packed shards: the kind of their pixels
         raise DataError(f"{where}: {dataset.pixel_kind} data, but {ens.checkpoints[0]} was trained on {ens.kind} data "
                         "(8-bit images and float arrays are normalised differently)")
 
@@ -301,7 +301,7 @@ def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, 
                          mask_value=ensemble.mask_value, tta=bool(tta),
                          mask_channel=bool(ensemble.config.get("mask_channel", False)),
                          resize_mode=ensemble.config.get("resize_mode", "resize"),
-                         dtype="uint8" if ensemble.kind == "image" else "float32")
+                         dtype="uint8" if get_kind(ensemble.kind).eight_bit else "float32")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def output_dtype(cfg: TrainConfig, dataset) -> str:
     With ``--batch-transforms`` ``auto`` stays float32: batch transforms see normalised float batches.
     """
     if cfg.dtype == "auto":
-        return "uint8" if dataset.pixel_kind == "image" and not cfg.batch_transforms.strip() else "float32"
+        return "uint8" if dataset.eight_bit and not cfg.batch_transforms.strip() else "float32"
     return cfg.dtype
 
 
@@ -153,7 +153,7 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
                          num_shards=world, num_workers=cfg.workers, scaling=cfg.scaling, scale_a=cfg.scale_a,
                          mask_value=cfg.mask_value, mask_channel=cfg.mask_channel, resize_mode=cfg.resize_mode,
                          max_shift=cfg.max_shift, dtype=output_dtype(cfg, splits["train"]))
-    if cfg.scaling == "auto" and splits["train"].pixel_kind != "image":
+    if cfg.scaling == "auto" and not splits["train"].eight_bit:
         base.noise_sigma = estimate_noise(splits["train"], base)
         say(f"scaling auto: arcsinh(x / ({AUTO_K:g} * noise)) per band, noise "
             + ", ".join(f"{v:.3g}" for v in base.noise_sigma) + " (estimated on the training set)")
