@@ -488,19 +488,10 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
                  max_problems: int = 20) -> list[str]:
     """Problems of one shard: missing files, size/checksum mismatch, index/sample list mismatch, and every
     member that cannot be read or decoded (or has the wrong band count/size, NaN/inf)."""
-    import tarfile
-
     tar = os.path.join(root, entry["path"])
-    problems: list[str] = []
     if not os.path.isfile(tar):
         return [f"{tar}: shard missing"]
-    size = os.path.getsize(tar)
-    if size != entry["bytes"]:
-        problems.append(f"{tar}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced shard)")
-    digest = file_sha256(tar)
-    if digest != entry["sha256"]:
-        problems.append(f"{tar}: checksum mismatch (sha256 {digest[:16]}..., the manifest says "
-                        f"{entry['sha256'][:16]}...): the shard is corrupt")
+    problems = _tar_file_problems(tar, entry)
     idx_path = os.path.join(root, entry["index"])
     try:
         index = parse_index(idx_path)
@@ -509,24 +500,58 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
     if len(index) != entry["count"]:
         problems.append(f"{idx_path}: indexes {len(index)} samples, the manifest says {entry['count']}")
     try:
-        info = read_shard_samples(os.path.join(root, entry["samples"]))
+        listing = _ShardListing(root, entry, manifest, index, problems)
     except DataError as exc:
         return problems + [str(exc)]
-    samples_path = os.path.join(root, entry["samples"])
-    if entry.get("samples_sha256") and file_sha256(samples_path) != entry["samples_sha256"]:
-        problems.append(f"{samples_path}: checksum mismatch (the manifest's samples_sha256): the shard's sample list "
-                        "(labels, ids) was changed after packing")
-    width = int(manifest.get("key_width", 9))
-    try:
-        listed = [f"{int(k):0{width}d}" for k in info.get("keys", [])]
-        labels = {key: int(v) for key, v in zip(listed, info.get("labels", []))}
-        ids = {key: str(v) for key, v in zip(listed, info.get("ids", []))}
-    except (TypeError, ValueError):
-        return problems + [f"{samples_path}: malformed sample list (keys and labels must be integers)"]
-    if listed != [k for k, _, _ in index]:
-        problems.append(f"{samples_path}: its keys differ from the shard index")
-    bands, shape = int(manifest["bands"]), manifest.get("shape")
     by_key = {k: comps for k, comps, _ in index}
+    seen = _member_problems(tar, by_key, listing, manifest, allow_nonfinite, max_problems, problems)
+    missing = [f"{k}.{e}" for k, comps in by_key.items() for e in comps if (k, e) not in seen]
+    if missing and len(problems) < max_problems:
+        problems.append(f"{tar}: {len(missing)} indexed member(s) missing from the archive (first: {missing[0]})")
+    return problems
+
+
+def _tar_file_problems(tar: str, entry: dict) -> list[str]:
+    """The shard's size and sha256 against its manifest entry."""
+    problems = []
+    size = os.path.getsize(tar)
+    if size != entry["bytes"]:
+        problems.append(f"{tar}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced shard)")
+    digest = file_sha256(tar)
+    if digest != entry["sha256"]:
+        problems.append(f"{tar}: checksum mismatch (sha256 {digest[:16]}..., the manifest says "
+                        f"{entry['sha256'][:16]}...): the shard is corrupt")
+    return problems
+
+
+class _ShardListing:
+    """A shard's sample list (``.json``: the keys, labels and ids the loaders use), checked against its checksum
+    and the shard's index; appends what is wrong to ``problems``, DataError when it cannot be used at all."""
+
+    def __init__(self, root: str, entry: dict, manifest: dict, index: list, problems: list[str]):
+        info = read_shard_samples(os.path.join(root, entry["samples"]))
+        self.path = os.path.join(root, entry["samples"])
+        if entry.get("samples_sha256") and file_sha256(self.path) != entry["samples_sha256"]:
+            problems.append(f"{self.path}: checksum mismatch (the manifest's samples_sha256): the shard's sample "
+                            "list (labels, ids) was changed after packing")
+        width = int(manifest.get("key_width", 9))
+        try:
+            listed = [f"{int(k):0{width}d}" for k in info.get("keys", [])]
+            self.labels = {key: int(v) for key, v in zip(listed, info.get("labels", []))}
+            self.ids = {key: str(v) for key, v in zip(listed, info.get("ids", []))}
+        except (TypeError, ValueError):
+            raise DataError(f"{self.path}: malformed sample list (keys and labels must be integers)") from None
+        if listed != [k for k, _, _ in index]:
+            problems.append(f"{self.path}: its keys differ from the shard index")
+
+
+def _member_problems(tar: str, by_key: dict, listing: _ShardListing, manifest: dict, allow_nonfinite: bool,
+                     max_problems: int, problems: list[str]) -> set[tuple[str, str]]:
+    """Read the tar as a stream, checking every member against the index, its content and the sample list;
+    appends problems (up to ``max_problems``) and returns the (key, ext) of the members seen."""
+    import tarfile
+
+    bands, shape = int(manifest["bands"]), manifest.get("shape")
     seen = set()
     try:
         with tarfile.open(tar, mode="r|") as tf:  # streamed: members are not accumulated in memory
@@ -550,15 +575,12 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
                 seen.add((key, ext))
                 try:
                     _check_member(data, ti.name, ext, key, where, bands, shape, allow_nonfinite)
-                    _check_listed(data, ext, key, where, labels, ids, samples_path)
+                    _check_listed(data, ext, key, where, listing.labels, listing.ids, listing.path)
                 except DataError as exc:
                     problems.append(str(exc))
     except (tarfile.TarError, OSError) as exc:
         problems.append(f"{tar}: unreadable tar ({exc})")
-    missing = [f"{k}.{e}" for k, comps in by_key.items() for e in comps if (k, e) not in seen]
-    if missing and len(problems) < max_problems:
-        problems.append(f"{tar}: {len(missing)} indexed member(s) missing from the archive (first: {missing[0]})")
-    return problems
+    return seen
 
 
 def _check_listed(data: bytes, ext: str, key: str, where: str, labels: dict, ids: dict, samples_path: str) -> None:
