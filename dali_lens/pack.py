@@ -313,6 +313,29 @@ class _SplitShards:
             self.writer.abort()
 
 
+class _Run:
+    """What this run packed (samples, bytes) and its speed on the progress bar."""
+
+    def __init__(self, bar, progress: bool):
+        self.bar, self.progress = bar, progress
+        self.samples, self.bytes, self.t0, self.posted = 0, 0, time.perf_counter(), 0.0
+
+    def added(self, sink: "_SplitShards") -> None:
+        self.samples += 1
+        now = time.perf_counter()
+        if self.progress and now - self.posted > 0.5:
+            mb = (self.bytes + sink.bytes_written + sink.writer.pos) / 2 ** 20 / max(now - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{mb:.1f} MB/s", refresh=False)
+            self.posted = now
+
+    def stats(self, seconds: float) -> dict:
+        packing = time.perf_counter() - self.t0
+        return {"seconds": seconds, "packing_seconds": packing, "samples_packed_now": self.samples,
+                "bytes_written_now": self.bytes,
+                "samples_per_s": self.samples / packing if packing > 0 else float("inf"),
+                "mb_per_s": self.bytes / 2 ** 20 / packing if packing > 0 else float("inf")}
+
+
 def _members(sample, split: str, number: int, ext: str, pixels: bytes, rel) -> list[tuple[str, bytes]]:
     """The tar members of one sample: its pixels, label, key number and description (id, source, columns)."""
     info = {"id": sample.id, "label": sample.label, "split": split, "source": rel(sample.path)}
@@ -380,8 +403,7 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
     def rel(path: str) -> str:  # the source path relative to DATA (absolute when outside it)
         return path[len(prefix):] if path.startswith(prefix) else path
 
-    new_samples, new_bytes, t_run = 0, 0, time.perf_counter()
-    last_post = 0.0
+    run = _Run(bar, progress)
     npy_values = int(np.prod([ref.bands, *(ref.shape or (0, 0))]))
     sink = None
     try:
@@ -402,15 +424,10 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
                 ext, pixels = result
                 number = bases[s] + p
                 sink.add(p, number, f"{number:0{width}d}", sample, ext, _members(sample, s, number, ext, pixels, rel))
-                new_samples += 1
-                now = time.perf_counter()
-                if progress and now - last_post > 0.5:
-                    mb = (new_bytes + sink.bytes_written + sink.writer.pos) / 2 ** 20 / max(now - t_run, 1e-9)
-                    bar.set_postfix_str(f"{mb:.1f} MB/s", refresh=False)
-                    last_post = now
+                run.added(sink)
             if sink.writer is not None:
                 sink.finish(len(ds))
-            new_bytes += sink.bytes_written
+            run.bytes += sink.bytes_written
             manifest.tail_skipped[s] = sink.pending_skipped
             sink = None
             if not manifest.summaries[s]:
@@ -422,12 +439,7 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
     finally:
         bar.close()
     result = manifest.write(True)
-    seconds = time.perf_counter() - t0
-    packing = time.perf_counter() - t_run
-    result["run"] = {"seconds": seconds, "packing_seconds": packing, "samples_packed_now": new_samples,
-                     "bytes_written_now": new_bytes,
-                     "samples_per_s": new_samples / packing if packing > 0 else float("inf"),
-                     "mb_per_s": new_bytes / 2 ** 20 / packing if packing > 0 else float("inf")}
+    result["run"] = run.stats(time.perf_counter() - t0)
     return result
 
 
