@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .dataset import NO_META, DataError, Dataset, Sample, dataset_cache
-from .kinds.image import IMAGE, MEMBER_EXTS as IMAGE_MEMBER_EXTS
+from .kinds.image import IMAGE
 from .kinds.npy import NPY
 
 MANIFEST = "manifest.json"
