@@ -52,7 +52,7 @@ dali-cpu variants (loader-only, batch = the largest of --batches), each emulatin
 (default list: as-shipped, queue=2, threads=1, dtype=float32):
   as-shipped         the library as it is (the JSON's "library" records which: git HEAD, uncommitted files,
                      a hash of dali_lens/*.py; num_threads = usable cores)
-  queue=K            pipeline prefetch_queue_depth=K, through LoaderOptions.extra['prefetch_queue_depth']
+  queue=K            pipeline prefetch_queue_depth=K, through LoaderOptions.prefetch_queue_depth
                      (read by dali_backend._build since aeaf1a4: default 1 on the CPU, 2 on the GPU; it was
                      hard-coded to 2 before) and, for older versions, by wrapping pipeline_def
                      (benchmarks/profile_dali_cpu._override_pipeline_kwargs)
@@ -193,9 +193,9 @@ def _apply_variant(variant: str) -> dict:
             from dali_lens.pipelines import dali_backend
 
             k = int(part.split("=")[1])
-            # LoaderOptions.extra['prefetch_queue_depth'] where the library reads it (since the working-tree
+            # LoaderOptions.prefetch_queue_depth where the library reads it (since the working-tree
             # change after 23ffd12), and the pipeline_def wrapper for versions that hard-code the depth
-            over["extra"] = dict(over.get("extra", {}), prefetch_queue_depth=k)
+            over["prefetch_queue_depth"] = k
             profile_dali_cpu._override_pipeline_kwargs(dali_backend, prefetch_queue_depth=k)
         elif part.startswith("threads="):
             over["num_workers"] = int(part.split("=")[1])

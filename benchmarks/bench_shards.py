@@ -21,7 +21,7 @@ Three measurements, each in fresh subprocesses (results -> benchmarks/results/sh
           (PSS and RSS sum, sampled every 50 ms; RSS split into anonymous and file-backed pages every 0.5 s)
           and a timeline; memory should not grow with the number of cutouts beyond the per-sample metadata
           (the Sample objects and predict's bookkeeping: well under 2 KB each). DALI reads the shards with
-          plain reads by default; memory-mapped shards (``extra={'mmap': True}``, measured in the read
+          plain reads by default; memory-mapped shards (``mmap=True``, measured in the read
           section as ``shards-mmap``) would add every shard read so far to the RSS as file-backed pages.
 
 Every record stores the CPU time of the measured process tree and the share of the CPUs other processes
@@ -196,7 +196,7 @@ def child_read(cfg: dict) -> dict:
            "bytes_on_disk": sum(os.path.getsize(f) for f in files), "resident_at_start": resident_fraction(files)}
     t = time.perf_counter()
     loader = build_loader(ds, backend="dali-cpu", scales=(SIZE,), batch_size=cfg["batch"], num_workers=cfg["workers"],
-                          mean=(10.0,) * 3, std=(50.0,) * 3, extra=dict(cfg.get("extra", {})))
+                          mean=(10.0,) * 3, std=(50.0,) * 3, **cfg.get("extra", {}))
     out["loader_construction_s"] = round(time.perf_counter() - t, 3)
     out["first_epoch"] = epoch(loader, t)  # includes construction (header scan of loose files) and pipeline build
     epochs, t0 = [], time.perf_counter()

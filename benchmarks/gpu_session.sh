@@ -41,8 +41,8 @@ for name in ("numpy", "torch", "torchvision", "yaml", "astropy", "webdataset", "
         print(f"{name} {getattr(m, '__version__', '?')} from {m.__file__}")
     except Exception as exc:  # noqa: BLE001
         print(f"{name}: IMPORT FAILED: {exc}")
-from dali_lens.pipelines import dali_backend
-print("libcufile.so.0:", dali_backend._load_cufile() or "not found: .npy read on the CPU, then .gpu()")
+from dali_lens.data.kinds.npy import load_cufile
+print("libcufile.so.0:", load_cufile() or "not found: .npy read on the CPU, then .gpu()")
 PY
 }
 export -f env_report  # timeout runs programs, not shell functions (the first session lost env.txt so)

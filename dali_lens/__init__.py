@@ -16,6 +16,7 @@ Everything not exported here is private and may change.
 from ._version import __version__
 from .api import describe
 from .data.dataset import DataError, Dataset, Sample
+from .data.kinds import Kind, register_kind
 from .data.sources import register_source
 from .pipelines import BACKENDS, LoaderOptions, build_loader, compute_stats, register_batch_transform
 
@@ -37,6 +38,7 @@ __all__ = [
     "BACKENDS",
     "DataError",
     "Dataset",
+    "Kind",
     "LoaderOptions",
     "Sample",
     "__version__",
@@ -45,6 +47,7 @@ __all__ = [
     "describe",
     "predict",
     "register_batch_transform",
+    "register_kind",
     "register_source",
     "train",
 ]

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data.dataset import DataError, Dataset
+from .data.dataset import DataError, Dataset, get_kind
 from .pipelines.options import LoaderOptions
 from .scoring import FUSIONS, channels_last_on, member_logits, probabilities
 from .trainers.checkpoint import Checkpoint, CheckpointError, PixelSettings
@@ -241,7 +241,7 @@ def check_dataset(ens: Ensemble, dataset: Dataset) -> None:
     if dataset.bands != ens.bands:
         raise DataError(f"{where}: the data has {dataset.bands} band(s) but {ens.checkpoints[0]} was trained "
                         f"on {ens.bands}")
-    if (dataset.pixel_kind == "image") != (ens.kind == "image"):  # packed shards: the kind of their pixels
+    if dataset.eight_bit != get_kind(ens.kind).eight_bit:  # packed shards: the kind of their pixels
         raise DataError(f"{where}: {dataset.pixel_kind} data, but {ens.checkpoints[0]} was trained on {ens.kind} data "
                         "(8-bit images and float arrays are normalised differently)")
 
@@ -256,7 +256,7 @@ def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, 
     return LoaderOptions(scales=ensemble.scales, batch_size=int(batch_size), train=False, augment=False,
                          shard_id=shard_id, num_shards=num_shards, num_workers=workers, tta=bool(tta),
                          **ensemble.pixels.loader_fields(),
-                         dtype="uint8" if ensemble.kind == "image" else "float32")
+                         dtype="uint8" if get_kind(ensemble.kind).eight_bit else "float32")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,9 +45,9 @@ import numpy as np
 from .cli import log, run_command
 from .data.dataset import DataError, Dataset, parse_hdus
 from .data.inputs import SPLIT_ORDER
-from .data.io import atomic_write_json, atomic_write_text, _fsync_dir
+from .data.io import atomic_write_json, atomic_write_text, fsync_dir
 from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, file_sha256, is_packed, key_bytes, label_bytes,
-                          npy_bytes, read_manifest, sample_tar_bytes, shard_name)
+                          read_manifest, sample_tar_bytes, shard_name)
 
 DEFAULT_SHARD_SIZE = 256 * 1024 * 1024
 _CHUNK = 64
@@ -70,43 +70,10 @@ def parse_size(text: str | int) -> int:
 
 # ============================================================================================ one sample
 
-def _image_bytes(dataset: Dataset, i: int) -> tuple[str, bytes]:
-    from .data.validate import image_problem
-
-    path = dataset.samples[i].path
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
-    # the bytes that are packed, fully decoded and checked (PNG CRCs, libjpeg's corrupt-data warnings, bands, size)
-    problem = image_problem(data, path, dataset.bands, dataset.shape)
-    if problem:
-        raise DataError(problem)
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png", data
-    if data[:2] == b"\xff\xd8":
-        return "jpg", data
-    raise DataError(f"{path}: not a PNG or JPEG file (other image formats cannot be packed)")
-
-
-def _array_bytes(dataset: Dataset, i: int, allow_nonfinite: bool) -> tuple[str, bytes]:
-    from .data.readers import check_array, read_sample
-
-    sample = dataset.samples[i]
-    arr = read_sample(sample, dataset, check=False)
-    check_array(arr, sample, dataset, allow_nonfinite=allow_nonfinite)
-    return "npy", npy_bytes(arr)
-
-
 def _prepare(dataset: Dataset, i: int, allow_nonfinite: bool):
-    """(ext, pixel bytes) of sample i, or the DataError describing why it cannot be packed."""
+    """(ext, pixel bytes) of sample i as its kind packs it, or the DataError describing why it cannot be packed."""
     try:
-        if dataset.kind == "image":
-            return _image_bytes(dataset, i)
-        return _array_bytes(dataset, i, allow_nonfinite)
+        return dataset.data_kind.pack_member(dataset, i, allow_nonfinite)
     except DataError as exc:
         return exc
 
@@ -211,6 +178,175 @@ def _settings_diff(old: dict, new: dict) -> str:
 
 # ============================================================================================ packing
 
+def _ready_out(out: str, settings: dict, overwrite: bool, log) -> dict | None:
+    """Make OUT ready for this pack: refuse a folder that holds something else or a pack of other data or
+    options, remove an earlier pack with ``overwrite``. Returns the manifest of a complete earlier pack made
+    with these settings (nothing left to do), else None."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PackError(f"{out}: exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out):
+        if not is_packed(out):
+            raise PackError(f"{out}: not empty and not a packed set; choose another OUT")
+        old = read_manifest(out)
+        if overwrite:
+            _remove_pack(out, old)
+        elif old.get("settings") != settings:
+            raise PackError(f"{out}: holds a pack made from other data or options "
+                            f"({_settings_diff(old.get('settings') or {}, settings)}); rerun with the same ones to "
+                            "resume, choose another OUT, or pass --overwrite")
+        elif old.get("complete"):
+            log(f"{out} is complete ({old['total_samples']} samples in {len(old['shards'])} shards); nothing to do")
+            return old
+    os.makedirs(out, exist_ok=True)
+    return None
+
+
+class _Manifest:
+    """The manifest being written: its header, every complete shard and the per-split summaries so far."""
+
+    def __init__(self, out: str, header: dict, names: list[str], splits: dict, member, fsync: bool):
+        self.out, self.header, self.names, self.splits, self.member, self.fsync = out, header, names, splits, member, fsync
+        self.entries: list[dict] = []
+        self.summaries: dict[str, list[dict]] = {s: [] for s in names}
+        self.tail_skipped: dict[str, list[dict]] = {s: [] for s in names}
+
+    def resume(self, log) -> dict[str, int]:
+        """Keep the complete shards already in OUT; returns each split's next source position."""
+        starts = {}
+        for s in self.names:
+            got, sm, pos = _resume_split(os.path.join(self.out, s), s, log)
+            self.entries.extend(got)
+            self.summaries[s] = sm
+            starts[s] = pos
+        return starts
+
+    def write(self, complete: bool) -> dict:
+        m = dict(self.header, complete=complete)
+        split_info, skipped, exts, npy_header = {}, [], set(), None
+        for s in self.names:
+            sm = self.summaries[s]
+            sk = [dict(k, split=s) for x in sm for k in x["skipped"]] + [dict(k, split=s) for k in self.tail_skipped[s]]
+            skipped.extend(sk)
+            for x in sm:
+                exts.update(x["exts"])
+                npy_header = npy_header or x.get("npy_header")
+            split_info[s] = {"samples": sum(x["count"] for x in sm), "shards": len(sm),
+                             "bytes": sum(x["bytes"] for x in sm), "lens": sum(x["lens"] for x in sm),
+                             "nonlens": sum(x["nonlens"] for x in sm),
+                             "unlabelled": sum(x["unlabelled"] for x in sm), "skipped": len(sk),
+                             "source_samples": len(self.splits[s])}
+        m["image_ext"] = sorted(exts) if self.member.eight_bit else []
+        if not self.member.eight_bit:
+            m["npy_header_bytes"] = npy_header
+        ordered = sorted(self.entries, key=lambda e: (self.names.index(e["split"]), e["path"]))
+        m.update(splits=split_info, shards=ordered, skipped=skipped,
+                 total_samples=sum(v["samples"] for v in split_info.values()),
+                 total_bytes=sum(v["bytes"] for v in split_info.values()))
+        atomic_write_json(os.path.join(self.out, MANIFEST), m, fsync=self.fsync)
+        return m
+
+
+class _SplitShards:
+    """Writes one split's shards: opens a shard for the first sample that needs one, closes it (its .idx, .json,
+    then the .tar, and the manifest) before a sample that would take it past ``shard_size``."""
+
+    def __init__(self, manifest: _Manifest, split: str, start: int, shard_size: int, npy_values: int):
+        self.manifest, self.split, self.shard_size, self.npy_values = manifest, split, shard_size, npy_values
+        self.folder = os.path.join(manifest.out, split)
+        self.k = len(manifest.summaries[split])
+        self.shard_start = start
+        self.writer: ShardWriter | None = None
+        self.cur: dict | None = None
+        self.pending_skipped: list[dict] = []
+        self.bytes_written = 0
+
+    def skip(self, sample, problem: DataError) -> None:
+        self.pending_skipped.append({"file": sample.path, "problem": str(problem)})
+
+    def add(self, p: int, number: int, key: str, sample, ext: str, members: list[tuple[str, bytes]]) -> None:
+        need = sample_tar_bytes(members)
+        if self.writer is not None and self.writer.count and self.writer.pos + need + 1024 > self.shard_size:
+            self.finish(p)
+            self.shard_start = p
+        if self.writer is None:
+            self.writer = ShardWriter(os.path.join(self.folder, f".{shard_name(self.k)}.tar.{os.getpid()}.tmp"))
+            self.cur = {"split": self.split, "shard": self.k, "source_start": self.shard_start, "keys": [], "ids": [],
+                        "labels": [], "exts": [], "meta": [], "skipped": self.pending_skipped}
+            if not self.manifest.member.eight_bit:
+                self.cur["npy_header"] = len(members[0][1]) - 4 * self.npy_values
+            self.pending_skipped = []
+        self.writer.add(key, members)
+        self.cur["keys"].append(number)
+        self.cur["ids"].append(sample.id)
+        self.cur["labels"].append(-1 if sample.label is None else int(sample.label))
+        self.cur["exts"].append(ext)
+        self.cur["meta"].append(dict(sample.meta) if sample.meta else None)
+
+    def finish(self, end: int) -> None:
+        writer, cur, fsync = self.writer, self.cur, self.manifest.fsync
+        size, sha = writer.finish(fsync=fsync)
+        final = os.path.join(self.folder, shard_name(self.k))
+        index_text = writer.index_text()
+        cur.update(count=writer.count, source_end=end, bytes=size, sha256=sha,
+                   index_sha256=hashlib.sha256(index_text.encode()).hexdigest())
+        exts = cur.pop("exts")
+        if len(set(exts)) == 1:
+            cur["ext"] = exts[0]
+        else:
+            cur["ext"], cur["exts"] = exts[0], exts
+        if not cur["meta"] or not any(cur["meta"]):
+            cur.pop("meta")
+        atomic_write_text(final + ".idx", index_text, fsync=fsync)
+        atomic_write_json(final + ".json", cur, indent=None, fsync=fsync)
+        os.replace(writer.path, final + ".tar")  # the .tar last: its presence marks the shard complete
+        if fsync:
+            fsync_dir(self.folder)
+        self.manifest.entries.append(_entry(self.split, cur, self.folder))
+        self.manifest.summaries[self.split].append(_summary(cur))
+        self.bytes_written += size
+        self.manifest.write(False)
+        self.writer, self.cur = None, None
+        self.k += 1
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+class _Run:
+    """What this run packed (samples, bytes) and its speed on the progress bar."""
+
+    def __init__(self, bar, progress: bool):
+        self.bar, self.progress = bar, progress
+        self.samples, self.bytes, self.t0, self.posted = 0, 0, time.perf_counter(), 0.0
+
+    def added(self, sink: "_SplitShards") -> None:
+        self.samples += 1
+        now = time.perf_counter()
+        if self.progress and now - self.posted > 0.5:
+            mb = (self.bytes + sink.bytes_written + sink.writer.pos) / 2 ** 20 / max(now - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{mb:.1f} MB/s", refresh=False)
+            self.posted = now
+
+    def stats(self, seconds: float) -> dict:
+        packing = time.perf_counter() - self.t0
+        return {"seconds": seconds, "packing_seconds": packing, "samples_packed_now": self.samples,
+                "bytes_written_now": self.bytes,
+                "samples_per_s": self.samples / packing if packing > 0 else float("inf"),
+                "mb_per_s": self.bytes / 2 ** 20 / packing if packing > 0 else float("inf")}
+
+
+def _members(sample, split: str, number: int, ext: str, pixels: bytes, rel) -> list[tuple[str, bytes]]:
+    """The tar members of one sample: its pixels, label, key number and description (id, source, columns)."""
+    info = {"id": sample.id, "label": sample.label, "split": split, "source": rel(sample.path)}
+    if sample.band_paths:
+        info["band_files"] = [rel(b) for b in sample.band_paths]
+    if sample.meta:
+        info["meta"] = dict(sample.meta)
+    return [(ext, pixels), ("cls", label_bytes(sample.label)), ("idx", key_bytes(number)),
+            ("json", json.dumps(info, sort_keys=True, separators=(",", ":")).encode())]
+
+
 def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_bad: bool = False,
          hdus: tuple[int | str, ...] | None = None, val_fraction: float = 0.15, seed: int = 0,
          allow_nonfinite: bool = False, overwrite: bool = False, workers: int | None = None,
@@ -234,76 +370,28 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
     splits = discover(data, hdus=hdus, val_fraction=val_fraction, seed=seed)
     names = [s for s in SPLIT_ORDER if s in splits] + [s for s in splits if s not in SPLIT_ORDER]
     ref = splits[names[0]]
-    kind = "image" if ref.kind == "image" else "npy"
+    member = ref.data_kind.packed_as()  # the kind the pixels are stored as: PNG/JPEG bytes, or float32 .npy
     settings = {"source": data, "shard_size": shard_size, "seed": int(seed), "val_fraction": float(val_fraction),
                 "hdus": list(hdus) if hdus else None, "allow_nonfinite": bool(allow_nonfinite),
                 "source_counts": {s: len(splits[s]) for s in names}}
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise PackError(f"{out}: exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out):
-        if not is_packed(out):
-            raise PackError(f"{out}: not empty and not a packed set; choose another OUT")
-        old = read_manifest(out)
-        if overwrite:
-            _remove_pack(out, old)
-        elif old.get("settings") != settings:
-            raise PackError(f"{out}: holds a pack made from other data or options "
-                            f"({_settings_diff(old.get('settings') or {}, settings)}); rerun with the same ones to "
-                            "resume, choose another OUT, or pass --overwrite")
-        elif old.get("complete"):
-            log(f"{out} is complete ({old['total_samples']} samples in {len(old['shards'])} shards); nothing to do")
-            return old
-    os.makedirs(out, exist_ok=True)
+    done = _ready_out(out, settings, overwrite, log)
+    if done is not None:
+        return done
 
     total = sum(len(splits[s]) for s in names)
     width = max(9, len(str(max(total - 1, 0))))
     bases = dict(zip(names, np.cumsum([0] + [len(splits[s]) for s in names])[:-1].tolist()))
     header = {"format": FORMAT, "version": VERSION, "packed_with": f"dali_lens {__version__}",
-              "settings": settings, "kind": kind, "source_kind": ref.kind, "bands": ref.bands,
-              "shape": list(ref.shape) if ref.shape else None, "dtype": "uint8" if kind == "image" else "float32",
-              "key_width": width,
-              "members": ["png|jpg" if kind == "image" else "npy", "cls", "idx", "json"]}
-    entries: list[dict] = []
-    summaries: dict[str, list[dict]] = {s: [] for s in names}
-    tail_skipped: dict[str, list[dict]] = {s: [] for s in names}
-
-    def write_manifest(complete: bool) -> dict:
-        m = dict(header, complete=complete)
-        split_info, skipped, exts, npy_header = {}, [], set(), None
-        for s in names:
-            sm = summaries[s]
-            sk = [dict(k, split=s) for x in sm for k in x["skipped"]] + [dict(k, split=s) for k in tail_skipped[s]]
-            skipped.extend(sk)
-            for x in sm:
-                exts.update(x["exts"])
-                npy_header = npy_header or x.get("npy_header")
-            split_info[s] = {"samples": sum(x["count"] for x in sm), "shards": len(sm),
-                             "bytes": sum(x["bytes"] for x in sm), "lens": sum(x["lens"] for x in sm),
-                             "nonlens": sum(x["nonlens"] for x in sm),
-                             "unlabelled": sum(x["unlabelled"] for x in sm), "skipped": len(sk),
-                             "source_samples": len(splits[s])}
-        m["image_ext"] = sorted(exts) if kind == "image" else []
-        if kind == "npy":
-            m["npy_header_bytes"] = npy_header
-        ordered = sorted(entries, key=lambda e: (names.index(e["split"]), e["path"]))
-        m.update(splits=split_info, shards=ordered, skipped=skipped,
-                 total_samples=sum(v["samples"] for v in split_info.values()),
-                 total_bytes=sum(v["bytes"] for v in split_info.values()))
-        atomic_write_json(os.path.join(out, MANIFEST), m, fsync=fsync)
-        return m
-
-    # what is already there (a resumed run)
-    starts = {}
-    for s in names:
-        got, sm, pos = _resume_split(os.path.join(out, s), s, log)
-        entries.extend(got)
-        summaries[s] = sm
-        starts[s] = pos
+              "settings": settings, "kind": member.name, "source_kind": ref.kind, "bands": ref.bands,
+              "shape": list(ref.shape) if ref.shape else None, "dtype": "uint8" if member.eight_bit else "float32",
+              "key_width": width, "members": [member.manifest_member, "cls", "idx", "json"]}
+    manifest = _Manifest(out, header, names, splits, member, fsync)
+    starts = manifest.resume(log)  # what is already there (a resumed run)
     done_before = sum(starts.values())
     if done_before:
-        log(f"resuming: {sum(len(v) for v in summaries.values())} complete shard(s) kept, "
+        log(f"resuming: {sum(len(v) for v in manifest.summaries.values())} complete shard(s) kept, "
             f"{done_before} of {total} samples already packed")
-    write_manifest(False)
+    manifest.write(False)
 
     from tqdm import tqdm
 
@@ -315,110 +403,44 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
     def rel(path: str) -> str:  # the source path relative to DATA (absolute when outside it)
         return path[len(prefix):] if path.startswith(prefix) else path
 
-    new_samples, new_bytes, t_run = 0, 0, time.perf_counter()
-    last_post = 0.0
-    writer = None
+    run = _Run(bar, progress)
+    npy_values = int(np.prod([ref.bands, *(ref.shape or (0, 0))]))
+    sink = None
     try:
         for s in names:
             ds = splits[s]
-            folder = os.path.join(out, s)
             order = (np.random.default_rng([int(seed), 0x9ac]).permutation(len(ds)) if s == "train"
                      else np.arange(len(ds)))
-            k = len(summaries[s])
-            writer, cur = None, None
-            pending_skipped: list[dict] = []
-            shard_start = starts[s]
-
-            def finish(end: int) -> None:
-                nonlocal writer, cur, k, new_bytes
-                size, sha = writer.finish(fsync=fsync)
-                final = os.path.join(folder, shard_name(k))
-                index_text = writer.index_text()
-                cur.update(count=writer.count, source_end=end, bytes=size, sha256=sha,
-                           index_sha256=hashlib.sha256(index_text.encode()).hexdigest())
-                exts = cur.pop("exts")
-                if len(set(exts)) == 1:
-                    cur["ext"] = exts[0]
-                else:
-                    cur["ext"], cur["exts"] = exts[0], exts
-                if not cur["meta"] or not any(cur["meta"]):
-                    cur.pop("meta")
-                atomic_write_text(final + ".idx", index_text, fsync=fsync)
-                atomic_write_json(final + ".json", cur, indent=None, fsync=fsync)
-                os.replace(writer.path, final + ".tar")  # the .tar last: its presence marks the shard complete
-                if fsync:
-                    _fsync_dir(folder)
-                entries.append(_entry(s, cur, folder))
-                summaries[s].append(_summary(cur))
-                new_bytes += size
-                write_manifest(False)
-                writer, cur = None, None
-                k += 1
-
+            sink = _SplitShards(manifest, s, starts[s], shard_size, npy_values)
             for p, result in _prepared(ds, order, starts[s], allow_nonfinite, n_workers):
-                i = int(order[p])
-                sample = ds.samples[i]
+                sample = ds.samples[int(order[p])]
+                bar.update(1)
                 if isinstance(result, DataError):
                     if not skip_bad:
                         raise result
-                    pending_skipped.append({"file": sample.path, "problem": str(result)})
+                    sink.skip(sample, result)
                     log(f"skipping bad input: {result}")
-                    bar.update(1)
                     continue
                 ext, pixels = result
                 number = bases[s] + p
-                key = f"{number:0{width}d}"
-                label = sample.label
-                info = {"id": sample.id, "label": label, "split": s, "source": rel(sample.path)}
-                if sample.band_paths:
-                    info["band_files"] = [rel(b) for b in sample.band_paths]
-                if sample.meta:
-                    info["meta"] = dict(sample.meta)
-                members = [(ext, pixels), ("cls", label_bytes(label)), ("idx", key_bytes(number)),
-                           ("json", json.dumps(info, sort_keys=True, separators=(",", ":")).encode())]
-                need = sample_tar_bytes(members)
-                if writer is not None and writer.count and writer.pos + need + 1024 > shard_size:
-                    finish(p)
-                    shard_start = p
-                if writer is None:
-                    writer = ShardWriter(os.path.join(folder, f".{shard_name(k)}.tar.{os.getpid()}.tmp"))
-                    cur = {"split": s, "shard": k, "source_start": shard_start, "keys": [], "ids": [],
-                           "labels": [], "exts": [], "meta": [], "skipped": pending_skipped}
-                    if kind == "npy":
-                        cur["npy_header"] = len(pixels) - 4 * int(np.prod([ref.bands, *(ref.shape or (0, 0))]))
-                    pending_skipped = []
-                writer.add(key, members)
-                cur["keys"].append(number)
-                cur["ids"].append(sample.id)
-                cur["labels"].append(-1 if label is None else int(label))
-                cur["exts"].append(ext)
-                cur["meta"].append(dict(sample.meta) if sample.meta else None)
-                new_samples += 1
-                bar.update(1)
-                now = time.perf_counter()
-                if progress and now - last_post > 0.5:
-                    mb = (new_bytes + writer.pos) / 2 ** 20 / max(now - t_run, 1e-9)
-                    bar.set_postfix_str(f"{mb:.1f} MB/s", refresh=False)
-                    last_post = now
-            if writer is not None:
-                finish(len(ds))
-            tail_skipped[s] = pending_skipped
-            if not summaries[s]:
+                sink.add(p, number, f"{number:0{width}d}", sample, ext, _members(sample, s, number, ext, pixels, rel))
+                run.added(sink)
+            if sink.writer is not None:
+                sink.finish(len(ds))
+            run.bytes += sink.bytes_written
+            manifest.tail_skipped[s] = sink.pending_skipped
+            sink = None
+            if not manifest.summaries[s]:
                 raise DataError(f"{data}: every sample of the {s} split is bad; nothing to pack")
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        if sink is not None:
+            sink.abort()
         raise
     finally:
         bar.close()
-    manifest = write_manifest(True)
-    seconds = time.perf_counter() - t0
-    packing = time.perf_counter() - t_run
-    manifest["run"] = {"seconds": seconds, "packing_seconds": packing, "samples_packed_now": new_samples,
-                       "bytes_written_now": new_bytes,
-                       "samples_per_s": new_samples / packing if packing > 0 else float("inf"),
-                       "mb_per_s": new_bytes / 2 ** 20 / packing if packing > 0 else float("inf")}
-    return manifest
+    result = manifest.write(True)
+    result["run"] = run.stats(time.perf_counter() - t0)
+    return result
 
 
 # ============================================================================================ CLI

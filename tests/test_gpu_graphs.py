@@ -22,6 +22,7 @@ import pytest
 
 from conftest import write_dataset
 from dali_lens.data import discover
+from dali_lens.data.kinds.fits import LISTED_READER, ListedIndex, fits_hdu_numbers
 from dali_lens.pipelines import LoaderOptions, dali_backend
 from dali_lens.pipelines.options import epoch_order
 
@@ -125,15 +126,15 @@ def test_every_gpu_graph_passes_dalis_schemas(sources, kind):
     ds = dataset(sources, kind.replace("-gpu-reader", "").replace("-cpu-reader", ""))
     reader = {"npy-gpu-reader": "gpu", "npy-cpu-reader": "cpu"}.get(kind, "auto")
     if kind == "fits-dali" or kind == "fits-bands":
-        assert dali_backend.fits_hdu_numbers(ds) is not None, "the set must take the DALI FITS reader path"
+        assert fits_hdu_numbers(ds) is not None, "the set must take the DALI FITS reader path"
     if kind == "fits-astropy":
-        assert dali_backend.fits_hdu_numbers(ds) is None
+        assert fits_hdu_numbers(ds) is None
     checked = 0
     for dtype, train, mode, (mask_value, mask_channel) in variants(kind):
         opts = LoaderOptions(scales=SCALES, batch_size=4, train=train, augment=train, max_shift=2 if train else 0,
                              dtype=dtype, resize_mode=mode, mask_value=mask_value, mask_channel=mask_channel,
                              device_id=0, scaling="asinh" if ds.pixel_kind != "image" else "none",
-                             extra={"numpy_reader": reader})
+                             numpy_reader=reader)
         pipe = dali_backend.define_pipeline(ds, opts, True, np.arange(len(ds)))
         problems = lint(pipe)
         assert not problems, (kind, dtype, train, mode, mask_value, mask_channel, problems)
@@ -209,7 +210,7 @@ def test_listed_sample_positions_per_epoch_and_rank(sources):
 def test_per_band_readers_stay_in_lock_step(sources):
     """The per-band GPU FITS readers of the challenge layout, replaced by CPU file readers with the same file lists
     and the same reader arguments (``LISTED_READER``): every batch's band files belong to the sample that
-    ``_ListedIndex`` reports, also in the padded last batch, for the order of each epoch."""
+    ``ListedIndex`` reports, also in the padded last batch, for the order of each epoch."""
     from nvidia.dali import fn, pipeline_def, types
 
     ds = dataset(sources, "fits-bands")
@@ -232,9 +233,9 @@ def test_per_band_readers_stay_in_lock_step(sources):
         @pipeline_def(batch_size=3, num_threads=1, device_id=None)
         def stand_in():
             planes = [fn.readers.file(files=[ds.samples[i].band_paths[b] for i in order],
-                                      name="reader" if b == 0 else f"reader{b}", **dali_backend.LISTED_READER)[0]
+                                      name="reader" if b == 0 else f"reader{b}", **LISTED_READER)[0]
                       for b in range(ds.bands)]
-            return (*planes, fn.external_source(source=dali_backend._ListedIndex(order), batch=False,
+            return (*planes, fn.external_source(source=ListedIndex(order), batch=False,
                                                 dtype=types.INT64))
 
         p = stand_in()

@@ -12,6 +12,9 @@ import torch
 
 from conftest import DALI_BACKENDS, write_dataset
 from dali_lens.data import DataError, discover
+from dali_lens.data.kinds.fits import fits_hdu_numbers
+from dali_lens.data.kinds import npy as npy_kind
+from dali_lens.data.kinds.npy import load_cufile, numpy_reader_device
 from dali_lens.pipelines import LoaderOptions, build_loader, dali_backend
 
 pytestmark = pytest.mark.skipif(not dali_backend.available(), reason="needs NVIDIA DALI")
@@ -88,7 +91,7 @@ def test_reader_failure_scans_with_the_loaders_mask_value(tmp_path):
         fh.truncate(os.path.getsize(bad) // 2)
     ds = discover(str(tmp_path / "d"))["test"]
     loader = build_loader(ds, backend="dali-cpu", scales=(16,), batch_size=4, mask_value=0.0,
-                          extra={"validate": False})
+                          validate=False)
     with pytest.raises(DataError) as info:
         list(loader)
     msg = str(info.value)
@@ -136,7 +139,7 @@ def test_gpu_fits_reader_only_for_exact_uniform_files(tmp_path, case, dali):
     make, odd = makers[case]
     ds = discover(write_fits(str(tmp_path / case), make, odd=odd), hdus=(1, 2))["test"]
     assert ds.kind == "fits" and len(ds) == 6
-    assert dali_backend.fits_hdu_numbers(ds) == ([2, 3] if dali else None)
+    assert fits_hdu_numbers(ds) == ([2, 3] if dali else None)
 
 
 def test_gpu_fits_rule_per_band_files(tmp_path):
@@ -147,14 +150,14 @@ def test_gpu_fits_rule_per_band_files(tmp_path):
 
     root = str(tmp_path / "challenge")
     generate_dataset(root, n=4, layout="challenge", track="ground", seed=1)
-    assert dali_backend.fits_hdu_numbers(discover(root, val_fraction=0)["train"]) == [1]
+    assert fits_hdu_numbers(discover(root, val_fraction=0)["train"]) == [1]
     last = discover(root, val_fraction=0)["train"].samples[-1].band_paths[-1]
     data = fits.getdata(last)
     os.remove(last)
     # the last band file of the last sample Rice-compressed, its image in HDU 2: it does not match the first file
     fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(np.round(data).astype(np.int32), compression_type="RICE_1")]
                  ).writeto(last)
-    assert dali_backend.fits_hdu_numbers(discover(root, val_fraction=0)["train"]) is None
+    assert fits_hdu_numbers(discover(root, val_fraction=0)["train"]) is None
 
 
 # ---- defect 3: the GPU numpy reader needs cuFile (libcufile.so.0, not in DALI's wheel)
@@ -176,26 +179,26 @@ def arg(op, name: str):
 @pytest.mark.parametrize("forced", ["auto", "gpu", "cpu"])
 def test_gpu_numpy_reader_reads_on_the_cpu_without_cufile(make_dataset, forced):
     ds = discover(make_dataset("npy", n_per_class=2, size=16))["test"]
-    opts = LoaderOptions(scales=(16,), batch_size=2, device_id=0, extra={"numpy_reader": forced})
-    found = dali_backend._load_cufile()
+    opts = LoaderOptions(scales=(16,), batch_size=2, device_id=0, numpy_reader=forced)
+    found = load_cufile()
     want = forced if forced != "auto" else ("gpu" if found else "cpu")
-    assert dali_backend.numpy_reader_device(opts) == want
+    assert numpy_reader_device(opts) == want
     pipe = dali_backend.define_pipeline(ds, opts, True, np.arange(len(ds)))
     reader = next(op for op in graph_ops(pipe) if op._op.schema.Name() == "readers__Numpy")
     assert reader._op.device == want
     assert pipe._graph_outputs[0].device == "gpu"  # the images always end on the GPU
-    loader = dali_backend.DaliLoader(ds, LoaderOptions(scales=(16,), batch_size=2, extra={"numpy_reader": forced}))
+    loader = dali_backend.DaliLoader(ds, LoaderOptions(scales=(16,), batch_size=2, numpy_reader=forced))
     loader.gpu = True  # what a GPU loader would log (one cannot be made without CUDA)
     assert ("cuFile" in loader.reads) == (want == "gpu") and ("on the CPU" in loader.reads) == (want == "cpu")
     with pytest.raises(ValueError, match="numpy_reader"):
-        dali_backend.numpy_reader_device(LoaderOptions(extra={"numpy_reader": "gds"}))
+        numpy_reader_device(LoaderOptions(numpy_reader="gds"))
 
 
 def test_cufile_probe_reads_one_file_and_says_why_it_cannot(make_dataset):
     """The probe really runs DALI's GPU numpy reader on a data file; where that fails (here: no GPU at all) it
     returns DALI's reason, naming the folder. On a GPU machine where cuFile works it returns ''."""
     ds = discover(make_dataset("npy", n_per_class=1, size=8))["test"]
-    why = dali_backend._probe_cufile(ds.samples[0].path, 0)
+    why = npy_kind.probe_cufile(ds.samples[0].path, 0)
     if torch.cuda.is_available() and not why:
         return  # cuFile reads this filesystem
     assert why.startswith(f"cuFile cannot read {os.path.dirname(ds.samples[0].path)}: ") and len(why) > 40, why
@@ -207,19 +210,19 @@ def test_auto_numpy_reader_falls_back_when_cufile_cannot_read_the_data(make_data
     filesystem is planted here (the probe itself needs a GPU: test above)."""
     ds = discover(make_dataset("npy", n_per_class=2, size=16))["test"]
     first = ds.samples[0].path
-    monkeypatch.setattr(dali_backend, "_CUFILE", ["/usr/lib/libcufile.so.0"])
+    monkeypatch.setattr(npy_kind, "_CUFILE", ["/usr/lib/libcufile.so.0"])
     key = (os.stat(first).st_dev, 0)
-    monkeypatch.setitem(dali_backend._CUFILE_VERDICT, key, "cuFile cannot read /data: file descriptor is not registered")
+    monkeypatch.setitem(npy_kind._CUFILE_VERDICT, key, "cuFile cannot read /data: file descriptor is not registered")
     opts = LoaderOptions(scales=(16,), batch_size=2, device_id=0)
-    assert dali_backend.numpy_reader_device(opts, first) == "cpu"
+    assert numpy_reader_device(opts, first) == "cpu"
     pipe = dali_backend.define_pipeline(ds, opts, True, np.arange(len(ds)))
     reader = next(op for op in graph_ops(pipe) if op._op.schema.Name() == "readers__Numpy")
     assert reader._op.device == "cpu"
     loader = dali_backend.DaliLoader(ds, LoaderOptions(scales=(16,), batch_size=2))
     loader.gpu = True
     assert "on the CPU" in loader.reads and "file descriptor is not registered" in loader.reads, loader.reads
-    monkeypatch.setitem(dali_backend._CUFILE_VERDICT, key, "")  # where cuFile works: the GPU reader
-    assert dali_backend.numpy_reader_device(opts, first) == "gpu"
+    monkeypatch.setitem(npy_kind._CUFILE_VERDICT, key, "")  # where cuFile works: the GPU reader
+    assert numpy_reader_device(opts, first) == "gpu"
     assert "cuFile" in loader.reads
 
 
@@ -265,7 +268,7 @@ def test_fits_fz_through_dali_matches_astropy(tmp_path, backend, case):
     ds = discover(write_fits(str(tmp_path / case), make), hdus=(1, 2))["test"]
     kw = dict(scales=(16, 24), batch_size=4, mean=(500.0,) * 2, std=(300.0,) * 2)
     loader = build_loader(ds, backend=backend, **kw)
-    assert loader._dali_fits == (backend == "dali" and case == "rice-int")
+    assert loader._listed == (backend == "dali" and case == "rice-int")
     a_idx, _, a = collect(loader)
     b_idx, _, b = collect(build_loader(ds, backend="torchvision", **kw))
     assert a_idx.tolist() == b_idx.tolist() == list(range(len(ds)))
@@ -282,11 +285,11 @@ def test_npy_through_the_gpu_reader_with_and_without_cufile(make_dataset, backen
 
     ds = discover(make_dataset("npy", n_per_class=4, size=16))["test"]
     if backend == "dali" and reader == "gpu":
-        why = dali_backend.cufile_problem(ds.samples[0].path)
+        why = npy_kind.cufile_problem(ds.samples[0].path)
         if why:  # the first H200 machine: libcufile.so.0 loaded, every read "file descriptor is not registered"
             pytest.skip(f"DALI's GPU numpy reader cannot run here: {why}")
     kw = dict(scales=(16, 24), batch_size=3, mean=(100.0,) * 3, std=(300.0,) * 3)
-    loader = build_loader(ds, backend=backend, extra={"numpy_reader": reader}, **kw)
+    loader = build_loader(ds, backend=backend, numpy_reader=reader, **kw)
     if backend == "dali":
         assert ("cuFile" in loader.reads) == (reader == "gpu"), loader.reads
     a_idx, _, a = collect(loader)

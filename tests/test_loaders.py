@@ -98,7 +98,7 @@ def test_fits_hdu_numbers_for_dalis_reader_count_from_one(tmp_path):
     from astropy.io import fits
 
     from dali_lens.data.synthetic import generate_dataset
-    from dali_lens.pipelines.dali_backend import fits_hdu_numbers
+    from dali_lens.data.kinds.fits import fits_hdu_numbers
 
     plain = write_fits_bands(str(tmp_path / "plain"), n_per_class=1)
     assert fits_hdu_numbers(discover(plain, hdus=(1, 2, 3))["test"]) == [2, 3, 4]

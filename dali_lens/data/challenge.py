@@ -13,8 +13,7 @@ import csv
 import os
 import re
 
-from .dataset import DataError, Dataset, Sample
-from .sources import parse_label
+from .dataset import DataError, Dataset, Sample, parse_label
 
 GROUND_DIRS = ("Band1", "Band2", "Band3", "Band4")
 SPACE_DIRS = ("EUC_VIS",)
@@ -108,4 +107,4 @@ MASK_VALUE = 100.0
 
 def default_mask_value(dataset: Dataset) -> float | None:
     """The sentinel of masked pixels that ``dataset``'s layout implies (the challenge's 100), else None."""
-    return MASK_VALUE if dataset.kind == "fits-bands" and is_challenge_layout(dataset.root) else None
+    return MASK_VALUE if dataset.data_kind.one_file_per_band and is_challenge_layout(dataset.root) else None

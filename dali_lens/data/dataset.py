@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-FITS_EXTS = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz")
-NPY_EXTS = (".npy",)
-KINDS = ("image", "npy", "fits", "fits-bands", "shards")
+#: The registry's table, ``{name: kind object}``: filled by ``dali_lens.data.kinds`` (``register_kind``), which
+#: the ``dali_lens.data`` package imports first. It lives here so that a Dataset resolves its kind without
+#: importing the kinds, which import this module.
+KINDS: dict = {}
+
+
+_TRUE = {"1", "lens", "true", "yes", "1.0"}
+_FALSE = {"0", "nonlens", "non-lens", "non_lens", "false", "no", "0.0"}
 
 
 class DataError(ValueError):
@@ -37,10 +42,11 @@ class _NoMeta(Mapping):
 
 
 def _no_meta() -> "_NoMeta":
-    return _NO_META
+    return NO_META
 
 
-_NO_META = _NoMeta()
+#: The one empty, read-only ``meta`` of samples without catalogue columns.
+NO_META = _NoMeta()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +74,11 @@ class Sample:
 class Dataset:
     """A list of samples plus what a loader must know to read them.
 
-    ``kind`` is ``'image'`` (PNG/JPEG), ``'npy'`` (float arrays shaped (bands, H, W)), ``'fits'`` (one file
-    per sample, one band per HDU or one 3-D HDU) or ``'fits-bands'`` (one FITS file per band per sample), or
-    ``'shards'`` (a packed set, see ``data/shards.py``: sample paths are ``<shard>.tar#<member>``).
+    ``kind`` names a registered data kind (``dali_lens.data.kinds``): ``'image'`` (PNG/JPEG), ``'npy'`` (float
+    arrays shaped (bands, H, W)), ``'fits'`` (one file per sample, one band per HDU or one 3-D HDU),
+    ``'fits-bands'`` (one FITS file per band per sample), ``'shards'`` (a packed set, see ``data/shards.py``:
+    sample paths are ``<shard>.tar#<member>``), or one added with ``register_kind``. :attr:`data_kind` is its
+    object, which knows how to read, check, pack and decode the samples.
     """
 
     samples: list[Sample]
@@ -82,18 +90,26 @@ class Dataset:
     shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown dataset kind {self.kind!r}; expected one of {KINDS}")
+        get_kind(self.kind)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
+    def data_kind(self):
+        """The kind object of this dataset (``dali_lens.data.kinds.Kind``)."""
+        return get_kind(self.kind)
+
+    @property
     def pixel_kind(self) -> str:
-        """``'image'`` for 8-bit PNG/JPEG pixels (loose or packed), else the float kind (packed: ``'npy'``)."""
-        if self.kind != "shards":
-            return self.kind
-        return "image" if self.samples and kind_of(self.samples[0].path) == "image" else "npy"
+        """The kind of the pixels: this dataset's kind, or for a packed set the kind its members are stored as
+        (``'image'`` for PNG/JPEG, ``'npy'`` for float arrays)."""
+        return self.data_kind.pixels(self).name
+
+    @property
+    def eight_bit(self) -> bool:
+        """8-bit pixels (PNG/JPEG, loose or packed), normalised from 0..255; float data otherwise."""
+        return self.data_kind.pixels(self).eight_bit
 
     @property
     def labelled(self) -> bool:
@@ -120,24 +136,70 @@ class Dataset:
         return text + f"), {self.bands} band(s), {shape} px"
 
 
+def get_kind(name: str):
+    """The registered kind object called ``name``; ValueError naming the registered ones otherwise."""
+    try:
+        return KINDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown dataset kind {name!r}; expected one of {tuple(KINDS)}") from None
+
+
+def _extensions() -> list[tuple[str, str]]:
+    """(file name ending, kind name) of every registered kind, longest ending first."""
+    return sorted(((e, k.name) for k in KINDS.values() for e in k.exts), key=lambda t: -len(t[0]))
+
+
 def kind_of(path: str) -> str | None:
-    """The dataset kind a file belongs to, by extension; None if not a supported file."""
+    """The dataset kind a file belongs to, by extension (``Kind.exts``); None if not a supported file."""
     low = path.lower()
-    if low.endswith(IMAGE_EXTS):
-        return "image"
-    if low.endswith(NPY_EXTS):
-        return "npy"
-    if low.endswith(FITS_EXTS):
-        return "fits"
-    return None
+    return next((name for ext, name in _extensions() if low.endswith(ext)), None)
 
 
 def sample_id(path: str) -> str:
     name = os.path.basename(path)
-    for ext in sorted(IMAGE_EXTS + FITS_EXTS + NPY_EXTS, key=len, reverse=True):
+    for ext, _ in _extensions():
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+_CACHES: dict[tuple[int, str], dict] = {}
+
+
+def dataset_cache(dataset: "Dataset", owner: str) -> dict:
+    """A dict for what module ``owner`` computes once per dataset object (scan results, shard plans, DALI's
+    FITS HDUs): kept off the object, so that it is not pickled into loader worker processes, dropped with
+    the dataset, and emptied when the dataset's length changes."""
+    key = (id(dataset), owner)
+    entry = _CACHES.get(key)
+    if entry is None or entry["n"] != len(dataset):
+        entry = _CACHES[key] = {"n": len(dataset)}
+        weakref.finalize(dataset, _CACHES.pop, key, None)
+    return entry
+
+
+def parse_label(value: str, where: str, binary: bool = False) -> int | None:
+    """A label cell: 1 for a lens, 0 for a non-lens, None when empty (unlabelled). Words (``lens``, ``yes``,
+    ``-1`` for unlabelled, ...) are accepted unless ``binary``: then only 0 and 1 (``0.0``/``1.0``) are, as in the
+    challenge catalogue's ``is_lens`` column. Anything else is a DataError naming ``where``."""
+    v = str(value).strip().lower()
+    if binary:
+        if v == "":
+            return None
+        try:
+            number = float(v)
+        except ValueError:
+            number = None
+        if number in (0.0, 1.0):
+            return int(number)
+        raise DataError(f"{where}: label {value!r} is not 0 or 1")
+    if v in _TRUE:
+        return 1
+    if v in _FALSE:
+        return 0
+    if v in ("", "-1", "none", "nan"):
+        return None
+    raise DataError(f"{where}: unknown label {value!r} (use 1 for lens, 0 for non-lens)")
 
 
 def parse_hdus(text) -> tuple[int | str, ...] | None:

@@ -58,7 +58,7 @@ def _concat(parts: list[Dataset], root: str, split: str) -> Dataset:
 def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: float = 0.0,
                   seed: int = 0) -> Dataset:
     """One :class:`Dataset` from every DATA argument (files, folders, manifests, list files, dataset roots)."""
-    from .sources import _dataset, discover
+    from .sources import discover, make_dataset
 
     parts: list[Dataset] = []
     loose: list[Sample] = []
@@ -89,7 +89,7 @@ def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: 
         kinds = {kind_of(s.path) for s in loose}
         if len(kinds) > 1:
             raise DataError(f"{loose[0].path}: mixed file types {sorted(kinds)}; score one format at a time")
-        parts.append(_dataset(loose, os.path.commonpath([os.path.dirname(s.path) for s in loose]), "predict", hdus))
+        parts.append(make_dataset(loose, os.path.commonpath([os.path.dirname(s.path) for s in loose]), "predict", hdus))
     if not parts:
         raise DataError("no input data given")
     root = parts[0].root if len(parts) == 1 else os.path.commonpath([p.root for p in parts])

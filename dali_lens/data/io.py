@@ -37,7 +37,7 @@ def _tmp_path(path: str) -> str:
     return os.path.join(directory, f".{name}.{os.getpid()}.{next(_counter)}.tmp")
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     """fsync a directory so that the rename itself is durable (POSIX only; a no-op elsewhere)."""
     if os.name != "posix":
         return
@@ -87,7 +87,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True
         _unlink_quietly(tmp)
         raise
     if fsync:
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _unlink_quietly(path: str) -> None:

@@ -1,6 +1,7 @@
 """Read one sample into a (bands, H, W) numpy array, with checks that name the file.
 
-Used by the torchvision backend, by the DALI CPU backend for FITS (DALI's FITS reader needs CUDA), by
+The format readers of the built-in kinds (``data/kinds/``), and :func:`read_sample`, which reads any sample
+through its kind. Used by the torchvision backend, by the DALI CPU backend for FITS (DALI's FITS reader needs CUDA), by
 `python -m dali_lens.check` and to compute normalisation statistics. Images come back as uint8, float data
 as float32.
 """
@@ -80,7 +81,8 @@ def as_bands(arr: np.ndarray, where: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def _fits_hdus(path: str):
+def open_fits(path: str):
+    """The HDU list of a FITS file (astropy, read in full); DataError naming an empty or unreadable file."""
     from astropy.io import fits
 
     if os.path.getsize(path) == 0:
@@ -93,7 +95,7 @@ def _fits_hdus(path: str):
 
 def read_fits(path: str, hdus: tuple[int | str, ...] | None = None) -> np.ndarray:
     """One band per image HDU (chosen by index or EXTNAME), or a single 2-D/3-D HDU."""
-    with _fits_hdus(path) as hdul:
+    with open_fits(path) as hdul:
         try:
             if hdus:
                 planes = [np.asarray(hdul[h].data, dtype=np.float32) for h in hdus]
@@ -114,36 +116,14 @@ def read_fits(path: str, hdus: tuple[int | str, ...] | None = None) -> np.ndarra
 
 
 def read_sample(sample: Sample, dataset: Dataset, check: bool = True) -> np.ndarray:
-    """Read ``sample`` as (bands, H, W): uint8 for images, float32 otherwise; raises DataError on problems."""
-    if dataset.kind == "shards":  # a member of a packed shard (random access through its index)
-        from .shards import read_packed
-
-        arr = read_packed(sample)
-        if check:
-            check_array(arr, sample, dataset)
-        return arr
-    for f in sample.files:
-        if not os.path.exists(f):
-            raise DataError(f"{f}: file not found")
-    kind = dataset.kind
-    if kind == "image":
-        arr = read_image(sample.path)
-    elif kind == "npy":
-        arr = read_npy(sample.path)
-    elif kind == "fits":
-        arr = read_fits(sample.path, dataset.hdus)
-    elif kind == "fits-bands":
-        planes = [read_fits(p) for p in sample.band_paths]
-        for f, p in zip(sample.band_paths, planes):
-            if p.shape[0] != 1:
-                raise DataError(f"{f}: holds {p.shape[0]} image planes, a band file of object {sample.id} must hold "
-                                "one 2-D image")
-        if len({p.shape for p in planes}) != 1:
-            raise DataError(f"object {sample.id}: band files have different shapes "
-                            + ", ".join(f"{f} {p.shape[1:]}" for f, p in zip(sample.band_paths, planes)))
-        arr = np.concatenate(planes)
-    else:
-        raise ValueError(kind)
+    """Read ``sample`` as (bands, H, W): uint8 for images, float32 otherwise (its kind's ``read``); raises
+    DataError on problems."""
+    kind = dataset.data_kind
+    if not kind.packed:
+        for f in sample.files:
+            if not os.path.exists(f):
+                raise DataError(f"{f}: file not found")
+    arr = kind.read(sample, dataset)
     if check:
         check_array(arr, sample, dataset)
     return arr

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -34,8 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .dataset import _NO_META, DataError, Dataset, Sample
-from .readers import as_bands, decode_image
+from .dataset import NO_META, DataError, Dataset, Sample, dataset_cache
+from .kinds.image import IMAGE
+from .kinds.npy import NPY
 
 MANIFEST = "manifest.json"
 FORMAT = "dali-lens-shards"
@@ -43,8 +43,6 @@ VERSION = 1
 INDEX_VERSION = "v1.2"
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
-IMAGE_MEMBER_EXTS = ("png", "jpg", "jpeg")
-DALI_IMAGE_EXTS = "png;jpg;jpeg"
 
 
 # ============================================================================================ names
@@ -166,13 +164,6 @@ def format_index(lines: list[str]) -> str:
     return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    """``arr`` as a float32, C-ordered ``.npy`` file (format 1.0, which DALI's numpy decoder reads)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr, dtype="<f4"), version=(1, 0), allow_pickle=False)
-    return buf.getvalue()
-
-
 def label_bytes(label: int | None) -> bytes:
     return b"-1" if label is None else str(int(label)).encode()
 
@@ -280,7 +271,7 @@ def load_packed(root: str) -> dict[str, Dataset]:
                 raise DataError(f"{tar}: its sample list holds {len(keys)} samples, the manifest says {entry['count']}")
             for k, ident, label, ext, meta in zip(keys, ids, labels, exts, metas):
                 samples.append(Sample(member_path(tar, f"{k:0{width}d}", ext), None if label < 0 else int(label),
-                                      str(ident), meta=meta or _NO_META))
+                                      str(ident), meta=meta or NO_META))
         if samples:
             out[split] = Dataset(samples, bands, "shards", root, split, None, shape)
     if not out:
@@ -348,20 +339,19 @@ def read_member_bytes(path: str) -> bytes:
     return data
 
 
+def member_kind(ext: str):
+    """The kind a pixels member is stored as, by its extension: IMAGE (png/jpg), NPY, or None (not pixels)."""
+    ext = ext.lower()
+    return next((k for k in (IMAGE, NPY) if ext in k.member_exts), None)
+
+
 def decode_member(data: bytes, member: str, where: str) -> np.ndarray:
     """Pixels of one packed member as (bands, H, W): uint8 for PNG/JPEG, float32 for ``.npy``."""
-    ext = member.rsplit(".", 1)[-1].lower()
-    if ext in IMAGE_MEMBER_EXTS:
-        if not data:
-            raise DataError(f"{where}: empty member (0 bytes)")
-        return decode_image(data, where)
-    if ext == "npy":
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001 - numpy raises several types for corrupt data
-            raise DataError(f"{where}: cannot read .npy ({exc})") from None
-        return as_bands(arr, where)
-    raise DataError(f"{where}: unsupported member type {ext!r}")
+    ext = member.rsplit(".", 1)[-1]
+    kind = member_kind(ext)
+    if kind is None:
+        raise DataError(f"{where}: unsupported member type {ext.lower()!r}")
+    return kind.decode(data, where)
 
 
 def read_packed(sample: Sample) -> np.ndarray:
@@ -388,13 +378,9 @@ class ShardPlan:
 
     groups: list[Group]
     lookup: np.ndarray            # key number -> position in dataset.samples (-1: not in this dataset)
-    member_kind: str              # 'image' or 'npy'
+    member: object                # the kind the pixels are stored as: kinds.image.IMAGE or kinds.npy.NPY
     _tmpdir: str | None = field(default=None, repr=False)
     _dali: tuple[list[str], list[str]] | None = field(default=None, repr=False)
-
-    @property
-    def dali_ext(self) -> str:
-        return DALI_IMAGE_EXTS if self.member_kind == "image" else "npy"
 
     def positions(self, numbers) -> np.ndarray:
         """Dataset positions of key numbers (DataError for one that is not in this dataset)."""
@@ -444,11 +430,11 @@ def _index_count(tar: str) -> int:
 
 
 def shard_plan(dataset: Dataset) -> ShardPlan:
-    """The (cached) :class:`ShardPlan` of a ``'shards'`` dataset."""
-    plan = getattr(dataset, "_shard_plan", None)
-    if plan is not None and plan[0] == len(dataset):
-        return plan[1]
-    if dataset.kind != "shards":
+    """The :class:`ShardPlan` of a ``'shards'`` dataset (computed once per dataset object)."""
+    cache = dataset_cache(dataset, __name__)
+    if "plan" in cache:
+        return cache["plan"]
+    if not dataset.data_kind.packed:
         raise ValueError(f"not a packed dataset (kind {dataset.kind!r})")
     groups: list[Group] = []
     numbers = np.empty(len(dataset), dtype=np.int64)
@@ -462,7 +448,7 @@ def shard_plan(dataset: Dataset) -> ShardPlan:
     for i, s in enumerate(dataset.samples):
         tar, member = split_member_path(s.path)
         key, _, ext = member.partition(".")
-        member_kinds.add("image" if ext.lower() in IMAGE_MEMBER_EXTS else "npy")
+        member_kinds.add(member_kind(ext) or NPY)
         numbers[i] = int(key)
         if tar != cur_tar:
             close()
@@ -484,8 +470,7 @@ def shard_plan(dataset: Dataset) -> ShardPlan:
     if len(np.unique(numbers)) != len(numbers):
         raise DataError(f"{dataset.root}: the same packed sample is listed twice in {dataset.split}")
     lookup[numbers] = np.arange(len(numbers))
-    plan = ShardPlan(groups, lookup, member_kinds.pop() if member_kinds else "npy")
-    dataset._shard_plan = (len(dataset), plan)
+    plan = cache["plan"] = ShardPlan(groups, lookup, member_kinds.pop() if member_kinds else NPY)
     return plan
 
 
@@ -503,19 +488,10 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
                  max_problems: int = 20) -> list[str]:
     """Problems of one shard: missing files, size/checksum mismatch, index/sample list mismatch, and every
     member that cannot be read or decoded (or has the wrong band count/size, NaN/inf)."""
-    import tarfile
-
     tar = os.path.join(root, entry["path"])
-    problems: list[str] = []
     if not os.path.isfile(tar):
         return [f"{tar}: shard missing"]
-    size = os.path.getsize(tar)
-    if size != entry["bytes"]:
-        problems.append(f"{tar}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced shard)")
-    digest = file_sha256(tar)
-    if digest != entry["sha256"]:
-        problems.append(f"{tar}: checksum mismatch (sha256 {digest[:16]}..., the manifest says "
-                        f"{entry['sha256'][:16]}...): the shard is corrupt")
+    problems = _tar_file_problems(tar, entry)
     idx_path = os.path.join(root, entry["index"])
     try:
         index = parse_index(idx_path)
@@ -524,24 +500,58 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
     if len(index) != entry["count"]:
         problems.append(f"{idx_path}: indexes {len(index)} samples, the manifest says {entry['count']}")
     try:
-        info = read_shard_samples(os.path.join(root, entry["samples"]))
+        listing = _ShardListing(root, entry, manifest, index, problems)
     except DataError as exc:
         return problems + [str(exc)]
-    samples_path = os.path.join(root, entry["samples"])
-    if entry.get("samples_sha256") and file_sha256(samples_path) != entry["samples_sha256"]:
-        problems.append(f"{samples_path}: checksum mismatch (the manifest's samples_sha256): the shard's sample list "
-                        "(labels, ids) was changed after packing")
-    width = int(manifest.get("key_width", 9))
-    try:
-        listed = [f"{int(k):0{width}d}" for k in info.get("keys", [])]
-        labels = {key: int(v) for key, v in zip(listed, info.get("labels", []))}
-        ids = {key: str(v) for key, v in zip(listed, info.get("ids", []))}
-    except (TypeError, ValueError):
-        return problems + [f"{samples_path}: malformed sample list (keys and labels must be integers)"]
-    if listed != [k for k, _, _ in index]:
-        problems.append(f"{samples_path}: its keys differ from the shard index")
-    bands, shape = int(manifest["bands"]), manifest.get("shape")
     by_key = {k: comps for k, comps, _ in index}
+    seen = _member_problems(tar, by_key, listing, manifest, allow_nonfinite, max_problems, problems)
+    missing = [f"{k}.{e}" for k, comps in by_key.items() for e in comps if (k, e) not in seen]
+    if missing and len(problems) < max_problems:
+        problems.append(f"{tar}: {len(missing)} indexed member(s) missing from the archive (first: {missing[0]})")
+    return problems
+
+
+def _tar_file_problems(tar: str, entry: dict) -> list[str]:
+    """The shard's size and sha256 against its manifest entry."""
+    problems = []
+    size = os.path.getsize(tar)
+    if size != entry["bytes"]:
+        problems.append(f"{tar}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced shard)")
+    digest = file_sha256(tar)
+    if digest != entry["sha256"]:
+        problems.append(f"{tar}: checksum mismatch (sha256 {digest[:16]}..., the manifest says "
+                        f"{entry['sha256'][:16]}...): the shard is corrupt")
+    return problems
+
+
+class _ShardListing:
+    """A shard's sample list (``.json``: the keys, labels and ids the loaders use), checked against its checksum
+    and the shard's index; appends what is wrong to ``problems``, DataError when it cannot be used at all."""
+
+    def __init__(self, root: str, entry: dict, manifest: dict, index: list, problems: list[str]):
+        info = read_shard_samples(os.path.join(root, entry["samples"]))
+        self.path = os.path.join(root, entry["samples"])
+        if entry.get("samples_sha256") and file_sha256(self.path) != entry["samples_sha256"]:
+            problems.append(f"{self.path}: checksum mismatch (the manifest's samples_sha256): the shard's sample "
+                            "list (labels, ids) was changed after packing")
+        width = int(manifest.get("key_width", 9))
+        try:
+            listed = [f"{int(k):0{width}d}" for k in info.get("keys", [])]
+            self.labels = {key: int(v) for key, v in zip(listed, info.get("labels", []))}
+            self.ids = {key: str(v) for key, v in zip(listed, info.get("ids", []))}
+        except (TypeError, ValueError):
+            raise DataError(f"{self.path}: malformed sample list (keys and labels must be integers)") from None
+        if listed != [k for k, _, _ in index]:
+            problems.append(f"{self.path}: its keys differ from the shard index")
+
+
+def _member_problems(tar: str, by_key: dict, listing: _ShardListing, manifest: dict, allow_nonfinite: bool,
+                     max_problems: int, problems: list[str]) -> set[tuple[str, str]]:
+    """Read the tar as a stream, checking every member against the index, its content and the sample list;
+    appends problems (up to ``max_problems``) and returns the (key, ext) of the members seen."""
+    import tarfile
+
+    bands, shape = int(manifest["bands"]), manifest.get("shape")
     seen = set()
     try:
         with tarfile.open(tar, mode="r|") as tf:  # streamed: members are not accumulated in memory
@@ -565,15 +575,12 @@ def verify_shard(root: str, entry: dict, manifest: dict, allow_nonfinite: bool =
                 seen.add((key, ext))
                 try:
                     _check_member(data, ti.name, ext, key, where, bands, shape, allow_nonfinite)
-                    _check_listed(data, ext, key, where, labels, ids, samples_path)
+                    _check_listed(data, ext, key, where, listing.labels, listing.ids, listing.path)
                 except DataError as exc:
                     problems.append(str(exc))
     except (tarfile.TarError, OSError) as exc:
         problems.append(f"{tar}: unreadable tar ({exc})")
-    missing = [f"{k}.{e}" for k, comps in by_key.items() for e in comps if (k, e) not in seen]
-    if missing and len(problems) < max_problems:
-        problems.append(f"{tar}: {len(missing)} indexed member(s) missing from the archive (first: {missing[0]})")
-    return problems
+    return seen
 
 
 def _check_listed(data: bytes, ext: str, key: str, where: str, labels: dict, ids: dict, samples_path: str) -> None:
@@ -590,7 +597,7 @@ def _check_listed(data: bytes, ext: str, key: str, where: str, labels: dict, ids
 
 def _check_member(data: bytes, name: str, ext: str, key: str, where: str, bands: int, shape,
                   allow_nonfinite: bool) -> None:
-    if ext in IMAGE_MEMBER_EXTS or ext == "npy":
+    if member_kind(ext) is not None:
         arr = decode_member(data, name, where)
         if arr.shape[0] != bands:
             raise DataError(f"{where}: has {arr.shape[0]} band(s), the packed set has {bands}")

@@ -20,13 +20,11 @@ import csv
 import hashlib
 import os
 
-from .dataset import DataError, Dataset, Sample, kind_of, sample_id
+from .dataset import DataError, Dataset, Sample, kind_of, parse_label, sample_id
 
 SPLITS = ("train", "val", "test")
 LENS_NAMES = {"lens", "lenses", "1", "positive", "pos"}
 NONLENS_NAMES = {"nonlens", "nonlenses", "non_lens", "non-lens", "0", "negative", "neg"}
-_TRUE = {"1", "lens", "true", "yes", "1.0"}
-_FALSE = {"0", "nonlens", "non-lens", "non_lens", "false", "no", "0.0"}
 
 
 _REGISTERED: dict[str, tuple] = {}
@@ -41,30 +39,6 @@ def register_source(name: str, detect, read) -> None:
     replaces it.
     """
     _REGISTERED[name] = (detect, read)
-
-
-def parse_label(value: str, where: str, binary: bool = False) -> int | None:
-    """A label cell: 1 for a lens, 0 for a non-lens, None when empty (unlabelled). Words (``lens``, ``yes``,
-    ``-1`` for unlabelled, ...) are accepted unless ``binary``: then only 0 and 1 (``0.0``/``1.0``) are, as in the
-    challenge catalogue's ``is_lens`` column. Anything else is a DataError naming ``where``."""
-    v = str(value).strip().lower()
-    if binary:
-        if v == "":
-            return None
-        try:
-            number = float(v)
-        except ValueError:
-            number = None
-        if number in (0.0, 1.0):
-            return int(number)
-        raise DataError(f"{where}: label {value!r} is not 0 or 1")
-    if v in _TRUE:
-        return 1
-    if v in _FALSE:
-        return 0
-    if v in ("", "-1", "none", "nan"):
-        return None
-    raise DataError(f"{where}: unknown label {value!r} (use 1 for lens, 0 for non-lens)")
 
 
 def _list_files(folder: str) -> list[str]:
@@ -132,7 +106,9 @@ def read_manifest(path: str, root: str) -> list[Sample]:
     return samples
 
 
-def _dataset(samples: list[Sample], root: str, split: str, hdus=None) -> Dataset:
+def make_dataset(samples: list[Sample], root: str, split: str, hdus=None) -> Dataset:
+    """A Dataset of ``samples`` (loose files of one kind, found by extension) with the band count and size
+    most of its first samples have."""
     from .readers import reference_layout
 
     kinds = {kind_of(s.path) for s in samples}
@@ -225,7 +201,7 @@ def discover(root: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
                             if tars else "")
                     raise DataError(f"{root}: no images, .npy or FITS files found{hint}")
                 found["predict"] = [Sample(os.path.abspath(f), None, sample_id(f)) for f in files]
-    datasets = {s: _dataset(v, base, s, hdus) for s, v in found.items()}
+    datasets = {s: make_dataset(v, base, s, hdus) for s, v in found.items()}
     _check_consistent(datasets)
     return _with_val(datasets, val_fraction, seed)
 

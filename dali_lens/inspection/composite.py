@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.dataset import DataError, Dataset
+from ..data.dataset import DataError, Dataset, get_kind
 
 MASK_COLOUR = (128, 128, 128)
 CHALLENGE_GROUND_RGB = (1, 0, 2)  # Band2 = I -> red, Band1 = R -> green, Band3 = G -> blue
@@ -27,12 +27,12 @@ Q, STRETCH = 8.0, 1.0
 
 def default_rgb_bands(dataset: Dataset) -> tuple[int, int, int] | None:
     """The bands shown as R, G, B for ``dataset`` by default (None for fewer than three bands)."""
-    if dataset.bands < 3 or dataset.pixel_kind == "image":
+    if dataset.bands < 3 or dataset.eight_bit:
         return None
     from ..data.challenge import GROUND_DIRS
 
     s = dataset.samples[0] if dataset.samples else None
-    if dataset.kind == "fits-bands" and s is not None and len(s.band_paths) == len(GROUND_DIRS):
+    if s is not None and len(s.band_paths) == len(GROUND_DIRS):  # one file per band, in the challenge's folders
         import os
 
         if [os.path.basename(os.path.dirname(p)) for p in s.band_paths] == list(GROUND_DIRS):
@@ -79,7 +79,7 @@ def _normalised(plane: np.ndarray, good: np.ndarray) -> np.ndarray:
 def thumbnail(arr: np.ndarray, pixel_kind: str, rgb_bands: tuple[int, int, int] | None = None,
               mask_value: float | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB of one cutout ``arr`` (bands, H, W) as described in the module docstring."""
-    if pixel_kind == "image":
+    if get_kind(pixel_kind).eight_bit:
         a = np.asarray(arr, dtype=np.uint8)
         if a.shape[0] >= 3:
             return np.ascontiguousarray(a[:3].transpose(1, 2, 0))

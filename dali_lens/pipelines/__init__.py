@@ -57,9 +57,9 @@ def resolve_backend(backend: str = "auto", dataset: Dataset | None = None) -> st
     """The one place that turns ``--backend`` into the backend that runs (every command and build_loader).
 
     ``auto``: DALI on the GPU when CUDA and DALI are there, else DALI's CPU backend, else torchvision; given
-    the ``dataset``, FITS on a machine without CUDA goes to torchvision: DALI then reads FITS through
-    astropy in one Python thread, torchvision's worker processes read them in parallel and were faster
-    (benchmarks/results/challenge-fits-vm.json). An explicit backend is checked and kept.
+    the ``dataset``, its kind's ``auto_cpu_backend`` on a machine without CUDA: torchvision for FITS (DALI then
+    reads FITS through astropy in one Python thread, torchvision's worker processes read them in parallel and
+    were faster: benchmarks/results/challenge-fits-vm.json) and for other kinds without a DALI reader. An explicit backend is checked and kept.
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -68,7 +68,7 @@ def resolve_backend(backend: str = "auto", dataset: Dataset | None = None) -> st
             return "torchvision"
         if torch.cuda.is_available():
             return "dali"
-        return "torchvision" if dataset is not None and dataset.kind in ("fits", "fits-bands") else "dali-cpu"
+        return dataset.data_kind.auto_cpu_backend if dataset is not None else "dali-cpu"
     if backend in ("dali", "dali-cpu") and not dali_backend.available():
         raise BackendError(f"backend {backend!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); "
                            "use --backend torchvision")
@@ -87,16 +87,16 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
     name = resolve_backend(backend, dataset)
     if name == "dali" and opts.device_id is None:
         opts.device_id = torch.cuda.current_device()
-    if opts.scaling == "auto" and dataset.pixel_kind != "image":
+    if opts.scaling == "auto" and not dataset.eight_bit:
         auto_factors(opts, dataset.bands)  # a missing or mismatched noise estimate fails here, not in a worker
-    if opts.dtype == "uint8" and dataset.pixel_kind != "image":
+    if opts.dtype == "uint8" and not dataset.eight_bit:
         raise ValueError("dtype='uint8' output is only for 8-bit images; use float32 or float16")
     if opts.train and len(dataset) // opts.num_shards < opts.batch_size:
         warnings.warn(f"{dataset.split}: {len(dataset)} samples over {opts.num_shards} shard(s) do not fill one "
                       f"batch of {opts.batch_size}; the training loader would be empty, using a smaller batch",
                       stacklevel=2)
         opts.batch_size = max(1, len(dataset) // opts.num_shards)
-    if name == "torchvision" and dataset.kind == "shards":  # packed shards: streamed with the webdataset library
+    if name == "torchvision" and dataset.data_kind.packed:  # packed shards: streamed with the webdataset library
         from .shards_torch import ShardsLoader
 
         return ShardsLoader(dataset, opts, device="cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ SCALINGS = ("none", "asinh", "clip", "auto")
 #: linear within the noise, logarithmic for sources brighter than a few noise levels, whatever the flux unit.
 AUTO_K = 1.0
 RESIZE_MODES = ("resize", "crop")
+NUMPY_READERS = ("auto", "gpu", "cpu")
 
 
 @dataclass
@@ -35,6 +36,12 @@ class LoaderOptions:
     ``resize_mode``: ``resize`` (antialiased bilinear) or ``crop`` (centre crop, or zero-pad when the scale
     is larger than the cutout; e.g. 101 px challenge cutouts at 64 px without resampling).
     ``transforms``: names of batch transforms added with ``register_batch_transform``, applied in order.
+
+    Reading: ``validate`` (refuse corrupt files by name before a decoder sees them, once per dataset object;
+    False skips it), ``shuffle_buffer`` (packed shards, training: samples mixed in DALI's random buffer and in
+    the torchvision stream's windows), ``mmap`` (packed shards: memory-map them instead of reading),
+    ``numpy_reader`` (DALI GPU backend: ``auto``, ``gpu`` or ``cpu`` for ``.npy``), ``prefetch_queue_depth``
+    (DALI pipeline batches in flight; None: 2 on the GPU, 1 on the CPU).
     """
 
     scales: tuple[int, ...] = (64,)
@@ -58,7 +65,11 @@ class LoaderOptions:
     tta: bool = False
     device_id: int | None = None
     transforms: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict)
+    validate: bool = True
+    shuffle_buffer: int = 1024
+    mmap: bool = False
+    numpy_reader: str = "auto"
+    prefetch_queue_depth: int | None = None
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -85,6 +96,8 @@ class LoaderOptions:
             raise ValueError(f"shard_id {self.shard_id} out of range for num_shards {self.num_shards}")
         if self.augment is None:
             self.augment = self.train
+        if self.numpy_reader not in NUMPY_READERS:
+            raise ValueError(f"numpy_reader must be 'auto', 'gpu' or 'cpu', not {self.numpy_reader!r}")
 
     @property
     def workers(self) -> int:
@@ -166,8 +179,11 @@ def compute_stats(dataset, opts: LoaderOptions, max_samples: int = 512) -> tuple
 
 
 def prescale(x: np.ndarray, kind: str, opts: LoaderOptions) -> np.ndarray:
-    """Reference numpy version of the per-pixel steps before normalisation (both backends match it)."""
-    if kind == "image":
+    """Reference numpy version of the per-pixel steps before normalisation (both backends match it); ``kind``
+    names the kind of the pixels (8-bit kinds are divided by 255, float kinds masked and scaled)."""
+    from ..data.dataset import get_kind
+
+    if get_kind(kind).eight_bit:
         return x.astype(np.float32) / 255.0
     x = x.astype(np.float32, copy=True)
     masked = None

@@ -2,7 +2,7 @@
 
 Same interface and batches as :class:`~dali_lens.pipelines.torchvision_backend.TorchvisionLoader` (``len()``,
 ``set_epoch()``, ``state_dict()``/``load_state_dict()``, contract batches checked by ``BatchChecker``) and the
-same per-sample steps (``torchvision_backend.decode_image_bytes`` / numpy, ``prescale``, ``transform``), so tensors match
+same per-sample steps (the member kind's ``decode_torch_bytes``, ``prescale``, ``transform``), so tensors match
 the loose files and the DALI backends.
 
 Reading is sequential: each worker streams the shards it needs (``webdataset.tariterators.tar_file_iterator``
@@ -13,7 +13,7 @@ samples. Every epoch has a plan computed from (seed, epoch, rank) alone:
   order; every sample exactly once across ranks; the last batch may be partial.
 * train: the shards in a seeded random order, concatenated; rank r takes the r-th of ``num_shards`` equal
   parts of ``n // num_shards`` samples (disjoint ranks, equal batch counts, like ``epoch_order``); the part
-  is shuffled within windows of ``opts.extra['shuffle_buffer']`` samples (default 1024) and cut into full
+  is shuffled within windows of ``opts.shuffle_buffer`` samples (default 1024) and cut into full
   batches.
 
 Batch j of the plan is built by worker ``(j - skip) % W``: the DataLoader takes batches from its workers in
@@ -31,16 +31,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..data.dataset import DataError, Dataset
 from ..data.readers import check_array
-from ..data.shards import BLOCK, decode_member, shard_index, shard_plan, split_member_path
+from ..data.shards import BLOCK, shard_index, shard_plan, split_member_path
 from .options import LoaderOptions, augment_params, prescale, shard_bounds
-from .torchvision_backend import WorkerLoader, decode_image_bytes, transform
+from .torchvision_backend import WorkerLoader, transform
 
 try:
     from webdataset.tariterators import tar_file_iterator as _wds_tar_iterator
 except ImportError:  # pragma: no cover - webdataset is a dependency; keep working without it
     _wds_tar_iterator = None
-
-DEFAULT_SHUFFLE_BUFFER = 1024
 
 
 def epoch_plan(groups: list[tuple[str, np.ndarray]], n: int, epoch: int, opts: LoaderOptions
@@ -69,7 +67,7 @@ def epoch_plan(groups: list[tuple[str, np.ndarray]], n: int, epoch: int, opts: L
             parts.append(pos[a - start:z - start])
         start += len(pos)
     seq = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-    window = max(1, int(opts.extra.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)))
+    window = max(1, int(opts.shuffle_buffer))
     mix = np.random.default_rng([opts.seed, epoch, opts.shard_id, 0xb0f])
     seq = np.concatenate([mix.permutation(seq[k:k + window]) for k in range(0, len(seq), window)]) if len(seq) else seq
     return segments, [seq[k:k + b] for k in range(0, (len(seq) // b) * b, b)]
@@ -94,7 +92,7 @@ class _ShardStream(IterableDataset):
         self.dataset, self.opts, self.state = dataset, opts, state
         plan = shard_plan(dataset)
         self.groups = [(g.tar, g.positions) for g in plan.groups]
-        self.image = plan.member_kind == "image"
+        self.member = plan.member  # the kind the pixels are stored as
 
     def _members(self, positions) -> dict[str, int]:
         return {split_member_path(self.dataset.samples[int(p)].path)[1]: int(p) for p in positions}
@@ -126,16 +124,10 @@ class _ShardStream(IterableDataset):
 
     def _decode(self, pos: int, data: bytes, epoch: int) -> dict[int, torch.Tensor]:
         sample = self.dataset.samples[pos]
-        allow = self.opts.mask_value is not None
-        if self.image:
-            arr = decode_image_bytes(data, sample.path)
-            check_array(arr, sample, self.dataset)
-            kind = "image"
-        else:
-            arr = decode_member(data, split_member_path(sample.path)[1], sample.path)
-            check_array(arr, sample, self.dataset, allow_nonfinite=allow)
-            kind = "npy"
-        x = torch.from_numpy(np.ascontiguousarray(prescale(arr, kind, self.opts)))
+        allow = self.opts.mask_value is not None and not self.member.eight_bit
+        arr = self.member.decode_torch_bytes(data, sample.path)
+        check_array(arr, sample, self.dataset, allow_nonfinite=allow)
+        x = torch.from_numpy(np.ascontiguousarray(prescale(arr, self.member.name, self.opts)))
         params = (augment_params(self.opts.seed + 7919 * self.opts.shard_id, epoch, pos, self.opts.max_shift)
                   if self.opts.augment else (0, 0, 0, 0, 0))
         return transform(x, self.opts, params)

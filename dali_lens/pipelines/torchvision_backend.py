@@ -1,7 +1,7 @@
 """The torchvision fallback: a Dataset + DataLoader that returns the same batches as the DALI backends.
 
-Decoding uses ``torchvision.io.decode_image`` for JPEG, Pillow for PNG (torchvision's libpng decoder segfaults on
-a corrupt data stream), numpy for ``.npy`` and astropy for FITS; each sample is decoded once and resized to
+Decoding is the kind's (``Kind.decode_torch``): ``torchvision.io.decode_image`` for JPEG, Pillow for PNG
+(torchvision's libpng decoder segfaults on a corrupt data stream), numpy for ``.npy``, astropy for FITS; each sample is decoded once and resized to
 every scale with the same antialiased bilinear filter DALI uses. The dataset is validated once first
 (``data/validate.py``).
 """
@@ -10,45 +10,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.io as tvio  # imported here, before workers start, not once per worker
+import torchvision.io  # noqa: F401 - imported here, before workers start, not once per worker (JPEG decoding)
 from torch.utils.data import DataLoader
 
 from ..data.dataset import DataError, Dataset
-from ..data.readers import check_array, read_sample
 from .batch import BatchChecker
 from .options import LoaderOptions, augment_params, batches_per_epoch, centre_offset, epoch_order, prescale
 
 
-def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> (C, H, W) uint8. PNG through Pillow: torchvision's libpng decoder segfaults on a corrupt
-    data stream ("bad adaptive filter value", issue 18) where Pillow raises; JPEG through torchvision."""
-    if not data:
-        raise DataError(f"{where}: empty file (0 bytes)")
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        from ..data.readers import decode_image
-
-        return decode_image(data, where)
-    try:
-        return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                 mode=tvio.ImageReadMode.UNCHANGED).numpy()
-    except (RuntimeError, ValueError) as exc:
-        raise DataError(f"{where}: cannot decode image ({str(exc).splitlines()[0]})") from None
-
-
 def decode(dataset: Dataset, index: int, allow_nonfinite: bool = False) -> np.ndarray:
-    sample = dataset.samples[index]
-    if dataset.kind == "image":
-        try:
-            with open(sample.path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise DataError(f"{sample.path}: cannot read ({exc})") from None
-        arr = decode_image_bytes(data, sample.path)
-        check_array(arr, sample, dataset)
-        return arr
-    arr = read_sample(sample, dataset, check=False)
-    check_array(arr, sample, dataset, allow_nonfinite=allow_nonfinite)
-    return arr
+    """Sample ``index`` decoded and checked by its kind (``Kind.decode_torch``)."""
+    return dataset.data_kind.decode_torch(dataset, index, allow_nonfinite)
 
 
 def transform(x: torch.Tensor, opts: LoaderOptions, params) -> dict[int, torch.Tensor]:
@@ -110,7 +82,7 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, epoch = key
-        x = torch.from_numpy(np.ascontiguousarray(prescale(decode(self.dataset, i, self.opts.mask_value is not None), self.dataset.kind, self.opts)))
+        x = torch.from_numpy(np.ascontiguousarray(prescale(decode(self.dataset, i, self.opts.mask_value is not None), self.dataset.pixel_kind, self.opts)))
         params = (augment_params(self.opts.seed + 7919 * self.opts.shard_id, epoch, i, self.opts.max_shift)
                   if self.opts.augment else (0, 0, 0, 0, 0))
         return transform(x, self.opts, params), i
@@ -206,11 +178,11 @@ class TorchvisionLoader(WorkerLoader):
     """
 
     def __init__(self, dataset: Dataset, opts: LoaderOptions, device: str = "cpu"):
-        if opts.extra.get("validate", True):  # corrupt files refused by name before a decoder sees them (once)
+        if opts.validate:  # corrupt files refused by name before a decoder sees them (once)
             from ..data.validate import validate
 
             validate(dataset)
-        super().__init__(dataset, opts, device, check_finite=dataset.kind != "image")
+        super().__init__(dataset, opts, device, check_finite=not dataset.eight_bit)
         self._order: list[int] = []
         # worker processes only pay off past a few hundred samples (spawning one costs seconds)
         workers = self.opts.workers if len(dataset) >= 256 else 0
@@ -226,9 +198,9 @@ class TorchvisionLoader(WorkerLoader):
 def _worker_context() -> str:
     import sys
 
-    from . import dali_backend
+    from .dali_backend import pipelines_built
 
-    if dali_backend.pipelines_built() or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    if pipelines_built() or (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return "spawn"
     return "fork" if sys.platform.startswith("linux") else "spawn"
 

@@ -49,7 +49,7 @@ def output_dtype(cfg: TrainConfig, dataset) -> str:
     With ``--batch-transforms`` ``auto`` stays float32: batch transforms see normalised float batches.
     """
     if cfg.dtype == "auto":
-        return "uint8" if dataset.pixel_kind == "image" and not cfg.batch_transforms.strip() else "float32"
+        return "uint8" if dataset.eight_bit and not cfg.batch_transforms.strip() else "float32"
     return cfg.dtype
 
 
@@ -313,7 +313,7 @@ def measure_pixels(cfg: TrainConfig, splits: dict, say) -> PixelSettings:
     per-band mean/std of ``--norm stats``, both measured on the training set."""
     pixels = PixelSettings.from_config(cfg, splits["train"].pixel_kind)
     opts = LoaderOptions(seed=cfg.seed, **pixels.loader_fields())  # (bad options fail here, before any read)
-    if cfg.scaling == "auto" and splits["train"].pixel_kind != "image":
+    if cfg.scaling == "auto" and not splits["train"].eight_bit:
         opts.noise_sigma = estimate_noise(splits["train"], opts)
         say(f"scaling auto: arcsinh(x / ({AUTO_K:g} * noise)) per band, noise "
             + ", ".join(f"{v:.3g}" for v in opts.noise_sigma) + " (estimated on the training set)")
