@@ -28,14 +28,10 @@ class FitsBandsKind(FitsKind):
         return np.concatenate(planes)
 
     def encode(self, array: np.ndarray) -> bytes:
-        """One band file: float32 (1, H, W) or (H, W) in the primary HDU."""
-        import io
+        """One band file: float32 (1, H, W) or (H, W) in the primary HDU (:func:`kinds.fits.fits_bytes`)."""
+        from .fits import fits_bytes
 
-        from astropy.io import fits
-
-        buf = io.BytesIO()
-        fits.PrimaryHDU(np.asarray(array, dtype=np.float32).reshape(array.shape[-2:])).writeto(buf)
-        return buf.getvalue()
+        return fits_bytes(np.asarray(array, dtype=np.float32).reshape(array.shape[-2:]))
 
     def first_file_hdus(self, dataset) -> list[int] | None:
         """The first HDU holding 2-D data in the first band file."""

@@ -1,7 +1,9 @@
 """PNG/JPEG cutouts: 8-bit pixels, one band per channel (1 greyscale, 3 RGB; PNG also 2 or 4)."""
 from __future__ import annotations
 
+import io
 import os
+import struct
 import threading
 import zlib
 
@@ -19,6 +21,39 @@ JPEG_SOI = b"\xff\xd8"
 #: member extensions of packed images, and the same for DALI's webdataset reader
 MEMBER_EXTS = ("png", "jpg", "jpeg")
 DALI_MEMBER_EXTS = "png;jpg;jpeg"
+#: PNG colour type by band count (greyscale, grey + alpha, RGB, RGBA)
+PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def png_bytes(img_u8: np.ndarray, level: int = 1) -> bytes:
+    """An 8-bit PNG of a uint8 (bands, H, W) array: 1 band greyscale, 2 grey + alpha, 3 RGB, 4 RGBA.
+
+    Written directly (filter type 0, zlib ``level``): ~2x faster than PIL for small cutouts, and the zlib
+    call releases the GIL so that writer threads run in parallel. Any PNG reader decodes it.
+    """
+    img_u8 = np.asarray(img_u8)
+    if img_u8.dtype != np.uint8 or img_u8.ndim != 3 or img_u8.shape[0] not in PNG_COLOR_TYPE:
+        raise ValueError(f"png_bytes: expected uint8 (1 to 4, H, W), got {img_u8.dtype} {img_u8.shape}")
+    nb, h, w = img_u8.shape
+    raw = np.zeros((h, w * nb + 1), dtype=np.uint8)           # first byte of each row: filter type 0
+    raw[:, 1:] = img_u8.transpose(1, 2, 0).reshape(h, w * nb)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, PNG_COLOR_TYPE[nb], 0, 0, 0)
+    return b"".join((b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", ihdr),
+                     _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level)), _png_chunk(b"IEND", b"")))
+
+
+def jpeg_bytes(img_u8: np.ndarray, quality: int = 95) -> bytes:
+    """A JPEG (Pillow, 4:4:4, ``quality``) of a uint8 (1, H, W) (greyscale) or (3, H, W) (RGB) array."""
+    from PIL import Image
+
+    arr = img_u8[0] if img_u8.shape[0] == 1 else img_u8.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
 
 
 def read_bytes(path: str) -> bytes:
@@ -248,18 +283,8 @@ class ImageKind(Kind):
         return image_problem(data, s.path, dataset.bands, dataset.shape), content_digest([data])
 
     def encode(self, array: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-        """uint8 (bands, H, W) as PNG (or JPEG: ``fmt='jpeg'``) bytes through Pillow."""
-        import io
-
-        from PIL import Image
-
-        arr = np.ascontiguousarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
-        buf = io.BytesIO()
-        if fmt == "jpeg":
-            Image.fromarray(arr).save(buf, format="JPEG", quality=quality, subsampling=0)
-        else:
-            Image.fromarray(arr).save(buf, format="PNG")
-        return buf.getvalue()
+        """uint8 (bands, H, W) as PNG (:func:`png_bytes`) or, with ``fmt='jpeg'``, JPEG (:func:`jpeg_bytes`)."""
+        return jpeg_bytes(array, quality) if fmt == "jpeg" else png_bytes(np.asarray(array, dtype=np.uint8))
 
     def packed_as(self) -> Kind:
         return self
