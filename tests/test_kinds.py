@@ -188,6 +188,19 @@ def test_a_registered_kind_is_checked_and_packed(tmp_path, f32_kind, capsys):
     assert f"{bad}: truncated .f32" in capsys.readouterr().out
 
 
+def test_unsupported_files_are_named_with_every_registered_ending(tmp_path, f32_kind):
+    """The message for a file no kind reads lists what the registered kinds read, a new kind's ending too."""
+    from dali_lens.data import DataError, Sample
+    from dali_lens.data.sources import make_dataset
+
+    odd = tmp_path / "cutout.tif"
+    odd.write_bytes(b"II*\0")
+    with pytest.raises(DataError) as err:
+        make_dataset([Sample(str(odd), 1, "cutout")], str(tmp_path), "train")
+    msg = str(err.value)
+    assert msg.startswith(f"{odd}: unsupported file type") and ".f32" in msg and ".npy" in msg and ".png" in msg, msg
+
+
 def test_unknown_kinds_are_refused_by_name():
     with pytest.raises(ValueError, match="unknown dataset kind 'hdf5'"):
         get_kind("hdf5")

@@ -155,6 +155,12 @@ def kind_of(path: str) -> str | None:
     return next((name for ext, name in _extensions() if low.endswith(ext)), None)
 
 
+def supported_files() -> str:
+    """The file endings every registered kind reads, for messages: '.png, .jpg, ... or .f32'."""
+    exts = sorted({e for k in KINDS.values() for e in k.exts})
+    return ", ".join(exts[:-1]) + f" or {exts[-1]}" if len(exts) > 1 else "".join(exts)
+
+
 def sample_id(path: str) -> str:
     name = os.path.basename(path)
     for ext, _ in _extensions():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from ..cli import log
-from .dataset import DataError, Dataset, Sample, kind_of, sample_id
+from .dataset import DataError, Dataset, Sample, kind_of, sample_id, supported_files
 
 SPLIT_ORDER = ("train", "val", "test", "predict")
 LIST_EXTS = (".txt", ".lst", ".list")
@@ -27,7 +27,8 @@ def _from_list_file(path: str) -> list[Sample]:
             if not os.path.isfile(full):
                 raise DataError(f"{path}, line {lineno}: file not found: {full}")
             if kind_of(full) is None:
-                raise DataError(f"{path}, line {lineno}: {full}: unsupported file type (use PNG, JPEG, .npy or FITS)")
+                raise DataError(f"{path}, line {lineno}: {full}: unsupported file type "
+                                f"(dali-lens reads {supported_files()})")
             samples.append(Sample(full, None, sample_id(full)))
     if not samples:
         raise DataError(f"{path}: the list names no files")

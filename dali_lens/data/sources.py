@@ -20,7 +20,7 @@ import csv
 import hashlib
 import os
 
-from .dataset import DataError, Dataset, Sample, kind_of, parse_label, sample_id
+from .dataset import DataError, Dataset, Sample, kind_of, parse_label, sample_id, supported_files
 
 SPLITS = ("train", "val", "test")
 LENS_NAMES = {"lens", "lenses", "1", "positive", "pos"}
@@ -114,7 +114,7 @@ def make_dataset(samples: list[Sample], root: str, split: str, hdus=None) -> Dat
     kinds = {kind_of(s.path) for s in samples}
     if None in kinds:
         bad = next(s.path for s in samples if kind_of(s.path) is None)
-        raise DataError(f"{bad}: unsupported file type (use PNG, JPEG, .npy or FITS)")
+        raise DataError(f"{bad}: unsupported file type (dali-lens reads {supported_files()})")
     if len(kinds) > 1:
         raise DataError(f"{root} ({split}): mixed file types {sorted(kinds)}; use one format per dataset")
     kind = kinds.pop()
