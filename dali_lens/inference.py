@@ -27,10 +27,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .choices import FUSIONS
 from .data.dataset import DataError, Dataset, parse_hdus
 from .pipelines.options import LoaderOptions, finish
-
-FUSIONS = ("mean_prob", "mean_logit", "temperature")
 
 __all__ = ["FUSIONS", "CheckpointError", "LoadedMember", "Ensemble", "resolve_checkpoint", "load_ensemble",
            "loader_options", "score_batches", "check_dataset"]
