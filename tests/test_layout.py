@@ -144,3 +144,31 @@ def test_no_import_cycles():
 def test_cycle_finder_sees_a_planted_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert import_cycles(graph) == [frozenset({"a", "b", "c"})]
+
+
+def test_every_command_exits_through_run_command():
+    """Exit codes have one home (cli.run_command: 2 for bad input, 130 on Ctrl-C): every command's main() calls it."""
+    missing = []
+    for c in COMMANDS:
+        tree = ast.parse(open(os.path.join(PKG, f"{c}.py"), encoding="utf-8").read())
+        main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        calls = {n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        if "run_command" not in calls:
+            missing.append(c)
+    assert not missing, f"commands whose main() does not exit through cli.run_command: {missing}"
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    """check and generate, like the other commands: Ctrl-C is exit status 130 and a line, not a traceback."""
+    from dali_lens import check, generate
+    from dali_lens.data import synthetic
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "generate_dataset", interrupt)
+    assert generate.main([str(tmp_path / "g"), "--n", "4", "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(check, "check", interrupt)
+    assert check.main([str(tmp_path)]) == 130
+    assert "interrupted" in capsys.readouterr().err
