@@ -39,11 +39,11 @@ print("libcufile.so.0:", dali_backend._load_cufile() or "not found: .npy read on
 PY
 }
 step 10 env_report > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt"
-step 210 python3 benchmarks/gpu_check.py --out "$OUT/gpu-tests.json"
-step 75 python3 benchmarks/bench_multiscale_memory.py --backends dali --batches 128 --no-loader-only --repeats 1 \
+step 210 python3 -m benchmarks.gpu_check --out "$OUT/gpu-tests.json"
+step 75 python3 -m benchmarks.bench_multiscale_memory --backends dali --batches 128 --no-loader-only --repeats 1 \
   --out "$OUT/multiscale-memory-gpu.json"
-step 75 python3 benchmarks/bench_loaders.py --backends dali,dali-cpu,baseline --formats png,jpeg --sizes 64 \
+step 75 python3 -m benchmarks.bench_loaders --backends dali,dali-cpu,baseline --formats png,jpeg --sizes 64 \
   --scales multi --batches 256 --deadline 60 --out "$OUT/loaders-gpu.json"
-step 60 python3 benchmarks/bench_train.py --models resnet18,small_cnn --sizes 224 --backends dali,torchvision \
+step 60 python3 -m benchmarks.bench_train --models resnet18,small_cnn --sizes 224 --backends dali,torchvision \
   --out "$OUT/train-gpu.json"
 ls -la "$OUT"
