@@ -11,7 +11,7 @@ stay 100), and for each unit trains the same model with the same seed twice:
 Both share ``--img-size 64 --resize-mode crop`` and the epochs/batch given here. Records the best validation
 AUC (15 % of the training set), the last epoch's, and the test-set AUC from ``dali_lens.evaluate``.
 Writes benchmarks/results/autoscale-<host>.json.
-Example: python benchmarks/bench_autoscale.py --n 1200 --test-n 400 --epochs 3
+Example: python -m benchmarks.bench_autoscale --n 1200 --test-n 400 --epochs 3
 """
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import command_line, device_tag, machine_info, utc_timestamp, write_json_atomic  # noqa: E402
+from benchmarks.common import RESULTS, command_line, device_tag, machine_info, utc_timestamp, write_json_atomic
 
 UNITS = (1.0, 1e-3, 1e6)
 CONFIGS = {"no flags": [], "hand-tuned": ["--mask-value", "100", "--scaling", "asinh", "--scale-a", "1e11"]}
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
                 runs.append(rec)
                 print(f"unit x{unit:g} {name:10s}: val AUC best {rec['val_auc_best']:.4f} last "
                       f"{rec['val_auc_last']:.4f}  test AUC {rec['test_auc']}  ({seconds:.0f} s)", flush=True)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+    out = args.out or os.path.join(RESULTS,
                                    f"autoscale-{device_tag(info)}.json")
     write_json_atomic(out, {"benchmark": "autoscale", "machine": info, "command": command_line(),
                             "timestamp": utc_timestamp(),

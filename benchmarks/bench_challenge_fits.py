@@ -4,7 +4,7 @@ Generates the challenge ground track (4 bands, one FITS file per band per object
 images/s over whole evaluation epochs after a warm-up, with masking and asinh scaling on, at the native size
 and at 3 scales. On this CPU machine both backends read FITS with astropy (DALI's FITS reader needs CUDA);
 DALI then does masking, scaling, resizing and normalisation. Writes benchmarks/results/challenge-fits-<host>.json.
-Example: python benchmarks/bench_challenge_fits.py --n 1000
+Example: python -m benchmarks.bench_challenge_fits --n 1000
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import command_line, device_tag, machine_info, utc_timestamp, write_json_atomic  # noqa: E402
+from benchmarks.common import RESULTS, command_line, device_tag, machine_info, utc_timestamp, write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
                              "size": 101, "images_per_s": round(n / dt, 1), "epochs": args.epochs,
                              "loadavg": os.getloadavg()})
                 print(f"{backend:12s} scales {scales}: {n / dt:.0f} objects/s")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+    out = args.out or os.path.join(RESULTS,
                                    f"challenge-fits-{device_tag(info)}.json")
     write_json_atomic(out, {"benchmark": "challenge-fits", "machine": info, "command": command_line(),
                             "timestamp": utc_timestamp(), "runs": runs})

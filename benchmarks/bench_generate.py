@@ -9,8 +9,8 @@ and writes the figures, the machine (CPU model, cores, GPU, versions of torch / 
 the command and the load average to ``benchmarks/results/generate-<gpu-or-host>.json`` (--out), with a bar
 chart next to it (same name, .png). Target (from the foundation issue): >= 1,000 cutouts/s simulate-only.
 
-    python benchmarks/bench_generate.py            # full run (~1 minute)
-    python benchmarks/bench_generate.py --quick    # tiny run (smoke test)
+    python -m benchmarks.bench_generate            # full run (~1 minute)
+    python -m benchmarks.bench_generate --quick    # tiny run (smoke test)
 """
 from __future__ import annotations
 
@@ -23,12 +23,8 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-import common  # noqa: E402  (benchmarks/common.py)
-from dali_lens.data import synthetic as syn  # noqa: E402
+from benchmarks import common
+from dali_lens.data import synthetic as syn
 
 
 def bench_simulate(n: int, workers: int | None, repeats: int) -> dict:
@@ -105,7 +101,7 @@ def main(argv=None) -> int:
     n_write = max(64, n // 2)
 
     machine = common.machine_info()
-    out = args.out or os.path.join(HERE, "results", f"generate-{common.device_tag(machine)}.json")
+    out = args.out or os.path.join(common.RESULTS, f"generate-{common.device_tag(machine)}.json")
     info = {"benchmark": "generate", "mode": "quick" if args.quick else "full", "machine": machine,
             "command": common.command_line(), "timestamp": common.utc_timestamp(),
             "loadavg_start": [round(v, 2) for v in os.getloadavg()],

@@ -6,7 +6,7 @@ of the images with masked pixels), writes a predictions CSV with random scores f
 with the package's reader, the Lupton RGB composites, gallery.png (the first --gallery-max tiles) and
 index.html (every thumbnail embedded). Target: 1,000 thumbnails in under 30 s on the 2-core VM.
 Writes benchmarks/results/inspect-<host>.json.
-Example: python benchmarks/bench_inspect.py --n 1000
+Example: python -m benchmarks.bench_inspect --n 1000
 """
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import command_line, device_tag, machine_info, utc_timestamp, write_json_atomic  # noqa: E402
+from benchmarks.common import RESULTS, command_line, device_tag, machine_info, utc_timestamp, write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
                     "fits_files": 4 * args.n, "generate_s": round(gen_s, 1)},
            "thumbnails": args.n, "gallery_max": 200, "best_seconds": best, "target_seconds": 30.0,
            "meets_target": best < 30.0 if args.n >= 1000 else None, "runs": runs}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+    out = args.out or os.path.join(RESULTS,
                                    f"inspect-{device_tag(info)}.json")
     write_json_atomic(out, doc)
     print(f"best {best:.1f} s for {args.n} thumbnails -> {out}")

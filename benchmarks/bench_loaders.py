@@ -45,30 +45,27 @@ Grids (the data sets are generated once and cached under --data-dir):
 
 CPU target checked: dali-cpu >= 2x the baseline's images/s on 64 px PNG -> 3 scales, with no more peak host
 memory (per batch size). Results go to benchmarks/results/loaders-<gpu-name-or-hostname>.json (--out) with
-a grouped bar chart next to it (same name, .png).
+a grouped bar chart next to it (same name, .png). The baseline's code is benchmarks/legacy.py.
+
+  python -m benchmarks.bench_loaders [--quick]        # from the repository root
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+from benchmarks import common
+from benchmarks.common import MEAN, STD
+from benchmarks.legacy import build_baseline
+from dali_lens.choices import BACKENDS
 
-import common  # noqa: E402  (benchmarks/common.py)
-from torch.utils.data import Dataset as TorchDataset  # noqa: E402
-
-ALL_BACKENDS = ("dali", "dali-cpu", "torchvision", "baseline", "baseline-tensor-decode")
+ALL_BACKENDS = tuple(b for b in BACKENDS if b != "auto") + ("baseline", "baseline-tensor-decode")
 FORMATS = ("png", "jpeg", "npy", "fits")
 MULTI_SCALES = (64, 112, 224)
 EXT = {"png": ".png", "jpeg": ".jpg", "npy": ".npy", "fits": ".fits"}
-MEAN, STD = 0.5, 0.25  # the same per-band normalisation for every backend (images: after /255)
 BAND_NAMES = ("g", "r", "i")
 BANDS = len(BAND_NAMES)
 BUSY = 0.25  # share of the CPUs used by other processes above which a run counts as disturbed
@@ -136,7 +133,6 @@ def _fallback_generate(out: str, n: int, size: int, bands: int = 3, fmt: str = "
 
 def _real_generator():
     try:
-        sys.path.insert(0, ROOT)
         from dali_lens.data.synthetic import generate_dataset  # type: ignore
 
         return generate_dataset
@@ -175,7 +171,6 @@ def prepare_dataset(data_dir: str, fmt: str, size: int, n: int, seed: int, log) 
 
 def load_all_samples(root: str):
     """Every split of the data set at ``root`` as one dali_lens Dataset (the benchmark streams all files)."""
-    sys.path.insert(0, ROOT)
     from dali_lens.data import Dataset, discover
 
     splits = discover(root)
@@ -184,74 +179,12 @@ def load_all_samples(root: str):
     return Dataset(samples, first.bands, first.kind, first.root, "train", first.hdus, first.shape)
 
 
-# ============================================================================================ baseline
-
-class LegacyMultiScaleDataset(TorchDataset):
-    """mechine_lensing-style legacy multi-scale loading: decode once, then per scale a separate
-    ``Compose([Resize((s, s)), ToTensor(), Normalize(mean, std)])``; returns ``({s: (C,s,s)}, label, index)``.
-    """
-
-    def __init__(self, items: list[tuple[str, int]], kind: str, scales, mean, std, tensor_decode: bool = False):
-        from torchvision import transforms as T
-        import torch
-
-        self.items, self.kind, self.scales, self.tensor_decode = items, kind, tuple(scales), tensor_decode
-        if kind == "image" and not tensor_decode:
-            self.tfms = {s: T.Compose([T.Resize((s, s)), T.ToTensor(), T.Normalize(mean, std)]) for s in scales}
-        elif kind == "image":
-            self.tfms = {s: T.Compose([T.Resize((s, s), antialias=True), T.ConvertImageDtype(torch.float32),
-                                       T.Normalize(mean, std)]) for s in scales}
-        else:  # float arrays are already tensors: no ToTensor scaling
-            self.tfms = {s: T.Compose([T.Resize((s, s), antialias=True), T.Normalize(mean, std)]) for s in scales}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _load(self, path: str):
-        import numpy as np
-        import torch
-
-        if self.kind == "image":
-            if self.tensor_decode:
-                from torchvision.io import ImageReadMode, decode_image, read_file
-
-                return decode_image(read_file(path), mode=ImageReadMode.RGB)
-            from PIL import Image
-
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        if self.kind == "npy":
-            return torch.from_numpy(np.load(path).astype(np.float32, copy=False))
-        from astropy.io import fits
-
-        with fits.open(path, memmap=False) as hdul:
-            planes = [np.asarray(h.data, dtype=np.float32) for h in hdul if h.data is not None]
-        return torch.from_numpy(np.stack(planes) if len(planes) > 1 else planes[0][None])
-
-    def __getitem__(self, i: int):
-        path, label = self.items[i]
-        img = self._load(path)
-        return {"image": {s: self.tfms[s](img) for s in self.scales}, "label": label, "index": i}
-
-
-def build_baseline(dataset, scales, batch_size: int, cuda: bool, tensor_decode: bool, workers: int, train: bool):
-    from torch.utils.data import DataLoader
-
-    items = [(s.path, -1 if s.label is None else int(s.label)) for s in dataset.samples]
-    ds = LegacyMultiScaleDataset(items, dataset.kind, scales, [MEAN] * dataset.bands, [STD] * dataset.bands,
-                                 tensor_decode=tensor_decode)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=cuda,
-                      multiprocessing_context="fork" if workers > 0 and sys.platform == "linux" else None)
-
-
 # ============================================================================================ one run (child)
 
 def run_one(cfg: dict) -> dict:
     """Runs in a fresh subprocess: build the loader, warm up one epoch, time whole epochs."""
     import torch
 
-    sys.path.insert(0, ROOT)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     dataset = load_all_samples(cfg["root"])
@@ -265,14 +198,9 @@ def run_one(cfg: dict) -> dict:
     else:
         from dali_lens.pipelines import build_loader
 
-        extra = {}
-        if cfg.get("patches"):  # profile_dali_cpu.py: emulate candidate library changes by monkeypatching
-            import profile_dali_cpu
-
-            extra = profile_dali_cpu.apply(cfg["patches"])
         kwargs = dict(scales=scales, batch_size=cfg["batch"], train=cfg["train"], mean=(MEAN,) * dataset.bands,
                       std=(STD,) * dataset.bands, num_workers=workers, dtype="float32")
-        kwargs.update(extra)
+        kwargs.update(cfg.get("loader_kwargs") or {})  # profile_dali_cpu.py's variants: build_loader options
         loader = build_loader(dataset, backend=backend, **kwargs)
     build_s = time.perf_counter() - t_build
     used0 = None
@@ -408,9 +336,9 @@ def wait_quiet(max_wait: float, log, threshold: float = 0.25) -> float:
 def launch(cfg: dict, timeout: float, log) -> dict:
     """Run ``cfg`` in a fresh subprocess while sampling its process tree's memory from this process."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
     rec = {k: cfg[k] for k in ("backend", "format", "size", "scales", "scale_mode", "batch")}
-    return common.run_measured(os.path.abspath(__file__), cfg, timeout, log, rec, env=env, cwd=ROOT)
+    return common.run_measured("benchmarks.bench_loaders", cfg, timeout, log, rec, env=env)
 
 
 def target_check(records: list[dict]) -> list[dict]:
@@ -549,7 +477,7 @@ def main(argv=None) -> int:
     if args.retry_budget is None:
         args.retry_budget = 0.0 if args.quick else 90.0
     max_epochs = args.max_epochs or (1 if args.quick else 5)
-    out = args.out or os.path.join(HERE, "results", f"loaders-{common.device_tag(info)}.json")
+    out = args.out or os.path.join(common.RESULTS, f"loaders-{common.device_tag(info)}.json")
     log(f"{common.machine_line(info)}\n{len(grid)} runs, {workers} workers/threads, results -> {out}")
 
     roots, generators = {}, {}

@@ -2,7 +2,7 @@
 
 Runs the command in a subprocess with a fresh $DALI_LENS_CACHE and a fresh run directory, measures wall
 time (including generating the default synthetic set) and writes its test metrics and the machine to
-benchmarks/results/main-job-<host>.json. Example: python benchmarks/bench_main_job.py
+benchmarks/results/main-job-<host>.json. Example: python -m benchmarks.bench_main_job
 """
 from __future__ import annotations
 
@@ -14,10 +14,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import command_line, device_tag, machine_info, utc_timestamp, write_json_atomic  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import RESULTS, ROOT, command_line, device_tag, machine_info, utc_timestamp, write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -43,7 +40,7 @@ def main(argv=None) -> int:
               "loadavg_start": load, "loadavg_end": os.getloadavg(), "log": proc.stdout.splitlines(),
               "test_metrics": metrics.get("metrics"), "history": metrics.get("history"),
               "train_seconds": metrics.get("train_seconds"), "backend": metrics.get("backend")}
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"main-job-{device_tag(info)}.json")
+    out = args.out or os.path.join(RESULTS, f"main-job-{device_tag(info)}.json")
     write_json_atomic(out, result)
     print(f"main job: {wall:.0f} s wall, test AUC {metrics['metrics']['roc_auc']:.3f} -> {out}")
     return 0

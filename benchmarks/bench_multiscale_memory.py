@@ -4,7 +4,7 @@
 What is compared (64 px g,r,i PNG cutouts -> scales 64,112,224, equal batch size, training mode)
   dali-cpu   build_loader(dataset, backend='dali-cpu', scales=(64,112,224), batch_size=B, train=True)
   dali       the same with backend='dali' (only when CUDA is available)
-  baseline   the legacy multi-scale mode of mechine_lensing (bench_loaders.LegacyMultiScaleDataset): a torch
+  baseline   the legacy multi-scale mode of mechine_lensing (benchmarks/legacy.py): a torch
              Dataset whose __getitem__ opens the image with PIL and materialises every scale of the sample
              (Resize((s, s)) -> ToTensor -> Normalize per scale), collated by a DataLoader with
              num_workers = usable cores (persistent, fork, pin_memory only with CUDA, shuffle, drop_last)
@@ -53,16 +53,10 @@ dali-cpu variants (loader-only, batch = the largest of --batches), each emulatin
   as-shipped         the library as it is (the JSON's "library" records which: git HEAD, uncommitted files,
                      a hash of dali_lens/*.py; num_threads = usable cores)
   queue=K            pipeline prefetch_queue_depth=K, through LoaderOptions.prefetch_queue_depth
-                     (read by dali_backend._build since aeaf1a4: default 1 on the CPU, 2 on the GPU; it was
-                     hard-coded to 2 before) and, for older versions, by wrapping pipeline_def
-                     (benchmarks/profile_dali_cpu._override_pipeline_kwargs)
+                     (read by dali_backend._build: default 1 on the CPU, 2 on the GPU)
   threads=N          num_threads=N, through LoaderOptions(num_workers=N) (a real option)
   dtype=float32|float16|uint8 LoaderOptions(dtype=...) (a real option; as shipped, 8-bit images come out as
                      uint8 and the trainer normalises them: dtype=float32 shows what that saves)
-  no-finite-check    BatchChecker without the per-batch NaN/inf scan of 8-bit images
-                     (profile_dali_cpu.apply(['no-finite-check']); what DaliLoader does since aeaf1a4)
-  cheap-finite       the NaN/inf scan done on per-sample sums (one reduction, no full-size temporaries)
-                     instead of torch.isfinite over the largest scale (profile_dali_cpu.apply(['cheap-finite']))
   arenas=N           the child runs with MALLOC_ARENA_MAX=N: tests whether glibc's per-thread malloc arenas
                      (up to 8 per core) retain freed DALI buffers (memory kept mapped but no longer used);
                      not in the default list: arenas=2 measured -13 and -51 MB at batch 128, within noise
@@ -78,479 +72,33 @@ memory a little; the loader-only runs show the steady state. --quick (smoke test
 model-only floor, no variants. Data are generated once with dali_lens.data.synthetic.generate_dataset (via
 bench_loaders.prepare_dataset) and cached in --data-dir. Output: multiscale-memory-<host>.json and a bar
 chart (.png) in --out (a folder, or a .json path).
+
+This module is the parent half (the plan, the launches, the aggregation, targets and plot; it never imports
+torch); multiscale_memory_child.py is the child half (one measured run per subprocess), runs.py the harness
+it shares with bench_train.py, legacy.py the baseline.
+
+  python -m benchmarks.bench_multiscale_memory [--quick]        # from the repository root
 """
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
-import re
-import resource
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+from benchmarks import common
+from benchmarks.common import MEAN, STD
+from benchmarks.multiscale_memory_child import ARCH, BAND_NAMES, SCALES, run_child
+from benchmarks.runs import (add_run_args, check_library, internal_entry, launch, library_state, out_path,
+                             prepare)
 
-import common  # noqa: E402  (benchmarks/common.py)
-
-SCALES = (64, 112, 224)
-BAND_NAMES = ("g", "r", "i")
-MEAN, STD = 0.5, 0.25  # the same per-band normalisation for every loader (images after /255)
-ARCH = "small_cnn"
+MODULE = "benchmarks.bench_multiscale_memory"
 DEFAULT_VARIANTS = ("as-shipped", "queue=2", "threads=1", "dtype=float32")
 QUICK_VARIANTS = ("as-shipped",)
 TRAIN_VARIANTS = ("micro-batch=16", "memory-budget=256MB")
 
 
-def _library_files() -> dict[str, str]:
-    """sha256 (16 hex digits) of every dali_lens/*.py file as it is on disk now."""
-    import glob
-    import hashlib
-
-    pkg = os.path.join(ROOT, "dali_lens")
-    out = {}
-    for path in sorted(glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True)):
-        with open(path, "rb") as fh:
-            out[os.path.relpath(path, pkg)] = hashlib.sha256(fh.read()).hexdigest()[:16]
-    return out
-
-
-def library_tree_sha(files: dict[str, str] | None = None) -> str:
-    """One hash of the dali_lens/*.py files (the library under test may change while a benchmark runs)."""
-    import hashlib
-
-    files = _library_files() if files is None else files
-    return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()[:16]
-
-
-def library_state() -> dict:
-    """Which library was measured: git HEAD, the dali_lens files that differ from it, and the tree hash."""
-    def git(*a):
-        try:
-            out = subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True, timeout=30)
-            return out.stdout.strip("\n") if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    files = _library_files()
-    status = git("status", "--porcelain", "--", "dali_lens")
-    return {"git_head": git("rev-parse", "HEAD"), "uncommitted": status.splitlines() if status else [],
-            "tree_sha256": library_tree_sha(files), "_files": files}
-
-
-def check_library(state: dict, records: list[dict]) -> dict:
-    """Add the end-of-run tree hash, whether the library changed while the benchmark ran, and which files."""
-    state = dict(state)
-    start = state.pop("_files", {})
-    end = _library_files()
-    seen = {r.get("library_sha") for r in records if r.get("library_sha")}
-    state["tree_sha256_end"] = library_tree_sha(end)
-    state["changed_during_run"] = (state["tree_sha256_end"] != state["tree_sha256"]
-                                   or bool(seen - {state["tree_sha256"]}))
-    state["changed_files"] = sorted(k for k in set(start) | set(end) if start.get(k) != end.get(k))
-    state["tree_sha256_per_run"] = sorted(seen)
-    return state
-
-
-def _bench_loaders():
-    """The baseline (LegacyMultiScaleDataset / build_baseline) and data helpers of bench_loaders.py."""
-    try:
-        import bench_loaders
-    except Exception as exc:  # noqa: BLE001
-        raise SystemExit(f"benchmarks/bench_loaders.py is needed for the legacy baseline and the data set: {exc}")
-    return bench_loaders
-
-
-# ============================================================================================ child side
-
-def _subset(root: str, n: int, seed: int):
-    """``n`` samples (seeded choice over every split, both classes) of the data set at ``root``."""
-    import numpy as np
-
-    from dali_lens.data import Dataset
-
-    full = _bench_loaders().load_all_samples(root)
-    if n >= len(full):
-        return full
-    pick = sorted(np.random.default_rng([seed, 77]).choice(len(full), size=n, replace=False).tolist())
-    return Dataset([full.samples[i] for i in pick], full.bands, full.kind, full.root, "train", full.hdus, full.shape)
-
-
-def _apply_variant(variant: str) -> dict:
-    """Install the monkeypatches of ``variant``; returns LoaderOptions overrides."""
-    over: dict = {}
-    for part in [p for p in variant.split("+") if p and p != "as-shipped"]:
-        if part.startswith("queue="):
-            import profile_dali_cpu
-
-            from dali_lens.pipelines import dali_backend
-
-            k = int(part.split("=")[1])
-            # LoaderOptions.prefetch_queue_depth where the library reads it (since the working-tree
-            # change after 23ffd12), and the pipeline_def wrapper for versions that hard-code the depth
-            over["prefetch_queue_depth"] = k
-            profile_dali_cpu._override_pipeline_kwargs(dali_backend, prefetch_queue_depth=k)
-        elif part.startswith("threads="):
-            over["num_workers"] = int(part.split("=")[1])
-        elif part.startswith("dtype="):
-            over["dtype"] = part.split("=")[1]
-        elif part.startswith("arenas="):
-            pass  # set in the child's environment by launch()
-        elif part.startswith(("micro-batch=", "memory-budget=")):
-            pass  # trainer options (--micro-batch, --memory-budget), read by run_child
-        elif part in ("no-finite-check", "cheap-finite"):
-            import profile_dali_cpu
-
-            profile_dali_cpu.apply([part])
-        else:
-            raise ValueError(f"unknown variant part {part!r}")
-    return over
-
-
-def _build(cfg: dict, dataset, cuda: bool):
-    backend = cfg["backend"]
-    if backend == "baseline":
-        return _bench_loaders().build_baseline(dataset, SCALES, cfg["batch"], cuda, False, cfg["workers"], True)
-    from dali_lens.pipelines import build_loader
-
-    from dali_lens.trainers.config import TrainConfig
-    from dali_lens.trainers.runner import output_dtype
-
-    # as shipped: the output dtype `python -m dali_lens.train` uses (uint8 for 8-bit images, normalised per
-    # scale on the training device by the trainer)
-    opts = dict(scales=SCALES, batch_size=cfg["batch"], train=True, mean=(MEAN,) * dataset.bands,
-                std=(STD,) * dataset.bands, num_workers=cfg["workers"], dtype=output_dtype(TrainConfig(), dataset))
-    opts.update(_apply_variant(cfg.get("variant", "as-shipped")))
-    return build_loader(dataset, backend=backend, **opts)
-
-
-class _GpuPeak:
-    """Device-wide memory above the run's start (includes DALI's device memory), read when asked."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.used0 = self.peak = 0
-        if cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            free, total = torch.cuda.mem_get_info()
-            self.used0 = self.peak = total - free
-
-    def read(self) -> None:
-        if self.cuda:
-            import torch
-
-            free, total = torch.cuda.mem_get_info()
-            self.peak = max(self.peak, total - free)
-
-    def record(self) -> dict:
-        if not self.cuda:
-            return {"peak_gpu_mb": None, "peak_gpu_reserved_mb": None, "peak_gpu_device_mb": None}
-        import torch
-
-        torch.cuda.synchronize()
-        self.read()
-        return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / common.MB, 1),
-                "peak_gpu_reserved_mb": round(torch.cuda.max_memory_reserved() / common.MB, 1),
-                "peak_gpu_device_mb": round((self.peak - self.used0) / common.MB, 1)}
-
-
-class _ResidentBatches:
-    """A loader stand-in for the model-only floor: the same synthetic contract batch, ``steps`` times."""
-
-    def __init__(self, batch: int, bands: int, steps: int, device):
-        import torch
-
-        g = torch.Generator().manual_seed(0)
-        self.batch = {"image": {s: torch.randn(batch, bands, s, s, generator=g).to(device) for s in SCALES},
-                      "label": (torch.arange(batch) % 2).to(device), "index": torch.arange(batch).to(device)}
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.batch
-
-
-def legacy_train_epoch(member, loader, device, on_step=None) -> dict:
-    """mechine_lensing's multi-scale training step (``MultiScaleTrainer.train_epoch``, standard mode).
-
-    Its ``_group_scales_by_memory`` puts 64, 112 and 224 in one group ((s/224)^2 sums to 1.33 < its budget
-    of 2.0), so every scale is forwarded, the losses averaged, and one backward pass made: the autograd graphs
-    of all three scales are alive at once. dali_lens's ``train_epoch`` keeps one scale's graph at a time.
-    Same model, optimizer (AdamW) and schedule as the dali_lens member, so only the step differs.
-    """
-    import torch.nn.functional as F
-
-    m = member
-    m.model.train()
-    steps, seen, total, wait, t0 = 0, 0, 0.0, 0.0, time.perf_counter()
-    fetch = t0
-    for batch in loader:
-        wait += time.perf_counter() - fetch
-        y = batch["label"].to(device).float()
-        loss = 0.0
-        for s in SCALES:
-            z = m.model(batch["image"][s].to(device, non_blocking=True)).float()
-            loss = loss + F.binary_cross_entropy_with_logits(z, y)
-        loss = loss / len(SCALES)
-        m.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        m.optimizer.step()
-        m.scheduler.step()
-        total += float(loss.detach())
-        steps += 1
-        seen += len(y)
-        if on_step is not None:
-            on_step(steps)
-        fetch = time.perf_counter()
-    elapsed = time.perf_counter() - t0
-    return {"loss": {"legacy": total / max(1, steps)}, "steps": steps, "samples": seen, "seconds": elapsed,
-            "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9)}
-
-
-def _maxrss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # KiB on Linux
-
-
-def import_floor(variant: str) -> dict:
-    """A process that imports and stops: ``torch``; ``torch+dali`` (plus DALI's PyTorch plugin and
-    dali_lens.pipelines); ``run`` (everything a measured run imports: the trainers and the legacy baseline).
-    What any run of that kind holds before it touches data."""
-    t0 = time.perf_counter()
-    import torch  # noqa: F401
-
-    if variant in ("torch+dali", "run"):
-        sys.path.insert(0, ROOT)
-        import nvidia.dali.plugin.pytorch  # noqa: F401
-
-        import dali_lens.pipelines  # noqa: F401
-    if variant == "run":
-        import dali_lens.trainers.loop  # noqa: F401
-        import dali_lens.trainers.members  # noqa: F401
-
-        _bench_loaders()
-    time.sleep(1.0)  # let the parent's sampler read the settled process
-    return {"main_maxrss_mb": _maxrss_mb(), "child_s": round(time.perf_counter() - t0, 2)}
-
-
-def run_child(cfg: dict) -> dict:
-    if cfg["kind"] == "import-floor":
-        return import_floor(cfg["variant"])
-    import torch
-
-    sys.path.insert(0, ROOT)
-    from dali_lens.trainers.config import TrainConfig
-    from dali_lens.trainers.loop import train_epoch
-    from dali_lens.trainers.members import MemberSpec, make_member
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    kind = cfg["kind"]
-    t0 = time.perf_counter()
-    rec: dict = {"torch_threads": torch.get_num_threads()}
-
-    if kind == "loader-only":
-        dataset = _subset(cfg["root"], cfg["n"], cfg["seed"])
-        loader = _build(cfg, dataset, cuda)
-        gpu = _GpuPeak(cuda)
-        rec["build_s"] = round(time.perf_counter() - t0, 3)
-        per_epoch, times = 0, []
-        for e in range(1 + cfg["loader_epochs"]):
-            n, t = 0, time.perf_counter()
-            for batch in loader:
-                x = batch["image"][max(SCALES)]
-                if cuda:
-                    x = x.to(device, non_blocking=True)
-                    gpu.read()
-                assert tuple(x.shape[1:]) == (dataset.bands, max(SCALES), max(SCALES)), tuple(x.shape)
-                n += int(batch["label"].shape[0])
-            times.append(time.perf_counter() - t)
-            per_epoch = n
-        timed = sum(times[1:])
-        rec.update({"images_per_epoch": per_epoch, "epochs": len(times), "warmup_epoch_s": round(times[0], 3),
-                    "images_per_s": round(per_epoch * (len(times) - 1) / timed, 1) if timed > 0 else None,
-                    "dataset_samples": len(dataset), **gpu.record()})
-    else:
-        if kind == "model-only":
-            bands = len(BAND_NAMES)
-            gpu = _GpuPeak(cuda)
-            loader = _ResidentBatches(cfg["batch"], bands, cfg["floor_steps"], device)
-            n_samples = cfg["batch"] * cfg["floor_steps"]
-        else:
-            dataset = _subset(cfg["root"], cfg["n"], cfg["seed"])
-            bands, n_samples = dataset.bands, len(dataset)
-            gpu = _GpuPeak(cuda)
-            loader = _build(cfg, dataset, cuda)
-        knobs = dict(v.split("=", 1) for v in (cfg.get("variant") or "").split("+")
-                     if v.startswith(("micro-batch=", "memory-budget=")))
-        tc = TrainConfig(trainer="multiscale", arch=ARCH, scales=",".join(map(str, SCALES)), batch_size=cfg["batch"],
-                         epochs=1, workers=cfg["workers"], progress=False, seed=cfg["seed"],
-                         micro_batch=int(knobs.get("micro-batch", 0)), memory_budget=knobs.get("memory-budget", "off"))
-        member = make_member(MemberSpec(ARCH, SCALES, cfg["seed"]), bands, tc, len(loader), device)
-        rec["build_s"] = round(time.perf_counter() - t0, 3)
-        if cfg.get("step", "ours") == "legacy":
-            stats = legacy_train_epoch(member, loader, device, on_step=lambda step: gpu.read())
-        else:
-            stats = train_epoch([member], loader, tc, device, 0, on_step=lambda step: gpu.read(),
-                                show_progress=False)
-        if stats["steps"] == 0:
-            raise RuntimeError(f"no training step ran ({n_samples} samples, batch {cfg['batch']})")
-        rec.update({"steps": stats["steps"], "images": stats["samples"], "epoch_s": round(stats["seconds"], 3),
-                    "images_per_s": round(stats["images_per_s"], 2),
-                    "data_wait_fraction": round(stats["data_wait_fraction"], 4),
-                    "step": cfg.get("step", "ours"),
-                    "loss": round(float(next(iter(stats["loss"].values()))), 4),
-                    # samples per forward/backward at each scale (--micro-batch / --memory-budget) and the
-                    # measured bytes autograd keeps per sample (budget runs only)
-                    "chunk_sizes": next(iter(stats.get("chunk_sizes", {}).values()), None),
-                    "saved_bytes_per_sample": stats.get("saved_bytes_per_sample") or None,
-                    "dataset_samples": n_samples, **gpu.record()})
-    rec["main_maxrss_mb"] = _maxrss_mb()
-    rec["child_s"] = round(time.perf_counter() - t0, 2)
-    rec["dali_imported"] = "nvidia.dali" in sys.modules
-    del loader
-    gc.collect()
-    return rec
-
-
 # ============================================================================================ parent side
-
-class DataMemorySampler(common.TreeMemorySampler):
-    """common.TreeMemorySampler that also keeps the peak of the tree's *data* memory: Pss_Anon + Pss_Shmem.
-
-    PSS splits a file-backed page (torch's, DALI's shared libraries) among every process on the machine
-    that maps it, so on a machine where other jobs run the same venv the PSS of a run drifts with how many
-    of them are alive. Anonymous and shared-memory pages are only shared inside the measured tree (fork
-    copy-on-write, DataLoader batches in shared memory), so their PSS sum (peak_data_mb) is what the run's
-    data really costs, independent of other processes. Same schedule as the base class: one smaps_rollup
-    read per process when the PSS is due.
-    """
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.peak_data = 0
-
-    @staticmethod
-    def _rollup(pid: int) -> tuple[int, int] | None:
-        pss = data = None
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Pss:"):
-                        pss = int(line.split()[1]) * 1024
-                    elif line.startswith(("Pss_Anon:", "Pss_Shmem:")):
-                        data = (data or 0) + int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return (pss, data) if pss is not None and data is not None else None
-
-    def _read_pss(self, rss_by: dict[int, int]) -> None:
-        pss = data = 0
-        for p, r in rss_by.items():
-            v = self._rollup(p) if self._pss_ok else None
-            pss += v[0] if v else r
-            data += v[1] if v else 0
-        self.peak_pss = max(self.peak_pss, pss)
-        self.peak_data = max(self.peak_data, data)
-
-    def stop(self) -> dict:
-        out = super().stop()
-        out["peak_data_mb"] = round(self.peak_data / common.MB, 1) if self._pss_ok else None
-        return out
-
-
-def add_run_args(p: argparse.ArgumentParser, timeout: float, data_help: str) -> None:
-    """The options this script and bench_train.py share, and their hidden subprocess modes."""
-    p.add_argument("--timeout", type=float, default=timeout,
-                   help=f"seconds before one run is killed (default {timeout:g})")
-    p.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "dali-lens-bench"),
-                   help=f"{data_help} (default ~/.cache/dali-lens-bench)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--_child", help=argparse.SUPPRESS)
-    p.add_argument("--_prepare", help=argparse.SUPPRESS)
-    p.add_argument("--_result", help=argparse.SUPPRESS)
-
-
-def internal_entry(args, run_child) -> int | None:
-    """Serve the hidden modes: ``--_prepare`` (data sets, GPU description) and ``--_child`` (one measured
-    run, tagged with the library files as this process imports them). None when neither was asked for."""
-    if args._prepare:
-        common.write_json_atomic(args._result, prepare_child(json.loads(args._prepare)))
-        return 0
-    if args._child:
-        return common.child_main(run_child, args._child, args._result, library_sha=library_tree_sha())
-    return None
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + HERE + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def prepare(script: str, data: list[dict], seed: int, data_dir: str, log) -> dict:
-    """GPU description and data sets, in a subprocess: this parent process never imports torch.
-
-    That matters for the memory figures: PSS splits a shared page between every process that maps it, so
-    torch's ~0.4 GB of libraries mapped by the parent as well would be charged half to a measured run.
-    ``data``: [{"format", "size", "n"}]; returns {"gpu": ..., "roots": {"fmt-size": root}, "generator": name}.
-    """
-    fd, result_path = tempfile.mkstemp(prefix="bench-prepare-", suffix=".json")
-    os.close(fd)
-    cmd = [sys.executable, script, "--_prepare", json.dumps({"data": data, "seed": seed, "data_dir": data_dir}),
-           "--_result", result_path]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=1800)
-        for line in proc.stdout.splitlines():
-            log(line)
-        if proc.returncode != 0:
-            raise SystemExit(f"preparing the data failed (exit status {proc.returncode})")
-        with open(result_path) as fh:
-            return json.load(fh)
-    finally:
-        try:
-            os.unlink(result_path)
-        except OSError:
-            pass
-
-
-def prepare_child(spec: dict) -> dict:
-    bl = _bench_loaders()
-    roots, gens = {}, set()
-    for d in spec["data"]:
-        root, gen = bl.prepare_dataset(spec["data_dir"], d["format"], d["size"], d["n"], spec["seed"],
-                                       lambda m: print(m, flush=True))
-        roots[f"{d['format']}-{d['size']}"] = root
-        gens.add(gen)
-    return {"gpu": common.gpu_info(), "roots": roots, "generator": ",".join(sorted(gens))}
-
-
-def launch(cfg: dict, timeout: float, log, script: str | None = None,
-           keys=("kind", "backend", "variant", "batch")) -> dict:
-    """Run one configuration in a fresh subprocess while sampling the memory of its process tree."""
-    env = _child_env()
-    for part in (cfg.get("variant") or "").split("+"):
-        if part.startswith("arenas="):  # glibc reads it at start-up: it cannot be set from inside the child
-            env["MALLOC_ARENA_MAX"] = part.split("=", 1)[1]
-    rec = {k: cfg.get(k) for k in keys}
-    rec["n"] = cfg["n"] if cfg.get("kind") != "model-only" else None
-    return common.run_measured(script or os.path.abspath(__file__), cfg, timeout, log, rec, env=env,
-                               sampler=DataMemorySampler, cwd=ROOT)
-
 
 def batch_payload_mb(batch: int, bands: int = len(BAND_NAMES)) -> float:
     """Size of one float32 multi-scale batch (every scale): the unit in which loaders hold memory."""
@@ -839,17 +387,6 @@ def plot(doc: dict, path: str) -> None:
     common.save_figure(fig, path)
 
 
-def host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname()).strip("-").lower() or "host"
-
-
-def out_path(arg: str | None, prefix: str) -> str:
-    """``--out``: a .json file path, or a folder (default benchmarks/results) receiving <prefix>-<host>.json."""
-    if arg and arg.endswith(".json"):
-        return os.path.abspath(arg)
-    return os.path.join(os.path.abspath(arg or os.path.join(HERE, "results")), f"{prefix}-{host_tag()}.json")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -908,7 +445,7 @@ def main(argv=None) -> int:
     library = library_state()
     # 2048 images (a subset is used) unless more are asked for: the same cached set as bench_loaders.py
     n_data = max(n, loader_n) if args.quick else max(n, loader_n, 2048)
-    prep = prepare(os.path.abspath(__file__), [{"format": "png", "size": 64, "n": n_data}], args.seed,
+    prep = prepare(MODULE, [{"format": "png", "size": 64, "n": n_data}], args.seed,
                    args.data_dir, log)
     info["gpu"] = prep["gpu"]
     have_cuda = info["gpu"] is not None
@@ -927,7 +464,7 @@ def main(argv=None) -> int:
         what = c["kind"] + (f" {c['backend']}" if c["backend"] else "") + (
             f" [{c['variant']}]" if c["variant"] not in (None, "as-shipped") else "")
         log(f"[{i}/{len(plan)}] {what:<40} batch {c['batch']}" + (f" (repeat {c['rep'] + 1})" if c["rep"] else ""))
-        rec = launch(cfg, args.timeout, log)
+        rec = launch(cfg, args.timeout, log, MODULE)
         if rec["ok"]:
             gpu = f", GPU device {rec['peak_gpu_device_mb']} MB" if rec.get("peak_gpu_device_mb") is not None else ""
             speed = f", {rec['images_per_s']} img/s" if rec.get("images_per_s") else ""

@@ -27,9 +27,9 @@ Three measurements, each in fresh subprocesses (results -> benchmarks/results/sh
 Every record stores the CPU time of the measured process tree and the share of the CPUs other processes
 used meanwhile (foreign_cpu_frac): the machine is shared, compare runs with small values.
 
-  python benchmarks/bench_shards.py                    # the full run (~15 min on 2 cores)
-  python benchmarks/bench_shards.py --quick            # a smoke test (~1 min)
-  python benchmarks/bench_shards.py --sections predict --predict-n 50000,100000,200000
+  python -m benchmarks.bench_shards                    # the full run (~15 min on 2 cores)
+  python -m benchmarks.bench_shards --quick            # a smoke test (~1 min)
+  python -m benchmarks.bench_shards --sections predict --predict-n 50000,100000,200000
                                                        # rerun one section, keep the others in the JSON
 """
 from __future__ import annotations
@@ -44,14 +44,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import common  # noqa: E402  (benchmarks/common.py)
+from benchmarks import common
+from benchmarks.common import ROOT
 
 SIZE = 64
 BANDS = ("g", "r", "i")
@@ -267,7 +261,7 @@ def run_child(kind: str, cfg: dict, timeout: float) -> dict:
     fd, result = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
-        rec = launch([sys.executable, os.path.abspath(__file__), "--_child", json.dumps({"kind": kind, **cfg}),
+        rec = launch([sys.executable, "-m", "benchmarks.bench_shards", "--_child", json.dumps({"kind": kind, **cfg}),
                       "--_result", result], timeout)
         if rec["ok"]:
             with open(result) as fh:
@@ -353,7 +347,7 @@ def main(argv=None) -> int:
     read_n = args.read_n or (600 if args.quick else 20000)
     predict_ns = [int(v) for v in (args.predict_n or ("2000" if args.quick else "50000,100000")).split(",")]
     repeats = 1 if args.quick else args.repeats
-    out = args.out or os.path.join(HERE, "results", f"shards-{common.device_tag(info)}.json")
+    out = args.out or os.path.join(common.RESULTS, f"shards-{common.device_tag(info)}.json")
     os.makedirs(args.data_dir, exist_ok=True)
     log(f"{common.machine_line(info)}\nresults -> {out}")
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]

@@ -3,8 +3,8 @@ max-pool) against the small-input stem (3x3 stride 1, no max-pool) that ``--stem
 96 px or less. The small stem keeps 16x the pixels through every block (4x per side), so it costs about 15x
 the forward FLOPs (counted exactly with torch's FlopCounterMode, unlike timings on a busy machine).
 
-    python benchmarks/bench_stem.py                      # resnet18, 96 px, 3 bands, batch 32
-    python benchmarks/bench_stem.py --arch resnet34 --size 64 --device cuda
+    python -m benchmarks.bench_stem                      # resnet18, 96 px, 3 bands, batch 32
+    python -m benchmarks.bench_stem --arch resnet34 --size 64 --device cuda
 Writes benchmarks/results/stem-<gpu-or-host>.json (images/s per stem, the ratio, the machine, the command).
 """
 from __future__ import annotations
@@ -14,11 +14,7 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
-
-import common  # noqa: E402  (benchmarks/common.py)
+from benchmarks import common
 
 
 def measure(arch: str, stem: str, size: int, bands: int, batch: int, steps: int, device: str) -> dict:
@@ -86,7 +82,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     machine = common.machine_info()
     load_before = os.getloadavg()[0]
-    out = args.out or os.path.join(HERE, "results", f"stem-{common.device_tag(machine)}.json")
+    out = args.out or os.path.join(common.RESULTS, f"stem-{common.device_tag(machine)}.json")
     results = {}
     for stem in ("imagenet", "small"):
         results[stem] = measure(args.arch, stem, args.size, args.bands, args.batch, args.steps, args.device)

@@ -29,6 +29,8 @@ The memory of every run's process tree is sampled too (common.TreeMemorySampler;
 the CPU used by other processes during each run is recorded (foreign_cpu_frac), as is the load average:
 on a shared machine, compare only rows measured under similar load. Output: train-<host>.json and a bar
 chart (.png) in --out (a folder, default benchmarks/results, or a .json path).
+
+  python -m benchmarks.bench_train [--quick]        # from the repository root
 """
 from __future__ import annotations
 
@@ -37,17 +39,14 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-import bench_multiscale_memory as bmm  # noqa: E402  (launch / prepare / subset helpers)
-import common  # noqa: E402  (benchmarks/common.py)
+from benchmarks import common, runs
+from benchmarks.common import MEAN, STD
+from benchmarks.multiscale_memory_child import _subset
+from dali_lens.choices import BACKENDS as _ALL_BACKENDS
 
 MODELS = ("small_cnn", "resnet18")
-BACKENDS = ("dali", "dali-cpu", "torchvision")
-MEAN, STD = 0.5, 0.25
+BACKENDS = tuple(b for b in _ALL_BACKENDS if b != "auto")
+MODULE = "benchmarks.bench_train"
 # CPU defaults per model: (batch, images per epoch, timed epochs); the default run stays < 8 min on 2 busy cores
 CPU_SIZES = {"small_cnn": (64, 512, 3), "resnet18": (16, 64, 1)}
 GPU_SIZES = {64: (64, 2048, 3), 224: (64, 512, 3)}
@@ -80,7 +79,6 @@ class _ResidentBatches:
 def run_child(cfg: dict) -> dict:
     import torch
 
-    sys.path.insert(0, ROOT)
     from dali_lens.pipelines import build_loader
     from dali_lens.pipelines.options import LoaderOptions
     from dali_lens.trainers.config import TrainConfig
@@ -97,7 +95,7 @@ def run_child(cfg: dict) -> dict:
         bands = 3
         loader = _ResidentBatches(batch, bands, size, cfg["n"] // batch, device)
     else:
-        dataset = bmm._subset(cfg["root"], cfg["n"], cfg["seed"])
+        dataset = _subset(cfg["root"], cfg["n"], cfg["seed"])
         bands = dataset.bands
         opts = LoaderOptions(scales=(size,), batch_size=batch, train=True, augment=True, max_shift=tc.max_shift,
                              seed=tc.seed, num_workers=tc.workers, mean=(MEAN,) * bands, std=(STD,) * bands)
@@ -263,9 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-model-only", action="store_true",
                    help="skip the model-only reference rows (always skipped by --quick)")
     p.add_argument("--workers", type=int, help="loader workers / DALI threads (default: usable cores)")
-    bmm.add_run_args(p, timeout=400, data_help="where generated data sets are cached")
+    runs.add_run_args(p, timeout=400, data_help="where generated data sets are cached")
     args = p.parse_args(argv)
-    rc = bmm.internal_entry(args, run_child)
+    rc = runs.internal_entry(args, run_child)
     if rc is not None:
         return rc
 
@@ -276,7 +274,7 @@ def main(argv=None) -> int:
     load_start = [round(v, 2) for v in os.getloadavg()]
     workers = args.workers or common.usable_cores()
     info = common.machine_info(with_gpu=False)  # no torch in this process (see bench_multiscale_memory.prepare)
-    library = bmm.library_state()
+    library = runs.library_state()
     # the plan depends on CUDA; the data set sizes on the plan: probe with a provisional plan of 64 px + sizes
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [64, 224]
     want = []
@@ -285,16 +283,16 @@ def main(argv=None) -> int:
         want.append({"format": "png", "size": s, "n": n})
     if args.quick or (not args.sizes and not args.full):
         want = [w for w in want if w["size"] == 64] or want[:1]
-    prep = bmm.prepare(os.path.abspath(__file__), want, args.seed, args.data_dir, log)
+    prep = runs.prepare(MODULE, want, args.seed, args.data_dir, log)
     info["gpu"] = prep["gpu"]
     have_cuda = info["gpu"] is not None
     plan = build_plan(args, have_cuda)
     missing = sorted({c["size"] for c in plan} - {int(k.split("-")[1]) for k in prep["roots"]})
     if missing:  # 224 px with CUDA: generate (or find cached) now that the plan is known
-        extra = bmm.prepare(os.path.abspath(__file__), [{"format": "png", "size": s, "n": 2048 if s <= 64 else 512}
+        extra = runs.prepare(MODULE, [{"format": "png", "size": s, "n": 2048 if s <= 64 else 512}
                                                         for s in missing], args.seed, args.data_dir, log)
         prep["roots"].update(extra["roots"])
-    out = bmm.out_path(args.out, "train")
+    out = runs.out_path(args.out, "train")
     log(f"{common.machine_line(info)}; load average {load_start}\n{len(plan)} runs, {workers} workers/threads, "
         f"results -> {out}")
 
@@ -304,8 +302,8 @@ def main(argv=None) -> int:
         cfg = dict(c, root=root, workers=workers, seed=args.seed)
         log(f"[{i}/{len(plan)}] {c['arch']:<10} {c['size']:>3}px {c['backend']:<12} batch {c['batch']} x "
             f"{c['n'] // c['batch']} steps/epoch, 1 + {c['epochs']} epochs")
-        rec = bmm.launch(cfg, args.timeout, log, script=os.path.abspath(__file__),
-                         keys=("arch", "size", "backend", "batch", "n", "epochs"))
+        rec = runs.launch(cfg, args.timeout, log, MODULE,
+                          keys=("arch", "size", "backend", "batch", "n", "epochs"))
         if rec["ok"]:
             log(f"    {rec['samples_per_s']:>8.1f} samples/s (median epoch {rec['samples_per_s_median_epoch']:.1f}), "
                 f"data wait {100 * rec['data_wait_fraction']:.1f}%, {rec['cpu_ms_per_sample']:.1f} CPU ms/sample "
@@ -321,7 +319,7 @@ def main(argv=None) -> int:
         "mode": "quick" if args.quick else "full" if args.full else "default",
         "loadavg": load_start,
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-        "library": bmm.check_library(library, records),
+        "library": runs.check_library(library, records),
         "settings": {"timed_epochs": {f"{c['arch']}@{c['size']}": c["epochs"] for c in plan}, "warmup_epochs": 1,
                      "workers": workers, "format": "png",
                      "bands": ["g", "r", "i"], "generator": prep["generator"],

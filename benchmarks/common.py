@@ -1,11 +1,11 @@
 """Helpers shared by the benchmark scripts: machine description, a process-tree memory sampler, atomic JSON.
 
-Nothing here imports torch or DALI at module import time, so the orchestrating process stays light; the
-versions are read from the installed distributions' metadata.
+Nothing here imports torch or DALI at module import time, so the orchestrating process stays light (the
+atomic writes are ``dali_lens.data.io``'s, which import neither); the versions are read from the installed
+distributions' metadata.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -19,7 +19,14 @@ import threading
 import time
 from importlib import metadata
 
+from dali_lens.data.io import atomic_open, atomic_write_text
+
 MB = 1024.0 * 1024.0
+#: the repository root (the benchmarks run as ``python -m benchmarks.<script>`` from there) and the folder of
+#: the committed results
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+MEAN, STD = 0.5, 0.25  # the same per-band normalisation for every loader a benchmark compares (images: after /255)
 
 
 # --------------------------------------------------------------------------------------------- machine info
@@ -144,49 +151,13 @@ def utc_timestamp() -> str:
 
 # --------------------------------------------------------------------------------------------- atomic JSON
 
-def _umask_mode() -> int:
-    """0o666 minus the process umask: the mode ``open()`` would give a new file (mkstemp uses 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def publish(tmp: str, path: str) -> None:
-    """Give ``tmp`` ordinary file permissions and move it onto ``path`` atomically."""
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str, suffix: str = "", keep_mode: bool = False):
-    """A temporary file name in ``path``'s folder; on a clean exit the file replaces ``path`` atomically with
-    ordinary permissions (``keep_mode``: those of the file it replaces, when there is one); removed on error."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        if keep_mode and os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-            os.replace(tmp, path)
-        else:
-            publish(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_json_atomic(path: str, obj, indent: int = 2) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    with _atomic_path(path, ".json") as tmp, open(tmp, "w") as fh:
+    """Write ``obj`` as JSON to ``path`` atomically (``dali_lens.data.io.atomic_open``), creating its folder;
+    NaN/inf are refused (strict JSON)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path, "w") as fh:
         json.dump(obj, fh, indent=indent, sort_keys=False, allow_nan=False)
         fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def save_result(doc: dict, out: str, plot=None) -> None:
@@ -202,8 +173,9 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        with _atomic_path(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, dpi=dpi, format="png")
     finally:
         plt.close(fig)
 
@@ -228,8 +200,10 @@ def child_main(run, cfg_json: str, result_path: str, **extra) -> int:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` atomically, keeping the replaced file's permissions."""
-    with _atomic_path(path, keep_mode=True) as tmp, open(tmp, "w") as fh:
-        fh.write(text)
+    mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else None
+    atomic_write_text(path, text)
+    if mode is not None:
+        os.chmod(path, mode)
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -433,9 +407,10 @@ def machine_load(seconds: float = 1.0) -> float:
 
 # --------------------------------------------------------------------------------------------- measured runs
 
-def run_measured(script: str, cfg: dict, timeout: float, log, rec: dict, env: dict | None = None,
+def run_measured(module: str, cfg: dict, timeout: float, log, rec: dict, env: dict | None = None,
                  sampler=None, cwd: str | None = None) -> dict:
-    """Run ``script --_child CFG --_result FILE`` (whose child side is :func:`child_main`) in a fresh
+    """Run ``python -m module --_child CFG --_result FILE`` (whose child side is :func:`child_main`; from the
+    repository root unless ``cwd``, so that ``benchmarks`` is importable) in a fresh
     subprocess, sampling the memory of its process tree (``sampler``, default :class:`TreeMemorySampler`)
     and the CPU meanwhile. ``rec`` (the run's identifying fields) is completed and returned: ``ok``, the
     child's result, the memory and CPU figures, ``subprocess_s``; on failure ``error`` and the output's tail.
@@ -444,10 +419,10 @@ def run_measured(script: str, cfg: dict, timeout: float, log, rec: dict, env: di
 
     fd, result_path = tempfile.mkstemp(prefix="bench-child-", suffix=".json")
     os.close(fd)
-    cmd = [sys.executable, script, "--_child", json.dumps(cfg), "--_result", result_path]
+    cmd = [sys.executable, "-m", module, "--_child", json.dumps(cfg), "--_result", result_path]
     t = time.perf_counter()
     cpu = CpuAccount()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mem_sampler = (sampler or TreeMemorySampler)(proc.pid, interval=0.05)
     mem_sampler.start()
     try:

@@ -17,9 +17,9 @@ keeps every finished test's outcome; "finished": false says it was cut short.
 Without a GPU it writes nothing and exits with status 2 (nothing to record), unless ``--backend dali-cpu``
 rehearses the same run with the CPU cases.
 
-  python benchmarks/gpu_check.py            # on the GPU machine
-  python benchmarks/gpu_check.py --list     # only show which tests would run
-  python benchmarks/gpu_check.py --backend dali-cpu --out /tmp/x.json   # rehearsal on a CPU machine
+  python -m benchmarks.gpu_check            # on the GPU machine
+  python -m benchmarks.gpu_check --list     # only show which tests would run
+  python -m benchmarks.gpu_check --backend dali-cpu --out /tmp/x.json   # rehearsal on a CPU machine
 """
 from __future__ import annotations
 
@@ -30,11 +30,8 @@ import signal
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-
-import common  # noqa: E402
+from benchmarks import common
+from benchmarks.common import RESULTS, ROOT
 
 TEST_FILES = ("tests/test_gpu_logic.py", "tests/test_loaders.py", "tests/test_challenge.py", "tests/test_shards.py")
 # most important first: what no CPU machine can check, then the equivalence of the GPU pipeline with torchvision
@@ -78,7 +75,7 @@ def main(argv=None) -> int:
     if args.backend == "dali" and (not info.get("gpu") or not cases):
         print("no CUDA GPU with DALI here: the GPU cases are not collected; nothing to record", file=sys.stderr)
         return 2
-    default_dir = os.environ.get("OUT") or os.path.join(HERE, "results")
+    default_dir = os.environ.get("OUT") or RESULTS
     out = os.path.abspath(args.out or os.path.join(default_dir, "gpu-tests.json" if os.environ.get("OUT") else
                                                    f"gpu-tests-{common.device_tag(info)}.json"))
     log = os.path.abspath(args.log or os.path.join(os.path.dirname(out), "gpu-check.log"))
@@ -87,10 +84,10 @@ def main(argv=None) -> int:
                                    "command": common.command_line(), "timestamp": common.utc_timestamp(),
                                    "selected": cases, "finished": False})
     env = dict(os.environ, GPU_CHECK_JSON=out, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     with open(log, "w", buffering=1) as fh:
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
-                                 "-p", "gpu_results_plugin", *cases], cwd=ROOT, env=env, text=True,
+                                 "-p", "benchmarks.gpu_results_plugin", *cases], cwd=ROOT, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
         def stop(signum, frame):  # a time limit (timeout sends SIGTERM): stop pytest too, keep what it wrote

@@ -8,8 +8,8 @@ limit keeps what finished. Each record holds the command, its exit status, wall 
 line, the test AUC where there is one, and the end of stderr when it failed. Run directories and data go
 to a temporary folder (they do not come back from the device machine; the JSON does).
 
-  python benchmarks/gpu_journeys.py --out $OUT/journeys-gpu.json          # on the GPU machine
-  python benchmarks/gpu_journeys.py --backend dali-cpu --quick --out /tmp/j.json   # rehearsal here
+  python -m benchmarks.gpu_journeys --out $OUT/journeys-gpu.json          # on the GPU machine
+  python -m benchmarks.gpu_journeys --backend dali-cpu --quick --out /tmp/j.json   # rehearsal here
 """
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import command_line, machine_info, utc_timestamp, write_json_atomic  # noqa: E402
+from benchmarks.common import ROOT, command_line, machine_info, utc_timestamp, write_json_atomic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--no-progress", "--no-gallery", "--batch-size", "64"]
 
 

@@ -7,17 +7,15 @@ import json
 import os
 import time
 
+from dali_lens.data.io import atomic_open
+
 _PATH = os.environ.get("GPU_CHECK_JSON")
 _STATE: dict = {}
 
 
 def _write() -> None:
-    tmp = f"{_PATH}.tmp"
-    with open(tmp, "w") as fh:
+    with atomic_open(_PATH, "w") as fh:
         json.dump(_STATE, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, _PATH)
 
 
 def pytest_sessionstart(session):

@@ -47,14 +47,14 @@ PY
 }
 export -f env_report  # timeout runs programs, not shell functions (the first session lost env.txt so)
 step 10 bash -c env_report > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt"
-timeout -k 5 280 python3 benchmarks/gpu_journeys.py --out "$OUT/journeys-gpu.json" > "$OUT/journeys.log" 2>&1 &
+timeout -k 5 280 python3 -m benchmarks.gpu_journeys --out "$OUT/journeys-gpu.json" > "$OUT/journeys.log" 2>&1 &
 journeys=$!
-step 210 python3 benchmarks/gpu_check.py --out "$OUT/gpu-tests.json" --log /tmp/gpu-check.log
+step 210 python3 -m benchmarks.gpu_check --out "$OUT/gpu-tests.json" --log /tmp/gpu-check.log
 wait $journeys; echo "== journeys exit $? at $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/journeys.log"
-step 110 python3 benchmarks/bench_multiscale_memory.py --backends dali --batches 128 --no-loader-only --repeats 1 \
+step 110 python3 -m benchmarks.bench_multiscale_memory --backends dali --batches 128 --no-loader-only --repeats 1 \
   --no-plot --out "$OUT/multiscale-memory-gpu.json"
-step 90 python3 benchmarks/bench_loaders.py --backends dali,dali-cpu,baseline --formats png,jpeg --sizes 64 \
+step 90 python3 -m benchmarks.bench_loaders --backends dali,dali-cpu,baseline --formats png,jpeg --sizes 64 \
   --scales multi --batches 256 --deadline 60 --no-plot --out "$OUT/loaders-gpu.json"
-step 90 python3 benchmarks/bench_train.py --models resnet18,small_cnn --sizes 224 --backends dali,torchvision \
+step 90 python3 -m benchmarks.bench_train --models resnet18,small_cnn --sizes 224 --backends dali,torchvision \
   --no-plot --out "$OUT/train-gpu.json"
 ls -la "$OUT"

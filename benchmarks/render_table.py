@@ -10,6 +10,8 @@ follow each table.
 By default the Markdown is printed. ``--write README.md`` replaces the text between the markers
 ``<!-- bench:loaders:start -->`` and ``<!-- bench:loaders:end -->`` in that file (atomically) and leaves the
 file untouched, with a warning, when the markers are missing.
+
+  python -m benchmarks.render_table --write README.md        # from the repository root
 """
 from __future__ import annotations
 
@@ -19,11 +21,7 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-import common  # noqa: E402
+from benchmarks import common
 
 START, END = "<!-- bench:loaders:start -->", "<!-- bench:loaders:end -->"
 BACKEND_ORDER = ("dali", "dali-cpu", "torchvision", "baseline", "baseline-tensor-decode")
@@ -91,8 +89,8 @@ def render_files(paths: list[str]) -> str:
             doc = json.load(fh)
         if doc.get("benchmark", "loaders") != "loaders" or doc.get("mode") == "quick":
             continue
-        parts.append(render(doc, os.path.relpath(p, os.path.dirname(HERE))))
-    return "\n\n".join(parts) if parts else "_no loader benchmark results yet: run benchmarks/bench_loaders.py_"
+        parts.append(render(doc, os.path.relpath(p, common.ROOT)))
+    return "\n\n".join(parts) if parts else "_no loader benchmark results yet: run `python -m benchmarks.bench_loaders`_"
 
 
 def replace_between_markers(text: str, block: str) -> str | None:
@@ -108,7 +106,7 @@ def main(argv=None) -> int:
                                             "files from --quick runs are skipped)")
     p.add_argument("--write", metavar="README", help="replace the text between the bench:loaders markers in this file")
     args = p.parse_args(argv)
-    paths = args.files or sorted(glob.glob(os.path.join(HERE, "results", "loaders-*.json")))
+    paths = args.files or sorted(glob.glob(os.path.join(common.RESULTS, "loaders-*.json")))
     md = render_files(paths)
     if not args.write:
         print(md)

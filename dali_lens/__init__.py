@@ -14,25 +14,33 @@ The public surface::
 Everything not exported here is private and may change.
 """
 from ._version import __version__
-from .api import describe
-from .data.dataset import DataError, Dataset, Sample
-from .data.kinds import Kind, register_kind
-from .data.sources import register_source
-from .pipelines import BACKENDS, LoaderOptions, build_loader, compute_stats, register_batch_transform
 
+#: the public names and the module each comes from, imported on first use: ``import dali_lens`` (and so every
+#: ``python -m dali_lens.<command>`` and the benchmarks' parent processes, which use ``data.io``) loads
+#: neither torch nor DALI until a name that needs them is used
+_EXPORTS = {"describe": ".api", "DataError": ".data.dataset", "Dataset": ".data.dataset", "Sample": ".data.dataset",
+            "register_source": ".data.sources", "BACKENDS": ".choices", "LoaderOptions": ".pipelines",
+            "build_loader": ".pipelines", "compute_stats": ".pipelines", "register_batch_transform": ".pipelines",
+            "Kind": ".data.kinds", "register_kind": ".data.kinds"}
 
 
 def __getattr__(name: str):
-    """``train`` and ``predict`` are the CLI modules made callable, imported on first use.
+    """The public names, imported on first use (see ``_EXPORTS``).
 
-    ``dali_lens.train(...)`` runs :func:`dali_lens.api.train` and ``dali_lens.train.main(argv)`` is the
-    command line: one name whatever was imported first, and ``python -m dali_lens.train`` stays clean.
+    ``train`` and ``predict`` are the CLI modules made callable: ``dali_lens.train(...)`` runs
+    :func:`dali_lens.api.train` and ``dali_lens.train.main(argv)`` is the command line: one name whatever was
+    imported first, and ``python -m dali_lens.train`` stays clean.
     """
-    if name in ("train", "predict"):
-        import importlib
+    import importlib
 
+    if name in ("train", "predict"):
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",

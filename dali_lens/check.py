@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from .cli import run_command
 from .data.dataset import DataError, parse_hdus
 from .data.validate import duplicates, scan
 
@@ -39,18 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-value", type=float, default=None,
                     help="masked pixels use this value (NaN/inf then count as masked, not as errors)")
     args = ap.parse_args(argv)
+    return run_command(lambda: check(args), (DataError, FileNotFoundError, PermissionError),
+                       "interrupted: nothing was written")
+
+
+def check(args: argparse.Namespace) -> int:
+    """The check of ``args.data``: the problems on stdout; 2 if there are any, else 0."""
     from .data.shards import is_packed
     from .data.sources import discover
 
     if os.path.isdir(args.data) and is_packed(args.data):  # a packed set: verify shards against manifest.json
         return check_packed(args.data, allow_nonfinite=True if args.mask_value is not None else None)
 
-    hdus = parse_hdus(args.hdus)
-    try:
-        splits = discover(args.data, hdus=hdus, val_fraction=0)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    splits = discover(args.data, hdus=parse_hdus(args.hdus), val_fraction=0)
     total = 0
     for name, ds in splits.items():
         print(ds.describe())

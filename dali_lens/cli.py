@@ -5,6 +5,8 @@ import argparse
 import sys
 import warnings
 
+from .choices import BACKENDS, FUSIONS
+
 
 def log(*parts) -> None:
     """Progress and errors go to stderr, so that a command's stdout stays clean for its results."""
@@ -36,11 +38,11 @@ def run_command(action, errors: tuple, interrupted: str, hint=None) -> int:
 
 def add_scoring_args(ap: argparse.ArgumentParser, workers_help: str = "all cores") -> None:
     """The options ``predict`` and ``evaluate`` share: loader, batch, fusion, TTA, threads, FITS HDUs, bad files."""
-    ap.add_argument("--backend", default="auto", choices=("auto", "dali", "dali-cpu", "torchvision"),
+    ap.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="loader: auto (DALI on GPU, else DALI CPU, else torchvision) (default: auto)")
     ap.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default: 64)")
     ap.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips (8x the compute)")
-    ap.add_argument("--fusion", choices=("mean_prob", "mean_logit", "temperature"), default=None,
+    ap.add_argument("--fusion", choices=FUSIONS, default=None,
                     help="how member scores are combined (default: the training run's, else mean_prob); "
                          "temperature uses the temperatures stored in the checkpoints")
     ap.add_argument("--workers", type=int, default=None, help=f"loader threads per process (default: {workers_help})")

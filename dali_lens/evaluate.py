@@ -125,21 +125,44 @@ def _safe(name: str) -> str:
 
 
 def evaluate(args) -> dict:
-    import torch
-
-    from .data.io import atomic_write_csv, atomic_write_json
-    from .inference import check_dataset, load_ensemble, loader_options, score_batches
-    from .metrics import completeness_by_bin, plot_completeness, plot_roc, to_jsonable
-    from .pipelines import build_loader, resolve_backend
-    from .data.inputs import gather_inputs
-    from .trainers.outputs import prediction_header
-
+    """``python -m dali_lens.evaluate``: score the labelled split, compute the metrics, write OUT, print a summary."""
     out = os.path.abspath(os.path.expanduser(args.out))
     _check_out(out, args.overwrite)
     if not 0 < args.prior < 1:
         raise EvaluateError(f"--prior must be in (0, 1), got {args.prior}")
     if not 0 < args.alpha < 1:
         raise EvaluateError(f"--alpha must be in (0, 1), got {args.alpha}")
+    ens, dataset, backend, device = _load(args)
+    all_labels = np.array(dataset.labels, dtype=np.int64)
+    if not (all_labels >= 0).any():
+        raise DataError(f"{dataset.root}: the {dataset.split} samples have no labels; nothing to evaluate "
+                        "(use python -m dali_lens.predict to score unlabelled data)")
+    fusion = args.fusion or ens.fusion
+    wanted = [c.strip() for c in args.completeness_columns.split(",") if c.strip()] if args.completeness_columns \
+        else None
+    columns = numeric_columns(dataset, all_labels, wanted)  # fail early on a bad column name
+    log(f"{dataset.describe()}")
+    log(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}" + (", TTA x8" if args.tta else "")
+        + f"; backend {backend} on {device}")
+    logits, seconds = _score(ens, dataset, backend, args)
+    score, probs, spread = ens.probabilities(logits, fusion)
+    metrics = _metrics(ens, dataset, all_labels, score, probs, columns, fusion, args)
+    metrics.update({"backend": backend, "device": str(device), "seconds": round(seconds, 2),
+                    "images_per_s": round(len(dataset) / max(seconds, 1e-9), 1)})
+    result = _write(out, ens, dataset, all_labels, score, probs, spread, metrics, args)
+    _print_summary(out, dataset, metrics, len(result["plots"]), args)
+    return result
+
+
+def _load(args):
+    """The ensemble of ``--checkpoint``, the data it is evaluated on (bad files dropped with ``--skip-bad``),
+    the backend and the device: ``(ensemble, dataset, backend, device)``."""
+    import torch
+
+    from .data.inputs import gather_inputs
+    from .inference import check_dataset, load_ensemble
+    from .pipelines import resolve_backend
+
     try:
         resolve_backend(args.backend)  # a backend this machine lacks fails before anything is loaded
     except RuntimeError as exc:
@@ -157,22 +180,18 @@ def evaluate(args) -> dict:
         from .data.validate import drop_bad
 
         dataset = drop_bad(dataset, allow_nonfinite=ens.mask_value is not None, log=log)
-    all_labels = np.array(dataset.labels, dtype=np.int64)
-    if not (all_labels >= 0).any():
-        raise DataError(f"{dataset.root}: the {dataset.split} samples have no labels; nothing to evaluate "
-                        "(use python -m dali_lens.predict to score unlabelled data)")
-    fusion = args.fusion or ens.fusion
-    wanted = [c.strip() for c in args.completeness_columns.split(",") if c.strip()] if args.completeness_columns \
-        else None
-    columns = numeric_columns(dataset, all_labels, wanted)  # fail early on a bad column name
-    log(f"{dataset.describe()}")
-    log(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}" + (", TTA x8" if args.tta else "")
-        + f"; backend {backend} on {device}")
+    return ens, dataset, backend, device
 
-    opts = loader_options(ens, args.batch_size, args.tta, workers=args.workers)
-    loader = build_loader(dataset, backend=backend, options=opts)
+
+def _score(ens, dataset: Dataset, backend: str, args) -> tuple[dict[str, np.ndarray], float]:
+    """Every member's logits for every sample of ``dataset``, in dataset order, and the seconds it took."""
     from tqdm import tqdm
 
+    from .inference import loader_options, score_batches
+    from .pipelines import build_loader
+
+    loader = build_loader(dataset, backend=backend, options=loader_options(ens, args.batch_size, args.tta,
+                                                                           workers=args.workers))
     idx_parts, logit_parts = [], {k: [] for k in ens.names}
     t0 = time.perf_counter()
     with tqdm(total=len(dataset), unit="img", desc=f"evaluate {dataset.split}", disable=not args.progress,
@@ -188,8 +207,14 @@ def evaluate(args) -> dict:
     index = index[order]
     if len(index) != len(dataset) or not np.array_equal(index, np.arange(len(dataset))):
         raise RuntimeError(f"the loader returned {len(index)} samples for {len(dataset)} in the split")
-    logits = {k: np.concatenate(v)[order] for k, v in logit_parts.items()}
-    score, probs, spread = ens.probabilities(logits, fusion)
+    return {k: np.concatenate(v)[order] for k, v in logit_parts.items()}, seconds
+
+
+def _metrics(ens, dataset: Dataset, all_labels: np.ndarray, score: np.ndarray, probs: dict, columns: dict,
+             fusion: str, args) -> dict:
+    """metrics.json's content (without the backend and timing): counts, the ensemble's and each member's
+    report (bootstrap intervals), completeness per catalogue column, over the labelled samples."""
+    from .metrics import completeness_by_bin
 
     labelled = all_labels >= 0
     y = all_labels[labelled]
@@ -198,21 +223,18 @@ def evaluate(args) -> dict:
     if len(set(y.tolist())) < 2:
         log(f"warning: only {'lenses' if y.all() else 'non-lenses'} in {dataset.split}: ROC AUC, TPR0/10 and "
             "contamination are undefined")
+    several = len(ens.members) > 1
     curves = {k: probs[k][labelled] for k in ens.names}
-    ens_name = "ensemble" if len(ens.members) > 1 else ens.names[0]
     members = {k: model_report(y, v, args) for k, v in curves.items()}
-    ensemble = model_report(y, score[labelled], args) if len(ens.members) > 1 else members[ens.names[0]]
-
     completeness = {}
     for col, values in columns.items():
         v = values[labelled]
         completeness[col] = {
             "ensemble": completeness_by_bin(y, score[labelled], v, args.threshold, bins=args.bins),
             "members": ({k: completeness_by_bin(y, s, v, args.threshold, bins=args.bins) for k, s in curves.items()}
-                        if len(ens.members) > 1 else {}),
+                        if several else {}),
         }
-
-    result = {
+    return {
         "data": dataset.root, "split": dataset.split, "n": int(len(dataset)), "n_labelled": int(labelled.sum()),
         "n_pos": int((y == 1).sum()), "n_neg": int((y == 0).sum()),
         "checkpoints": ens.checkpoints,
@@ -221,48 +243,64 @@ def evaluate(args) -> dict:
         "fusion": fusion, "tta": bool(args.tta), "threshold": args.threshold, "prior": args.prior,
         "bootstrap": {"n_boot": args.n_boot, "alpha": args.alpha, "seed": args.seed, "stratified": True,
                       "metrics": list(CI_METRICS)},
-        "ensemble": ensemble, "members": members,
+        "ensemble": model_report(y, score[labelled], args) if several else members[ens.names[0]],
+        "members": members,
         "completeness": completeness,
-        "backend": backend, "device": str(device), "seconds": round(seconds, 2),
-        "images_per_s": round(len(dataset) / max(seconds, 1e-9), 1),
     }
 
+
+def _write(out: str, ens, dataset: Dataset, all_labels: np.ndarray, score: np.ndarray, probs: dict,
+           spread: np.ndarray, metrics: dict, args) -> dict:
+    """OUT: predictions.csv, roc.png, completeness_<column>.png, metrics.json (``metrics`` plus the plots'
+    names, returned as written) and, with ``--gallery``, gallery/."""
+    from .data.io import atomic_write_csv, atomic_write_json
+    from .metrics import plot_completeness, plot_roc, to_jsonable
+    from .trainers.outputs import prediction_header
+
+    several = len(ens.members) > 1
     os.makedirs(out, exist_ok=True)
     for stale in glob.glob(os.path.join(out, "completeness_*.png")):
         os.unlink(stale)  # only reached with --overwrite (or an empty directory)
-    header = prediction_header(ens.names)
     rows = []
     for j, s in enumerate(dataset.samples):
         row = [s.path, s.id, "" if all_labels[j] < 0 else int(all_labels[j]), f"{score[j]:.7g}"]
-        if len(ens.members) > 1:
+        if several:
             row += [f"{probs[k][j]:.7g}" for k in ens.names] + [f"{spread[j]:.7g}"]
         rows.append(row)
-    atomic_write_csv(os.path.join(out, "predictions.csv"), header, rows)
+    atomic_write_csv(os.path.join(out, "predictions.csv"), prediction_header(ens.names), rows)
+    labelled = all_labels >= 0
+    y = all_labels[labelled]
     plots = []
     if len(set(y.tolist())) == 2:
-        extra = {k: (y, v) for k, v in curves.items()} if len(ens.members) > 1 else None
+        extra = {k: (y, probs[k][labelled]) for k in ens.names} if several else None
         plots.append(plot_roc(y, score[labelled], os.path.join(out, "roc.png"),
-                              title=f"{dataset.split}: {os.path.basename(out)}", extra_curves=extra, label=ens_name))
-    for col, tab in completeness.items():
+                              title=f"{dataset.split}: {os.path.basename(out)}", extra_curves=extra,
+                              label="ensemble" if several else ens.names[0]))
+    for col, tab in metrics["completeness"].items():
         plots.append(plot_completeness(to_jsonable(tab["ensemble"]),
                                        os.path.join(out, f"completeness_{_safe(col)}.png"), col))
-    result["plots"] = [os.path.basename(p) for p in plots]
-    result = to_jsonable(result)
+    result = to_jsonable(dict(metrics, plots=[os.path.basename(p) for p in plots]))
     atomic_write_json(os.path.join(out, "metrics.json"), result)
     if args.gallery:
         from .inspection import split_gallery
 
-        split_gallery(os.path.join(out, "gallery"), dataset, score, all_labels,
-                      spread if len(ens.members) > 1 else None, threshold=args.threshold, mask_value=ens.mask_value,
-                      log=log)
-    shown = dict(members) if len(ens.members) > 1 else {}
-    shown[ens_name] = ensemble
-    print(table(to_jsonable(shown)))
-    c = ensemble["contamination"]
-    print(f"{dataset.split}: n={len(dataset)} ({result['n_pos']} lenses); at threshold {args.threshold} and prior "
-          f"{args.prior:g}: {_num(c['fp_per_tp'])} false positives per true lens (purity {_num(c['purity'])})")
-    print(f"wrote {out}/metrics.json, predictions.csv, {len(plots)} plot(s); {result['images_per_s']} img/s")
+        split_gallery(os.path.join(out, "gallery"), dataset, score, all_labels, spread if several else None,
+                      threshold=args.threshold, mask_value=ens.mask_value, log=log)
     return result
+
+
+def _print_summary(out: str, dataset: Dataset, metrics: dict, n_plots: int, args) -> None:
+    """The results on stdout: the metrics table (each member and the ensemble), contamination, what was written."""
+    from .metrics import to_jsonable
+
+    names = [m["name"] for m in metrics["members_info"]]
+    shown = dict(metrics["members"]) if len(names) > 1 else {}
+    shown["ensemble" if len(names) > 1 else names[0]] = metrics["ensemble"]
+    print(table(to_jsonable(shown)))
+    c = metrics["ensemble"]["contamination"]
+    print(f"{dataset.split}: n={len(dataset)} ({metrics['n_pos']} lenses); at threshold {args.threshold} and prior "
+          f"{args.prior:g}: {_num(c['fp_per_tp'])} false positives per true lens (purity {_num(c['purity'])})")
+    print(f"wrote {out}/metrics.json, predictions.csv, {n_plots} plot(s); {metrics['images_per_s']} img/s")
 
 
 def _num(v) -> str:

@@ -8,6 +8,7 @@ import argparse
 import sys
 import textwrap
 
+from .cli import run_command
 from .data import synthetic as syn
 
 DESCRIPTION = textwrap.dedent("""\
@@ -136,21 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.layout == "challenge" and args.bands is not None:
         parser.error("--bands does not apply to --layout challenge (the bands are set by --track)")
-    try:
+
+    def run() -> None:
         summary = syn.generate_dataset(
             args.out, n=args.n, size=args.size, bands=args.bands, fmt=args.fmt, layout=args.layout,
             track=args.track, seed=args.seed, lens_fraction=args.lens_fraction, splits=args.splits,
             overwrite=args.overwrite, einstein_radius=args.einstein_radius, source_mag=args.source_mag,
             seeing=args.seeing, pixel_scale=args.pixel_scale, psf=args.psf, supersample=args.supersample,
             workers=args.workers, fsync=args.fsync, progress=not args.quiet and sys.stderr.isatty())
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, NotADirectoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+        print(format_summary(summary))
+
+    return run_command(run, (FileExistsError, ValueError, NotADirectoryError),
+                       f"interrupted: the files written so far in {args.out} are complete (each is written "
+                       "atomically) but the set is not (its manifests are written last): rerun with --overwrite")
 
 
 def format_summary(s: dict) -> str:

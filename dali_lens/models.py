@@ -57,11 +57,11 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
+from .choices import STEMS
+
 __all__ = ["ARCHS", "build_model", "load_weights", "adapt_input_conv", "SmallCNN"]
 
 ARCHS: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vit_tiny", "vit_b_16")
-#: ResNet stems (``--stem``): auto (small for img_size <= 96), imagenet (7x7 stride 2 + max-pool), small (3x3, stride 1)
-STEMS: tuple[str, ...] = ("auto", "imagenet", "small")
 
 
 def small_stem(arch: str, img_size: int, stem: str = "auto") -> bool | None:

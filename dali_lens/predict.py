@@ -82,17 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                            f"interrupted: rows written so far are kept in {args.out} (or its part files); "
                            "rerun the same command to resume")
     finally:
-        _shutdown()
+        from .distributed import shutdown
 
-
-def _shutdown() -> None:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # pragma: no cover - best effort at exit
-        pass
+        shutdown()
 
 
 if __name__ == "__main__":

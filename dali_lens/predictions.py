@@ -253,21 +253,6 @@ def merge(out: str, header: list[str] | None = None) -> tuple[int, int]:
 # running
 
 
-def _setup_distributed():
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    return rank, world, local, device
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -290,8 +275,9 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
 
     from .inference import check_dataset, load_ensemble
     from .pipelines import resolve_backend
+    from .distributed import init as init_distributed
 
-    rank, world, _, device = _setup_distributed()
+    rank, world, _, device = init_distributed()
     main_rank = rank == 0
     say = log if main_rank else (lambda *a, **k: None)
     out = os.path.abspath(os.path.expanduser(out))

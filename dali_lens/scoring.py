@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .choices import FUSIONS
 from .pipelines.options import finish
 
-FUSIONS = ("mean_prob", "mean_logit", "temperature")
 
 __all__ = ["FUSIONS", "autocast", "channels_last_on", "to_model", "member_logits", "sigmoid", "fuse",
            "probabilities"]

@@ -15,7 +15,7 @@ def _gpu_dali() -> bool:
 
 
 # The DALI backends under test: the CPU one everywhere, the GPU one (the same pipeline code on the device)
-# where CUDA and DALI are present. `python benchmarks/gpu_check.py` runs the GPU cases and records them.
+# where CUDA and DALI are present. `python -m benchmarks.gpu_check` runs the GPU cases and records them.
 DALI_BACKENDS = ["dali-cpu"] + (["dali"] if _gpu_dali() else [])
 BACKENDS = DALI_BACKENDS + ["torchvision"]
 

@@ -83,3 +83,16 @@ def test_train_and_predict_stay_callable_after_importing_their_modules():
 
     assert callable(dali_lens.train) and callable(dali_lens.predict)
     assert dali_lens.train.__doc__ and dali_lens.predict.__doc__
+
+
+def test_import_dali_lens_loads_neither_torch_nor_dali():
+    """`import dali_lens` (and dali_lens.data.io, which the benchmarks' parent processes use to write their
+    results) imports torch and DALI only when a name that needs them is used: a parent that samples its
+    children's memory must not map torch's libraries itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dali_lens, dali_lens.data.io; heavy = {'torch', 'nvidia.dali'} & set(sys.modules); "
+            "assert not heavy, heavy; dali_lens.build_loader; assert 'torch' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

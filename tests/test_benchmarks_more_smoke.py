@@ -10,12 +10,13 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def run(script: str, *args: str, timeout: float = 300) -> str:
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    """``python -m benchmarks.<script>`` from the repository root (``script`` named by its file)."""
+    module = "benchmarks." + script.removesuffix(".py")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, f"{script}:\n{(proc.stdout + proc.stderr)[-3000:]}"
     return proc.stdout
 
@@ -75,7 +76,7 @@ def test_gpu_check_without_a_gpu_records_nothing(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: benchmarks/gpu_check.py runs the real GPU cases there")
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--out", str(tmp_path / "g.json")],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "g.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
     assert not (tmp_path / "g.json").exists()

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_loaders.py --quick: it runs and writes well-formed JSON (not a speed test)."""
+"""Smoke test of `python -m benchmarks.bench_loaders --quick`: it runs and writes well-formed JSON (not a speed test)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks", "bench_loaders.py")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def quick_result(tmp_path_factory):
         backends.insert(0, "dali-cpu")
     except ImportError:
         pass
-    cmd = [sys.executable, BENCH, "--quick", "--out", str(out), "--data-dir", str(tmp / "data"),
+    cmd = [sys.executable, "-m", "benchmarks.bench_loaders", "--quick", "--out", str(out), "--data-dir", str(tmp / "data"),
            "--backends", ",".join(backends)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -60,11 +59,8 @@ def test_quick_json_is_well_formed(quick_result):
 
 def test_render_table_reads_the_result(quick_result):
     doc, out, backends = quick_result
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import render_table
-    finally:
-        sys.path.pop(0)
+    from benchmarks import render_table
+
     md = render_table.render(doc)
     assert "| format | size | scales | batch |" in md
     for b in backends:

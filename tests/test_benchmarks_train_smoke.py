@@ -10,7 +10,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
 
 pytest.importorskip("nvidia.dali", reason="the scripts measure the DALI CPU backend")
 
@@ -22,7 +21,7 @@ def results(tmp_path_factory):
     procs = {}
     for name in ("bench_multiscale_memory", "bench_train"):
         out = tmp / name
-        cmd = [sys.executable, os.path.join(BENCH, f"{name}.py"), "--quick", "--out", str(out),
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out),
                "--data-dir", str(tmp / f"data-{name}")]
         procs[name] = (out, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                              text=True))

@@ -504,12 +504,12 @@ def test_grading_page_in_a_real_browser(npy_data, tmp_path):
 
 
 def test_benchmark_script_runs_quick(tmp_path):
-    """benchmarks/bench_inspect.py --quick runs and writes its JSON (a smoke test, not a speed test)."""
+    """`python -m benchmarks.bench_inspect --quick` runs and writes its JSON (a smoke test, not a speed test)."""
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "inspect.json"
-    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_inspect.py"), "--quick",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_inspect", "--quick",
                            "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.load(open(out))

@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -198,11 +197,8 @@ def test_mask_value_default_comes_from_the_layout(sources):
 
 def _scaled_copy(src: str, dst: str, factor: float) -> str:
     """The challenge-layout set ``src`` with every flux multiplied by ``factor`` (masked pixels stay 100)."""
-    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
-    try:
-        from bench_autoscale import scale_fluxes
-    finally:
-        sys.path.pop(0)
+    from benchmarks.bench_autoscale import scale_fluxes
+
     return scale_fluxes(src, dst, factor)
 
 

@@ -142,3 +142,61 @@ def test_no_import_cycles():
 def test_cycle_finder_sees_a_planted_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert import_cycles(graph) == [frozenset({"a", "b", "c"})]
+
+
+def test_every_command_exits_through_run_command():
+    """Exit codes have one home (cli.run_command: 2 for bad input, 130 on Ctrl-C): every command's main() calls it."""
+    missing = []
+    for c in COMMANDS:
+        tree = ast.parse(open(os.path.join(PKG, f"{c}.py"), encoding="utf-8").read())
+        main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        calls = {n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        if "run_command" not in calls:
+            missing.append(c)
+    assert not missing, f"commands whose main() does not exit through cli.run_command: {missing}"
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    """check and generate, like the other commands: Ctrl-C is exit status 130 and a line, not a traceback."""
+    from dali_lens import check, generate
+    from dali_lens.data import synthetic
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "generate_dataset", interrupt)
+    assert generate.main([str(tmp_path / "g"), "--n", "4", "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(check, "check", interrupt)
+    assert check.main([str(tmp_path)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_benchmarks_are_a_package_without_path_hacks_cycles_or_patches():
+    """benchmarks/ runs as `python -m benchmarks.<name>`: no module edits sys.path, none imports another in a
+    cycle, and none patches the library at run time (assigns to an attribute of something imported from
+    dali_lens): a benchmark measures the library as it is."""
+    bench = os.path.join(ROOT, "benchmarks")
+    assert os.path.exists(os.path.join(bench, "__init__.py"))
+    mods = {f"benchmarks.{f[:-3]}".removesuffix(".__init__"): os.path.join(bench, f)
+            for f in os.listdir(bench) if f.endswith(".py")}
+    problems = []
+    for name, path in mods.items():
+        text = open(path, encoding="utf-8").read()
+        if "sys.path" in text:
+            problems.append(f"{name} edits sys.path")
+        tree = ast.parse(text)
+        from_lib = {a.asname or a.name.split(".")[0] for n in ast.walk(tree)
+                    if isinstance(n, (ast.Import, ast.ImportFrom))
+                    and ((n.module or "") if isinstance(n, ast.ImportFrom) else n.names[0].name).startswith("dali_lens")
+                    for a in n.names}
+        for n in ast.walk(tree):
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AugAssign) else []):
+                root = t
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(t, ast.Attribute) and isinstance(root, ast.Name) and root.id in from_lib:
+                    problems.append(f"{name} line {n.lineno} patches the library ({ast.unparse(t)})")
+    graph = {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
+    problems += [f"import cycle {sorted(c)}" for c in import_cycles(graph)]
+    assert not problems, problems

@@ -10,11 +10,11 @@ import warnings
 
 import torch
 
+from ..choices import BACKENDS
 from ..data.dataset import Dataset
 from . import dali_backend
 from .options import LoaderOptions, auto_factors, compute_stats, estimate_noise, finish
 
-BACKENDS = ("auto", "dali", "dali-cpu", "torchvision")
 _TRANSFORMS: dict = {}
 
 

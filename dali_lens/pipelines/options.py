@@ -8,12 +8,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-DTYPES = ("float32", "float16", "uint8")
-SCALINGS = ("none", "asinh", "clip", "auto")
+from ..choices import DTYPES, RESIZE_MODES, SCALINGS
+
 #: ``scaling='auto'``: arcsinh(x / (AUTO_K * noise)) per band, ``noise`` the band's noise level (estimate_noise):
 #: linear within the noise, logarithmic for sources brighter than a few noise levels, whatever the flux unit.
 AUTO_K = 1.0
-RESIZE_MODES = ("resize", "crop")
 NUMPY_READERS = ("auto", "gpu", "cpu")
 
 

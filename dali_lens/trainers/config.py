@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, DTYPES, FUSIONS, LR_SCHEDULES, NORMS, RESIZE_MODES,
+                       SCALE_SCHEDULES, SCALINGS, STEMS, TRAINERS)
 from ..data.dataset import parse_hdus
-
-TRAINERS = ("single", "multiscale", "ensemble")
 
 
 def parse_mask_value(text) -> float | str | None:
@@ -53,25 +53,25 @@ class TrainConfig:
     skip_bad: bool = _f(False, "scan the data first and skip unreadable/bad samples (listed), instead of stopping")
     # loading
     backend: str = _f("auto", "loader: auto (DALI GPU if CUDA+DALI; without CUDA DALI CPU, but torchvision for "
-                              "FITS; torchvision without DALI), dali, dali-cpu, torchvision", choices=("auto", "dali", "dali-cpu", "torchvision"))
+                              "FITS; torchvision without DALI), dali, dali-cpu, torchvision", choices=BACKENDS)
     workers: int | None = _f(None, "loader threads/workers (default: all cores)")
     dtype: str = _f("auto", "loader output: auto (uint8 for 8-bit images, normalised on the training device just "
                             "before each scale's forward pass, so one scale at a time is float; float32 for float "
                             "data or with --batch-transforms), float32, float16 or uint8",
-                    choices=("auto", "float32", "float16", "uint8"))
+                    choices=("auto",) + DTYPES)
     norm: str = _f("stats", "per-band normalisation: stats (mean/std of the training set) or none",
-                   choices=("stats", "none"))
+                   choices=NORMS)
     scaling: str = _f("auto", "float data (FITS/.npy) before normalisation: auto (arcsinh(x / noise) per band, the "
                               "noise estimated on the training set and stored in the checkpoint: any flux unit "
                               "works), none, asinh (arcsinh(a*x)), clip (+-a). 8-bit images are always /255",
-                      choices=("auto", "none", "asinh", "clip"))
+                      choices=SCALINGS)
     scale_a: float = _f(1.0, "the 'a' of --scaling")
     mask_value: float | str | None = _f("auto", "pixels with this value (and NaN/inf) are masked to 0: a number, "
                                                "none, or auto (the layout's sentinel: 100 for the lens-finding "
                                                "challenge layout, none otherwise)", type=parse_mask_value)
     mask_channel: bool = _f(False, "add a channel marking masked pixels (needs --mask-value)")
     resize_mode: str = _f("resize", "how cutouts reach each scale: resize (antialiased bilinear) or crop "
-                                    "(centre crop / zero-pad, no resampling)", choices=("resize", "crop"))
+                                    "(centre crop / zero-pad, no resampling)", choices=RESIZE_MODES)
     max_shift: int = _f(2, "training augmentation: random shifts up to this many pixels (0 = off); "
                            "random 90-degree rotations and flips are always on")
     batch_transforms: str = _f("", "training: comma-separated batch transforms added with "
@@ -87,13 +87,13 @@ class TrainConfig:
                            "px: 16x the pixels through every block, 15x the forward FLOPs of the ImageNet stem at "
                            "96 px, see benchmarks/bench_stem.py; the ImageNet stem above), imagenet (7x7 stride 2 "
                            "+ max-pool) or small",
-                   choices=("auto", "imagenet", "small"))
+                   choices=STEMS)
     scales: str = _f("48,64,96", "multiscale trainer: comma-separated input sizes from one decode")
     schedule: str = _f("all", "multiscale: all (every scale every step) or progressive (low to high resolution)",
-                       choices=("all", "progressive"))
+                       choices=SCALE_SCHEDULES)
     progressive_epochs: int = _f(2, "multiscale progressive: epochs per scale before switching up")
     consistency: str = _f("none", "multiscale: per-sample consistency between scales: none, kl (symmetric "
-                                  "Bernoulli KL) or mse", choices=("none", "kl", "mse"))
+                                  "Bernoulli KL) or mse", choices=CONSISTENCIES)
     consistency_weight: float = _f(0.1, "weight of the consistency term")
     micro_batch: int = _f(0, "memory bound: forward/backward at most N samples at a time, gradients accumulated "
                              "over the batch (same update; BatchNorm then normalises over N samples); 0 = whole "
@@ -106,17 +106,17 @@ class TrainConfig:
     members: str = _f("small_cnn:48:0,small_cnn:64:1,resnet18:64:2",
                       "ensemble: comma-separated ARCH:SCALE[:SEED] members")
     fusion: str = _f("mean_prob", "ensemble fusion: mean_prob, mean_logit, temperature (fitted on validation)",
-                     choices=("mean_prob", "mean_logit", "temperature"))
+                     choices=FUSIONS)
     weights: str | None = _f(None, "initial weights: a local state-dict file (no downloads)")
     # optimisation
     epochs: int = _f(6, "training epochs")
     batch_size: int = _f(64, "batch size per process")
     lr: float = _f(2e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
-    lr_schedule: str = _f("cosine", "cosine (with warm-up) or onecycle", choices=("cosine", "onecycle"))
+    lr_schedule: str = _f("cosine", "cosine (with warm-up) or onecycle", choices=LR_SCHEDULES)
     patience: int = _f(4, "early stopping: epochs without a better validation AUC (0 = off)")
     amp: str = _f("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off",
-                  choices=("auto", "bf16", "fp16", "off"))
+                  choices=AMP_MODES)
     channels_last: bool = _f(True, "channels-last memory format on GPU")
     seed: int = _f(0, "random seed (data order, augmentation, initialisation)")
     checkpoint_every: int = _f(0, "also checkpoint every N training steps (mid-epoch resume); 0 = per epoch only")

@@ -8,12 +8,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import os
 import shutil
-import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -21,6 +18,7 @@ import torch.distributed as dist
 
 from ..data import DataError, discover
 from ..data.io import atomic_write_json
+from ..distributed import init as init_distributed
 from ..pipelines import build_loader, compute_stats, estimate_noise, resolve_backend
 from ..pipelines.options import AUTO_K, LoaderOptions
 from ..scoring import fuse, sigmoid
@@ -77,17 +75,6 @@ def trainer_module(name: str) -> Trainer:
     return {"single": SINGLE, "multiscale": MULTISCALE, "ensemble": ENSEMBLE}[name]
 
 
-def _setup_distributed() -> torch.device:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-
-
 def _out_dir(cfg: TrainConfig) -> str:
     out = cfg.out or os.path.join("runs", f"{cfg.trainer}-{cfg.arch if cfg.trainer != 'ensemble' else 'ensemble'}-"
                                           f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -116,7 +103,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
 
 def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
-    device = _setup_distributed()
+    device = init_distributed()[3]
     rank, world, _ = dist_info()
     is_main = rank == 0
     say = log if is_main else (lambda *a, **k: None)

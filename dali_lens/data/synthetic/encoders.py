@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..kinds.fits import fits_bytes
+from ..kinds.fits import fits_bytes  # noqa: F401 - re-exported: the synthetic API names every encoder
 from ..kinds.image import jpeg_bytes, png_bytes
 from ..kinds.npy import NPY
 

@@ -1,0 +1,117 @@
+"""The "before dali-lens" baseline: mechine_lensing's legacy multi-scale loading and training step.
+
+What bench_loaders.py (``baseline``, ``baseline-tensor-decode``), profile_dali_cpu.py and
+bench_multiscale_memory.py (``baseline``, ``--baseline-step legacy``) compare dali_lens against:
+
+* :class:`LegacyMultiScaleDataset` / :func:`build_baseline`: a torch Dataset that opens each image with PIL
+  and, for every requested scale separately, applies ``Resize((s, s)) + ToTensor + Normalize`` (float data:
+  astropy / numpy, then Resize + Normalize per scale), collated by a DataLoader with worker processes.
+* :func:`legacy_train_epoch`: its ``MultiScaleTrainer.train_epoch`` in standard mode (every scale forwarded,
+  one backward over the averaged losses).
+
+This module imports torch: the benchmarks' parent processes, which must not, import it only in their children.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from torch.utils.data import Dataset as TorchDataset
+
+from benchmarks.common import MEAN, STD
+
+
+class LegacyMultiScaleDataset(TorchDataset):
+    """mechine_lensing-style legacy multi-scale loading: decode once, then per scale a separate
+    ``Compose([Resize((s, s)), ToTensor(), Normalize(mean, std)])``; returns ``({s: (C,s,s)}, label, index)``.
+    """
+
+    def __init__(self, items: list[tuple[str, int]], kind: str, scales, mean, std, tensor_decode: bool = False):
+        from torchvision import transforms as T
+        import torch
+
+        self.items, self.kind, self.scales, self.tensor_decode = items, kind, tuple(scales), tensor_decode
+        if kind == "image" and not tensor_decode:
+            self.tfms = {s: T.Compose([T.Resize((s, s)), T.ToTensor(), T.Normalize(mean, std)]) for s in scales}
+        elif kind == "image":
+            self.tfms = {s: T.Compose([T.Resize((s, s), antialias=True), T.ConvertImageDtype(torch.float32),
+                                       T.Normalize(mean, std)]) for s in scales}
+        else:  # float arrays are already tensors: no ToTensor scaling
+            self.tfms = {s: T.Compose([T.Resize((s, s), antialias=True), T.Normalize(mean, std)]) for s in scales}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, path: str):
+        import numpy as np
+        import torch
+
+        if self.kind == "image":
+            if self.tensor_decode:
+                from torchvision.io import ImageReadMode, decode_image, read_file
+
+                return decode_image(read_file(path), mode=ImageReadMode.RGB)
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        if self.kind == "npy":
+            return torch.from_numpy(np.load(path).astype(np.float32, copy=False))
+        from astropy.io import fits
+
+        with fits.open(path, memmap=False) as hdul:
+            planes = [np.asarray(h.data, dtype=np.float32) for h in hdul if h.data is not None]
+        return torch.from_numpy(np.stack(planes) if len(planes) > 1 else planes[0][None])
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        img = self._load(path)
+        return {"image": {s: self.tfms[s](img) for s in self.scales}, "label": label, "index": i}
+
+
+def build_baseline(dataset, scales, batch_size: int, cuda: bool, tensor_decode: bool, workers: int, train: bool):
+    from torch.utils.data import DataLoader
+
+    items = [(s.path, -1 if s.label is None else int(s.label)) for s in dataset.samples]
+    ds = LegacyMultiScaleDataset(items, dataset.kind, scales, [MEAN] * dataset.bands, [STD] * dataset.bands,
+                                 tensor_decode=tensor_decode)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=cuda,
+                      multiprocessing_context="fork" if workers > 0 and sys.platform == "linux" else None)
+
+
+def legacy_train_epoch(member, loader, device, scales, on_step=None) -> dict:
+    """mechine_lensing's multi-scale training step (``MultiScaleTrainer.train_epoch``, standard mode).
+
+    Its ``_group_scales_by_memory`` puts 64, 112 and 224 (the benchmarks' ``scales``) in one group ((s/224)^2 sums to 1.33 < its budget
+    of 2.0), so every scale is forwarded, the losses averaged, and one backward pass made: the autograd graphs
+    of all three scales are alive at once. dali_lens's ``train_epoch`` keeps one scale's graph at a time.
+    Same model, optimizer (AdamW) and schedule as the dali_lens member, so only the step differs.
+    """
+    import torch.nn.functional as F
+
+    m = member
+    m.model.train()
+    steps, seen, total, wait, t0 = 0, 0, 0.0, 0.0, time.perf_counter()
+    fetch = t0
+    for batch in loader:
+        wait += time.perf_counter() - fetch
+        y = batch["label"].to(device).float()
+        loss = 0.0
+        for s in scales:
+            z = m.model(batch["image"][s].to(device, non_blocking=True)).float()
+            loss = loss + F.binary_cross_entropy_with_logits(z, y)
+        loss = loss / len(scales)
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        m.optimizer.step()
+        m.scheduler.step()
+        total += float(loss.detach())
+        steps += 1
+        seen += len(y)
+        if on_step is not None:
+            on_step(steps)
+        fetch = time.perf_counter()
+    elapsed = time.perf_counter() - t0
+    return {"loss": {"legacy": total / max(1, steps)}, "steps": steps, "samples": seen, "seconds": elapsed,
+            "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9)}
