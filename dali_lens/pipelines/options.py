@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -17,7 +17,28 @@ NUMPY_READERS = ("auto", "gpu", "cpu")
 
 
 @dataclass
-class LoaderOptions:
+class PixelOptions:
+    """How a loader turns a file's pixels into a model's input: scaling, masking, resizing, normalisation
+    (``LoaderOptions`` documents each step). The part of the loader's options that a trained model fixes:
+    ``trainers.checkpoint.PixelSettings`` stores them with the checkpoint and hands them back through
+    :meth:`pixel_fields`. Defined once, here; ``LoaderOptions`` and ``PixelSettings`` both extend it."""
+
+    scaling: str = "none"
+    scale_a: float = 1.0
+    noise_sigma: tuple[float, ...] | None = None
+    mask_value: float | None = None
+    mask_channel: bool = False
+    resize_mode: str = "resize"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def pixel_fields(self) -> dict:
+        """These options as ``LoaderOptions`` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(PixelOptions)}
+
+
+@dataclass
+class LoaderOptions(PixelOptions):
     """Everything a backend needs besides the dataset. The defaults suit 64 px cutouts.
 
     ``train=True`` means shuffle (classes mixed from the first batch), random dihedral augmentation (the 8
@@ -53,14 +74,6 @@ class LoaderOptions:
     num_shards: int = 1
     num_workers: int | None = None
     dtype: str = "float32"
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    scaling: str = "none"
-    scale_a: float = 1.0
-    noise_sigma: tuple[float, ...] | None = None
-    mask_value: float | None = None
-    mask_channel: bool = False
-    resize_mode: str = "resize"
     tta: bool = False
     device_id: int | None = None
     transforms: tuple[str, ...] = ()

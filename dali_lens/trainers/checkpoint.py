@@ -26,6 +26,7 @@ import torch
 
 from ..data.dataset import parse_hdus
 from ..data.io import atomic_save_torch
+from ..pipelines.options import PixelOptions
 
 VERSION = 2
 
@@ -45,9 +46,10 @@ def _mask(value) -> float | None:
     return None if value in (None, "auto", "none") else float(value)
 
 
-@dataclass(frozen=True)
-class PixelSettings:
-    """How the loader turns a file's pixels into a model's input (see ``LoaderOptions`` for each step).
+@dataclass
+class PixelSettings(PixelOptions):
+    """How the loader turns a file's pixels into a model's input (the fields of ``PixelOptions``; see
+    ``LoaderOptions`` for each step), and what they were measured on.
 
     ``kind`` is the pixel kind of the training data (``Dataset.pixel_kind``); ``hdus`` the FITS HDUs read,
     one per band (None: every image HDU). The loader's output dtype is not one of them: training and
@@ -55,23 +57,14 @@ class PixelSettings:
     """
 
     kind: str = "image"
-    scaling: str = "none"
-    scale_a: float = 1.0
-    noise_sigma: tuple[float, ...] | None = None
-    mask_value: float | None = None
-    mask_channel: bool = False
-    resize_mode: str = "resize"
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
     hdus: tuple[int | str, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("noise_sigma", "mean", "std"):
-            object.__setattr__(self, name, _floats(getattr(self, name)))
-        object.__setattr__(self, "scale_a", float(self.scale_a))
-        object.__setattr__(self, "mask_value", None if self.mask_value is None else float(self.mask_value))
-        object.__setattr__(self, "mask_channel", bool(self.mask_channel))
-        object.__setattr__(self, "hdus", parse_hdus(self.hdus))
+        self.noise_sigma, self.mean, self.std = (_floats(v) for v in (self.noise_sigma, self.mean, self.std))
+        self.scale_a = float(self.scale_a)
+        self.mask_value = None if self.mask_value is None else float(self.mask_value)
+        self.mask_channel = bool(self.mask_channel)
+        self.hdus = parse_hdus(self.hdus)
 
     @classmethod
     def from_config(cls, cfg, kind: str) -> "PixelSettings":
@@ -82,9 +75,7 @@ class PixelSettings:
 
     def loader_fields(self) -> dict:
         """The :class:`~dali_lens.pipelines.LoaderOptions` fields these settings fix."""
-        return {"scaling": self.scaling, "scale_a": self.scale_a, "noise_sigma": self.noise_sigma,
-                "mask_value": self.mask_value, "mask_channel": self.mask_channel, "resize_mode": self.resize_mode,
-                "mean": self.mean, "std": self.std}
+        return self.pixel_fields()
 
     def for_inference(self) -> "PixelSettings":
         """As a stored checkpoint is read: ``scaling='auto'`` without a noise estimate (8-bit images, which are
