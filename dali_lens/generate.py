@@ -8,6 +8,7 @@ import argparse
 import sys
 import textwrap
 
+from .choices import PSFS
 from .cli import run_command
 from .data import synthetic as syn
 
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PSF FWHM range in arcsec, r band (default: 0.6,1.2 ground; 0.16,0.22 space)")
     d.add_argument("--pixel-scale", type=float, default=None,
                    help="arcsec per pixel (default: 0.2 ground; 0.1 space)")
-    d.add_argument("--psf", choices=("gaussian", "moffat"), default="gaussian",
+    d.add_argument("--psf", choices=PSFS, default="gaussian",
                    help="PSF profile (default: gaussian); Moffat has beta = 3.5")
     d.add_argument("--supersample", type=_positive_int, default=2,
                    help="rays per pixel per axis when ray-tracing the source (default: 2)")

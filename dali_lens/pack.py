@@ -44,7 +44,7 @@ import numpy as np
 
 from .cli import log, run_command
 from .data.dataset import DataError, Dataset, parse_hdus
-from .data.inputs import SPLIT_ORDER
+from .data.inputs import ordered_splits
 from .data.io import atomic_write_json, atomic_write_text, fsync_dir
 from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, file_sha256, is_packed, key_bytes, label_bytes,
                           read_manifest, sample_tar_bytes, shard_name)
@@ -368,7 +368,7 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
     if os.path.isdir(data) and is_packed(data):
         raise PackError(f"{data}: already a packed set (it holds {MANIFEST})")
     splits = discover(data, hdus=hdus, val_fraction=val_fraction, seed=seed)
-    names = [s for s in SPLIT_ORDER if s in splits] + [s for s in splits if s not in SPLIT_ORDER]
+    names = ordered_splits(splits)
     ref = splits[names[0]]
     member = ref.data_kind.packed_as()  # the kind the pixels are stored as: PNG/JPEG bytes, or float32 .npy
     settings = {"source": data, "shard_size": shard_size, "seed": int(seed), "val_fraction": float(val_fraction),

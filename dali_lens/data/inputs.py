@@ -12,6 +12,11 @@ from ..cli import log
 from .dataset import DataError, Dataset, Sample, kind_of, sample_id, supported_files
 
 SPLIT_ORDER = ("train", "val", "test", "predict")
+
+
+def ordered_splits(splits) -> list[str]:
+    """The names of ``splits`` in ``SPLIT_ORDER``, then any others in their own order."""
+    return [s for s in SPLIT_ORDER if s in splits] + [s for s in splits if s not in SPLIT_ORDER]
 LIST_EXTS = (".txt", ".lst", ".list")
 
 
@@ -78,8 +83,7 @@ def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: 
         splits = discover(path, hdus=hdus, val_fraction=val_fraction if split not in ("all", "predict") else 0.0,
                           seed=seed)
         if split == "all":
-            names = [s for s in SPLIT_ORDER if s in splits] + [s for s in splits if s not in SPLIT_ORDER]
-            parts.extend(splits[s] for s in names)
+            parts.extend(splits[s] for s in ordered_splits(splits))
         elif split in splits:
             parts.append(splits[split])
         elif len(splits) == 1 and "predict" in splits:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ...choices import PSFS
 from .bands import band_properties, detection_band, parse_bands
 
 #: Survey presets: pixel scale (arcsec/px), seeing FWHM range (arcsec, in r), zero-point, read noise (counts).
@@ -55,8 +56,8 @@ def simulation_settings(size, bands, survey, psf, einstein_radius, source_mag, s
     """Checked simulation settings (ValueError on a bad one), survey presets filled in, band properties."""
     if survey not in SURVEYS:
         raise ValueError(f"survey must be one of {tuple(SURVEYS)}, got {survey!r}")
-    if psf not in ("gaussian", "moffat"):
-        raise ValueError(f"psf must be 'gaussian' or 'moffat', got {psf!r}")
+    if psf not in PSFS:
+        raise ValueError(f"psf must be one of {PSFS}, got {psf!r}")
     size = int(size)
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels, got {size}")
