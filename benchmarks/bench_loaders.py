@@ -528,6 +528,7 @@ def main(argv=None) -> int:
                 f"{rec['peak_host_mb']:.0f} MB PSS ({rec['peak_rss_sum_mb']:.0f} MB RSS sum){gpu}; other processes "
                 f"used {100 * rec['foreign_cpu_frac']:.0f}% of the CPUs")
         records.append(rec)
+        common.save_partial(out, "loaders", info, records)
 
     doc = {
         "benchmark": "loaders",

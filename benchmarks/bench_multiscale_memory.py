@@ -472,6 +472,7 @@ def main(argv=None) -> int:
                 f"({rec['peak_rss_sum_mb']:.0f} MB RSS sum, main process max RSS {rec['main_maxrss_mb']:.0f} MB)"
                 f"{gpu}{speed}; {rec['subprocess_s']:.0f} s")
         records.append(rec)
+        common.save_partial(out, "multiscale-memory", info, records)
 
     summary = aggregate(records)
     doc = {

@@ -310,6 +310,7 @@ def main(argv=None) -> int:
                 f"(warm-up epoch {rec['warmup_epoch_s']:.1f} s), peak host {rec['peak_host_mb']:.0f} MB; other "
                 f"processes used {100 * rec['foreign_cpu_frac']:.0f}% of the CPUs; {rec['subprocess_s']:.0f} s")
         records.append(rec)
+        common.save_partial(out, "train", info, records)
 
     doc = {
         "benchmark": "train",

@@ -160,6 +160,14 @@ def write_json_atomic(path: str, obj, indent: int = 2) -> None:
         fh.write("\n")
 
 
+def save_partial(out: str, benchmark: str, info: dict, records: list[dict]) -> None:
+    """The runs so far as ``out``, rewritten after every run (``"finished": false``), so that a benchmark
+    stopped by a time limit keeps what it measured; the complete JSON written at the end replaces it. (The first
+    GPU session lost three benchmarks' figures so: each was cut before its only write.)"""
+    write_json_atomic(out, {"benchmark": benchmark, "machine": info, "command": command_line(),
+                            "timestamp": utc_timestamp(), "finished": False, "runs": records})
+
+
 def save_result(doc: dict, out: str, plot=None) -> None:
     """A benchmark's JSON at ``out`` and, unless ``plot`` is None, its figure next to it (same name, .png)."""
     write_json_atomic(out, doc)

@@ -69,3 +69,33 @@ def test_render_table_reads_the_result(quick_result):
     new = render_table.replace_between_markers(text, md)
     assert md in new and "old" not in new and new.endswith("<!-- bench:loaders:end -->\noutro\n")
     assert render_table.replace_between_markers("no markers", md) is None
+
+
+def test_a_benchmark_stopped_by_a_time_limit_keeps_its_finished_runs(tmp_path):
+    """What `timeout` does to a benchmark step of the GPU session: SIGTERM once the first run is measured. The
+    JSON must then hold that run (``"finished": false``); before, each benchmark wrote only at its end and the
+    first H200 session kept nothing of three of them."""
+    import signal
+    import time
+
+    out = tmp_path / "loaders-cut.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_loaders", "--quick", "--out", str(out), "--data-dir",
+           str(tmp_path / "data"), "--backends", "torchvision,baseline", "--no-plot"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    doc, deadline = None, time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = json.loads(out.read_text()) if out.exists() else {}
+            if seen.get("finished") is False and seen.get("runs"):  # a run written while the benchmark goes on
+                doc = seen
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=60)[0]
+    assert doc is not None and doc.get("runs"), text[-3000:]
+    doc = json.loads(out.read_text())  # what is left after the kill
+    assert doc["benchmark"] == "loaders" and doc["machine"]["logical_cores"] >= 1
+    if doc.get("finished") is False:  # cut: the runs measured so far
+        assert 1 <= len(doc["runs"]) < 2 and doc["runs"][0]["backend"] == "torchvision"
+    assert doc["runs"][0]["ok"] and doc["runs"][0]["images_per_s"] > 0
