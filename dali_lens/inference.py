@@ -21,6 +21,7 @@ This is the shared core of ``python -m dali_lens.predict`` and ``python -m dali_
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -181,13 +182,18 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
     return ens
 
 
+def _same(a, b) -> bool:
+    """Equal, a NaN mask value (``--mask-value nan``) equal to itself."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
 def _check_same_input(path: str, ck: Checkpoint, ref_path: str, ref: Checkpoint) -> None:
     """Checkpoints of one ensemble agree on the bands and on every pixel step but the normalisation (mean/std,
     corrected per member) and the kind of float data (FITS or .npy: the same floats)."""
     mine = {"bands": ck.bands, **ck.pixels.to_dict()}
     theirs = {"bands": ref.bands, **ref.pixels.to_dict()}
     for key in ("bands", "scaling", "scale_a", "noise_sigma", "mask_value", "mask_channel", "resize_mode", "hdus"):
-        if mine[key] != theirs[key]:
+        if not _same(mine[key], theirs[key]):
             raise CheckpointError(f"{path}: {key} = {mine[key]!r} but {ref_path} has {theirs[key]!r}; "
                                   "checkpoints of one ensemble must be trained on the same kind of input")
     if (mine["kind"] == "image") != (theirs["kind"] == "image"):

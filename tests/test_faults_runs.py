@@ -217,6 +217,41 @@ def test_resume_with_layout_defaults_is_not_a_config_change(tmp_path, capsys):
     assert [h["epoch"] for h in json.load(open(os.path.join(out, "metrics.json")))["history"]] == [1, 2]
 
 
+def test_mask_value_nan_masks_blank_pixels_and_resumes(tmp_path, capsys):
+    """Survey cutouts with NaN at a footprint's edge: without a mask value the run stops naming the file and
+    saying what to pass; --mask-value nan trains, writes strict JSON (no NaN literal), --resume with the same
+    options continues (a float NaN equalled nothing: 'nan then, nan now'), and predict reads the run."""
+    import numpy as np
+
+    from dali_lens.train import main as train_main
+
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 23), ("test", 9)):
+        for cls, label in (("lens", 1), ("nonlens", 0)):
+            os.makedirs(tmp_path / "data" / split / cls)
+            for i in range(n):
+                x = rng.normal(0, 3e-12, (2, 24, 24)).astype(np.float32) + label * 2e-11 * np.eye(24, dtype=np.float32)
+                if i % 4 == 0:
+                    x[:, :3, :] = np.nan  # the blank edge
+                np.save(tmp_path / "data" / split / cls / f"o{i:03d}.npy", x)
+    out = str(tmp_path / "run")
+    args = ["--data-root", str(tmp_path / "data"), "--out", out, "--img-size", "24", "--batch-size", "8",
+            "--workers", "1", "--no-progress", "--no-gallery", "--backend", "dali-cpu"]
+    assert train_main(args + ["--epochs", "1", "--out", str(tmp_path / "nomask")]) == 2
+    err = _last_err(capsys)
+    assert ".npy: contains" in err and "NaN/inf" in err and "--mask-value nan" in err, err
+    assert train_main(args + ["--epochs", "1", "--mask-value", "nan"]) == 0
+    text = open(os.path.join(out, "config.json")).read()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"config.json holds {c}"))
+    assert json.loads(text)["mask_value"] == "nan"
+    assert train_main(args + ["--epochs", "2", "--mask-value", "nan", "--resume"]) == 0, capsys.readouterr().err
+    assert [h["epoch"] for h in json.load(open(os.path.join(out, "metrics.json")))["history"]] == [1, 2]
+    pred = str(tmp_path / "pred.csv")
+    assert P.main(["--checkpoint", os.path.join(out, "best.pt"), str(tmp_path / "data"), "--split", "test",
+                   "--out", pred, "--no-progress", "--backend", "dali-cpu"]) == 0
+    assert len(open(pred).read().splitlines()) == 1 + 18
+
+
 def test_single_class_val_split_still_selects_and_writes_best(tmp_path, capsys):
     """A val split of lenses only: AUC is undefined, so best.pt is chosen by the validation loss (warned)."""
     import csv

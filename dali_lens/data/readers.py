@@ -141,7 +141,8 @@ def check_array(arr: np.ndarray, sample: Sample, dataset: Dataset, allow_nonfini
         if sample.band_paths and len(sample.band_paths) == arr.shape[0]:  # name the band file that holds them
             band = int(np.flatnonzero(~np.isfinite(arr).reshape(arr.shape[0], -1).all(1))[0])
             where = f"{sample.band_paths[band]} (object {sample.id}, band {band + 1})"
-        raise DataError(f"{where}: contains {bad} NaN/inf value(s)")
+        raise DataError(f"{where}: contains {bad} NaN/inf value(s) (--mask-value nan sets them to 0; with a "
+                        "number, pixels equal to it too)")
 
 
 def reference_layout(dataset: Dataset, tries: int = 7) -> tuple[int, tuple[int, int]]:

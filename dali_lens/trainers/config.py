@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -13,18 +14,22 @@ from ..data.dataset import parse_hdus
 
 
 def parse_mask_value(text) -> float | str | None:
-    """``--mask-value``: a number, ``none`` (no masking) or ``auto`` (the data layout's sentinel, if any)."""
+    """``--mask-value``: a number, ``nan`` (mask NaN/inf only), ``none`` (no masking) or ``auto`` (the data
+    layout's sentinel, if any). ``nan`` stays the string "nan": a float NaN would equal nothing (``--resume``
+    would find the option changed) and is not JSON (config.json)."""
+    if isinstance(text, float) and math.isnan(text):
+        return "nan"
     if text is None or isinstance(text, (int, float)):
         return None if text is None else float(text)
     t = str(text).strip().lower()
     if t in ("none", "off", ""):
         return None
-    if t == "auto":
-        return "auto"
+    if t in ("auto", "nan"):
+        return t
     try:
         return float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, none or auto, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, nan, none or auto, got {text!r}") from None
 
 
 def _f(default, help: str, **kw):
@@ -67,7 +72,7 @@ class TrainConfig:
                       choices=SCALINGS)
     scale_a: float = _f(1.0, "the 'a' of --scaling")
     mask_value: float | str | None = _f("auto", "pixels with this value (and NaN/inf) are masked to 0: a number, "
-                                               "none, or auto (the layout's sentinel: 100 for the lens-finding "
+                                               "nan (NaN/inf only), none, or auto (the layout's sentinel: 100 for the lens-finding "
                                                "challenge layout, none otherwise)", type=parse_mask_value)
     mask_channel: bool = _f(False, "add a channel marking masked pixels (needs --mask-value)")
     resize_mode: str = _f("resize", "how cutouts reach each scale: resize (antialiased bilinear) or crop "
