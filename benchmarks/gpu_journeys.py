@@ -28,7 +28,8 @@ SHORT = ["--no-progress", "--no-gallery", "--batch-size", "64"]
 
 def journeys(tmp: str, backend: str, quick: bool) -> list[tuple[str, list[list[str]]]]:
     """(name, commands) in order of importance; '{tmp}' is the scratch folder. Data counts are odd on purpose:
-    no split is a multiple of the batch."""
+    no split is a multiple of the batch. Each journey generates the data it reads (``main`` skips a generate
+    whose folder an earlier journey wrote), so that any subset runs alone (``--only``)."""
     n = 301 if quick else 1201
     b = ["--backend", backend]
     out = []
@@ -46,9 +47,11 @@ def journeys(tmp: str, backend: str, quick: bool) -> list[tuple[str, list[list[s
             ["evaluate", "--checkpoint", f"{r}/best.pt", "--out", f"{r}/eval", d, "--no-gallery", *b]]))
     d = f"{tmp}/png"
     out.append(("png: multiscale 64,96,128, 2 epochs", [
+        ["generate", d, "--n", str(n), "--format", "png", "--quiet"],
         ["train", "--data-root", d, "--out", f"{tmp}/run-ms", "--trainer", "multiscale", "--scales", "64,96,128",
          "--epochs", "2", *b, *SHORT]]))
     out.append(("npy: ensemble small_cnn:64, resnet18:96, 2 epochs", [
+        ["generate", f"{tmp}/npy", "--n", str(n), "--format", "npy", "--quiet"],
         ["train", "--data-root", f"{tmp}/npy", "--out", f"{tmp}/run-ens", "--trainer", "ensemble",
          "--members", "small_cnn:64:0,resnet18:96:1", "--epochs", "2", *b, *SHORT]]))
     d = f"{tmp}/challenge"
@@ -57,6 +60,7 @@ def journeys(tmp: str, backend: str, quick: bool) -> list[tuple[str, list[list[s
         ["train", "--data-root", d, "--out", f"{tmp}/run-ch", "--epochs", "2", *b, *SHORT]]))
     d = f"{tmp}/shards"
     out.append(("packed shards from png: pack, train 2 epochs", [
+        ["generate", f"{tmp}/png", "--n", str(n), "--format", "png", "--quiet"],
         ["pack", f"{tmp}/png", d, "--no-progress"],
         ["train", "--data-root", d, "--out", f"{tmp}/run-sh", "--epochs", "2", *b, *SHORT]]))
     return out
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
             doc["journeys"].append(entry)
             print(f"== journey {k}: {name}", flush=True)
             for cmd in cmds:
+                if cmd[0] == "generate" and os.path.isdir(cmd[1]):
+                    continue  # written by an earlier journey
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, "-m", "dali_lens." + cmd[0], *cmd[1:]], cwd=ROOT, env=env,
                                       capture_output=True, text=True)

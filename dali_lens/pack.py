@@ -363,6 +363,8 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
     shard_size = parse_size(shard_size)
     if shard_size < 4096:
         raise PackError(f"--shard-size {shard_size} bytes is too small (at least 4 KiB)")
+    if not os.path.exists(data):  # a missing DATA is no bad file: no "fix the file / --skip-bad" hint
+        raise PackError(f"{data}: no such file or directory")
     if out == data:
         raise PackError(f"{out}: OUT must differ from DATA")
     if os.path.isdir(data) and is_packed(data):

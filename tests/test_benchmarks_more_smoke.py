@@ -80,3 +80,18 @@ def test_gpu_check_without_a_gpu_records_nothing(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
     assert not (tmp_path / "g.json").exists()
+
+
+def test_gpu_journeys_rehearsal_runs_a_journey_alone(tmp_path):
+    """The GPU session's journeys, rehearsed on the DALI CPU backend: one journey picked with --only runs alone
+    (it generates the data it needs; before, the shard journey failed without the PNG journey before it), and
+    the JSON records each command's exit status and the backend line."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "journeys.json"
+    run("gpu_journeys.py", "--backend", "dali-cpu", "--quick", "--only", "8", "--out", str(out), timeout=600)
+    doc = load(out)
+    assert doc["finished"] and [j["ok"] for j in doc["journeys"]] == [True], doc["journeys"]
+    steps = doc["journeys"][0]["steps"]
+    assert [s["command"].split()[2] for s in steps] == ["dali_lens.generate", "dali_lens.pack", "dali_lens.train"]
+    assert all(s["rc"] == 0 for s in steps) and steps[-1]["backend_line"].startswith("backend dali-cpu")
+    assert 0 <= steps[-1]["test_auc"] <= 1

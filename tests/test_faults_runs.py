@@ -305,6 +305,9 @@ def test_every_command_exits_2_on_bad_input(command, small, tmp_path, capsys):
     assert _exit_code(command.split("-")[0], argv) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "error" in captured.err
+    if command in ("check", "pack", "evaluate", "predict", "train"):  # a missing input is named as missing,
+        assert f"{missing}: no such file or directory" in captured.err, captured.err  # with no bad-file advice
+        assert "--skip-bad" not in captured.err and "fix or remove" not in captured.err, captured.err
 
 
 def test_check_exits_2_when_it_finds_problems(small, tmp_path, capsys):
