@@ -261,7 +261,7 @@ def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, 
     """
     return LoaderOptions(scales=ensemble.scales, batch_size=int(batch_size), train=False, augment=False,
                          shard_id=shard_id, num_shards=num_shards, num_workers=workers, tta=bool(tta),
-                         **ensemble.pixels.loader_fields(),
+                         **ensemble.pixels.pixel_fields(),
                          dtype="uint8" if get_kind(ensemble.kind).eight_bit else "float32")
 
 

@@ -109,10 +109,10 @@ def test_write_then_read_keeps_everything(tmp_path):
 
 
 def test_pixel_settings_are_the_loader_options(tmp_path):
-    """PixelSettings.loader_fields names LoaderOptions fields, and covers every pixel field but kind and hdus."""
+    """PixelSettings.pixel_fields names LoaderOptions fields, and covers every pixel field but kind and hdus."""
     from dali_lens.pipelines.options import LoaderOptions
 
-    fields = PixelSettings(scaling="asinh", mask_value=0.0, mask_channel=True).loader_fields()
+    fields = PixelSettings(scaling="asinh", mask_value=0.0, mask_channel=True).pixel_fields()
     opts = LoaderOptions(**fields)
     assert {k: getattr(opts, k) for k in fields} == fields
     assert set(PixelSettings().to_dict()) - set(fields) == {"kind", "hdus"}

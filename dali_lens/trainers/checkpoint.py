@@ -4,7 +4,7 @@
 run's config, where training stands (epoch, best score, history, the loader's mid-epoch state), the band count,
 and :class:`PixelSettings`, the loader's pixel options. ``PixelSettings`` is the one source of those options for
 training, ``predict``, ``evaluate`` and the benchmarks: the trainer measures them on the training set and
-stores them; the others read them back. :meth:`PixelSettings.loader_fields` turns them into
+stores them; the others read them back. :meth:`PixelOptions.pixel_fields` turns them into
 :class:`~dali_lens.pipelines.LoaderOptions` fields.
 
 Versions (``version`` in the file):
@@ -72,10 +72,6 @@ class PixelSettings(PixelOptions):
         estimate and the statistics measured on the training set are added (``dataclasses.replace``)."""
         return cls(kind=kind, scaling=cfg.scaling, scale_a=cfg.scale_a, mask_value=_mask(cfg.mask_value),
                    mask_channel=cfg.mask_channel, resize_mode=cfg.resize_mode, hdus=cfg.hdu_list)
-
-    def loader_fields(self) -> dict:
-        """The :class:`~dali_lens.pipelines.LoaderOptions` fields these settings fix."""
-        return self.pixel_fields()
 
     def for_inference(self) -> "PixelSettings":
         """As a stored checkpoint is read: ``scaling='auto'`` without a noise estimate (8-bit images, which are

@@ -173,7 +173,7 @@ class _Job:
         pixels = measure_pixels(cfg, splits, say)
         self.base = LoaderOptions(scales=self.scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
                                   num_shards=self.world, num_workers=cfg.workers, max_shift=cfg.max_shift,
-                                  dtype=output_dtype(cfg, splits["train"]), **pixels.loader_fields())
+                                  dtype=output_dtype(cfg, splits["train"]), **pixels.pixel_fields())
         self.ck = Checkpoint(members=[], bands=splits["train"].bands, pixels=pixels, config=cfg.to_dict())
         self.last, self.best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
         self.members: list = []
@@ -299,7 +299,7 @@ def measure_pixels(cfg: TrainConfig, splits: dict, say) -> PixelSettings:
     """The run's pixel settings: what ``cfg`` asks for, plus the noise estimate of ``--scaling auto`` and the
     per-band mean/std of ``--norm stats``, both measured on the training set."""
     pixels = PixelSettings.from_config(cfg, splits["train"].pixel_kind)
-    opts = LoaderOptions(seed=cfg.seed, **pixels.loader_fields())  # (bad options fail here, before any read)
+    opts = LoaderOptions(seed=cfg.seed, **pixels.pixel_fields())  # (bad options fail here, before any read)
     if cfg.scaling == "auto" and not splits["train"].eight_bit:
         opts.noise_sigma = estimate_noise(splits["train"], opts)
         say(f"scaling auto: arcsinh(x / ({AUTO_K:g} * noise)) per band, noise "
