@@ -144,9 +144,20 @@ def get_kind(name: str):
         raise ValueError(f"unknown dataset kind {name!r}; expected one of {tuple(KINDS)}") from None
 
 
+_EXTENSIONS: list[tuple[str, str]] = []  # built from KINDS on first use, emptied by kinds_changed()
+
+
+def kinds_changed() -> None:
+    """Called by the registry (``register_kind``/``unregister_kind``) after it changes ``KINDS``."""
+    _EXTENSIONS.clear()
+
+
 def _extensions() -> list[tuple[str, str]]:
-    """(file name ending, kind name) of every registered kind, longest ending first."""
-    return sorted(((e, k.name) for k in KINDS.values() for e in k.exts), key=lambda t: -len(t[0]))
+    """(file name ending, kind name) of every registered kind, longest ending first (built once per registry
+    change, not per file: ``kind_of`` and ``sample_id`` run for every file ``discover`` finds)."""
+    if not _EXTENSIONS:
+        _EXTENSIONS.extend(sorted(((e, k.name) for k in KINDS.values() for e in k.exts), key=lambda t: -len(t[0])))
+    return _EXTENSIONS
 
 
 def kind_of(path: str) -> str | None:

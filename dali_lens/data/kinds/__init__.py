@@ -11,7 +11,7 @@ Adding a format is one module plus a test: subclass :class:`Kind`, set ``name`` 
 """
 from __future__ import annotations
 
-from ..dataset import KINDS, get_kind
+from ..dataset import KINDS, get_kind, kinds_changed
 from .base import Kind
 from .fits import FITS
 from .fits_bands import FITS_BANDS
@@ -26,12 +26,14 @@ def register_kind(kind: Kind) -> Kind:
     if not isinstance(kind, Kind) or not kind.name:
         raise TypeError(f"register_kind needs a named Kind instance, not {kind!r}")
     KINDS[kind.name] = kind
+    kinds_changed()
     return kind
 
 
 def unregister_kind(name: str) -> None:
     """Remove a registered kind (tests)."""
     KINDS.pop(name, None)
+    kinds_changed()
 
 
 def kind_names() -> tuple[str, ...]:

@@ -96,6 +96,11 @@ def numpy_reader_device(opts, path: str | None = None, probe: bool = False) -> s
     return "cpu" if cufile_problem(path, opts.device_id or 0, probe) else "gpu"
 
 
+def _first(dataset) -> str | None:
+    """The file whose cuFile verdict every step consults (probed by ``dali_prepare``), or None."""
+    return dataset.samples[0].path if len(dataset) else None
+
+
 def dali_chw_to_hwc(x):
     """A (bands, H, W) node (no layout: DALI's numpy reader and decoder set none) as HWC."""
     from nvidia.dali import fn
@@ -164,7 +169,7 @@ class NpyKind(Kind):
         from nvidia.dali import fn
 
         files = [dataset.samples[i].path for i in order]
-        on_gpu = gpu and numpy_reader_device(opts, files[0] if files else None) == "gpu"
+        on_gpu = gpu and numpy_reader_device(opts, _first(dataset)) == "gpu"
         x = fn.readers.numpy(files=files, device="gpu" if on_gpu else "cpu", **reader_args)
         if gpu and not on_gpu:
             x = x.gpu()
@@ -181,11 +186,10 @@ class NpyKind(Kind):
         return dali_chw_to_hwc(x)
 
     def dali_prepare(self, dataset, opts) -> None:
-        if len(dataset):
-            numpy_reader_device(opts, dataset.samples[0].path, probe=True)
+        numpy_reader_device(opts, _first(dataset), probe=True)
 
     def dali_reads(self, dataset, opts) -> str:
-        first = dataset.samples[0].path if len(dataset) else None
+        first = _first(dataset)
         if numpy_reader_device(opts, first) == "gpu":
             return "DALI reads .npy on the GPU (cuFile)"
         why = cufile_problem(first, opts.device_id or 0, probe=False) if opts.numpy_reader == "auto" \

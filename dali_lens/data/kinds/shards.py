@@ -8,14 +8,6 @@ from ..dataset import get_kind, kind_of
 from .base import Kind
 
 
-def _shard_files(dataset):
-    """The dataset's shard plan and the (tar, index) files DALI reads (plain Python: kept from AutoGraph)."""
-    from ..shards import shard_plan
-
-    plan = shard_plan(dataset)
-    return plan, plan.dali_files()
-
-
 class ShardsKind(Kind):
     name = "shards"
     packed = True
@@ -43,7 +35,10 @@ class ShardsKind(Kind):
         memory-mapped (``opts.mmap = True`` maps them)."""
         from nvidia.dali import fn, types
 
-        plan, (paths, index_paths) = _shard_files(dataset)
+        from ..shards import shard_plan
+
+        plan = shard_plan(dataset)
+        paths, index_paths = plan.dali_files()
         # plain reads, not mmap: mapped shards would count in the process's RSS as they are read (gigabytes over
         # a survey-sized epoch, which RSS-based job limits kill), while read() data lives in buffers DALI reuses
         wds = dict(reader_args, stick_to_shard=True, shuffle_after_epoch=False, dont_use_mmap=not opts.mmap)
