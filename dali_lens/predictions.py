@@ -213,7 +213,7 @@ def done_files(paths: list[str], header: list[str] | None) -> set[str]:
     return done
 
 
-def merge(out: str, header: list[str] | None = None) -> tuple[int, int]:
+def merge(out: str, header: list[str]) -> tuple[int, int]:
     """Merge ``out`` and its part files into ``out`` atomically (each file once); removes the parts.
 
     Returns (rows in ``out`` afterwards, part files merged). Rows are copied verbatim: rows already in
@@ -226,19 +226,9 @@ def merge(out: str, header: list[str] | None = None) -> tuple[int, int]:
         n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
         return n, 0
     sources = ([out] if os.path.isfile(out) else []) + parts
-    if header is None:
-        for src in sources:
-            first = next(iter_rows(src, None), None)
-            if first is not None:
-                header = _parse(first[1])
-                break
-    if header is None:
-        raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
     seen: set[str] = set()
     with atomic_open(out, "w", newline="") as dst:
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(header)
-        dst.write(buf.getvalue())
+        dst.write(_header_line(header))
         for src in sources:
             for f, line in iter_rows(src, header):
                 if f and f not in seen:

@@ -24,7 +24,6 @@ __all__ = ["inspect_predictions", "split_gallery", "grades_summary", "Candidate"
            "GALLERY_N"]
 
 OUTPUTS = ("gallery.png", "index.html")
-CHALLENGE_MASK_VALUE = 100.0  # Metcalf et al. (2019): masked pixels hold 100
 GALLERY_N = 50  # false positives and missed lenses each, in the galleries train and evaluate write
 
 
@@ -35,7 +34,7 @@ def _quiet(*_a, **_k) -> None:
 def data_mask_value(root: str) -> float | None:
     """The masked-pixel value of the data at ``root``: the one a generated set records (``dataset.json`` or
     ``generator.json``), else 100 for the lens-finding-challenge layout (its convention), else None."""
-    from ..data.challenge import is_challenge_layout
+    from ..data.challenge import MASK_VALUE, is_challenge_layout
 
     folder = root if os.path.isdir(root) else os.path.dirname(root)
     for name in ("dataset.json", "generator.json"):
@@ -46,7 +45,7 @@ def data_mask_value(root: str) -> float | None:
                 return float(v)
         except (OSError, ValueError, AttributeError, TypeError):
             pass
-    return CHALLENGE_MASK_VALUE if is_challenge_layout(folder) else None
+    return MASK_VALUE if is_challenge_layout(folder) else None
 
 
 def check_out(out: str, overwrite: bool) -> None:

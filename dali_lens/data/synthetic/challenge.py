@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..challenge import MASK_VALUE
 from ..io import atomic_write_bytes, atomic_write_csv, atomic_write_json
 from .encoders import fits_bytes
 from .pool import run_parallel
@@ -27,7 +28,7 @@ CHALLENGE_SPACE_BANDS: tuple[str, ...] = ("VIS",)
 #: Challenge files hold counts * CHALLENGE_FLUX_UNIT (raw-flux-like values ~1e-11 .. 1e-9).
 CHALLENGE_FLUX_UNIT = 1e-12
 #: Masked pixels in challenge files have this value (as in the Metcalf et al. 2019 data).
-CHALLENGE_MASK_VALUE = 100.0
+CHALLENGE_MASK_VALUE = MASK_VALUE  # the layout's convention, defined with the layout (data/challenge.py)
 CHALLENGE_MASK_FRACTION = 0.1
 CHALLENGE_FIRST_ID = 100000
 CHALLENGE_SIZE = 101
