@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import RESULTS, command_line, device_tag, machine_info, utc_timestamp, write_json_atomic
+from benchmarks.common import command_line, machine_info, result_path, utc_timestamp, write_json_atomic
 
 UNITS = (1.0, 1e-3, 1e6)
 CONFIGS = {"no flags": [], "hand-tuned": ["--mask-value", "100", "--scaling", "asinh", "--scale-a", "1e11"]}
@@ -100,8 +100,7 @@ def main(argv=None) -> int:
                 runs.append(rec)
                 print(f"unit x{unit:g} {name:10s}: val AUC best {rec['val_auc_best']:.4f} last "
                       f"{rec['val_auc_last']:.4f}  test AUC {rec['test_auc']}  ({seconds:.0f} s)", flush=True)
-    out = args.out or os.path.join(RESULTS,
-                                   f"autoscale-{device_tag(info)}.json")
+    out = result_path(args.out, "autoscale", info)
     write_json_atomic(out, {"benchmark": "autoscale", "machine": info, "command": command_line(),
                             "timestamp": utc_timestamp(),
                             "settings": {"n": args.n, "test_n": args.test_n, "epochs": args.epochs,

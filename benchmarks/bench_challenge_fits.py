@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import RESULTS, command_line, device_tag, machine_info, utc_timestamp, write_json_atomic
+from benchmarks.common import command_line, machine_info, result_path, utc_timestamp, write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -51,8 +51,7 @@ def main(argv=None) -> int:
                              "size": 101, "images_per_s": round(n / dt, 1), "epochs": args.epochs,
                              "loadavg": os.getloadavg()})
                 print(f"{backend:12s} scales {scales}: {n / dt:.0f} objects/s")
-    out = args.out or os.path.join(RESULTS,
-                                   f"challenge-fits-{device_tag(info)}.json")
+    out = result_path(args.out, "challenge-fits", info)
     write_json_atomic(out, {"benchmark": "challenge-fits", "machine": info, "command": command_line(),
                             "timestamp": utc_timestamp(), "runs": runs})
     return 0

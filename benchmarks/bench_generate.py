@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     n_write = max(64, n // 2)
 
     machine = common.machine_info()
-    out = args.out or os.path.join(common.RESULTS, f"generate-{common.device_tag(machine)}.json")
+    out = common.result_path(args.out, "generate", machine)
     info = {"benchmark": "generate", "mode": "quick" if args.quick else "full", "machine": machine,
             "command": common.command_line(), "timestamp": common.utc_timestamp(),
             "loadavg_start": [round(v, 2) for v in os.getloadavg()],

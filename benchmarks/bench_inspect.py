@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import RESULTS, command_line, device_tag, machine_info, utc_timestamp, write_json_atomic
+from benchmarks.common import command_line, machine_info, result_path, utc_timestamp, write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -67,8 +67,7 @@ def main(argv=None) -> int:
                     "fits_files": 4 * args.n, "generate_s": round(gen_s, 1)},
            "thumbnails": args.n, "gallery_max": 200, "best_seconds": best, "target_seconds": 30.0,
            "meets_target": best < 30.0 if args.n >= 1000 else None, "runs": runs}
-    out = args.out or os.path.join(RESULTS,
-                                   f"inspect-{device_tag(info)}.json")
+    out = result_path(args.out, "inspect", info)
     write_json_atomic(out, doc)
     print(f"best {best:.1f} s for {args.n} thumbnails -> {out}")
     return 0

@@ -335,10 +335,8 @@ def wait_quiet(max_wait: float, log, threshold: float = 0.25) -> float:
 
 def launch(cfg: dict, timeout: float, log) -> dict:
     """Run ``cfg`` in a fresh subprocess while sampling its process tree's memory from this process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
     rec = {k: cfg[k] for k in ("backend", "format", "size", "scales", "scale_mode", "batch")}
-    return common.run_measured("benchmarks.bench_loaders", cfg, timeout, log, rec, env=env)
+    return common.run_measured("benchmarks.bench_loaders", cfg, timeout, log, rec, env=common.child_env())
 
 
 def target_check(records: list[dict]) -> list[dict]:
@@ -477,7 +475,7 @@ def main(argv=None) -> int:
     if args.retry_budget is None:
         args.retry_budget = 0.0 if args.quick else 90.0
     max_epochs = args.max_epochs or (1 if args.quick else 5)
-    out = args.out or os.path.join(common.RESULTS, f"loaders-{common.device_tag(info)}.json")
+    out = common.result_path(args.out, "loaders", info)
     log(f"{common.machine_line(info)}\n{len(grid)} runs, {workers} workers/threads, results -> {out}")
 
     roots, generators = {}, {}

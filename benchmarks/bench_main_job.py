@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import RESULTS, ROOT, command_line, device_tag, machine_info, utc_timestamp, write_json_atomic
+from benchmarks.common import ROOT, command_line, machine_info, result_path, utc_timestamp, write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
               "loadavg_start": load, "loadavg_end": os.getloadavg(), "log": proc.stdout.splitlines(),
               "test_metrics": metrics.get("metrics"), "history": metrics.get("history"),
               "train_seconds": metrics.get("train_seconds"), "backend": metrics.get("backend")}
-    out = args.out or os.path.join(RESULTS, f"main-job-{device_tag(info)}.json")
+    out = result_path(args.out, "main-job", info)
     write_json_atomic(out, result)
     print(f"main job: {wall:.0f} s wall, test AUC {metrics['metrics']['roc_auc']:.3f} -> {out}")
     return 0

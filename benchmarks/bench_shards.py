@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     read_n = args.read_n or (600 if args.quick else 20000)
     predict_ns = [int(v) for v in (args.predict_n or ("2000" if args.quick else "50000,100000")).split(",")]
     repeats = 1 if args.quick else args.repeats
-    out = args.out or os.path.join(common.RESULTS, f"shards-{common.device_tag(info)}.json")
+    out = common.result_path(args.out, "shards", info)
     os.makedirs(args.data_dir, exist_ok=True)
     log(f"{common.machine_line(info)}\nresults -> {out}")
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     machine = common.machine_info()
     load_before = os.getloadavg()[0]
-    out = args.out or os.path.join(common.RESULTS, f"stem-{common.device_tag(machine)}.json")
+    out = common.result_path(args.out, "stem", machine)
     results = {}
     for stem in ("imagenet", "small"):
         results[stem] = measure(args.arch, stem, args.size, args.bands, args.batch, args.steps, args.device)

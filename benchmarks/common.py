@@ -134,6 +134,20 @@ def machine_line(info: dict) -> str:
             f"{info.get('cpu_model', '?')}, {gpu_txt}")
 
 
+def result_path(out: str | None, name: str, info: dict) -> str:
+    """``out``, else the committed results' place for benchmark ``name`` on this machine:
+    ``benchmarks/results/<name>-<gpu or host>.json``."""
+    return out or os.path.join(RESULTS, f"{name}-{device_tag(info)}.json")
+
+
+def child_env() -> dict:
+    """This process's environment with the repository root first on PYTHONPATH, for measured subprocesses
+    (``python -m benchmarks.<name>`` children import ``benchmarks`` and ``dali_lens`` from the checkout)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def device_tag(info: dict) -> str:
     """A file-name-safe tag for a results file: the GPU name when there is one, else the host name."""
     gpu = info.get("gpu")

@@ -34,8 +34,6 @@ def pytest_runtest_logreport(report):
     """One record per test: its call outcome, or the setup/teardown failure or skip."""
     if not _PATH or not (report.when == "call" or report.outcome != "passed"):
         return
-    if report.when == "teardown" and report.outcome == "passed":
-        return
     outcome = report.outcome if report.when == "call" else ("skipped" if report.skipped else "error")
     rec = {"test": report.nodeid, "outcome": outcome, "when": report.when, "seconds": round(report.duration, 3)}
     if outcome in ("failed", "error", "skipped"):

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                 print(f"batch {batch:>3} {variant:<32} {rec['images_per_s']:>8.0f} img/s "
                       f"{rec['cpu_ms_per_image']:>6.2f} CPU ms/img  peak {rec['peak_host_mb']:>6.0f} MB PSS  "
                       f"(others used {100 * rec['foreign_cpu_frac']:.0f}% CPU)", flush=True)
-    out = args.out or os.path.join(common.RESULTS, f"profile-dali-cpu-{common.device_tag(info)}.json")
+    out = common.result_path(args.out, "profile-dali-cpu", info)
     common.write_json_atomic(out, {"benchmark": "profile-dali-cpu", "machine": info, "command": common.command_line(),
                                    "timestamp": common.utc_timestamp(), "generator": gen, "runs": rows})
     print(f"-> {out}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -138,12 +137,6 @@ def internal_entry(args, run_child) -> int | None:
     return None
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = common.ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def prepare(module: str, data: list[dict], seed: int, data_dir: str, log) -> dict:
     """GPU description and data sets, in a subprocess: this parent process never imports torch.
 
@@ -156,7 +149,7 @@ def prepare(module: str, data: list[dict], seed: int, data_dir: str, log) -> dic
     cmd = [sys.executable, "-m", module, "--_prepare", json.dumps({"data": data, "seed": seed, "data_dir": data_dir}),
            "--_result", result_path]
     try:
-        proc = subprocess.run(cmd, cwd=common.ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.run(cmd, cwd=common.ROOT, env=common.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=1800)
         for line in proc.stdout.splitlines():
             log(line)
@@ -186,7 +179,7 @@ def prepare_child(spec: dict) -> dict:
 def launch(cfg: dict, timeout: float, log, module: str,
            keys=("kind", "backend", "variant", "batch")) -> dict:
     """Run one configuration in a fresh subprocess while sampling the memory of its process tree."""
-    env = _child_env()
+    env = common.child_env()
     for part in (cfg.get("variant") or "").split("+"):
         if part.startswith("arenas="):  # glibc reads it at start-up: it cannot be set from inside the child
             env["MALLOC_ARENA_MAX"] = part.split("=", 1)[1]
@@ -196,7 +189,7 @@ def launch(cfg: dict, timeout: float, log, module: str,
 
 
 def host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname()).strip("-").lower() or "host"
+    return common.device_tag({"hostname": socket.gethostname()})
 
 
 def out_path(arg: str | None, prefix: str) -> str:
