@@ -45,6 +45,29 @@ def test_dali_matches_torchvision(make_dataset, fmt, bands, dali):
         assert diff.mean() < 2e-3, (s, float(diff.mean()))
 
 
+@pytest.mark.parametrize("dali", DALI_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float64", "uint16", "int32"])
+def test_npy_of_any_numeric_dtype_matches_torchvision(tmp_path, dtype, dali):
+    """numpy saves float64 by default: such .npy files crashed DALI's resize/normalize ("Unsupported type:
+    double"), found by a journey on hand-written files; they are cast to float32 like the torchvision path.
+    The same integer-valued pixels stored as float32 and as ``dtype`` give the same batches on both backends."""
+    yy, xx = np.mgrid[:40, :40]
+    blob = np.rint(900 * np.exp(-((yy - 20) ** 2 + (xx - 17) ** 2) / 60.0))
+    for name, dt in (("f4", "float32"), ("x", dtype)):
+        for cls in ("lens", "nonlens"):
+            os.makedirs(tmp_path / name / "test" / cls)
+            for i in range(4):
+                arr = np.stack([blob + 10 * i + 50 * b for b in range(3)])
+                np.save(tmp_path / name / "test" / cls / f"o{i}.npy", arr.astype(dt))
+    kw = dict(mean=(500.0,) * 3, std=(300.0,) * 3)
+    ref = {be: eval_tensors(discover(str(tmp_path / "f4"))["test"], be, **kw)[2] for be in (dali, "torchvision")}
+    ds = discover(str(tmp_path / "x"))["test"]
+    for be in (dali, "torchvision"):
+        got = eval_tensors(ds, be, **kw)[2]
+        for s in SCALES:
+            assert got[s].dtype == torch.float32 and torch.equal(got[s], ref[be][s]), (be, s)
+
+
 def write_fits_bands(root: str, n_per_class: int = 6, size: int = 40, bands: int = 3, compressed: bool = False,
                      seed: int = 0) -> str:
     """root/test/<class>/*.fits[.fz]: an empty primary HDU and one int16 image HDU per band, Rice tile-compressed

@@ -166,13 +166,16 @@ class NpyKind(Kind):
     def dali_source(self, dataset, opts, gpu: bool, order: np.ndarray, reader_args: dict):
         """DALI's numpy reader (on the GPU when cuFile reads the data: :func:`numpy_reader_device`); the index
         is the file name it reports."""
-        from nvidia.dali import fn
+        from nvidia.dali import fn, types
 
         files = [dataset.samples[i].path for i in order]
         on_gpu = gpu and numpy_reader_device(opts, _first(dataset)) == "gpu"
         x = fn.readers.numpy(files=files, device="gpu" if on_gpu else "cpu", **reader_args)
         if gpu and not on_gpu:
             x = x.gpu()
+        # float32 for every later operator, as read_npy gives the torchvision path: numpy's default float64
+        # (and other dtypes) would reach resize/normalize, which take no doubles
+        x = fn.cast(x, dtype=types.FLOAT)
         index = fn.pad(fn.get_property(x, key="source_info"), axes=[0], shape=[SOURCE_INFO_LEN])
         return dali_chw_to_hwc(x), index
 
