@@ -12,6 +12,7 @@ from __future__ import annotations
 from .base import TRAINERS, Trainer, get_trainer
 from .config import TrainConfig
 from .ensemble import TRAINER as ENSEMBLE
+from .members import MemberSpec
 from .multiscale import TRAINER as MULTISCALE
 from .runner import run
 from .single import TRAINER as SINGLE
@@ -41,5 +42,5 @@ def trainer_names() -> tuple[str, ...]:
 for _name, _trainer in (("single", SINGLE), ("multiscale", MULTISCALE), ("ensemble", ENSEMBLE)):
     register_trainer(_name, _trainer)
 
-__all__ = ["TRAINERS", "TrainConfig", "Trainer", "get_trainer", "register_trainer", "run", "trainer_names",
+__all__ = ["MemberSpec", "TRAINERS", "TrainConfig", "Trainer", "get_trainer", "register_trainer", "run", "trainer_names",
            "unregister_trainer"]
