@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from test_layout import PKG, modules
+
 import dali_lens
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import load_ensemble
@@ -18,7 +20,6 @@ from dali_lens.trainers import (TRAINERS, Trainer, get_trainer, register_trainer
 from dali_lens.trainers.config import TrainConfig, add_arguments
 from dali_lens.trainers.members import MemberSpec, load_member_state, make_member, member_state
 
-PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dali_lens")
 #: the modules that may know a trainer by name: the trainers themselves and the registry
 TRAINER_MODULES = {os.path.join("trainers", f) for f in ("base.py", "single.py", "multiscale.py", "ensemble.py")}
 BUILT_IN = ("single", "multiscale", "ensemble")
@@ -70,15 +71,9 @@ def trainer_comparisons(source: str, names=BUILT_IN) -> list[tuple[int, str]]:
 def test_no_trainer_name_comparisons_outside_the_trainer_modules():
     """Trainer-specific behaviour lives in the trainers' hooks: no other module asks which trainer runs."""
     names = set(BUILT_IN) | set(trainer_names())
-    found = []
-    for dirpath, dirs, files in os.walk(PKG):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for f in files:
-            path = os.path.join(dirpath, f)
-            if f.endswith(".py") and os.path.relpath(path, PKG) not in TRAINER_MODULES:
-                with open(path, encoding="utf-8") as fh:
-                    found += [f"{os.path.relpath(path, PKG)}:{line}: {what}" for line, what in
-                              trainer_comparisons(fh.read(), names)]
+    sources = {os.path.relpath(path, PKG): path for path in modules().values()}  # every module of the package
+    found = [f"{rel}:{line}: {what}" for rel, path in sorted(sources.items()) if rel not in TRAINER_MODULES
+             for line, what in trainer_comparisons(open(path, encoding="utf-8").read(), names)]
     assert not found, f"trainers told apart by name outside their modules (add a Trainer hook instead): {found}"
 
 
