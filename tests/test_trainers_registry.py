@@ -15,7 +15,7 @@ from test_layout import PKG, modules
 import dali_lens
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import load_ensemble
-from dali_lens.trainers import (TRAINERS, Trainer, get_trainer, register_trainer, trainer_names,
+from dali_lens.trainers import (TRAINERS, Trainer, get_trainer, register_trainer, run, trainer_names,
                                 unregister_trainer)
 from dali_lens.trainers.config import TrainConfig, add_arguments
 from dali_lens.trainers.members import MemberSpec, load_member_state, make_member, member_state
@@ -97,7 +97,7 @@ def test_the_comparison_finder_sees_planted_lines():
 
 # ============================================================================================ the registry
 
-def test_the_built_in_trainers_are_registered_and_are_choices():
+def test_the_built_in_trainers_are_registered_and_are_choices(tmp_path):
     assert trainer_names()[:3] == BUILT_IN and all(isinstance(TRAINERS[n], Trainer) for n in BUILT_IN)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -106,6 +106,9 @@ def test_the_built_in_trainers_are_registered_and_are_choices():
         parser.parse_args(["--trainer", "nope"])
     with pytest.raises(ValueError, match="unknown trainer 'nope'"):
         get_trainer("nope")
+    with pytest.raises(ValueError, match="unknown trainer 'nope': choose from single, multiscale, ensemble"):
+        run(TrainConfig(trainer="nope", out=str(tmp_path / "run")))  # (a KeyError before the registry)
+    assert not os.path.exists(tmp_path / "run")
     with pytest.raises(TypeError, match="needs a Trainer"):
         register_trainer("broken", object())
 

@@ -2,7 +2,7 @@
 
 One loader decodes each image once and produces every member's scale; each member has its own optimizer.
 Fusion at evaluation: mean probability, mean logit, or temperature-scaled logits (fitted on validation, after
-training: :meth:`Ensemble.after_fit`).
+training: :meth:`EnsembleTrainer.after_fit`).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .base import Trainer
 from .members import MemberSpec
 
 
-class Ensemble(Trainer):
+class EnsembleTrainer(Trainer):
     def member_specs(self, cfg) -> list[MemberSpec]:
         specs = [MemberSpec.parse(t) for t in str(cfg.members).split(",") if t.strip()]
         if len(specs) < 2:
@@ -43,4 +43,4 @@ def fit_temperatures(members, val_loader, cfg, device, say) -> dict:
     return temperatures
 
 
-TRAINER = Ensemble()
+TRAINER = EnsembleTrainer()

@@ -37,7 +37,7 @@ def consistency_loss(logits: list[torch.Tensor], kind: str) -> torch.Tensor:
     return torch.stack(losses).mean() if losses else logits[0].new_zeros(())
 
 
-class Multiscale(Trainer):
+class MultiscaleTrainer(Trainer):
     def member_specs(self, cfg) -> list[MemberSpec]:
         scales = tuple(sorted(cfg.scale_list))
         if len(scales) < 2:
@@ -59,4 +59,4 @@ class Multiscale(Trainer):
         return lambda logits, k, labels: cfg.consistency_weight * consistency_loss(logits, cfg.consistency)
 
 
-TRAINER = Multiscale()
+TRAINER = MultiscaleTrainer()

@@ -5,9 +5,9 @@ from .base import Trainer
 from .members import MemberSpec
 
 
-class Single(Trainer):
+class SingleTrainer(Trainer):
     def member_specs(self, cfg) -> list[MemberSpec]:
         return [MemberSpec(cfg.arch, (cfg.img_size,), cfg.seed)]
 
 
-TRAINER = Single()
+TRAINER = SingleTrainer()
