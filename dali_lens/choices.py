@@ -4,7 +4,8 @@ The commands' argparse (``choices=``, through ``cli.py`` and ``trainers/config.p
 checks (``build_loader``, ``LoaderOptions``, ``Ensemble.probabilities``, ``build_model``) read these tuples,
 so an option value is accepted or refused in the same way whichever door it comes in through. The modules
 that own each idea re-export their tuple (``dali_lens.BACKENDS``, ``pipelines.options.DTYPES``,
-``inference.FUSIONS``, ``models.STEMS``, ``trainers.TRAINERS``). A leaf module: it imports nothing.
+``inference.FUSIONS``, ``models.STEMS``). The trainers (``--trainer``) are a registry instead, whose table
+``trainers.TRAINERS`` is the option's choices. A leaf module: it imports nothing.
 """
 
 #: loaders (``--backend``): auto picks DALI on a GPU, else DALI CPU, else torchvision (``resolve_backend``)
@@ -21,8 +22,6 @@ NORMS = ("stats", "none")
 FUSIONS = ("mean_prob", "mean_logit", "temperature")
 #: ResNet stems (``--stem``): auto (small for img_size <= 96), imagenet (7x7 stride 2 + max-pool), small (3x3, stride 1)
 STEMS = ("auto", "imagenet", "small")
-#: trainers (``--trainer``)
-TRAINERS = ("single", "multiscale", "ensemble")
 #: multiscale scale schedule (``--schedule``)
 SCALE_SCHEDULES = ("all", "progressive")
 #: multiscale consistency loss between scales (``--consistency``)

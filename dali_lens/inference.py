@@ -168,7 +168,7 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
             first = ck
         else:
             _check_same_input(path, ck, paths[0], first)
-        if len(ck.members) > 1 or ck.config.get("trainer") == "ensemble":
+        if len(ck.members) > 1:  # the run's --fusion combined its members (whatever trainer made them)
             fusions.append(ck.config.get("fusion", "mean_prob"))
         members += [_rebuild_member(path, ck, ms, device) for ms in ck.members]
         del ck

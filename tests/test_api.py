@@ -28,12 +28,13 @@ def test_public_surface_is_small_and_documented():
 
 def test_extending_examples_run(tmp_path, monkeypatch):
     blocks = code_blocks("docs/extending.md", "docs-test")
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     monkeypatch.chdir(tmp_path)
     scope = {"__name__": "__docs__"}
     for block in blocks:
         exec(compile(block, "docs/extending.md", "exec"), scope)
     assert os.path.exists(tmp_path / "noisy-run" / "metrics.json")
+    assert os.path.exists(tmp_path / "seeds-run" / "best.pt") and os.path.exists(tmp_path / "seeds-scores.csv")
 
 
 def test_unknown_batch_transform_is_a_clear_error(make_dataset):

@@ -199,7 +199,7 @@ def test_micro_batches_give_the_whole_batch_update(consistency, bound):
     results = []
     for options in ({}, bound):  # micro-batch 3 does not divide 10: chunks of 3, 3, 3, 1
         m = member()
-        cfg = TrainConfig(consistency=consistency, consistency_weight=0.5, **options)
+        cfg = TrainConfig(trainer="multiscale", consistency=consistency, consistency_weight=0.5, **options)
         stats = train_epoch([m], [batch], cfg, torch.device("cpu"), 0, show_progress=False)
         results.append((stats["loss"]["m"], [p.detach().clone() for p in m.model.parameters()]))
         chunks = stats["chunk_sizes"]["m"]

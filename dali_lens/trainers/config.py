@@ -9,8 +9,9 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, DTYPES, FUSIONS, LR_SCHEDULES, NORMS, RESIZE_MODES,
-                       SCALE_SCHEDULES, SCALINGS, STEMS, TRAINERS)
+                       SCALE_SCHEDULES, SCALINGS, STEMS)
 from ..data.dataset import parse_hdus
+from .base import TRAINERS
 
 
 def parse_mask_value(text) -> float | str | None:
@@ -84,8 +85,9 @@ class TrainConfig:
     tta: bool = _f(False, "evaluate with the mean over the 8 rotations/flips (test-time augmentation)")
     # model and trainer
     trainer: str = _f("single", "single: one model, one scale; multiscale: one model on several scales; "
-                                "ensemble: several members, each its own architecture/scale/seed",
-                      choices=TRAINERS)
+                                "ensemble: several members, each its own architecture/scale/seed; or a trainer "
+                                "added with dali_lens.trainers.register_trainer",
+                      choices=TRAINERS.keys())  # the registry's live names: one registered later is a choice too
     arch: str = _f("small_cnn", "single/multiscale model: small_cnn, resnet18, resnet34, vit_tiny, vit_b_16")
     img_size: int = _f(64, "single trainer: input size in pixels (images are resized on the loader's device)")
     stem: str = _f("auto", "ResNets: auto (the small-input stem, 3x3 stride 1 without max-pool, for inputs <= 96 "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..scoring import autocast, member_logits, to_model
+from .base import get_trainer
 from .budget import budget_bytes, chunk_size, saved_bytes_per_sample
 
 
@@ -22,33 +23,12 @@ def dist_info() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def consistency_loss(logits: list[torch.Tensor], kind: str) -> torch.Tensor:
-    """Per-sample agreement between the lens probabilities at different scales (not a batch softmax).
-
-    Each scale is pulled toward the mean of the *other* scales' probabilities, which are detached, so every
-    scale's backward pass is independent and the step's memory stays bounded by one scale at a time.
-    ``kl``: symmetric Bernoulli KL; ``mse``: squared difference of probabilities.
-    """
-    probs = [torch.sigmoid(z.float()) for z in logits]
-    losses = []
-    for i, p in enumerate(probs):
-        others = [q.detach() for j, q in enumerate(probs) if j != i]
-        if not others:
-            continue
-        target = torch.stack(others).mean(0).clamp(1e-6, 1 - 1e-6)
-        pc = p.clamp(1e-6, 1 - 1e-6)
-        if kind == "mse":
-            losses.append(((pc - target) ** 2).mean())
-        else:
-            kl_pt = pc * (pc / target).log() + (1 - pc) * ((1 - pc) / (1 - target)).log()
-            kl_tp = target * (target / pc).log() + (1 - target) * ((1 - target) / (1 - pc)).log()
-            losses.append((0.5 * (kl_pt + kl_tp)).mean())
-    return torch.stack(losses).mean() if losses else logits[0].new_zeros(())
-
-
 def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_scales=None,
-                on_step=None, show_progress: bool = True) -> dict:
-    """One pass over ``loader``; each member sees its own scales. Returns mean loss per member."""
+                on_step=None, show_progress: bool = True, trainer=None) -> dict:
+    """One pass over ``loader``; each member sees its own scales. Returns mean loss per member.
+
+    ``trainer`` (default: ``cfg.trainer``'s) may add a loss term (``base.Trainer.extra_loss``)."""
+    trainer = trainer if trainer is not None else get_trainer(cfg.trainer)
     for m in members:
         m.model.train()
     amp = cfg.amp_dtype(device)
@@ -67,11 +47,12 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
             m.optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
             # memory-bounded: one scale's graph at a time and, with --micro-batch or --memory-budget, at most
-            # that many samples of it; the consistency term uses detached partners
+            # that many samples of it; the trainer's extra term sees the other scales as detached partners
             chunks = {s: chunker(m, s, batch["image"][s]) for s in scales}
+            term = trainer.extra_loss(cfg, tuple(scales))
             with torch.no_grad(), autocast(device, amp):
                 partner = ([torch.cat([m.model(_to(batch["image"][s][c], device, cfg, norm)).float() for c in chunks[s]])
-                            for s in scales] if cfg.consistency != "none" and len(scales) > 1 else None)
+                            for s in scales] if term is not None and len(scales) > 1 else None)
             passes = [(k, s, c) for k, s in enumerate(scales) for c in chunks[s]]
             for n, (k, s, c) in enumerate(passes):
                 yc = y[c]
@@ -83,9 +64,9 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
                     # each chunk's share of the batch mean: the accumulated gradient is the whole batch's
                     share = len(yc) / len(y) / len(scales)
                     loss = F.binary_cross_entropy_with_logits(z, yc) * share
-                    if partner is not None:
+                    if term is not None:
                         group = [z if j == k else partner[j][c] for j in range(len(scales))]
-                        loss = loss + cfg.consistency_weight * consistency_loss(group, cfg.consistency) * share
+                        loss = loss + term(group, k, yc) * share
                     if m.scaler is not None:
                         m.scaler.scale(loss).backward()
                     else:

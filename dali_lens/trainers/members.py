@@ -2,13 +2,12 @@
 
 The single-scale trainer trains one member on one scale, the multi-scale trainer one member on several
 scales, the ensemble trainer several members each on its own scale. All of them read one loader that
-produces the union of the scales from a single decode.
+produces the union of the scales from a single decode. What tells the trainers apart is ``base.Trainer``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
 
 import torch
 
@@ -39,14 +38,6 @@ class MemberSpec:
         return cls(parts[0], (int(parts[1]),), int(parts[2]) if len(parts) == 3 else 0)
 
 
-class Trainer(NamedTuple):
-    """What tells the trainers apart (``single.py``, ``multiscale.py``, ``ensemble.py``): their members, and
-    which scales train in an epoch."""
-
-    member_specs: Callable[..., list[MemberSpec]]
-    active_scales: Callable[..., tuple[int, ...]]
-
-
 @dataclass
 class Member:
     spec: MemberSpec
@@ -55,7 +46,6 @@ class Member:
     scheduler: object
     scaler: torch.amp.GradScaler | None
     temperature: float = 1.0
-    history: list = field(default_factory=list)
     saved_bytes: dict = field(default_factory=dict)  # --memory-budget: bytes kept for backward per sample, by scale
 
     @property
@@ -92,9 +82,11 @@ def make_member(spec: MemberSpec, in_chans: int, cfg, steps_per_epoch: int, devi
 
 
 def member_state(m: Member) -> dict:
+    """What a checkpoint keeps of a member. (Checkpoints before #23 also hold a ``history`` list per member,
+    always empty: the run's history is ``Checkpoint.history``; it is ignored when read.)"""
     return {"spec": vars(m.spec).copy(), "model": m.core.state_dict(), "optimizer": m.optimizer.state_dict(),
             "scheduler": m.scheduler.state_dict(), "scaler": m.scaler.state_dict() if m.scaler else None,
-            "temperature": m.temperature, "history": m.history}
+            "temperature": m.temperature}
 
 
 def load_member_state(m: Member, state: dict, weights_only: bool = False) -> None:
@@ -106,4 +98,3 @@ def load_member_state(m: Member, state: dict, weights_only: bool = False) -> Non
     m.scheduler.load_state_dict(state["scheduler"])
     if m.scaler is not None and state.get("scaler"):
         m.scaler.load_state_dict(state["scaler"])
-    m.history = list(state.get("history", []))

@@ -1,7 +1,8 @@
 """Run a training job: data -> loaders -> members -> epochs -> checkpoints -> test metrics and outputs.
 
-The three trainers differ only in their members and which scales are active in an epoch
-(``single.py``, ``multiscale.py``, ``ensemble.py``); this module is the loop around them.
+The trainers (``base.Trainer``: ``single.py``, ``multiscale.py``, ``ensemble.py`` and any registered one) differ
+only in their hooks: members, the scales active in an epoch, an extra loss term, an after-fit step, the run's
+default name. This module is the loop around them, and never asks a trainer's name.
 """
 from __future__ import annotations
 
@@ -24,14 +25,12 @@ from ..pipelines.options import AUTO_K, LoaderOptions
 from ..scoring import fuse, sigmoid
 from .budget import parse_budget
 from .checkpoint import Checkpoint, PixelSettings
+from .base import Trainer, get_trainer
 from .config import TrainConfig, parse_mask_value
-from .ensemble import TRAINER as ENSEMBLE
 from .loop import dist_info, predict, train_epoch
-from .members import Trainer, load_member_state, make_member, member_state
-from .multiscale import TRAINER as MULTISCALE
+from .members import load_member_state, make_member, member_state
 from .outputs import write_outputs
 from .rundir import RunDir, check_resume_config
-from .single import TRAINER as SINGLE
 
 DEFAULT_N = 4000
 DEFAULT_SIZE = 64
@@ -70,14 +69,8 @@ def default_dataset(log=print) -> str:
     return root
 
 
-def trainer_module(name: str) -> Trainer:
-    """``--trainer``: what ``single.py``, ``multiscale.py`` or ``ensemble.py`` make of the run."""
-    return {"single": SINGLE, "multiscale": MULTISCALE, "ensemble": ENSEMBLE}[name]
-
-
-def _out_dir(cfg: TrainConfig) -> str:
-    out = cfg.out or os.path.join("runs", f"{cfg.trainer}-{cfg.arch if cfg.trainer != 'ensemble' else 'ensemble'}-"
-                                          f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
+def _out_dir(cfg: TrainConfig, kind: Trainer) -> str:
+    out = cfg.out or os.path.join("runs", f"{kind.run_name(cfg)}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     return os.path.abspath(out)
 
 
@@ -107,13 +100,13 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     rank, world, _ = dist_info()
     is_main = rank == 0
     say = log if is_main else (lambda *a, **k: None)
-    kind = trainer_module(cfg.trainer)
+    kind = get_trainer(cfg.trainer)
     specs = kind.member_specs(cfg)
     parse_budget(cfg.memory_budget)  # a bad value fails here, before any data is touched
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    out = _out_dir(cfg)
+    out = _out_dir(cfg, kind)
     resume = rundir.claim(out, cfg.resume, is_main, world, say)
     cfg, data_root, splits, config_extra = _prepare_data(cfg, out, resume, world, say)
     backend = resolve_backend(cfg.backend, splits["train"])
@@ -149,9 +142,8 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
             dist.barrier()
         for m, ms in zip(job.members, Checkpoint.load(job.best, map_location=device).members):
             load_member_state(m, ms, weights_only=True)  # (the optimizer states are not kept through evaluation)
-    temperatures = None
-    if cfg.trainer == "ensemble" and cfg.fusion == "temperature" and val_loader is not None:
-        temperatures = _fit_temperatures(job.members, val_loader, cfg, device, say)
+    temperatures = kind.after_fit(cfg, job.members, val_loader, device, say)  # e.g. the ensemble's temperatures
+    if temperatures is not None:
         job.save(job.best, best_epoch(job.ck.history))
     val_loader = None
     gc.collect()
@@ -216,7 +208,7 @@ def _train(job: _Job, kind: Trainer, active: tuple, val_loader, select: str) -> 
                 job.save(job.last, epoch, job.train_loader.state_dict())
 
         stats = train_epoch(job.members, job.train_loader, cfg, job.device, epoch, active_scales=active,
-                            on_step=on_step, show_progress=job.show_progress)
+                            on_step=on_step, show_progress=job.show_progress, trainer=kind)
         chunks_said = _note_chunks(stats, cfg.batch_size, chunks_said, job.say)
         if _end_epoch(job, epoch, stats, val_loader, select):
             break
@@ -349,18 +341,6 @@ def _note_chunks(stats: dict, batch_size: int, said: dict, say) -> dict:
             + _chunk_note(split, stats["saved_bytes_per_sample"]))
         return split
     return said
-
-
-def _fit_temperatures(members, val_loader, cfg: TrainConfig, device, say) -> dict:
-    """``--fusion temperature``: each member's temperature, fitted on the validation split and set on it."""
-    from ..metrics import fit_temperature
-
-    _, y, logits = predict(members, val_loader, cfg, device, desc="calibrate", show_progress=False)
-    temperatures = {k: float(fit_temperature(z, y)) for k, z in logits.items()}
-    for m in members:
-        m.temperature = temperatures[m.spec.name]
-    say("fitted temperatures: " + ", ".join(f"{k} {v:.3f}" for k, v in temperatures.items()))
-    return temperatures
 
 
 def _chunk_note(split: dict, saved: dict) -> str:

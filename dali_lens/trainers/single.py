@@ -1,15 +1,13 @@
 """Single-scale trainer: one model at ``--img-size``."""
 from __future__ import annotations
 
-from .members import MemberSpec, Trainer
+from .base import Trainer
+from .members import MemberSpec
 
 
-def member_specs(cfg) -> list[MemberSpec]:
-    return [MemberSpec(cfg.arch, (cfg.img_size,), cfg.seed)]
+class SingleTrainer(Trainer):
+    def member_specs(self, cfg) -> list[MemberSpec]:
+        return [MemberSpec(cfg.arch, (cfg.img_size,), cfg.seed)]
 
 
-def active_scales(cfg, epoch: int) -> tuple[int, ...]:
-    return (cfg.img_size,)
-
-
-TRAINER = Trainer(member_specs, active_scales)
+TRAINER = SingleTrainer()
