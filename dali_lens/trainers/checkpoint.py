@@ -15,6 +15,11 @@ Versions (``version`` in the file):
   dali-lens before #16 reads these files the same way.
 
 :meth:`Checkpoint.load` reads both, and refuses a newer version with a message naming the file.
+
+Either version holds tensors and plain data only (dicts, lists, tuples, strings, numbers, booleans, None), and
+is read with ``weights_only=True`` (``data.io.load_torch_plain``): a file that holds any other object is refused
+by name, and nothing in it runs. :meth:`Checkpoint.to_dict` writes plain data only (numpy scalars become
+Python numbers; any other object is a ``TypeError`` before anything is written).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.dataset import parse_hdus
-from ..data.io import atomic_save_torch
+from ..data.io import atomic_save_torch, load_torch_plain
 from ..pipelines.options import PixelOptions
 
 VERSION = 2
@@ -44,6 +49,35 @@ def _floats(v) -> tuple[float, ...] | None:
 def _mask(value) -> float | None:
     """A config's mask value; ``auto`` that no trainer resolved (a config built by hand) masks nothing."""
     return None if value in (None, "auto", "none") else float(value)
+
+
+def _plain(value, where: str = "checkpoint"):
+    """``value`` as the plain data a ``weights_only`` load reads back: dicts, lists, tuples, strings, numbers,
+    booleans, None, tensors (and ``torch.dtype``/``torch.device``). numpy scalars and arrays become Python
+    numbers and tensors, enums their values, subclasses of the plain types (``OrderedDict``, ``torch.Size``, named
+    tuples) the plain types. Anything else is a ``TypeError`` naming where it is."""
+    import enum
+
+    import numpy as np
+
+    if value is None or isinstance(value, (torch.Tensor, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, where)
+    if isinstance(value, np.generic):
+        return _plain(value.item(), where)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    for plain in (bool, int, float, str):  # (bool first: it is an int)
+        if isinstance(value, plain):
+            return plain(value)
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where}: {type(value).__module__}.{type(value).__qualname__} is not plain data, which "
+                    "checkpoints are limited to")
 
 
 @dataclass
@@ -111,11 +145,11 @@ class Checkpoint:
 
     def to_dict(self) -> dict:
         p = self.pixels
-        return {"version": VERSION, "members": self.members, "epoch": self.epoch, "best_auc": self.best_auc,
-                "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
-                "config": self.config, "bands": self.bands, "pixels": p.to_dict(),
-                # version 1's keys, for dali-lens before #16
-                "norm": {"mean": p.mean, "std": p.std, "noise_sigma": p.noise_sigma}, "kind": p.kind}
+        return _plain({"version": VERSION, "members": self.members, "epoch": self.epoch, "best_auc": self.best_auc,
+                       "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
+                       "config": self.config, "bands": self.bands, "pixels": p.to_dict(),
+                       # version 1's keys, for dali-lens before #16
+                       "norm": {"mean": p.mean, "std": p.std, "noise_sigma": p.noise_sigma}, "kind": p.kind})
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a checkpoint is never left half-written."""
@@ -151,8 +185,7 @@ class Checkpoint:
         if os.path.getsize(path) == 0:
             raise CheckpointError(f"{path}: empty checkpoint file (0 bytes)")
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # corrupt, truncated, not a torch file
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:200]})") from None
+            state = load_torch_plain(path, map_location)  # tensors and plain data only: nothing in the file runs
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
         return cls.from_dict(state, path)
