@@ -162,9 +162,12 @@ def load_torch_plain(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         if found:
             raise ValueError(f"{path}: refused: it holds a Python object ({found.group(1)}), not only tensors and "
                              "plain data; dali-lens never unpickles objects from a file (that can run code)") from None
+        op = re.search(r"Unsupported operand (\d+)", text)
+        if op:  # a bare pickle, or no pickle at all: the restricted unpickler stopped at its first steps
+            raise ValueError(f"{path}: refused: not a PyTorch file of tensors and plain data (pickle opcode "
+                             f"{op.group(1)}, which such a file never holds); nothing in it was run") from None
         if "WeightsUnpickler error:" in text:  # the restricted unpickler stopped at something else
-            rest = text.split("WeightsUnpickler error:", 1)[1]
-            text = "not allowed: " + next((ln.strip() for ln in rest.splitlines() if ln.strip()), "?")
+            text = text.split("WeightsUnpickler error:", 1)[1]
         detail = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
         raise ValueError(f"{path}: not a readable PyTorch file of tensors and plain data ({detail[:200]})") from None
 
