@@ -4,7 +4,8 @@ A payload (an object whose ``__reduce__`` creates a marker file when unpickled) 
 otherwise valid ``best.pt``/``last.pt`` of a real training run, (b) as a bare pickle saved as the checkpoint, and
 (c) in a ``--weights``-style state-dict file. predict, evaluate, ``train --resume`` and ``train --weights`` are
 given each: the marker is never created, the command exits 2 with one ``error:`` line naming the file, and
-prints no traceback. The old version-1 run (``tests/data/v1_run``) still loads through the same safe path.
+prints no traceback. A checkpoint of plain data with entries of the wrong type or shape is one such line too.
+The old version-1 run (``tests/data/v1_run``) still loads through the same safe path.
 """
 from __future__ import annotations
 
@@ -99,6 +100,53 @@ def test_planted_payload_never_runs(trained, tmp_path, capfd, cmd, kind):
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and target in errors[0], err
     assert "Traceback" not in err, err
+
+
+def _first_weight(s):
+    model = s["members"][0]["model"]
+    return model, next(iter(model))
+
+
+DAMAGES = {  # plain data only, so the safe reader takes them; each was a traceback (or a silent resume) before
+    "weights_not_a_dict": lambda s: s["members"][0].update(model="x"),
+    "weight_not_a_tensor": lambda s: (lambda m, k: m.update({k: 3}))(*_first_weight(s)),
+    "weight_of_another_shape": lambda s: (lambda m, k: m.update({k: torch.zeros(1)}))(*_first_weight(s)),
+    "bands_not_a_count": lambda s: s.update(bands="x"),
+    "unknown_pixel_setting": lambda s: s["pixels"].update(evil=1),
+    "bad_scaling": lambda s: s["pixels"].update(scaling=5),
+    "config_not_a_dict": lambda s: s.update(config=[1]),
+    "config_seed_not_a_number": lambda s: s["config"].update(seed=[1]),
+    "config_val_fraction_not_a_number": lambda s: s["config"].update(val_fraction="x"),
+    "temperature_not_a_number": lambda s: s["members"][0].update(temperature="hot"),
+    "loader_not_a_dict": lambda s: s.update(loader="x"),
+    "epoch_not_a_count": lambda s: s.update(epoch="x"),
+    "optimizer_of_another_model": lambda s: s["members"][0]["optimizer"].update(param_groups=[]),
+    "one_member_too_many": lambda s: s["members"].append(s["members"][0]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("cmd", ["predict", "resume"])
+def test_damaged_checkpoint_is_one_error_line(trained, tmp_path, capfd, cmd, damage):
+    """A checkpoint of plain data with entries of the wrong type or shape: one line naming it, exit 2 (predict
+    reads best.pt, --resume last.pt; a member too many only matters to --resume, which would drop it)."""
+    from dali_lens import predict, train
+
+    data, src = trained
+    run = str(tmp_path / "run")
+    shutil.copytree(src, run)
+    argv, target = _command(cmd, data, run, tmp_path)
+    state = torch.load(target, weights_only=True)
+    DAMAGES[damage](state)
+    torch.save(state, target)
+    capfd.readouterr()
+    rc = (predict.main if cmd == "predict" else train.main)(argv)
+    err = capfd.readouterr().err
+    if cmd == "predict" and damage in ("optimizer_of_another_model", "one_member_too_many"):
+        assert rc == 0, err  # predict needs no optimizer; two members are an ensemble
+        return
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and target in errors[0] and "Traceback" not in err, err
 
 
 def test_loader_refuses_objects_and_reads_plain_data(tmp_path):

@@ -31,7 +31,7 @@ import torch
 
 from ..data.dataset import parse_hdus
 from ..data.io import atomic_save_torch, load_torch_plain
-from ..pipelines.options import PixelOptions
+from ..pipelines.options import LoaderOptions, PixelOptions
 
 VERSION = 2
 
@@ -78,6 +78,64 @@ def _plain(value, where: str = "checkpoint"):
         return items if isinstance(value, list) else tuple(items)
     raise TypeError(f"{where}: {type(value).__module__}.{type(value).__qualname__} is not plain data, which "
                     "checkpoints are limited to")
+
+
+def _count(v, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shape_problem(state: dict) -> str | None:
+    """What is wrong with the types of a loaded checkpoint's entries (None: nothing), so that a crafted or
+    damaged file stops with one line naming it instead of failing deep inside predict or ``--resume``."""
+    for i, ms in enumerate(state["members"]):
+        where = f"member {i}"
+        if not isinstance(ms["spec"], dict):
+            return f"{where}: spec is not a dict"
+        model = ms["model"]
+        if not isinstance(model, dict):
+            return f"{where}: weights are not a state dict"
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+            return f"{where}: weights hold entries other than named tensors"
+        for key in ("optimizer", "scheduler"):
+            if key in ms and not isinstance(ms[key], dict):
+                return f"{where}: {key} state is not a dict"
+        if ms.get("scaler") is not None and not isinstance(ms["scaler"], dict):
+            return f"{where}: scaler state is not a dict"
+        if ms.get("temperature") is not None and not _number(ms["temperature"]):
+            return f"{where}: temperature is not a number"
+        if not isinstance(ms.get("history", []), list):
+            return f"{where}: history is not a list"
+    if not _count(state["bands"], 1):
+        return f"bands = {state['bands']!r}, not a positive integer"
+    config = state.get("config") or {}
+    if not isinstance(config, dict):
+        return "config is not a dict"
+    def text(v): return isinstance(v, str)
+    def flag(v): return isinstance(v, bool)
+    def integer(v): return _count(v, -2**63)
+
+    for key, ok in (("val_fraction", _number), ("seed", integer), ("channels_last", flag), ("trainer", text),
+                    ("fusion", text), ("stem", text), ("amp", text)):  # (what predict and evaluate read from it)
+        if config.get(key) is not None and not ok(config[key]):
+            return f"config {key} = {config[key]!r}"
+    for key in ("epoch", "bad_epochs"):
+        if not _count(state.get(key, 0)):
+            return f"{key} = {state[key]!r}, not a count"
+    if not _number(state.get("best_auc", 0.0)):
+        return "best_auc is not a number"
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        return "history is not a list of epochs"
+    loader = state.get("loader")
+    if loader is not None:
+        if not isinstance(loader, dict) or not _count(loader.get("epoch")) or \
+                not _count(loader.get("batches_done", 0)) or not isinstance(loader.get("dali", ""), str):
+            return "the loader's position is not an epoch, a step count and a DALI checkpoint"
+    return None
 
 
 @dataclass
@@ -161,7 +219,9 @@ class Checkpoint:
         if not isinstance(state, dict) or not isinstance(state.get("members"), list) or not state["members"]:
             raise CheckpointError(f"{path}: not a dali-lens training checkpoint (no 'members' list)")
         version = state.get("version", 1)
-        if not isinstance(version, int) or version > VERSION:
+        if not _count(version, 1):
+            raise CheckpointError(f"{path}: not a valid dali-lens checkpoint (version {version!r})")
+        if version > VERSION:
             raise CheckpointError(f"{path}: checkpoint version {version!r} was written by a newer dali-lens (this "
                                   f"one reads versions up to {VERSION}); upgrade dali-lens to use it")
         for ms in state["members"]:
@@ -171,8 +231,16 @@ class Checkpoint:
             raise CheckpointError(f"{path}: checkpoint does not record the number of bands")
         if version >= 2 and not isinstance(state.get("pixels"), dict):
             raise CheckpointError(f"{path}: checkpoint version {version} without its pixel settings")
-        pixels = PixelSettings(**state["pixels"]) if version >= 2 else PixelSettings.from_v1(state)
-        return cls(members=state["members"], bands=int(state["bands"]), pixels=pixels,
+        problem = _shape_problem(state)
+        if problem:
+            raise CheckpointError(f"{path}: not a valid dali-lens checkpoint ({problem})")
+        try:
+            pixels = PixelSettings(**state["pixels"]) if version >= 2 else PixelSettings.from_v1(state)
+            LoaderOptions(**pixels.for_inference().pixel_fields())  # (the loader's own checks of each setting)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: not a valid dali-lens checkpoint (pixel settings: "
+                                  f"{str(exc).strip()[:200]})") from None
+        return cls(members=state["members"], bands=state["bands"], pixels=pixels,
                    config=state.get("config") or {}, epoch=state.get("epoch", 0),
                    best_auc=state.get("best_auc", float("-inf")), bad_epochs=state.get("bad_epochs", 0),
                    history=state.get("history", []), loader=state.get("loader"), version=version)
