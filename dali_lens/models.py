@@ -31,7 +31,8 @@ Weights
 under ``'model'``, ``'state_dict'`` or ``'model_state_dict'`` (``module.`` / ``_orig_mod.`` prefixes from
 DataParallel / ``torch.compile`` are stripped). The file is read with ``weights_only=True`` and nothing else:
 a file holding any object besides tensors and plain data (a pickled module, an ``argparse.Namespace``...) is
-refused with a ``ValueError`` naming it, and nothing in it runs; save ``model.state_dict()`` instead.  Differences are reconciled by ``load_weights``:
+refused with a ``ValueError`` naming it, and nothing in it runs; save ``model.state_dict()`` instead.
+Differences are reconciled by ``load_weights``:
 
 * first conv with another band count: adapted by ``adapt_input_conv`` (average the source kernels over
   their input channels and repeat for ``in_chans``, rescaled so identical bands give the same activation);

@@ -164,7 +164,8 @@ def test_loader_refuses_objects_and_reads_plain_data(tmp_path):
     with pytest.raises(ValueError, match=r"ns\.pt: refused: it holds a Python object \(argparse\.Namespace\)"):
         load_torch_plain(tmp_path / "ns.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint\n" * 4)
-    with pytest.raises(ValueError, match=r"junk\.pt: refused: not a PyTorch file of tensors and plain data \(pickle opcode"):
+    with pytest.raises(ValueError,
+                       match=r"junk\.pt: refused: not a PyTorch file of tensors and plain data \(pickle opcode"):
         load_torch_plain(tmp_path / "junk.pt")
 
 
@@ -173,7 +174,9 @@ def test_writer_stores_plain_data_only(trained, tmp_path):
     reader takes the file; an object that is no plain data is refused before anything is written."""
     ck = Checkpoint.load(os.path.join(trained[1], "best.pt"))
     ck.history = [{"epoch": np.int64(1), "val_auc": np.float64(0.75), "probs": np.array([0.5, 0.25])}]
+    ck.loader = {"backend": "dali-cpu", "epoch": 1, "batches_done": 2, "dali": b"\x00DALI"}  # (DALI's are bytes)
     ck.save(tmp_path / "np.pt")
+    assert Checkpoint.load(tmp_path / "np.pt").loader == ck.loader
     back = torch.load(tmp_path / "np.pt", weights_only=True)["history"][0]
     assert type(back["epoch"]) is int and type(back["val_auc"]) is float and back["val_auc"] == 0.75
     assert torch.equal(back["probs"], torch.tensor([0.5, 0.25], dtype=torch.float64))

@@ -138,7 +138,7 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike, *, fsync: bool = True) 
 
 
 def load_torch_plain(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load`` of tensors and plain data only (dicts, lists, tuples, strings, numbers, None): no code in
+    """``torch.load`` of tensors and plain data only (dicts, lists, tuples, strings, bytes, numbers, None): no code in
     the file ever runs. ``weights_only=True`` refuses every other object before building it (PyTorch's
     restricted unpickler), and there is no fallback to full unpickling. Raises ``ValueError`` naming ``path``
     when the file holds anything else, is not a PyTorch file, or is unreadable (``FileNotFoundError`` /

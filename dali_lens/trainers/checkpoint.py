@@ -16,7 +16,8 @@ Versions (``version`` in the file):
 
 :meth:`Checkpoint.load` reads both, and refuses a newer version with a message naming the file.
 
-Either version holds tensors and plain data only (dicts, lists, tuples, strings, numbers, booleans, None), and
+Either version holds tensors and plain data only (dicts, lists, tuples, strings, bytes, numbers, booleans, None:
+DALI's loader checkpoint is bytes), and
 is read with ``weights_only=True`` (``data.io.load_torch_plain``): a file that holds any other object is refused
 by name, and nothing in it runs. :meth:`Checkpoint.to_dict` writes plain data only (numpy scalars become
 Python numbers; any other object is a ``TypeError`` before anything is written).
@@ -52,8 +53,8 @@ def _mask(value) -> float | None:
 
 
 def _plain(value, where: str = "checkpoint"):
-    """``value`` as the plain data a ``weights_only`` load reads back: dicts, lists, tuples, strings, numbers,
-    booleans, None, tensors (and ``torch.dtype``/``torch.device``). numpy scalars and arrays become Python
+    """``value`` as the plain data a ``weights_only`` load reads back: dicts, lists, tuples, strings, bytes,
+    numbers, booleans, None, tensors (and ``torch.dtype``/``torch.device``). numpy scalars and arrays become Python
     numbers and tensors, enums their values, subclasses of the plain types (``OrderedDict``, ``torch.Size``, named
     tuples) the plain types. Anything else is a ``TypeError`` naming where it is."""
     import enum
@@ -68,7 +69,7 @@ def _plain(value, where: str = "checkpoint"):
         return _plain(value.item(), where)
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
-    for plain in (bool, int, float, str):  # (bool first: it is an int)
+    for plain in (bool, int, float, str, bytes):  # (bool first: it is an int)
         if isinstance(value, plain):
             return plain(value)
     if isinstance(value, dict):
@@ -133,7 +134,7 @@ def _shape_problem(state: dict) -> str | None:
     loader = state.get("loader")
     if loader is not None:
         if not isinstance(loader, dict) or not _count(loader.get("epoch")) or \
-                not _count(loader.get("batches_done", 0)) or not isinstance(loader.get("dali", ""), str):
+                not _count(loader.get("batches_done", 0)) or not isinstance(loader.get("dali", ""), (str, bytes)):
             return "the loader's position is not an epoch, a step count and a DALI checkpoint"
     return None
 
