@@ -29,7 +29,10 @@ Weights
 -------
 ``weights=PATH`` loads a local file saved with ``torch.save``: a plain state dict, or a dict holding it
 under ``'model'``, ``'state_dict'`` or ``'model_state_dict'`` (``module.`` / ``_orig_mod.`` prefixes from
-DataParallel / ``torch.compile`` are stripped).  Differences are reconciled by ``load_weights``:
+DataParallel / ``torch.compile`` are stripped). The file is read with ``weights_only=True`` and nothing else:
+a file holding any object besides tensors and plain data (a pickled module, an ``argparse.Namespace``...) is
+refused with a ``ValueError`` naming it, and nothing in it runs; save ``model.state_dict()`` instead.
+Differences are reconciled by ``load_weights``:
 
 * first conv with another band count: adapted by ``adapt_input_conv`` (average the source kernels over
   their input channels and repeat for ``in_chans``, rescaled so identical bands give the same activation);
@@ -58,6 +61,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
 from .choices import STEMS
+from .data.io import load_torch_plain
 
 __all__ = ["ARCHS", "build_model", "load_weights", "adapt_input_conv", "SmallCNN"]
 
@@ -275,22 +279,10 @@ def _read_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a full training checkpoint with non-tensor objects
-        warnings.warn(
-            f"{path}: not loadable with weights_only=True ({type(exc).__name__}); loading it as a full "
-            "pickle -- only do this for files you trust",
-            stacklevel=3,
-        )
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
+    obj = load_torch_plain(path)  # tensors and plain data only: a file holding anything else is refused, unrun
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):
             inner = obj.get(key)
-            if isinstance(inner, nn.Module):
-                inner = inner.state_dict()
             if isinstance(inner, Mapping):
                 obj = inner
                 break

@@ -38,7 +38,7 @@ def old_run(tmp_path, monkeypatch):
 
 
 def test_fixture_is_a_version_1_checkpoint(old_run):
-    state = torch.load(old_run / "run" / "best.pt", weights_only=False)
+    state = torch.load(old_run / "run" / "best.pt", weights_only=True)
     assert "version" not in state and "pixels" not in state and {"config", "norm", "kind"} <= set(state)
 
 
@@ -78,7 +78,7 @@ def test_old_run_resumes_and_is_rewritten_in_the_current_version(old_run):
 
 
 def test_newer_version_is_refused_naming_the_file(old_run, capsys):
-    state = torch.load(old_run / "run" / "best.pt", weights_only=False)
+    state = torch.load(old_run / "run" / "best.pt", weights_only=True)
     state["version"] = VERSION + 1
     newer = old_run / "run" / "newer.pt"
     torch.save(state, newer)
@@ -103,7 +103,7 @@ def test_write_then_read_keeps_everything(tmp_path):
     back = Checkpoint.load(tmp_path / "c.pt")
     assert back == ck and back.pixels.hdus == (1, "G") and back.pixels.mask_value == 100.0
     # version 1's norm and kind are still written, so that dali-lens before #16 reads the file the same way
-    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["kind"] == "fits" and state["norm"] == {"mean": pixels.mean, "std": pixels.std,
                                                          "noise_sigma": pixels.noise_sigma}
 

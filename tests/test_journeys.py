@@ -156,7 +156,7 @@ def test_train_three_ragged_epochs_then_predict_and_evaluate(sources, kind, back
         assert json.load(open(os.path.join(out, "config.json")))["backend_resolved"] == "torchvision"
     if kind in ("challenge", "fits-bands"):  # the layout's sentinel is applied by default, and said
         assert "challenge layout recognised: pixels equal to 100 are masked" in said
-        assert torch.load(os.path.join(out, "best.pt"), weights_only=False)["config"]["mask_value"] == 100.0
+        assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["config"]["mask_value"] == 100.0
     split = "all" if kind in ("challenge", "fits-bands") else "test"
     data = dali_lens.describe(root)
     n = sum(len(d) for d in data.values()) if split == "all" else len(data["test"])
@@ -247,7 +247,7 @@ def test_checkpoints_without_a_noise_estimate_load_as_before(sources, tmp_path, 
     ens = load_ensemble(out)
     assert ens.scaling == "auto" and len(ens.noise_sigma) == 2
     assert loader_options(ens).noise_sigma == ens.noise_sigma
-    state = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     del state["version"], state["pixels"]  # a version-1 checkpoint (before #16): config, norm and kind
     del state["norm"]["noise_sigma"]
     state["config"]["scaling"] = "none"

@@ -118,15 +118,14 @@ def test_state_dict_round_trip(tmp_path, wrap):
     torch.testing.assert_close(_forward(dst, x), _forward(src, x))
 
 
-def test_full_checkpoint_with_non_tensor_objects(tmp_path):
+def test_weights_file_with_non_tensor_objects_is_refused_unrun(tmp_path):
     src = build_model("small_cnn", 2)
     path = tmp_path / "ckpt.pt"
-    # an arbitrary pickled object next to the weights: weights_only=True refuses it
+    # an arbitrary pickled object next to the weights: weights_only=True refuses it, and nothing falls back to
+    # full unpickling (which would build, and so could run, whatever the file names)
     torch.save({"model": src.state_dict(), "options": argparse.Namespace(lr=0.1)}, path)
-    with pytest.warns(UserWarning, match="weights_only"):
-        dst = build_model("small_cnn", 2, weights=path)
-    x = torch.randn(2, 2, 32, 32)
-    torch.testing.assert_close(_forward(dst, x), _forward(src, x))
+    with pytest.raises(ValueError, match=f"{path}: refused: it holds a Python object \\(argparse.Namespace\\)"):
+        build_model("small_cnn", 2, weights=path)
 
 
 def test_adapt_input_conv_formula():

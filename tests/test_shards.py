@@ -327,7 +327,7 @@ def test_train_on_packed_data(sets, tmp_path):
     run = str(tmp_path / "run")
     assert train_main(["--data-root", sets["npy"][1], "--epochs", "1", "--batch-size", "8", "--img-size", "32",
                        "--out", run, "--backend", "dali-cpu", "--workers", "1", "--no-progress"]) == 0
-    state = torch.load(os.path.join(run, "best.pt"), weights_only=False)
+    state = torch.load(os.path.join(run, "best.pt"), weights_only=True)
     assert state["kind"] == "npy" and state["bands"] == 3
     with open(os.path.join(run, "metrics.json")) as fh:
         assert json.load(fh)

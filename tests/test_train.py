@@ -41,7 +41,7 @@ def test_single_trainer_writes_every_output(lenses, tmp_path):
     rows = _rows(os.path.join(out, "predictions.csv"))
     assert len(rows) == 36 and len({r["file"] for r in rows}) == 36
     assert all(os.path.exists(r["file"]) and 0 <= float(r["score"]) <= 1 for r in rows)
-    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert {"members", "epoch", "config", "norm", "loader"} <= set(ckpt)
     assert {"model", "optimizer", "scheduler", "scaler"} <= set(ckpt["members"][0])
 
@@ -88,11 +88,11 @@ def test_resume_from_mid_epoch_checkpoint_matches_uninterrupted_run(lenses, tmp_
             run(TrainConfig(out=interrupted, **cfg))
     finally:
         runner.train_epoch = real
-    state = torch.load(os.path.join(interrupted, "last.pt"), weights_only=False)
+    state = torch.load(os.path.join(interrupted, "last.pt"), weights_only=True)
     assert state["epoch"] == 1 and state["loader"]["batches_done"] == 3
     run(TrainConfig(out=interrupted, resume=True, **cfg))
-    a = torch.load(os.path.join(straight, "last.pt"), weights_only=False)["members"][0]["model"]
-    b = torch.load(os.path.join(interrupted, "last.pt"), weights_only=False)["members"][0]["model"]
+    a = torch.load(os.path.join(straight, "last.pt"), weights_only=True)["members"][0]["model"]
+    b = torch.load(os.path.join(interrupted, "last.pt"), weights_only=True)["members"][0]["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 

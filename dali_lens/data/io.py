@@ -9,6 +9,9 @@ the temporary file is removed when possible and the target is untouched.
 ``fsync=True`` (the default) also makes the new content durable across a power loss / OS crash before the
 rename; bulk writers that create many small files (the synthetic dataset generator) may pass ``fsync=False``:
 the rename still guarantees that an interrupted *process* never leaves a truncated file.
+
+:func:`load_torch_plain` is the one reader of what :func:`atomic_save_torch` writes (checkpoints, ``--weights``
+files): tensors and plain data only, never an unpickled object.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_csv",
     "atomic_save_torch",
+    "load_torch_plain",
 ]
 
 _counter = itertools.count()
@@ -131,6 +135,41 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike, *, fsync: bool = True) 
 
     with atomic_open(path, "wb", fsync=fsync) as f:
         torch.save(obj, f)
+
+
+def load_torch_plain(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of tensors and plain data only (dicts, lists, tuples, strings, bytes, numbers, None): no code in
+    the file ever runs. ``weights_only=True`` refuses every other object before building it (PyTorch's
+    restricted unpickler), and there is no fallback to full unpickling. Raises ``ValueError`` naming ``path``
+    when the file holds anything else, is not a PyTorch file, or is unreadable (``FileNotFoundError`` /
+    ``PermissionError`` pass through).
+    """
+    import re
+    import warnings
+
+    import torch
+
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():  # (PyTorch's remarks on the pickle protocol of files it then reads)
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # pickle.UnpicklingError from the restricted unpickler, zip/EOF errors, ...
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise ValueError(f"{path}: refused: it holds a Python object ({found.group(1)}), not only tensors and "
+                             "plain data; dali-lens never unpickles objects from a file (that can run code)") from None
+        op = re.search(r"Unsupported operand (\d+)", text)
+        if op:  # a bare pickle, or no pickle at all: the restricted unpickler stopped at its first steps
+            raise ValueError(f"{path}: refused: not a PyTorch file of tensors and plain data (pickle opcode "
+                             f"{op.group(1)}, which such a file never holds); nothing in it was run") from None
+        if "WeightsUnpickler error:" in text:  # the restricted unpickler stopped at something else
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        detail = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+        raise ValueError(f"{path}: not a readable PyTorch file of tensors and plain data ({detail[:200]})") from None
 
 
 def _json_default(obj: Any) -> Any:

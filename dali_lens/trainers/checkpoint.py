@@ -15,6 +15,12 @@ Versions (``version`` in the file):
   dali-lens before #16 reads these files the same way.
 
 :meth:`Checkpoint.load` reads both, and refuses a newer version with a message naming the file.
+
+Either version holds tensors and plain data only (dicts, lists, tuples, strings, bytes, numbers, booleans, None:
+DALI's loader checkpoint is bytes), and
+is read with ``weights_only=True`` (``data.io.load_torch_plain``): a file that holds any other object is refused
+by name, and nothing in it runs. :meth:`Checkpoint.to_dict` writes plain data only (numpy scalars become
+Python numbers; any other object is a ``TypeError`` before anything is written).
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.dataset import parse_hdus
-from ..data.io import atomic_save_torch
-from ..pipelines.options import PixelOptions
+from ..data.io import atomic_save_torch, load_torch_plain
+from ..pipelines.options import LoaderOptions, PixelOptions
 
 VERSION = 2
 
@@ -44,6 +50,93 @@ def _floats(v) -> tuple[float, ...] | None:
 def _mask(value) -> float | None:
     """A config's mask value; ``auto`` that no trainer resolved (a config built by hand) masks nothing."""
     return None if value in (None, "auto", "none") else float(value)
+
+
+def _plain(value, where: str = "checkpoint"):
+    """``value`` as the plain data a ``weights_only`` load reads back: dicts, lists, tuples, strings, bytes,
+    numbers, booleans, None, tensors (and ``torch.dtype``/``torch.device``). numpy scalars and arrays become Python
+    numbers and tensors, enums their values, subclasses of the plain types (``OrderedDict``, ``torch.Size``, named
+    tuples) the plain types. Anything else is a ``TypeError`` naming where it is."""
+    import enum
+
+    import numpy as np
+
+    if value is None or isinstance(value, (torch.Tensor, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, where)
+    if isinstance(value, np.generic):
+        return _plain(value.item(), where)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    for plain in (bool, int, float, str, bytes):  # (bool first: it is an int)
+        if isinstance(value, plain):
+            return plain(value)
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where}: {type(value).__module__}.{type(value).__qualname__} is not plain data, which "
+                    "checkpoints are limited to")
+
+
+def _count(v, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shape_problem(state: dict) -> str | None:
+    """What is wrong with the types of a loaded checkpoint's entries (None: nothing), so that a crafted or
+    damaged file stops with one line naming it instead of failing deep inside predict or ``--resume``."""
+    for i, ms in enumerate(state["members"]):
+        where = f"member {i}"
+        if not isinstance(ms["spec"], dict):
+            return f"{where}: spec is not a dict"
+        model = ms["model"]
+        if not isinstance(model, dict):
+            return f"{where}: weights are not a state dict"
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+            return f"{where}: weights hold entries other than named tensors"
+        for key in ("optimizer", "scheduler"):
+            if key in ms and not isinstance(ms[key], dict):
+                return f"{where}: {key} state is not a dict"
+        if ms.get("scaler") is not None and not isinstance(ms["scaler"], dict):
+            return f"{where}: scaler state is not a dict"
+        if ms.get("temperature") is not None and not _number(ms["temperature"]):
+            return f"{where}: temperature is not a number"
+        if not isinstance(ms.get("history", []), list):
+            return f"{where}: history is not a list"
+    if not _count(state["bands"], 1):
+        return f"bands = {state['bands']!r}, not a positive integer"
+    config = state.get("config") or {}
+    if not isinstance(config, dict):
+        return "config is not a dict"
+    def text(v): return isinstance(v, str)
+    def flag(v): return isinstance(v, bool)
+    def integer(v): return _count(v, -2**63)
+
+    for key, ok in (("val_fraction", _number), ("seed", integer), ("channels_last", flag), ("trainer", text),
+                    ("fusion", text), ("stem", text), ("amp", text)):  # (what predict and evaluate read from it)
+        if config.get(key) is not None and not ok(config[key]):
+            return f"config {key} = {config[key]!r}"
+    for key in ("epoch", "bad_epochs"):
+        if not _count(state.get(key, 0)):
+            return f"{key} = {state[key]!r}, not a count"
+    if not _number(state.get("best_auc", 0.0)):
+        return "best_auc is not a number"
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        return "history is not a list of epochs"
+    loader = state.get("loader")
+    if loader is not None:
+        if not isinstance(loader, dict) or not _count(loader.get("epoch")) or \
+                not _count(loader.get("batches_done", 0)) or not isinstance(loader.get("dali", ""), (str, bytes)):
+            return "the loader's position is not an epoch, a step count and a DALI checkpoint"
+    return None
 
 
 @dataclass
@@ -111,11 +204,11 @@ class Checkpoint:
 
     def to_dict(self) -> dict:
         p = self.pixels
-        return {"version": VERSION, "members": self.members, "epoch": self.epoch, "best_auc": self.best_auc,
-                "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
-                "config": self.config, "bands": self.bands, "pixels": p.to_dict(),
-                # version 1's keys, for dali-lens before #16
-                "norm": {"mean": p.mean, "std": p.std, "noise_sigma": p.noise_sigma}, "kind": p.kind}
+        return _plain({"version": VERSION, "members": self.members, "epoch": self.epoch, "best_auc": self.best_auc,
+                       "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
+                       "config": self.config, "bands": self.bands, "pixels": p.to_dict(),
+                       # version 1's keys, for dali-lens before #16
+                       "norm": {"mean": p.mean, "std": p.std, "noise_sigma": p.noise_sigma}, "kind": p.kind})
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a checkpoint is never left half-written."""
@@ -127,7 +220,9 @@ class Checkpoint:
         if not isinstance(state, dict) or not isinstance(state.get("members"), list) or not state["members"]:
             raise CheckpointError(f"{path}: not a dali-lens training checkpoint (no 'members' list)")
         version = state.get("version", 1)
-        if not isinstance(version, int) or version > VERSION:
+        if not _count(version, 1):
+            raise CheckpointError(f"{path}: not a valid dali-lens checkpoint (version {version!r})")
+        if version > VERSION:
             raise CheckpointError(f"{path}: checkpoint version {version!r} was written by a newer dali-lens (this "
                                   f"one reads versions up to {VERSION}); upgrade dali-lens to use it")
         for ms in state["members"]:
@@ -137,8 +232,16 @@ class Checkpoint:
             raise CheckpointError(f"{path}: checkpoint does not record the number of bands")
         if version >= 2 and not isinstance(state.get("pixels"), dict):
             raise CheckpointError(f"{path}: checkpoint version {version} without its pixel settings")
-        pixels = PixelSettings(**state["pixels"]) if version >= 2 else PixelSettings.from_v1(state)
-        return cls(members=state["members"], bands=int(state["bands"]), pixels=pixels,
+        problem = _shape_problem(state)
+        if problem:
+            raise CheckpointError(f"{path}: not a valid dali-lens checkpoint ({problem})")
+        try:
+            pixels = PixelSettings(**state["pixels"]) if version >= 2 else PixelSettings.from_v1(state)
+            LoaderOptions(**pixels.for_inference().pixel_fields())  # (the loader's own checks of each setting)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: not a valid dali-lens checkpoint (pixel settings: "
+                                  f"{str(exc).strip()[:200]})") from None
+        return cls(members=state["members"], bands=state["bands"], pixels=pixels,
                    config=state.get("config") or {}, epoch=state.get("epoch", 0),
                    best_auc=state.get("best_auc", float("-inf")), bad_epochs=state.get("bad_epochs", 0),
                    history=state.get("history", []), loader=state.get("loader"), version=version)
@@ -151,8 +254,7 @@ class Checkpoint:
         if os.path.getsize(path) == 0:
             raise CheckpointError(f"{path}: empty checkpoint file (0 bytes)")
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # corrupt, truncated, not a torch file
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:200]})") from None
+            state = load_torch_plain(path, map_location)  # tensors and plain data only: nothing in the file runs
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
         return cls.from_dict(state, path)

@@ -24,8 +24,8 @@ from ..pipelines import build_loader, compute_stats, estimate_noise, resolve_bac
 from ..pipelines.options import AUTO_K, LoaderOptions
 from ..scoring import fuse, sigmoid
 from .budget import parse_budget
-from .checkpoint import Checkpoint, PixelSettings
 from .base import Trainer, get_trainer
+from .checkpoint import Checkpoint, CheckpointError, PixelSettings
 from .config import TrainConfig, parse_mask_value
 from .loop import dist_info, predict, train_epoch
 from .members import load_member_state, make_member, member_state
@@ -304,8 +304,14 @@ def measure_pixels(cfg: TrainConfig, splits: dict, say) -> PixelSettings:
 def _restore(ck: Checkpoint, members: list, path: str, device, say) -> None:
     """``--resume``: the members' states and where training stood, from ``path`` (any checkpoint version)."""
     state = Checkpoint.load(path, map_location=device)
+    if len(state.members) != len(members):
+        raise CheckpointError(f"{path}: holds {len(state.members)} member(s), this run has {len(members)}")
     for m, ms in zip(members, state.members):
-        load_member_state(m, ms)
+        try:
+            load_member_state(m, ms)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # weights or optimizer of another model
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: cannot restore member {m.spec.name!r} ({detail})") from None
     ck.epoch, ck.best_auc, ck.bad_epochs, ck.history = state.epoch, state.best_auc, state.bad_epochs, state.history
     ck.loader = state.loader
     say(f"resumed {path} at epoch {ck.epoch + 1}"
