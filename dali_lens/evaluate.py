@@ -255,18 +255,14 @@ def _write(out: str, ens, dataset: Dataset, all_labels: np.ndarray, score: np.nd
     names, returned as written) and, with ``--gallery``, gallery/."""
     from .data.io import atomic_write_csv, atomic_write_json
     from .metrics import plot_completeness, plot_roc, to_jsonable
-    from .trainers.outputs import prediction_header
+    from .trainers.outputs import prediction_header, prediction_row
 
     several = len(ens.members) > 1
     os.makedirs(out, exist_ok=True)
     for stale in glob.glob(os.path.join(out, "completeness_*.png")):
         os.unlink(stale)  # only reached with --overwrite (or an empty directory)
-    rows = []
-    for j, s in enumerate(dataset.samples):
-        row = [s.path, s.id, "" if all_labels[j] < 0 else int(all_labels[j]), f"{score[j]:.7g}"]
-        if several:
-            row += [f"{probs[k][j]:.7g}" for k in ens.names] + [f"{spread[j]:.7g}"]
-        rows.append(row)
+    rows = [prediction_row(s.path, s.id, all_labels[j], score[j], [probs[k][j] for k in ens.names] if several else (),
+                           spread[j] if several else None) for j, s in enumerate(dataset.samples)]
     atomic_write_csv(os.path.join(out, "predictions.csv"), prediction_header(ens.names), rows)
     labelled = all_labels >= 0
     y = all_labels[labelled]
