@@ -222,3 +222,38 @@ def test_prediction_cells_read_back_exactly_and_never_run_in_a_spreadsheet(run, 
     assert merge_only(out) == 0
     with open(out, newline="", encoding="utf-8") as fh:
         assert list(csv.reader(fh)) == rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate --overwrite and inspect --overwrite: their own outputs only
+
+
+def test_evaluate_and_inspect_overwrite_replace_only_their_own_outputs(run, tmp_path, capsys):
+    from dali_lens import evaluate, inspect
+
+    run_dir = os.path.dirname(run["ckpt"])
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"mine": 1}')  # a user's file that evaluate would write
+    (out / "completeness_mine.png").write_bytes(b"mine")
+    before = _tree(out)
+    args = ["-c", run_dir, run["data"], "--out", str(out), "--n-boot", "0", "--no-gallery"]
+    assert evaluate.main(args + ["--overwrite"]) == 2
+    assert "metrics.json" in _error_line(capsys)
+    assert _tree(out) == before
+    (out / "metrics.json").unlink()
+    assert evaluate.main(args + ["--overwrite"]) == 0
+    assert evaluate.main(args + ["--overwrite", "--completeness-columns", "einstein_area"]) == 0
+    assert (out / "completeness_mine.png").read_bytes() == b"mine"  # never its own: never removed
+    capsys.readouterr()
+
+    look = tmp_path / "look"
+    look.mkdir()
+    (look / "index.html").write_text("<p>mine</p>")
+    preds = os.path.join(run_dir, "predictions.csv")
+    assert inspect.main([preds, run["data"], "--out", str(look), "--overwrite", "--top", "3"]) == 2
+    assert "index.html" in _error_line(capsys)
+    assert (look / "index.html").read_text() == "<p>mine</p>" and sorted(os.listdir(look)) == ["index.html"]
+    (look / "index.html").unlink()
+    assert inspect.main([preds, run["data"], "--out", str(look), "--top", "3"]) == 0
+    assert inspect.main([preds, run["data"], "--out", str(look), "--overwrite", "--top", "3"]) == 0

@@ -272,3 +272,50 @@ def write_csv_rows(fh, rows) -> None:
     quoted = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_ALL)
     for row in rows:
         (quoted if any("\r" in str(c) for c in row) else plain).writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the record of what a command wrote into a folder it shares with other files
+
+
+OUTPUT_RECORD = ".dali-lens-outputs.json"
+
+
+def recorded_outputs(out: str, command: str) -> set[str]:
+    """The names (directly inside ``out``) that ``command``'s record there says it wrote; empty without one."""
+    try:
+        with open(os.path.join(out, OUTPUT_RECORD), encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(rec, dict) or not isinstance(rec.get(command), list):
+        return set()
+    return {n for n in rec[command] if isinstance(n, str) and n and os.path.basename(n) == n and n not in (".", "..")}
+
+
+def claim_outputs(out: str, command: str, names: Iterable[str], what: str = "--overwrite",
+                  record: bool = True) -> set[str]:
+    """Before ``command`` writes ``names`` into ``out``: refuse (FileExistsError naming them, nothing touched)
+    the names that exist there but that its record does not list (someone else's files, or a link); then add
+    ``names`` to the record (unless ``record`` is false: a check before any work, which writes nothing).
+    Returns what the record listed before (what the command may remove as stale)."""
+    names = list(names)
+    before = recorded_outputs(out, command)
+    theirs = [n for n in names if os.path.lexists(os.path.join(out, n))
+              and (n not in before or os.path.islink(os.path.join(out, n)))]
+    if theirs:
+        raise FileExistsError(f"{out}: {', '.join(sorted(theirs))} {'was' if len(theirs) == 1 else 'were'} not "
+                              f"written by {command} (no record in {OUTPUT_RECORD}); {what} replaces only its own "
+                              "outputs, so nothing was touched: move them or choose another --out")
+    if not record:
+        return before
+    try:
+        with open(os.path.join(out, OUTPUT_RECORD), encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        rec = {}
+    rec = rec if isinstance(rec, dict) else {}
+    rec[command] = sorted(before | set(names))
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, OUTPUT_RECORD), rec)
+    return before

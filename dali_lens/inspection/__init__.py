@@ -48,6 +48,9 @@ def data_mask_value(root: str) -> float | None:
     return MASK_VALUE if is_challenge_layout(folder) else None
 
 
+_COMMAND = "dali_lens.inspect"
+
+
 def check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"{out}: --out exists and is not a directory")
@@ -55,15 +58,26 @@ def check_out(out: str, overwrite: bool) -> None:
     if there and not overwrite:
         raise DataError(f"{out}: already holds {', '.join(there)}; refusing to overwrite (pass --overwrite, or "
                         "choose another --out)")
+    from ..data.io import claim_outputs
+
+    try:  # --overwrite replaces only the gallery.png/index.html that inspect wrote, by its record
+        claim_outputs(out, _COMMAND, OUTPUTS, record=False)
+    except FileExistsError as exc:
+        raise DataError(str(exc)) from None
 
 
 def write_inspection(out: str, shown: list[Candidate], title: str, rgb_bands=None, mask_value=None,
                      grades: dict[str, int] | None = None, threshold: float = 0.5, gallery_max: int = 200,
                      workers: int | None = None, log=_quiet) -> dict:
     """Render ``shown`` and write ``out/gallery.png`` (the first ``gallery_max``) and ``out/index.html``."""
+    from ..data.io import claim_outputs
     from .render import render_thumbnails, write_gallery, write_page
 
     os.makedirs(out, exist_ok=True)
+    try:
+        claim_outputs(out, _COMMAND, OUTPUTS)
+    except FileExistsError as exc:
+        raise DataError(str(exc)) from None
     t0 = time.perf_counter()
     thumbs = render_thumbnails(shown, rgb_bands, mask_value, workers=workers, log=log)
     t1 = time.perf_counter()
