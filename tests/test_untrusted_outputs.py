@@ -101,6 +101,15 @@ def test_pack_overwrite_never_follows_manifest_paths_outside_out(tmp_path, capsy
     assert open(os.path.join(out, "train", "notes.txt")).read() == "mine"  # what it never wrote stays
     assert _tree(victim) == before
 
+    capsys.readouterr()
+    import shutil
+
+    shutil.rmtree(os.path.join(out, "val"))
+    os.symlink(os.path.join(victim, "val"), os.path.join(out, "val"))  # a split folder that leads outside OUT
+    assert pack.main([data, out, "--overwrite", "--no-progress", "--no-fsync"]) == 2
+    assert "'val'" in _error_line(capsys)
+    assert _tree(victim) == before
+
 
 # ---------------------------------------------------------------------------------------------------------
 # two predicts onto one --out
@@ -217,7 +226,16 @@ def test_prediction_cells_read_back_exactly_and_never_run_in_a_spreadsheet(run, 
     assert "complete" in capsys.readouterr().err
     with open(out, newline="", encoding="utf-8") as fh:
         assert list(csv.reader(fh)) == rows
-    os.replace(out, part_path(out, 0, 1))  # merged from a part file: the same rows, the same bytes
+    with open(out, "rb") as fh:
+        raw = fh.read()
+    cut = raw.index(b"new\nline") + 4  # interrupted inside a quoted cell, just after its LF
+    with open(out, "wb") as fh:
+        fh.write(raw[:cut])
+    assert predict.main(args) == 0  # the cut record is removed and scored again; the others are kept
+    with open(out, newline="", encoding="utf-8") as fh:
+        again = list(csv.reader(fh))
+    assert sorted(map(tuple, again)) == sorted(map(tuple, rows))
+    os.replace(out, part_path(out, 0, 1))  # merged from a part file: the same rows
     os.unlink(out + ".meta.json")
     assert merge_only(out) == 0
     with open(out, newline="", encoding="utf-8") as fh:
