@@ -47,7 +47,9 @@ def generate_dataset(out: str | os.PathLike, n: int = 6000, size: int | None = N
     and sample in ``out/Public/...`` (``track`` 'space': EUC_VIS; 'ground': Band1..4 = R, I, G, U), 101 x
     101 px by default, ``out/generator.json``. ``bands``, ``fmt`` and ``splits`` do not apply.
 
-    Refuses a non-empty ``out`` unless ``overwrite`` (then only the generator's own outputs are replaced).
+    Refuses a non-empty ``out`` unless ``overwrite``; then only what the generator's own record there
+    (``dataset.json``/``generator.json``, or the record a set being written keeps until it is complete) says it
+    wrote is replaced, and a non-empty ``out`` without such a record is refused.
     Files are written atomically; the manifests last. Returns a summary dict (counts, seconds, rate).
     """
     t0 = time.perf_counter()
