@@ -58,10 +58,16 @@ def check_out(out: str, overwrite: bool) -> None:
     if there and not overwrite:
         raise DataError(f"{out}: already holds {', '.join(there)}; refusing to overwrite (pass --overwrite, or "
                         "choose another --out)")
+    _record_out(out, record=False)
+
+
+def _record_out(out: str, record: bool = True) -> None:
+    """--overwrite replaces only the gallery.png/index.html that inspect wrote, by its record in ``out``
+    (checked before any work, recorded just before writing)."""
     from ..data.io import claim_outputs
 
-    try:  # --overwrite replaces only the gallery.png/index.html that inspect wrote, by its record
-        claim_outputs(out, _COMMAND, OUTPUTS, record=False)
+    try:
+        claim_outputs(out, _COMMAND, OUTPUTS, record=record)
     except FileExistsError as exc:
         raise DataError(str(exc)) from None
 
@@ -70,14 +76,9 @@ def write_inspection(out: str, shown: list[Candidate], title: str, rgb_bands=Non
                      grades: dict[str, int] | None = None, threshold: float = 0.5, gallery_max: int = 200,
                      workers: int | None = None, log=_quiet) -> dict:
     """Render ``shown`` and write ``out/gallery.png`` (the first ``gallery_max``) and ``out/index.html``."""
-    from ..data.io import claim_outputs
     from .render import render_thumbnails, write_gallery, write_page
 
     os.makedirs(out, exist_ok=True)
-    try:
-        claim_outputs(out, _COMMAND, OUTPUTS)
-    except FileExistsError as exc:
-        raise DataError(str(exc)) from None
     t0 = time.perf_counter()
     thumbs = render_thumbnails(shown, rgb_bands, mask_value, workers=workers, log=log)
     t1 = time.perf_counter()
@@ -129,6 +130,7 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
               if any(g in c.groups for c in shown)]
     title = f"{os.path.basename(os.path.dirname(predictions))}/{os.path.basename(predictions)}: " \
             f"{len(shown)} candidates ({', '.join(groups)})"
+    _record_out(out)
     result = write_inspection(out, shown, title, picked, mask_value, prior, threshold, gallery_max, workers, log)
     result.update(missing=missing, unknown_ids=unknown)
     return result
