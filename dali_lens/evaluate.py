@@ -29,7 +29,6 @@ Exit status: 0 done, 2 bad input (the message names the file), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import re
@@ -55,6 +54,16 @@ def _check_out(out: str, overwrite: bool) -> None:
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise EvaluateError(f"{out}: directory is not empty; refusing to overwrite it (pass --overwrite, or "
                             "choose another --out)")
+    from .data.io import claim_outputs
+
+    try:  # --overwrite replaces only what evaluate wrote there by its record
+        claim_outputs(out, _COMMAND, _OUTPUTS, record=False)
+    except FileExistsError as exc:
+        raise EvaluateError(str(exc)) from None
+
+
+_COMMAND = "dali_lens.evaluate"
+_OUTPUTS = ("predictions.csv", "metrics.json", "roc.png", "gallery")
 
 
 def numeric_columns(dataset: Dataset, labels: np.ndarray, wanted: list[str] | None = None
@@ -253,20 +262,23 @@ def _write(out: str, ens, dataset: Dataset, all_labels: np.ndarray, score: np.nd
            spread: np.ndarray, metrics: dict, args) -> dict:
     """OUT: predictions.csv, roc.png, completeness_<column>.png, metrics.json (``metrics`` plus the plots'
     names, returned as written) and, with ``--gallery``, gallery/."""
-    from .data.io import atomic_write_csv, atomic_write_json
+    from .data.io import atomic_write_csv, atomic_write_json, claim_outputs
     from .metrics import plot_completeness, plot_roc, to_jsonable
-    from .trainers.outputs import prediction_header
+    from .trainers.outputs import prediction_header, prediction_row
 
     several = len(ens.members) > 1
     os.makedirs(out, exist_ok=True)
-    for stale in glob.glob(os.path.join(out, "completeness_*.png")):
-        os.unlink(stale)  # only reached with --overwrite (or an empty directory)
-    rows = []
-    for j, s in enumerate(dataset.samples):
-        row = [s.path, s.id, "" if all_labels[j] < 0 else int(all_labels[j]), f"{score[j]:.7g}"]
-        if several:
-            row += [f"{probs[k][j]:.7g}" for k in ens.names] + [f"{spread[j]:.7g}"]
-        rows.append(row)
+    plot_names = [f"completeness_{_safe(col)}.png" for col in metrics["completeness"]]
+    try:
+        before = claim_outputs(out, _COMMAND, [*_OUTPUTS, *plot_names])
+    except FileExistsError as exc:
+        raise EvaluateError(str(exc)) from None
+    for stale in sorted(before - set(plot_names)):  # an earlier evaluate's plots, by its record
+        path = os.path.join(out, stale)
+        if stale.startswith("completeness_") and os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)
+    rows = [prediction_row(s.path, s.id, all_labels[j], score[j], [probs[k][j] for k in ens.names] if several else (),
+                           spread[j] if several else None) for j, s in enumerate(dataset.samples)]
     atomic_write_csv(os.path.join(out, "predictions.csv"), prediction_header(ens.names), rows)
     labelled = all_labels >= 0
     y = all_labels[labelled]

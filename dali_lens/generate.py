@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rays per pixel per axis when ray-tracing the source (default: 2)")
     r = p.add_argument_group("running")
     r.add_argument("--overwrite", action="store_true",
-                   help="allow a non-empty OUT: replaces what a previous run of the generator wrote there "
-                        "(other files are left alone)")
+                   help="allow a non-empty OUT: replaces what a previous run of the generator wrote there, by "
+                        "its record (dataset.json/generator.json); other files are left alone, and a folder "
+                        "without that record is refused")
     r.add_argument("--workers", type=_positive_int, default=None,
                    help="simulation threads (default: up to 4, the number of CPUs)")
     r.add_argument("--fsync", action="store_true",

@@ -46,8 +46,8 @@ from .cli import log, run_command
 from .data.dataset import DataError, Dataset, parse_hdus
 from .data.inputs import ordered_splits
 from .data.io import atomic_write_json, atomic_write_text, fsync_dir
-from .data.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, file_sha256, is_packed, key_bytes, label_bytes,
-                          read_manifest, sample_tar_bytes, shard_name)
+from .data.shards import (FORMAT, MANIFEST, SHARD_FILE, VERSION, ShardWriter, file_sha256, is_packed, key_bytes,
+                          label_bytes, plain_split_name, read_manifest, sample_tar_bytes, shard_name)
 
 DEFAULT_SHARD_SIZE = 256 * 1024 * 1024
 _CHUNK = 64
@@ -158,13 +158,22 @@ def _resume_split(folder: str, split: str, log) -> tuple[list[dict], list[dict],
 
 
 def _remove_pack(out: str, manifest: dict) -> None:
-    """--overwrite: remove what a previous pack wrote (its split folders' shard files and the manifest)."""
-    pat = re.compile(r"(shard-\d+\.(tar|idx|json)|\.shard-.*\.tmp)$")
+    """--overwrite: remove what a previous pack wrote by its manifest's record, and nothing outside OUT: in each
+    split folder the manifest lists (a plain name, a real folder directly inside OUT, as ``read_manifest``
+    checked), pack's shard files (``shard-NNNNNN.tar/.idx/.json``, complete or not) and temporary files; the
+    folder if that empties it; then the manifest. Other files are left alone."""
+    pat = re.compile(rf"{SHARD_FILE.pattern}|\.shard-\d{{6,}}\.(tar|idx|json)\.\d+(\.\d+)?\.tmp")
+    real_out = os.path.realpath(out)
+    for split in manifest.get("splits", {}):
+        folder = os.path.join(out, split)
+        if not plain_split_name(split) or os.path.islink(folder) or \
+                os.path.dirname(os.path.realpath(folder)) != real_out:
+            raise PackError(f"{out}/{MANIFEST}: split {split!r} is not a folder inside {out}; nothing was removed")
     for split in manifest.get("splits", {}):
         folder = os.path.join(out, split)
         if os.path.isdir(folder):
             for name in os.listdir(folder):
-                if pat.match(name):
+                if pat.fullmatch(name) and not os.path.islink(os.path.join(folder, name)):
                     os.unlink(os.path.join(folder, name))
             if not os.listdir(folder):
                 os.rmdir(folder)

@@ -15,7 +15,11 @@ rows are appended. A complete output is left as it is.
 
 What wrote --out is recorded next to it in OUT.meta.json (the checkpoints' sha256, --fusion, --tta, --hdus,
 DATA). A rerun appends only to a file whose first line is exactly this run's header and whose record matches
-(else it stops, listing what differs, and touches nothing); any other existing file is never modified.
+(else it stops, listing what differs, and touches nothing); any other existing file is never modified. A run
+holds OUT.lock (an exclusive flock naming its pid and host) from start to end: a second run onto the same
+--out stops at once, naming the first. Every cell reads back identically with Python's csv module (file
+names with commas, quotes, CR or LF included); a cell starting with = + - @ (or tab, CR, ') is written with a
+leading ' so that a spreadsheet does not run it as a formula, and dali-lens's readers remove that quote.
 
 Several processes: under torchrun each rank scores its share of the remaining cutouts (every cutout exactly
 once) into OUT.part-<rank>-of-<world>.csv, then rank 0 merges the parts into OUT atomically. --merge does the

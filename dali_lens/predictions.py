@@ -38,8 +38,10 @@ def header_for(names: list[str]) -> list[str]:
 
 
 def _header_line(header: list[str]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(header)
+    from .data.io import write_csv_rows
+
+    buf = io.StringIO(newline="")
+    write_csv_rows(buf, [header])
     return buf.getvalue()
 
 
@@ -151,23 +153,51 @@ def find_parts(out: str) -> list[str]:
     return [p for _, _, p in sorted(found)]
 
 
-def complete_length(path: str) -> int:
-    """Bytes up to and including the last newline (what survives of a file cut off mid-line)."""
-    size = os.path.getsize(path)
+def _records(path: str):
+    """``(row, end offset)`` for every complete CSV record of ``path``, the header first; a record cut off by an
+    interruption (no final newline, or inside a quoted cell) ends the file. Records may span lines (a newline
+    inside a quoted cell), so the file is read with the csv module, never line by line. Raises PredictError for
+    a damaged file."""
+    state = {"pos": 0, "nl": True, "eof": False, "line": 0}
     with open(path, "rb") as fh:
-        pos = size
-        while pos > 0:
-            step = min(1 << 16, pos)
-            pos -= step
-            fh.seek(pos)
-            k = fh.read(step).rfind(b"\n")
-            if k >= 0:
-                return pos + k + 1
-    return 0
+        def lines():
+            for raw in fh:
+                state["pos"] += len(raw)
+                state["nl"] = raw.endswith(b"\n")
+                state["line"] += 1
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise PredictError(f"{path}, line {state['line']}: not UTF-8 text (a damaged file; remove it "
+                                       "to start again)") from None
+            state["eof"] = True
+
+        reader = csv.reader(lines(), strict=True)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                if state["eof"]:
+                    return  # cut off inside a quoted cell
+                raise PredictError(f"{path}, line {state['line']}: {exc} (a damaged file; remove it to start "
+                                   "again)") from None
+            if not state["nl"]:
+                return  # cut off mid-line
+            yield row, state["pos"]
+
+
+def complete_length(path: str) -> int:
+    """Bytes up to the end of the last complete record (what survives of a file cut off mid-row)."""
+    end = 0
+    for _, end in _records(path):
+        pass
+    return end
 
 
 def repair(path: str) -> int:
-    """Cut a truncated last line off ``path``; returns the number of bytes removed."""
+    """Cut a truncated last row off ``path``; returns the number of bytes removed."""
     if not os.path.isfile(path):
         return 0
     size, keep = os.path.getsize(path), complete_length(path)
@@ -180,29 +210,32 @@ def _parse(line: str) -> list[str]:
     return next(csv.reader([line]))
 
 
+def read_header(path: str) -> list[str] | None:
+    """The header of a predictions CSV (None when it holds no complete one)."""
+    return next((row for row, _ in _records(path)), None)
+
+
 def iter_rows(path: str, header: list[str] | None):
-    """``(file, line)`` for every complete row of a predictions CSV (a truncated last line is ignored).
+    """``(file, row)`` for every complete row of a predictions CSV (a truncated last row is ignored); ``file``
+    is the cell as written before ``to_cell`` (the scored file's path).
 
     Checks the header against ``header`` (when given) and that every row has the header's columns.
-    Yields ``("", header line)`` first.
     """
-    with open(path, encoding="utf-8", newline="") as fh:
-        first = fh.readline()
-        if not first.endswith("\n"):
-            return  # empty, or only a truncated header
-        found = _parse(first)
-        if header is not None and found != header:
-            raise PredictError(f"{path}: its columns {found} differ from this run's {header} (written with other "
-                               "checkpoints?); choose another --out or remove the file")
-        yield "", first
-        for lineno, line in enumerate(fh, start=2):
-            if not line.endswith("\n"):
-                break  # truncated by an interruption
-            row = _parse(line)
-            if len(row) != len(found):
-                raise PredictError(f"{path}, line {lineno}: {len(row)} columns instead of {len(found)} "
-                                   "(a damaged file; remove it to start again)")
-            yield row[0], line
+    from .data.io import from_cell
+
+    records = _records(path)
+    first = next(records, None)
+    if first is None:
+        return  # empty, or only a truncated header
+    found = first[0]
+    if header is not None and found != header:
+        raise PredictError(f"{path}: its columns {found} differ from this run's {header} (written with other "
+                           "checkpoints?); choose another --out or remove the file")
+    for k, (row, _) in enumerate(records, start=1):
+        if len(row) != len(found):
+            raise PredictError(f"{path}, row {k}: {len(row)} columns instead of {len(found)} "
+                               "(a damaged file; remove it to start again)")
+        yield from_cell(row[0]), row
 
 
 def done_files(paths: list[str], header: list[str] | None) -> set[str]:
@@ -216,10 +249,11 @@ def done_files(paths: list[str], header: list[str] | None) -> set[str]:
 def merge(out: str, header: list[str]) -> tuple[int, int]:
     """Merge ``out`` and its part files into ``out`` atomically (each file once); removes the parts.
 
-    Returns (rows in ``out`` afterwards, part files merged). Rows are copied verbatim: rows already in
+    Returns (rows in ``out`` afterwards, part files merged). Rows are copied as they are: rows already in
     ``out`` first, then the parts by (world size, rank).
     """
     from .data.io import atomic_open
+    from .data.io import write_csv_rows
 
     parts = find_parts(out)
     if not parts:
@@ -228,12 +262,12 @@ def merge(out: str, header: list[str]) -> tuple[int, int]:
     sources = ([out] if os.path.isfile(out) else []) + parts
     seen: set[str] = set()
     with atomic_open(out, "w", newline="") as dst:
-        dst.write(_header_line(header))
+        write_csv_rows(dst, [header])
         for src in sources:
-            for f, line in iter_rows(src, header):
+            for f, row in iter_rows(src, header):
                 if f and f not in seen:
                     seen.add(f)
-                    dst.write(line)
+                    write_csv_rows(dst, [row])
     for p in parts:
         os.unlink(p)
     return len(seen), len(parts)
@@ -250,10 +284,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _fmt(v: float) -> str:
-    return f"{float(v):.7g}"
-
-
 def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: str = "all", backend: str = "auto",
                   batch_size: int = 64, tta: bool = False, fusion: str | None = None, workers: int | None = None,
                   threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
@@ -261,9 +291,6 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     """Score ``data`` with the ensemble of ``checkpoint`` into the CSV ``out`` (resumable; see
     ``python -m dali_lens.predict --help`` for every option). Returns 0; raises DataError, PredictError or
     CheckpointError on bad input."""
-    import torch
-
-    from .inference import check_dataset, load_ensemble
     from .pipelines import resolve_backend
     from .distributed import init as init_distributed
 
@@ -277,6 +304,49 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
         resolve_backend(backend)  # a backend this machine lacks fails before anything is loaded
     except RuntimeError as exc:
         raise PredictError(str(exc)) from None
+    with _lock_out(out, main_rank, world):
+        return _predict_locked(checkpoint, data, out, split=split, backend=backend, batch_size=batch_size,
+                               tta=tta, fusion=fusion, workers=workers, threads=threads, hdus=hdus,
+                               skip_bad=skip_bad, limit=limit, progress=progress, rank=rank, world=world,
+                               device=device, say=say)
+
+
+def lock_path(out: str) -> str:
+    """The lock a run holds on ``out`` (and its record and part files) for its whole duration."""
+    return out + ".lock"
+
+
+def _lock_out(out: str, main_rank: bool = True, world: int = 1):
+    """Hold ``OUT.lock`` (rank 0, for every rank: the others stop alike) for the whole run: a second run onto
+    the same ``--out`` stops at once, naming the first (pid, host)."""
+    from .data.io import OutputLock, OutputLockedError
+
+    lock = OutputLock(lock_path(out), lambda holder: (
+        f"{out} is being written by another predict run ({holder}); wait for it to finish or stop it, or choose "
+        "another --out"))
+    failure: list = [None]
+    if main_rank:
+        try:
+            lock.acquire()
+        except OutputLockedError as exc:
+            failure[0] = str(exc)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise PredictError(failure[0])
+    return lock
+
+
+def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, fusion, workers, threads, hdus,
+                    skip_bad, limit, progress, rank, world, device, say) -> int:
+    import torch
+
+    from .inference import check_dataset, load_ensemble
+    from .pipelines import resolve_backend
+
+    main_rank = rank == 0
     if threads:
         torch.set_num_threads(threads)
     ens = load_ensemble(checkpoint, device)
@@ -369,6 +439,7 @@ def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: st
     from .inference import loader_options, score_batches
     from .pipelines import build_loader
     from .pipelines.options import shard_bounds
+    from .data.io import write_csv_rows
 
     target = out if world == 1 else part_path(out, rank, world)
     lo, hi = shard_bounds(len(sub), rank, world)
@@ -384,14 +455,13 @@ def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: st
     written = 0
     new = not os.path.isfile(target) or os.path.getsize(target) == 0
     with open(target, "a", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
         if new:
-            writer.writerow(header)
+            write_csv_rows(fh, [header])
             fh.flush()
         try:
             for idx, _, logits in score_batches(ens, loader):
                 rows = _rows(ens, sub, idx, *ens.probabilities(logits, fusion))
-                writer.writerows(rows)
+                write_csv_rows(fh, rows)
                 fh.flush()
                 written += len(rows)
                 bar.update(len(rows))
@@ -406,14 +476,12 @@ def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: st
 
 def _rows(ens, sub, idx, score, probs, spread) -> list[list]:
     """The CSV rows of one scored batch (``idx``: positions in ``sub``)."""
-    rows = []
-    for j, i in enumerate(idx):
-        s = sub.samples[int(i)]
-        row = [s.path, s.id, "" if s.label is None else int(s.label), _fmt(score[j])]
-        if len(ens.members) > 1:
-            row += [_fmt(probs[k][j]) for k in ens.names] + [_fmt(spread[j])]
-        rows.append(row)
-    return rows
+    from .trainers.outputs import prediction_row
+
+    several = len(ens.members) > 1
+    return [prediction_row(s.path, s.id, s.label, score[j], [probs[k][j] for k in ens.names] if several else (),
+                           spread[j] if several else None)
+            for j, s in ((j, sub.samples[int(i)]) for j, i in enumerate(idx))]
 
 
 def _finish(out: str, header: list[str], written: int, seconds: float, total_left: int, main_rank: bool,
@@ -447,15 +515,16 @@ def merge_only(out: str) -> int:
             log(f"{out}: no part files to merge; left as it is")
             return 0
         raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv exists")
-    header = next((_parse(line) for p in parts for _, line in iter_rows(p, None)), None)
+    header = next((h for h in map(read_header, parts) if h is not None), None)
     if header is None:
         raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
-    for p in [out] + parts:
-        check_own(p, header)
-    for p in [out] + parts:
-        cut = repair(p)
-        if cut:
-            log(f"{p}: removed a truncated last line ({cut} bytes)")
-    n, k = merge(out, header)
+    with _lock_out(out):
+        for p in [out] + parts:
+            check_own(p, header)
+        for p in [out] + parts:
+            cut = repair(p)
+            if cut:
+                log(f"{p}: removed a truncated last row ({cut} bytes)")
+        n, k = merge(out, header)
     log(f"merged {k} part file(s) into {out}: {n} rows")
     return 0

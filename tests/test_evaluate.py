@@ -102,7 +102,8 @@ def test_completeness_tables_and_plots(default_eval):
         assert f"completeness_{col}.png" in files
     found = sum(r["n_found"] for r in m["completeness"]["einstein_area"]["ensemble"])
     assert found == m["ensemble"]["tp"]
-    assert not any(f.startswith(".") for f in files), "no temporary files left behind"
+    assert not any(f.endswith(".tmp") for f in files), "no temporary files left behind"
+    assert {f for f in files if f.startswith(".")} == {".dali-lens-outputs.json"}  # only its record of its outputs
 
 
 def test_fusion_tta_and_columns(run, tmp_path):

@@ -122,10 +122,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]], *,
                      fsync: bool = True) -> None:
     """Write a CSV file (``header`` then ``rows``, ``\\n`` line endings) atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    buf = io.StringIO(newline="")
+    write_csv_rows(buf, [header, *rows])
     atomic_write_text(path, buf.getvalue(), fsync=fsync)
 
 
@@ -187,3 +185,176 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one run at a time per output
+
+
+class OutputLockedError(FileExistsError):
+    """Another run holds the lock of this output (or the lock's name is taken by a file of someone else)."""
+
+
+class OutputLock:
+    """An exclusive ``flock`` on the file ``path``, held from :meth:`acquire` to :meth:`release`.
+
+    The holder writes who it is (pid, host, start time, command) into the lock file; a second ``acquire``
+    fails at once with :class:`OutputLockedError`, its message made by ``busy(holder description)``. The
+    kernel drops the lock when the holder exits, however it exits (kill -9 included), so a lock file left
+    behind never blocks a later run. :meth:`release` removes the file (while still holding the lock:
+    ``acquire`` checks that the file it locked is still the one at ``path``, so removing it is safe).
+    A file at ``path`` that holds something other than a lock record is never written or removed.
+    (``flock`` on NFS is only as reliable as the NFS server's locking.)
+    """
+
+    def __init__(self, path: str | os.PathLike, busy) -> None:
+        self.path, self.busy = os.path.abspath(os.fspath(path)), busy
+        self.fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no protection against a concurrent run
+            return
+        import datetime
+        import json as _json
+        import socket
+        import sys
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+                os.close(fd)
+                raise OutputLockedError(self.busy(describe_lock_holder(holder))) from None
+            try:
+                st = os.stat(self.path)
+                same = (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed it between our open and our flock: lock the new one
+        old = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if old and _lock_record(old) is None:
+            os.close(fd)
+            raise OutputLockedError(f"{self.path}: exists and is not a dali-lens lock file; it is left untouched: "
+                                    "remove it or choose another output")
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (_json.dumps(info) + "\n").encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)  # still locked: nobody else holds this file
+            except OSError:
+                pass
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def _lock_record(text: str) -> dict | None:
+    try:
+        h = json.loads(text)
+    except ValueError:
+        return None
+    return h if isinstance(h, dict) and "pid" in h and "host" in h else None
+
+
+def describe_lock_holder(holder: str) -> str:
+    """``pid N on HOST, started T: COMMAND`` from a lock file's text (or what it holds)."""
+    h = _lock_record(holder)
+    if h is None:
+        return "it is just starting" if not holder else holder[:200]
+    return f"pid {h['pid']} on {h['host']}, started {h.get('started')}: {h.get('command', '')}".rstrip(": ")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CSV cells that read back exactly
+
+
+# Cells a spreadsheet would run as a formula (OWASP CSV injection): written with a leading single quote.
+# A cell that itself begins with a quote gets one too, so that ``from_cell`` undoes exactly what ``to_cell`` did.
+_RISKY = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def to_cell(text: str) -> str:
+    """A text cell (file, id) as a predictions CSV stores it: a spreadsheet never runs it as a formula."""
+    text = str(text)
+    return "'" + text if text.startswith(_RISKY) else text
+
+
+def from_cell(text: str) -> str:
+    """The text ``to_cell`` stored (every reader of a predictions CSV undoes the quote, so ids round-trip)."""
+    return text[1:] if text.startswith("'") else text
+
+
+def write_csv_rows(fh, rows) -> None:
+    """Write rows (the header included) to the text file ``fh`` (opened with ``newline=""``) so that Python's
+    csv module reads every cell back exactly: ``\n`` line ends, and a row with a carriage return in a cell
+    fully quoted (the csv module leaves a lone CR unquoted with a ``\n`` line end, and its readers then split
+    the cell)."""
+    plain = csv.writer(fh, lineterminator="\n")
+    quoted = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        (quoted if any("\r" in str(c) for c in row) else plain).writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the record of what a command wrote into a folder it shares with other files
+
+
+OUTPUT_RECORD = ".dali-lens-outputs.json"
+
+
+def recorded_outputs(out: str, command: str) -> set[str]:
+    """The names (directly inside ``out``) that ``command``'s record there says it wrote; empty without one."""
+    try:
+        with open(os.path.join(out, OUTPUT_RECORD), encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(rec, dict) or not isinstance(rec.get(command), list):
+        return set()
+    return {n for n in rec[command] if isinstance(n, str) and n and os.path.basename(n) == n and n not in (".", "..")}
+
+
+def claim_outputs(out: str, command: str, names: Iterable[str], what: str = "--overwrite",
+                  record: bool = True) -> set[str]:
+    """Before ``command`` writes ``names`` into ``out``: refuse (FileExistsError naming them, nothing touched)
+    the names that exist there but that its record does not list (someone else's files, or a link); then add
+    ``names`` to the record (unless ``record`` is false: a check before any work, which writes nothing).
+    Returns what the record listed before (what the command may remove as stale)."""
+    names = list(names)
+    before = recorded_outputs(out, command)
+    theirs = [n for n in names if os.path.lexists(os.path.join(out, n))
+              and (n not in before or os.path.islink(os.path.join(out, n)))]
+    if theirs:
+        raise FileExistsError(f"{out}: {', '.join(sorted(theirs))} {'was' if len(theirs) == 1 else 'were'} not "
+                              f"written by {command} (no record in {OUTPUT_RECORD}); {what} replaces only its own "
+                              "outputs, so nothing was touched: move them or choose another --out")
+    if not record:
+        return before
+    try:
+        with open(os.path.join(out, OUTPUT_RECORD), encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        rec = {}
+    rec = rec if isinstance(rec, dict) else {}
+    rec[command] = sorted(before | set(names))
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, OUTPUT_RECORD), rec)
+    return before

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -49,6 +50,18 @@ END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 
 def shard_name(k: int) -> str:
     return f"shard-{k:06d}"
+
+
+#: a shard's files as a manifest names them: ``<split>/shard-NNNNNN.<tar|idx|json>``
+SHARD_FILE = re.compile(r"shard-\d{6,}\.(tar|idx|json)")
+
+
+def plain_split_name(name) -> bool:
+    """Whether ``name`` (read from a manifest) names a folder directly inside the packed set: a non-empty
+    string, no path separator, not ``.``/``..``, no NUL, no leading dot. Nothing read from a manifest may point
+    outside its folder."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not name.startswith(".")
+            and not any(c in name for c in ("/", "\\", "\0")) and os.path.basename(name) == name)
 
 
 def member_path(tar_path: str, key: str, ext: str) -> str:
@@ -226,6 +239,9 @@ def _manifest_problem(m: dict) -> str | None:
         return "'shape' is not a list of two integers"
     if not isinstance(m.get("splits"), dict) or not all(isinstance(v, dict) for v in m["splits"].values()):
         return "'splits' is not an object of per-split objects"
+    for split in m["splits"]:
+        if not plain_split_name(split):
+            return f"split name {split!r} is not a plain folder name inside the packed set"
     if not isinstance(m.get("shards"), list):
         return "'shards' is not a list"
     for k, e in enumerate(m["shards"]):
@@ -236,6 +252,12 @@ def _manifest_problem(m: dict) -> str | None:
                 return f"shards[{k}].{name} is missing or not a{'n integer' if typ is int else ' string'}"
         if e["split"] not in m["splits"]:
             return f"shards[{k}] belongs to split {e['split']!r}, which 'splits' does not list"
+        stem = e["path"][:-len(".tar")]
+        for name, ext in (("path", "tar"), ("index", "idx"), ("samples", "json")):
+            folder, _, base = e[name].partition("/")
+            if (folder != e["split"] or not SHARD_FILE.fullmatch(base) or e[name] != f"{stem}.{ext}"):
+                return (f"shards[{k}].{name} {e[name]!r} is not {e['split']}/shard-NNNNNN.{ext} (a shard file "
+                        "inside its split's folder)")
     return None
 
 
@@ -625,10 +647,7 @@ def _check_member(data: bytes, name: str, ext: str, key: str, where: str, bands:
 def _orphans(root: str, entries: list[dict]) -> list[str]:
     """Shard files (.tar/.idx/.json) in the split folders that no manifest entry names: their samples are not
     part of the set (a shard dropped from manifest.json)."""
-    import re
-
     named = {os.path.normpath(os.path.join(root, e[k])) for e in entries for k in ("path", "index", "samples")}
-    pattern = re.compile(r"shard-\d+\.(tar|idx|json)$")
     out = []
     for folder in sorted(os.listdir(root)):
         full = os.path.join(root, folder)
@@ -636,7 +655,7 @@ def _orphans(root: str, entries: list[dict]) -> list[str]:
             continue
         for name in sorted(os.listdir(full)):
             path = os.path.normpath(os.path.join(full, name))
-            if pattern.match(name) and path not in named:
+            if SHARD_FILE.fullmatch(name) and path not in named:
                 what = "its samples are not part of the set" if name.endswith(".tar") else "not used"
                 out.append(f"{path}: orphan shard file, not listed in {MANIFEST} ({what})")
     return out

@@ -48,6 +48,9 @@ def data_mask_value(root: str) -> float | None:
     return MASK_VALUE if is_challenge_layout(folder) else None
 
 
+_COMMAND = "dali_lens.inspect"
+
+
 def check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"{out}: --out exists and is not a directory")
@@ -55,6 +58,18 @@ def check_out(out: str, overwrite: bool) -> None:
     if there and not overwrite:
         raise DataError(f"{out}: already holds {', '.join(there)}; refusing to overwrite (pass --overwrite, or "
                         "choose another --out)")
+    _record_out(out, record=False)
+
+
+def _record_out(out: str, record: bool = True) -> None:
+    """--overwrite replaces only the gallery.png/index.html that inspect wrote, by its record in ``out``
+    (checked before any work, recorded just before writing)."""
+    from ..data.io import claim_outputs
+
+    try:
+        claim_outputs(out, _COMMAND, OUTPUTS, record=record)
+    except FileExistsError as exc:
+        raise DataError(str(exc)) from None
 
 
 def write_inspection(out: str, shown: list[Candidate], title: str, rgb_bands=None, mask_value=None,
@@ -115,6 +130,7 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
               if any(g in c.groups for c in shown)]
     title = f"{os.path.basename(os.path.dirname(predictions))}/{os.path.basename(predictions)}: " \
             f"{len(shown)} candidates ({', '.join(groups)})"
+    _record_out(out)
     result = write_inspection(out, shown, title, picked, mask_value, prior, threshold, gallery_max, workers, log)
     result.update(missing=missing, unknown_ids=unknown)
     return result

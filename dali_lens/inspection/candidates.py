@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..data.dataset import DataError, Dataset, Sample
+from ..data.io import from_cell
 
 GRADES = {0: "not a lens", 1: "possible", 2: "probable", 3: "definite"}
 DEFAULT_BINS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -55,8 +56,8 @@ def read_predictions(path: str) -> list[Candidate]:
         rows = []
         for lineno, row in enumerate(reader, start=2):
             where = f"{path}, line {lineno}"
-            file = (row.get("file") or "").strip()
-            cid = (row.get("id") or "").strip() or os.path.basename(file)
+            file = from_cell(row.get("file") or "")  # exactly as written: no strip, the quote undone
+            cid = from_cell(row.get("id") or "") or os.path.basename(file)
             label_text = (row.get("label") or "").strip()
             label = None
             if label_text not in ("", "-1"):

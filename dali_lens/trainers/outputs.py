@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from ..data.dataset import Dataset
-from ..data.io import atomic_write_csv, atomic_write_json
+from ..data.io import atomic_write_csv, atomic_write_json, to_cell
 from ..metrics import classification_metrics, plot_roc, to_jsonable
 from ..scoring import probabilities
 
@@ -18,6 +18,19 @@ def prediction_header(names: list[str]) -> list[str]:
     if len(names) > 1:
         head += [f"score_{n}" for n in names] + ["member_std"]
     return head
+
+
+def _fmt(v: float) -> str:
+    return f"{float(v):.7g}"
+
+
+def prediction_row(path: str, ident: str, label, score: float, members=(), spread=None) -> list[str]:
+    """One row of a predictions CSV (``prediction_header``'s columns): ``label`` None or < 0 is unlabelled;
+    ``members`` the member scores in header order and ``spread`` their std (several members only)."""
+    row = [to_cell(path), to_cell(ident), "" if label is None or int(label) < 0 else str(int(label)), _fmt(score)]
+    if len(members):
+        row += [_fmt(v) for v in members] + [_fmt(spread)]
+    return row
 
 
 def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndarray, logits: dict, cfg,
@@ -37,13 +50,10 @@ def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndar
                 result["temperatures"] = temperatures
     result.update(extra or {})
     header = prediction_header(names)
-    rows = []
-    for j, i in enumerate(index):
-        s = dataset.samples[int(i)]
-        row = [s.path, s.id, "" if labels[j] < 0 else int(labels[j]), f"{score[j]:.6f}"]
-        if len(names) > 1:
-            row += [f"{member_scores[k][j]:.6f}" for k in names] + [f"{spread[j]:.6f}"]
-        rows.append(row)
+    several = len(names) > 1
+    rows = [prediction_row(s.path, s.id, labels[j], score[j],
+                           [member_scores[k][j] for k in names] if several else (), spread[j] if several else None)
+            for j, s in ((j, dataset.samples[int(i)]) for j, i in enumerate(index))]
     atomic_write_csv(os.path.join(out, "predictions.csv"), header, rows)
     if labelled.any() and len(set(labels[labelled].tolist())) == 2:
         extra_curves = ({k: (labels[labelled], v[labelled]) for k, v in member_scores.items()}

@@ -1,14 +1,17 @@
 """The run directory of a training job: one run at a time, resumable, never mixed with other files.
 
 * **One run at a time.** The run takes ``<out>/run.lock`` with an exclusive ``flock`` for its whole duration
-  and writes who holds it (pid, host, start time, command) into it. A second run on the same ``--out`` fails
-  at once, naming the first. The kernel drops the lock when the holder exits, however it exits (kill -9
-  included), so a lock file left behind never blocks a later run. (``flock`` on NFS is only as reliable as the
-  NFS server's locking; use a local or a cluster file system that supports it.)
+  (``data/io.py``'s ``OutputLock``, shared with ``predict``) and writes who holds it (pid, host, start time,
+  command) into it. A second run on the same ``--out`` fails at once, naming the first. The kernel drops the
+  lock when the holder exits, however it exits (kill -9 included), so a lock file left behind never blocks a
+  later run; a run that ends removes it. (``flock`` on NFS is only as reliable as the NFS server's locking; use
+  a local or a cluster file system that supports it.)
 * **A run that stopped before its first checkpoint** (killed during the first epoch, or stopped by bad data)
-  leaves only ``config.json`` (and ``run.lock``). Such a directory is reused: a plain rerun, or ``--resume``
-  (which has nothing to resume), starts from scratch in it and says so. Any other file in the directory
-  (a user's) makes a fresh run refuse, as before: nothing a user wrote is touched.
+  leaves only its ``config.json``. Such a directory is reused: a plain rerun, or ``--resume`` (which has nothing
+  to resume), starts from scratch in it and says so. Only a ``config.json`` that a run wrote counts (its record
+  names the trainer, data root and resolved backend): a user's own ``config.json``, or any other file in the
+  directory, makes a fresh run refuse, as before: nothing a user wrote is touched, and a refused run leaves the
+  directory exactly as it was (no ``run.lock``).
 * **--resume with other options.** The options that decide what is trained (data, model, optimisation,
   loader) must equal the run's ``config.json``; otherwise the run stops and lists what differs.
   ``--allow-config-change`` continues with the new values and records the change in ``config.json``.
@@ -22,8 +25,8 @@ import datetime
 import json
 import os
 import re
-import socket
-import sys
+
+from ..data.io import OutputLock, OutputLockedError
 
 LOCK = "run.lock"
 CHECKPOINT = "last.pt"
@@ -49,7 +52,7 @@ class RunDir:
     """Context manager holding the run directory's lock (rank 0 only) from :meth:`claim` to the end of the run."""
 
     def __init__(self) -> None:
-        self.fd: int | None = None
+        self.lock: OutputLock | None = None
 
     def __enter__(self) -> "RunDir":
         return self
@@ -58,24 +61,28 @@ class RunDir:
         self.release()
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def claim(self, out: str, resume: bool, is_main: bool, world: int, log=print) -> bool:
         """Lock ``out`` (rank 0) and decide whether this run resumes from its checkpoint: returns that.
 
         Raises :class:`RunDirError` (another run holds it; or it holds other files), ``FileNotFoundError``
         (``--resume`` without a checkpoint in a directory that holds other files). Under torchrun rank 0
-        decides and the other ranks follow (or raise the same error).
+        decides and the other ranks follow (or raise the same error). A refused run leaves ``out`` as it was
+        (no lock file, and no folder where there was none).
         """
         decision: list = [None, None]
         if is_main:
+            existed = os.path.isdir(out)
             try:
                 self._lock(out)
                 decision[0] = _decide(out, resume, log)
             except (FileExistsError, FileNotFoundError) as exc:
                 self.release()
+                if not existed and os.path.isdir(out) and not os.listdir(out):
+                    os.rmdir(out)
                 decision[1] = exc
         if world > 1:
             import torch.distributed as dist
@@ -86,34 +93,27 @@ class RunDir:
         return bool(decision[0])
 
     def _lock(self, out: str) -> None:
+        def busy(holder: str) -> str:
+            return (f"{out} is in use by another training run ({holder}); wait for it to finish or stop it, or "
+                    "choose another --out")
+
+        lock = OutputLock(os.path.join(out, LOCK), busy)
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no protection against a concurrent run
-            return
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
-            os.close(fd)
-            raise RunDirError(f"{out} is in use by another training run ({_describe(holder)}); wait for it to "
-                              "finish or stop it, or choose another --out") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        self.fd = fd
+            lock.acquire()
+        except OutputLockedError as exc:
+            raise RunDirError(str(exc)) from None
+        self.lock = lock
 
 
-def _describe(holder: str) -> str:
+def _own_config(path: str) -> bool:
+    """Whether ``path`` is a config.json that a training run wrote (its record: the resolved backend, the data
+    root and the trainer), not a user's file of that name."""
     try:
-        h = json.loads(holder)
-        return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h.get('command', '')}".rstrip(": ")
-    except (ValueError, KeyError, TypeError):
-        return "it is just starting" if not holder else holder[:200]
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"trainer", "data_root", "backend_resolved"} <= set(saved)
 
 
 def _decide(out: str, resume: bool, log) -> bool:
@@ -123,7 +123,7 @@ def _decide(out: str, resume: bool, log) -> bool:
             return True
         raise RunDirError(f"{out} already holds a run (its checkpoint {CHECKPOINT}); refusing to overwrite it. Use "
                           "--resume to continue that run, or choose another --out")
-    others = [f for f in files if f not in BEFORE_CHECKPOINT]
+    others = [f for f in files if f not in BEFORE_CHECKPOINT or not _own_config(os.path.join(out, f))]
     if others:
         if resume:
             raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(out, CHECKPOINT)} to resume from "

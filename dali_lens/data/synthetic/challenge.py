@@ -47,9 +47,6 @@ class ChallengeWriter:
     """Writes the samples of one challenge set chunk by chunk, then ``classifications.csv`` and
     ``generator.json``."""
 
-    #: what this layout writes in its folder (replaced by ``overwrite``)
-    OUTPUTS = ("Public", "classifications.csv", "generator.json")
-
     def __init__(self, out: str, track: str, bands: tuple[str, ...], seed: int, fsync: bool) -> None:
         self.out, self.track, self.bands, self.seed, self.fsync = out, track, bands, seed, fsync
         self.dirs = _challenge_dirs(track)

@@ -53,9 +53,6 @@ def encode(fmt: str, image: np.ndarray, image_u8: np.ndarray | None, extnames: S
 class StandardWriter:
     """Writes the samples of one standard set chunk by chunk, then the manifests and ``dataset.json``."""
 
-    #: what this layout writes in its folder (replaced by ``overwrite``)
-    OUTPUTS = SPLITS + tuple(f"{name}.csv" for name in SPLITS) + ("dataset.json",)
-
     def __init__(self, out: str, fmt: str, bands: tuple[str, ...], labels: np.ndarray, split_of: np.ndarray,
                  fractions: tuple[float, ...], fsync: bool) -> None:
         self.out, self.fmt, self.bands, self.fsync = out, fmt, bands, fsync

@@ -7,8 +7,9 @@ JSON record are written last, so an interrupted run is recognisable by their abs
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,14 +17,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .challenge import ChallengeWriter, challenge_options
+from ..io import atomic_write_json
+from .challenge import TRACKS, ChallengeWriter, _challenge_dirs, challenge_options
 from .parameters import DEFAULT_DIFFICULTY, check_seed, simulation_settings
 from .pool import default_workers
 from .simulator import simulate
-from .standard import StandardWriter, standard_options
+from .standard import SPLITS, StandardWriter, standard_options
 
 LAYOUTS = ("standard", "challenge")
-_GENERATED = StandardWriter.OUTPUTS + ChallengeWriter.OUTPUTS
 
 
 def generate_dataset(out: str | os.PathLike, n: int = 6000, size: int | None = None,
@@ -46,7 +47,9 @@ def generate_dataset(out: str | os.PathLike, n: int = 6000, size: int | None = N
     and sample in ``out/Public/...`` (``track`` 'space': EUC_VIS; 'ground': Band1..4 = R, I, G, U), 101 x
     101 px by default, ``out/generator.json``. ``bands``, ``fmt`` and ``splits`` do not apply.
 
-    Refuses a non-empty ``out`` unless ``overwrite`` (then only the generator's own outputs are replaced).
+    Refuses a non-empty ``out`` unless ``overwrite``; then only what the generator's own record there
+    (``dataset.json``/``generator.json``, or the record a set being written keeps until it is complete) says it
+    wrote is replaced, and a non-empty ``out`` without such a record is refused.
     Files are written atomically; the manifests last. Returns a summary dict (counts, seconds, rate).
     """
     t0 = time.perf_counter()
@@ -69,7 +72,7 @@ def generate_dataset(out: str | os.PathLike, n: int = 6000, size: int | None = N
     sim_kw = dict(size=size, bands=band_names, seed=seed, einstein_radius=st["einstein_radius"],
                   source_mag=st["source_mag"], seeing=st["seeing"], pixel_scale=st["pixel_scale"], psf=psf,
                   survey=survey, supersample=supersample, workers=workers)
-    _prepare_out(out, overwrite)
+    _prepare_out(out, overwrite, layout)
 
     labels, split_of = _plan(n, st["lens_fraction"], fractions, seed)
     if layout == "challenge":
@@ -83,6 +86,7 @@ def generate_dataset(out: str | os.PathLike, n: int = 6000, size: int | None = N
                                "cutouts_per_s": n / seconds if seconds > 0 else float("inf"),
                                "lens": int(labels.sum()), "nonlens": int(n - labels.sum())}
     writer.finish(summary, _record(layout, n, band_names, seed, survey, psf, st))
+    _finish_record(out)
     summary["seconds"] = time.perf_counter() - t0
     summary["cutouts_per_s"] = n / summary["seconds"]
     return summary
@@ -106,7 +110,7 @@ def _record(layout: str, n: int, bands: Sequence[str], seed: int, survey: str, p
             st: dict[str, Any]) -> dict[str, Any]:
     """The part of dataset.json / generator.json that both layouts share: the simulation's parameters."""
     return {
-        "generator": "dali_lens.data.synthetic", "layout": layout, "n": n, "size": st["size"],
+        "generator": _WRITTEN_BY, "layout": layout, "n": n, "size": st["size"],
         "bands": list(bands), "seed": int(seed), "lens_fraction": st["lens_fraction"],
         "survey": survey, "pixel_scale": st["pixel_scale"], "einstein_radius": list(st["einstein_radius"]),
         "source_mag": list(st["source_mag"]), "seeing": list(st["seeing"]), "psf": psf,
@@ -188,18 +192,89 @@ def _plan(n: int, lens_fraction: float, fractions: Sequence[float] | None, seed:
     return labels, split
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
+#: the generator's record of a set being written (removed once the set's own record, dataset.json or
+#: generator.json, is written): what makes an interrupted set the generator's own
+_RECORD = ".dali-lens-generating.json"
+_WRITTEN_BY = "dali_lens.data.synthetic"
+# the files each layout writes inside its folders (sample files and their atomic-write temporaries)
+_SAMPLE_FILE = re.compile(r"\.?\d{6,}\.(png|jpg|fits|npy)(\.\d+\.\d+\.tmp)?")
+_CHALLENGE_FILE = re.compile(r"\.?image[A-Za-z_]+-\d+\.fits(\.\d+\.\d+\.tmp)?")
+
+
+def _recorded_layouts(out: str) -> list[str]:
+    """The layouts the generator's own record in ``out`` says it wrote there (empty: no record, not ours)."""
+    found = []
+    for name, layout in ((_RECORD, None), ("dataset.json", "standard"), ("generator.json", "challenge")):
+        try:
+            with open(os.path.join(out, name), encoding="utf-8") as fh:
+                rec = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("generator") == _WRITTEN_BY and rec.get("layout") in LAYOUTS:
+            if layout in (None, rec["layout"]) and rec["layout"] not in found:
+                found.append(rec["layout"])
+    return found
+
+
+def _remove_generated(out: str, layouts: list[str]) -> None:
+    """--overwrite: remove what the generator wrote in ``out`` by its record (the layouts' sample files,
+    manifests and records, and the folders this empties); every other file, and every folder holding one,
+    stays."""
+    def clear(folder: str, pattern: re.Pattern) -> None:
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if pattern.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+                    os.unlink(path)
+
+    def prune(folder: str) -> None:
+        if os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+    files = [_RECORD]
+    if "standard" in layouts:
+        for split in SPLITS:
+            for cls in ("lens", "nonlens"):
+                clear(os.path.join(out, split, cls), _SAMPLE_FILE)
+                prune(os.path.join(out, split, cls))
+            prune(os.path.join(out, split))
+        files += [f"{split}.csv" for split in SPLITS] + ["dataset.json"]
+    if "challenge" in layouts:
+        public = os.path.join(out, "Public")
+        dirs = {d for track in TRACKS for d, _ in _challenge_dirs(track)}
+        for d in sorted(dirs):
+            clear(os.path.join(public, d), _CHALLENGE_FILE)
+            prune(os.path.join(public, d))
+        prune(public)
+        files += ["classifications.csv", "generator.json"]
+    for name in files:
+        path = os.path.join(out, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)
+
+
+def _prepare_out(out: str, overwrite: bool, layout: str) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite`` and the generator's record says the set in it is the
+    generator's (then remove only what it wrote); then record that this run is writing a set there."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"{out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; choose another directory or pass overwrite=True "
                                   "(--overwrite) to replace the generated dataset in it")
-        # remove only what a previous run of the generator wrote (never other files)
-        for name in _GENERATED:
-            p = os.path.join(out, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
-            elif os.path.lexists(p):
-                os.unlink(p)
+        layouts = _recorded_layouts(out)
+        if not layouts:
+            raise FileExistsError(f"{out} is not empty and holds no record of a set the generator wrote "
+                                  "(dataset.json or generator.json); --overwrite replaces only a generated set, so "
+                                  "nothing was touched: choose another directory")
+        _remove_generated(out, layouts)
     os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, _RECORD), {"generator": _WRITTEN_BY, "layout": layout, "complete": False})
+
+
+def _finish_record(out: str) -> None:
+    """The set's own record is written: the record of a set being written goes."""
+    try:
+        os.unlink(os.path.join(out, _RECORD))
+    except FileNotFoundError:
+        pass
