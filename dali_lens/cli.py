@@ -52,14 +52,14 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def write_problem(exc: OSError) -> str | None:
-    """The one line for an output that could not be written (full disk, read-only, ...), naming the path."""
+def write_problem(exc: OSError, output: str | None = None) -> str | None:
+    """The one line for an output that could not be written (full disk, read-only, ...), naming the path
+    (the error's own file name, else the command's ``output``); None for other errors."""
     reasons = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
-               errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.EFBIG: "file too large"}
+               errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
     if exc.errno not in reasons:
         return None
-    path = exc.filename
+    path = exc.filename or output
     return f"cannot write {path}: {reasons[exc.errno]}" if path else f"cannot write the output: {reasons[exc.errno]}"
 
 
@@ -68,12 +68,14 @@ def log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def run_command(action, errors: tuple, interrupted: str, hint=None) -> int:
+def run_command(action, errors: tuple, interrupted: str, hint=None, output: str | None = None) -> int:
     """Run a command's ``action()`` and turn the outcome into an exit code.
 
     ``action``'s own int (any other return value means success, 0); 2 with a one-line ``error: ...`` (no
     traceback) for the expected ``errors``, plus ``hint(exc)``'s line when it returns one; 130 with the
-    ``interrupted`` line on Ctrl-C.
+    ``interrupted`` line on Ctrl-C, 143 with it on SIGTERM (which unwinds like Ctrl-C: checkpoints and rows
+    written so far are kept). An output that cannot be written (full disk, read-only file system: an
+    ``OSError`` named by ``data.io``'s writers, else by ``output``, what the command writes) is 2 too.
     DALI's advice to iterator authors (``set reader_name``) is silenced: it is not meant for a CLI's users.
     """
     warnings.filterwarnings("ignore", message=".*set `reader_name`")
@@ -91,13 +93,13 @@ def run_command(action, errors: tuple, interrupted: str, hint=None) -> int:
         log(interrupted)
         return 130
     except errors as exc:
-        log(f"error: {write_problem(exc) if isinstance(exc, OSError) and write_problem(exc) else exc}")
+        log(f"error: {write_problem(exc, output) if isinstance(exc, OSError) and write_problem(exc) else exc}")
         extra = hint(exc) if hint is not None else None
         if extra:
             log(extra)
         return 2
     except OSError as exc:
-        line = write_problem(exc)
+        line = write_problem(exc, output)
         if line is None:
             raise
         log(f"error: {line}")

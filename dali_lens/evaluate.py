@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(lambda: evaluate(args),
                        (DataError, CheckpointError, EvaluateError, FileNotFoundError, PermissionError),
-                       "interrupted: nothing was written")
+                       "interrupted: nothing was written", output=args.out)
 
 
 if __name__ == "__main__":

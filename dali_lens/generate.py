@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(run, (FileExistsError, ValueError, NotADirectoryError),
                        f"interrupted: the files written so far in {args.out} are complete (each is written "
-                       "atomically) but the set is not (its manifests are written last): rerun with --overwrite")
+                       "atomically) but the set is not (its manifests are written last): rerun with --overwrite",
+                       output=args.out)
 
 
 def format_summary(s: dict) -> str:

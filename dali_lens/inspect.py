@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     elif not (args.predictions and args.data):
         ap.error("PREDICTIONS and DATA are required (or --grades FILE --summary)")
     return run_command(lambda: run(args), (DataError, FileNotFoundError, PermissionError, IsADirectoryError),
-                       "interrupted: files already written are complete (each is written atomically)")
+                       "interrupted: files already written are complete (each is written atomically)",
+                       output=args.out)
 
 
 if __name__ == "__main__":

@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(run, (DataError, PackError, FileNotFoundError, PermissionError),
                        f"interrupted: the complete shards in {args.out} are kept; rerun the same command to resume",
-                       hint)
+                       hint, output=args.out)
 
 
 def _report(m: dict, out: str) -> None:

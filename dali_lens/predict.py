@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                            (DataError, CheckpointError, PredictError, FileNotFoundError, PermissionError,
                             IsADirectoryError),
                            f"interrupted: rows written so far are kept in {args.out} (or its part files); "
-                           "rerun the same command to resume")
+                           "rerun the same command to resume", output=args.out)
     finally:
         from .distributed import shutdown
 

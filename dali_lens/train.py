@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         run(from_args(args))
 
     return run_command(train, (DataError, FileExistsError, FileNotFoundError, PermissionError, ValueError),
-                       "interrupted: the checkpoints written so far are kept; rerun with --resume to continue")
+                       "interrupted: the checkpoints written so far are kept; rerun with --resume to continue",
+                       output=args.out)
 
 
 if __name__ == "__main__":
