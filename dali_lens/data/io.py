@@ -33,6 +33,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_csv",
     "atomic_save_torch",
+    "open_text",
 ]
 
 _counter = itertools.count()
@@ -172,6 +173,30 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike, *, fsync: bool = True) 
             if cause is None:
                 raise
             raise cause from exc
+
+
+@contextlib.contextmanager
+def open_text(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
+    """Open a text input (a CSV manifest, a list of files, a predictions or grades CSV) as UTF-8: bytes that
+    are not UTF-8 (a Latin-1 file name) are one ``DataError`` naming the file and line, not a traceback."""
+    from .dataset import DataError
+
+    with open(path, encoding="utf-8", newline=newline) as fh:
+        try:
+            yield fh
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{os.fspath(path)}, line {_undecodable_line(path)}: not UTF-8 text ({exc.reason} "
+                            f"at byte {exc.object[exc.start:exc.start + 1]!r}); save the file as UTF-8") from None
+
+
+def _undecodable_line(path) -> int | str:
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return "?"
 
 
 def _json_default(obj: Any) -> Any:
