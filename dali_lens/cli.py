@@ -110,8 +110,9 @@ def run_command(action, errors: tuple, interrupted: str, hint=None, output: str 
     return rc if isinstance(rc, int) else 0
 
 
-def add_scoring_args(ap: argparse.ArgumentParser, workers_help: str = "all cores") -> None:
-    """The options ``predict`` and ``evaluate`` share: loader, batch, fusion, TTA, threads, FITS HDUs, bad files."""
+def add_scoring_args(ap: argparse.ArgumentParser, workers_help: str = "all cores", limit: bool = False) -> None:
+    """The options ``predict`` and ``evaluate`` share: loader, batch, fusion, TTA, threads, FITS HDUs, bad files
+    (and ``predict``'s ``--limit``: the options ``dali_lens.predict`` checks through :func:`scoring_parser`)."""
     ap.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="loader: auto (DALI on GPU, else DALI CPU, else torchvision) (default: auto)")
     ap.add_argument("--batch-size", type=COUNT, default=64, help="cutouts per batch (default: 64)")
@@ -127,3 +128,13 @@ def add_scoring_args(ap: argparse.ArgumentParser, workers_help: str = "all cores
     ap.add_argument("--skip-bad", action="store_true",
                     help="read every file first and skip the unreadable/bad ones (listed) instead of stopping")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    if limit:
+        ap.add_argument("--limit", type=COUNT, default=None, metavar="N",
+                        help="score at most N of the cutouts not yet in --out, then stop (rerun to continue)")
+
+
+def scoring_parser() -> argparse.ArgumentParser:
+    """The scoring options alone (``predict``'s), for the library's :func:`check_options`."""
+    ap = Parser(add_help=False)
+    add_scoring_args(ap, limit=True)
+    return ap

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .choices import COUNT
 from .cli import Parser, add_scoring_args, run_command
 from .data.dataset import DataError
 from .predictions import PredictError, merge_only, predict_files
@@ -52,9 +51,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming)")
     ap.add_argument("--split", default="all",
                     help="for a labelled dataset root: train, val, test, or all (every split; default)")
-    add_scoring_args(ap, "the cores divided among local processes")
-    ap.add_argument("--limit", type=COUNT, default=None, metavar="N",
-                    help="score at most N of the cutouts not yet in --out, then stop (rerun to continue)")
+    add_scoring_args(ap, "the cores divided among local processes", limit=True)
     ap.add_argument("--merge", action="store_true",
                     help="only merge OUT.part-*-of-*.csv into OUT (no checkpoint or DATA needed)")
     return ap
