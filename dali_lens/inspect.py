@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threshold", type=PROBABILITY, default=0.5,
                     help="labelled candidates shown are marked false positive (non-lens >= it) or missed (lens "
                          "below it) (default: 0.5)")
-    ap.add_argument("--rgb-bands", type=IntList(0, count=3, what="band indices"), default=None, metavar="R,G,B", help="0-based bands shown as red, green, blue")
+    ap.add_argument("--rgb-bands", type=IntList(0, count=3, what="band indices"), default=None,
+                    metavar="R,G,B", help="0-based bands shown as red, green, blue")
     ap.add_argument("--mask-value", type=ANY_NUMBER, default=None,
                     help="pixels with this value are masked (default: the value a generated set records in its "
                          "dataset.json/generator.json, else 100 for the challenge layout; NaN/inf always are)")

@@ -459,7 +459,9 @@ def parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m dali_lens.pack", description=__doc__)
     ap.add_argument("data", metavar="DATA", help="dataset root, CSV manifest or folder of cutouts")
     ap.add_argument("out", metavar="OUT", help="folder to write the shards and manifest.json to")
-    ap.add_argument("--shard-size", type=Parsed(_shard_size, "a size >= 1 kB (256MB, 1G, 64M)", ("0", "12", "x")), default="256MB", help="target shard size, e.g. 256MB (default), 1G, 64M")
+    ap.add_argument("--shard-size", default="256MB",
+                    type=Parsed(_shard_size, "a size >= 1 kB (256MB, 1G, 64M)", ("0", "12", "x")),
+                    help="target shard size, e.g. 256MB (default), 1G, 64M")
     ap.add_argument("--skip-bad", action="store_true", help="skip bad input files (listed) instead of stopping")
     ap.add_argument("--hdus", type=HDUS, default=None, help="FITS: comma-separated HDU indices or EXTNAMEs, one per band")
     ap.add_argument("--val-fraction", type=HOLD_OUT, default=0.15,
