@@ -39,8 +39,10 @@ def predict(checkpoint: str | list[str], data: str | list[str], out: str, **opti
     :func:`dali_lens.predictions.predict_files`). Bad input raises ``DataError`` (or ``PredictError`` /
     ``CheckpointError``), naming the file.
     """
+    from .cli import check_options, scoring_parser
     from .predictions import predict_files
 
+    check_options(scoring_parser(), options)  # the ranges of the command's flags
     options.setdefault("progress", False)
     predict_files([checkpoint] if isinstance(checkpoint, str) else list(checkpoint),
                   [data] if isinstance(data, str) else list(data), out, **options)

@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-from .cli import run_command
+from .choices import ANY_NUMBER, HDUS
+from .cli import Parser, run_command
 from .data.dataset import DataError, parse_hdus
 from .data.validate import duplicates, scan
 
@@ -31,15 +32,18 @@ def check_packed(root: str, allow_nonfinite: bool | None = None) -> int:
     return 2 if problems else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dali_lens.check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m dali_lens.check", description=__doc__)
     ap.add_argument("data", help="dataset root (folders, CSV manifests, FITS, .npy, challenge layout, or a packed "
                                  "set: then every shard's checksum and member is verified)")
-    ap.add_argument("--hdus", default=None, help="FITS: comma-separated HDU indices or EXTNAMEs, one per band")
-    ap.add_argument("--mask-value", type=float, default=None,
+    ap.add_argument("--hdus", type=HDUS, default=None, help="FITS: comma-separated HDU indices or EXTNAMEs, one per band")
+    ap.add_argument("--mask-value", type=ANY_NUMBER, default=None,
                     help="masked pixels use this value (NaN/inf then count as masked, not as errors)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     return run_command(lambda: check(args), (DataError, FileNotFoundError, PermissionError),
                        "interrupted: nothing was written")
 

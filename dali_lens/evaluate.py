@@ -37,7 +37,8 @@ import time
 
 import numpy as np
 
-from .cli import add_scoring_args, log, run_command
+from .choices import COUNT, FRACTION_OPEN, NON_NEGATIVE, PROBABILITY, SEED
+from .cli import Parser, add_scoring_args, log, run_command
 from .data.dataset import DataError, Dataset, parse_hdus
 
 CI_METRICS = ("roc_auc", "tpr0", "tpr10")
@@ -322,8 +323,7 @@ def _num(v) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dali_lens.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m dali_lens.evaluate", description=__doc__)
     ap.add_argument("data", metavar="DATA", help="labelled data: a dataset root, or a CSV manifest with labels")
     ap.add_argument("--checkpoint", "-c", action="append", required=True, metavar="CKPT",
                     help="a checkpoint (best.pt/last.pt) or a run directory (its best.pt); repeat for an ensemble")
@@ -331,18 +331,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     ap.add_argument("--split", default="test",
                     help="split to evaluate: test (default), val (the training run's validation split), train, all")
-    ap.add_argument("--threshold", type=float, default=0.5,
+    ap.add_argument("--threshold", type=PROBABILITY, default=0.5,
                     help="score threshold for accuracy/precision/recall/F1, completeness, contamination (default: 0.5)")
-    ap.add_argument("--prior", type=float, default=1e-3,
+    ap.add_argument("--prior", type=FRACTION_OPEN, default=1e-3,
                     help="lens fraction of the survey for the expected contamination (default: 1e-3)")
-    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the intervals (0 = none; "
+    ap.add_argument("--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap replicates for the intervals (0 = none; "
                                                              "default: 1000)")
-    ap.add_argument("--alpha", type=float, default=0.05, help="intervals at level 1 - alpha (default: 0.05)")
-    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    ap.add_argument("--alpha", type=FRACTION_OPEN, default=0.05, help="intervals at level 1 - alpha (default: 0.05)")
+    ap.add_argument("--seed", type=SEED, default=0, help="bootstrap seed (default: 0)")
     ap.add_argument("--gallery", action=argparse.BooleanOptionalAction, default=True,
                     help="write gallery/ (gallery.png, index.html: the 50 highest-scoring non-lenses and 50 "
                          "lowest-scoring lenses; see python -m dali_lens.inspect) (default: on)")
-    ap.add_argument("--bins", type=int, default=5, help="completeness: quantile bins per column (default: 5)")
+    ap.add_argument("--bins", type=COUNT, default=5, help="completeness: quantile bins per column (default: 5)")
     ap.add_argument("--completeness-columns", default=None, metavar="COLS",
                     help="comma-separated catalogue columns (default: every numeric column that varies among "
                          "the lenses)")
@@ -353,17 +353,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
-    if args.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
-    if args.n_boot < 0:
-        ap.error("--n-boot must be >= 0")
-    if args.bins < 1:
-        ap.error("--bins must be >= 1")
     from .inference import CheckpointError
 
     return run_command(lambda: evaluate(args),
                        (DataError, CheckpointError, EvaluateError, FileNotFoundError, PermissionError),
-                       "interrupted: nothing was written")
+                       "interrupted: nothing was written", output=args.out)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ See ``dali_lens.data.synthetic`` for the physics and ``docs/DESIGN.md`` for the 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 
-from .choices import PSFS
-from .cli import run_command
+from .choices import COUNT, PIXELS, POSITIVE, PROBABILITY, PSFS, SEED, THREADS, Parsed
+from .cli import Parser, run_command
 from .data import synthetic as syn
 
 DESCRIPTION = textwrap.dedent("""\
@@ -47,41 +48,32 @@ _ER = syn.DEFAULT_DIFFICULTY["einstein_radius"]
 _SM = syn.DEFAULT_DIFFICULTY["source_mag"]
 
 
-def _pair(text: str) -> tuple[float, float]:
-    try:
-        return syn._pair(text, "value")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX (e.g. 0.5,2.5): {exc}") from None
+def _positive_pair(text: str) -> tuple[float, float]:
+    lo, hi = syn._pair(text, "value")
+    if lo <= 0:
+        raise ValueError(f"{lo:g} is not > 0")
+    return lo, hi
 
 
 def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL,TEST fractions, got {text!r}") from None
-    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three non-negative fractions TRAIN,VAL,TEST, got {text!r}")
+    vals = tuple(float(v) for v in text.split(","))
+    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0 or not all(map(math.isfinite, vals)):
+        raise ValueError("not three non-negative fractions")
     return vals
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+#: the MIN,MAX ranges: --einstein-radius and --seeing (arcsec, > 0), --source-mag (magnitudes)
+_PAIR = Parsed(lambda t: syn._pair(t, "value"), "MIN,MAX numbers with MIN <= MAX", ("x", "2,1", "1,2,3"))
+_POSITIVE_PAIR = Parsed(_positive_pair, "MIN,MAX numbers with 0 < MIN <= MAX", ("x", "0,1", "2,1"))
+_SPLITS = Parsed(_fractions, "three non-negative fractions TRAIN,VAL,TEST (not all 0)", ("x", "-1,1,1", "0,0,0", "1,1"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m dali_lens.generate", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m dali_lens.generate", description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("out", metavar="OUT", help="output directory (created; must be empty unless --overwrite)")
     g = p.add_argument_group("data set")
-    g.add_argument("--n", type=_positive_int, default=6000, help="number of cutouts (default: 6000)")
-    g.add_argument("--size", type=_positive_int, default=None,
+    g.add_argument("--n", type=COUNT, default=6000, help="number of cutouts (default: 6000)")
+    g.add_argument("--size", type=PIXELS, default=None,
                    help="cutout size in pixels (default: 64; 101 for --layout challenge)")
     g.add_argument("--bands", default=None,
                    help="comma-separated band names, e.g. g,r,i or u,g,r,i,z (default: g,r,i). Known names "
@@ -97,35 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--track", choices=syn.TRACKS, default="ground",
                    help="challenge layout only: ground (4 bands R,I,G,U, 0.2\"/px) or space (Euclid VIS, "
                         "0.1\"/px) (default: ground)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files (default: 0)")
-    g.add_argument("--lens-fraction", type=float, default=0.5,
+    g.add_argument("--seed", type=SEED, default=0, help="random seed; the same seed gives identical files (default: 0)")
+    g.add_argument("--lens-fraction", type=PROBABILITY, default=0.5,
                    help="fraction of lenses, exact up to rounding (default: 0.5)")
-    g.add_argument("--splits", type=_fractions, default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
+    g.add_argument("--splits", type=_SPLITS, default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
                    help="split fractions of the standard layout; split sizes are exact and stratified "
                         "(default: 0.7,0.15,0.15)")
     d = p.add_argument_group("difficulty and observing conditions")
-    d.add_argument("--einstein-radius", type=_pair, default=syn.DEFAULT_DIFFICULTY["einstein_radius"],
+    d.add_argument("--einstein-radius", type=_POSITIVE_PAIR, default=syn.DEFAULT_DIFFICULTY["einstein_radius"],
                    metavar="MIN,MAX",
                    help=f"Einstein radius range in arcsec, uniform (default: {_ER[0]:g},{_ER[1]:g}); in pixels: divide by "
                         "the pixel scale. Small radii blend the arcs with the deflector under the seeing; "
                         "large radii come with brighter, bigger deflectors (L ~ theta_E^2)")
-    d.add_argument("--source-mag", type=_pair, default=syn.DEFAULT_DIFFICULTY["source_mag"], metavar="MIN,MAX",
+    d.add_argument("--source-mag", type=_PAIR, default=syn.DEFAULT_DIFFICULTY["source_mag"], metavar="MIN,MAX",
                    help="r-band magnitude range of the unlensed source, uniform; larger = fainter = harder "
                         f"(default: {_SM[0]:g},{_SM[1]:g}; a 25th-magnitude source is at the noise level)")
-    d.add_argument("--seeing", type=_pair, default=None, metavar="MIN,MAX",
+    d.add_argument("--seeing", type=_POSITIVE_PAIR, default=None, metavar="MIN,MAX",
                    help="PSF FWHM range in arcsec, r band (default: 0.6,1.2 ground; 0.16,0.22 space)")
-    d.add_argument("--pixel-scale", type=float, default=None,
+    d.add_argument("--pixel-scale", type=POSITIVE, default=None,
                    help="arcsec per pixel (default: 0.2 ground; 0.1 space)")
     d.add_argument("--psf", choices=PSFS, default="gaussian",
                    help="PSF profile (default: gaussian); Moffat has beta = 3.5")
-    d.add_argument("--supersample", type=_positive_int, default=2,
+    d.add_argument("--supersample", type=COUNT, default=2,
                    help="rays per pixel per axis when ray-tracing the source (default: 2)")
     r = p.add_argument_group("running")
     r.add_argument("--overwrite", action="store_true",
                    help="allow a non-empty OUT: replaces what a previous run of the generator wrote there, by "
                         "its record (dataset.json/generator.json); other files are left alone, and a folder "
                         "without that record is refused")
-    r.add_argument("--workers", type=_positive_int, default=None,
+    r.add_argument("--workers", type=THREADS, default=None,
                    help="simulation threads (default: up to 4, the number of CPUs)")
     r.add_argument("--fsync", action="store_true",
                    help="fsync every file (durable across power loss; slower). Files are always written "
@@ -151,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(run, (FileExistsError, ValueError, NotADirectoryError),
                        f"interrupted: the files written so far in {args.out} are complete (each is written "
-                       "atomically) but the set is not (its manifests are written last): rerun with --overwrite")
+                       "atomically) but the set is not (its manifests are written last): rerun with --overwrite",
+                       output=args.out)
 
 
 def format_summary(s: dict) -> str:

@@ -29,39 +29,40 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import log, run_command
+from .choices import ANY_NUMBER, COUNT, HDUS, NON_NEGATIVE, PROBABILITY, THREADS, IntList
+from .cli import Parser, log, run_command
 from .data.dataset import DataError, parse_hdus
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dali_lens.inspect", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m dali_lens.inspect", description=__doc__)
     ap.add_argument("predictions", nargs="?", metavar="PREDICTIONS", help="predictions CSV (file,id[,label],score...)")
     ap.add_argument("data", nargs="?", metavar="DATA", help="the data the predictions came from")
     ap.add_argument("--out", "-o", default=None, help="output folder (default: inspect/ next to PREDICTIONS)")
-    ap.add_argument("--top", type=int, default=0, metavar="N", help="the N highest scores (default 100 when no "
+    ap.add_argument("--top", type=NON_NEGATIVE, default=0, metavar="N", help="the N highest scores (default 100 when no "
                                                                         "other selection is given)")
-    ap.add_argument("--bottom", type=int, default=0, metavar="N", help="the N lowest scores")
+    ap.add_argument("--bottom", type=NON_NEGATIVE, default=0, metavar="N", help="the N lowest scores")
     ap.add_argument("--ids", default=None, metavar="FILE", help="the IDs listed in FILE (one per line)")
-    ap.add_argument("--false-positives", type=int, default=0, metavar="N",
+    ap.add_argument("--false-positives", type=NON_NEGATIVE, default=0, metavar="N",
                     help="labelled data: the N highest-scoring non-lenses")
-    ap.add_argument("--missed", type=int, default=0, metavar="N", help="labelled data: the N lowest-scoring lenses")
-    ap.add_argument("--threshold", type=float, default=0.5,
+    ap.add_argument("--missed", type=NON_NEGATIVE, default=0, metavar="N", help="labelled data: the N lowest-scoring lenses")
+    ap.add_argument("--threshold", type=PROBABILITY, default=0.5,
                     help="labelled candidates shown are marked false positive (non-lens >= it) or missed (lens "
                          "below it) (default: 0.5)")
-    ap.add_argument("--rgb-bands", default=None, metavar="R,G,B", help="0-based bands shown as red, green, blue")
-    ap.add_argument("--mask-value", type=float, default=None,
+    ap.add_argument("--rgb-bands", type=IntList(0, count=3, what="band indices"), default=None,
+                    metavar="R,G,B", help="0-based bands shown as red, green, blue")
+    ap.add_argument("--mask-value", type=ANY_NUMBER, default=None,
                     help="pixels with this value are masked (default: the value a generated set records in its "
                          "dataset.json/generator.json, else 100 for the challenge layout; NaN/inf always are)")
-    ap.add_argument("--hdus", default=None, help="FITS: HDU indices/EXTNAMEs per band")
+    ap.add_argument("--hdus", type=HDUS, default=None, help="FITS: HDU indices/EXTNAMEs per band")
     ap.add_argument("--grades", default=None, metavar="FILE",
                     help="grades CSV (id,grade[,score]) to bring into the new page; with --summary: the file to "
                          "summarise")
     ap.add_argument("--summary", action="store_true", help="print the purity of --grades by score bin and stop")
     ap.add_argument("--bins", default=None, help="--summary score bin edges (default: 0,0.5,0.8,0.9,0.95,0.99,1)")
-    ap.add_argument("--gallery-max", type=int, default=200, metavar="N",
+    ap.add_argument("--gallery-max", type=COUNT, default=200, metavar="N",
                     help="at most N tiles in gallery.png (index.html has every candidate) (default: 200)")
-    ap.add_argument("--workers", type=int, default=None, help="reader threads (default: the cores, at most 8)")
+    ap.add_argument("--workers", type=THREADS, default=None, help="reader threads (default: the cores, at most 8)")
     ap.add_argument("--overwrite", action="store_true", help="replace gallery.png/index.html in --out")
     return ap
 
@@ -105,11 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--summary needs --grades FILE")
     elif not (args.predictions and args.data):
         ap.error("PREDICTIONS and DATA are required (or --grades FILE --summary)")
-    for name in ("top", "bottom", "false_positives", "missed"):
-        if getattr(args, name) < 0:
-            ap.error(f"--{name.replace('_', '-')} must be >= 0")
     return run_command(lambda: run(args), (DataError, FileNotFoundError, PermissionError, IsADirectoryError),
-                       "interrupted: files already written are complete (each is written atomically)")
+                       "interrupted: files already written are complete (each is written atomically)",
+                       output=args.out)
 
 
 if __name__ == "__main__":

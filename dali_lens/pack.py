@@ -42,7 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .cli import log, run_command
+from .choices import HDUS, HOLD_OUT, NON_NEGATIVE, SEED, Parsed
+from .cli import Parser, log, run_command
 from .data.dataset import DataError, Dataset, parse_hdus
 from .data.inputs import ordered_splits
 from .data.io import atomic_write_json, atomic_write_text, fsync_dir
@@ -456,20 +457,28 @@ def pack(data: str, out: str, shard_size: int | str = DEFAULT_SHARD_SIZE, skip_b
 
 # ============================================================================================ CLI
 
+def _shard_size(text: str) -> str:
+    """--shard-size's check: a size of at least 1 kB (kept as the text)."""
+    if parse_size(text) < 1024:
+        raise PackError(f"{text} is under 1 kB")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dali_lens.pack", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m dali_lens.pack", description=__doc__)
     ap.add_argument("data", metavar="DATA", help="dataset root, CSV manifest or folder of cutouts")
     ap.add_argument("out", metavar="OUT", help="folder to write the shards and manifest.json to")
-    ap.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB (default), 1G, 64M")
+    ap.add_argument("--shard-size", default="256MB",
+                    type=Parsed(_shard_size, "a size >= 1 kB (256MB, 1G, 64M)", ("0", "12", "x")),
+                    help="target shard size, e.g. 256MB (default), 1G, 64M")
     ap.add_argument("--skip-bad", action="store_true", help="skip bad input files (listed) instead of stopping")
-    ap.add_argument("--hdus", default=None, help="FITS: comma-separated HDU indices or EXTNAMEs, one per band")
-    ap.add_argument("--val-fraction", type=float, default=0.15,
+    ap.add_argument("--hdus", type=HDUS, default=None, help="FITS: comma-separated HDU indices or EXTNAMEs, one per band")
+    ap.add_argument("--val-fraction", type=HOLD_OUT, default=0.15,
                     help="without a val split, this fraction of train becomes val (as in training; default 0.15)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the val split and of the train shuffle")
+    ap.add_argument("--seed", type=SEED, default=0, help="seed of the val split and of the train shuffle")
     ap.add_argument("--allow-nonfinite", action="store_true",
                     help="float data: keep NaN/inf pixels (masked data) instead of treating them as bad input")
-    ap.add_argument("--workers", type=int, default=None,
+    ap.add_argument("--workers", type=NON_NEGATIVE, default=None,
                     help="read-ahead threads (default 1; 0 = none; more help only on slow network file systems)")
     ap.add_argument("--overwrite", action="store_true", help="replace a previous pack in OUT (its files only)")
     ap.add_argument("--no-fsync", dest="fsync", action="store_false",
@@ -495,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(run, (DataError, PackError, FileNotFoundError, PermissionError),
                        f"interrupted: the complete shards in {args.out} are kept; rerun the same command to resume",
-                       hint)
+                       hint, output=args.out)
 
 
 def _report(m: dict, out: str) -> None:

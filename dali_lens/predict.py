@@ -32,21 +32,21 @@ Examples:
   python -m dali_lens.predict --checkpoint runs/a tile1/*.fits --out tile1.csv --backend dali-cpu
   torchrun --nproc_per_node 4 -m dali_lens.predict --checkpoint runs/a /data/cutouts --out preds.csv
   python -m dali_lens.predict --merge --out preds.csv
-Exit status: 0 done (or nothing left to do), 2 bad input (the message names the file), 130 interrupted.
+Exit status: 0 done (or nothing left to do), 2 bad input or options (the message names the file or option),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM); both keep the rows written so far.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .cli import add_scoring_args, run_command
+from .cli import Parser, add_scoring_args, run_command
 from .data.dataset import DataError
 from .predictions import PredictError, merge_only, predict_files
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dali_lens.predict", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m dali_lens.predict", description=__doc__)
     ap.add_argument("data", nargs="*", metavar="DATA",
                     help="cutouts: folder(s), CSV manifest(s), image/FITS/.npy file(s), a .txt list of paths, or a "
                          "dataset root")
@@ -55,9 +55,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming)")
     ap.add_argument("--split", default="all",
                     help="for a labelled dataset root: train, val, test, or all (every split; default)")
-    add_scoring_args(ap, "the cores divided among local processes")
-    ap.add_argument("--limit", type=int, default=None, metavar="N",
-                    help="score at most N of the cutouts not yet in --out, then stop (rerun to continue)")
+    add_scoring_args(ap, "the cores divided among local processes", limit=True)
     ap.add_argument("--merge", action="store_true",
                     help="only merge OUT.part-*-of-*.csv into OUT (no checkpoint or DATA needed)")
     return ap
@@ -71,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--checkpoint is required (or --merge)")
         if not args.data:
             ap.error("DATA is required (or --merge)")
-        if args.batch_size < 1:
-            ap.error("--batch-size must be >= 1")
     from .inference import CheckpointError
 
     try:
@@ -84,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                            (DataError, CheckpointError, PredictError, FileNotFoundError, PermissionError,
                             IsADirectoryError),
                            f"interrupted: rows written so far are kept in {args.out} (or its part files); "
-                           "rerun the same command to resume")
+                           "rerun the same command to resume", output=args.out)
     finally:
         from .distributed import shutdown
 

@@ -12,14 +12,15 @@ Examples:
 Outputs go to --out (default runs/<trainer>-<arch>-<time>/): best.pt, last.pt, config.json,
 metrics.json, predictions.csv, roc.png. One run at a time per --out (run.lock); --resume continues it with
 the same options (--allow-config-change for deliberate changes).
-Exit status: 0 done, 2 bad input or options (the message names the file or option), 130 interrupted.
+Exit status: 0 done, 2 bad input or options (the message names the file or option), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM); both keep the checkpoints written so far.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .cli import run_command
+from .cli import Parser, run_command
 from .data.dataset import DataError
 from .pipelines import resolve_backend
 from .trainers.config import add_arguments, from_args
@@ -27,8 +28,7 @@ from .trainers.runner import run
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dali_lens.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m dali_lens.train", description=__doc__)
     add_arguments(ap)
     return ap
 
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         run(from_args(args))
 
     return run_command(train, (DataError, FileExistsError, FileNotFoundError, PermissionError, ValueError),
-                       "interrupted: the checkpoints written so far are kept; rerun with --resume to continue")
+                       "interrupted: the checkpoints written so far are kept; rerun with --resume to continue",
+                       output=args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import re
 
 from .dataset import DataError, Dataset, Sample, parse_label
+from .io import open_text
 
 GROUND_DIRS = ("Band1", "Band2", "Band3", "Band4")
 SPACE_DIRS = ("EUC_VIS",)
@@ -62,7 +63,7 @@ def read_challenge(root: str, track: str | None = None) -> dict[str, Dataset]:
     per_band = [_files_by_id(os.path.join(base, d)) for d in dirs]
     catalogue = os.path.join(root, "classifications.csv")
     samples = []
-    with open(catalogue, newline="") as fh:
+    with open_text(catalogue, newline="") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         if "ID" not in cols:

@@ -10,6 +10,7 @@ import os
 
 from ..cli import log
 from .dataset import DataError, Dataset, Sample, kind_of, sample_id, supported_files
+from .io import open_text
 
 SPLIT_ORDER = ("train", "val", "test", "predict")
 
@@ -23,7 +24,7 @@ LIST_EXTS = (".txt", ".lst", ".list")
 def _from_list_file(path: str) -> list[Sample]:
     base = os.path.dirname(os.path.abspath(path))
     samples = []
-    with open(path, encoding="utf-8") as fh:
+    with open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             entry = line.strip()
             if not entry or entry.startswith("#"):

@@ -12,11 +12,17 @@ the rename still guarantees that an interrupted *process* never leaves a truncat
 
 :func:`load_torch_plain` is the one reader of what :func:`atomic_save_torch` writes (checkpoints, ``--weights``
 files): tensors and plain data only, never an unpickled object.
+
+A write that fails (full disk, read-only file system, quota) raises ``OSError`` with the errno of the cause and
+the *final* path as its ``filename`` (not the hidden temporary name), so that ``cli.run_command`` reports it
+as one line, ``error: cannot write PATH: no space left on device``; ``torch.save``'s zip writer turns such a
+failure into a RuntimeError (``unexpected pos``), which ``atomic_save_torch`` maps back to the OSError.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import itertools
 import json
@@ -31,6 +37,7 @@ __all__ = [
     "atomic_write_csv",
     "atomic_save_torch",
     "load_torch_plain",
+    "open_text",
 ]
 
 _counter = itertools.count()
@@ -70,7 +77,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True
         raise ValueError(f"atomic_open: mode must be 'wb' or 'w', got {mode!r}")
     path = os.fspath(path)
     tmp = _tmp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise _named(exc, path) from exc
     try:
         if mode == "wb":
             f = os.fdopen(fd, "wb")
@@ -87,11 +97,37 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise _named(exc, path) from exc
     except BaseException:
         _unlink_quietly(tmp)
         raise
     if fsync:
         fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _named(exc: OSError, path: str) -> OSError:
+    """``exc`` with the final ``path`` as its file name (the temporary name means nothing to a user)."""
+    if exc.errno is None or exc.filename == path:
+        return exc
+    return OSError(exc.errno, os.strerror(exc.errno), path)  # OSError picks the subclass of the errno
+
+
+def write_failure(path: str) -> OSError | None:
+    """Why writing in ``path``'s folder fails, as an OSError naming ``path``: a read-only file system or a full
+    one (for writers that lose the errno, like torch's zip writer); None if neither."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+    except (OSError, AttributeError):
+        return None
+    if st.f_flag & getattr(os, "ST_RDONLY", 1):
+        code = errno.EROFS
+    elif st.f_bavail * st.f_frsize < 1 << 20:  # under 1 MiB left: the write ran out of space
+        code = errno.ENOSPC
+    else:
+        return None
+    return OSError(code, os.strerror(code), path)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -132,7 +168,37 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike, *, fsync: bool = True) 
     import torch
 
     with atomic_open(path, "wb", fsync=fsync) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:  # the zip writer's "unexpected pos": the file system refused a write
+            cause = write_failure(os.fspath(path))
+            if cause is None:
+                raise
+            raise cause from exc
+
+
+@contextlib.contextmanager
+def open_text(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
+    """Open a text input (a CSV manifest, a list of files, a predictions or grades CSV) as UTF-8: bytes that
+    are not UTF-8 (a Latin-1 file name) are one ``DataError`` naming the file and line, not a traceback."""
+    from .dataset import DataError
+
+    with open(path, encoding="utf-8", newline=newline) as fh:
+        try:
+            yield fh
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{os.fspath(path)}, line {_undecodable_line(path)}: not UTF-8 text ({exc.reason} "
+                            f"at byte {exc.object[exc.start:exc.start + 1]!r}); save the file as UTF-8") from None
+
+
+def _undecodable_line(path) -> int | str:
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return "?"
 
 
 def load_torch_plain(path: str | os.PathLike, map_location: Any = "cpu") -> Any:

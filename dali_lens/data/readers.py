@@ -104,6 +104,10 @@ def read_fits(path: str, hdus: tuple[int | str, ...] | None = None) -> np.ndarra
                           if getattr(h, "data", None) is not None and getattr(h.data, "ndim", 0) in (2, 3)]
         except KeyError as exc:
             raise DataError(f"{path}: no HDU {exc} (HDUs: {[h.name for h in hdul]})") from None
+        except IndexError:  # an index past the last HDU (--hdus 99)
+            missing = next(h for h in hdus if isinstance(h, int) and not -len(hdul) <= h < len(hdul))
+            raise DataError(f"{path}: --hdus {missing}: the file has {len(hdul)} HDU(s), indices 0-{len(hdul) - 1} "
+                            f"({[h.name for h in hdul]})") from None
         except (TypeError, ValueError, OSError) as exc:
             raise DataError(f"{path}: cannot read FITS data ({exc})") from None
     if not planes:

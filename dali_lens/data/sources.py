@@ -21,6 +21,7 @@ import hashlib
 import os
 
 from .dataset import DataError, Dataset, Sample, kind_of, parse_label, sample_id, supported_files
+from .io import open_text
 
 SPLITS = ("train", "val", "test")
 LENS_NAMES = {"lens", "lenses", "1", "positive", "pos"}
@@ -71,7 +72,7 @@ def _class_folders(folder: str) -> list[Sample] | None:
 
 def read_manifest(path: str, root: str) -> list[Sample]:
     """Samples from a CSV with a ``filepath`` column (``path``/``file`` accepted) and optional ``label``."""
-    with open(path, newline="") as fh:
+    with open_text(path, newline="") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         path_col = next((c for c in ("filepath", "path", "file", "filename") if c in cols), None)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..data.dataset import DataError, Dataset, Sample
-from ..data.io import from_cell
+from ..data.io import from_cell, open_text
 
 GRADES = {0: "not a lens", 1: "possible", 2: "probable", 3: "definite"}
 DEFAULT_BINS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -47,7 +47,7 @@ def read_predictions(path: str) -> list[Candidate]:
     """The rows of a predictions CSV written by ``predict``, ``evaluate`` or a training run."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open_text(path, newline="") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         if "score" not in cols or not ({"id", "file"} & set(cols)):
@@ -101,7 +101,7 @@ def read_ids(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     ids = []
-    with open(path, encoding="utf-8") as fh:
+    with open_text(path) as fh:
         for k, line in enumerate(fh):
             entry = line.split("#", 1)[0].strip().split(",")[0].strip()
             if entry and not (k == 0 and entry.lower() == "id"):
@@ -156,7 +156,7 @@ def read_grades(path: str) -> dict[str, tuple[int, float | None]]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     out: dict[str, tuple[int, float | None]] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open_text(path, newline="") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         if "id" not in cols or "grade" not in cols:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, DTYPES, FUSIONS, LR_SCHEDULES, NORMS, RESIZE_MODES,
-                       SCALE_SCHEDULES, SCALINGS, STEMS)
+from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSIONS, HDUS, HOLD_OUT, LR_SCHEDULES,
+                       NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
+                       SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, Parsed)
 from ..data.dataset import parse_hdus
 from .base import TRAINERS
 
@@ -30,7 +31,10 @@ def parse_mask_value(text) -> float | str | None:
     try:
         return float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, nan, none or auto, got {text!r}") from None
+        raise ValueError(f"expected a number, nan, none or auto, got {text!r}") from None
+
+
+MASK_VALUE = Parsed(parse_mask_value, "a number, nan, none or auto", ("x", "1e999x"))
 
 
 def _f(default, help: str, **kw):
@@ -54,13 +58,13 @@ class TrainConfig:
                                           "model, optimisation...); without it such a resume stops and lists "
                                           "them. --epochs, --patience, --workers, --backend and the like may "
                                           "always change")
-    val_fraction: float = _f(0.15, "fraction of train held out (stratified, seeded) when there is no val split")
-    hdus: str | None = _f(None, "FITS: comma-separated HDU indices or EXTNAMEs, one per band (default: all image HDUs)")
+    val_fraction: float = _f(0.15, "fraction of train held out (stratified, seeded) when there is no val split", type=HOLD_OUT)
+    hdus: str | None = _f(None, "FITS: comma-separated HDU indices or EXTNAMEs, one per band (default: all image HDUs)", type=HDUS)
     skip_bad: bool = _f(False, "scan the data first and skip unreadable/bad samples (listed), instead of stopping")
     # loading
     backend: str = _f("auto", "loader: auto (DALI GPU if CUDA+DALI; without CUDA DALI CPU, but torchvision for "
                               "FITS; torchvision without DALI), dali, dali-cpu, torchvision", choices=BACKENDS)
-    workers: int | None = _f(None, "loader threads/workers (default: all cores)")
+    workers: int | None = _f(None, "loader threads/workers (default: all cores)", type=THREADS)
     dtype: str = _f("auto", "loader output: auto (uint8 for 8-bit images, normalised on the training device just "
                             "before each scale's forward pass, so one scale at a time is float; float32 for float "
                             "data or with --batch-transforms), float32, float16 or uint8",
@@ -71,15 +75,15 @@ class TrainConfig:
                               "noise estimated on the training set and stored in the checkpoint: any flux unit "
                               "works), none, asinh (arcsinh(a*x)), clip (+-a). 8-bit images are always /255",
                       choices=SCALINGS)
-    scale_a: float = _f(1.0, "the 'a' of --scaling")
+    scale_a: float = _f(1.0, "the 'a' of --scaling", type=POSITIVE)
     mask_value: float | str | None = _f("auto", "pixels with this value (and NaN/inf) are masked to 0: a number, "
                                                "nan (NaN/inf only), none, or auto (the layout's sentinel: 100 for the lens-finding "
-                                               "challenge layout, none otherwise)", type=parse_mask_value)
+                                               "challenge layout, none otherwise)", type=MASK_VALUE)
     mask_channel: bool = _f(False, "add a channel marking masked pixels (needs --mask-value)")
     resize_mode: str = _f("resize", "how cutouts reach each scale: resize (antialiased bilinear) or crop "
                                     "(centre crop / zero-pad, no resampling)", choices=RESIZE_MODES)
     max_shift: int = _f(2, "training augmentation: random shifts up to this many pixels (0 = off); "
-                           "random 90-degree rotations and flips are always on")
+                           "random 90-degree rotations and flips are always on", type=NON_NEGATIVE)
     batch_transforms: str = _f("", "training: comma-separated batch transforms added with "
                                    "dali_lens.register_batch_transform (run on the loader's device)")
     tta: bool = _f(False, "evaluate with the mean over the 8 rotations/flips (test-time augmentation)")
@@ -89,22 +93,22 @@ class TrainConfig:
                                 "added with dali_lens.trainers.register_trainer",
                       choices=TRAINERS.keys())  # the registry's live names: one registered later is a choice too
     arch: str = _f("small_cnn", "single/multiscale model: small_cnn, resnet18, resnet34, vit_tiny, vit_b_16")
-    img_size: int = _f(64, "single trainer: input size in pixels (images are resized on the loader's device)")
+    img_size: int = _f(64, "single trainer: input size in pixels (images are resized on the loader's device)", type=PIXELS)
     stem: str = _f("auto", "ResNets: auto (the small-input stem, 3x3 stride 1 without max-pool, for inputs <= 96 "
                            "px: 16x the pixels through every block, 15x the forward FLOPs of the ImageNet stem at "
                            "96 px, see benchmarks/bench_stem.py; the ImageNet stem above), imagenet (7x7 stride 2 "
                            "+ max-pool) or small",
                    choices=STEMS)
-    scales: str = _f("48,64,96", "multiscale trainer: comma-separated input sizes from one decode")
+    scales: str = _f("48,64,96", "multiscale trainer: comma-separated input sizes from one decode", type=SCALES)
     schedule: str = _f("all", "multiscale: all (every scale every step) or progressive (low to high resolution)",
                        choices=SCALE_SCHEDULES)
-    progressive_epochs: int = _f(2, "multiscale progressive: epochs per scale before switching up")
+    progressive_epochs: int = _f(2, "multiscale progressive: epochs per scale before switching up", type=COUNT)
     consistency: str = _f("none", "multiscale: per-sample consistency between scales: none, kl (symmetric "
                                   "Bernoulli KL) or mse", choices=CONSISTENCIES)
-    consistency_weight: float = _f(0.1, "weight of the consistency term")
+    consistency_weight: float = _f(0.1, "weight of the consistency term", type=NON_NEGATIVE_NUMBER)
     micro_batch: int = _f(0, "memory bound: forward/backward at most N samples at a time, gradients accumulated "
                              "over the batch (same update; BatchNorm then normalises over N samples); 0 = whole "
-                             "batch")
+                             "batch", type=NON_NEGATIVE)
     memory_budget: str = _f("auto", "memory bound per forward/backward: each scale's batch is cut into the largest "
                                     "chunks whose activations (the tensors autograd keeps for backward, measured "
                                     "on the first batch) fit, gradients accumulated (the same update; BatchNorm "
@@ -116,21 +120,30 @@ class TrainConfig:
                      choices=FUSIONS)
     weights: str | None = _f(None, "initial weights: a local state-dict file (no downloads)")
     # optimisation
-    epochs: int = _f(6, "training epochs")
-    batch_size: int = _f(64, "batch size per process")
-    lr: float = _f(2e-3, "AdamW learning rate")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    epochs: int = _f(6, "training epochs", type=COUNT)
+    batch_size: int = _f(64, "batch size per process", type=COUNT)
+    lr: float = _f(2e-3, "AdamW learning rate", type=POSITIVE)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
     lr_schedule: str = _f("cosine", "cosine (with warm-up) or onecycle", choices=LR_SCHEDULES)
-    patience: int = _f(4, "early stopping: epochs without a better validation AUC (0 = off)")
+    patience: int = _f(4, "early stopping: epochs without a better validation AUC (0 = off)", type=NON_NEGATIVE)
     amp: str = _f("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off",
                   choices=AMP_MODES)
     channels_last: bool = _f(True, "channels-last memory format on GPU")
-    seed: int = _f(0, "random seed (data order, augmentation, initialisation)")
-    checkpoint_every: int = _f(0, "also checkpoint every N training steps (mid-epoch resume); 0 = per epoch only")
-    threshold: float = _f(0.5, "score threshold for accuracy/precision/recall/F1")
+    seed: int = _f(0, "random seed (data order, augmentation, initialisation)", type=SEED)
+    checkpoint_every: int = _f(0, "also checkpoint every N training steps (mid-epoch resume); 0 = per epoch only", type=NON_NEGATIVE)
+    threshold: float = _f(0.5, "score threshold for accuracy/precision/recall/F1", type=PROBABILITY)
     gallery: bool = _f(True, "write gallery/ in the run directory: gallery.png and index.html (grading page) of the "
                              "test split's 50 highest-scoring non-lenses and 50 lowest-scoring lenses")
     progress: bool = _f(True, "progress bars")
+
+    def __post_init__(self) -> None:
+        """Every option is held to the range its field declares (the CLI's ``type=``), whichever door it came
+        in by (``python -m dali_lens.train``, ``dali_lens.train(...)``, a --resume's config.json), before any
+        work: ``choices.OptionRangeError`` (a ValueError) naming the flag."""
+        for f in fields(self):
+            check = getattr(f.metadata.get("type"), "check", None)
+            if check is not None:
+                check(f.metadata.get("flag", "--" + f.name.replace("_", "-")), getattr(self, f.name))
 
     def amp_dtype(self, device: torch.device):
         if device.type != "cuda" or self.amp == "off":
