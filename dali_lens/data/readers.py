@@ -55,16 +55,32 @@ def npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
         return tuple(shape), np.dtype(dtype), bool(fortran), fh.tell()
 
 
+def npy_dtype_problem(dtype: np.dtype) -> str | None:
+    """Why a ``.npy`` of ``dtype`` is refused, or None. The decoding policy of ``.npy``: bool, integer and real
+    float arrays (float16/32/64), of either byte order and C or Fortran order, become float32 exactly as numpy's
+    ``astype(float32)`` makes them, on every backend (``kinds.npy``); complex, structured, text, date and object
+    arrays are refused."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or dtype.fields or dtype.kind not in "biuf" or (dtype.kind == "f" and dtype.itemsize > 8):
+        return (f"unsupported .npy dtype {dtype.str!r} (dali-lens reads bool, integer and float16/32/64 arrays)")
+    return None
+
+
 def read_npy(path: str) -> np.ndarray:
     size = os.path.getsize(path)
     if size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
     try:
         shape, dtype, fortran, offset = npy_header(path)
+    except Exception as exc:  # ValueError/EOFError/OSError for corrupt headers
+        raise DataError(f"{path}: cannot read .npy ({exc})") from None
+    bad = npy_dtype_problem(dtype)
+    if bad:
+        raise DataError(f"{path}: {bad}")
+    try:
         count = int(np.prod(shape))
-        if dtype.hasobject or size < offset + count * dtype.itemsize:
-            raise ValueError(f"truncated or not a numeric array ({size} bytes, header promises "
-                             f"{offset + count * dtype.itemsize})")
+        if size < offset + count * dtype.itemsize:
+            raise ValueError(f"truncated ({size} bytes, header promises {offset + count * dtype.itemsize})")
         arr = np.fromfile(path, dtype=dtype, count=count, offset=offset)
         arr = arr.reshape(shape, order="F" if fortran else "C")
     except Exception as exc:  # ValueError/EOFError/OSError for corrupt files
@@ -73,7 +89,11 @@ def read_npy(path: str) -> np.ndarray:
 
 
 def as_bands(arr: np.ndarray, where: str) -> np.ndarray:
-    """A stored float array as float32 ``(bands, H, W)``: a 2-D array is one band; other shapes are an error."""
+    """A stored numeric array as float32 ``(bands, H, W)``: a 2-D array is one band; other shapes and the dtypes
+    :func:`npy_dtype_problem` refuses are an error."""
+    bad = npy_dtype_problem(arr.dtype)
+    if bad:
+        raise DataError(f"{where}: {bad}")
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
