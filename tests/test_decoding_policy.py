@@ -81,3 +81,151 @@ def test_npy_of_complex_dtype_is_refused_by_name(tmp_path, backend):
                                               "integer and float16/32/64 arrays)"]
     with pytest.raises(DataError, match="zz_complex.npy: unsupported .npy dtype"):
         batches(ds, backend)
+
+
+# ============================================================================================ PNG / JPEG
+
+def _rgb(i: int) -> np.ndarray:
+    """(SIZE, SIZE, 3) uint8: smooth, different per i."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    return np.stack([(120 + 100 * np.sin((xx + 3 * i + 5 * c) / 4.0) * np.cos(yy / 5.0)) for c in range(3)],
+                    axis=-1).astype(np.uint8)
+
+
+def _save(path, i: int, variant: str) -> None:
+    from PIL import Image
+
+    rgb = _rgb(i)
+    im = {"grey": Image.fromarray(rgb[..., 0]), "la": Image.fromarray(rgb[..., :2].copy(), "LA"),
+          "rgba": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+          "palette": Image.fromarray(rgb).quantize(48), "bit1": Image.fromarray(rgb[..., 0] > 120),
+          "bit16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
+          "cmyk": Image.fromarray(rgb).convert("CMYK"), "tiff": Image.fromarray(rgb)}.get(variant)
+    im = im or Image.fromarray(rgb)
+    kw = {"jpeg420": dict(format="JPEG", quality=85, subsampling=2),
+          "jpeg_progressive": dict(format="JPEG", quality=85, progressive=True),
+          "jpeg_grey": dict(format="JPEG", quality=85), "cmyk": dict(format="JPEG"),
+          "palette_transparent": dict(format="PNG", transparency=5), "tiff": dict(format="TIFF")}.get(variant, {})
+    if variant == "palette_transparent":
+        im = im.quantize(48)
+    if variant == "jpeg_grey":
+        im = im.convert("L")
+    if variant == "jpeg_exif_rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90 CW to display": the pixels as stored are the policy
+        kw = dict(format="JPEG", quality=85, subsampling=0, exif=exif.tobytes())
+    im.save(path, **(kw or dict(format="PNG")))
+
+
+def _image_folder(root: str, variant: str, n: int = 4, start: int = 0) -> str:
+    os.makedirs(root, exist_ok=True)
+    ext = "jpg" if variant.startswith("jpeg") or variant == "cmyk" else "png"
+    for i in range(start, start + n):
+        _save(os.path.join(root, f"{variant}_{i}.{ext}"), i, variant)
+    return root
+
+
+def _as_png_folder(ds, root: str) -> str:
+    """The pixels ``check`` reads (read_sample) of each file of ``ds``, as plain 8-bit PNGs."""
+    from dali_lens.data.kinds.image import png_bytes
+
+    os.makedirs(root)
+    for k, s in enumerate(ds.samples):
+        with open(os.path.join(root, f"ref_{k}.png"), "wb") as fh:
+            fh.write(png_bytes(read_sample(s, ds)))
+    return root
+
+
+ACCEPTED = ["grey", "rgba", "palette", "palette_transparent", "jpeg420", "jpeg_progressive", "jpeg_grey",
+            "jpeg_exif_rotated"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ACCEPTED)
+def test_image_variants_give_checks_pixels_on_every_backend(tmp_path, variant, backend):
+    """Each accepted variant gives, on every backend, the batch its pixels as check reads them (stored as plain
+    PNG) give. Failed before for EXIF-rotated JPEG on DALI (its decoder applied the orientation: pixels
+    rotated, while check, Pillow and torchvision keep them as stored)."""
+    ds = discover(_image_folder(str(tmp_path / variant), variant))["predict"]
+    assert scan(ds) == {}
+    ref = discover(_as_png_folder(ds, str(tmp_path / "ref")))["predict"]
+    assert (ds.bands, ds.shape) == (ref.bands, ref.shape)
+    assert torch.equal(batches(ds, backend), batches(ref, backend))
+
+
+REFUSED = {"bit1": "1-bit PNG: dali-lens reads 8-bit PNG/JPEG", "bit16": "16-bit PNG: dali-lens reads 8-bit",
+           "cmyk": "JPEG with 4 colour components (CMYK/YCCK)", "tiff": "not a PNG or JPEG file"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", sorted(REFUSED))
+def test_image_variants_decoders_disagree_on_are_refused_by_name(tmp_path, variant, backend):
+    """16-bit PNG (uint16 from Pillow/torchvision, uint8 from DALI), 1-bit PNG (0/1 against 0/255), CMYK JPEG (4
+    bands from torchvision, 3 from Pillow and DALI) and other formats under a .png name (decoded by Pillow and
+    DALI, refused by torchvision): refused by name, the same on every backend and in check."""
+    root = _image_folder(str(tmp_path / "d"), "rgb", n=3)
+    ext = "jpg" if variant == "cmyk" else "png"
+    bad = os.path.join(root, f"zz_{variant}.{ext}")
+    _save(bad, 9, variant)
+    ds = discover(root)["predict"]
+    problems = list(scan(ds).values())
+    assert len(problems) == 1 and problems[0].startswith(f"{bad}: {REFUSED[variant]}"), problems
+    with pytest.raises(DataError, match=f"zz_{variant}"):
+        batches(ds, backend)
+
+
+@pytest.mark.parametrize("dali", DALI_BACKENDS)
+def test_grey_alpha_png_is_refused_by_name_on_dali(tmp_path, dali):
+    """DALI's image decoder fails on grey + alpha PNG ("Failed to decode sample"); torchvision reads it."""
+    ds = discover(_image_folder(str(tmp_path / "la"), "la"))["predict"]
+    assert ds.bands == 2 and scan(ds) == {}
+    assert batches(ds, "torchvision").shape == (4, 2, SIZE, SIZE)
+    with pytest.raises(DataError, match=r"la_0.png: grey \+ alpha PNG \(2 bands\): DALI's image decoder cannot"):
+        batches(ds, dali)
+
+
+# ============================================================================================ decompression bomb
+
+@pytest.fixture(scope="module")
+def bomb_folder(tmp_path_factory):
+    """lens/ and nonlens/ of small PNGs, plus a constant 13,500 x 13,500 px PNG (~0.5 MB on disk) in lens/."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bomb")
+    for k, cls in enumerate(("lens", "nonlens")):
+        _image_folder(str(root / cls), "rgb", n=3, start=3 * k)
+    bomb = root / "lens" / "bomb.png"
+    Image.new("L", (13500, 13500), 7).save(bomb)
+    return str(root), str(bomb)
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_decompression_bomb_is_one_line_in_check_and_skipped_with_skip_bad(bomb_folder, tmp_path):
+    """A 13,500 x 13,500 px PNG stopped check, predict, pack and even --skip-bad with Pillow's
+    DecompressionBombError traceback; it is over the documented pixel limit, refused from its header."""
+    from dali_lens.data.readers import MAX_IMAGE_PIXELS
+    from dali_lens.data.validate import drop_bad, validate
+
+    root, bomb = bomb_folder
+    assert 13500 ** 2 > MAX_IMAGE_PIXELS >= 224 ** 2
+    want = f"{bomb}: image is 13500x13500 px, over dali-lens's limit of {MAX_IMAGE_PIXELS} px"
+    res = _cli("dali_lens.check", root)
+    assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout, res.stderr
+    assert [ln for ln in res.stdout.splitlines() if "problem:" in ln] == [f"  problem: {want} (4096x4096; cutouts "
+                                                                          "are 64-224 px): not a cutout, or a "
+                                                                          "decompression bomb"]
+    res = _cli("dali_lens.pack", root, str(tmp_path / "packed"), "--no-progress")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and want in res.stderr, res.stderr
+    res = _cli("dali_lens.pack", root, str(tmp_path / "packed2"), "--no-progress", "--skip-bad", "--val-fraction", "0")
+    assert res.returncode == 0 and "Traceback" not in res.stderr and want in res.stderr + res.stdout, res.stderr
+    ds = discover(root, val_fraction=0)["train"]
+    with pytest.raises(DataError, match="bomb.png: image is 13500x13500 px"):
+        validate(ds)  # what every loader runs first (predict, evaluate, train)
+    kept = drop_bad(ds, log=lambda *a: None)  # --skip-bad of predict, evaluate and train
+    assert len(kept) == len(ds) - 1 and bomb not in {s.path for s in kept.samples}

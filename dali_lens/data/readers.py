@@ -15,26 +15,110 @@ import numpy as np
 from .dataset import DataError, Dataset, Sample
 
 
+#: The largest image dali-lens decodes, in pixels (width x height): 4096 x 4096. Cutouts are 64-224 px; a larger
+#: file is not a cutout, or a decompression bomb (a constant 13,500 x 13,500 px PNG is 519 kB on disk and 182 MB
+#: decoded), and is refused from its header, before any decoder allocates it.
+MAX_IMAGE_PIXELS = 4096 * 4096
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+#: JPEG frame types every decoder (Pillow, torchvision's libjpeg-turbo, DALI's decoders, nvJPEG) reads alike:
+#: baseline, extended and progressive Huffman (not lossless, hierarchical or arithmetic-coded)
+_JPEG_SOF_OK = (0xC0, 0xC1, 0xC2)
+_JPEG_SOF = tuple(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+
+
+def image_header(data: bytes) -> tuple[str, int, int, int, int] | str:
+    """(format, width, height, bits per sample, PNG colour type or JPEG component count x 16 + frame type - 0xC0)
+    from a PNG's IHDR or a JPEG's frame header, read from the bytes without decoding; or a problem (text)."""
+    import struct
+
+    if data[:8] == PNG_SIG:
+        if len(data) < 26 or data[12:16] != b"IHDR":
+            return "corrupt PNG (no IHDR chunk first)"
+        w, h = struct.unpack(">II", data[16:24])
+        return "PNG", w, h, data[24], data[25]
+    if data[:2] != b"\xff\xd8":
+        return "not a PNG or JPEG file (dali-lens decodes PNG and JPEG images only)"
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return "corrupt JPEG (no marker where one belongs)"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            break
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _JPEG_SOF:
+            if pos + 10 > n:
+                break
+            h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return "JPEG", w, h, data[pos + 4], data[pos + 9] * 16 + marker - 0xC0
+        pos += 2 + length
+    return "truncated JPEG (no frame header before the image data)"
+
+
+def image_policy_problem(data: bytes) -> str | None:
+    """Why an image file is refused by the decoding policy, from its header (None: decoded, on every backend
+    and in check, to the same 8-bit pixels). The policy: PNG or JPEG content (whatever the file name says); at
+    most :data:`MAX_IMAGE_PIXELS`; PNG of 8 bits per sample (grey, grey + alpha, RGB, RGBA) or palette (any
+    depth: RGB, transparency dropped); JPEG of 8-bit precision, 1 (grey) or 3 (colour) components, baseline or
+    progressive; EXIF orientation ignored (the pixels as stored). Refused: 1/2/4/16-bit PNG (decoders scale
+    them differently), CMYK/YCCK, 12-bit, lossless and arithmetic-coded JPEG."""
+    head = image_header(data)
+    if isinstance(head, str):
+        return head
+    fmt, w, h, depth, detail = head
+    if w * h > MAX_IMAGE_PIXELS:
+        return (f"image is {w}x{h} px, over dali-lens's limit of {MAX_IMAGE_PIXELS} px (4096x4096; cutouts are "
+                "64-224 px): not a cutout, or a decompression bomb")
+    if w == 0 or h == 0:
+        return f"corrupt {fmt} ({w}x{h} px)"
+    if fmt == "PNG":
+        if detail not in (0, 2, 3, 4, 6):
+            return f"corrupt PNG (colour type {detail})"
+        if detail != 3 and depth != 8:
+            return (f"{depth}-bit PNG: dali-lens reads 8-bit PNG/JPEG (decoders scale other depths differently); "
+                    "store such data as FITS or .npy")
+        return None
+    comps, sof = divmod(detail, 16)
+    if 0xC0 + sof not in _JPEG_SOF_OK:
+        return f"JPEG of frame type SOF{sof} (lossless, hierarchical or arithmetic-coded): not every decoder reads it"
+    if depth != 8:
+        return f"{depth}-bit JPEG: dali-lens reads 8-bit PNG/JPEG; store such data as FITS or .npy"
+    if comps not in (1, 3):
+        return (f"JPEG with {comps} colour components (CMYK/YCCK): decoders convert it differently; "
+                "save it as RGB or greyscale")
+    return None
+
+
 def read_image(path: str) -> np.ndarray:
     with open(path, "rb") as fh:
         return decode_image(fh.read(), path)
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
-    """Encoded image bytes -> (bands, H, W) uint8 through Pillow (palette/colour-space encodings as RGB)."""
+    """Encoded image bytes -> (bands, H, W) uint8 through Pillow (palette encodings as RGB), after the decoding
+    policy (:func:`image_policy_problem`)."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise DataError(f"{where}: empty file (0 bytes)")
+    bad = image_policy_problem(data)
+    if bad:
+        raise DataError(f"{where}: {bad}")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.mode in ("P", "CMYK", "YCbCr"):  # palette/colour-space encodings of RGB data
                 im = im.convert("RGB")
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{where}: cannot decode image ({exc})") from None
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
