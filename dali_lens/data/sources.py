@@ -235,6 +235,24 @@ def leave_out_unlabelled(datasets: dict[str, Dataset], log=print) -> dict[str, D
     return out
 
 
+def explicit_splits(root: str) -> bool:
+    """True when the data at ``root`` names its splits itself: split manifests (``train.csv`` ...), split folders
+    (``train/`` ...), a packed set (its manifest records them) or a registered source. False for class folders
+    (``lens/``, ``nonlens/``), the challenge layout, flat files and a CSV file: their only splits are ``train``
+    and the ``val`` that ``discover`` holds out of it, so a command asking for another split uses all of it."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        return False
+    from .challenge import is_challenge_layout
+    from .shards import is_packed
+
+    if is_packed(root) or any(detect(root) for detect, _ in _REGISTERED.values()):
+        return True
+    if is_challenge_layout(root):
+        return False
+    return any(os.path.exists(os.path.join(root, f"{s}.csv")) or os.path.isdir(os.path.join(root, s)) for s in SPLITS)
+
+
 def _check_consistent(datasets: dict[str, Dataset]) -> None:
     ref_name, ref = next(iter(datasets.items()))
     for name, d in datasets.items():
