@@ -229,3 +229,67 @@ def test_decompression_bomb_is_one_line_in_check_and_skipped_with_skip_bad(bomb_
         validate(ds)  # what every loader runs first (predict, evaluate, train)
     kept = drop_bad(ds, log=lambda *a: None)  # --skip-bad of predict, evaluate and train
     assert len(kept) == len(ds) - 1 and bomb not in {s.path for s in kept.samples}
+
+
+# ============================================================================================ FITS
+
+def _fits_variants(arr: np.ndarray) -> dict:
+    """HDU lists storing the integer-valued float32 ``arr`` (bands, H, W) in odd ways astropy reads back exactly."""
+    from astropy.io import fits
+
+    def scaled(a):  # int16 with BSCALE 2, BZERO 1000 (a - 1000 is even below)
+        h = fits.ImageHDU(a.astype(np.float64))
+        h.scale("int16", bscale=2.0, bzero=1000.0)
+        return h
+
+    return {
+        "float32.fits": [fits.ImageHDU(b) for b in arr],
+        "bscale_bzero.fits": [scaled(b) for b in arr],
+        "uint16.fits": [fits.ImageHDU(b.astype(np.uint16)) for b in arr],  # int16 + BZERO 32768
+        "int32.fits": [fits.ImageHDU(b.astype(np.int32)) for b in arr],
+        "uint8.fits": [fits.ImageHDU(b.astype(np.uint8)) for b in arr],
+        "float64.fits": [fits.ImageHDU(b.astype(np.float64)) for b in arr],
+        "rice.fits.fz": [fits.CompImageHDU(b.astype(np.int16), compression_type="RICE_1") for b in arr],
+        "gzip.fits.gz": [fits.ImageHDU(b) for b in arr],
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fits_variants_give_astropys_scaled_values_on_every_backend(tmp_path, backend):
+    """BSCALE/BZERO, unsigned 16-bit (BZERO 32768), integer and double BITPIX, Rice tiles, gzip: each file gives
+    the values astropy scales it to (the policy), on every backend and in check."""
+    from astropy.io import fits
+
+    arrays = [2 * np.rint(a / 2) for a in blobs(8)]  # even, 0..220: exact in every variant
+    root, ref_root = tmp_path / "v", tmp_path / "ref"
+    for k, arr in enumerate(arrays):
+        name, hdus = list(_fits_variants(arr).items())[k]
+        for where, h in ((root, hdus), (ref_root, [fits.ImageHDU(b) for b in arr])):
+            os.makedirs(where / "test" / ("lens", "nonlens")[k % 2], exist_ok=True)
+            fits.HDUList([fits.PrimaryHDU()] + h).writeto(where / "test" / ("lens", "nonlens")[k % 2] / f"{k}_{name}")
+    ds, ref = discover(str(root), hdus=(1, 2))["test"], discover(str(ref_root), hdus=(1, 2))["test"]
+    assert scan(ds) == {}
+    for s, r in zip(ds.samples, ref.samples):
+        assert np.array_equal(read_sample(s, ds), read_sample(r, ref)), s.path
+    kw = dict(mean=(100.0, 100.0), std=(50.0, 50.0), scaling="none")
+    assert torch.equal(batches(ds, backend, **kw), batches(ref, backend, **kw))
+
+
+def test_dali_gpu_fits_reader_is_not_given_scaled_files(tmp_path):
+    """DALI's GPU FITS reader returns the stored integers, ignoring BSCALE/BZERO: an unsigned 16-bit FITS (int16 +
+    BZERO 32768) or a BSCALE/BZERO file was handed to it as a plain HDU (its pixels off by 32768 on the GPU).
+    Scaled files are read by astropy; unscaled ones still go to DALI."""
+    from astropy.io import fits
+
+    from dali_lens.data.kinds.fits import fits_hdu_numbers
+
+    arr = 2 * np.rint(blobs(1)[0] / 2)
+    for name, hdus in _fits_variants(arr).items():
+        if name.endswith(".gz"):
+            continue
+        folder = tmp_path / name
+        os.makedirs(folder)
+        fits.HDUList([fits.PrimaryHDU()] + hdus).writeto(folder / f"a_{name}")
+        ds = discover(str(folder), hdus=(1, 2))["predict"]
+        want = None if name in ("bscale_bzero.fits", "uint16.fits") else [2, 3]
+        assert fits_hdu_numbers(ds) == want, name
