@@ -293,3 +293,25 @@ def test_dali_gpu_fits_reader_is_not_given_scaled_files(tmp_path):
         ds = discover(str(folder), hdus=(1, 2))["predict"]
         want = None if name in ("bscale_bzero.fits", "uint16.fits") else [2, 3]
         assert fits_hdu_numbers(ds) == want, name
+
+
+def test_fits_over_the_pixel_limit_and_missing_hdus_are_one_line(tmp_path):
+    """A 5000 x 5000 px band in a 25 kB .fits.gz (astropy decompressed all of it) is refused from its header,
+    like an image over the limit; an HDU index the file lacks (--hdus 99: an IndexError traceback) is named."""
+    from astropy.io import fits
+
+    from dali_lens.data.readers import MAX_IMAGE_PIXELS
+
+    root = tmp_path / "f"
+    os.makedirs(root)
+    for i, a in enumerate(blobs(3)):
+        fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(b) for b in a]).writeto(root / f"{i}.fits")
+    big = root / "big.fits.gz"
+    fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(np.zeros((5000, 5000), np.uint8))] * 2).writeto(big)
+    assert os.path.getsize(big) < 100_000 and 5000 ** 2 > MAX_IMAGE_PIXELS
+    ds = discover(str(root))["predict"]
+    assert list(scan(ds).values()) == [f"{big}: HDU 1 is 5000x5000 px, over dali-lens's limit of "
+                                       f"{MAX_IMAGE_PIXELS} px per band (4096x4096; cutouts are 64-224 px): not a "
+                                       "cutout, or a decompression bomb"]
+    with pytest.raises(DataError, match=r"0.fits: no HDU 99 \(its HDUs: 0 PRIMARY, 1, 2\)$"):
+        discover(str(root), hdus=(1, 99))

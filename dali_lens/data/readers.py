@@ -15,7 +15,7 @@ import numpy as np
 from .dataset import DataError, Dataset, Sample
 
 
-#: The largest image dali-lens decodes, in pixels (width x height): 4096 x 4096. Cutouts are 64-224 px; a larger
+#: The largest image (or FITS band) dali-lens decodes, in pixels (width x height): 4096 x 4096. Cutouts are 64-224 px; a larger
 #: file is not a cutout, or a decompression bomb (a constant 13,500 x 13,500 px PNG is 519 kB on disk and 182 MB
 #: decoded), and is refused from its header, before any decoder allocates it.
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -197,19 +197,39 @@ def open_fits(path: str):
         raise DataError(f"{path}: cannot read FITS ({exc})") from None
 
 
+def _has_hdu(hdul, h) -> bool:
+    try:
+        hdul[h]
+    except (KeyError, IndexError):
+        return False
+    return True
+
+
 def read_fits(path: str, hdus: tuple[int | str, ...] | None = None) -> np.ndarray:
     """One band per image HDU (chosen by index or EXTNAME), or a single 2-D/3-D HDU."""
+    big, planes = None, []
     with open_fits(path) as hdul:
         try:
-            if hdus:
+            for hdu in [hdul[h] for h in hdus] if hdus else hdul:  # sizes from the headers, no data read yet
+                shape = tuple(getattr(hdu, "shape", ()) or ()) if hdu.is_image else ()
+                if len(shape) >= 2 and int(np.prod(shape[-2:], dtype=np.int64)) > MAX_IMAGE_PIXELS:
+                    big = (f"{path}: HDU {hdu.name or hdul.index_of(hdu)} is {shape[-1]}x{shape[-2]} px, over "
+                           f"dali-lens's limit of {MAX_IMAGE_PIXELS} px per band (4096x4096; cutouts are 64-224 px): "
+                           "not a cutout, or a decompression bomb")
+                    break
+            if big is None and hdus:
                 planes = [np.asarray(hdul[h].data, dtype=np.float32) for h in hdus]
-            else:
+            elif big is None:
                 planes = [np.asarray(h.data, dtype=np.float32) for h in hdul
                           if getattr(h, "data", None) is not None and getattr(h.data, "ndim", 0) in (2, 3)]
-        except KeyError as exc:
-            raise DataError(f"{path}: no HDU {exc} (HDUs: {[h.name for h in hdul]})") from None
+        except (KeyError, IndexError):
+            missing = next(h for h in hdus if not _has_hdu(hdul, h))
+            raise DataError(f"{path}: no HDU {missing!r} (its HDUs: "
+                            + ", ".join(f"{k} {h.name}".strip() for k, h in enumerate(hdul)) + ")") from None
         except (TypeError, ValueError, OSError) as exc:
             raise DataError(f"{path}: cannot read FITS data ({exc})") from None
+    if big:
+        raise DataError(big)
     if not planes:
         raise DataError(f"{path}: no image data in any HDU")
     if len(planes) == 1 and planes[0].ndim == 3:
