@@ -330,7 +330,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
     ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     ap.add_argument("--split", default="test",
-                    help="split to evaluate: test (default), val (the training run's validation split), train, all")
+                    help="split to evaluate: test (default), val (the training run's validation split), train, all; "
+                         "DATA with no splits of its own (class folders, the challenge layout, flat files) is "
+                         "evaluated whole")
     ap.add_argument("--threshold", type=PROBABILITY, default=0.5,
                     help="score threshold for accuracy/precision/recall/F1, completeness, contamination (default: 0.5)")
     ap.add_argument("--prior", type=FRACTION_OPEN, default=1e-3,

@@ -65,9 +65,10 @@ def _concat(parts: list[Dataset], root: str, split: str) -> Dataset:
 def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: float = 0.0,
                   seed: int = 0) -> Dataset:
     """One :class:`Dataset` from every DATA argument (files, folders, manifests, list files, dataset roots)."""
-    from .sources import discover, make_dataset
+    from .sources import discover, explicit_splits, make_dataset
 
     parts: list[Dataset] = []
+    whole = []  # parts used whole because their data has no splits of its own
     loose: list[Sample] = []
     for arg in data:
         path = os.path.abspath(os.path.expanduser(arg))
@@ -89,6 +90,13 @@ def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: 
             parts.append(splits[split])
         elif len(splits) == 1 and "predict" in splits:
             parts.append(splits["predict"])  # unlabelled files have no splits: --split does not apply
+        elif not explicit_splits(path):  # class folders, the challenge layout: 'val' is only a training hold-out
+            every = discover(path, hdus=hdus, val_fraction=0.0, seed=seed)
+            got = [every[s] for s in ordered_splits(every)]
+            parts += got
+            whole += got
+            log(f"note: {path} has no splits of its own (no train/val/test folders or manifests): using all "
+                f"{sum(len(d) for d in every.values())} samples, not a '{split}' split")
         else:
             raise DataError(f"{path}: no '{split}' split (found: {', '.join(splits)}); use --split all for every one")
     if loose:
@@ -99,4 +107,4 @@ def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: 
     if not parts:
         raise DataError("no input data given")
     root = parts[0].root if len(parts) == 1 else os.path.commonpath([p.root for p in parts])
-    return _concat(parts, root, split)
+    return _concat(parts, root, "all" if len(whole) == len(parts) else split)

@@ -207,6 +207,53 @@ def discover(root: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
     return _with_val(datasets, val_fraction, seed)
 
 
+#: the splits a training run learns from and selects its best epoch on: every sample needs a target
+TRAINING_SPLITS = ("train", "val")
+
+
+def leave_out_unlabelled(datasets: dict[str, Dataset], log=print) -> dict[str, Dataset]:
+    """``datasets`` with the unlabelled samples (label empty, ``-1``, ``nan``, ``none``: ``parse_label``) left
+    out of the splits a run trains and validates on (:data:`TRAINING_SPLITS`), which have no target for them
+    (they entered the BCE loss with target -1, driving it negative); one line says how many per split and names
+    the first. The other splits keep them (scored, left out of the metrics)."""
+    out, counts, dropped = dict(datasets), [], []
+    for name in TRAINING_SPLITS:
+        ds = datasets.get(name)
+        if ds is None:
+            continue
+        keep = [i for i, s in enumerate(ds.samples) if s.label is not None]
+        if len(keep) == len(ds):
+            continue
+        if not keep:
+            raise DataError(f"{ds.root}: the {name} split has no labelled samples")
+        counts.append(f"{name} {len(ds) - len(keep)}")
+        dropped += [s.path for s in ds.samples if s.label is None]
+        out[name] = ds.subset(keep)
+    if dropped:
+        names = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        log(f"{len(dropped)} unlabelled sample(s) (label empty, -1 or nan) left out of training "
+            f"({', '.join(counts)}): {names}")
+    return out
+
+
+def explicit_splits(root: str) -> bool:
+    """True when the data at ``root`` names its splits itself: split manifests (``train.csv`` ...), split folders
+    (``train/`` ...), a packed set (its manifest records them) or a registered source. False for class folders
+    (``lens/``, ``nonlens/``), the challenge layout, flat files and a CSV file: their only splits are ``train``
+    and the ``val`` that ``discover`` holds out of it, so a command asking for another split uses all of it."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        return False
+    from .challenge import is_challenge_layout
+    from .shards import is_packed
+
+    if is_packed(root) or any(detect(root) for detect, _ in _REGISTERED.values()):
+        return True
+    if is_challenge_layout(root):
+        return False
+    return any(os.path.exists(os.path.join(root, f"{s}.csv")) or os.path.isdir(os.path.join(root, s)) for s in SPLITS)
+
+
 def _check_consistent(datasets: dict[str, Dataset]) -> None:
     ref_name, ref = next(iter(datasets.items()))
     for name, d in datasets.items():

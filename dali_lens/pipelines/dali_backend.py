@@ -286,7 +286,7 @@ class DaliLoader:
 
     @property
     def checkpointable(self) -> bool:
-        return self.dataset.data_kind.checkpointable
+        return self.dataset.data_kind.dali_checkpointable(self.dataset)
 
     def _iterator(self):
         if self._it is None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..data import DataError, discover
 from ..data.io import atomic_write_json
+from ..data.sources import leave_out_unlabelled
 from ..distributed import init as init_distributed
 from ..pipelines import build_loader, compute_stats, estimate_noise, resolve_backend
 from ..pipelines.options import AUTO_K, LoaderOptions
@@ -267,7 +268,8 @@ def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
         holder = [data_root]
         dist.broadcast_object_list(holder, src=0)
         data_root = holder[0]
-    splits = discover(data_root, hdus=cfg.hdu_list, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    splits = leave_out_unlabelled(discover(data_root, hdus=cfg.hdu_list, val_fraction=cfg.val_fraction,
+                                           seed=cfg.seed), say)
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
     cfg = layout_defaults(cfg, splits["train"], say)

@@ -101,6 +101,11 @@ class Kind:
         use, which DALI cannot checkpoint (``checkpointable = False``)."""
         return None
 
+    def dali_checkpointable(self, dataset) -> bool:
+        """DALI can checkpoint this kind's loader of ``dataset`` (``checkpointable``, unless this data set goes
+        through the per-sample external source: ``.npy`` of mixed dtypes)."""
+        return self.checkpointable
+
     def dali_listed(self, dataset, gpu: bool) -> bool:
         """DALI's reader is handed this rank's samples of each epoch in order (no reader-side shuffling or
         sharding; the loader rebuilds the pipeline per epoch and knows the positions)."""

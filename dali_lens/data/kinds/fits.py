@@ -133,19 +133,22 @@ def fits_headers(path: str, count: int) -> list[dict[str, str]]:
 
 def hdu_layout(cards: dict[str, str]) -> tuple | None:
     """What DALI's GPU FITS reader would make of one HDU: a hashable description when it decodes it exactly
-    (uncompressed, or RICE_1-compressed integers in row tiles with no scaling), else None.
+    (uncompressed, or RICE_1-compressed integers in row tiles, with no scaling or BLANK in either), else None
+    (astropy reads it: the FITS decoding policy is astropy's scaled values).
 
     The reader Rice-decodes every tile-compressed HDU without looking at ``ZCMPTYPE``, ignores
     ``ZSCALE``/``ZZERO``/``BSCALE``/``BZERO`` and dithering, and assumes tiles of one row."""
+    scaled = any(k in cards for k in ("BLANK", "ZBLANK", "ZSCALE", "ZZERO")) or \
+        float(cards.get("BSCALE", 1)) != 1.0 or float(cards.get("BZERO", 0)) != 0.0
+    if scaled:  # astropy applies BSCALE/BZERO (uint16 is int16 + BZERO 32768); DALI's reader returns raw numbers
+        return None
     if cards.get("ZIMAGE", "F") != "T":
         return ("plain", cards.get("BITPIX"))
     bitpix = int(cards.get("ZBITPIX", 0))
     width = cards.get("ZNAXIS1")
     tiles = [cards.get(f"ZTILE{k}") for k in range(1, int(cards.get("ZNAXIS", 0)) + 1)]
     row_tiles = tiles[0] in (None, width) and all(t in (None, "1") for t in tiles[1:])
-    unscaled = float(cards.get("BSCALE", 1)) == 1.0 and float(cards.get("BZERO", 0)) == 0.0 and "ZSCALE" not in cards \
-        and "ZZERO" not in cards
-    if cards.get("ZCMPTYPE") == "RICE_1" and bitpix > 0 and row_tiles and unscaled:
+    if cards.get("ZCMPTYPE") == "RICE_1" and bitpix > 0 and row_tiles:
         return ("rice", bitpix)
     return None
 
@@ -162,9 +165,9 @@ def _dali_fits_ok(dataset, hdu_numbers: list[int]) -> bool:
     def layout(path: str):
         try:
             heads = fits_headers(path, last)
+            return tuple(hdu_layout(heads[h - 1]) for h in hdu_numbers)
         except (OSError, ValueError, DataError):
             return None  # astropy reads it and names the problem
-        return tuple(hdu_layout(heads[h - 1]) for h in hdu_numbers)
 
     first = layout(paths[0])
     if first is None or None in first:

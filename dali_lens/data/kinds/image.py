@@ -10,12 +10,11 @@ import zlib
 import numpy as np
 
 from ..dataset import DataError
-from ..readers import check_array, decode_image, read_image
+from ..readers import PNG_SIG, check_array, decode_image, image_policy_problem, read_image
 from .base import Kind
 
 #: bands of each Pillow mode
 PIL_BANDS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "P": 3, "RGB": 3, "YCbCr": 3, "LA": 2, "RGBA": 4, "CMYK": 4}
-PNG_SIG = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"IEND\xaeB`\x82"
 JPEG_SOI = b"\xff\xd8"
 #: member extensions of packed images, and the same for DALI's webdataset reader
@@ -76,6 +75,9 @@ def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
 
     if not data:
         raise DataError(f"{where}: empty file (0 bytes)")
+    bad = image_policy_problem(data)
+    if bad:
+        raise DataError(f"{where}: {bad}")
     if data[:8] == PNG_SIG:
         return decode_image(data, where)
     try:
@@ -90,12 +92,17 @@ def dali_decode_images(raw, dataset, gpu: bool):
     for one band, RGB for three (ANY_DATA on a greyscale JPEG crashes DALI's CPU decoder with a heap corruption,
     issue 18), ANY_DATA only for other counts (PNG with 2 or 4 channels). A file with another band count is
     refused by ``data.validate`` before it gets here. Buffers sized for small cutouts, not the ImageNet-sized
-    defaults (8-16 MiB per thread)."""
+    defaults (8-16 MiB per thread). EXIF orientation is ignored, as Pillow and torchvision ignore it (DALI rotated
+    such JPEGs by default). Grey + alpha PNG (2 bands), which DALI's decoder cannot decode, is refused by name.
+    """
     from nvidia.dali import fn, types
 
+    if dataset.bands == 2:
+        raise DataError(f"{dataset.samples[0].path if dataset.samples else dataset.root}: grey + alpha PNG "
+                        "(2 bands): DALI's image decoder cannot decode it; use --backend torchvision")
     h, w = dataset.shape or (0, 0)
     # jpeg_fancy_upsampling: nvJPEG upsamples chroma like libjpeg-turbo (the CPU decoders, PIL), not its cheaper default
-    hint = dict(bytes_per_sample_hint=h * w * dataset.bands, jpeg_fancy_upsampling=True)
+    hint = dict(bytes_per_sample_hint=h * w * dataset.bands, jpeg_fancy_upsampling=True, adjust_orientation=False)
     output_type = {1: types.GRAY, 3: types.RGB}.get(dataset.bands, types.ANY_DATA)
     if gpu:  # 'mixed': JPEG on nvJPEG / the hardware decoder, PNG on the CPU then copied to the GPU
         return fn.decoders.image(raw, device="mixed", output_type=output_type, host_memory_padding=256 * 1024,
@@ -182,11 +189,15 @@ def _is_libjpeg_warning(line: str) -> bool:
 
 
 def image_problem(data: bytes, where: str, bands: int | None = None, shape=None) -> str | None:
-    """A strict check of one encoded PNG/JPEG, decoded once: PNG chunk CRCs then a Pillow decode; JPEG through
-    torchvision's libjpeg decoder with its corrupt-data warnings caught. Then the band count and size when
-    given. None when the image is sound."""
+    """A strict check of one encoded PNG/JPEG, decoded once: the decoding policy from the header
+    (``readers.image_policy_problem``: size limit, bit depth, colour model), PNG chunk CRCs then a Pillow
+    decode; JPEG through torchvision's libjpeg decoder with its corrupt-data warnings caught. Then the band
+    count and size when given. None when the image is sound."""
     if not data:
         return f"{where}: empty file (0 bytes)"
+    bad = image_policy_problem(data)
+    if bad:
+        return f"{where}: {bad}"
     if data[:2] == b"\xff\xd8":
         if b"\xff\xd9" not in data[-32:]:
             return f"{where}: truncated JPEG (no end-of-image marker)"
@@ -251,6 +262,12 @@ class ImageKind(Kind):
         """Readable header, size, band count, and the end-of-stream marker."""
         from PIL import Image, UnidentifiedImageError
 
+        try:
+            bad = image_policy_problem(read_bytes(path))
+        except DataError as exc:
+            return str(exc)
+        if bad:
+            return f"{path}: {bad}"
         try:
             with Image.open(path) as im:
                 fmt, mode, (w, h) = im.format, im.mode, im.size

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ..dataset import DataError
+from ..dataset import DataError, dataset_cache
 from .base import Kind
 
 #: bytes of the file name that DALI's numpy reader reports per sample (its ``source_info``), padded
@@ -101,6 +101,34 @@ def _first(dataset) -> str | None:
     return dataset.samples[0].path if len(dataset) else None
 
 
+def dali_reads_exactly(dataset) -> bool:
+    """True when DALI's numpy reader gives every file of ``dataset`` the pixels of the decoding policy
+    (``readers.npy_dtype_problem``: numpy's float32 cast): every file has the same dtype, little-endian (DALI
+    rejects big-endian arrays) and numeric, C or Fortran order. The reader also asserts on a batch of mixed
+    dtypes (float32 files among uint16 ones). Otherwise the DALI backends read the files with numpy
+    (``read``, in a per-sample external source), as the torchvision backend does. Reads every file's header
+    once per dataset object (cached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..readers import npy_dtype_problem, npy_header
+
+    entry = dataset_cache(dataset, __name__)
+    if "exact" not in entry:
+        def dtype_of(path: str):
+            try:
+                dtype = npy_header(path)[1]
+            except Exception:  # noqa: BLE001 - corrupt: read() names it
+                return None
+            return None if npy_dtype_problem(dtype) or dtype.byteorder == ">" or (
+                dtype.byteorder == "=" and not np.little_endian) else dtype.newbyteorder("<")
+
+        paths = [s.path for s in dataset.samples]
+        with ThreadPoolExecutor(max(1, min(8, len(paths)))) as pool:
+            found = set(pool.map(dtype_of, paths, chunksize=256))
+        entry["exact"] = len(found) == 1 and None not in found
+    return entry["exact"]
+
+
 def dali_chw_to_hwc(x):
     """A (bands, H, W) node (no layout: DALI's numpy reader and decoder set none) as HWC."""
     from nvidia.dali import fn
@@ -139,10 +167,15 @@ class NpyKind(Kind):
         """The header only, then the file's length against what the header promises, and the shape."""
         from ..readers import npy_header
 
+        from ..readers import npy_dtype_problem
+
         try:
             shape, dtype, _, offset = npy_header(path)
         except Exception as exc:
             return f"{path}: cannot read .npy (corrupt header: {exc})"
+        bad = npy_dtype_problem(dtype)
+        if bad:
+            return f"{path}: {bad}"
         need = offset + int(np.prod(shape)) * dtype.itemsize
         if size < need:
             return f"{path}: truncated .npy ({size} bytes, the header promises {need})"
@@ -163,11 +196,17 @@ class NpyKind(Kind):
     def packed_as(self) -> Kind:
         return self
 
+    def dali_checkpointable(self, dataset) -> bool:
+        return dali_reads_exactly(dataset)
+
     def dali_source(self, dataset, opts, gpu: bool, order: np.ndarray, reader_args: dict):
         """DALI's numpy reader (on the GPU when cuFile reads the data: :func:`numpy_reader_device`); the index
-        is the file name it reports."""
+        is the file name it reports. None (the files read by :meth:`read`, as torchvision reads them) where the
+        reader would not give the policy's pixels (:func:`dali_reads_exactly`: mixed or big-endian dtypes)."""
         from nvidia.dali import fn, types
 
+        if not dali_reads_exactly(dataset):
+            return None
         files = [dataset.samples[i].path for i in order]
         on_gpu = gpu and numpy_reader_device(opts, _first(dataset)) == "gpu"
         x = fn.readers.numpy(files=files, device="gpu" if on_gpu else "cpu", **reader_args)
@@ -189,9 +228,13 @@ class NpyKind(Kind):
         return dali_chw_to_hwc(x)
 
     def dali_prepare(self, dataset, opts) -> None:
-        numpy_reader_device(opts, _first(dataset), probe=True)
+        if dali_reads_exactly(dataset):
+            numpy_reader_device(opts, _first(dataset), probe=True)
 
     def dali_reads(self, dataset, opts) -> str:
+        if not dali_reads_exactly(dataset):
+            return ("numpy reads the .npy files (mixed or big-endian dtypes, which DALI's numpy reader cannot read "
+                    "exactly)")
         first = _first(dataset)
         if numpy_reader_device(opts, first) == "gpu":
             return "DALI reads .npy on the GPU (cuFile)"
