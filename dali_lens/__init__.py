@@ -21,6 +21,7 @@ from ._version import __version__
 _EXPORTS = {"describe": ".api", "DataError": ".data.dataset", "Dataset": ".data.dataset", "Sample": ".data.dataset",
             "register_source": ".data.sources", "BACKENDS": ".choices", "LoaderOptions": ".pipelines",
             "build_loader": ".pipelines", "compute_stats": ".pipelines", "register_batch_transform": ".pipelines",
+            "register_backend": ".pipelines",
             "Kind": ".data.kinds", "register_kind": ".data.kinds"}
 
 
@@ -54,6 +55,7 @@ __all__ = [
     "compute_stats",
     "describe",
     "predict",
+    "register_backend",
     "register_batch_transform",
     "register_kind",
     "register_source",

@@ -28,7 +28,7 @@ def test_public_surface_is_small_and_documented():
 
 def test_extending_examples_run(tmp_path, monkeypatch):
     blocks = code_blocks("docs/extending.md", "docs-test")
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     monkeypatch.chdir(tmp_path)
     scope = {"__name__": "__docs__"}
     for block in blocks:
