@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             ap.error("--batch-size must be >= 1")
     from .inference import CheckpointError
+    from .pipelines import BackendError
 
     try:
         return run_command(lambda: merge_only(args.out) if args.merge else predict_files(
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                batch_size=args.batch_size, tta=args.tta, fusion=args.fusion, workers=args.workers,
                                threads=args.threads, hdus=args.hdus, skip_bad=args.skip_bad, limit=args.limit,
                                progress=args.progress),
-                           (DataError, CheckpointError, PredictError, FileNotFoundError, PermissionError,
-                            IsADirectoryError),
+                           (DataError, CheckpointError, PredictError, BackendError, FileNotFoundError,
+                            PermissionError, IsADirectoryError),
                            f"interrupted: rows written so far are kept in {args.out} (or its part files); "
                            "rerun the same command to resume")
     finally:

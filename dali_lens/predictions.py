@@ -259,8 +259,8 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
                   threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
                   limit: int | None = None, progress: bool = True) -> int:
     """Score ``data`` with the ensemble of ``checkpoint`` into the CSV ``out`` (resumable; see
-    ``python -m dali_lens.predict --help`` for every option). Returns 0; raises DataError, PredictError or
-    CheckpointError on bad input."""
+    ``python -m dali_lens.predict --help`` for every option). Returns 0; raises DataError, PredictError,
+    CheckpointError or BackendError on bad input."""
     import torch
 
     from .inference import check_dataset, load_ensemble
@@ -273,10 +273,7 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.isdir(out):
         raise PredictError(f"{out}: --out is a directory; give the CSV file to write")
-    try:
-        resolve_backend(backend)  # a backend this machine lacks fails before anything is loaded
-    except RuntimeError as exc:
-        raise PredictError(str(exc)) from None
+    resolve_backend(backend)  # a backend this machine lacks fails (BackendError) before anything is loaded
     if threads:
         torch.set_num_threads(threads)
     ens = load_ensemble(checkpoint, device)

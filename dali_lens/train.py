@@ -37,10 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def train() -> None:
-        try:
-            resolve_backend(args.backend)  # an unusable --backend is an option error, not a traceback
-        except RuntimeError as exc:
-            raise ValueError(str(exc)) from None
+        resolve_backend(args.backend)  # an unusable --backend (BackendError, a ValueError) fails before any work
         run(from_args(args))
 
     return run_command(train, (DataError, FileExistsError, FileNotFoundError, PermissionError, ValueError),

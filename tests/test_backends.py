@@ -105,3 +105,26 @@ def test_a_backend_registered_alone_loads_contract_batches(packed):
         unregister_backend("toy-off")
     with pytest.raises(BackendError, match="unknown backend 'toy'"):
         resolve_backend("toy")
+
+
+def test_an_unusable_backend_is_one_backend_error_at_every_door(tmp_path, capsys):
+    # before: predict_files and evaluate re-wrapped it as PredictError / EvaluateError (and train as ValueError)
+    from dali_lens import pipelines
+    from dali_lens.evaluate import main as evaluate_main
+    from dali_lens.predict import main as predict_main
+    from dali_lens.predictions import predict_files
+    from dali_lens.train import main as train_main
+
+    saved = pipelines._BACKENDS["dali-cpu"]
+    register_backend("dali-cpu", available=lambda: "needs a test's permission", factory=saved.factory)
+    try:
+        with pytest.raises(BackendError, match="'dali-cpu' needs a test's permission") as caught:
+            predict_files(["no.pt"], [str(tmp_path)], str(tmp_path / "p.csv"), backend="dali-cpu", progress=False)
+        assert type(caught.value) is BackendError
+        for main, args in ((train_main, ["--data-root", str(tmp_path)]),
+                           (predict_main, ["-c", "no.pt", str(tmp_path), "--out", str(tmp_path / "p.csv")]),
+                           (evaluate_main, ["-c", "no.pt", str(tmp_path), "--out", str(tmp_path / "ev")])):
+            assert main(args + ["--backend", "dali-cpu"]) == 2
+            assert capsys.readouterr().err.strip() == "error: backend 'dali-cpu' needs a test's permission"
+    finally:
+        pipelines._BACKENDS["dali-cpu"] = saved
