@@ -111,9 +111,9 @@ def test_an_unusable_backend_is_one_backend_error_at_every_door(tmp_path, capsys
     # before: predict_files and evaluate re-wrapped it as PredictError / EvaluateError (and train as ValueError)
     from dali_lens import pipelines
     from dali_lens.evaluate import main as evaluate_main
-    from dali_lens.predict import main as predict_main
+    from dali_lens.commands.predict import main as predict_main
     from dali_lens.predictions import predict_files
-    from dali_lens.train import main as train_main
+    from dali_lens.commands.train import main as train_main
 
     saved = pipelines._BACKENDS["dali-cpu"]
     register_backend("dali-cpu", available=lambda: "needs a test's permission", factory=saved.factory)
