@@ -7,7 +7,8 @@ that own each idea re-export their tuple (``dali_lens.BACKENDS``, ``pipelines.op
 ``inference.FUSIONS``, ``models.STEMS``, ``trainers.TRAINERS``). A leaf module: it imports nothing.
 """
 
-#: loaders (``--backend``): auto picks DALI on a GPU, else DALI CPU, else torchvision (``resolve_backend``)
+#: loaders (``--backend``): auto picks DALI on a GPU, else DALI CPU, else torchvision (``resolve_backend``); the
+#: rest are the built-in entries of the backend registry (``pipelines.register_backend``; test_backends.py)
 BACKENDS = ("auto", "dali", "dali-cpu", "torchvision")
 #: loader output dtypes (``--dtype`` adds ``auto``)
 DTYPES = ("float32", "float16", "uint8")
