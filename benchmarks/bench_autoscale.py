@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.n, args.test_n, args.epochs, args.batch_size = 60, 30, 1, 16
     from dali_lens import evaluate as evaluate_cmd
-    from dali_lens import train as train_cmd
+    from dali_lens.commands import train as train_cmd
     from dali_lens.data.synthetic import generate_dataset
     from dali_lens.trainers.config import from_args
     from dali_lens.trainers.runner import run

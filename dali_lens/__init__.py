@@ -21,20 +21,18 @@ from ._version import __version__
 _EXPORTS = {"describe": ".api", "DataError": ".data.dataset", "Dataset": ".data.dataset", "Sample": ".data.dataset",
             "register_source": ".data.sources", "BACKENDS": ".choices", "LoaderOptions": ".pipelines",
             "build_loader": ".pipelines", "compute_stats": ".pipelines", "register_batch_transform": ".pipelines",
+            "register_backend": ".pipelines", "train": ".api", "predict": ".api",
             "Kind": ".data.kinds", "register_kind": ".data.kinds"}
 
 
 def __getattr__(name: str):
     """The public names, imported on first use (see ``_EXPORTS``).
 
-    ``train`` and ``predict`` are the CLI modules made callable: ``dali_lens.train(...)`` runs
-    :func:`dali_lens.api.train` and ``dali_lens.train.main(argv)`` is the command line: one name whatever was
-    imported first, and ``python -m dali_lens.train`` stays clean.
+    ``train`` and ``predict`` are the library functions of :mod:`dali_lens.api`; their commands live in
+    :mod:`dali_lens.commands` (``dali_lens/train.py`` and ``predict.py`` are ``python -m`` shims).
     """
     import importlib
 
-    if name in ("train", "predict"):
-        return importlib.import_module(f"{__name__}.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
@@ -54,6 +52,7 @@ __all__ = [
     "compute_stats",
     "describe",
     "predict",
+    "register_backend",
     "register_batch_transform",
     "register_kind",
     "register_source",

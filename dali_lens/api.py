@@ -18,16 +18,33 @@ def describe(path: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
     return discover(path, hdus=hdus, val_fraction=val_fraction, seed=seed)
 
 
-def train(data_root: str | None = None, **options) -> dict:
-    """Train like ``python -m dali_lens.train``; keyword names are the CLI flags with ``_`` for ``-``.
+def train(data_root: str | None = None, *, out: str | None = None, resume: bool = False,
+          allow_config_change: bool = False, val_fraction: float = 0.15, hdus: str | None = None,
+          skip_bad: bool = False, backend: str = "auto", workers: int | None = None, dtype: str = "auto",
+          norm: str = "stats", scaling: str = "auto", scale_a: float = 1.0, mask_value: float | str | None = "auto",
+          mask_channel: bool = False, resize_mode: str = "resize", max_shift: int = 2, batch_transforms: str = "",
+          tta: bool = False, trainer: str = "single", arch: str = "small_cnn", img_size: int = 64,
+          stem: str = "auto", scales: str = "48,64,96", schedule: str = "all", progressive_epochs: int = 2,
+          consistency: str = "none", consistency_weight: float = 0.1, micro_batch: int = 0,
+          memory_budget: str = "auto", members: str = "small_cnn:48:0,small_cnn:64:1,resnet18:64:2",
+          fusion: str = "mean_prob", weights: str | None = None, epochs: int = 6, batch_size: int = 64,
+          lr: float = 0.002, weight_decay: float = 0.0001, lr_schedule: str = "cosine", patience: int = 4,
+          amp: str = "auto", channels_last: bool = True, seed: int = 0, checkpoint_every: int = 0,
+          threshold: float = 0.5, gallery: bool = True, progress: bool = True) -> dict:
+    """Train a lens finder like ``python -m dali_lens.train`` and return the final metrics (also written to
+    ``<out>/metrics.json``).
 
+    The parameters are :class:`dali_lens.trainers.config.TrainConfig`'s fields, one for each command-line flag
+    (``img_size`` is ``--img-size``; ``python -m dali_lens.train --help`` says what each does), with the same
+    defaults; ``data_root=None`` trains on the built-in synthetic set.
     Example: ``dali_lens.train("data/", arch="resnet18", img_size=96, epochs=10, out="runs/r18")``.
-    Returns the final metrics (also written to ``<out>/metrics.json``).
+    Bad input raises ``DataError`` or ``ValueError`` (``BackendError`` among them), naming the file or option.
     """
+    options = dict(locals())  # the parameters, exactly TrainConfig's fields (tests/test_api.py); nothing else yet
     from .trainers.config import TrainConfig
     from .trainers.runner import run
 
-    return run(TrainConfig(data_root=data_root, **options))
+    return run(TrainConfig(**options))
 
 
 def predict(checkpoint: str | list[str], data: str | list[str], out: str, **options) -> str:
@@ -37,7 +54,7 @@ def predict(checkpoint: str | list[str], data: str | list[str], out: str, **opti
     CLI flags with ``_`` for ``-`` (``backend``, ``batch_size``, ``tta``, ``fusion``, ``workers``, ``split``,
     ``hdus``, ``skip_bad``, ``limit``, ``threads``, ``progress``; see
     :func:`dali_lens.predictions.predict_files`). Bad input raises ``DataError`` (or ``PredictError`` /
-    ``CheckpointError``), naming the file.
+    ``CheckpointError`` / ``BackendError``), naming the file or option.
     """
     from .cli import check_options, scoring_parser
     from .predictions import predict_files
@@ -47,18 +64,3 @@ def predict(checkpoint: str | list[str], data: str | list[str], out: str, **opti
     predict_files([checkpoint] if isinstance(checkpoint, str) else list(checkpoint),
                   [data] if isinstance(data, str) else list(data), out, **options)
     return os.path.abspath(out)
-
-
-def _callable_module(name: str, fn) -> None:
-    """Let ``dali_lens.train(...)`` / ``dali_lens.predict(...)`` keep working after ``import dali_lens.train``.
-
-    Importing a submodule sets it as an attribute of the package, replacing the function of the same name;
-    making the module object callable (delegating to the function) keeps the public API intact.
-    """
-    import sys
-    import types
-
-    class _Module(types.ModuleType):
-        __call__ = staticmethod(fn)
-
-    sys.modules[name].__class__ = _Module

@@ -11,7 +11,8 @@ too (``Range`` and friends, below). A leaf module: it imports nothing from dali_
 import argparse
 import math
 
-#: loaders (``--backend``): auto picks DALI on a GPU, else DALI CPU, else torchvision (``resolve_backend``)
+#: loaders (``--backend``): auto picks DALI on a GPU, else DALI CPU, else torchvision (``resolve_backend``); the
+#: rest are the built-in entries of the backend registry (``pipelines.register_backend``; test_backends.py)
 BACKENDS = ("auto", "dali", "dali-cpu", "torchvision")
 #: loader output dtypes (``--dtype`` adds ``auto``)
 DTYPES = ("float32", "float16", "uint8")

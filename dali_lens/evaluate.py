@@ -173,10 +173,7 @@ def _load(args):
     from .inference import check_dataset, load_ensemble
     from .pipelines import resolve_backend
 
-    try:
-        resolve_backend(args.backend)  # a backend this machine lacks fails before anything is loaded
-    except RuntimeError as exc:
-        raise EvaluateError(str(exc)) from None
+    resolve_backend(args.backend)  # a backend this machine lacks fails (BackendError) before anything is loaded
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -356,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     from .inference import CheckpointError
+    from .pipelines import BackendError
 
     return run_command(lambda: evaluate(args),
-                       (DataError, CheckpointError, EvaluateError, FileNotFoundError, PermissionError),
+                       (DataError, CheckpointError, EvaluateError, BackendError, FileNotFoundError, PermissionError),
                        "interrupted: nothing was written", output=args.out)
 
 

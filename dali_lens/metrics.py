@@ -1,7 +1,9 @@
 """Classification and lens-finding-challenge metrics, calibration and plots.
 
-Everything here is plain numpy (matplotlib only for the two plot helpers) and accepts numpy arrays,
-lists or 1-element-per-sample tensors converted with ``np.asarray``.
+ROC, ROC AUC and average precision are scikit-learn's; the challenge metrics (TPR0, TPR10), the bootstrap
+intervals, completeness, contamination, ECE and temperature fitting are plain numpy here (matplotlib only for
+the two plot helpers). Everything accepts numpy arrays, lists or 1-element-per-sample tensors converted with
+``np.asarray``.
 
 Conventions
 -----------
@@ -94,69 +96,54 @@ def _counts_at_thresholds(y: np.ndarray, s: np.ndarray):
 # ranking metrics
 
 
+def _sklearn_metrics():
+    """scikit-learn's metrics module, imported on first use (it takes a while; most commands never score)."""
+    import sklearn.metrics
+
+    return sklearn.metrics
+
+
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC curve ``(fpr, tpr, thresholds)``, one point per distinct score plus the origin.
+    """ROC curve ``(fpr, tpr, thresholds)``, one point per distinct score plus the origin (scikit-learn's
+    ``roc_curve`` with every point kept).
 
     ``thresholds[0] = inf`` (nothing admitted: the point (0, 0)); ``thresholds[i]`` for ``i >= 1`` are the
     distinct scores in decreasing order and the point counts the samples with ``score >= thresholds[i]``.
     ``fpr`` is all-NaN without negatives, ``tpr`` all-NaN without positives.
     """
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+
     y, s = _as_labels_scores(labels, scores)
-    tps, fps, thr = _counts_at_thresholds(y, s)
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    tps = np.r_[0, tps].astype(np.float64)
-    fps = np.r_[0, fps].astype(np.float64)
-    thresholds = np.r_[np.inf, thr]
-    tpr = tps / n_pos if n_pos else np.full_like(tps, np.nan)
-    fpr = fps / n_neg if n_neg else np.full_like(fps, np.nan)
+    with warnings.catch_warnings():  # one class only: the undefined rate is NaN, as documented above
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, thresholds = _sklearn_metrics().roc_curve(y, s, pos_label=1, drop_intermediate=False)
     return fpr, tpr, thresholds
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (like scipy.stats.rankdata)."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    new_group = np.r_[True, xs[1:] != xs[:-1]]
-    group_id = np.cumsum(new_group) - 1
-    starts = np.nonzero(new_group)[0]
-    counts = np.diff(np.r_[starts, x.size])
-    avg = starts + (counts + 1) / 2.0
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = avg[group_id]
-    return ranks
-
-
 def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve = Mann-Whitney U / (n_pos * n_neg).
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score``) = Mann-Whitney U / (n_pos * n_neg).
 
     Equals the probability that a random lens scores above a random non-lens, ties counted 1/2 (the same
     as the trapezoidal area under ``roc_curve``).  NaN without positives or without negatives.
     """
     y, s = _as_labels_scores(labels, scores)
     n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == y.size:
         return float("nan")
-    ranks = _average_ranks(s)
-    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(_sklearn_metrics().roc_auc_score(y, s))
 
 
 def average_precision(labels, scores) -> float:
-    """Average precision (step-wise area under the precision-recall curve, like sklearn's
+    """Average precision (step-wise area under the precision-recall curve, scikit-learn's
     ``average_precision_score``): ``AP = sum_k (R_k - R_{k-1}) * P_k`` over the distinct thresholds
     (highest first, ``R_0 = 0``).  NaN without positives; 1.0 without negatives.
     """
     y, s = _as_labels_scores(labels, scores)
-    n_pos = int(y.sum())
-    if n_pos == 0:
+    if int(y.sum()) == 0:
         return float("nan")
-    tps, fps, _ = _counts_at_thresholds(y, s)
-    precision = tps / (tps + fps)
-    recall = tps / n_pos
-    d_recall = np.diff(np.r_[0.0, recall])
-    return float(np.sum(d_recall * precision))
+    return float(_sklearn_metrics().average_precision_score(y, s, pos_label=1))
 
 
 def expected_calibration_error(labels, scores, n_bins: int = ECE_BINS) -> float:

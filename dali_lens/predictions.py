@@ -289,8 +289,8 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
                   threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
                   limit: int | None = None, progress: bool = True) -> int:
     """Score ``data`` with the ensemble of ``checkpoint`` into the CSV ``out`` (resumable; see
-    ``python -m dali_lens.predict --help`` for every option). Returns 0; raises DataError, PredictError or
-    CheckpointError on bad input."""
+    ``python -m dali_lens.predict --help`` for every option). Returns 0; raises DataError, PredictError,
+    CheckpointError or BackendError on bad input."""
     from .pipelines import resolve_backend
     from .distributed import init as init_distributed
 
@@ -300,10 +300,7 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.isdir(out):
         raise PredictError(f"{out}: --out is a directory; give the CSV file to write")
-    try:
-        resolve_backend(backend)  # a backend this machine lacks fails before anything is loaded
-    except RuntimeError as exc:
-        raise PredictError(str(exc)) from None
+    resolve_backend(backend)  # a backend this machine lacks fails (BackendError) before anything is loaded
     with _lock_out(out, main_rank, world):
         return _predict_locked(checkpoint, data, out, split=split, backend=backend, batch_size=batch_size,
                                tta=tta, fusion=fusion, workers=workers, threads=threads, hdus=hdus,

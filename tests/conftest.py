@@ -106,3 +106,14 @@ def resume_after(make_loader, k: int):
     resumed = make_loader()
     resumed.load_state_dict(state)
     return head, state, [b["index"].tolist() for b in resumed]
+
+
+def command_module(name: str):
+    """The module holding ``python -m dali_lens.<name>``'s ``main`` and parser: ``dali_lens.commands.<name>``
+    for the commands whose names are also library functions (train, predict: their ``dali_lens.<name>`` is a
+    ``python -m`` shim), ``dali_lens.<name>`` for the others."""
+    import importlib
+    import importlib.util
+
+    where = f"dali_lens.commands.{name}"
+    return importlib.import_module(where if importlib.util.find_spec(where) else f"dali_lens.{name}")

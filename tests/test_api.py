@@ -1,6 +1,7 @@
 """The public API: docs examples run as written (README blocks: test_readme.py); the loader works under PyTorch Lightning."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -28,7 +29,7 @@ def test_public_surface_is_small_and_documented():
 
 def test_extending_examples_run(tmp_path, monkeypatch):
     blocks = code_blocks("docs/extending.md", "docs-test")
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     monkeypatch.chdir(tmp_path)
     scope = {"__name__": "__docs__"}
     for block in blocks:
@@ -78,12 +79,41 @@ def test_pytorch_lightning_fit_one_epoch(make_dataset, tmp_path):
     assert set(seen) <= set(range(n_train))
 
 
-def test_train_and_predict_stay_callable_after_importing_their_modules():
-    import dali_lens.predict  # noqa: F401  (the CLI modules share the functions' names)
-    import dali_lens.train  # noqa: F401
+def test_train_and_predict_are_the_library_functions_whatever_was_imported():
+    # before: the command modules made themselves callable: signature (**options) / (*args, **kwargs), the CLI's
+    # docstring in help()
+    import inspect
+    import pydoc
 
-    assert callable(dali_lens.train) and callable(dali_lens.predict)
-    assert dali_lens.train.__doc__ and dali_lens.predict.__doc__
+    import dali_lens.commands.predict  # noqa: F401  (the commands of the same names)
+    import dali_lens.commands.train  # noqa: F401
+    from dali_lens import api
+    from dali_lens.trainers.config import TrainConfig
+
+    assert dali_lens.train is api.train and dali_lens.predict is api.predict
+    params = inspect.signature(dali_lens.train).parameters
+    assert list(params) == [f.name for f in dataclasses.fields(TrainConfig)]
+    for f in dataclasses.fields(TrainConfig):  # the written-out signature is TrainConfig's, type and default
+        assert (params[f.name].annotation, params[f.name].default) == (f.type, f.default), f.name
+    assert list(inspect.signature(dali_lens.predict).parameters)[:3] == ["checkpoint", "data", "out"]
+    text = pydoc.render_doc(dali_lens.train, renderer=pydoc.plaintext)
+    assert re.search(r"img_size: '?int'? = 64", text) and "Train a lens finder like" in text
+    assert "--data-root" not in text  # the command's description (its flags) is not the function's
+    assert "Score ``data`` with one checkpoint" in pydoc.render_doc(dali_lens.predict, renderer=pydoc.plaintext)
+
+
+@pytest.mark.parametrize("name", ["train", "predict"])
+def test_the_python_m_shims_only_run_their_command(name):
+    import ast
+    import subprocess
+    import sys
+
+    tree = ast.parse(open(os.path.join(HERE, "dali_lens", f"{name}.py")).read())
+    body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    assert len(body) == 1 and ast.unparse(body[0].test) == "__name__ == '__main__'"
+    proc = subprocess.run([sys.executable, "-m", f"dali_lens.{name}", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and f"usage: python -m dali_lens.{name}" in proc.stdout
 
 
 def test_import_dali_lens_loads_neither_torch_nor_dali():

@@ -85,7 +85,7 @@ def test_newer_version_is_refused_naming_the_file(old_run, capsys):
     with pytest.raises(CheckpointError, match=f"{newer}: checkpoint version {VERSION + 1}.*newer dali-lens"):
         load_ensemble(str(newer), "cpu")
     torch.save(state, old_run / "run" / "last.pt")  # --resume reads it the same way: exit status 2, one line
-    from dali_lens.train import main
+    from dali_lens.commands.train import main
 
     rc = main(["--data-root", "data", "--out", "run", "--epochs", "2", "--img-size", "16", "--batch-size", "16",
                "--mask-value", "-1", "--mask-channel", "--backend", "torchvision", "--workers", "1", "--no-gallery",

@@ -19,7 +19,7 @@ from dali_lens.data.synthetic import generate_dataset
 from dali_lens.predictions import provenance_path
 from test_predict import make_checkpoint
 
-P = importlib.import_module("dali_lens.predict")  # the module (dali_lens.predict is also a function)
+P = importlib.import_module("dali_lens.commands.predict")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--no-progress", "--backend", "dali-cpu", "--batch-size", "8", "--workers", "1"]
 
@@ -179,7 +179,7 @@ def test_run_stopped_before_its_first_checkpoint_is_reusable(lenses, tmp_path, m
 
 
 def test_resume_with_other_options_is_refused_unless_allowed(lenses, tmp_path, capsys):
-    from dali_lens.train import main as train_main
+    from dali_lens.commands.train import main as train_main
 
     out = str(tmp_path / "run")
     assert train_main(_train_args(lenses, out)) == 0
@@ -204,7 +204,7 @@ def test_resume_with_other_options_is_refused_unless_allowed(lenses, tmp_path, c
 def test_resume_with_layout_defaults_is_not_a_config_change(tmp_path, capsys):
     """--mask-value auto is resolved (100 on the challenge layout) before config.json is written; a plain
     --resume with the same (default) options must compare like with like, not 'auto' with 100."""
-    from dali_lens.train import main as train_main
+    from dali_lens.commands.train import main as train_main
 
     data = str(tmp_path / "challenge")
     generate_dataset(data, n=40, size=32, layout="challenge", track="space", seed=3)
@@ -223,7 +223,7 @@ def test_mask_value_nan_masks_blank_pixels_and_resumes(tmp_path, capsys):
     options continues (a float NaN equalled nothing: 'nan then, nan now'), and predict reads the run."""
     import numpy as np
 
-    from dali_lens.train import main as train_main
+    from dali_lens.commands.train import main as train_main
 
     rng = np.random.default_rng(2)
     for split, n in (("train", 23), ("test", 9)):

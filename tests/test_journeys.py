@@ -258,7 +258,7 @@ def test_checkpoints_without_a_noise_estimate_load_as_before(sources, tmp_path, 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_backend_this_machine_lacks_is_one_line_and_status_2(sources, tmp_path, capsys):
-    from dali_lens import train
+    from dali_lens.commands import train
 
     rc = train.main(["--data-root", sources["npy"], "--out", str(tmp_path / "r"), "--backend", "dali"])
     err = capsys.readouterr().err

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import importlib
 import os
 import signal
 import subprocess
@@ -19,6 +18,8 @@ import sys
 import time
 
 import pytest
+
+from conftest import command_module
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--backend", "torchvision", "--workers", "1", "--batch-size", "8", "--no-progress"]
@@ -28,7 +29,7 @@ def _run(module: str, argv: list[str], capsys) -> tuple[int, list[str]]:
     """(exit status, stderr lines) of ``python -m dali_lens.<module> argv``; an exception escaping main (what
     would be a traceback) fails the test."""
     try:
-        rc = importlib.import_module(f"dali_lens.{module}").main(argv)
+        rc = command_module(module).main(argv)
     except SystemExit as exc:
         rc = exc.code
     except BaseException as exc:  # noqa: BLE001 - the point of the test

@@ -7,11 +7,12 @@ range (a ``dali_lens.choices`` range type, which lists values just outside it) o
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 from dataclasses import fields
 
 import pytest
+
+from conftest import command_module
 
 from dali_lens.trainers.config import TrainConfig
 
@@ -41,7 +42,7 @@ FREE_TEXT = {
 
 def _parser(command: str) -> argparse.ArgumentParser:
     module, factory, _ = COMMANDS[command]
-    return getattr(importlib.import_module(f"dali_lens.{module}"), factory)()
+    return getattr(command_module(module), factory)()
 
 
 def _valued(ap: argparse.ArgumentParser):
@@ -80,7 +81,7 @@ def test_every_option_declares_its_range(command):
 def test_help_shows_the_ranges(command, capsys):
     module, _, _ = COMMANDS[command]
     with pytest.raises(SystemExit) as exc:
-        importlib.import_module(f"dali_lens.{module}").main(["--help"])
+        command_module(module).main(["--help"])
     assert exc.value.code == 0
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at spaces and hyphens
     for a in _valued(_parser(command)):
@@ -94,7 +95,7 @@ def test_a_value_outside_the_range_is_one_error_line(command, flag, value, tmp_p
     module, _, base = COMMANDS[command]
     argv = [a.format(tmp=tmp_path) for a in base] + [f"{flag}={value}"]
     with pytest.raises(SystemExit) as exc:
-        importlib.import_module(f"dali_lens.{module}").main(argv)
+        command_module(module).main(argv)
     assert exc.value.code == 2
     out = capsys.readouterr()
     lines = out.err.strip().splitlines()

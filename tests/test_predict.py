@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from dali_lens import predict as P
+from dali_lens.commands import predict as P
 from dali_lens.predictions import find_parts, part_path
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import CheckpointError, load_ensemble

@@ -216,7 +216,9 @@ def test_readme_command_runs(line, cmd, tokens, world, monkeypatch, capsys):
         assert res.returncode == 0, f"{where} failed ({res.returncode}):\n{res.stderr[-3000:]}"
         return
     try:
-        rc = importlib.import_module(f"dali_lens.{module}").main(argv)
+        # train and predict: dali_lens/<name>.py only runs dali_lens/commands/<name>.py under `python -m`
+        where_main = f"commands.{module}" if module in ("train", "predict") else module
+        rc = importlib.import_module(f"dali_lens.{where_main}").main(argv)
     except SystemExit as exc:  # argparse
         rc = exc.code
     out = capsys.readouterr()

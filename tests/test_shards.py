@@ -297,7 +297,7 @@ def test_predict_on_packed_data(sets, tmp_path):
 
     from test_predict import make_checkpoint
 
-    P = importlib.import_module("dali_lens.predict")  # the module (dali_lens.predict is also a function)
+    P = importlib.import_module("dali_lens.commands.predict")
 
     src, packed = sets["png"]
     ckpt = make_checkpoint(str(tmp_path / "m.pt"), members=(("small_cnn", 32, 0),))
@@ -322,7 +322,7 @@ def test_predict_on_packed_data(sets, tmp_path):
 
 
 def test_train_on_packed_data(sets, tmp_path):
-    from dali_lens.train import main as train_main
+    from dali_lens.commands.train import main as train_main
 
     run = str(tmp_path / "run")
     assert train_main(["--data-root", sets["npy"][1], "--epochs", "1", "--batch-size", "8", "--img-size", "32",

@@ -260,7 +260,7 @@ def test_memory_budget_values(text, expected):
 
 
 def test_bad_memory_budget_is_a_clear_error_before_any_data_is_read(tmp_path, capsys):
-    from dali_lens.train import main
+    from dali_lens.commands.train import main
 
     rc = main(["--data-root", str(tmp_path / "never-read"), "--out", str(tmp_path / "o"), "--memory-budget", "lots"])
     err = capsys.readouterr().err

@@ -39,7 +39,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One real small run (24 cutouts of 32 px, 1 epoch, small_cnn) that every case copies."""
-    from dali_lens.train import main
+    from dali_lens.commands.train import main
 
     root = tmp_path_factory.mktemp("untrusted")
     data = write_dataset(str(root / "data"), "npy", n_per_class=4, size=32, splits=("train", "val", "test"))

@@ -6,7 +6,10 @@
 """
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,10 +34,13 @@ class _Transformed:
     """A loader whose batches pass through registered batch transforms (same interface as the loader)."""
 
     def __init__(self, loader, names):
+        self.loader, self.fns = loader, [_TRANSFORMS[n] for n in names]
+
+    @staticmethod
+    def check(names) -> None:
         missing = [n for n in names if n not in _TRANSFORMS]
         if missing:
             raise ValueError(f"unknown batch transform(s) {missing}; registered: {sorted(_TRANSFORMS)}")
-        self.loader, self.fns = loader, [_TRANSFORMS[n] for n in names]
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -53,35 +59,100 @@ class BackendError(ValueError, RuntimeError):
     """A backend this machine cannot run (an option error: every command reports it in one line, status 2)."""
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One loader backend: ``available()`` (True, or False / a one-line reason when this machine cannot run
+    it) and ``factory(dataset, options)``, which returns the backend's loader (see the module docstring)."""
+
+    name: str
+    available: Callable[[], bool | str]
+    factory: Callable[[Dataset, LoaderOptions], object]
+
+
+#: every loader backend by name, fed by :func:`register_backend` (``backend="auto"`` is not one of them)
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, available: Callable[[], bool | str], factory) -> Backend:
+    """Add (or replace) the loader backend ``name``: ``build_loader(dataset, backend=name)`` then calls
+    ``factory(dataset, options)`` when ``available()`` is True (a string or False: the backend is refused with
+    that reason). ``factory`` gets its own copy of the :class:`LoaderOptions`, already settled (device, batch
+    size, auto scaling checked), and returns an iterable with ``len()``, ``set_epoch()`` and
+    ``state_dict()``/``load_state_dict()`` yielding contract batches (``batch.BatchChecker`` makes them);
+    batch transforms are applied by ``build_loader`` around every backend. Returns the entry."""
+    if not name or name == "auto" or not callable(available) or not callable(factory):
+        raise TypeError(f"register_backend needs a name other than 'auto' and two callables, not {name!r}")
+    _BACKENDS[name] = entry = Backend(name, available, factory)
+    return entry
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (tests)."""
+    _BACKENDS.pop(name, None)
+
+
+def backend_names() -> tuple[str, ...]:
+    """The registered backends' names, in registration order (the built-in ones are ``BACKENDS[1:]``)."""
+    return tuple(_BACKENDS)
+
+
+def _unavailable(name: str) -> str:
+    """Why backend ``name`` cannot run here ('' when it can)."""
+    verdict = _BACKENDS[name].available()
+    if verdict is True:
+        return ""
+    return f"backend {name!r} {verdict or 'is not available on this machine'}"
+
+
+def _torchvision(dataset: Dataset, opts: LoaderOptions):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dataset.data_kind.packed:  # packed shards: streamed with the webdataset library
+        from .shards_torch import ShardsLoader
+
+        return ShardsLoader(dataset, opts, device=device)
+    from .torchvision_backend import TorchvisionLoader
+
+    return TorchvisionLoader(dataset, opts, device=device)
+
+
+_NO_DALI = "needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); use --backend torchvision"
+register_backend("dali", lambda: _NO_DALI if not dali_backend.available() else (
+    torch.cuda.is_available() or "needs a CUDA GPU; use 'dali-cpu' or 'torchvision' on this machine"),
+    lambda dataset, opts: dali_backend.DaliLoader(dataset, opts, device="gpu"))
+register_backend("dali-cpu", lambda: dali_backend.available() or _NO_DALI,
+                 lambda dataset, opts: dali_backend.DaliLoader(dataset, opts, device="cpu"))
+register_backend("torchvision", lambda: True, _torchvision)
+
+
 def resolve_backend(backend: str = "auto", dataset: Dataset | None = None) -> str:
     """The one place that turns ``--backend`` into the backend that runs (every command and build_loader).
 
     ``auto``: DALI on the GPU when CUDA and DALI are there, else DALI's CPU backend, else torchvision; given
     the ``dataset``, its kind's ``auto_cpu_backend`` on a machine without CUDA: torchvision for FITS (DALI then
     reads FITS through astropy in one Python thread, torchvision's worker processes read them in parallel and
-    were faster: benchmarks/results/challenge-fits-vm.json) and for other kinds without a DALI reader. An explicit backend is checked and kept.
+    were faster: benchmarks/results/challenge-fits-vm.json) and for other kinds without a DALI reader. An
+    explicit backend (any registered one) is checked against its ``available()`` and kept.
     """
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend != "auto" and backend not in _BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose from {('auto', *_BACKENDS)}")
     if backend == "auto":
-        if not dali_backend.available():
-            return "torchvision"
-        if torch.cuda.is_available():
+        if not _unavailable("dali"):
             return "dali"
+        if _unavailable("dali-cpu"):
+            return "torchvision"
         return dataset.data_kind.auto_cpu_backend if dataset is not None else "dali-cpu"
-    if backend in ("dali", "dali-cpu") and not dali_backend.available():
-        raise BackendError(f"backend {backend!r} needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); "
-                           "use --backend torchvision")
-    if backend == "dali" and not torch.cuda.is_available():
-        raise BackendError("backend 'dali' needs a CUDA GPU; use 'dali-cpu' or 'torchvision' on this machine")
+    problem = _unavailable(backend)
+    if problem:
+        raise BackendError(problem)
     return backend
 
 
 def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions | None = None, **kwargs):
-    """The one loader factory. ``kwargs`` are :class:`LoaderOptions` fields (scales, batch_size, train, ...)."""
-    opts = options or LoaderOptions(**kwargs)
+    """The one loader factory. ``kwargs`` are :class:`LoaderOptions` fields (scales, batch_size, train, ...);
+    ``options`` is copied, never changed."""
     if options is not None and kwargs:
         raise TypeError("pass either options= or keyword options, not both")
+    opts = copy.copy(options) if options is not None else LoaderOptions(**kwargs)
     if len(dataset) == 0:
         raise ValueError(f"{dataset.root} ({dataset.split}): no samples to load")
     name = resolve_backend(backend, dataset)
@@ -96,18 +167,11 @@ def build_loader(dataset: Dataset, backend: str = "auto", options: LoaderOptions
                       f"batch of {opts.batch_size}; the training loader would be empty, using a smaller batch",
                       stacklevel=2)
         opts.batch_size = max(1, len(dataset) // opts.num_shards)
-    if name == "torchvision" and dataset.data_kind.packed:  # packed shards: streamed with the webdataset library
-        from .shards_torch import ShardsLoader
-
-        return ShardsLoader(dataset, opts, device="cuda" if torch.cuda.is_available() else "cpu")
-    if name == "torchvision":
-        from .torchvision_backend import TorchvisionLoader
-
-        loader = TorchvisionLoader(dataset, opts, device="cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        loader = dali_backend.DaliLoader(dataset, opts, device="gpu" if name == "dali" else "cpu")
-    return _Transformed(loader, opts.transforms) if opts.transforms else loader
+    _Transformed.check(opts.transforms)  # unknown names fail before a backend starts workers or pipelines
+    loader = _BACKENDS[name].factory(dataset, opts)
+    return _Transformed(loader, opts.transforms) if opts.transforms else loader  # the one place, every backend
 
 
-__all__ = ["BACKENDS", "BackendError", "LoaderOptions", "build_loader", "compute_stats", "estimate_noise", "finish", "register_batch_transform",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "LoaderOptions", "backend_names", "build_loader", "compute_stats",
+           "estimate_noise", "finish", "register_backend", "register_batch_transform", "resolve_backend",
+           "unregister_backend"]

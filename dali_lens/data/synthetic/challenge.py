@@ -58,24 +58,22 @@ class ChallengeWriter:
 
     def write_chunk(self, images: np.ndarray, cat: dict[str, np.ndarray], pool: ThreadPoolExecutor | None,
                     n_workers: int) -> None:
-        """One FITS file per band and sample (masked where the sample's mask says), and their rows."""
+        """One FITS file per band and sample (masked where the sample's mask says), and their rows; the worker
+        threads scale, mask, encode and write each sample (only the rows are made here)."""
         nb = images.shape[1]
         size = images.shape[-1]
-        scaled = images * np.float32(CHALLENGE_FLUX_UNIT)
-        masks = []
         for j in range(len(images)):
-            idx = int(cat["index"][j])
-            ident = CHALLENGE_FIRST_ID + idx
-            masks.append(_challenge_mask(np.random.default_rng([int(self.seed), idx, 2]), size, nb))
+            ident = CHALLENGE_FIRST_ID + int(cat["index"][j])
             self.rows.append([str(ident), str(int(cat["is_lens"][j]))] +
                              [format_value(c, cat[c][j]) for c in CHALLENGE_COLUMNS[2:]])
 
         def write(j: int) -> None:
-            ident = CHALLENGE_FIRST_ID + int(cat["index"][j])
-            planes = scaled[j]
-            if masks[j] is not None:
-                planes = planes.copy()
-                planes[masks[j]] = CHALLENGE_MASK_VALUE
+            idx = int(cat["index"][j])
+            ident = CHALLENGE_FIRST_ID + idx
+            planes = images[j] * np.float32(CHALLENGE_FLUX_UNIT)
+            mask = _challenge_mask(np.random.default_rng([int(self.seed), idx, 2]), size, nb)
+            if mask is not None:
+                planes[mask] = CHALLENGE_MASK_VALUE
             for k, (d, prefix) in enumerate(self.dirs):
                 atomic_write_bytes(os.path.join(self.out, "Public", d, f"{prefix}-{ident}.fits"),
                                    fits_bytes(planes[k]), fsync=self.fsync)

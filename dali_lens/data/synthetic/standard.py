@@ -41,10 +41,10 @@ def standard_options(fmt: str, bands: Sequence[str] | str | None, size: int | No
     return band_names, size, fractions
 
 
-def encode(fmt: str, image: np.ndarray, image_u8: np.ndarray | None, extnames: Sequence[str]) -> bytes:
-    """The file of one cutout: ``image`` (B, H, W) counts, ``image_u8`` its stretch (png/jpeg only)."""
+def encode(fmt: str, image: np.ndarray, extnames: Sequence[str]) -> bytes:
+    """The file of one cutout: ``image`` (B, H, W) counts (png/jpeg: its fixed stretch to 8 bits)."""
     if fmt in ("png", "jpeg"):
-        return encode_image(image_u8, fmt)
+        return encode_image(stretch_to_uint8(image), fmt)
     if fmt == "fits":
         return fits_bytes(image, extnames)
     return npy_bytes(image)
@@ -73,8 +73,8 @@ class StandardWriter:
 
     def write_chunk(self, images: np.ndarray, cat: dict[str, np.ndarray], pool: ThreadPoolExecutor | None,
                     n_workers: int) -> None:
-        """One file per sample of the chunk, and their manifest rows."""
-        u8 = stretch_to_uint8(images) if self.fmt in ("png", "jpeg") else None
+        """One file per sample of the chunk, and their manifest rows; the worker threads stretch, encode and
+        write each file (only the rows are made here)."""
         rels = []
         for j in range(len(images)):
             i = int(cat["index"][j])
@@ -83,7 +83,7 @@ class StandardWriter:
                 [rels[-1], str(int(self.labels[i]))] + [format_value(c, cat[c][j]) for c in CATALOGUE_COLUMNS])
 
         def write(j: int) -> None:
-            data = encode(self.fmt, images[j], None if u8 is None else u8[j], self.extnames)
+            data = encode(self.fmt, images[j], self.extnames)
             atomic_write_bytes(os.path.join(self.out, rels[j]), data, fsync=self.fsync)
 
         run_parallel(pool, n_workers, write, len(images))
