@@ -48,9 +48,10 @@ grep -E "^(wheels|astropy needs|DALI|sizes|commit|TIME)" "$work/prepare.log" || 
 site="$("$TORCH_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 base="$work/.device-base"
 rm -rf "$base" && mkdir -p "$base" "$work/.device-bin"
-carried='^(astropy|astropy_iers_data|erfa|pyerfa|webdataset|wds2idx|rec2idx|braceexpand|yaml|_yaml|pyyaml|astunparse|gast|libcst|makefun|nvtx|optree|dm_tree|tree|__editable__.*|dali_lens)$'
-# DALI is carried too (from /tmp/site), unless --skip-pack: then it comes from TORCH_PY's site
-[ $skip_pack = 1 ] || carried="${carried%)\$}|nvidia|nvidia_.*)\$"
+kit='astropy|astropy_iers_data|erfa|pyerfa|webdataset|wds2idx|rec2idx|braceexpand|yaml|_yaml|pyyaml|__editable__.*|dali_lens'
+dali_pack='nvidia|nvidia_.*|astunparse|gast|libcst|makefun|nvtx|optree|dm_tree|tree'  # DALI and what its pack holds
+# DALI and its helpers are carried too (from /tmp/site), unless --skip-pack: then they come from TORCH_PY's site
+if [ $skip_pack = 1 ]; then carried="^($kit)\$"; else carried="^($kit|$dali_pack)\$"; fi
 for f in "$site"/*; do
   name="$(basename "$f")"; key="$(echo "${name%%-[0-9]*}" | sed 's/\.py$//; s/\.pth$//' | tr 'A-Z-' 'a-z_')"
   echo "$key" | grep -qE "$carried" || ln -s "$f" "$base/$name"
