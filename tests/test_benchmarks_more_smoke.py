@@ -121,3 +121,71 @@ def test_gpu_journeys_npy_first_and_predict_throughput_kept(tmp_path):
     steps = {s["command"].split()[2]: s for s in doc["journeys"][0]["steps"]}
     predict = steps["dali_lens.predict"]
     assert predict["scored_line"].startswith("scored ") and predict["scored_images_per_s"] > 0
+
+
+def test_gpu_plan_fits_the_device_limits():
+    """The plan's arithmetic, at every step's LIMIT (worst case): each call <= 540 s and <= 7 files back from
+    $OUT, the whole plan <= 13 min with the machine's start, the uploads, the gaps and the give-back; each
+    command fits the tool (<= 2000 characters, <= 8 carried paths); every file a step says it writes is named
+    in its command, and the calls that write results carry the commit file."""
+    from benchmarks import gpu_plan
+
+    s = gpu_plan.plan_summary()
+    assert s["problems"] == [] and s["total_s"] <= 13 * 60
+    assert all(c["call_s"] <= 540 and c["files"] <= 7 for c in s["calls"])
+    assert s["total_s"] == pytest.approx(gpu_plan.START_S + sum(c["call_s"] for c in s["calls"])
+                                         + gpu_plan.GAP_S * (len(s["calls"]) - 1) + gpu_plan.GIVE_BACK_S)
+    for call in gpu_plan.calls():
+        assert len(gpu_plan.command(call)) <= 2000 and len(call.carry) <= 8
+        if call.session in ("bg", "A", "B"):
+            assert ".gpu-meta" in call.carry, call.name
+        for step in call.steps:
+            for f in step.files:
+                assert f == step.log or any(a.endswith("/" + f) for a in step.argv), (step.name, f)
+    # the most important checks first: the tests and journeys in A before the loader grid, the bg session first
+    assert [c.session for c in gpu_plan.calls()] == ["bg", None, None, None, "A", "B"]
+    # a plan that breaks a limit is refused
+    fat = gpu_plan.sessions()
+    fat["B"][0].limit_s = 400
+    orig = gpu_plan.sessions
+    try:
+        gpu_plan.sessions = lambda: fat
+        broken = gpu_plan.plan_summary()
+    finally:
+        gpu_plan.sessions = orig
+    assert any("> 780 s" in p for p in broken["problems"]) and any("> 540 s" in p for p in broken["problems"])
+
+
+def test_gpu_plan_runner_stops_a_step_at_its_limit_and_goes_on(tmp_path, monkeypatch):
+    """gpu_plan run: each step under its limit, a step beside the next one runs at the same time, a step cut
+    at its limit is stopped and the session goes on; the log and the step's own log land in the session's OUT."""
+    from benchmarks import gpu_plan
+
+    py = [sys.executable, "-c"]
+    steps = [gpu_plan.Step("slow", 2, 2, py + ["import time; print('slow started', flush=True); time.sleep(60)"], [],
+                           beside_next=True),
+             gpu_plan.Step("beside", 5, 1, py + ["print('beside ran')"], [], files=("beside.log",), log="beside.log"),
+             gpu_plan.Step("after", 5, 1, py + ["open('{OUT}/after.txt', 'w').write('ok')"], [], files=("after.txt",))]
+    monkeypatch.setattr(gpu_plan, "sessions", lambda: {"T": steps})
+    t = __import__("time").perf_counter()
+    assert gpu_plan.run_session("T", str(tmp_path), rehearse=False) == 0
+    assert __import__("time").perf_counter() - t < 30, "the 60 s step was not stopped at its 2 s limit"
+    log = (tmp_path / "session-T.log").read_text()
+    assert "slow started" in log and "stopped at its limit, 2 s" in log and "exit 0: after" in log
+    assert (tmp_path / "beside.log").read_text().strip() == "beside ran"
+    assert (tmp_path / "after.txt").read_text() == "ok"
+
+
+def test_git_commit_from_the_carried_file_when_git_is_missing(tmp_path, monkeypatch):
+    """On the device .git does not travel: the commit comes from .gpu-meta/COMMIT (written by gpu_prepare.sh);
+    anything that is not a 40-hex commit there is ignored."""
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "ROOT", str(tmp_path))  # not a git checkout
+    meta = tmp_path / "COMMIT"
+    monkeypatch.setattr(common, "COMMIT_FILE", str(meta))
+    assert common.git_commit() is None
+    meta.write_text("0123456789abcdef0123456789abcdef01234567-dirty\n")
+    assert common.git_commit() == "0123456789abcdef0123456789abcdef01234567-dirty"
+    meta.write_text("$(rm -rf /)\n")
+    assert common.git_commit() is None
