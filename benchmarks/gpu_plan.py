@@ -104,10 +104,12 @@ def sessions() -> dict[str, list[Step]]:
                  files=("loaders-baselines.json",)),
         ],
         "A": [
-            Step("environment: GPU, versions, module origins, cuFile", 10, 5, PY + ["benchmarks.gpu_plan", "env"],
+            # the imports of torch, DALI, astropy cold: 10-16 s in the rehearsal on the loaded 2-core VM, which
+            # cut a 10 s limit; the first session's env step (10 s) lost its output for another reason
+            Step("environment: GPU, versions, module origins, cuFile", 20, 8, PY + ["benchmarks.gpu_plan", "env"],
                  PY + ["benchmarks.gpu_plan", "env"]),
-            Step("wait for the bg session (data, baselines)", 40, 30, PY + ["benchmarks.gpu_plan", "wait", "{BG}", "35"],
-                 PY + ["benchmarks.gpu_plan", "wait", "{BG}", "35"]),
+            Step("wait for the bg session (data, baselines)", 30, 25, PY + ["benchmarks.gpu_plan", "wait", "{BG}", "27"],
+                 PY + ["benchmarks.gpu_plan", "wait", "{BG}", "27"]),
             Step("GPU loader tests (.fits.fz, .npy with/without cuFile first)", 130, 100,
                  PY + ["benchmarks.gpu_check", "--out", "{OUT}/gpu-tests.json", "--log", "{OUT}/gpu-check.log"],
                  PY + ["benchmarks.gpu_check", "--backend", "dali-cpu", "--first", "3", "--out", "{OUT}/gpu-tests.json",
