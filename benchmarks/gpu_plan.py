@@ -91,12 +91,13 @@ PY = ["python3", "-m"]
 
 def sessions() -> dict[str, list[Step]]:
     """Every session's steps, most important first."""
-    loaders = ["benchmarks.bench_loaders", "--gpu", "--data-dir", "{DATA}", "--no-plot"]
+    # no second measurement of disturbed runs (--retry-budget 0): the limits hold; foreign_cpu_frac is recorded
+    loaders = ["benchmarks.bench_loaders", "--gpu", "--retry-budget", "0", "--data-dir", "{DATA}", "--no-plot"]
     return {
         "bg": [
             Step("data: 64 px PNG/JPEG x 16384, shard sets (no DALI)", 60, 30, PY + ["benchmarks.gpu_plan", "data"],
                  PY + ["benchmarks.gpu_plan", "data", "--quick"]),
-            Step("loader baselines: torchvision-strong, torchvision, legacy", 240, 150,
+            Step("loader baselines: torchvision-strong, torchvision, legacy", 240, 160,
                  PY + loaders + ["--backends", "torchvision-strong,torchvision,baseline", "--out",
                                  "{OUT}/loaders-baselines.json"],
                  PY + ["benchmarks.bench_loaders", "--quick", "--data-dir", "{DATA}", "--no-plot", "--backends",

@@ -189,3 +189,17 @@ def test_git_commit_from_the_carried_file_when_git_is_missing(tmp_path, monkeypa
     assert common.git_commit() == "0123456789abcdef0123456789abcdef01234567-dirty"
     meta.write_text("$(rm -rf /)\n")
     assert common.git_commit() is None
+
+
+def test_benchmarks_readme_timed_plan_is_the_plans_table():
+    """One set of figures: benchmarks/README.md's timed plan is `python -m benchmarks.gpu_plan show`, verbatim
+    (the first session's README gave three different totals: its table, gpu_session.sh and gpu_prepare.sh)."""
+    from benchmarks import gpu_plan
+
+    with open(os.path.join(ROOT, "benchmarks", "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    table = gpu_plan.show(gpu_plan.PARTS)
+    assert table in text, "benchmarks/README.md's timed plan differs from gpu_plan.py: paste `gpu_plan show`"
+    for script in ("gpu_session.sh", "gpu_prepare.sh"):
+        with open(os.path.join(ROOT, "benchmarks", script), encoding="utf-8") as fh:
+            assert "min" not in "".join(ln for ln in fh if "total" in ln.lower()), f"{script} states its own total"
