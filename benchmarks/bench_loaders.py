@@ -72,8 +72,6 @@ from benchmarks.legacy import build_baseline, build_strong
 from dali_lens.choices import BACKENDS
 
 ALL_BACKENDS = tuple(b for b in BACKENDS if b != "auto") + ("torchvision-strong", "baseline", "baseline-tensor-decode")
-#: the baselines a dali_lens backend is compared with ("strongest baseline": the fastest of these in a configuration)
-BASELINES = ("torchvision", "torchvision-strong", "baseline", "baseline-tensor-decode")
 GPU_N = 16384  # --gpu: images per data set, so that every one of 16 workers has many batches in every epoch
 GPU_DALI_THREADS = (16, 8)  # --gpu: DALI GPU also at 8 CPU threads (PNG decodes on the CPU, JPEG on the GPU)
 FORMATS = ("png", "jpeg", "npy", "fits")
@@ -411,24 +409,12 @@ def target_check(records: list[dict]) -> list[dict]:
     return out
 
 
-def strongest_baselines(records: list[dict]) -> dict:
-    """(format, size, scale_mode, batch) -> the fastest successful baseline run (``BASELINES``) of that
-    configuration: the one every dali_lens figure is quoted against."""
-    best: dict = {}
-    for r in records:
-        if r.get("ok") and r["backend"] in BASELINES:
-            k = (r["format"], r["size"], r["scale_mode"], r["batch"])
-            if k not in best or r["images_per_s"] > best[k]["images_per_s"]:
-                best[k] = r
-    return best
-
-
 def goal_targets(records: list[dict]) -> list[dict]:
     """The goals as ``{"name", "value", "met"}`` entries (the form every benchmark's ``targets`` block has):
     for each configuration with a dali_lens run and a baseline, the fastest dali_lens backend against the
     strongest baseline (3-scale rows: the throughput goal, >= 2x); and 64 px PNG img/s per backend."""
     out = []
-    strongest = strongest_baselines(records)
+    strongest = common.strongest_baselines(records)
     for k, base in strongest.items():
         fmt, size, mode, batch = k
         ours = [r for r in records if r.get("ok") and r["backend"] in ("dali", "dali-cpu")

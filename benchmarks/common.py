@@ -207,6 +207,25 @@ def utc_timestamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+# --------------------------------------------------------------------------------------------- loader runs
+
+#: the baselines a dali_lens loader is compared with (bench_loaders' backends); the "strongest baseline" of a
+#: configuration is the fastest of these measured there
+BASELINES = ("torchvision", "torchvision-strong", "baseline", "baseline-tensor-decode")
+
+
+def strongest_baselines(runs: list[dict]) -> dict:
+    """(format, size, scale_mode, batch) -> the fastest successful baseline run of that configuration in
+    ``runs`` (bench_loaders records): what every dali_lens figure is quoted against."""
+    best: dict = {}
+    for r in runs:
+        if r.get("ok") and r["backend"] in BASELINES:
+            k = (r["format"], r["size"], r["scale_mode"], r["batch"])
+            if k not in best or r["images_per_s"] > best[k]["images_per_s"]:
+                best[k] = r
+    return best
+
+
 # --------------------------------------------------------------------------------------------- atomic JSON
 
 def write_json_atomic(path: str, obj, indent: int = 2) -> None:

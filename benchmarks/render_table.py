@@ -25,7 +25,6 @@ from benchmarks import common
 
 START, END = "<!-- bench:loaders:start -->", "<!-- bench:loaders:end -->"
 BACKEND_ORDER = ("dali", "dali-cpu", "torchvision", "torchvision-strong", "baseline", "baseline-tensor-decode")
-BASELINES = ("torchvision", "torchvision-strong", "baseline", "baseline-tensor-decode")  # bench_loaders.BASELINES
 FORMAT_ORDER = ("png", "jpeg", "npy", "fits")
 
 
@@ -61,17 +60,6 @@ def column(r: dict) -> str:
     return r["backend"] + (f"@{r['threads']}" if r.get("threads") else "")
 
 
-def strongest(runs: list[dict]) -> dict:
-    """(format, size, scale_mode, batch) -> the fastest successful baseline run, computed here from the runs."""
-    best: dict = {}
-    for r in runs:
-        if r.get("ok") and r["backend"] in BASELINES:
-            k = (r["format"], r["size"], r["scale_mode"], r["batch"])
-            if k not in best or r["images_per_s"] > best[k]["images_per_s"]:
-                best[k] = r
-    return best
-
-
 def render(doc: dict, name: str = "") -> str:
     runs = doc.get("runs", [])
     order = {b: i for i, b in enumerate(BACKEND_ORDER)}
@@ -81,7 +69,7 @@ def render(doc: dict, name: str = "") -> str:
                   key=lambda k: (FORMAT_ORDER.index(k[0]) if k[0] in FORMAT_ORDER else 99, k[1],
                                  k[2] != "single", k[3]))
     by = {(column(r), r["format"], r["size"], r["scale_mode"], r["batch"]): r for r in runs}
-    best = strongest(runs)
+    best = common.strongest_baselines(runs)  # computed here from the runs, not read from the file
     machine = doc.get("machine") or {}
     lines = [f"**{common.machine_line(machine)}**" + (f" (`{name}`)" if name else ""), ""]
     lines.append("| format | size | scales | batch | " + " | ".join(backends) + " | fastest vs strongest baseline |")
