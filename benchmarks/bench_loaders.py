@@ -38,7 +38,7 @@ torch.cuda.max_memory_allocated (peak_gpu_mb) and the peak device-wide memory us
 (peak_gpu_device_mb, which includes DALI's own allocations that torch does not see).
 
 Grids (the data sets are generated once and cached under --data-dir):
-  default (< 10 min on 2 cores): 2048 images at 64 px, 512 at 224 px;
+  default (about 12 min on 2 cores with torchvision-strong): 2048 images at 64 px, 512 at 224 px;
       64 px PNG : native scale and 3 scales (64,112,224) x batch 64 and 256   <- the CPU target
       64 px JPEG, NPY, FITS : 3 scales x batch 256
       224 px PNG : native scale and 3 scales x batch 64
