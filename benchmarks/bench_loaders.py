@@ -10,7 +10,12 @@ Backends measured
                           transforms.Resize((s, s)) + ToTensor + Normalize (float data: astropy / numpy,
                           then Resize + Normalize per scale); DataLoader with num_workers = usable cores,
                           persistent_workers=True, pin_memory only with CUDA, shuffle + drop_last.
-  baseline-tensor-decode  the same, but PNG/JPEG decoded with torchvision.io.decode_image to a uint8 tensor
+  torchvision-strong      the strong torchvision DataLoader a user would write today (legacy.build_strong):
+                          torchvision.io.decode_image to uint8, the same dihedral augmentation drawn once per
+                          sample, transforms.v2 Resize(antialias=True) per scale on uint8, ToDtype + Normalize,
+                          num_workers = usable cores, persistent workers, pin_memory with CUDA, prefetch 4;
+                          PNG/JPEG and .npy.
+  baseline-tensor-decode  the same as baseline, but PNG/JPEG decoded with torchvision.io.decode_image to a uint8 tensor
                           (Resize + ConvertImageDtype + Normalize per scale); images only.
 The baseline has no augmentation, the project's loaders run in training mode (shuffle, random dihedral
 flips, drop the last partial batch): that favours the baseline slightly.
@@ -33,13 +38,17 @@ torch.cuda.max_memory_allocated (peak_gpu_mb) and the peak device-wide memory us
 (peak_gpu_device_mb, which includes DALI's own allocations that torch does not see).
 
 Grids (the data sets are generated once and cached under --data-dir):
-  default (< 10 min on 2 cores): 2048 images at 64 px, 512 at 224 px;
+  default (about 12 min on 2 cores with torchvision-strong): 2048 images at 64 px, 512 at 224 px;
       64 px PNG : native scale and 3 scales (64,112,224) x batch 64 and 256   <- the CPU target
       64 px JPEG, NPY, FITS : 3 scales x batch 256
       224 px PNG : native scale and 3 scales x batch 64
       (baseline-tensor-decode only in the 64 px -> 3 scales PNG/JPEG rows); at least 1.5 s timed per run
   --full: formats png,jpeg,npy,fits x sizes 64,224 x {native, 3 scales} x batch 64,256
       (4096 images at 64 px, 1536 at 224 px)
+  --gpu (the GPU session's grid, see benchmarks/gpu_plan.py): 16384 images of 64 px PNG and JPEG, at least
+      3 timed epochs after the warm-up epoch; PNG -> 3 scales at batch 256 and 64 with every backend (DALI GPU
+      at 16 and 8 CPU threads), PNG native 64 px and JPEG -> 3 scales at batch 256 with DALI and the strong
+      baseline. --keep-from FILE reuses FILE's successful runs (the baselines, measured by an earlier call)
   --quick: a seconds-long smoke test (128 images of 64 px PNG, 3 scales, batch 32, one timed epoch)
   --formats/--sizes/--scales/--batches/--backends narrow or change the grid.
 
@@ -59,10 +68,12 @@ import time
 
 from benchmarks import common
 from benchmarks.common import MEAN, STD
-from benchmarks.legacy import build_baseline
+from benchmarks.legacy import build_baseline, build_strong
 from dali_lens.choices import BACKENDS
 
-ALL_BACKENDS = tuple(b for b in BACKENDS if b != "auto") + ("baseline", "baseline-tensor-decode")
+ALL_BACKENDS = tuple(b for b in BACKENDS if b != "auto") + ("torchvision-strong", "baseline", "baseline-tensor-decode")
+GPU_N = 16384  # --gpu: images per data set, so that every one of 16 workers has many batches in every epoch
+GPU_DALI_THREADS = (16, 8)  # --gpu: DALI GPU also at 8 CPU threads (PNG decodes on the CPU, JPEG on the GPU)
 FORMATS = ("png", "jpeg", "npy", "fits")
 MULTI_SCALES = (64, 112, 224)
 EXT = {"png": ".png", "jpeg": ".jpg", "npy": ".npy", "fits": ".fits"}
@@ -190,9 +201,11 @@ def run_one(cfg: dict) -> dict:
     dataset = load_all_samples(cfg["root"])
     scales = tuple(cfg["scales"])
     backend = cfg["backend"]
-    workers = cfg["workers"]
+    workers = cfg.get("threads") or cfg["workers"]
     t_build = time.perf_counter()
-    if backend.startswith("baseline"):
+    if backend == "torchvision-strong":
+        loader = build_strong(dataset, scales, cfg["batch"], cuda, workers, cfg["train"])
+    elif backend.startswith("baseline"):
         loader = build_baseline(dataset, scales, cfg["batch"], cuda, backend == "baseline-tensor-decode", workers,
                                 cfg["train"])
     else:
@@ -262,7 +275,8 @@ def run_one(cfg: dict) -> dict:
         "warmup_epoch_s": round(warm_s, 3),
         "build_s": round(build_s, 3),
         "dataset_samples": len(dataset),
-        "workers": workers if backend.startswith("baseline") else getattr(loader, "opts", None) and loader.opts.workers,
+        "workers": (workers if backend.startswith("baseline") or backend == "torchvision-strong"
+                    else getattr(loader, "opts", None) and loader.opts.workers),
         "dali_imported": "nvidia.dali" in sys.modules,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / common.MB, 1) if cuda else None,
         "peak_gpu_reserved_mb": round(torch.cuda.max_memory_reserved() / common.MB, 1) if cuda else None,
@@ -280,6 +294,8 @@ def build_grid(args, have_cuda: bool) -> list[dict]:
             raise SystemExit(f"unknown backend {b!r}; choose from {ALL_BACKENDS}")
     if "dali" in backends and not have_cuda:
         backends.remove("dali")
+    if getattr(args, "gpu", False):
+        return gpu_grid(backends)
     if args.quick:
         base = [("png", 64, "multi", 32)]
     elif args.full:
@@ -307,14 +323,42 @@ def build_grid(args, have_cuda: bool) -> list[dict]:
             if (backend == "baseline-tensor-decode" and preset == "default"
                     and not (mode == "multi" and size == 64)):
                 continue  # default grid: the tensor-decode variant only where decode matters (64 px -> 3 scales)
+            if backend == "torchvision-strong" and fmt == "fits":
+                continue  # decode_image reads PNG/JPEG, numpy .npy; FITS has no torchvision reader
             grid.append({"backend": backend, "format": fmt, "size": size, "scales": scales,
                          "scale_mode": mode, "batch": batch})
     return grid
 
 
+def gpu_grid(backends: list[str]) -> list[dict]:
+    """The GPU session's grid, most important first: PNG 64 px -> 3 scales at batch 256 with every backend (DALI
+    GPU at 16 and 8 CPU threads: PNG is decoded on the CPU even on the GPU backend), the same at batch 64, then
+    native 64 px PNG and JPEG -> 3 scales at batch 256 with DALI and the strong baseline."""
+    rows = [("png", 64, "multi", 256, b) for b in ("dali", "torchvision-strong", "dali-cpu", "torchvision", "baseline")]
+    rows += [("png", 64, "multi", 64, b) for b in ("dali", "torchvision-strong", "dali-cpu")]
+    rows += [("png", 64, "single", 256, b) for b in ("dali", "torchvision-strong")]
+    rows += [("jpeg", 64, "multi", 256, b) for b in ("dali", "torchvision-strong", "dali-cpu")]
+    grid = []
+    for fmt, size, mode, batch, backend in rows:
+        if backend not in backends:
+            continue
+        scales = [size] if mode == "single" else list(MULTI_SCALES)
+        for threads in (GPU_DALI_THREADS if backend == "dali" and (mode, batch) == ("multi", 256) else (None,)):
+            grid.append({"backend": backend, "format": fmt, "size": size, "scales": scales, "scale_mode": mode,
+                         "batch": batch, **({"threads": threads} if threads else {})})
+    return grid
+
+
+def run_key(r: dict) -> tuple:
+    """What identifies a run of the grid: backend, format, size, scales, batch and DALI threads (when set)."""
+    return (r["backend"], r["format"], r["size"], r["scale_mode"], r["batch"], r.get("threads"))
+
+
 def n_images(args, size: int) -> int:
     if args.n:
         return args.n
+    if getattr(args, "gpu", False):
+        return GPU_N
     if args.quick:
         return 128
     if args.full:
@@ -335,7 +379,7 @@ def wait_quiet(max_wait: float, log, threshold: float = 0.25) -> float:
 
 def launch(cfg: dict, timeout: float, log) -> dict:
     """Run ``cfg`` in a fresh subprocess while sampling its process tree's memory from this process."""
-    rec = {k: cfg[k] for k in ("backend", "format", "size", "scales", "scale_mode", "batch")}
+    rec = {k: cfg[k] for k in ("backend", "format", "size", "scales", "scale_mode", "batch", "threads") if k in cfg}
     return common.run_measured("benchmarks.bench_loaders", cfg, timeout, log, rec, env=common.child_env())
 
 
@@ -362,6 +406,36 @@ def target_check(records: list[dict]) -> list[dict]:
         if tdec:
             entry["speedup_vs_baseline_tensor_decode"] = round(ours["images_per_s"] / tdec["images_per_s"], 2)
         out.append(entry)
+    return out
+
+
+def goal_targets(records: list[dict]) -> list[dict]:
+    """The goals as ``{"name", "value", "met"}`` entries (the form every benchmark's ``targets`` block has):
+    for each configuration with a dali_lens run and a baseline, the fastest dali_lens backend against the
+    strongest baseline (3-scale rows: the throughput goal, >= 2x); and 64 px PNG img/s per backend."""
+    out = []
+    strongest = common.strongest_baselines(records)
+    for k, base in strongest.items():
+        fmt, size, mode, batch = k
+        ours = [r for r in records if r.get("ok") and r["backend"] in ("dali", "dali-cpu")
+                and (r["format"], r["size"], r["scale_mode"], r["batch"]) == k]
+        if not ours:
+            continue
+        top = max(ours, key=lambda r: r["images_per_s"])
+        ratio = top["images_per_s"] / base["images_per_s"]
+        sc = "3 scales" if mode == "multi" else "native"
+        label = top["backend"] + (f"@{top['threads']}" if top.get("threads") else "")
+        out.append({"name": f"{fmt} {size} px -> {sc}, batch {batch}: {label} vs the strongest baseline "
+                            f"({base['backend']}) >= 2x images/s",
+                    "value": {"ours": top["images_per_s"], "ours_backend": label,
+                              "strongest_baseline": base["images_per_s"], "strongest_baseline_backend": base["backend"],
+                              "ratio": round(ratio, 2)},
+                    "met": ratio >= 2.0})
+    for r in records:
+        if r.get("ok") and r["format"] == "png" and r["size"] == 64 and r["scale_mode"] == "single":
+            label = r["backend"] + (f"@{r['threads']}" if r.get("threads") else "")
+            out.append({"name": f"png 64 px native, batch {r['batch']}: {label} images/s (recorded, no threshold)",
+                        "value": r["images_per_s"], "met": None})
     return out
 
 
@@ -426,6 +500,11 @@ def main(argv=None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="seconds-long smoke test (CI)")
     mode.add_argument("--full", action="store_true", help="the whole grid (formats x sizes x scales x batches)")
+    mode.add_argument("--gpu", action="store_true", help="the GPU session's grid (16384 images, 3 timed epochs, "
+                                                         "batch 256 and 64, DALI GPU at 16 and 8 threads)")
+    p.add_argument("--keep-from", metavar="JSON", help="reuse this result file's successful runs of the same grid "
+                                                       "(measured earlier on the same machine and data) instead of "
+                                                       "measuring them again")
     p.add_argument("--out", help="result JSON path (default benchmarks/results/loaders-<gpu-or-host>.json); "
                                  "the plot is written next to it with a .png suffix")
     p.add_argument("--backends", help=f"comma list from {','.join(ALL_BACKENDS)} (default: all available)")
@@ -471,10 +550,13 @@ def main(argv=None) -> int:
     workers = args.workers or common.usable_cores()
     min_time = args.min_time if args.min_time is not None else (0.0 if args.quick else 1.5)
     if args.deadline is None:
-        args.deadline = 0.0 if (args.quick or args.full) else 420.0
+        args.deadline = 0.0 if (args.quick or args.full or args.gpu) else 420.0
     if args.retry_budget is None:
         args.retry_budget = 0.0 if args.quick else 90.0
     max_epochs = args.max_epochs or (1 if args.quick else 5)
+    if args.gpu:  # every worker busy: 16k images, 3 whole timed epochs after the warm-up epoch
+        args.min_epochs = max(args.min_epochs, 3)
+        max_epochs = args.max_epochs or 3
     out = common.result_path(args.out, "loaders", info)
     log(f"{common.machine_line(info)}\n{len(grid)} runs, {workers} workers/threads, results -> {out}")
 
@@ -483,18 +565,30 @@ def main(argv=None) -> int:
         roots[(fmt, size)], generators[(fmt, size)] = prepare_dataset(args.data_dir, fmt, size, n_images(args, size),
                                                                       args.seed, log)
     records = []
+    kept = {}
+    if args.keep_from and os.path.exists(args.keep_from):
+        with open(args.keep_from) as fh:  # trusted only as JSON: runs of the same grid, matched by their key
+            kept = {run_key(r): r for r in json.load(fh).get("runs", []) if isinstance(r, dict) and r.get("ok")}
     retry_spent = 0.0
     run_times: list[float] = []
     for i, cfg in enumerate(grid, 1):
         # time guard: when the runs so far (e.g. slowed down by other jobs) predict that the remaining ones
         # would overrun --deadline, time one epoch per run and stop measuring disturbed runs again
+        if run_key(cfg) in kept:
+            rec = dict(kept[run_key(cfg)], kept_from=os.path.basename(args.keep_from))
+            log(f"[{i}/{len(grid)}] {cfg['backend']:<22} {cfg['format']:<4} {cfg['size']:>3}px batch={cfg['batch']}: "
+                f"kept from {args.keep_from} ({rec['images_per_s']:.1f} img/s)")
+            records.append(rec)
+            common.save_partial(out, "loaders", info, records)
+            continue
         elapsed = time.perf_counter() - t_all
         mean_run = sum(run_times) / len(run_times) if run_times else 0.0
         hurry = bool(args.deadline) and elapsed + mean_run * (len(grid) - i + 1) > args.deadline
         child_cfg = dict(cfg, root=roots[(cfg["format"], cfg["size"])], workers=workers, train=not args.eval,
                          min_time=0.0 if hurry else min_time, min_epochs=args.min_epochs,
                          max_epochs=1 if hurry else max_epochs)
-        log(f"[{i}/{len(grid)}] {cfg['backend']:<22} {cfg['format']:<4} {cfg['size']:>3}px scales={cfg['scales']} "
+        label = cfg["backend"] + (f"@{cfg['threads']}" if cfg.get("threads") else "")
+        log(f"[{i}/{len(grid)}] {label:<22} {cfg['format']:<4} {cfg['size']:>3}px scales={cfg['scales']} "
             f"batch={cfg['batch']}" + ("  (short: behind schedule)" if hurry else ""))
         busy_before = wait_quiet(args.wait_quiet, log) if args.wait_quiet and not hurry else None
         rec = launch(child_cfg, args.timeout, log)
@@ -533,7 +627,7 @@ def main(argv=None) -> int:
         "machine": info,
         "command": common.command_line(),
         "timestamp": common.utc_timestamp(),
-        "mode": "quick" if args.quick else "full" if args.full else "default",
+        "mode": "quick" if args.quick else "full" if args.full else "gpu" if args.gpu else "default",
         "settings": {"loader_mode": "eval" if args.eval else "train", "workers": workers,
                      "retry_budget_s": args.retry_budget, "retry_spent_s": round(retry_spent, 1),
                      "deadline_s": args.deadline,
@@ -547,11 +641,14 @@ def main(argv=None) -> int:
                      "gpu_memory": "torch.cuda.max_memory_allocated (peak_gpu_mb); DALI's own device memory is "
                                    "in peak_gpu_device_mb (device-wide use above the run's start)"},
         "runs": records,
-        "targets": target_check(records),
+        "targets": target_check(records) + goal_targets(records),
         "total_s": round(time.perf_counter() - t_all, 1),
     }
     common.save_result(doc, out, None if args.no_plot else plot)
     for t in doc["targets"]:
+        if "config" not in t:
+            log(f"target {t['name']}: {t['value']} -> {'recorded' if t['met'] is None else 'met' if t['met'] else 'NOT met'}")
+            continue
         log(f"target {t['config']}: dali-cpu {t['dali_cpu_images_per_s']:.0f} vs baseline "
             f"{t['baseline_images_per_s']:.0f} img/s = {t['speedup']:.2f}x (need 2x); peak host "
             f"{t['dali_cpu_peak_host_mb']:.0f} vs {t['baseline_peak_host_mb']:.0f} MB -> "

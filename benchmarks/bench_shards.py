@@ -6,7 +6,7 @@ Three measurements, each in fresh subprocesses (results -> benchmarks/results/sh
 1. pack   ``dali_lens.pack.pack`` on --pack-n generated 64 px PNG cutouts (3 bands), warm page cache,
           default options (256 MB shards, fsync per shard); --repeats runs, best and median cutouts/s and
           MB/s. PNG/JPEG bytes are copied after a header check (no decoding). Target: >= 3000 cutouts/s.
-2. read   the DALI CPU backend (eval loader, batch 256, 64 px, one scale) over --read-n generated 64 px
+2. read   the --backend (default dali-cpu; dali on a GPU) eval loader, batch 256, 64 px, one scale, over --read-n generated 64 px
           .npy cutouts (3 bands, float32) as loose files vs the same samples packed into shards. Each run is
           a fresh process: its first epoch includes the loader's construction (for loose files DALI's
           pre-flight header scan of every file, for shards nothing) and the pipeline build; later epochs are
@@ -15,7 +15,11 @@ Three measurements, each in fresh subprocesses (results -> benchmarks/results/sh
           writes 3 to /proc/sys/vm/drop_caches (root only; also evicts the libraries); ``auto``: both, one
           run each). The share of the data resident at the start is measured with ``fincore``. On a virtual
           machine the host may still cache the disk image: "cold" means "not in this kernel's page cache".
-3. predict ``python -m dali_lens.predict`` (small CNN, untrained weights, DALI CPU backend) over packed sets of
+   --png-shards: also 64 px PNG shards (``shards-png``, warm only). Target: >= 100k cutouts/s from packed shards
+          (best steady-state epoch; the GPU goal).
+3. predict ``python -m dali_lens.predict`` (--predict-models, default the small CNN, untrained weights,
+          --backend, --predict-batch, default 256, 1 thread on the CPU backend, all cores on dali; the
+          "scored N cutouts in S s (R img/s)" line is kept as scored_images_per_s) over packed sets of
           --predict-n unlabelled 64 px PNG cutouts (hard links to a pool of generated cutouts, so that large
           sets cost no generation time; every link is its own sample). Peak memory of the process tree
           (PSS and RSS sum, sampled every 50 ms; RSS split into anonymous and file-backed pages every 0.5 s)
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -92,8 +97,9 @@ def linked_set(pool_root: str, out: str, n: int, log) -> str:
     return out
 
 
-def make_checkpoint(path: str) -> str:
-    """A small-CNN checkpoint in the trainers' format with seeded, untrained weights (64 px, 3 bands)."""
+def make_checkpoint(path: str, arch: str = "small_cnn") -> str:
+    """A checkpoint of ``arch`` (small_cnn, resnet18) in the trainers' format with seeded, untrained weights
+    (64 px, 3 bands)."""
     import torch
 
     from dali_lens.models import build_model
@@ -101,8 +107,8 @@ def make_checkpoint(path: str) -> str:
     from dali_lens.trainers.config import TrainConfig
 
     torch.manual_seed(0)
-    model = build_model("small_cnn", in_chans=3, img_size=SIZE)
-    spec = {"arch": "small_cnn", "scales": (SIZE,), "seed": 0, "name": f"small_cnn@{SIZE}#0"}
+    model = build_model(arch, in_chans=3, img_size=SIZE)
+    spec = {"arch": arch, "scales": (SIZE,), "seed": 0, "name": f"{arch}@{SIZE}#0"}
     member = {"spec": spec, "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None,
               "temperature": 1.0, "history": []}
     Checkpoint(members=[member], bands=3, pixels=PixelSettings(kind="image", mean=[0.1] * 3, std=[0.2] * 3),
@@ -186,10 +192,10 @@ def child_read(cfg: dict) -> dict:
                 "payload_mb_per_s": round(n * NPY_BYTES / 2 ** 20 / wall, 1),
                 "cpu_ms_per_image": round(1e3 * cpu / n, 3)}
 
-    out = {"samples": len(ds), "kind": ds.kind, "files": len(files),
+    out = {"backend": cfg.get("backend", "dali-cpu"), "samples": len(ds), "kind": ds.kind, "files": len(files),
            "bytes_on_disk": sum(os.path.getsize(f) for f in files), "resident_at_start": resident_fraction(files)}
     t = time.perf_counter()
-    loader = build_loader(ds, backend="dali-cpu", scales=(SIZE,), batch_size=cfg["batch"], num_workers=cfg["workers"],
+    loader = build_loader(ds, backend=cfg.get("backend", "dali-cpu"), scales=(SIZE,), batch_size=cfg["batch"], num_workers=cfg["workers"],
                           mean=(10.0,) * 3, std=(50.0,) * 3, **cfg.get("extra", {}))
     out["loader_construction_s"] = round(time.perf_counter() - t, 3)
     out["first_epoch"] = epoch(loader, t)  # includes construction (header scan of loose files) and pipeline build
@@ -281,7 +287,15 @@ def all_targets(doc: dict) -> None:
         doc["targets"].append({"name": "pack >= 3000 cutouts/s (64 px PNG)", "value": best,
                                "met": best is not None and best >= 3000})
     read_targets(doc)
-    shard_runs = sorted((r for r in doc.get("predict", []) if r["source"] == "shards" and r["ok"]), key=lambda r: r["n"])
+    for arch in sorted({r.get("arch", "small_cnn") for r in doc.get("predict", []) if r.get("ok")}):
+        rates = [r.get("scored_images_per_s") for r in doc["predict"] if r.get("ok") and r["source"] == "shards"
+                 and r.get("arch", "small_cnn") == arch and r.get("scored_images_per_s")]
+        if rates:
+            doc["targets"].append({"name": f"predict from packed shards, {arch}: cutouts/s per GPU (predict's "
+                                           "'scored' line; recorded, no threshold)", "value": max(rates), "met": None})
+    shard_runs = sorted((r for r in doc.get("predict", []) if r["source"] == "shards" and r["ok"]
+                         and r.get("arch", "small_cnn") == (doc["settings"].get("predict_models") or ["small_cnn"])[0]),
+                        key=lambda r: r["n"])
     if len(shard_runs) >= 2:
         a, b = shard_runs[0], shard_runs[-1]
         growth = {k: round((b[k] - a[k]) * common.MB / (b["n"] - a["n"]), 1)
@@ -302,6 +316,12 @@ def read_targets(doc: dict) -> None:
         a, b = w_l["later_epochs"]["images_per_s_median"], w_s["later_epochs"]["images_per_s_median"]
         doc["targets"].append({"name": "read 64 px .npy, warm page cache: shards >= loose files (img/s, median of "
                                        "steady-state epochs)", "value": {"loose": a, "shards": b}, "met": b >= a})
+    for name in ("shards", "shards-png"):
+        warm = r.get(name, {}).get("warm", {})
+        if warm.get("ok"):
+            best = warm["later_epochs"]["images_per_s_best"]
+            doc["targets"].append({"name": f"read {name} (64 px, {warm.get('backend', 'dali-cpu')}): >= 100k cutouts/s "
+                                           "(best steady-state epoch)", "value": best, "met": best >= 100_000})
     for key in sorted(k for k in shards if k.startswith("cold_")):
         c_l, c_s = loose.get(key, {}), shards[key]
         if c_l.get("ok") and c_s.get("ok"):
@@ -322,6 +342,15 @@ def main(argv=None) -> int:
                    help="how the data is evicted before a cold-cache run: fadvise (only the data files), drop_caches "
                         "(the whole page cache; root only), auto (both, one run each; default), none")
     p.add_argument("--workers", type=int, help="loader threads (default: usable cores)")
+    p.add_argument("--backend", choices=("dali-cpu", "dali", "torchvision"), default="dali-cpu",
+                   help="the backend of the read and predict sections (default dali-cpu; dali on a GPU)")
+    p.add_argument("--png-shards", action="store_true", help="read section: also 64 px PNG shards (warm)")
+    p.add_argument("--read-min-time", type=float, default=10.0,
+                   help="read section: steady-state epochs until this many seconds, 2 to 6 epochs (default 10; "
+                        "quick 0)")
+    p.add_argument("--predict-batch", type=int, default=256, help="predict --batch-size (default 256)")
+    p.add_argument("--predict-models", default="small_cnn",
+                   help="comma list of models predict scores with: small_cnn, resnet18 (default small_cnn)")
     p.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "dali-lens-bench", "shards"),
                    help="where generated and packed sets are kept (default ~/.cache/dali-lens-bench/shards)")
     p.add_argument("--out", help="result JSON (default benchmarks/results/shards-<host>.json)")
@@ -347,6 +376,13 @@ def main(argv=None) -> int:
     read_n = args.read_n or (600 if args.quick else 20000)
     predict_ns = [int(v) for v in (args.predict_n or ("2000" if args.quick else "50000,100000")).split(",")]
     repeats = 1 if args.quick else args.repeats
+    models = [m.strip() for m in args.predict_models.split(",") if m.strip()]
+    if not models or any(m not in ("small_cnn", "resnet18") for m in models):
+        p.error(f"--predict-models: choose from small_cnn, resnet18 (got {args.predict_models!r})")
+    if not 0 <= args.read_min_time <= 600:
+        p.error(f"--read-min-time: between 0 and 600 seconds (got {args.read_min_time})")
+    if not 1 <= args.predict_batch <= 65536:
+        p.error(f"--predict-batch: between 1 and 65536 (got {args.predict_batch})")
     out = common.result_path(args.out, "shards", info)
     os.makedirs(args.data_dir, exist_ok=True)
     log(f"{common.machine_line(info)}\nresults -> {out}")
@@ -356,7 +392,8 @@ def main(argv=None) -> int:
         p.error(f"--sections: choose from pack, read, predict (got {args.sections!r})")
     mode = "quick" if args.quick else "full"
     settings = {"size": SIZE, "bands": len(BANDS), "pack_n": pack_n, "read_n": read_n, "predict_n": predict_ns,
-                "workers": workers, "cold": args.cold, "data_dir": args.data_dir}
+                "workers": workers, "cold": args.cold, "data_dir": args.data_dir, "backend": args.backend,
+                "predict_batch": args.predict_batch, "predict_models": models}
     doc = {"benchmark": "shards", "machine": info, "command": common.command_line(), "timestamp": common.utc_timestamp(),
            "mode": mode, "settings": settings, "pack": {}, "read": {}, "predict": [], "targets": []}
     if len(sections) < 3 and os.path.exists(out):  # keep the sections not rerun from the existing results
@@ -370,7 +407,8 @@ def main(argv=None) -> int:
         doc["section_runs"] = old.get("section_runs") or {
             k: {"timestamp": old.get("timestamp"), "command": old.get("command")} for k in ("pack", "read", "predict")}
         # a setting that belongs to a section kept from the old file keeps its old value
-        owner = {"pack_n": "pack", "read_n": "read", "cold": "read", "predict_n": "predict"}
+        owner = {"pack_n": "pack", "read_n": "read", "cold": "read", "predict_n": "predict",
+                 "predict_batch": "predict", "predict_models": "predict"}
         doc["settings"] = {**old.get("settings", {}),
                            **{k: v for k, v in settings.items() if k not in owner or owner[k] in sections}}
     doc.setdefault("section_runs", {})
@@ -411,14 +449,21 @@ def main(argv=None) -> int:
         if rec["ok"]:
             log(f"pack {read_n} npy: {rec['cutouts_per_s']:.0f} cutouts/s, {rec['mb_per_s']:.1f} MB/s, {rec['shards']} shard(s)")
         cold_methods = {"auto": ["fadvise", "drop_caches"], "none": []}.get(args.cold, [args.cold])
-        for name, root, extra in (("loose", npy, {}), ("shards", npy_packed, {}), ("shards-mmap", npy_packed, {"mmap": True})):
+        sets = [("loose", npy, {}), ("shards", npy_packed, {}), ("shards-mmap", npy_packed, {"mmap": True})]
+        if args.png_shards:
+            png = generated(args.data_dir, "png", read_n, args.seed, log)
+            png_packed = os.path.join(args.data_dir, f"packed-png-{read_n}")
+            rec = run_child("pack", {"src": png, "out": png_packed}, timeout=1800)
+            doc["read"]["pack_png"] = rec
+            sets.append(("shards-png", png_packed, {}))
+        for name, root, extra in sets:
             files = dataset_files(root)
             for f in files:  # warm: everything in the page cache
                 with open(f, "rb") as fh:
                     while fh.read(1 << 22):
                         pass
-            cfg = {"root": root, "batch": 256, "workers": workers, "min_epochs": 1 if args.quick else 2,
-                   "min_time": 0 if args.quick else 10, "extra": extra}
+            cfg = {"root": root, "batch": 256, "workers": workers, "backend": args.backend, "min_epochs": 1 if args.quick else 2,
+                   "min_time": 0 if args.quick else args.read_min_time, "extra": extra}
             rec = run_child("read", cfg, timeout=1800)
             doc["read"][name] = {"warm": rec}
             if rec["ok"]:
@@ -430,7 +475,7 @@ def main(argv=None) -> int:
                     f"{100 * rec['foreign_cpu_frac']:.0f}% of the CPUs")
             else:
                 log(f"read {name} warm: FAILED {rec.get('output_tail')}")
-            for method in cold_methods if name != "shards-mmap" else []:
+            for method in cold_methods if name not in ("shards-mmap", "shards-png") else []:
                 try:
                     used = evict(files, method)
                 except OSError as exc:
@@ -453,26 +498,33 @@ def main(argv=None) -> int:
     if "predict" in sections:
         # 3. predict from shards over large sets: peak memory
         pool = generated(args.data_dir, "png", min(4096, max(predict_ns)), args.seed + 1, log)
-        ckpt = make_checkpoint(os.path.join(args.data_dir, "small_cnn64.pt"))
-        for n in predict_ns:
+        ckpts = {m: make_checkpoint(os.path.join(args.data_dir, f"{m}64.pt"), m) for m in models}
+        threads = ["--workers", "1", "--threads", "1"] if args.backend == "dali-cpu" else []
+        for n, arch in [(n, m) for n in predict_ns for m in models]:
+            ckpt = ckpts[arch]
             loose = linked_set(pool, os.path.join(args.data_dir, f"links-{n}"), n, log)
             packed = os.path.join(args.data_dir, f"packed-links-{n}")
             prec = run_child("pack", {"src": loose, "out": packed}, timeout=3600)
             if prec["ok"]:
                 log(f"pack {n} linked PNG: {prec['cutouts_per_s']:.0f} cutouts/s, {prec['mb_per_s']:.1f} MB/s, "
                     f"{prec['shards']} shard(s), peak {prec['peak_host_mb']:.0f} MB PSS")
-            targets = [("shards", packed)] + ([("loose", loose)] if args.predict_loose and n == min(predict_ns) else [])
+            targets = [("shards", packed)] + ([("loose", loose)] if args.predict_loose and n == min(predict_ns)
+                                              and arch == models[0] else [])
             for source, data in targets:
-                csv_out = os.path.join(args.data_dir, f"predict-{source}-{n}.csv")
+                csv_out = os.path.join(args.data_dir, f"predict-{source}-{n}-{arch}.csv")
                 if os.path.exists(csv_out):
                     os.unlink(csv_out)
                 cmd = [sys.executable, "-m", "dali_lens.predict", "-c", ckpt, data, "--out", csv_out, "--backend",
-                       "dali-cpu", "--batch-size", "256", "--workers", "1", "--threads", "1", "--no-progress"]
-                log(f"predict {n} cutouts from {source} ...")
+                       args.backend, "--batch-size", str(args.predict_batch), *threads, "--no-progress"]
+                log(f"predict {n} cutouts from {source} with {arch}, batch {args.predict_batch} ...")
                 rec = launch(cmd, timeout=3600, timeline=True)
                 output = rec.pop("_output", "")
                 rows = sum(1 for _ in open(csv_out)) - 1 if os.path.exists(csv_out) else 0
-                rec.update(n=n, source=source, rows=rows, pack=prec if source == "shards" else None,
+                scored = [ln for ln in output.splitlines() if ln.lstrip().startswith("scored ")]
+                rate = re.search(r"\(([0-9.]+) img/s\)", scored[-1]) if scored else None
+                rec.update(n=n, source=source, rows=rows, pack=prec if source == "shards" else None, arch=arch,
+                           backend=args.backend, batch=args.predict_batch,
+                           scored_images_per_s=float(rate.group(1)) if rate else None,
                            images_per_s=round(n / rec["wall_s"], 1),
                            log_tail=[ln for ln in output.splitlines() if "scored" in ln or "cutouts" in ln][-2:])
                 doc["predict"].append(rec)

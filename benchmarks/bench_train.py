@@ -198,6 +198,24 @@ def summarise(records: list[dict]) -> list[dict]:
     return out
 
 
+STALL_GOAL = 0.9  # a loader keeps the model fed when training reaches >= 90 % of the model-only ceiling
+
+
+def stall_targets(summary: list[dict]) -> list[dict]:
+    """The data-stall goal per model, size and backend: samples/s against the model-only ceiling (the same loop
+    fed one resident batch), as ``{"name", "value", "met"}``; rows without a ceiling are recorded, not judged."""
+    out = []
+    for s in summary:
+        eff = s["loader_efficiency"]
+        out.append({"name": f"data stall, {s['arch']} {s['size']} px, {s['backend']}, batch {s['batch']}: >= "
+                            f"{100 * STALL_GOAL:.0f} % of the model-only ceiling (resident batches)",
+                    "value": {"samples_per_s": s["samples_per_s"], "model_only_samples_per_s":
+                              s["model_only_samples_per_s"], "loader_efficiency": eff,
+                              "data_wait_pct": s["data_wait_pct"]},
+                    "met": None if eff is None else eff >= STALL_GOAL})
+    return out
+
+
 def plot(doc: dict, path: str) -> None:
     import matplotlib
 
@@ -332,6 +350,7 @@ def main(argv=None) -> int:
         "summary": summarise(records),
         "total_s": round(time.perf_counter() - t_all, 1),
     }
+    doc["targets"] = stall_targets(doc["summary"])
     common.save_result(doc, out, None if args.no_plot else plot)
     for s in doc["summary"]:
         eff = (f", {100 * s['loader_efficiency']:.0f}% of model-only {s['model_only_samples_per_s']:.1f}/s"

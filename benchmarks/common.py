@@ -40,6 +40,21 @@ def _dist_version(*names: str) -> str | None:
     return None
 
 
+def _torch_cuda_version() -> str | None:
+    """The CUDA version torch was built with, read from its ``version.py`` without importing torch."""
+    try:
+        files = metadata.files("torch") or []
+    except metadata.PackageNotFoundError:
+        return None
+    path = next((f for f in files if str(f).replace(os.sep, "/") == "torch/version.py"), None)
+    try:
+        text = path.read_text() if path is not None else ""
+    except OSError:
+        return None
+    m = re.search(r"^cuda\s*(?::\s*\S+)?\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    return m.group(1) if m else None
+
+
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
     try:
@@ -98,9 +113,37 @@ def gpu_info() -> dict | None:
         return None
 
 
+#: the commit file the GPU kit writes before a device call (``.git`` does not travel to the device machine):
+#: benchmarks/gpu_prepare.sh writes it, every device call of the plan names ``.gpu-meta`` in ``carry``
+COMMIT_FILE = os.path.join(ROOT, ".gpu-meta", "COMMIT")
+
+
+def git_commit() -> str | None:
+    """The checkout's commit: ``git rev-parse HEAD`` (with ``-dirty`` when tracked files changed), else the first
+    line of :data:`COMMIT_FILE` (a 40-hex commit, optionally ``-dirty``), else None."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", head.stdout.strip()):
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=10)
+            return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open(COMMIT_FILE) as fh:
+            line = fh.readline().strip()
+    except OSError:
+        return None
+    return line if re.fullmatch(r"[0-9a-f]{40}(-dirty)?", line) else None
+
+
 def machine_info(with_gpu: bool = True) -> dict:
-    """Everything needed to read a result file later: host, CPU, RAM, GPU, software versions."""
+    """Everything needed to read a result file later: host, CPU, RAM, GPU (name, memory, CUDA version), software
+    versions and the git commit of the code measured."""
     return {
+        "git_commit": git_commit(),
         "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
@@ -118,6 +161,7 @@ def machine_info(with_gpu: bool = True) -> dict:
             "pillow": _dist_version("pillow", "Pillow"),
             "astropy": _dist_version("astropy"),
             "dali_lens": _dist_version("dali-lens"),
+            "cuda": _torch_cuda_version(),
         },
     }
 
@@ -161,6 +205,25 @@ def command_line() -> str:
 
 def utc_timestamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# --------------------------------------------------------------------------------------------- loader runs
+
+#: the baselines a dali_lens loader is compared with (bench_loaders' backends); the "strongest baseline" of a
+#: configuration is the fastest of these measured there
+BASELINES = ("torchvision", "torchvision-strong", "baseline", "baseline-tensor-decode")
+
+
+def strongest_baselines(runs: list[dict]) -> dict:
+    """(format, size, scale_mode, batch) -> the fastest successful baseline run of that configuration in
+    ``runs`` (bench_loaders records): what every dali_lens figure is quoted against."""
+    best: dict = {}
+    for r in runs:
+        if r.get("ok") and r["backend"] in BASELINES:
+            k = (r["format"], r["size"], r["scale_mode"], r["batch"])
+            if k not in best or r["images_per_s"] > best[k]["images_per_s"]:
+                best[k] = r
+    return best
 
 
 # --------------------------------------------------------------------------------------------- atomic JSON

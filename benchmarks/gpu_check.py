@@ -64,10 +64,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="result JSON (default $OUT/gpu-tests.json, else benchmarks/results/gpu-tests-<gpu>.json)")
     p.add_argument("--log", help="pytest's output, line by line (default: gpu-check.log beside --out)")
     p.add_argument("--list", action="store_true", help="print the selected tests and exit")
+    p.add_argument("--first", type=int, metavar="N", help="only the N most important cases (a rehearsal)")
     p.add_argument("--backend", choices=("dali", "dali-cpu"), default="dali",
                    help="dali-cpu: rehearse the run with the CPU cases (no GPU needed)")
     args = p.parse_args(argv)
     cases = select(args.backend)
+    if args.first is not None:
+        if args.first < 1:
+            p.error(f"--first: at least 1 (got {args.first})")
+        cases = cases[:args.first]
     if args.list:
         print("\n".join(cases) or "(none: no CUDA GPU with DALI here)")
         return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ SHORT = ["--no-progress", "--no-gallery", "--batch-size", "64"]
 
 
 def journeys(tmp: str, backend: str, quick: bool) -> list[tuple[str, list[list[str]]]]:
-    """(name, commands) in order of importance; '{tmp}' is the scratch folder. Data counts are odd on purpose:
+    """(name, commands) in order of importance (.npy first, then the README's main job); '{tmp}' is the scratch folder. Data counts are odd on purpose:
     no split is a multiple of the batch. Each journey generates the data it reads (``main`` skips a generate
     whose folder an earlier journey wrote), so that any subset runs alone (``--only``)."""
     n = 301 if quick else 1201
@@ -37,7 +38,7 @@ def journeys(tmp: str, backend: str, quick: bool) -> list[tuple[str, list[list[s
     if backend != "dali":
         main += b
     out.append(("main job (README, no flags)", [main]))
-    for fmt in ("png", "jpeg", "fits", "npy"):
+    for fmt in ("npy", "png", "jpeg", "fits"):
         d, r = f"{tmp}/{fmt}", f"{tmp}/run-{fmt}"
         out.append((f"{fmt}: generate, train single 2 epochs, predict, evaluate", [
             ["generate", d, "--n", str(n), "--format", fmt, "--quiet"],
@@ -45,6 +46,7 @@ def journeys(tmp: str, backend: str, quick: bool) -> list[tuple[str, list[list[s
             ["predict", "--checkpoint", f"{r}/best.pt", d, "--split", "test", "--out", f"{r}/pred.csv",
              "--no-progress", *b],
             ["evaluate", "--checkpoint", f"{r}/best.pt", "--out", f"{r}/eval", d, "--no-gallery", *b]]))
+    out.insert(0, out.pop(1))  # the .npy journey before the main job: its cuFile fallback has never run on a GPU
     d = f"{tmp}/png"
     out.append(("png: multiscale 64,96,128, 2 epochs", [
         ["generate", d, "--n", str(n), "--format", "png", "--quiet"],
@@ -78,6 +80,12 @@ def summarise(cmd: list[str], proc: subprocess.CompletedProcess, wall: float, tm
             rec.setdefault("epochs", []).append(s)
         elif s.startswith("test:") or s.startswith("AUC") or "ROC AUC" in s:
             rec["result_line"] = s
+        elif s.startswith("scored ") and "img/s" in s:  # predict's throughput line
+            rec["scored_line"] = s
+            m = re.search(r"\(([0-9.]+) img/s\)", s)
+            rec["scored_images_per_s"] = float(m.group(1)) if m else None
+        elif "reads .npy on the CPU" in s or "cuFile" in s or "cufile" in s:  # the .npy fallback's reason
+            rec.setdefault("npy_reader_lines", []).append(s)
     if cmd[0] == "train" and proc.returncode == 0:
         run = cmd[cmd.index("--out") + 1]
         try:
@@ -96,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="result JSON, rewritten after every command")
     ap.add_argument("--backend", choices=("dali", "dali-cpu", "torchvision"), default="dali")
     ap.add_argument("--quick", action="store_true", help="301 cutouts and 1 main-job epoch (rehearsal)")
-    ap.add_argument("--only", help="comma-separated journey numbers (0 = the main job)")
+    ap.add_argument("--only", help="comma-separated journey numbers (0 = .npy, 1 = the main job)")
     args = ap.parse_args(argv)
     doc = {"benchmark": "gpu-journeys", "backend": args.backend, "machine": machine_info(),
            "command": command_line(), "timestamp": utc_timestamp(), "journeys": [], "finished": False}
@@ -121,7 +129,7 @@ def main(argv=None) -> int:
                 rec = summarise(cmd, proc, time.perf_counter() - t0, tmp)
                 entry["steps"].append(rec)
                 print(f"   rc {rec['rc']}  {rec['wall_s']:6.1f} s  {rec['command'][:110]}", flush=True)
-                for key in ("backend_line", "result_line"):
+                for key in ("backend_line", "result_line", "scored_line"):
                     if key in rec:
                         print(f"      {rec[key]}", flush=True)
                 if rec["rc"] != 0:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Here (no GPU needed), from the project root: everything a GPU session must send to the device machine.
-# The timed plan these files serve is in benchmarks/README.md ("The first GPU session").
+# The plan these files serve is benchmarks/gpu_plan.py (`python3 -m benchmarks.gpu_plan show`; its table is
+# benchmarks/README.md's timed plan).
 #
 # The GPU machine (Python 3.12, torch 2.11, torchvision 0.26, numpy 2.5.2 as one session's pip list read it:
 # /work/.library/device/KINDS.md) has no DALI, astropy or webdataset, and no package registry. This script
@@ -12,7 +13,10 @@
 #      DALI 2.4 packs to 244 MiB: 5 parts, the last ~36 MiB, which travels with the wheels (50 MiB + the
 #      tree, under the 64 MiB a call carries); 8 minutes on an idle 2-core machine, 40 under load at nice 19;
 #      then checks that every wheel DALI's metadata asks for was downloaded (the packer does not);
-#   4. prints the device calls: one per part, back to back, the last one running benchmarks/gpu_session.sh.
+#   4. writes the checkout's commit to .gpu-meta/COMMIT (.git does not travel; every result JSON's machine
+#      block reads it: benchmarks/common.py git_commit), with "-dirty" when tracked files differ from it;
+#   5. checks the plan against the device limits and prints the device calls (gpu_plan.py commands).
+# SKIP_PACK=1 skips step 3 (a rehearsal without the 8-40 minute packer; the calls are then printed for 5 parts).
 #
 #   bash benchmarks/gpu_prepare.sh                 # for the device (Python 3.12)
 #   DALI_PY=3.11 bash benchmarks/gpu_prepare.sh    # rehearsal with this machine's Python
@@ -23,7 +27,7 @@ DEVICE_NUMPY="${DEVICE_NUMPY:-2.5.2}"
 fail() { echo "gpu_prepare: FAILED: $*" >&2; exit 1; }
 exclude="$(git rev-parse --git-path info/exclude)"  # also right in a git worktree, where .git is a file
 mkdir -p "$(dirname "$exclude")"
-grep -qxF "/.whl/" "$exclude" 2>/dev/null || echo "/.whl/" >> "$exclude"
+for d in /.whl/ /.gpu-meta/; do grep -qxF "$d" "$exclude" 2>/dev/null || echo "$d" >> "$exclude"; done
 
 WHEELS=(astropy==8.0.2 pyerfa==2.0.1.5 astropy-iers-data==0.2026.11.2.0.34.55 webdataset==1.0.2 braceexpand==0.1.7
         PyYAML==6.0.3)
@@ -57,6 +61,19 @@ sys.exit(0 if ok else 1)
 PY
 rm -f .whl/astropy.METADATA
 
+# the commit the device runs (carried as .gpu-meta in calls 1, 5 and 6)
+mkdir -p .gpu-meta
+commit="$(git rev-parse HEAD)"
+[ -z "$(git status --porcelain --untracked-files=no)" ] || commit="$commit-dirty"
+echo "$commit" > .gpu-meta/COMMIT
+echo "commit for the device: $commit"
+
+if [ "${SKIP_PACK:-0}" = 1 ]; then
+  echo "DALI packing SKIPPED (SKIP_PACK=1): no .dali-parts; the calls below assume 5 parts"
+  python3 -m benchmarks.gpu_plan commands --parts 5
+  exit $?
+fi
+
 # the shared DALI packer: shared/device in a checkout that has it, else beside this checkout, else /work/shared
 packer="${DALI_PARTS:-}"
 for c in shared/device/dali-parts.sh ../shared/device/dali-parts.sh /work/shared/device/dali-parts.sh; do
@@ -78,10 +95,5 @@ done
 echo "DALI's requirements: all $(ls .dali-whl/*.whl | wc -l) wheels present"
 last=$(( $(cat .dali-parts/COUNT) - 1 ))
 echo "sizes: last part $(du -sm .dali-parts/p$(printf %02d $last) | cut -f1) MiB + .whl $(du -sm .whl | cut -f1) MiB + the tree $(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1) MiB (at most 64)"
-cat <<PLAN
-
-Last call: carry [".dali-parts/p$(printf %02d $last)", ".whl"] (the last part is the smallest) and run
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && mkdir -p /tmp/dali && cp .dali-parts/p$(printf %02d $last)/* /tmp/dali/ && source /tmp/dali/dali-install-remote.sh && bash benchmarks/gpu_session.sh
-(gpu_session.sh writes everything under \$OUT as it goes; at most 7.2 minutes, most important check first;
- the timed plan is in benchmarks/README.md)
-PLAN
+echo
+python3 -m benchmarks.gpu_plan commands  # the calls, back to back (gpu_plan.py; limits checked: exit 1 if broken)

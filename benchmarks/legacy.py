@@ -6,6 +6,9 @@ bench_multiscale_memory.py (``baseline``, ``--baseline-step legacy``) compare da
 * :class:`LegacyMultiScaleDataset` / :func:`build_baseline`: a torch Dataset that opens each image with PIL
   and, for every requested scale separately, applies ``Resize((s, s)) + ToTensor + Normalize`` (float data:
   astropy / numpy, then Resize + Normalize per scale), collated by a DataLoader with worker processes.
+* :class:`StrongMultiScaleDataset` / :func:`build_strong`: not legacy, the strongest plain torchvision
+  ``DataLoader`` a user would write today (tensor decode, ``transforms.v2`` with antialias, pin_memory,
+  persistent workers, the same augmentation): ``torchvision-strong`` in bench_loaders.py.
 * :func:`legacy_train_epoch`: its ``MultiScaleTrainer.train_epoch`` in standard mode (every scale forwarded,
   one backward over the averaged losses).
 
@@ -77,6 +80,58 @@ def build_baseline(dataset, scales, batch_size: int, cuda: bool, tensor_decode: 
                                  tensor_decode=tensor_decode)
     return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=cuda,
+                      multiprocessing_context="fork" if workers > 0 and sys.platform == "linux" else None)
+
+
+class StrongMultiScaleDataset(TorchDataset):
+    """The torchvision pipeline a user would write today (the *strong* baseline, ``torchvision-strong``): the
+    file's bytes decoded once to a uint8 tensor (``torchvision.io.decode_image``; ``.npy`` with numpy), the
+    training augmentation drawn once per sample and shared by every scale (a random one of the 8 rotations /
+    flips, as the project's loaders do with ``max_shift=0``), then per scale ``transforms.v2.Resize((s, s),
+    antialias=True)`` on the uint8 tensor and ``ToDtype(float32, scale=True)`` + ``Normalize``; returns
+    ``({s: (C,s,s)}, label, index)``. Images only and ``.npy`` (float data skips the uint8 scaling)."""
+
+    def __init__(self, items: list[tuple[str, int]], kind: str, scales, mean, std, train: bool, seed: int = 0):
+        import torch
+        from torchvision.transforms import v2
+
+        if kind not in ("image", "npy"):
+            raise ValueError(f"torchvision-strong reads PNG/JPEG and .npy, not {kind}")
+        self.items, self.kind, self.scales, self.train, self.seed = items, kind, tuple(scales), train, seed
+        self.resize = {s: v2.Resize((s, s), antialias=True) for s in self.scales}
+        to_float = [v2.ToDtype(torch.float32, scale=True)] if kind == "image" else []
+        self.finish = v2.Compose([*to_float, v2.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        import torch
+
+        path, label = self.items[i]
+        if self.kind == "image":
+            from torchvision.io import ImageReadMode, decode_image, read_file
+
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        else:
+            img = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32, copy=False))
+        if self.train:  # one of the 8 dihedral transforms, the same for every scale
+            k, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
+            img = torch.rot90(img, k, (1, 2))
+            img = img.flip(-1) if flip else img
+        return {"image": {s: self.finish(self.resize[s](img)) for s in self.scales}, "label": label, "index": i}
+
+
+def build_strong(dataset, scales, batch_size: int, cuda: bool, workers: int, train: bool):
+    """The strong torchvision baseline's DataLoader: ``workers`` processes (the usable cores), persistent,
+    ``pin_memory`` with CUDA, prefetch 4 batches per worker, shuffle + drop_last when training."""
+    from torch.utils.data import DataLoader
+
+    items = [(s.path, -1 if s.label is None else int(s.label)) for s in dataset.samples]
+    ds = StrongMultiScaleDataset(items, dataset.kind, scales, [MEAN] * dataset.bands, [STD] * dataset.bands, train)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=cuda, prefetch_factor=4 if workers > 0 else None,
                       multiprocessing_context="fork" if workers > 0 and sys.platform == "linux" else None)
 
 

@@ -24,7 +24,7 @@ import sys
 from benchmarks import common
 
 START, END = "<!-- bench:loaders:start -->", "<!-- bench:loaders:end -->"
-BACKEND_ORDER = ("dali", "dali-cpu", "torchvision", "baseline", "baseline-tensor-decode")
+BACKEND_ORDER = ("dali", "dali-cpu", "torchvision", "torchvision-strong", "baseline", "baseline-tensor-decode")
 FORMAT_ORDER = ("png", "jpeg", "npy", "fits")
 
 
@@ -40,28 +40,46 @@ def _cell(r: dict | None, with_gpu: bool) -> str:
     return txt + ")"
 
 
+def _versus(runs: list[dict], key: tuple, base: dict | None) -> str:
+    """The fastest dali_lens run of a configuration against its strongest baseline, e.g. ``dali 5.1x
+    torchvision-strong``; '–' without both."""
+    ours = [r for r in runs if r.get("ok") and r["backend"] in ("dali", "dali-cpu")
+            and (r["format"], r["size"], r["scale_mode"], r["batch"]) == key]
+    if not ours or base is None:
+        return "–"
+    top = max(ours, key=lambda r: r["images_per_s"])
+    return f"{column(top)} **{top['images_per_s'] / base['images_per_s']:.2f}x** {base['backend']}"
+
+
 def _scales(r: dict) -> str:
     return "native" if r["scale_mode"] == "single" else "→ " + ",".join(str(s) for s in r["scales"])
 
 
+def column(r: dict) -> str:
+    """A run's column: its backend, with ``@threads`` where the run set DALI's CPU threads itself."""
+    return r["backend"] + (f"@{r['threads']}" if r.get("threads") else "")
+
+
 def render(doc: dict, name: str = "") -> str:
     runs = doc.get("runs", [])
-    backends = [b for b in BACKEND_ORDER if any(r["backend"] == b for r in runs)]
-    backends += sorted({r["backend"] for r in runs} - set(backends))
+    order = {b: i for i, b in enumerate(BACKEND_ORDER)}
+    backends = sorted({column(r) for r in runs}, key=lambda c: (order.get(c.split("@")[0], 99), c))
     with_gpu = (doc.get("machine") or {}).get("gpu") is not None
     keys = sorted({(r["format"], r["size"], r["scale_mode"], r["batch"]) for r in runs},
                   key=lambda k: (FORMAT_ORDER.index(k[0]) if k[0] in FORMAT_ORDER else 99, k[1],
                                  k[2] != "single", k[3]))
-    by = {(r["backend"], r["format"], r["size"], r["scale_mode"], r["batch"]): r for r in runs}
+    by = {(column(r), r["format"], r["size"], r["scale_mode"], r["batch"]): r for r in runs}
+    best = common.strongest_baselines(runs)  # computed here from the runs, not read from the file
     machine = doc.get("machine") or {}
     lines = [f"**{common.machine_line(machine)}**" + (f" (`{name}`)" if name else ""), ""]
-    lines.append("| format | size | scales | batch | " + " | ".join(backends) + " |")
-    lines.append("|---|---:|---|---:|" + "---:|" * len(backends))
+    lines.append("| format | size | scales | batch | " + " | ".join(backends) + " | fastest vs strongest baseline |")
+    lines.append("|---|---:|---|---:|" + "---:|" * len(backends) + "---|")
     for k in keys:
         fmt, size, mode, batch = k
         sample = next(r for r in runs if (r["format"], r["size"], r["scale_mode"], r["batch"]) == k)
         cells = [_cell(by.get((b, *k)), with_gpu) for b in backends]
-        lines.append(f"| {fmt} | {size} px | {_scales(sample)} | {batch} | " + " | ".join(cells) + " |")
+        lines.append(f"| {fmt} | {size} px | {_scales(sample)} | {batch} | " + " | ".join(cells) + " | "
+                     + _versus(runs, k, best.get(k)) + " |")
     settings = doc.get("settings", {})
     lines.append("")
     lines.append(f"images/s over whole warm epochs ({settings.get('loader_mode', 'train')} mode, "
@@ -69,6 +87,8 @@ def render(doc: dict, name: str = "") -> str:
                  "(PSS of the process tree)" + (" and peak GPU memory" if with_gpu else "") +
                  f". {doc.get('timestamp', '')}, `{doc.get('command', '')}`")
     for t in doc.get("targets", []):
+        if "config" not in t:
+            continue  # the goal entries ({name, value, met}) repeat the table's last column
         verdict = "met" if t["met"] else "not met"
         lines.append(f"- CPU target ({t['config']}): dali-cpu {t['dali_cpu_images_per_s']:,.0f} vs baseline "
                      f"{t['baseline_images_per_s']:,.0f} images/s = **{t['speedup']:.2f}x** (target 2x), peak host "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ def quick_result(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "loaders-smoke.json"
     # baseline-tensor-decode is left out to keep the test short; --quick runs dali-cpu where DALI is present
-    backends = ["torchvision", "baseline"]
+    backends = ["torchvision", "torchvision-strong", "baseline"]
     try:
         import nvidia.dali  # noqa: F401
 
@@ -25,7 +26,7 @@ def quick_result(tmp_path_factory):
         pass
     cmd = [sys.executable, "-m", "benchmarks.bench_loaders", "--quick", "--out", str(out), "--data-dir", str(tmp / "data"),
            "--backends", ",".join(backends)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as fh:
         doc = json.load(fh)
@@ -40,8 +41,9 @@ def test_quick_json_is_well_formed(quick_result):
     for key in ("cpu_model", "logical_cores", "ram_gb", "gpu", "versions"):
         assert key in m, key
     assert m["logical_cores"] >= 1 and m["ram_gb"] > 0
-    for key in ("python", "torch", "torchvision", "dali", "numpy"):
+    for key in ("python", "torch", "torchvision", "dali", "numpy", "cuda"):
         assert key in m["versions"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", m["git_commit"]), m["git_commit"]
     assert "--quick" in doc["command"]
     assert doc["mode"] == "quick"
     assert {r["backend"] for r in doc["runs"]} == set(backends)
@@ -55,6 +57,61 @@ def test_quick_json_is_well_formed(quick_result):
         assert r["peak_gpu_mb"] is None or r["peak_gpu_mb"] > 0
         assert r["scales"] == [64, 112, 224]
     assert os.path.exists(os.path.splitext(str(out))[0] + ".png")
+
+
+def test_goals_are_against_the_strongest_baseline(quick_result):
+    """The targets block holds each goal as {name, value, met}: the fastest dali_lens backend against the
+    fastest of the baselines measured in the same configuration (the strong torchvision DataLoader among them)."""
+    doc, out, backends = quick_result
+    if "dali-cpu" not in backends:
+        pytest.skip("no DALI: no dali_lens backend to compare")
+    runs = {r["backend"]: r for r in doc["runs"]}
+    strongest = max((b for b in runs if b != "dali-cpu"), key=lambda b: runs[b]["images_per_s"])
+    goals = [t for t in doc["targets"] if "config" not in t]
+    assert len(goals) == 1, doc["targets"]
+    v = goals[0]["value"]
+    assert v["strongest_baseline_backend"] == strongest and v["strongest_baseline"] == runs[strongest]["images_per_s"]
+    assert v["ratio"] == round(runs["dali-cpu"]["images_per_s"] / runs[strongest]["images_per_s"], 2)
+    assert goals[0]["met"] is (v["ratio"] >= 2.0)
+    from benchmarks import render_table
+
+    row = next(ln for ln in render_table.render(doc).splitlines() if ln.startswith("| png |"))
+    assert row.endswith(f"dali-cpu **{v['ratio']:.2f}x** {strongest} |"), row
+
+
+def test_keep_from_reuses_the_runs_of_an_earlier_call(quick_result, tmp_path):
+    """The GPU plan measures the baselines in call 1's background session and the DALI rows later: the loader
+    step keeps the earlier file's runs (same grid key) instead of measuring them again."""
+    doc, out, backends = quick_result
+    merged = tmp_path / "merged.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_loaders", "--quick", "--out", str(merged), "--data-dir",
+           str(out.parent / "data"), "--backends", "torchvision-strong,baseline", "--keep-from", str(out), "--no-plot"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    new = json.loads(merged.read_text())
+    old = {r["backend"]: r for r in doc["runs"]}
+    assert [r["backend"] for r in new["runs"]] == ["torchvision-strong", "baseline"]
+    for r in new["runs"]:
+        assert r["kept_from"] == out.name and r["images_per_s"] == old[r["backend"]]["images_per_s"]
+
+
+def test_gpu_grid_keeps_every_worker_busy():
+    """bench_loaders --gpu: >= 16k images, batch 64 and 256, every backend on
+    64 px PNG -> 3 scales at batch 256, DALI GPU at 16 and 8 CPU threads there."""
+    import argparse
+
+    from benchmarks import bench_loaders
+
+    args = argparse.Namespace(gpu=True, quick=False, full=False, backends=None, formats=None, sizes=None,
+                              scales=None, batches=None, n=None)
+    grid = bench_loaders.build_grid(args, have_cuda=True)
+    assert bench_loaders.n_images(args, 64) >= 16384
+    head = [(g["backend"], g.get("threads")) for g in grid if (g["format"], g["scale_mode"], g["batch"]) == ("png", "multi", 256)]
+    assert set(head) == {("dali", 16), ("dali", 8), ("dali-cpu", None), ("torchvision", None),
+                         ("torchvision-strong", None), ("baseline", None)}
+    assert grid[0]["backend"] == "dali" and {g["batch"] for g in grid} == {64, 256}
+    assert {(g["format"], g["scale_mode"]) for g in grid} >= {("png", "single"), ("jpeg", "multi")}
+    assert len({bench_loaders.run_key(g) for g in grid}) == len(grid)
 
 
 def test_render_table_reads_the_result(quick_result):

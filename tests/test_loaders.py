@@ -199,25 +199,25 @@ def test_augmentation_drawn_once_for_all_scales(make_dataset, backend):
     loader = build_loader(ds, backend=backend, scales=(20, 40), batch_size=8, train=True, seed=3)
     ref = collect(build_loader(ds, backend=backend, scales=(40,), batch_size=8))[2][40]
     moved = 0
-    for b in loader:
-        full, small = b["image"][40].cpu(), b["image"][20].cpu()
+    for b in loader:  # a CUDA loader's batches are on the GPU, collect()'s reference on the CPU
+        full, small, index = b["image"][40].cpu(), b["image"][20].cpu(), b["index"].cpu()
         down = F.interpolate(full, size=(20, 20), mode="bilinear", antialias=True, align_corners=False)
         assert (down - small).abs().max() < 0.03, "the 20 px view must be the same transform as the 40 px view"
-        moved += int(((full - ref[b["index"]]).abs().amax(dim=(1, 2, 3)) > 0.05).sum())
+        moved += int(((full - ref[index]).abs().amax(dim=(1, 2, 3)) > 0.05).sum())
     assert moved > 0, "training must augment (random rotations/flips)"
 
 
-def test_dihedral_transforms_are_exact(make_dataset):
+@pytest.mark.parametrize("backend", BACKENDS)  # parametrized so that gpu_check selects the 'dali' case too
+def test_dihedral_transforms_are_exact(make_dataset, backend):
     """With shifts off, every augmented training image is one of the 8 rotations/flips of the original."""
     from dali_lens.pipelines.batch import dihedral8
 
     ds = discover(make_dataset("png", n_per_class=8), val_fraction=0)["train"]
     ref = collect(build_loader(ds, backend="dali-cpu", scales=(40,), batch_size=4))[2][40]
-    for backend in BACKENDS:
-        for b in build_loader(ds, backend=backend, scales=(40,), batch_size=4, train=True, seed=9):
-            views = dihedral8(ref[b["index"]])  # (B, 8, C, H, W)
-            err = (views - b["image"][40][:, None]).abs().amax(dim=(2, 3, 4)).amin(dim=1)
-            assert err.max() < 1e-5
+    for b in build_loader(ds, backend=backend, scales=(40,), batch_size=4, train=True, seed=9):
+        views = dihedral8(ref[b["index"].cpu()])  # (B, 8, C, H, W), on the CPU like collect()'s reference
+        err = (views - b["image"][40].cpu()[:, None]).abs().amax(dim=(2, 3, 4)).amin(dim=1)
+        assert err.max() < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
