@@ -212,7 +212,8 @@ class Parsed:
 
 COUNT = Range(int, 1)                     #: a positive count (epochs, batch size, N cutouts)
 NON_NEGATIVE = Range(int, 0)              #: 0 = off / none
-THREADS = Range(int, 1)                   #: loader workers, CPU threads
+THREADS = Range(int, 1)                   #: CPU threads, reader/simulation threads
+LOADER_WORKERS = Range(int, 0)            #: loader workers: 0 = in the loading process (torchvision), 1 thread (DALI)
 SEED = Range(int, 0, 2 ** 32 - 1)         #: numpy's and torch's seeds
 PROBABILITY = Range(float, 0.0, 1.0)      #: a score threshold, a fraction in [0, 1]
 FRACTION_OPEN = Range(float, 0.0, 1.0, lo_open=True, hi_open=True)  #: a prior, alpha: in (0, 1)

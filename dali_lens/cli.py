@@ -7,7 +7,7 @@ import signal
 import sys
 import warnings
 
-from .choices import BACKENDS, COUNT, FUSIONS, HDUS, THREADS
+from .choices import BACKENDS, COUNT, FUSIONS, HDUS, LOADER_WORKERS, THREADS
 
 #: exit status on SIGTERM (128 + 15), as on Ctrl-C (130): the same message, the same files kept
 EXIT_TERMINATED = 143
@@ -120,7 +120,9 @@ def add_scoring_args(ap: argparse.ArgumentParser, workers_help: str = "all cores
     ap.add_argument("--fusion", choices=FUSIONS, default=None,
                     help="how member scores are combined (default: the training run's, else mean_prob); "
                          "temperature uses the temperatures stored in the checkpoints")
-    ap.add_argument("--workers", type=THREADS, default=None, help=f"loader threads per process (default: {workers_help})")
+    ap.add_argument("--workers", type=LOADER_WORKERS, default=None,
+                    help=f"loader threads per process; 0: torchvision loads in the process itself, DALI uses 1 thread "
+                         f"(default: {workers_help})")
     ap.add_argument("--threads", type=THREADS, default=None,
                     help="PyTorch CPU threads for the models (default: PyTorch's choice; on a small, busy machine "
                          "--threads 1 --workers 1 can be much faster)")

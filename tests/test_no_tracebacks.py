@@ -50,7 +50,8 @@ def _one_error(lines: list[str], *words: str) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Tiny PNG and FITS sets, a 1-epoch run on the PNGs and its predictions, made once."""
-    from dali_lens import generate, train
+    from dali_lens import generate
+    from dali_lens.commands import train
 
     root = tmp_path_factory.mktemp("world")
     png, fits, run = str(root / "png"), str(root / "fits"), str(root / "run")

@@ -122,7 +122,7 @@ def test_train_library_door_has_the_same_ranges():
 
 
 def test_train_refuses_zero_epochs_and_repeated_scales_before_any_work(tmp_path, capsys):
-    from dali_lens import train
+    from dali_lens.commands import train
 
     for argv, flag in ((["--epochs", "0"], "--epochs"), (["--scales", "64,64", "--trainer", "multiscale"], "--scales"),
                        (["--img-size", "7"], "--img-size"), (["--hdus", "-1"], "--hdus")):

@@ -80,7 +80,8 @@ def _command(cmd: str, data: str, run: str, case) -> tuple[list[str], str]:
 @pytest.mark.parametrize("kind", ["in_checkpoint", "bare_pickle", "weights_file"])
 @pytest.mark.parametrize("cmd", ["predict", "evaluate", "resume", "weights"])
 def test_planted_payload_never_runs(trained, tmp_path, capfd, cmd, kind):
-    from dali_lens import evaluate, predict, train
+    from dali_lens import evaluate
+    from dali_lens.commands import predict, train
 
     data, src = trained
     run = str(tmp_path / "run")
@@ -130,7 +131,7 @@ DAMAGES = {  # plain data only, so the safe reader takes them; each was a traceb
 def test_damaged_checkpoint_is_one_error_line(trained, tmp_path, capfd, cmd, damage):
     """A checkpoint of plain data with entries of the wrong type or shape: one line naming it, exit 2 (predict
     reads best.pt, --resume last.pt; a member too many only matters to --resume, which would drop it)."""
-    from dali_lens import predict, train
+    from dali_lens.commands import predict, train
 
     data, src = trained
     run = str(tmp_path / "run")

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from dali_lens import generate, pack, predict, train
+from dali_lens import generate, pack
+from dali_lens.commands import predict, train
 from dali_lens.data.synthetic import generate_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

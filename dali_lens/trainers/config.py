@@ -10,7 +10,7 @@ import torch
 
 from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSIONS, HDUS, HOLD_OUT, LR_SCHEDULES,
                        NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
-                       SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, Parsed)
+                       SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
 from ..data.dataset import parse_hdus
 from .base import TRAINERS
 
@@ -64,7 +64,8 @@ class TrainConfig:
     # loading
     backend: str = _f("auto", "loader: auto (DALI GPU if CUDA+DALI; without CUDA DALI CPU, but torchvision for "
                               "FITS; torchvision without DALI), dali, dali-cpu, torchvision", choices=BACKENDS)
-    workers: int | None = _f(None, "loader threads/workers (default: all cores)", type=THREADS)
+    workers: int | None = _f(None, "loader threads/workers; 0: torchvision loads in the training process, DALI "
+                                   "uses 1 thread (default: all cores)", type=LOADER_WORKERS)
     dtype: str = _f("auto", "loader output: auto (uint8 for 8-bit images, normalised on the training device just "
                             "before each scale's forward pass, so one scale at a time is float; float32 for float "
                             "data or with --batch-transforms), float32, float16 or uint8",
