@@ -107,12 +107,14 @@ class Checkpoint:
     bad_epochs: int = 0
     history: list = field(default_factory=list)
     loader: dict | None = None
+    progress: dict | None = None  # mid-epoch: the epoch's steps and loss sums so far (trainers.loop.train_epoch)
     version: int = VERSION
 
     def to_dict(self) -> dict:
         p = self.pixels
         return {"version": VERSION, "members": self.members, "epoch": self.epoch, "best_auc": self.best_auc,
                 "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
+                "progress": self.progress,
                 "config": self.config, "bands": self.bands, "pixels": p.to_dict(),
                 # version 1's keys, for dali-lens before #16
                 "norm": {"mean": p.mean, "std": p.std, "noise_sigma": p.noise_sigma}, "kind": p.kind}
@@ -141,7 +143,8 @@ class Checkpoint:
         return cls(members=state["members"], bands=int(state["bands"]), pixels=pixels,
                    config=state.get("config") or {}, epoch=state.get("epoch", 0),
                    best_auc=state.get("best_auc", float("-inf")), bad_epochs=state.get("bad_epochs", 0),
-                   history=state.get("history", []), loader=state.get("loader"), version=version)
+                   history=state.get("history", []), loader=state.get("loader"),
+                   progress=state.get("progress"), version=version)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> "Checkpoint":
