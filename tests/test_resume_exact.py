@@ -146,3 +146,77 @@ def test_onecycle_resumed_with_more_epochs_stretches_the_schedule(data, tmp_path
     final = torch.load(os.path.join(full, "last.pt"), weights_only=False)["members"][0]
     assert resumed["optimizer"]["param_groups"][0]["lr"] == final["optimizer"]["param_groups"][0]["lr"]
     assert resumed["scheduler"]["_schedule_phases"] == final["scheduler"]["_schedule_phases"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --resume on data that changed since the run started: refused, saying what changed
+
+
+def _cli(data, out, *extra):
+    from dali_lens.train import main
+
+    return main(["--data-root", data, "--out", out, "--img-size", "32", "--batch-size", "15", "--workers", "1",
+                 "--backend", "torchvision", "--no-progress", "--no-gallery", "--epochs", "1", *extra])
+
+
+def _edit_data(root, how):
+    """Change a copy of the generated data as a user would: add a cutout (a new file and its manifest row),
+    delete one (file and row), or rewrite one's pixels in place."""
+    import csv
+
+    from PIL import Image
+
+    manifest = os.path.join(root, "train.csv")
+    with open(manifest, newline="") as fh:
+        rows = list(csv.reader(fh))
+    path = os.path.join(root, rows[1][0])
+    if how == "added":
+        shutil.copyfile(path, path.replace(".png", "-copy.png"))
+        rows.append([rows[1][0].replace(".png", "-copy.png")] + rows[1][1:])
+    elif how == "removed":
+        os.remove(os.path.join(root, rows.pop(1)[0]))
+    else:
+        im = Image.open(path).convert("RGB")
+        im.point(lambda v: 255 - v).save(path)
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+@pytest.mark.parametrize("how", ["added", "removed", "edited"])
+def test_resume_on_changed_data_is_refused_naming_the_change(data, tmp_path, capsys, how):
+    root = str(tmp_path / "data")
+    shutil.copytree(data, root)
+    out = str(tmp_path / "run")
+    assert _cli(root, out) == 0
+    recorded = json.load(open(os.path.join(out, "config.json")))["data"]
+    assert recorded["train"]["samples"] == 45 and recorded["val"]["samples"] == 10
+    _edit_data(root, how)
+    capsys.readouterr()
+    config = open(os.path.join(out, "config.json")).read()
+    assert _cli(root, out, "--resume", "--epochs", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume: the training data changed"), err
+    # the train split (whichever it lost or gained, the val split held out of it may shift as well)
+    assert f"train: 45 samples then, {45 + (how == 'added') - (how == 'removed')} now" in err[0]
+    assert ("1 added" if how == "added" else "1 removed" if how == "removed" else "1 edited") in err[0]
+    assert open(os.path.join(out, "config.json")).read() == config  # nothing touched
+    # a deliberate change: continues with the flag, recorded, and the new data is what the run now records
+    assert _cli(root, out, "--resume", "--epochs", "2", "--allow-config-change") == 0
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert "train: 45 samples then" in saved["config_changes"][-1]["data"]
+    assert saved["data"] != recorded
+    assert _cli(root, out, "--resume", "--epochs", "3") == 0
+
+
+def test_run_without_a_data_record_still_resumes_and_says_so(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert _cli(data, out) == 0
+    path = os.path.join(out, "config.json")
+    config = json.load(open(path))
+    del config["data"]  # as a run started before the record existed
+    with open(path, "w") as fh:
+        json.dump(config, fh)
+    capsys.readouterr()
+    assert _cli(data, out, "--resume", "--epochs", "2") == 0
+    assert "no record of its training data" in capsys.readouterr().out
+    assert "data" in json.load(open(path))  # recorded from now on

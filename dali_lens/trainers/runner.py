@@ -30,7 +30,7 @@ from .loop import dist_info, predict, train_epoch
 from .members import Trainer, load_member_state, make_member, member_state
 from .multiscale import TRAINER as MULTISCALE
 from .outputs import write_outputs
-from .rundir import RunDir, check_resume_config
+from .rundir import RunDir, check_resume_config, data_record
 from .single import TRAINER as SINGLE
 
 DEFAULT_N = 4000
@@ -299,9 +299,11 @@ def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
     cfg = layout_defaults(cfg, splits["train"], say)
-    # compared once the defaults are resolved, as config.json records them (--mask-value auto -> 100)
-    config_extra = (check_resume_config(out, {**cfg.to_dict(), "data_root": data_root}, cfg.allow_config_change, say)
-                    if resume else {})
+    # compared once the defaults are resolved, as config.json records them (--mask-value auto -> 100); what the
+    # run trains on (files, labels, sizes, mtimes) is recorded and compared too
+    record = data_record(splits, data_root)
+    config_extra = (check_resume_config(out, {**cfg.to_dict(), "data_root": data_root}, cfg.allow_config_change, say,
+                                        data=record) if resume else {"data": record})
     if cfg.skip_bad:
         from ..data.validate import drop_bad
 
