@@ -5,6 +5,7 @@ with real keyboard events in a real headless browser (Debian's chromium; skipped
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -409,19 +410,9 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-KEYS = {"ArrowRight": ("ArrowRight", 39, ""), "ArrowLeft": ("ArrowLeft", 37, ""), "s": ("KeyS", 83, "s"),
-        **{str(d): (f"Digit{d}", 48 + d, str(d)) for d in range(4)}}
-
-
-@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run "
-                                                "installs it): the grading page is not tested in a browser")
-def test_grading_page_in_a_real_browser(npy_data, tmp_path):
-    root, preds = npy_data
-    out = str(tmp_path / "look")
-    inspect_predictions(preds, root, out, top=6)
-    cands = page_data(out)["candidates"]  # highest score first, as the page shows them by default
-    downloads, profile = tmp_path / "downloads", tmp_path / "profile"
-    downloads.mkdir()
+@contextlib.contextmanager
+def _browser(profile):
+    """A headless chromium for the test's duration, driven through :class:`CDP`."""
     proc = subprocess.Popen([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              "--no-default-browser-check", f"--user-data-dir={profile}", "--remote-debugging-port=0",
                              "--window-size=1000,800", "about:blank"],
@@ -433,14 +424,40 @@ def test_grading_page_in_a_real_browser(npy_data, tmp_path):
             assert proc.poll() is None and time.time() < deadline, "chromium did not start"
             time.sleep(0.1)
         port, path = port_file.read_text().split()[:2]
-        cdp = CDP(f"ws://127.0.0.1:{port}{path}")
+        yield CDP(f"ws://127.0.0.1:{port}{path}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _js(cdp, sid, expr):
+    return cdp.call("Runtime.evaluate", sid, expression=expr, returnByValue=True)["result"].get("value")
+
+
+KEYS = {"ArrowRight": ("ArrowRight", 39, ""), "ArrowLeft": ("ArrowLeft", 37, ""), "s": ("KeyS", 83, "s"),
+        **{str(d): (f"Digit{d}", 48 + d, str(d)) for d in range(4)}}
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run "
+                                                "installs it): the grading page is not tested in a browser")
+def test_grading_page_in_a_real_browser(npy_data, tmp_path):
+    root, preds = npy_data
+    out = str(tmp_path / "look")
+    inspect_predictions(preds, root, out, top=6)
+    cands = page_data(out)["candidates"]  # highest score first, as the page shows them by default
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with _browser(tmp_path / "profile") as cdp:
         cdp.call("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads), eventsEnabled=True)
         url = "file://" + os.path.join(out, "index.html")
         target = cdp.call("Target.createTarget", url=url)["targetId"]
         sid = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
 
         def js(expr):
-            return cdp.call("Runtime.evaluate", sid, expression=expr, returnByValue=True)["result"].get("value")
+            return _js(cdp, sid, expr)
 
         def wait_loaded():
             deadline = time.time() + 30
@@ -487,12 +504,6 @@ def test_grading_page_in_a_real_browser(npy_data, tmp_path):
             time.sleep(0.1)
         time.sleep(0.2)
         rows = list(csv.reader(open(target_csv)))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     assert rows[0] == ["id", "grade", "score"]
     want = [(cands[0], "3"), (cands[2], "0"), (cands[3], "1")]
     assert [(r[0], r[1]) for r in rows[1:]] == [(c["key"], g) for c, g in want]
@@ -529,3 +540,60 @@ def test_marks_follow_the_threshold_not_the_list_that_picked():
     kinds = {c.id: c.kind for c in shown}
     assert kinds == {"e": "missed", "b": "", "d": "false-positive", "c": ""}
     assert "missed" in next(c for c in shown if c.id == "b").groups  # still picked by --missed
+
+
+HOSTILE_IDS = ("</script>", "<!--<script>", "</SCRIPT >", "<img src=x onerror=alert(1)>")
+# set before the page's own scripts run: any alert (the <img onerror=alert(1)> an id would plant) is recorded
+ALERT_HOOK = "window.__ran = []; window.alert = function(m){ window.__ran.push(String(m)); };"
+
+
+def _hostile_pages(tmp_path):
+    """The grading page (inspect) and a split gallery's index.html (train/evaluate) whose ids are markup."""
+    root = write_dataset(str(tmp_path / "data"), "npy", n_per_class=3, size=24, bands=3, seed=1)
+    ids = [HOSTILE_IDS[i % 4] + ("" if i < 4 else f" {i}") for i in range(12)]
+    rows = list(csv.reader(open(write_predictions(str(tmp_path / "plain.csv"), root, seed=2))))
+    preds = str(tmp_path / "preds.csv")
+    with open(preds, "w", newline="") as fh:
+        csv.writer(fh).writerows([rows[0]] + [[r[0], i] + r[2:] for r, i in zip(rows[1:], ids)])
+    look = str(tmp_path / "look")
+    inspect_predictions(preds, root, look, top=len(ids))
+    from dali_lens.data.dataset import Dataset, Sample
+    from dali_lens.inspection import split_gallery
+
+    test = discover(root, val_fraction=0)["test"]
+    test = Dataset([Sample(s.path, s.label, i) for s, i in zip(test.samples, ids)], test.bands, test.kind,
+                   test.root, "test", test.hdus, test.shape)
+    gallery = str(tmp_path / "gallery")
+    split_gallery(gallery, test, np.linspace(0.1, 0.9, len(test)), test.labels, n=len(test))
+    return {look: ids, gallery: ids[:len(test)]}
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run "
+                                                "installs it): the grading page is not tested in a browser")
+def test_ids_that_are_markup_show_as_text_and_run_nothing(tmp_path):
+    """Issue 22: an id holding <!--<script> left the data <script> unparseable (0 of 18 tiles shown): every <, >
+    and & in the embedded data is a JSON escape now, on the inspect page and the galleries' index.html alike."""
+    pages = _hostile_pages(tmp_path)
+    for out, ids in pages.items():
+        text = open(os.path.join(out, "index.html"), encoding="utf-8").read()
+        assert text.count("<script") == 2 and text.count("</script>") == 2, out
+        assert sorted(c["id"] for c in page_data(out)["candidates"]) == sorted(ids)
+    with _browser(tmp_path / "profile") as cdp:
+        for out, ids in pages.items():
+            target = cdp.call("Target.createTarget", url="about:blank")["targetId"]
+            sid = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            cdp.call("Page.enable", sid)
+            cdp.call("Page.addScriptToEvaluateOnNewDocument", sid, source=ALERT_HOOK)
+            cdp.call("Page.navigate", sid, url="file://" + os.path.join(out, "index.html"))
+            deadline = time.time() + 30
+            while _js(cdp, sid, "document.readyState") != "complete" or \
+                    not _js(cdp, sid, "document.querySelectorAll('#grid .card').length"):
+                assert time.time() < deadline, f"{out}: no tile shown"
+                time.sleep(0.1)
+            time.sleep(0.3)  # (an onerror would fire once its image failed to load)
+            assert _js(cdp, sid, "document.querySelectorAll('#grid .card').length") == len(ids), out
+            shown = _js(cdp, sid, "Array.from(document.querySelectorAll('#grid .card')).map(d => d.dataset.id)")
+            assert sorted(shown) == sorted(ids), out  # every tile, each id as its own text
+            assert _js(cdp, sid, "JSON.stringify(window.__ran)") == "[]", out
+            assert _js(cdp, sid, "document.querySelectorAll('[onerror], img[src=\"x\"]').length") == 0, out
+            assert _js(cdp, sid, "document.scripts.length") == 2, out

@@ -132,7 +132,10 @@ build();
 
 def page_html(title: str, data: dict) -> str:
     """The page for ``data`` (``candidates``, ``grades``, ``key``, ...), as one string."""
-    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # every <, > and & as a JSON escape: no text in the data (an id such as <!--<script> or </script>) can end
+    # the <script> element or enter its escaped states, and JSON.parse reads the same strings back
+    blob = (json.dumps(data, separators=(",", ":"))
+            .replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))
     counts = {}
     for c in data["candidates"]:
         if c["kind"]:

@@ -257,6 +257,7 @@ class DaliLoader:
         self._check = BatchChecker(dataset, self.device, tta=opts.tta, check_finite=not dataset.eight_bit)
         self.epoch, self._done = 0, 0
         self._checkpoint = None
+        self._complete = False  # restored from a state taken at the epoch's last batch: nothing left of it
         self._it = None
 
     @property
@@ -293,6 +294,7 @@ class DaliLoader:
             order = self.listed_order() if self._listed else self.order
             p = _build(self.dataset, self.opts, self.gpu, order, self._checkpoint if self.checkpointable else False,
                        first_epoch=self.epoch)
+            self._checkpoint = None  # restored once: a pipeline built later starts afresh
             names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
             policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL
             if self.checkpointable or self._listed:
@@ -342,6 +344,10 @@ class DaliLoader:
 
     def __iter__(self):
         self._done = 0
+        if self._complete:  # DALI's state is already past this epoch's last batch: it starts the next epoch
+            self._complete = False
+            self.epoch += 1
+            return
         if self._listed:
             self._drop()  # a pipeline per epoch: its reader is given the epoch's order
         try:
@@ -381,13 +387,18 @@ class DaliLoader:
         state = {"backend": self.backend, "epoch": self.epoch, "batches_done": self._done}
         if self._it is not None and self.checkpointable:
             state["dali"] = self._it.checkpoints()[0]
+        elif self._checkpoint is not None:  # restored, and no pipeline built since: still that state
+            state["dali"] = self._checkpoint
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``: mid-epoch, at its batch; taken after an epoch's last batch (before the
+        iterator saw the epoch end), this epoch yields nothing more and the next one follows."""
         self.epoch = int(state["epoch"])
+        self._complete = 0 < len(self) <= int(state.get("batches_done", 0))
         if "dali" in state and self.checkpointable:
             self._checkpoint = state["dali"]
             self._drop()
-        elif state.get("batches_done"):
+        elif state.get("batches_done") and not self._complete:
             warnings.warn(f"{self.dataset.kind} data cannot be checkpointed by DALI: restarting epoch {self.epoch} "
                           "from its beginning", stacklevel=2)

@@ -136,6 +136,12 @@ def _shape_problem(state: dict) -> str | None:
         if not isinstance(loader, dict) or not _count(loader.get("epoch")) or \
                 not _count(loader.get("batches_done", 0)) or not isinstance(loader.get("dali", ""), (str, bytes)):
             return "the loader's position is not an epoch, a step count and a DALI checkpoint"
+    progress = state.get("progress")
+    if progress is not None:
+        sums = progress.get("loss_sums") if isinstance(progress, dict) else None
+        if not _count(progress.get("steps") if isinstance(progress, dict) else None) or not isinstance(sums, dict) \
+                or not all(isinstance(k, str) and _number(v) for k, v in sums.items()):
+            return "the epoch's progress is not a step count and per-member loss sums"
     return None
 
 
@@ -200,12 +206,14 @@ class Checkpoint:
     bad_epochs: int = 0
     history: list = field(default_factory=list)
     loader: dict | None = None
+    progress: dict | None = None  # mid-epoch: the epoch's steps and loss sums so far (trainers.loop.train_epoch)
     version: int = VERSION
 
     def to_dict(self) -> dict:
         p = self.pixels
         return _plain({"version": VERSION, "members": self.members, "epoch": self.epoch, "best_auc": self.best_auc,
                        "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
+                       "progress": self.progress,
                        "config": self.config, "bands": self.bands, "pixels": p.to_dict(),
                        # version 1's keys, for dali-lens before #16
                        "norm": {"mean": p.mean, "std": p.std, "noise_sigma": p.noise_sigma}, "kind": p.kind})
@@ -244,7 +252,8 @@ class Checkpoint:
         return cls(members=state["members"], bands=state["bands"], pixels=pixels,
                    config=state.get("config") or {}, epoch=state.get("epoch", 0),
                    best_auc=state.get("best_auc", float("-inf")), bad_epochs=state.get("bad_epochs", 0),
-                   history=state.get("history", []), loader=state.get("loader"), version=version)
+                   history=state.get("history", []), loader=state.get("loader"),
+                   progress=state.get("progress"), version=version)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> "Checkpoint":

@@ -24,18 +24,23 @@ def dist_info() -> tuple[int, int, int]:
 
 
 def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_scales=None,
-                on_step=None, show_progress: bool = True, trainer=None) -> dict:
+                on_step=None, show_progress: bool = True, progress: dict | None = None, trainer=None) -> dict:
     """One pass over ``loader``; each member sees its own scales. Returns mean loss per member.
 
-    ``trainer`` (default: ``cfg.trainer``'s) may add a loss term (``base.Trainer.extra_loss``)."""
+    ``trainer`` (default: ``cfg.trainer``'s) may add a loss term (``base.Trainer.extra_loss``).
+    ``progress`` is where the epoch stands, ``{"steps": n, "loss_sums": {member: sum}}``: a resumed epoch
+    continues from its mid-epoch checkpoint's (the loader restored to the same step), so that the epoch's mean
+    loss is the uninterrupted run's. It is updated in place after every step, before ``on_step(step)`` (the
+    step's number in the epoch) is called."""
     trainer = trainer if trainer is not None else get_trainer(cfg.trainer)
     for m in members:
         m.model.train()
     amp = cfg.amp_dtype(device)
-    totals = {m.spec.name: 0.0 for m in members}
-    steps, seen, t0, wait = 0, 0, time.perf_counter(), 0.0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1} train", leave=False, disable=not show_progress,
-               dynamic_ncols=True)
+    progress = progress if progress is not None else {"steps": 0, "loss_sums": {}}
+    totals = {m.spec.name: float(progress["loss_sums"].get(m.spec.name, 0.0)) for m in members}
+    steps, seen, t0, wait = int(progress["steps"]), 0, time.perf_counter(), 0.0
+    bar = tqdm(total=len(loader), initial=steps, desc=f"epoch {epoch + 1} train", leave=False,
+               disable=not show_progress, dynamic_ncols=True)
     norm = _norm(loader)
     chunker = Chunker(cfg, device, amp, norm)
     fetch = time.perf_counter()
@@ -84,6 +89,7 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
         bar.update(1)
         if steps % 10 == 0:
             bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        progress["steps"], progress["loss_sums"] = steps, dict(totals)
         if on_step is not None:
             on_step(steps)
         fetch = time.perf_counter()

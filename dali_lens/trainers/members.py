@@ -7,6 +7,7 @@ produces the union of the scales from a single decode. What tells the trainers a
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,18 @@ def load_member_state(m: Member, state: dict, weights_only: bool = False) -> Non
     if weights_only:
         return
     m.optimizer.load_state_dict(state["optimizer"])
-    m.scheduler.load_state_dict(state["scheduler"])
+    # the step reached, on this run's schedule: what depends on the run's length (OneCycleLR's total and phases)
+    # stays as built for the current --epochs, so a longer resumed run stretches the schedule
+    fresh = m.scheduler.state_dict()
+    m.scheduler.load_state_dict({**state["scheduler"],
+                                 **{k: fresh[k] for k in ("total_steps", "_schedule_phases") if k in fresh}})
+    with warnings.catch_warnings():  # (get_lr outside step() warns; this is the value step() set at that step)
+        warnings.simplefilter("ignore")
+        try:
+            lrs = m.scheduler.get_lr()
+        except ValueError:  # past the end of a shortened schedule: no step is left to take
+            lrs = []
+    for group, lr in zip(m.optimizer.param_groups, lrs):
+        group["lr"] = lr
     if m.scaler is not None and state.get("scaler"):
         m.scaler.load_state_dict(state["scaler"])

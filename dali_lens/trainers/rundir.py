@@ -18,10 +18,19 @@
   Options that do not change what the checkpoint means may differ freely: :data:`SAFE_TO_CHANGE`
   (``--epochs`` extends or shortens the run; the learning-rate schedule is then stretched over the new
   total from the step reached).
+* **--resume on other data.** ``config.json["data"]`` records what the run trained on (:func:`data_record`):
+  for the train and val splits, the samples in order, each fingerprinted by its path relative to the data root,
+  its label, and the size and modification time of its file(s): one ``stat`` per file, and an edited file
+  changes its size or its mtime (so does a copy that does not keep mtimes, or ``touch``). A resume whose data
+  differs stops with one line counting the files added, removed and edited (or reordered), unless
+  ``--allow-config-change``, which records the change as for options. A run recorded before this check
+  (no ``data``) resumes, saying that its data cannot be checked.
 """
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -136,10 +145,75 @@ def _decide(out: str, resume: bool, log) -> bool:
     return False
 
 
-def check_resume_config(out: str, now: dict, allow: bool, log=print) -> dict:
-    """``--resume``: the options in ``now`` (``TrainConfig.to_dict()`` plus the resolved ``data_root``) against
-    the run's ``config.json``. Raises :class:`ConfigChangedError` listing what differs (unless ``allow``);
-    returns what to add to the new ``config.json`` (the record of allowed changes)."""
+#: the splits whose files decide what is trained (the test split only scores the result)
+RECORDED_SPLITS = ("train", "val")
+_KEY, _STATE = 6, 4  # bytes of a sample's fingerprint: a hash of its paths, a hash of its label, sizes, mtimes
+
+
+def _stat(path: str) -> str:
+    """``size:mtime_ns`` of a sample's file (a packed sample ``<shard>.tar#<member>``: its shard's)."""
+    for p in (path, path.rsplit("#", 1)[0]):
+        try:
+            st = os.stat(p)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            continue
+    return "missing"
+
+
+def data_record(splits: dict, root: str) -> dict:
+    """What a run trains on, for ``config.json["data"]``: per recorded split the sample count, a digest of the
+    samples in order, and each sample's fingerprint (base64: a hash of its paths relative to ``root``, then a
+    hash of its label and its files' sizes and mtimes)."""
+    record: dict = {"fingerprint": "path relative to the data root, label, file size and mtime; in order"}
+    stats: dict = {}  # a shard's stat, once for all its samples
+    for name in RECORDED_SPLITS:
+        if name not in splits:
+            continue
+        digest, packed = hashlib.sha256(), bytearray()
+        for s in splits[name].samples:
+            key = "\0".join(os.path.relpath(p, root) for p in s.files).encode("utf-8", "surrogateescape")
+            state = (f"{s.label}\0" + "\0".join(stats.setdefault(p.rsplit("#", 1)[0] if "#" in p else p, _stat(p))
+                                                 for p in s.files)).encode()
+            digest.update(key + b"\1" + state + b"\n")
+            packed += hashlib.blake2b(key, digest_size=_KEY).digest() + hashlib.blake2b(state, digest_size=_STATE).digest()
+        record[name] = {"samples": len(splits[name].samples), "digest": digest.hexdigest(),
+                        "files": base64.b64encode(bytes(packed)).decode("ascii")}
+    return record
+
+
+def _entries(split: dict) -> list[tuple[bytes, bytes]]:
+    raw = base64.b64decode(split.get("files", ""))
+    step = _KEY + _STATE
+    return [(raw[i:i + _KEY], raw[i + _KEY:i + step]) for i in range(0, len(raw) - step + 1, step)]
+
+
+def data_changes(saved: dict, now: dict) -> str:
+    """What differs between two :func:`data_record` records, in words ('' when nothing)."""
+    parts = []
+    for name in RECORDED_SPLITS:
+        a, b = saved.get(name), now.get(name)
+        if a is None and b is None or (a and b and a.get("digest") == b.get("digest")):
+            continue
+        if a is None or b is None:
+            parts.append(f"{name}: {'no' if a is None else a['samples']} samples then, "
+                         f"{'none' if b is None else b['samples']} now")
+            continue
+        old, new = dict(_entries(a)), dict(_entries(b))
+        added, removed = len(new.keys() - old.keys()), len(old.keys() - new.keys())
+        edited = sum(old[k] != new[k] for k in old.keys() & new.keys())
+        counts = [f"{n} {what}" for n, what in ((added, "added"), (removed, "removed"),
+                                                (edited, "edited or relabelled (size, mtime or label)")) if n]
+        parts.append(f"{name}: {a['samples']} samples then, {b['samples']} now; "
+                     + (", ".join(counts) if counts else "the same files in another order"))
+    return "; ".join(parts)
+
+
+def check_resume_config(out: str, now: dict, allow: bool, log=print, data: dict | None = None) -> dict:
+    """``--resume``: the options in ``now`` (``TrainConfig.to_dict()`` plus the resolved ``data_root``), and the
+    training data as ``data`` (:func:`data_record`) describes it, against the run's ``config.json``. Raises
+    :class:`ConfigChangedError` saying what differs (unless ``allow``); returns what to add to the new
+    ``config.json`` (the record of allowed changes, and ``data``)."""
     from .config import TrainConfig
 
     path = os.path.join(out, "config.json")
@@ -163,13 +237,26 @@ def check_resume_config(out: str, now: dict, allow: bool, log=print) -> dict:
         if not same:
             diffs[key] = (old, value)
     changes = list(saved_all.get("config_changes", []))
-    if not diffs:
-        return {"config_changes": changes} if changes else {}
+    extra = {"data": data} if data is not None else {}
+    moved = ""
+    if data is not None and not isinstance(saved_all.get("data"), dict):
+        log(f"{out}: the run holds no record of its training data (an older dali-lens started it): resuming "
+            "without checking that the data is unchanged")
+    elif data is not None:
+        moved = data_changes(saved_all["data"], data)
+    if not diffs and not moved:
+        return {"config_changes": changes, **extra} if changes else extra
     listing = "; ".join(f"--{k.replace('_', '-')}: {a!r} then, {b!r} now" for k, (a, b) in diffs.items())
+    said = " and ".join(t for t in (f"options differ from the run in {out} ({listing})" if diffs else "",
+                                    f"the training data changed since the run in {out} started ({moved})"
+                                    if moved else "") if t)
     if not allow:
-        raise ConfigChangedError(f"--resume: options differ from the run in {out} ({listing}). Give the run's "
-                                 f"options (see {path}), or pass --allow-config-change to continue with the new ones")
-    log(f"--allow-config-change: continuing {out} with {listing}")
-    changes.append({"at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                    "changed": {k: {"from": a, "to": b} for k, (a, b) in diffs.items()}})
-    return {"config_changes": changes}
+        raise ConfigChangedError(f"--resume: {said}. Give the run's options (see {path}) and data, or pass "
+                                 "--allow-config-change to continue with the new ones")
+    log(f"--allow-config-change: continuing {out}: {said}")
+    change = {"at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "changed": {k: {"from": a, "to": b} for k, (a, b) in diffs.items()}}
+    if moved:
+        change["data"] = moved
+    changes.append(change)
+    return {"config_changes": changes, **extra}

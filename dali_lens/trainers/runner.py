@@ -31,7 +31,7 @@ from .config import TrainConfig, parse_mask_value
 from .loop import dist_info, predict, train_epoch
 from .members import load_member_state, make_member, member_state
 from .outputs import write_outputs
-from .rundir import RunDir, check_resume_config
+from .rundir import RunDir, check_resume_config, data_record
 
 DEFAULT_N = 4000
 DEFAULT_SIZE = 64
@@ -179,11 +179,13 @@ class _Job:
                                 "augment": train, "tta": tta, "transforms": transforms})
         return build_loader(self.splits[split], backend=self.backend, options=opts)
 
-    def save(self, path: str, epoch: int, loader_state=None) -> None:
-        """Checkpoint the members at ``epoch`` (rank 0 writes)."""
+    def save(self, path: str, epoch: int, loader_state=None, progress=None) -> None:
+        """Checkpoint the members at ``epoch`` (rank 0 writes); mid-epoch, with the loader's state and the
+        epoch's ``progress`` (``loop.train_epoch``)."""
         if self.is_main:
             ck = self.ck
             ck.members, ck.epoch, ck.loader = [member_state(m) for m in self.members], epoch, loader_state
+            ck.progress = progress
             ck.save(path)
 
 
@@ -200,23 +202,41 @@ def _train(job: _Job, kind: Trainer, active: tuple, val_loader, select: str) -> 
             job.train_loader = job.loader("train", True, active)
             job.say(f"epoch {epoch + 1}: training scales now {active}")
         job.train_loader.set_epoch(epoch)
+        progress = {"steps": 0, "loss_sums": {}}
         if loader_state is not None and loader_state.get("epoch", epoch) == epoch:
             job.train_loader.load_state_dict(loader_state)
+            progress = _resumed_progress(job.train_loader, loader_state, job.ck.progress, progress)
         loader_state = None
 
-        def on_step(step: int, epoch=epoch) -> None:
+        def on_step(step: int, epoch=epoch, progress=progress) -> None:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                job.save(job.last, epoch, job.train_loader.state_dict())
+                job.save(job.last, epoch, job.train_loader.state_dict(), progress)
 
         stats = train_epoch(job.members, job.train_loader, cfg, job.device, epoch, active_scales=active,
-                            on_step=on_step, show_progress=job.show_progress, trainer=kind)
+                            on_step=on_step, show_progress=job.show_progress, progress=progress, trainer=kind)
         chunks_said = _note_chunks(stats, cfg.batch_size, chunks_said, job.say)
-        if _end_epoch(job, epoch, stats, val_loader, select):
+        # the loader's state at the epoch's end goes into last.pt: DALI's readers shuffle from their own state,
+        # which a fresh pipeline would restart at its first epoch's order. (A new loader is built for the next
+        # epoch when its scales change: then a fresh one, as in an uninterrupted run.)
+        after = job.train_loader.state_dict() if kind.active_scales(cfg, epoch + 1) == active else None
+        if _end_epoch(job, epoch, stats, val_loader, select, after):
             break
 
 
-def _end_epoch(job: _Job, epoch: int, stats: dict, val_loader, select: str) -> bool:
-    """Validate, log, checkpoint (best.pt when better); whether to stop early."""
+def _resumed_progress(loader, state: dict, saved, fresh: dict) -> dict:
+    """Where a resumed epoch stands: the checkpoint's steps and loss sums when the loader continues at its step
+    (a DALI source that cannot be checkpointed restarts the epoch: then from nothing)."""
+    done = int(state.get("batches_done", 0))
+    if not saved or int(saved.get("steps", -1)) != done:
+        return fresh
+    if done < len(loader) and not getattr(loader, "checkpointable", True):
+        return fresh
+    return {"steps": done, "loss_sums": dict(saved.get("loss_sums", {}))}
+
+
+def _end_epoch(job: _Job, epoch: int, stats: dict, val_loader, select: str, loader_state=None) -> bool:
+    """Validate, log, checkpoint (best.pt when better; last.pt with ``loader_state``, the train loader's at the
+    epoch's end); whether to stop early."""
     cfg, ck = job.cfg, job.ck
     line = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images_per_s": round(stats["images_per_s"], 1),
             "data_wait_fraction": round(stats["data_wait_fraction"], 3)}
@@ -234,7 +254,7 @@ def _end_epoch(job: _Job, epoch: int, stats: dict, val_loader, select: str) -> b
     job.say(_epoch_line(line, stats, cfg.epochs, improved))
     if improved:
         job.save(job.best, epoch + 1)
-    job.save(job.last, epoch + 1)
+    job.save(job.last, epoch + 1, loader_state)
     if cfg.patience and ck.bad_epochs >= cfg.patience:
         job.say(f"early stopping: no better validation {select} for {cfg.patience} epoch(s)")
         return True
@@ -273,9 +293,11 @@ def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
     cfg = layout_defaults(cfg, splits["train"], say)
-    # compared once the defaults are resolved, as config.json records them (--mask-value auto -> 100)
-    config_extra = (check_resume_config(out, {**cfg.to_dict(), "data_root": data_root}, cfg.allow_config_change, say)
-                    if resume else {})
+    # compared once the defaults are resolved, as config.json records them (--mask-value auto -> 100); what the
+    # run trains on (files, labels, sizes, mtimes) is recorded and compared too
+    record = data_record(splits, data_root)
+    config_extra = (check_resume_config(out, {**cfg.to_dict(), "data_root": data_root}, cfg.allow_config_change, say,
+                                        data=record) if resume else {"data": record})
     if cfg.skip_bad:
         from ..data.validate import drop_bad
 
@@ -315,7 +337,7 @@ def _restore(ck: Checkpoint, members: list, path: str, device, say) -> None:
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: cannot restore member {m.spec.name!r} ({detail})") from None
     ck.epoch, ck.best_auc, ck.bad_epochs, ck.history = state.epoch, state.best_auc, state.bad_epochs, state.history
-    ck.loader = state.loader
+    ck.loader, ck.progress = state.loader, state.progress
     say(f"resumed {path} at epoch {ck.epoch + 1}"
         + (f", step {ck.loader['batches_done']}" if ck.loader and ck.loader.get("batches_done") else ""))
 
