@@ -31,9 +31,20 @@ def test_extending_examples_run(tmp_path, monkeypatch):
     blocks = code_blocks("docs/extending.md", "docs-test")
     assert len(blocks) == 5
     monkeypatch.chdir(tmp_path)
+    # what the examples register (a backend, a trainer, a transform) stays in this test: the other tests see the
+    # built-in registries (test_backends compares them with the --backend choices)
+    from dali_lens import pipelines
+    from dali_lens.trainers import base
+
+    saved = [(table, dict(table)) for table in (pipelines._BACKENDS, pipelines._TRANSFORMS, base.TRAINERS)]
     scope = {"__name__": "__docs__"}
-    for block in blocks:
-        exec(compile(block, "docs/extending.md", "exec"), scope)
+    try:
+        for block in blocks:
+            exec(compile(block, "docs/extending.md", "exec"), scope)
+    finally:
+        for table, before in saved:
+            table.clear()
+            table.update(before)
     assert os.path.exists(tmp_path / "noisy-run" / "metrics.json")
     assert os.path.exists(tmp_path / "seeds-run" / "best.pt") and os.path.exists(tmp_path / "seeds-scores.csv")
 

@@ -17,6 +17,7 @@ import pytest
 
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.predictions import provenance_path
+from conftest import command_module
 from test_predict import make_checkpoint
 
 P = importlib.import_module("dali_lens.commands.predict")
@@ -279,7 +280,7 @@ def test_single_class_val_split_still_selects_and_writes_best(tmp_path, capsys):
 
 def _exit_code(module: str, argv: list[str]) -> int:
     try:
-        return importlib.import_module(f"dali_lens.{module}").main(argv)
+        return command_module(module).main(argv)
     except SystemExit as exc:  # argparse
         return exc.code
 

@@ -21,7 +21,7 @@ import dali_lens
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.pipelines import build_loader, compute_stats
 
-from conftest import BACKENDS, write_dataset
+from conftest import BACKENDS, command_module, write_dataset
 
 CPU_BACKENDS = [b for b in BACKENDS if b != "dali"]
 KINDS = ("png", "jpeg", "npy", "fits-hdus", "fits-bands", "challenge", "shards")
@@ -124,9 +124,7 @@ def test_mid_epoch_resume_on_ragged_data(sources, kind, backend):
 
 def _main(module: str, argv: list[str], capsys) -> str:
     """Run a command's main() in this process; it must succeed. Returns what it printed."""
-    import importlib
-
-    rc = importlib.import_module(f"dali_lens.{module}").main(argv)
+    rc = command_module(module).main(argv)
     out = capsys.readouterr()
     assert rc in (0, None), f"{module} {' '.join(argv)} exited {rc}: {out.err[-2000:]}"
     assert "Traceback" not in out.err + out.out

@@ -25,7 +25,6 @@ A ```python block runs as written unless the line before it is ``<!-- readme-tes
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import re
 import shlex
@@ -34,6 +33,8 @@ import subprocess
 import sys
 
 import pytest
+
+from conftest import command_module
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(HERE, "README.md")
@@ -217,8 +218,7 @@ def test_readme_command_runs(line, cmd, tokens, world, monkeypatch, capsys):
         return
     try:
         # train and predict: dali_lens/<name>.py only runs dali_lens/commands/<name>.py under `python -m`
-        where_main = f"commands.{module}" if module in ("train", "predict") else module
-        rc = importlib.import_module(f"dali_lens.{where_main}").main(argv)
+        rc = command_module(module).main(argv)
     except SystemExit as exc:  # argparse
         rc = exc.code
     out = capsys.readouterr()
