@@ -153,7 +153,7 @@ def test_onecycle_resumed_with_more_epochs_stretches_the_schedule(data, tmp_path
 
 
 def _cli(data, out, *extra):
-    from dali_lens.train import main
+    from dali_lens.commands.train import main
 
     return main(["--data-root", data, "--out", out, "--img-size", "32", "--batch-size", "15", "--workers", "1",
                  "--backend", "torchvision", "--no-progress", "--no-gallery", "--epochs", "1", *extra])
