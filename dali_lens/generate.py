@@ -1,11 +1,22 @@
-"""``python -m dali_lens.generate``: write a synthetic strong-lens data set (physics-based simulator).
+"""Simulate strong gravitational lenses and non-lenses and write them to OUT.
 
-See ``dali_lens.data.synthetic`` for the physics and ``docs/DESIGN.md`` for the on-disk layouts.
+Lenses: a singular isothermal ellipsoid + external shear ray-traced onto a compact, blue elliptical
+Sersic source (arcs, rings, doubles, Einstein crosses) on top of a red elliptical Sersic deflector.
+Non-lenses: the same deflector population, plain (45 %) or with an unlensed blue companion 1-3
+Einstein radii away (40 %, hard negatives, half of them arc-like) or a red companion (15 %). All
+cutouts: faint field galaxies, Gaussian or Moffat PSF (FFT), sky, photon and read noise; values are
+sky-subtracted counts. The same --seed gives identical files.
+
+Standard layout:  OUT/{train,val,test}/{lens,nonlens}/<id>.<ext>, OUT/{train,val,test}.csv
+                  (filepath,label + catalogue columns), OUT/dataset.json.
+Challenge layout: OUT/classifications.csv (ID,is_lens,einstein_area,numb_pix_lensed_image,
+                  flux_lensed_image_in_sigma) and OUT/Public/... one FITS per band (Metcalf et al. 2019:
+                  space = EUC_VIS; ground = Band1..4 = R,I,G,U), 101x101 px, fluxes ~1e-11..1e-9,
+                  ~10 % of the images with masked pixels = 100.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import textwrap
 
@@ -13,23 +24,7 @@ from .choices import COUNT, PIXELS, POSITIVE, PROBABILITY, PSFS, SEED, THREADS, 
 from .cli import Parser, run_command
 from .data import synthetic as syn
 
-DESCRIPTION = textwrap.dedent("""\
-    Simulate strong gravitational lenses and non-lenses and write them to OUT.
-
-    Lenses: a singular isothermal ellipsoid + external shear ray-traced onto a compact, blue elliptical
-    Sersic source (arcs, rings, doubles, Einstein crosses) on top of a red elliptical Sersic deflector.
-    Non-lenses: the same deflector population, plain (45 %) or with an unlensed blue companion 1-3
-    Einstein radii away (40 %, hard negatives, half of them arc-like) or a red companion (15 %). All
-    cutouts: faint field galaxies, Gaussian or Moffat PSF (FFT), sky, photon and read noise; values are
-    sky-subtracted counts. The same --seed gives identical files.
-
-    Standard layout:  OUT/{train,val,test}/{lens,nonlens}/<id>.<ext>, OUT/{train,val,test}.csv
-                      (filepath,label + catalogue columns), OUT/dataset.json.
-    Challenge layout: OUT/classifications.csv (ID,is_lens,einstein_area,numb_pix_lensed_image,
-                      flux_lensed_image_in_sigma) and OUT/Public/... one FITS per band (Metcalf et al. 2019:
-                      space = EUC_VIS; ground = Band1..4 = R,I,G,U), 101x101 px, fluxes ~1e-11..1e-9,
-                      ~10 % of the images with masked pixels = 100.
-    """)
+DESCRIPTION = __doc__  # --help; the physics: dali_lens.data.synthetic, the layouts: docs/DESIGN.md
 
 EPILOG = textwrap.dedent("""\
     examples:
@@ -44,28 +39,12 @@ EPILOG = textwrap.dedent("""\
     """)
 
 
-_ER = syn.DEFAULT_DIFFICULTY["einstein_radius"]
-_SM = syn.DEFAULT_DIFFICULTY["source_mag"]
-
-
-def _positive_pair(text: str) -> tuple[float, float]:
-    lo, hi = syn._pair(text, "value")
-    if lo <= 0:
-        raise ValueError(f"{lo:g} is not > 0")
-    return lo, hi
-
-
-def _fractions(text: str) -> tuple[float, ...]:
-    vals = tuple(float(v) for v in text.split(","))
-    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0 or not all(map(math.isfinite, vals)):
-        raise ValueError("not three non-negative fractions")
-    return vals
-
-
+_ER, _SM = syn.DEFAULT_DIFFICULTY["einstein_radius"], syn.DEFAULT_DIFFICULTY["source_mag"]
 #: the MIN,MAX ranges: --einstein-radius and --seeing (arcsec, > 0), --source-mag (magnitudes)
-_PAIR = Parsed(lambda t: syn._pair(t, "value"), "MIN,MAX numbers with MIN <= MAX", ("x", "2,1", "1,2,3"))
-_POSITIVE_PAIR = Parsed(_positive_pair, "MIN,MAX numbers with 0 < MIN <= MAX", ("x", "0,1", "2,1"))
-_SPLITS = Parsed(_fractions, "three non-negative fractions TRAIN,VAL,TEST (not all 0)", ("x", "-1,1,1", "0,0,0", "1,1"))
+_PAIR = Parsed(lambda t: syn.parse_pair(t, "value"), "MIN,MAX numbers with MIN <= MAX", ("x", "2,1", "1,2,3"))
+_POSITIVE_PAIR = Parsed(syn.parse_positive_pair, "MIN,MAX numbers with 0 < MIN <= MAX", ("x", "0,1", "2,1"))
+_SPLITS = Parsed(syn.parse_split_fractions, "three non-negative fractions TRAIN,VAL,TEST (not all 0)",
+                 ("x", "-1,1,1", "0,0,0", "1,1"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,23 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite, einstein_radius=args.einstein_radius, source_mag=args.source_mag,
             seeing=args.seeing, pixel_scale=args.pixel_scale, psf=args.psf, supersample=args.supersample,
             workers=args.workers, fsync=args.fsync, progress=not args.quiet and sys.stderr.isatty())
-        print(format_summary(summary))
+        print(syn.format_summary(summary))
 
     return run_command(run, (FileExistsError, ValueError, NotADirectoryError),
                        f"interrupted: the files written so far in {args.out} are complete (each is written "
                        "atomically) but the set is not (its manifests are written last): rerun with --overwrite",
                        output=args.out)
-
-
-def format_summary(s: dict) -> str:
-    """One line: N images, counts per split/class, seconds, cutouts/s."""
-    if s["layout"] == "challenge":
-        parts = f"challenge/{s['track']} ({','.join(s['bands'])}): {s['lens']} lens / {s['nonlens']} non-lens"
-    else:
-        per = ", ".join(f"{k} {v['n']} ({v['lens']} lens / {v['nonlens']} non-lens)" for k, v in s["splits"].items())
-        parts = f"{s['format']} {','.join(s['bands'])}: {per}"
-    return (f"wrote {s['n']} images to {s['out']}: {parts}; {s['seconds']:.1f} s, "
-            f"{s['cutouts_per_s']:.0f} cutouts/s")
 
 
 if __name__ == "__main__":

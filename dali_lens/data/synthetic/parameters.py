@@ -51,6 +51,22 @@ def parse_pair(value, name: str) -> tuple[float, float]:
     return lo, hi
 
 
+def parse_positive_pair(value, name: str = "value") -> tuple[float, float]:
+    """:func:`parse_pair` with ``0 < min`` (Einstein radius, seeing)."""
+    lo, hi = parse_pair(value, name)
+    if lo <= 0:
+        raise ValueError(f"{lo:g} is not > 0")
+    return lo, hi
+
+
+def parse_split_fractions(text: str) -> tuple[float, ...]:
+    """``TRAIN,VAL,TEST`` split fractions: three finite non-negative numbers, not all 0."""
+    vals = tuple(float(v) for v in text.split(","))
+    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0 or not all(map(math.isfinite, vals)):
+        raise ValueError("not three non-negative fractions")
+    return vals
+
+
 def simulation_settings(size, bands, survey, psf, einstein_radius, source_mag, seeing, pixel_scale,
                         supersample, lens_fraction) -> dict[str, Any]:
     """Checked simulation settings (ValueError on a bad one), survey presets filled in, band properties."""
