@@ -149,12 +149,9 @@ def evaluate_files(checkpoint: list[str] | str, data: str, out: str, *, overwrit
                            gallery=gallery, bins=bins, completeness_columns=completeness_columns, backend=backend,
                            batch_size=batch_size, tta=tta, fusion=fusion, workers=workers, threads=threads,
                            hdus=hdus, skip_bad=skip_bad, progress=progress)
+    _check_ranges(opts)
     out = os.path.abspath(os.path.expanduser(out))
     _check_out(out, overwrite)
-    if not 0 < opts.prior < 1:
-        raise EvaluateError(f"--prior must be in (0, 1), got {opts.prior}")
-    if not 0 < opts.alpha < 1:
-        raise EvaluateError(f"--alpha must be in (0, 1), got {opts.alpha}")
     ens, dataset, backend, device, _ = load_scoring_inputs(
         [checkpoint] if isinstance(checkpoint, str) else list(checkpoint), [data], opts.split, backend=opts.backend,
         threads=opts.threads, hdus=opts.hdus, skip_bad=opts.skip_bad)
@@ -177,6 +174,19 @@ def evaluate_files(checkpoint: list[str] | str, data: str, out: str, *, overwrit
     result = _write(out, ens, dataset, all_labels, score, probs, spread, metrics, opts)
     _print_summary(out, dataset, metrics, len(result["plots"]), opts)
     return result
+
+
+def _check_ranges(opts: EvaluateOptions) -> None:
+    """Every option held to the range its flag documents (``choices``), before any work: the command's parser
+    does it for the CLI, this for library callers (``choices.OptionRangeError`` naming the flag)."""
+    from .choices import COUNT, FRACTION_OPEN, NON_NEGATIVE, PROBABILITY, SEED
+    from .cli import check_options, scoring_parser
+
+    check_options(scoring_parser(), {k: getattr(opts, k) for k in ("batch_size", "workers", "threads", "hdus")})
+    for flag, kind, value in (("--threshold", PROBABILITY, opts.threshold), ("--prior", FRACTION_OPEN, opts.prior),
+                              ("--n-boot", NON_NEGATIVE, opts.n_boot), ("--alpha", FRACTION_OPEN, opts.alpha),
+                              ("--seed", SEED, opts.seed), ("--bins", COUNT, opts.bins)):
+        kind.check(flag, value)
 
 
 def _score(ens, dataset: Dataset, backend: str, opts: EvaluateOptions) -> tuple[dict[str, np.ndarray], float]:

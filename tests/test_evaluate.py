@@ -234,3 +234,17 @@ def test_predict_and_evaluate_share_one_input_setup():
                   for n in ast.walk(ast.parse(open(mod.__file__, encoding="utf-8").read())) if isinstance(n, ast.Call)}
         assert "load_scoring_inputs" in called, mod.__name__
         assert not called & {"load_ensemble", "gather_inputs", "check_dataset", "drop_bad"}, mod.__name__
+
+
+@pytest.mark.parametrize("option,value,flag", [("threshold", 1.5, "--threshold"), ("prior", 1.0, "--prior"),
+                                                ("bins", 0, "--bins"), ("batch_size", 0, "--batch-size")])
+def test_evaluate_files_checks_every_range_before_any_work(tmp_path, option, value, flag):
+    """The library call holds its options to the flags' documented ranges before it reads anything (a missing
+    checkpoint and DATA are not reached) and writes nothing."""
+    from dali_lens.choices import OptionRangeError
+    from dali_lens.evaluation import evaluate_files
+
+    out = tmp_path / "eval"
+    with pytest.raises(OptionRangeError, match=flag):
+        evaluate_files(str(tmp_path / "no.pt"), str(tmp_path / "nodata"), str(out), **{option: value})
+    assert not out.exists()
