@@ -9,14 +9,14 @@ stay 100), and for each unit trains the same model with the same seed twice:
 * hand-tuned: ``--mask-value 100 --scaling asinh --scale-a 1e11`` (the README's values for the original unit).
 
 Both share ``--img-size 64 --resize-mode crop`` and the epochs/batch given here. Records the best validation
-AUC (15 % of the training set), the last epoch's, and the test-set AUC from ``dali_lens.evaluate``.
+AUC (15 % of the training set), the last epoch's, and the test-set AUC of ``evaluate``'s library call
+(``dali_lens.evaluation.evaluate_files``); the training is ``dali_lens.train(...)``.
 Writes benchmarks/results/autoscale-<host>.json.
 Example: python -m benchmarks.bench_autoscale --n 1200 --test-n 400 --epochs 3
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -28,7 +28,8 @@ import numpy as np
 from benchmarks.common import command_line, machine_info, result_path, utc_timestamp, write_json_atomic
 
 UNITS = (1.0, 1e-3, 1e6)
-CONFIGS = {"no flags": [], "hand-tuned": ["--mask-value", "100", "--scaling", "asinh", "--scale-a", "1e11"]}
+#: each configuration's options of ``dali_lens.train`` (``mask_value=100.0`` is ``--mask-value 100``, ...)
+CONFIGS = {"no flags": {}, "hand-tuned": {"mask_value": 100.0, "scaling": "asinh", "scale_a": 1e11}}
 
 
 def scale_fluxes(src: str, dst: str, factor: float, sentinel: float = 100.0) -> str:
@@ -60,17 +61,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.test_n, args.epochs, args.batch_size = 60, 30, 1, 16
-    from dali_lens import evaluate as evaluate_cmd
-    from dali_lens.commands import train as train_cmd
+    import contextlib
+    import io
+
+    import dali_lens
+    from dali_lens.data.dataset import DataError
     from dali_lens.data.synthetic import generate_dataset
-    from dali_lens.trainers.config import from_args
-    from dali_lens.trainers.runner import run
+    from dali_lens.evaluation import evaluate_files
 
     info = machine_info()
-    common = ["--img-size", "64", "--resize-mode", "crop", "--epochs", str(args.epochs), "--batch-size",
-              str(args.batch_size), "--seed", str(args.seed), "--patience", "0", "--no-progress"]
-    if args.workers:
-        common += ["--workers", str(args.workers)]
+    common = {"img_size": 64, "resize_mode": "crop", "epochs": args.epochs, "batch_size": args.batch_size,
+              "seed": args.seed, "patience": 0, "progress": False, "workers": args.workers}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         base_train, base_test = os.path.join(tmp, "train-1"), os.path.join(tmp, "test-1")
@@ -81,15 +82,20 @@ def main(argv=None) -> int:
             test = base_test if unit == 1.0 else scale_fluxes(base_test, os.path.join(tmp, f"test-{unit:g}"), unit)
             for name, flags in CONFIGS.items():
                 out = os.path.join(tmp, f"run-{unit:g}-{name.replace(' ', '-')}")
-                argv_train = ["--data-root", train, "--out", out, *common, *flags]
                 t0 = time.perf_counter()
-                lines: list[str] = []
-                result = run(from_args(train_cmd.parser().parse_args(argv_train)), log=lines.append)
+                log = io.StringIO()
+                with contextlib.redirect_stdout(log):  # the run's log (its 'scaling auto' line)
+                    result = dali_lens.train(train, out=out, **common, **flags)
+                lines = log.getvalue().splitlines()
                 seconds = time.perf_counter() - t0
                 ev = os.path.join(tmp, f"eval-{unit:g}-{name.replace(' ', '-')}")
-                rc = evaluate_cmd.main(["--checkpoint", out, test, "--split", "all", "--out", ev, "--no-progress"]
-                                       + (["--workers", str(args.workers)] if args.workers else []))
-                test_auc = json.load(open(os.path.join(ev, "metrics.json")))["ensemble"]["roc_auc"] if rc == 0 else None
+                try:
+                    with contextlib.redirect_stdout(io.StringIO()):  # its summary table
+                        metrics = evaluate_files(out, test, ev, split="all", progress=False, workers=args.workers)
+                    test_auc = metrics["ensemble"]["roc_auc"]
+                except (DataError, ValueError) as exc:
+                    print(f"evaluate {out}: {exc}", file=sys.stderr)
+                    test_auc = None
                 hist = result["history"]
                 rec = {"unit": unit, "config": name, "flags": flags,
                        "val_auc_best": max(h["val_auc"] for h in hist), "val_auc_last": hist[-1]["val_auc"],

@@ -3,7 +3,7 @@
 
 Three measurements, each in fresh subprocesses (results -> benchmarks/results/shards-<host>.json):
 
-1. pack   ``dali_lens.pack.pack`` on --pack-n generated 64 px PNG cutouts (3 bands), warm page cache,
+1. pack   ``dali_lens.data.packing.pack`` on --pack-n generated 64 px PNG cutouts (3 bands), warm page cache,
           default options (256 MB shards, fsync per shard); --repeats runs, best and median cutouts/s and
           MB/s. PNG/JPEG bytes are copied after a header check (no decoding). Target: >= 3000 cutouts/s.
 2. read   the --backend (default dali-cpu; dali on a GPU) eval loader, batch 256, 64 px, one scale, over --read-n generated 64 px
@@ -159,7 +159,7 @@ def evict(files: list[str], method: str) -> str:
 # ============================================================================================ children
 
 def child_pack(cfg: dict) -> dict:
-    from dali_lens.pack import pack
+    from dali_lens.data.packing import pack
 
     shutil.rmtree(cfg["out"], ignore_errors=True)
     m = pack(cfg["src"], cfg["out"], log=lambda *a: None, **cfg.get("options", {}))

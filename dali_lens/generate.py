@@ -1,35 +1,29 @@
-"""``python -m dali_lens.generate``: write a synthetic strong-lens data set (physics-based simulator).
+"""Simulate strong gravitational lenses and non-lenses and write them to OUT.
 
-See ``dali_lens.data.synthetic`` for the physics and ``docs/DESIGN.md`` for the on-disk layouts.
+Lenses: a singular isothermal ellipsoid + external shear ray-traced onto a compact, blue elliptical
+Sersic source (arcs, rings, doubles, Einstein crosses) on top of a red elliptical Sersic deflector.
+Non-lenses: the same deflector population, plain (45 %) or with an unlensed blue companion 1-3
+Einstein radii away (40 %, hard negatives, half of them arc-like) or a red companion (15 %). All
+cutouts: faint field galaxies, Gaussian or Moffat PSF (FFT), sky, photon and read noise; values are
+sky-subtracted counts. The same --seed gives identical files.
+
+Standard layout:  OUT/{train,val,test}/{lens,nonlens}/<id>.<ext>, OUT/{train,val,test}.csv
+                  (filepath,label + catalogue columns), OUT/dataset.json.
+Challenge layout: OUT/classifications.csv (ID,is_lens,einstein_area,numb_pix_lensed_image,
+                  flux_lensed_image_in_sigma) and OUT/Public/... one FITS per band (Metcalf et al. 2019:
+                  space = EUC_VIS; ground = Band1..4 = R,I,G,U), 101x101 px, fluxes ~1e-11..1e-9,
+                  ~10 % of the images with masked pixels = 100.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import textwrap
 
-from .choices import COUNT, PIXELS, POSITIVE, PROBABILITY, PSFS, SEED, THREADS, Parsed
+from .choices import COUNT, PIXELS, POSITIVE, PROBABILITY, PSFS, SEED, THREADS
 from .cli import Parser, run_command
 from .data import synthetic as syn
-
-DESCRIPTION = textwrap.dedent("""\
-    Simulate strong gravitational lenses and non-lenses and write them to OUT.
-
-    Lenses: a singular isothermal ellipsoid + external shear ray-traced onto a compact, blue elliptical
-    Sersic source (arcs, rings, doubles, Einstein crosses) on top of a red elliptical Sersic deflector.
-    Non-lenses: the same deflector population, plain (45 %) or with an unlensed blue companion 1-3
-    Einstein radii away (40 %, hard negatives, half of them arc-like) or a red companion (15 %). All
-    cutouts: faint field galaxies, Gaussian or Moffat PSF (FFT), sky, photon and read noise; values are
-    sky-subtracted counts. The same --seed gives identical files.
-
-    Standard layout:  OUT/{train,val,test}/{lens,nonlens}/<id>.<ext>, OUT/{train,val,test}.csv
-                      (filepath,label + catalogue columns), OUT/dataset.json.
-    Challenge layout: OUT/classifications.csv (ID,is_lens,einstein_area,numb_pix_lensed_image,
-                      flux_lensed_image_in_sigma) and OUT/Public/... one FITS per band (Metcalf et al. 2019:
-                      space = EUC_VIS; ground = Band1..4 = R,I,G,U), 101x101 px, fluxes ~1e-11..1e-9,
-                      ~10 % of the images with masked pixels = 100.
-    """)
+from .data.synthetic.parameters import PAIR, POSITIVE_PAIR, SPLITS
 
 EPILOG = textwrap.dedent("""\
     examples:
@@ -42,47 +36,24 @@ EPILOG = textwrap.dedent("""\
     (--seeing); the Einstein radius range (--einstein-radius, arcsec; divide by --pixel-scale for pixels)
     sets how far the arcs lie from the deflector. With the defaults a small CNN reaches an AUC of ~0.9.
     """)
-
-
-_ER = syn.DEFAULT_DIFFICULTY["einstein_radius"]
-_SM = syn.DEFAULT_DIFFICULTY["source_mag"]
-
-
-def _positive_pair(text: str) -> tuple[float, float]:
-    lo, hi = syn._pair(text, "value")
-    if lo <= 0:
-        raise ValueError(f"{lo:g} is not > 0")
-    return lo, hi
-
-
-def _fractions(text: str) -> tuple[float, ...]:
-    vals = tuple(float(v) for v in text.split(","))
-    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0 or not all(map(math.isfinite, vals)):
-        raise ValueError("not three non-negative fractions")
-    return vals
-
-
-#: the MIN,MAX ranges: --einstein-radius and --seeing (arcsec, > 0), --source-mag (magnitudes)
-_PAIR = Parsed(lambda t: syn._pair(t, "value"), "MIN,MAX numbers with MIN <= MAX", ("x", "2,1", "1,2,3"))
-_POSITIVE_PAIR = Parsed(_positive_pair, "MIN,MAX numbers with 0 < MIN <= MAX", ("x", "0,1", "2,1"))
-_SPLITS = Parsed(_fractions, "three non-negative fractions TRAIN,VAL,TEST (not all 0)", ("x", "-1,1,1", "0,0,0", "1,1"))
+_ER, _SM = syn.DEFAULT_DIFFICULTY["einstein_radius"], syn.DEFAULT_DIFFICULTY["source_mag"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m dali_lens.generate", description=DESCRIPTION, epilog=EPILOG)
+    p = Parser(prog="python -m dali_lens.generate", description=__doc__, epilog=EPILOG)  # physics: data/synthetic
     p.add_argument("out", metavar="OUT", help="output directory (created; must be empty unless --overwrite)")
     g = p.add_argument_group("data set")
     g.add_argument("--n", type=COUNT, default=6000, help="number of cutouts (default: 6000)")
     g.add_argument("--size", type=PIXELS, default=None,
                    help="cutout size in pixels (default: 64; 101 for --layout challenge)")
     g.add_argument("--bands", default=None,
-                   help="comma-separated band names, e.g. g,r,i or u,g,r,i,z (default: g,r,i). Known names "
-                        "get their colours from a small SED table (u g r i z y vis); unknown names are "
-                        "interpolated by their position in the list. png/jpeg need 1 or 3 bands")
+                   help="comma-separated band names, e.g. g,r,i or u,g,r,i,z (default: g,r,i). Known names get their "
+                        "colours from a small SED table (u g r i z y vis); unknown names are interpolated by their "
+                        "position in the list. png/jpeg need 1 or 3 bands")
     g.add_argument("--format", dest="fmt", choices=syn.FORMATS, default="png",
-                   help="file format of the standard layout (default: png). png/jpeg: 8-bit, fixed asinh "
-                        "stretch, 1 band = greyscale, 3 bands = RGB (channel c = band c); fits: one float32 "
-                        "ImageHDU per band (EXTNAME = band); npy: float32 (bands, H, W)")
+                   help="file format of the standard layout (default: png). png/jpeg: 8-bit, fixed asinh stretch, 1 "
+                        "band = greyscale, 3 bands = RGB (channel c = band c); fits: one float32 ImageHDU per band "
+                        "(EXTNAME = band); npy: float32 (bands, H, W)")
     g.add_argument("--layout", choices=syn.LAYOUTS, default="standard",
                    help="standard (train/val/test folders + CSV manifests) or challenge (Metcalf et al. 2019 "
                         "strong-lens finding challenge files) (default: standard)")
@@ -90,21 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="challenge layout only: ground (4 bands R,I,G,U, 0.2\"/px) or space (Euclid VIS, "
                         "0.1\"/px) (default: ground)")
     g.add_argument("--seed", type=SEED, default=0, help="random seed; the same seed gives identical files (default: 0)")
-    g.add_argument("--lens-fraction", type=PROBABILITY, default=0.5,
-                   help="fraction of lenses, exact up to rounding (default: 0.5)")
-    g.add_argument("--splits", type=_SPLITS, default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
+    g.add_argument("--lens-fraction", type=PROBABILITY, default=0.5, help="fraction of lenses, exact up to rounding "
+                                                                           "(default: 0.5)")
+    g.add_argument("--splits", type=SPLITS, default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
                    help="split fractions of the standard layout; split sizes are exact and stratified "
                         "(default: 0.7,0.15,0.15)")
     d = p.add_argument_group("difficulty and observing conditions")
-    d.add_argument("--einstein-radius", type=_POSITIVE_PAIR, default=syn.DEFAULT_DIFFICULTY["einstein_radius"],
-                   metavar="MIN,MAX",
-                   help=f"Einstein radius range in arcsec, uniform (default: {_ER[0]:g},{_ER[1]:g}); in pixels: divide by "
-                        "the pixel scale. Small radii blend the arcs with the deflector under the seeing; "
-                        "large radii come with brighter, bigger deflectors (L ~ theta_E^2)")
-    d.add_argument("--source-mag", type=_PAIR, default=syn.DEFAULT_DIFFICULTY["source_mag"], metavar="MIN,MAX",
+    d.add_argument("--einstein-radius", type=POSITIVE_PAIR, default=_ER, metavar="MIN,MAX",
+                   help=f"Einstein radius range in arcsec, uniform (default: {_ER[0]:g},{_ER[1]:g}); in pixels: divide "
+                        "by the pixel scale. Small radii blend the arcs with the deflector under the seeing; large "
+                        "radii come with brighter, bigger deflectors (L ~ theta_E^2)")
+    d.add_argument("--source-mag", type=PAIR, default=_SM, metavar="MIN,MAX",
                    help="r-band magnitude range of the unlensed source, uniform; larger = fainter = harder "
                         f"(default: {_SM[0]:g},{_SM[1]:g}; a 25th-magnitude source is at the noise level)")
-    d.add_argument("--seeing", type=_POSITIVE_PAIR, default=None, metavar="MIN,MAX",
+    d.add_argument("--seeing", type=POSITIVE_PAIR, default=None, metavar="MIN,MAX",
                    help="PSF FWHM range in arcsec, r band (default: 0.6,1.2 ground; 0.16,0.22 space)")
     d.add_argument("--pixel-scale", type=POSITIVE, default=None,
                    help="arcsec per pixel (default: 0.2 ground; 0.1 space)")
@@ -114,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rays per pixel per axis when ray-tracing the source (default: 2)")
     r = p.add_argument_group("running")
     r.add_argument("--overwrite", action="store_true",
-                   help="allow a non-empty OUT: replaces what a previous run of the generator wrote there, by "
-                        "its record (dataset.json/generator.json); other files are left alone, and a folder "
-                        "without that record is refused")
+                   help="allow a non-empty OUT: replaces what a previous run of the generator wrote there, by its "
+                        "record (dataset.json/generator.json); other files are left alone, and a folder without "
+                        "that record is refused")
     r.add_argument("--workers", type=THREADS, default=None,
                    help="simulation threads (default: up to 4, the number of CPUs)")
     r.add_argument("--fsync", action="store_true",
@@ -133,29 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--bands does not apply to --layout challenge (the bands are set by --track)")
 
     def run() -> None:
-        summary = syn.generate_dataset(
-            args.out, n=args.n, size=args.size, bands=args.bands, fmt=args.fmt, layout=args.layout,
-            track=args.track, seed=args.seed, lens_fraction=args.lens_fraction, splits=args.splits,
-            overwrite=args.overwrite, einstein_radius=args.einstein_radius, source_mag=args.source_mag,
-            seeing=args.seeing, pixel_scale=args.pixel_scale, psf=args.psf, supersample=args.supersample,
-            workers=args.workers, fsync=args.fsync, progress=not args.quiet and sys.stderr.isatty())
-        print(format_summary(summary))
+        options = {k: v for k, v in vars(args).items() if k not in ("out", "quiet")}
+        summary = syn.generate_dataset(args.out, progress=not args.quiet and sys.stderr.isatty(), **options)
+        print(syn.format_summary(summary))
 
-    return run_command(run, (FileExistsError, ValueError, NotADirectoryError),
-                       f"interrupted: the files written so far in {args.out} are complete (each is written "
-                       "atomically) but the set is not (its manifests are written last): rerun with --overwrite",
-                       output=args.out)
-
-
-def format_summary(s: dict) -> str:
-    """One line: N images, counts per split/class, seconds, cutouts/s."""
-    if s["layout"] == "challenge":
-        parts = f"challenge/{s['track']} ({','.join(s['bands'])}): {s['lens']} lens / {s['nonlens']} non-lens"
-    else:
-        per = ", ".join(f"{k} {v['n']} ({v['lens']} lens / {v['nonlens']} non-lens)" for k, v in s["splits"].items())
-        parts = f"{s['format']} {','.join(s['bands'])}: {per}"
-    return (f"wrote {s['n']} images to {s['out']}: {parts}; {s['seconds']:.1f} s, "
-            f"{s['cutouts_per_s']:.0f} cutouts/s")
+    return run_command(run, (FileExistsError, ValueError, NotADirectoryError), f"interrupted: the files written so far "
+                       f"in {args.out} are complete (each is written atomically) but the set is not (its manifests are "
+                       "written last): rerun with --overwrite", output=args.out)
 
 
 if __name__ == "__main__":

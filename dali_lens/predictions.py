@@ -19,8 +19,6 @@ import time
 import numpy as np
 
 from .cli import log
-from .data.dataset import parse_hdus
-from .data.inputs import gather_inputs
 
 
 class PredictError(ValueError):
@@ -338,24 +336,11 @@ def _lock_out(out: str, main_rank: bool = True, world: int = 1):
 
 def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, fusion, workers, threads, hdus,
                     skip_bad, limit, progress, rank, world, device, say) -> int:
-    import torch
-
-    from .inference import check_dataset, load_ensemble
-    from .pipelines import resolve_backend
+    from .score_inputs import load_scoring_inputs
 
     main_rank = rank == 0
-    if threads:
-        torch.set_num_threads(threads)
-    ens = load_ensemble(checkpoint, device)
-    hdus = parse_hdus(hdus) or ens.hdus
-    dataset = gather_inputs(data, split, hdus, float(ens.config.get("val_fraction", 0.15)),
-                            int(ens.config.get("seed", 0)))
-    check_dataset(ens, dataset)
-    backend = resolve_backend(backend, dataset)
-    if skip_bad:
-        from .data.validate import drop_bad
-
-        dataset = drop_bad(dataset, allow_nonfinite=ens.mask_value is not None, log=say)
+    ens, dataset, backend, _, hdus = load_scoring_inputs(checkpoint, data, split, backend=backend, threads=threads,
+                                                         hdus=hdus, skip_bad=skip_bad, device=device, say=say)
     fusion = fusion or ens.fusion
     header = header_for(ens.names)
     say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"

@@ -204,3 +204,47 @@ def test_help_reads_like_documentation(capsys):
     text = capsys.readouterr().out
     for words in ("Examples:", "TPR0", "completeness", "--n-boot", "--prior", "--overwrite", "--fusion"):
         assert words in text
+
+
+def test_evaluate_is_a_thin_command_over_evaluate_files():
+    """The command's every option is a typed keyword of the library call ``evaluation.evaluate_files`` with the
+    same default (no argparse Namespace below the command); ``evaluate.py`` held the whole run before."""
+    import inspect
+
+    from dali_lens.evaluation import evaluate_files
+
+    params = inspect.signature(evaluate_files).parameters
+    assert list(params)[:3] == ["checkpoint", "data", "out"]
+    for action in E.parser()._actions:
+        if action.dest in ("help", "checkpoint", "data", "out"):
+            continue
+        p = params[action.dest]
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default == action.default, action.dest
+
+
+def test_predict_and_evaluate_share_one_input_setup():
+    """One input setup (score_inputs.load_scoring_inputs): neither run loads the ensemble or gathers DATA itself."""
+    import ast
+
+    import dali_lens.evaluation
+    import dali_lens.predictions
+
+    for mod in (dali_lens.evaluation, dali_lens.predictions):
+        called = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", None)
+                  for n in ast.walk(ast.parse(open(mod.__file__, encoding="utf-8").read())) if isinstance(n, ast.Call)}
+        assert "load_scoring_inputs" in called, mod.__name__
+        assert not called & {"load_ensemble", "gather_inputs", "check_dataset", "drop_bad"}, mod.__name__
+
+
+@pytest.mark.parametrize("option,value,flag", [("threshold", 1.5, "--threshold"), ("prior", 1.0, "--prior"),
+                                                ("bins", 0, "--bins"), ("batch_size", 0, "--batch-size")])
+def test_evaluate_files_checks_every_range_before_any_work(tmp_path, option, value, flag):
+    """The library call holds its options to the flags' documented ranges before it reads anything (a missing
+    checkpoint and DATA are not reached) and writes nothing."""
+    from dali_lens.choices import OptionRangeError
+    from dali_lens.evaluation import evaluate_files
+
+    out = tmp_path / "eval"
+    with pytest.raises(OptionRangeError, match=flag):
+        evaluate_files(str(tmp_path / "no.pt"), str(tmp_path / "nodata"), str(out), **{option: value})
+    assert not out.exists()

@@ -206,3 +206,18 @@ def test_unknown_kinds_are_refused_by_name():
         get_kind("hdf5")
     with pytest.raises(TypeError):
         register_kind("npy")
+
+
+def test_a_registered_kind_is_a_packed_member_format(f32_kind):
+    """The packed member formats are the registry's: a kind registered with ``member_exts`` is found by a
+    member's extension (``data.shards.member_kind`` held a fixed ``(IMAGE, NPY)`` and returned None)."""
+    from dali_lens.data.shards import member_kind
+
+    assert member_kind("png") is get_kind("image") and member_kind("npy") is get_kind("npy")
+    assert member_kind("f32") is None  # F32Kind has no member_exts: not a member format
+    f32_kind.member_exts = ("f32",)
+    try:
+        assert member_kind("F32") is f32_kind
+    finally:
+        del f32_kind.member_exts
+    assert member_kind("f32") is None

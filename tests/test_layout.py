@@ -202,3 +202,14 @@ def test_benchmarks_are_a_package_without_path_hacks_cycles_or_patches():
     graph = {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
     problems += [f"import cycle {sorted(c)}" for c in import_cycles(graph)]
     assert not problems, problems
+
+
+#: a command module is a thin CLI over one typed library call: its parser, main and the call (issue 23)
+COMMAND_LINES = 120
+
+
+def test_every_command_module_is_thin():
+    mods = modules()
+    lines = {c: len(open(mods[f"dali_lens.{c}"], encoding="utf-8").read().splitlines()) for c in COMMANDS}
+    too_long = {c: n for c, n in lines.items() if n >= COMMAND_LINES}
+    assert not too_long, f"command modules of {COMMAND_LINES} lines or more (move the logic to the library): {too_long}"

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .dataset import NO_META, DataError, Dataset, Sample, dataset_cache
-from .kinds.image import IMAGE
 from .kinds.npy import NPY
 
 MANIFEST = "manifest.json"
@@ -362,9 +361,12 @@ def read_member_bytes(path: str) -> bytes:
 
 
 def member_kind(ext: str):
-    """The kind a pixels member is stored as, by its extension: IMAGE (png/jpg), NPY, or None (not pixels)."""
+    """The kind a pixels member is stored as, by its extension: the registered kind whose ``member_exts`` hold
+    it (IMAGE for png/jpg, NPY for npy, any kind registered as a member format), or None (not pixels)."""
+    from .dataset import KINDS
+
     ext = ext.lower()
-    return next((k for k in (IMAGE, NPY) if ext in k.member_exts), None)
+    return next((k for k in KINDS.values() if ext in k.member_exts), None)
 
 
 def decode_member(data: bytes, member: str, where: str) -> np.ndarray:
@@ -400,7 +402,7 @@ class ShardPlan:
 
     groups: list[Group]
     lookup: np.ndarray            # key number -> position in dataset.samples (-1: not in this dataset)
-    member: object                # the kind the pixels are stored as: kinds.image.IMAGE or kinds.npy.NPY
+    member: object                # the kind the pixels are stored as: a registered member format (IMAGE, NPY, ...)
     _tmpdir: str | None = field(default=None, repr=False)
     _dali: tuple[list[str], list[str]] | None = field(default=None, repr=False)
 

@@ -34,6 +34,9 @@ class Kind:
     checkpointable: bool = False
     #: ``backend='auto'`` on a machine without CUDA
     auto_cpu_backend: str = "torchvision"
+    #: a packed-member format: the member extensions (lower case) of packed shards whose pixels are stored as
+    #: this kind (``data.shards.member_kind`` reads them from the registry); empty: never a member format
+    member_exts: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<kind {self.name!r}>"

@@ -82,14 +82,18 @@ from .challenge import (CHALLENGE_COLUMNS, CHALLENGE_FIRST_ID, CHALLENGE_FLUX_UN
 from .encoders import (STRETCH_MAX, STRETCH_MIN, STRETCH_SOFTENING, encode_image, fits_bytes, jpeg_bytes,
                        npy_bytes, png_bytes, stretch_to_uint8)
 from .parameters import DEFAULT_DIFFICULTY, SURVEYS
-from .parameters import parse_pair as _pair  # noqa: F401  (the generate command parses its MIN,MAX flags)
+from .parameters import parse_pair, parse_positive_pair, parse_split_fractions
 from .simulator import CATALOGUE_COLUMNS, simulate
 from .standard import FORMATS
-from .writer import LAYOUTS, generate_dataset
+from .writer import LAYOUTS, format_summary, generate_dataset
 
 __all__ = [
     "simulate",
     "generate_dataset",
+    "format_summary",
+    "parse_pair",
+    "parse_positive_pair",
+    "parse_split_fractions",
     "stretch_to_uint8",
     "encode_image",
     "png_bytes",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ...choices import PSFS
+from ...choices import PSFS, Parsed
 from .bands import band_properties, detection_band, parse_bands
 
 #: Survey presets: pixel scale (arcsec/px), seeing FWHM range (arcsec, in r), zero-point, read noise (counts).
@@ -49,6 +49,30 @@ def parse_pair(value, name: str) -> tuple[float, float]:
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise ValueError(f"{name}: expected min <= max, got ({lo}, {hi})")
     return lo, hi
+
+
+def parse_positive_pair(value, name: str = "value") -> tuple[float, float]:
+    """:func:`parse_pair` with ``0 < min`` (Einstein radius, seeing)."""
+    lo, hi = parse_pair(value, name)
+    if lo <= 0:
+        raise ValueError(f"{lo:g} is not > 0")
+    return lo, hi
+
+
+def parse_split_fractions(text: str) -> tuple[float, ...]:
+    """``TRAIN,VAL,TEST`` split fractions: three finite non-negative numbers, not all 0."""
+    vals = tuple(float(v) for v in text.split(","))
+    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0 or not all(map(math.isfinite, vals)):
+        raise ValueError("not three non-negative fractions")
+    return vals
+
+
+#: the generator's MIN,MAX options (--source-mag; --einstein-radius and --seeing, > 0) and --splits, with
+#: their documented ranges (``choices.Parsed``)
+PAIR = Parsed(lambda t: parse_pair(t, "value"), "MIN,MAX numbers with MIN <= MAX", ("x", "2,1", "1,2,3"))
+POSITIVE_PAIR = Parsed(parse_positive_pair, "MIN,MAX numbers with 0 < MIN <= MAX", ("x", "0,1", "2,1"))
+SPLITS = Parsed(parse_split_fractions, "three non-negative fractions TRAIN,VAL,TEST (not all 0)",
+                ("x", "-1,1,1", "0,0,0", "1,1"))
 
 
 def simulation_settings(size, bands, survey, psf, einstein_radius, source_mag, seeing, pixel_scale,

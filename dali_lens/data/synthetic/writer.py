@@ -278,3 +278,14 @@ def _finish_record(out: str) -> None:
         os.unlink(os.path.join(out, _RECORD))
     except FileNotFoundError:
         pass
+
+
+def format_summary(s: dict) -> str:
+    """:func:`generate_dataset`'s summary as one line: N images, counts per split/class, seconds, cutouts/s."""
+    if s["layout"] == "challenge":
+        parts = f"challenge/{s['track']} ({','.join(s['bands'])}): {s['lens']} lens / {s['nonlens']} non-lens"
+    else:
+        per = ", ".join(f"{k} {v['n']} ({v['lens']} lens / {v['nonlens']} non-lens)" for k, v in s["splits"].items())
+        parts = f"{s['format']} {','.join(s['bands'])}: {per}"
+    return (f"wrote {s['n']} images to {s['out']}: {parts}; {s['seconds']:.1f} s, "
+            f"{s['cutouts_per_s']:.0f} cutouts/s")
