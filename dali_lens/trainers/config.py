@@ -236,12 +236,16 @@ def _json(value):
     return value
 
 
-def _text(value) -> str | None:
-    """A field's default as the command line writes it (``--help``; argparse parses a text default)."""
+def as_text(value):
+    """A list option's value as the command line writes it (``48,64,96``, ``small_cnn:48:0,...``), from the
+    typed value or its JSON form (``--help``'s defaults, which argparse then parses; --resume's listing of what
+    changed); any other value as it is."""
     if isinstance(value, MemberSpec):
-        return f"{value.arch}:{value.scales[0]}:{value.seed}"  # (the defaults: one scale each)
-    if isinstance(value, tuple):
-        return ",".join(str(_text(v)) for v in value)
+        value = vars(value)
+    if isinstance(value, dict) and {"arch", "scales", "seed"} <= set(value):
+        return f"{value['arch']}:{'-'.join(map(str, value['scales']))}:{value['seed']}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(as_text(v)) for v in value)
     return value
 
 
@@ -251,7 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         meta = dict(f.metadata)
         flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
         helptext = meta.pop("help")
-        default = _text(f.default)
+        default = as_text(f.default)
         if f.type in ("bool",) or isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=helptext)

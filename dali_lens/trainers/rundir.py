@@ -140,7 +140,7 @@ def check_resume_config(out: str, now: dict, allow: bool, log=print) -> dict:
     """``--resume``: the options in ``now`` (``TrainConfig.to_dict()`` plus the resolved ``data_root``) against
     the run's ``config.json``. Raises :class:`ConfigChangedError` listing what differs (unless ``allow``);
     returns what to add to the new ``config.json`` (the record of allowed changes)."""
-    from .config import TrainConfig
+    from .config import TrainConfig, as_text
 
     path = os.path.join(out, "config.json")
     try:
@@ -165,7 +165,8 @@ def check_resume_config(out: str, now: dict, allow: bool, log=print) -> dict:
     changes = list(saved_all.get("config_changes", []))
     if not diffs:
         return {"config_changes": changes} if changes else {}
-    listing = "; ".join(f"--{k.replace('_', '-')}: {a!r} then, {b!r} now" for k, (a, b) in diffs.items())
+    listing = "; ".join(f"--{k.replace('_', '-')}: {as_text(a)!r} then, {as_text(b)!r} now"
+                        for k, (a, b) in diffs.items())
     if not allow:
         raise ConfigChangedError(f"--resume: options differ from the run in {out} ({listing}). Give the run's "
                                  f"options (see {path}), or pass --allow-config-change to continue with the new ones")
