@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from .data.dataset import Dataset
 from .data.sources import discover
+
+if TYPE_CHECKING:  # (the trainers load torch and DALI: only a name that needs them imports them)
+    from .trainers.members import MemberSpec
 
 
 def describe(path: str, hdus: tuple[int | str, ...] | None = None, val_fraction: float = 0.15,
@@ -19,14 +23,18 @@ def describe(path: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
 
 
 def train(data_root: str | None = None, *, out: str | None = None, resume: bool = False,
-          allow_config_change: bool = False, val_fraction: float = 0.15, hdus: str | None = None,
+          allow_config_change: bool = False, val_fraction: float = 0.15,
+          hdus: tuple[int | str, ...] | None | str = None,
           skip_bad: bool = False, backend: str = "auto", workers: int | None = None, dtype: str = "auto",
           norm: str = "stats", scaling: str = "auto", scale_a: float = 1.0, mask_value: float | str | None = "auto",
-          mask_channel: bool = False, resize_mode: str = "resize", max_shift: int = 2, batch_transforms: str = "",
+          mask_channel: bool = False, resize_mode: str = "resize", max_shift: int = 2,
+          batch_transforms: tuple[str, ...] | str = (),
           tta: bool = False, trainer: str = "single", arch: str = "small_cnn", img_size: int = 64,
-          stem: str = "auto", scales: str = "48,64,96", schedule: str = "all", progressive_epochs: int = 2,
+          stem: str = "auto", scales: tuple[int, ...] | str = (48, 64, 96), schedule: str = "all",
+          progressive_epochs: int = 2,
           consistency: str = "none", consistency_weight: float = 0.1, micro_batch: int = 0,
-          memory_budget: str = "auto", members: str = "small_cnn:48:0,small_cnn:64:1,resnet18:64:2",
+          memory_budget: str = "auto",
+          members: tuple[MemberSpec, ...] | str = "small_cnn:48:0,small_cnn:64:1,resnet18:64:2",
           fusion: str = "mean_prob", weights: str | None = None, epochs: int = 6, batch_size: int = 64,
           lr: float = 0.002, weight_decay: float = 0.0001, lr_schedule: str = "cosine", patience: int = 4,
           amp: str = "auto", channels_last: bool = True, seed: int = 0, checkpoint_every: int = 0,
@@ -36,7 +44,11 @@ def train(data_root: str | None = None, *, out: str | None = None, resume: bool 
 
     The parameters are :class:`dali_lens.trainers.config.TrainConfig`'s fields, one for each command-line flag
     (``img_size`` is ``--img-size``; ``python -m dali_lens.train --help`` says what each does), with the same
-    defaults; ``data_root=None`` trains on the built-in synthetic set.
+    defaults; ``data_root=None`` trains on the built-in synthetic set. The list options take their values
+    (``scales=(64, 112)``, ``members=(MemberSpec("small_cnn", (32,), 0), ...)``, ``hdus=(1, "G")``) or the
+    command line's text (``scales="64,112"``, ``members="small_cnn:32:0,resnet18:64:1"``): the same config.
+    (``members``' default is written as text so that ``import dali_lens`` and :func:`describe` need not load
+    the trainers to build MemberSpecs; it is TrainConfig's default, tests/test_api.py.)
     Example: ``dali_lens.train("data/", arch="resnet18", img_size=96, epochs=10, out="runs/r18")``.
     Bad input raises ``DataError`` or ``ValueError`` (``BackendError`` among them), naming the file or option.
     """

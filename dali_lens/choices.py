@@ -110,7 +110,8 @@ class Range:
 
 class IntList:
     """Comma-separated integers >= ``lo`` (``count`` of them if given, pairwise different if ``distinct``),
-    kept as the text (the options store their text: config.json, --resume's comparison)."""
+    read as a tuple of ints (``parse``): the command line's text and the library's values (a tuple, or the same
+    text) become the same tuple."""
 
     def __init__(self, lo: int, *, count: int | None = None, distinct: bool = False, what: str = "integers"):
         self.lo, self.count, self.distinct, self.what = lo, count, distinct, what
@@ -121,31 +122,33 @@ class IntList:
         n = f"{self.count} " if self.count else ""
         return (f"{n}comma-separated {self.what} >= {self.lo}" + (", all different" if self.distinct else ""))
 
-    def problem(self, text) -> str | None:
-        items = [s.strip() for s in str(text).split(",")]
+    def parse(self, value) -> tuple[int, ...]:
+        """``value`` (``"64,112"`` or a sequence of integers) as a tuple of ints; ValueError saying why not."""
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
         try:
-            vals = [int(s) for s in items]
+            vals = tuple(_integer(s) for s in items)
         except ValueError:
-            return "not a list of integers"
+            raise ValueError("not a list of integers") from None
         if not vals or (self.count and len(vals) != self.count):
-            return "wrong number of values"
+            raise ValueError("wrong number of values")
         if min(vals) < self.lo:
-            return f"{min(vals)} is below {self.lo}"
+            raise ValueError(f"{min(vals)} is below {self.lo}")
         if self.distinct and len(set(vals)) != len(vals):
-            return "a value is repeated"
-        return None
+            raise ValueError("a value is repeated")
+        return vals
 
     def __call__(self, text):
-        why = self.problem(text)
-        if why:
-            raise argparse.ArgumentTypeError(f"must be {self.describe}, got {text!r} ({why})")
-        return str(text).strip()
+        try:
+            return self.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"must be {self.describe}, got {text!r} ({exc})") from None
 
     def check(self, flag: str, value) -> None:
-        if value is not None and not isinstance(value, (list, tuple)) and self.problem(value):
-            raise OptionRangeError(f"{flag} must be {self.describe}, got {value!r} ({self.problem(value)})")
-        if isinstance(value, (list, tuple)):
-            self.check(flag, ",".join(str(v) for v in value))
+        if value is not None:
+            try:
+                self.parse(value)
+            except ValueError as exc:
+                raise OptionRangeError(f"{flag} must be {self.describe}, got {value!r} ({exc})") from None
 
     def invalid_examples(self) -> list[str]:
         out = ["x", str(self.lo - 1) if not self.count else ",".join([str(self.lo - 1)] * self.count)]
@@ -156,30 +159,49 @@ class IntList:
         return out
 
 
+def _integer(v) -> int:
+    """An int from ``v`` (an int, or its text); ValueError for anything else (a bool, 1.5, "(64")."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(f"not an integer: {v!r}")
+    return int(v.strip()) if isinstance(v, str) else v
+
+
 class HduList:
-    """``--hdus``: comma-separated HDU indices (integers >= 0) or EXTNAMEs, one per band (kept as the text)."""
+    """``--hdus``: comma-separated HDU indices (integers >= 0) or EXTNAMEs, one per band, read as a tuple of ints
+    and names (``parse``; ``data.dataset.parse_hdus``)."""
 
     describe = "comma-separated HDU indices >= 0 or EXTNAMEs"
     __name__ = describe
 
-    def problem(self, text) -> str | None:
-        for item in (str(text).split(",") if not isinstance(text, (list, tuple)) else text):
+    def parse(self, value) -> tuple[int | str, ...]:
+        """``value`` (``"1,G"`` or a sequence of indices/names) as ``(1, "G")``; ValueError saying why not."""
+        out = []
+        for item in (value if isinstance(value, (list, tuple)) else str(value).split(",")):
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise ValueError(f"{item!r} is neither an index nor a name")
             s = str(item).strip()
             if not s:
-                return "an empty entry"
-            if s.lstrip("+-").isdigit() and int(s) < 0:
-                return f"{s} is negative"
-        return None
+                raise ValueError("an empty entry")
+            if s.lstrip("+-").isdigit():
+                if int(s) < 0:
+                    raise ValueError(f"{s} is negative")
+                out.append(int(s))
+            else:
+                out.append(s)
+        return tuple(out)
 
     def __call__(self, text):
-        why = self.problem(text)
-        if why:
-            raise argparse.ArgumentTypeError(f"must be {self.describe}, got {text!r} ({why})")
-        return text
+        try:
+            return self.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"must be {self.describe}, got {text!r} ({exc})") from None
 
     def check(self, flag: str, value) -> None:
-        if value is not None and self.problem(value):
-            raise OptionRangeError(f"{flag} must be {self.describe}, got {value!r} ({self.problem(value)})")
+        if value is not None:
+            try:
+                self.parse(value)
+            except ValueError as exc:
+                raise OptionRangeError(f"{flag} must be {self.describe}, got {value!r} ({exc})") from None
 
     def invalid_examples(self) -> list[str]:
         return ["-1", "0,-2", "1,,2"]

@@ -202,6 +202,37 @@ def test_resume_with_other_options_is_refused_unless_allowed(lenses, tmp_path, c
     assert saved["lr"] == 0.001 and saved["config_changes"][-1]["changed"]["lr"] == {"from": 0.002, "to": 0.001}
 
 
+def test_resume_of_a_run_whose_config_holds_the_old_text_form(lenses, tmp_path, capsys):
+    """config.json held the list options as text before TrainConfig's fields were typed (``"scales": "16,24"``,
+    ``"members": "small_cnn:16:0,..."``). A --resume of such a run with the same options, given to the library
+    as values, is no config change; a real change is still found, and listed as the command line writes it.
+    Before: config.json held the text, and ``dali_lens.train(members=(MemberSpec(...), ...))`` failed
+    ('ensemble member "(MemberSpec(arch=...": expected ARCH:SCALE[:SEED]')."""
+    import dali_lens
+    from dali_lens.commands.train import main as train_main
+    from dali_lens.trainers import MemberSpec
+
+    out = str(tmp_path / "run")
+    members = ["--trainer", "ensemble", "--members", "small_cnn:16:0,small_cnn:24:1", "--scales", "16,24"]
+    assert train_main(_train_args(lenses, out, *members)) == 0
+    path = os.path.join(out, "config.json")
+    saved = json.load(open(path))
+    assert saved["scales"] == [16, 24] and saved["batch_transforms"] == []  # strict JSON lists
+    assert saved["members"][1] == {"arch": "small_cnn", "scales": [24], "seed": 1, "name": "small_cnn@24#1"}
+    with open(path, "w") as fh:  # as an older dali-lens wrote it
+        json.dump({**saved, "scales": "16,24", "members": "small_cnn:16:0,small_cnn:24:1", "batch_transforms": ""}, fh)
+    result = dali_lens.train(lenses, out=out, resume=True, epochs=2, img_size=32, batch_size=16, workers=1,
+                             backend="dali-cpu", progress=False, trainer="ensemble", scales=(16, 24),
+                             members=(MemberSpec("small_cnn", (16,), 0), MemberSpec("small_cnn", (24,), 1)))
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert json.load(open(path))["scales"] == [16, 24]
+    changed = [*members[:3], "small_cnn:16:0,small_cnn:32:1", *members[4:]]
+    assert train_main(_train_args(lenses, out, *changed, "--resume", "--epochs", "3")) == 2
+    err = _last_err(capsys)
+    assert "--members: 'small_cnn:16:0,small_cnn:24:1' then, 'small_cnn:16:0,small_cnn:32:1' now" in err, err
+    assert "--scales" not in err
+
+
 def test_resume_with_layout_defaults_is_not_a_config_change(tmp_path, capsys):
     """--mask-value auto is resolved (100 on the challenge layout) before config.json is written; a plain
     --resume with the same (default) options must compare like with like, not 'auto' with 100."""

@@ -281,3 +281,46 @@ def test_stem_flag_is_logged_stored_and_used_by_predict(lenses, tmp_path, capsys
     assert "ImageNet stem (7x7 stride 2 + max-pool) (--stem imagenet)" in capsys.readouterr().out
     ens = load_ensemble(out, "cpu")
     assert not ens.members[0].model.small_input
+
+
+def test_config_list_options_are_typed_and_their_text_is_the_same_config():
+    """scales / members / hdus / batch_transforms are tuples, read once by the field's type from the CLI's text
+    or from the value: before, TrainConfig(scales=(64, 112)) failed ("invalid literal for int() ... '(64'")
+    and the text and the tuple were different configs."""
+    import dataclasses
+
+    from dali_lens.commands import train
+    from dali_lens.trainers import MemberSpec, get_trainer
+    from dali_lens.trainers.config import from_args
+
+    typed = TrainConfig(scales=(64, 112), hdus=(1, "G"), batch_transforms=("a", "b"),
+                        members=(MemberSpec("small_cnn", (32,), 0), MemberSpec("resnet18", (48,), 1)))
+    text = TrainConfig(scales="64,112", hdus="1, G", batch_transforms="a, b,", members="small_cnn:32,resnet18:48:1")
+    assert typed == text and typed.scales == (64, 112) and typed.hdus == (1, "G")
+    assert [m.name for m in text.members] == ["small_cnn@32#0", "resnet18@48#1"]  # (SEED: 0 if not given)
+    assert dataclasses.replace(text, scales=(64, 96)) == dataclasses.replace(typed, scales="64,96")
+    # the command line parses the text once: the values reach TrainConfig typed
+    args = train.parser().parse_args(["--scales", "64,112", "--hdus", "1,G", "--members",
+                                      "small_cnn:32:0,resnet18:48:1", "--batch-transforms", "a,b"])
+    assert args.scales == (64, 112) and isinstance(args.members[0], MemberSpec)
+    assert from_args(args) == typed
+    assert train.parser().parse_args([]).scales == TrainConfig().scales == (48, 64, 96)  # the default, parsed
+    # the trainers read the typed fields
+    assert get_trainer("multiscale").member_specs(TrainConfig(scales=(112, 64))) == [MemberSpec("small_cnn", (64, 112))]
+    assert get_trainer("ensemble").member_specs(typed) == list(typed.members)
+    # strict JSON, and back; and the text form config.json held before reads as the same config
+    d = json.loads(json.dumps(typed.to_dict(), allow_nan=False))
+    assert d["scales"] == [64, 112] and d["hdus"] == [1, "G"] and d["batch_transforms"] == ["a", "b"]
+    assert d["members"][1] == {"arch": "resnet18", "scales": [48], "seed": 1, "name": "resnet18@48#1"}
+    assert TrainConfig.from_dict(d) == typed
+    old = {**d, "scales": "64,112", "hdus": "1,G", "batch_transforms": "a,b", "members": "small_cnn:32:0,resnet18:48:1"}
+    assert TrainConfig.from_dict(old) == typed
+    v1 = json.load(open(os.path.join(os.path.dirname(__file__), "data", "v1_run", "run", "config.json")))
+    assert TrainConfig.from_dict(v1).members == TrainConfig().members and TrainConfig.from_dict(v1).scales == (48, 64, 96)
+    # a bad value, typed or text, names its option
+    for bad, flag in (({"scales": (64, "x")}, "--scales"), ({"scales": "(64"}, "--scales"),
+                      ({"members": [{"arch": "small_cnn", "scales": [4]}]}, "--members"),
+                      ({"members": (MemberSpec("small_cnn", (32,), -1),)}, "--members"), ({"hdus": (1, -2)}, "--hdus"),
+                      ({"batch_transforms": 3}, "--batch-transforms")):
+        with pytest.raises(ValueError, match=flag):
+            TrainConfig(**bad)

@@ -6,6 +6,8 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..choices import HDUS
+
 #: The registry's table, ``{name: kind object}``: filled by ``dali_lens.data.kinds`` (``register_kind``), which
 #: the ``dali_lens.data`` package imports first. It lives here so that a Dataset resolves its kind without
 #: importing the kinds, which import this module.
@@ -220,9 +222,6 @@ def parse_label(value: str, where: str, binary: bool = False) -> int | None:
 
 
 def parse_hdus(text) -> tuple[int | str, ...] | None:
-    """``--hdus`` text (``"1,2,3"`` or ``"G,R,I"``, mixed allowed) as HDU indices and EXTNAMEs; None if empty."""
-    if not text:
-        return None
-    if isinstance(text, (list, tuple)):
-        return tuple(text)
-    return tuple(int(h) if h.strip().lstrip("-").isdigit() else h.strip() for h in str(text).split(","))
+    """``--hdus`` text (``"1,2,3"`` or ``"G,R,I"``, mixed allowed) or a sequence of them as HDU indices and
+    EXTNAMEs (``choices.HDUS``, the option's range: ValueError for a negative index); None if empty."""
+    return HDUS.parse(text) if text else None

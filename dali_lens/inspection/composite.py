@@ -40,16 +40,16 @@ def default_rgb_bands(dataset: Dataset) -> tuple[int, int, int] | None:
     return (2, 1, 0)
 
 
-def parse_rgb_bands(text: str | None, bands: int) -> tuple[int, int, int] | None:
-    """``--rgb-bands R,G,B`` (0-based band indices) checked against the dataset's band count."""
+def parse_rgb_bands(text: str | tuple[int, ...] | None, bands: int) -> tuple[int, int, int] | None:
+    """``--rgb-bands R,G,B`` (0-based band indices, the text or its tuple) checked against the data's band count."""
     if not text:
         return None
     try:
-        picked = tuple(int(t) for t in str(text).split(","))
+        picked = tuple(int(t) for t in (text if isinstance(text, (list, tuple)) else str(text).split(",")))
     except ValueError:
         raise DataError(f"--rgb-bands: expected three band indices R,G,B (e.g. 2,1,0), got {text!r}") from None
     if len(picked) != 3 or not all(0 <= b < bands for b in picked):
-        raise DataError(f"--rgb-bands {text}: need three band indices between 0 and {bands - 1} "
+        raise DataError(f"--rgb-bands {','.join(map(str, picked))}: need three band indices between 0 and {bands - 1} "
                         f"(the data has {bands} band(s))")
     return picked  # type: ignore[return-value]
 

@@ -170,7 +170,7 @@ class PixelSettings(PixelOptions):
         """The settings a :class:`TrainConfig` asks for (``mask_value`` already resolved), before the noise
         estimate and the statistics measured on the training set are added (``dataclasses.replace``)."""
         return cls(kind=kind, scaling=cfg.scaling, scale_a=cfg.scale_a, mask_value=_mask(cfg.mask_value),
-                   mask_channel=cfg.mask_channel, resize_mode=cfg.resize_mode, hdus=cfg.hdu_list)
+                   mask_channel=cfg.mask_channel, resize_mode=cfg.resize_mode, hdus=cfg.hdus)
 
     def for_inference(self) -> "PixelSettings":
         """As a stored checkpoint is read: ``scaling='auto'`` without a noise estimate (8-bit images, which are

@@ -1,4 +1,14 @@
-"""Every training knob, with its default and its help text (the CLI is generated from this)."""
+"""Every training knob, with its default and its help text (the CLI is generated from this).
+
+The fields are typed (``scales`` a tuple of ints, ``members`` a tuple of ``MemberSpec``, ``hdus`` a tuple of
+indices and names, ``batch_transforms`` a tuple of names). Each value is read by its field's ``type`` (a
+``choices`` range type with a ``parse``): the command line's parser calls it on the text, and
+``TrainConfig.__post_init__`` calls it on whatever came in (the typed value, or for compatibility the same text:
+``TrainConfig(scales="64,112") == TrainConfig(scales=(64, 112))``), so there is one parse and one value.
+:meth:`TrainConfig.to_dict` is strict JSON (tuples become lists, a member ``{"arch", "scales", "seed",
+"name"}``); :meth:`TrainConfig.from_dict` reads that and the text form that config.json and checkpoints held
+before (``"scales": "48,64,96"``), to the same config.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +20,9 @@ import torch
 
 from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSIONS, HDUS, HOLD_OUT, LR_SCHEDULES,
                        NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
-                       SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
-from ..data.dataset import parse_hdus
+                       PIXELS, SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
 from .base import TRAINERS
+from .members import MemberSpec
 
 
 def parse_mask_value(text) -> float | str | None:
@@ -37,6 +47,50 @@ def parse_mask_value(text) -> float | str | None:
 MASK_VALUE = Parsed(parse_mask_value, "a number, nan, none or auto", ("x", "1e999x"))
 
 
+def parse_members(value) -> tuple[MemberSpec, ...]:
+    """``--members``: ``"ARCH:SCALE[:SEED],..."`` (``MemberSpec.parse``), or a sequence of ``MemberSpec``s, of
+    such texts, or of config.json's ``{"arch", "scales", "seed"[, "name"]}``: a tuple of new ``MemberSpec``s
+    (sizes >= 8 px, seeds in numpy's range); ValueError saying which member is wrong."""
+    items = [t for t in str(value).split(",") if t.strip()] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"expected ARCH:SCALE[:SEED] members, got {type(value).__name__}")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            spec = MemberSpec.parse(item)
+        elif isinstance(item, MemberSpec):
+            spec = item
+        elif isinstance(item, dict) and {"arch", "scales"} <= set(item) <= {"arch", "scales", "seed", "name"}:
+            if not isinstance(item["scales"], (list, tuple)) or not isinstance(item.get("name", ""), str):
+                raise ValueError(f"member {item!r}: scales must be a list and the name a string")
+            spec = MemberSpec(item["arch"], tuple(item["scales"]), item.get("seed", 0), item.get("name", ""))
+        else:
+            raise ValueError(f"member {item!r}: expected ARCH:SCALE[:SEED]")
+        if not isinstance(spec.arch, str) or not spec.arch.strip() or not spec.scales \
+                or not all(PIXELS.contains(v) for v in spec.scales) or not SEED.contains(spec.seed):
+            raise ValueError(f"member {spec.name}: needs an architecture, sizes >= 8 and a seed in [0, 2**32)")
+        out.append(MemberSpec(spec.arch, spec.scales, int(spec.seed), spec.name))
+    return tuple(out)
+
+
+MEMBERS = Parsed(parse_members, "comma-separated ARCH:SCALE[:SEED] members, sizes >= 8",
+                 ("x", "small_cnn:7:0", "small_cnn:48:-1", "small_cnn:48:0:1", "small_cnn:x"))
+
+
+def parse_names(value) -> tuple[str, ...]:
+    """``--batch-transforms``: ``"a,b"`` or a sequence of names, as ``("a", "b")`` (empty entries dropped; the
+    names are checked against the registry when the loader is built)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+        raise ValueError("expected comma-separated names")
+    return tuple(t.strip() for t in items if t.strip())
+
+
+NAMES = Parsed(parse_names, "comma-separated names", ())
+DEFAULT_MEMBERS = (MemberSpec("small_cnn", (48,), 0), MemberSpec("small_cnn", (64,), 1),
+                   MemberSpec("resnet18", (64,), 2))
+
+
 def _f(default, help: str, **kw):
     meta = {"help": help, **kw}
     if isinstance(default, (list, dict)):
@@ -59,7 +113,8 @@ class TrainConfig:
                                           "them. --epochs, --patience, --workers, --backend and the like may "
                                           "always change")
     val_fraction: float = _f(0.15, "fraction of train held out (stratified, seeded) when there is no val split", type=HOLD_OUT)
-    hdus: str | None = _f(None, "FITS: comma-separated HDU indices or EXTNAMEs, one per band (default: all image HDUs)", type=HDUS)
+    hdus: tuple[int | str, ...] | None = _f(None, "FITS: comma-separated HDU indices or EXTNAMEs, one per band "
+                                                 "(default: all image HDUs)", type=HDUS)
     skip_bad: bool = _f(False, "scan the data first and skip unreadable/bad samples (listed), instead of stopping")
     # loading
     backend: str = _f("auto", "loader: auto (DALI GPU if CUDA+DALI; without CUDA DALI CPU, but torchvision for "
@@ -85,8 +140,9 @@ class TrainConfig:
                                     "(centre crop / zero-pad, no resampling)", choices=RESIZE_MODES)
     max_shift: int = _f(2, "training augmentation: random shifts up to this many pixels (0 = off); "
                            "random 90-degree rotations and flips are always on", type=NON_NEGATIVE)
-    batch_transforms: str = _f("", "training: comma-separated batch transforms added with "
-                                   "dali_lens.register_batch_transform (run on the loader's device)")
+    batch_transforms: tuple[str, ...] = _f((), "training: comma-separated batch transforms added with "
+                                               "dali_lens.register_batch_transform (run on the loader's device)",
+                                           type=NAMES)
     tta: bool = _f(False, "evaluate with the mean over the 8 rotations/flips (test-time augmentation)")
     # model and trainer
     trainer: str = _f("single", "single: one model, one scale; multiscale: one model on several scales; "
@@ -100,7 +156,8 @@ class TrainConfig:
                            "96 px, see benchmarks/bench_stem.py; the ImageNet stem above), imagenet (7x7 stride 2 "
                            "+ max-pool) or small",
                    choices=STEMS)
-    scales: str = _f("48,64,96", "multiscale trainer: comma-separated input sizes from one decode", type=SCALES)
+    scales: tuple[int, ...] = _f((48, 64, 96), "multiscale trainer: comma-separated input sizes from one decode",
+                                 type=SCALES)
     schedule: str = _f("all", "multiscale: all (every scale every step) or progressive (low to high resolution)",
                        choices=SCALE_SCHEDULES)
     progressive_epochs: int = _f(2, "multiscale progressive: epochs per scale before switching up", type=COUNT)
@@ -115,8 +172,8 @@ class TrainConfig:
                                     "on the first batch) fit, gradients accumulated (the same update; BatchNorm "
                                     "then normalises over a chunk). A size (2GB, 512MB), off, or auto (half the "
                                     "GPU memory still free; off on CPU)")
-    members: str = _f("small_cnn:48:0,small_cnn:64:1,resnet18:64:2",
-                      "ensemble: comma-separated ARCH:SCALE[:SEED] members")
+    members: tuple[MemberSpec, ...] = _f(DEFAULT_MEMBERS, "ensemble: comma-separated ARCH:SCALE[:SEED] members",
+                                         type=MEMBERS)
     fusion: str = _f("mean_prob", "ensemble fusion: mean_prob, mean_logit, temperature (fitted on validation)",
                      choices=FUSIONS)
     weights: str | None = _f(None, "initial weights: a local state-dict file (no downloads)")
@@ -140,11 +197,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Every option is held to the range its field declares (the CLI's ``type=``), whichever door it came
         in by (``python -m dali_lens.train``, ``dali_lens.train(...)``, a --resume's config.json), before any
-        work: ``choices.OptionRangeError`` (a ValueError) naming the flag."""
+        work: ``choices.OptionRangeError`` (a ValueError) naming the flag. A field whose type parses (lists,
+        ``--mask-value``) holds the parsed value, from the text or from the value itself."""
         for f in fields(self):
-            check = getattr(f.metadata.get("type"), "check", None)
+            typ, value = f.metadata.get("type"), getattr(self, f.name)
+            check = getattr(typ, "check", None)
             if check is not None:
-                check(f.metadata.get("flag", "--" + f.name.replace("_", "-")), getattr(self, f.name))
+                check(f.metadata.get("flag", "--" + f.name.replace("_", "-")), value)
+            if hasattr(typ, "parse") and value is not None:
+                setattr(self, f.name, typ.parse(value))
 
     def amp_dtype(self, device: torch.device):
         if device.type != "cuda" or self.amp == "off":
@@ -155,21 +216,37 @@ class TrainConfig:
             return torch.bfloat16
         return torch.float16
 
-    @property
-    def scale_list(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in str(self.scales).split(",") if s.strip())
-
-    @property
-    def hdu_list(self):
-        return parse_hdus(self.hdus)
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Strict JSON (config.json, the checkpoint's ``config``): tuples as lists, members as dicts."""
+        return _json(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config of ``to_dict``, or of a config.json / checkpoint written before the fields were typed
+        (lists as comma-separated text): the same config. Keys that are not fields are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _json(value):
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json(v) for v in value]
+    return value
+
+
+def as_text(value):
+    """A list option's value as the command line writes it (``48,64,96``, ``small_cnn:48:0,...``), from the
+    typed value or its JSON form (``--help``'s defaults, which argparse then parses; --resume's listing of what
+    changed); any other value as it is."""
+    if isinstance(value, MemberSpec):
+        value = vars(value)
+    if isinstance(value, dict) and {"arch", "scales", "seed"} <= set(value):
+        return f"{value['arch']}:{'-'.join(map(str, value['scales']))}:{value['seed']}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(as_text(v)) for v in value)
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,7 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         meta = dict(f.metadata)
         flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
         helptext = meta.pop("help")
-        default = f.default
+        default = as_text(f.default)
         if f.type in ("bool",) or isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=helptext)

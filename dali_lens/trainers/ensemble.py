@@ -12,10 +12,10 @@ from .members import MemberSpec
 
 class EnsembleTrainer(Trainer):
     def member_specs(self, cfg) -> list[MemberSpec]:
-        specs = [MemberSpec.parse(t) for t in str(cfg.members).split(",") if t.strip()]
-        if len(specs) < 2:
-            raise ValueError(f"--trainer ensemble needs at least two --members, got {cfg.members!r}")
+        specs = list(cfg.members)  # MemberSpecs, read once by TrainConfig
         names = [s.name for s in specs]
+        if len(specs) < 2:
+            raise ValueError(f"--trainer ensemble needs at least two --members, got {', '.join(names) or 'none'}")
         if len(set(names)) != len(names):
             raise ValueError(f"ensemble members must differ (architecture, scale or seed): {names}")
         return specs

@@ -39,15 +39,15 @@ def consistency_loss(logits: list[torch.Tensor], kind: str) -> torch.Tensor:
 
 class MultiscaleTrainer(Trainer):
     def member_specs(self, cfg) -> list[MemberSpec]:
-        scales = tuple(sorted(cfg.scale_list))
+        scales = tuple(sorted(cfg.scales))
         if len(scales) < 2:
-            raise ValueError(f"--trainer multiscale needs at least two --scales, got {cfg.scales!r}")
+            raise ValueError(f"--trainer multiscale needs at least two --scales, got {','.join(map(str, scales))}")
         if cfg.arch.startswith("vit"):
             raise ValueError("ViTs take one fixed input size: use --trainer ensemble with one ViT member per scale")
         return [MemberSpec(cfg.arch, scales, cfg.seed)]
 
     def active_scales(self, cfg, epoch: int) -> tuple[int, ...]:
-        scales = tuple(sorted(cfg.scale_list))
+        scales = tuple(sorted(cfg.scales))
         if cfg.schedule == "progressive":
             return (scales[min(epoch // max(1, cfg.progressive_epochs), len(scales) - 1)],)
         return scales

@@ -214,7 +214,7 @@ def check_resume_config(out: str, now: dict, allow: bool, log=print, data: dict 
     training data as ``data`` (:func:`data_record`) describes it, against the run's ``config.json``. Raises
     :class:`ConfigChangedError` saying what differs (unless ``allow``); returns what to add to the new
     ``config.json`` (the record of allowed changes, and ``data``)."""
-    from .config import TrainConfig
+    from .config import TrainConfig, as_text
 
     path = os.path.join(out, "config.json")
     try:
@@ -246,7 +246,8 @@ def check_resume_config(out: str, now: dict, allow: bool, log=print, data: dict 
         moved = data_changes(saved_all["data"], data)
     if not diffs and not moved:
         return {"config_changes": changes, **extra} if changes else extra
-    listing = "; ".join(f"--{k.replace('_', '-')}: {a!r} then, {b!r} now" for k, (a, b) in diffs.items())
+    listing = "; ".join(f"--{k.replace('_', '-')}: {as_text(a)!r} then, {as_text(b)!r} now"
+                        for k, (a, b) in diffs.items())
     said = " and ".join(t for t in (f"options differ from the run in {out} ({listing})" if diffs else "",
                                     f"the training data changed since the run in {out} started ({moved})"
                                     if moved else "") if t)

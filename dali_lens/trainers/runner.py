@@ -47,7 +47,7 @@ def output_dtype(cfg: TrainConfig, dataset) -> str:
     With ``--batch-transforms`` ``auto`` stays float32: batch transforms see normalised float batches.
     """
     if cfg.dtype == "auto":
-        return "uint8" if dataset.eight_bit and not cfg.batch_transforms.strip() else "float32"
+        return "uint8" if dataset.eight_bit and not cfg.batch_transforms else "float32"
     return cfg.dtype
 
 
@@ -174,7 +174,7 @@ class _Job:
 
     def loader(self, split: str, train: bool, scales=None, tta: bool = False):
         """A loader of ``split`` at ``scales`` (default: every member's), training or evaluation."""
-        transforms = tuple(t for t in self.cfg.batch_transforms.split(",") if t.strip()) if train else ()
+        transforms = self.cfg.batch_transforms if train else ()
         opts = LoaderOptions(**{**self.base.to_dict(), "scales": scales or self.scales, "train": train,
                                 "augment": train, "tta": tta, "transforms": transforms})
         return build_loader(self.splits[split], backend=self.backend, options=opts)
@@ -288,7 +288,7 @@ def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
         holder = [data_root]
         dist.broadcast_object_list(holder, src=0)
         data_root = holder[0]
-    splits = leave_out_unlabelled(discover(data_root, hdus=cfg.hdu_list, val_fraction=cfg.val_fraction,
+    splits = leave_out_unlabelled(discover(data_root, hdus=cfg.hdus, val_fraction=cfg.val_fraction,
                                            seed=cfg.seed), say)
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
