@@ -17,7 +17,7 @@ import torch
 
 from dali_lens.inference import CheckpointError, load_ensemble, loader_options
 from dali_lens.predictions import predict_files
-from dali_lens.trainers.checkpoint import VERSION, Checkpoint, PixelSettings
+from dali_lens.checkpoint import VERSION, Checkpoint, PixelSettings
 
 V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "v1_run")
 EXPECTED = json.load(open(os.path.join(V1, "expected.json")))
@@ -48,7 +48,7 @@ def test_old_checkpoint_gives_the_same_loader_options(old_run):
     for key, value in EXPECTED["loader"].items():
         got = getattr(opts, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
-    assert (ens.bands, ens.kind, ens.hdus, ens.names) == (EXPECTED["bands"], EXPECTED["kind"], EXPECTED["hdus"],
+    assert (ens.bands, ens.pixels.kind, ens.pixels.hdus, ens.names) == (EXPECTED["bands"], EXPECTED["kind"], EXPECTED["hdus"],
                                                           EXPECTED["names"])
 
 

@@ -18,7 +18,7 @@ from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import load_ensemble, loader_options, score_batches
 from dali_lens.metrics import expected_contamination, roc_auc, tpr0, tpr10
 from dali_lens.pipelines import build_loader
-from dali_lens.trainers.checkpoint import Checkpoint
+from dali_lens.checkpoint import Checkpoint
 from dali_lens.data.inputs import gather_inputs
 
 MEMBERS = ["small_cnn@32#0", "small_cnn@24#1"]
