@@ -152,7 +152,7 @@ def test_normalisation_correction_is_exact(run, tmp_path):
 
     alone_ens, alone = logits([other])
     both_ens, both = logits([run["run"], other])
-    assert both_ens.mean != alone_ens.mean
+    assert both_ens.pixels.mean != alone_ens.pixels.mean
     name_alone = alone_ens.names[0]
     name_both = both_ens.names[-1]
     np.testing.assert_allclose(both[name_both], alone[name_alone], atol=1e-4)
