@@ -285,8 +285,8 @@ class Checkpoint:
 
     def to_dict(self) -> dict:
         p = self.pixels
-        return _plain({"version": VERSION, "members": [m.to_dict() for m in self.members], "epoch": self.epoch, "best_auc": self.best_auc,
-                       "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
+        return _plain({"version": VERSION, "members": [m.to_dict() for m in self.members], "epoch": self.epoch,
+                       "best_auc": self.best_auc, "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
                        "progress": self.progress,
                        "config": self.config, "bands": self.bands, "pixels": p.to_dict(),
                        # version 1's keys, for dali-lens before #16
