@@ -22,7 +22,7 @@ from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSION
                        NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
                        PIXELS, SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
 from .base import TRAINERS
-from .members import MemberSpec
+from ..checkpoint import MemberSpec
 
 
 def parse_mask_value(text) -> float | str | None:
