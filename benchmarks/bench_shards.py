@@ -103,7 +103,7 @@ def make_checkpoint(path: str, arch: str = "small_cnn") -> str:
     import torch
 
     from dali_lens.models import build_model
-    from dali_lens.trainers.checkpoint import Checkpoint, PixelSettings
+    from dali_lens.checkpoint import Checkpoint, PixelSettings
     from dali_lens.trainers.config import TrainConfig
 
     torch.manual_seed(0)

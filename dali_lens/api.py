@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from .data.dataset import Dataset
 from .data.sources import discover
 
-if TYPE_CHECKING:  # (the trainers load torch and DALI: only a name that needs them imports them)
-    from .trainers.members import MemberSpec
+if TYPE_CHECKING:  # (torch and DALI load on first use: only a name that needs them imports them)
+    from .checkpoint import MemberSpec
 
 
 def describe(path: str, hdus: tuple[int | str, ...] | None = None, val_fraction: float = 0.15,

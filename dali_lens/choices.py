@@ -1,7 +1,7 @@
 """The valid values of every choice option: one tuple per option, defined here once.
 
 The commands' argparse (``choices=``, through ``cli.py`` and ``trainers/config.py``) and the library's own
-checks (``build_loader``, ``LoaderOptions``, ``Ensemble.probabilities``, ``build_model``) read these tuples,
+checks (``build_loader``, ``LoaderOptions``, ``scoring.check_fusion``, ``build_model``) read these tuples,
 so an option value is accepted or refused in the same way whichever door it comes in through. The modules
 that own each idea re-export their tuple (``dali_lens.BACKENDS``, ``pipelines.options.DTYPES``,
 ``inference.FUSIONS``, ``models.STEMS``). The trainers (``--trainer``) are a registry instead, whose table
@@ -14,6 +14,8 @@ import math
 #: loaders (``--backend``): auto picks DALI on a GPU, else DALI CPU, else torchvision (``resolve_backend``); the
 #: rest are the built-in entries of the backend registry (``pipelines.register_backend``; test_backends.py)
 BACKENDS = ("auto", "dali", "dali-cpu", "torchvision")
+#: where DALI's GPU backend reads ``.npy`` (``LoaderOptions.numpy_reader``): auto (cuFile when it works), gpu, cpu
+NUMPY_READERS = ("auto", "gpu", "cpu")
 #: loader output dtypes (``--dtype`` adds ``auto``)
 DTYPES = ("float32", "float16", "uint8")
 #: flux scaling of float data before normalisation (``--scaling``)

@@ -261,7 +261,7 @@ def _write(out: str, ens, dataset: Dataset, all_labels: np.ndarray, score: np.nd
     names, returned as written) and, with ``--gallery``, gallery/."""
     from .data.io import atomic_write_csv, atomic_write_json, claim_outputs
     from .metrics import plot_completeness, plot_roc, to_jsonable
-    from .trainers.outputs import prediction_header, prediction_row
+    from .prediction_rows import prediction_header, prediction_row
 
     several = len(ens.members) > 1
     os.makedirs(out, exist_ok=True)
@@ -294,7 +294,7 @@ def _write(out: str, ens, dataset: Dataset, all_labels: np.ndarray, score: np.nd
         from .inspection import split_gallery
 
         split_gallery(os.path.join(out, "gallery"), dataset, score, all_labels, spread if several else None,
-                      threshold=opts.threshold, mask_value=ens.mask_value, log=log)
+                      threshold=opts.threshold, mask_value=ens.pixels.mask_value, log=log)
     return result
 
 

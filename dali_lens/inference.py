@@ -29,10 +29,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .checkpoint import Checkpoint, CheckpointError, MemberState, PixelSettings
 from .data.dataset import DataError, Dataset, get_kind
 from .pipelines.options import LoaderOptions
-from .scoring import FUSIONS, channels_last_on, member_logits, probabilities
-from .trainers.checkpoint import Checkpoint, CheckpointError, PixelSettings
+from .scoring import FUSIONS, amp_dtype, channels_last_on, member_logits, probabilities
 
 __all__ = ["FUSIONS", "CheckpointError", "LoadedMember", "Ensemble", "resolve_checkpoint", "load_ensemble",
            "loader_options", "score_batches", "check_dataset"]
@@ -68,16 +68,6 @@ class Ensemble:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = True
 
-    # the pixel settings by name
-    kind = property(lambda self: self.pixels.kind)
-    mean = property(lambda self: self.pixels.mean)
-    std = property(lambda self: self.pixels.std)
-    scaling = property(lambda self: self.pixels.scaling)
-    scale_a = property(lambda self: self.pixels.scale_a)
-    noise_sigma = property(lambda self: self.pixels.noise_sigma)  # scaling 'auto': the training set's noise
-    mask_value = property(lambda self: self.pixels.mask_value)
-    hdus = property(lambda self: self.pixels.hdus)
-
     @property
     def scales(self) -> tuple[int, ...]:
         """The union of every member's scales (one loader produces all of them from one decode)."""
@@ -104,8 +94,6 @@ class Ensemble:
         ``temperature``) or ``sigmoid(mean z)`` (``mean_logit``). The spread is the standard deviation of
         the member probabilities (0 for a single member).
         """
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}: choose from {FUSIONS}")
         return probabilities(logits, fusion, self.temperatures if fusion == "temperature" else None)
 
 
@@ -146,8 +134,6 @@ def _unique_names(members: list[LoadedMember]) -> None:
 
 def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | None = None) -> Ensemble:
     """Rebuild the members of one or more checkpoints on ``device`` (default: CUDA if present, else CPU)."""
-    from .trainers.config import TrainConfig
-
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [os.fspath(checkpoints)]
     if not checkpoints:
@@ -176,7 +162,7 @@ def load_ensemble(checkpoints: list[str] | str, device: torch.device | str | Non
     cfg = first.config
     ens = Ensemble(members=members, bands=first.bands, pixels=first.pixels, device=device, checkpoints=paths,
                    config=cfg, fusion=fusions[0] if fusions and len(set(fusions)) == 1 else "mean_prob",
-                   amp_dtype=TrainConfig.from_dict(cfg).amp_dtype(device),
+                   amp_dtype=amp_dtype(cfg.get("amp", "auto"), device),
                    channels_last=bool(cfg.get("channels_last", True)))
     _set_corrections(ens)
     return ens
@@ -196,37 +182,40 @@ def _check_same_input(path: str, ck: Checkpoint, ref_path: str, ref: Checkpoint)
         if not _same(mine[key], theirs[key]):
             raise CheckpointError(f"{path}: {key} = {mine[key]!r} but {ref_path} has {theirs[key]!r}; "
                                   "checkpoints of one ensemble must be trained on the same kind of input")
-    if (mine["kind"] == "image") != (theirs["kind"] == "image"):
+    if not _kind_of(path, ck.pixels).same_pixels(_kind_of(ref_path, ref.pixels)):
         raise CheckpointError(f"{path}: trained on {mine['kind']} data but {ref_path} on {theirs['kind']} data")
 
 
-def _rebuild_member(path: str, ck: Checkpoint, ms: dict, device: torch.device) -> LoadedMember:
+def _kind_of(path: str, pixels: PixelSettings):
+    """The kind object of the pixels a checkpoint (``path``) was trained on; CheckpointError naming ``path`` when
+    that kind is not registered here."""
+    try:
+        return get_kind(pixels.kind)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _rebuild_member(path: str, ck: Checkpoint, ms: MemberState, device: torch.device) -> LoadedMember:
     """One member of checkpoint ``ck`` (read from ``path``) in eval mode on ``device``."""
     from .models import build_model
 
-    spec = ms["spec"]
+    spec = ms.spec
     try:
-        arch, scales = str(spec["arch"]), tuple(int(s) for s in spec["scales"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: a member has no valid arch/scales in its spec") from None
-    try:
-        model = build_model(arch, in_chans=ck.bands + int(ck.pixels.mask_channel), img_size=max(scales),
+        model = build_model(spec.arch, in_chans=ck.bands + int(ck.pixels.mask_channel), img_size=max(spec.scales),
                             stem=ck.config.get("stem", "auto"))
-        model.load_state_dict(ms["model"])
+        model.load_state_dict(ms.model)
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: cannot rebuild member {spec.get('name', arch)!r} "
+        raise CheckpointError(f"{path}: cannot rebuild member {spec.name!r} "
                               f"({str(exc).strip().splitlines()[0][:200]})") from None
-    return LoadedMember(
-        name=str(spec.get("name") or f"{arch}@{'-'.join(map(str, scales))}#{spec.get('seed', 0)}"),
-        arch=arch, scales=scales, temperature=float(ms.get("temperature", 1.0) or 1.0), model=model.to(device).eval(),
-        checkpoint=path, mean=ck.pixels.mean, std=ck.pixels.std)
+    return LoadedMember(name=spec.name, arch=spec.arch, scales=spec.scales, temperature=ms.temperature,
+                        model=model.to(device).eval(), checkpoint=path, mean=ck.pixels.mean, std=ck.pixels.std)
 
 
 def _set_corrections(ens: Ensemble) -> None:
     """Per-member affine maps from the loader's normalisation (the first checkpoint's) to the member's own."""
     c = ens.bands + int(ens.pixels.mask_channel)
-    ref_m = np.array(ens.mean or [0.0] * c, dtype=np.float64)
-    ref_s = np.array(ens.std or [1.0] * c, dtype=np.float64)
+    ref_m = np.array(ens.pixels.mean or [0.0] * c, dtype=np.float64)
+    ref_s = np.array(ens.pixels.std or [1.0] * c, dtype=np.float64)
     for m in ens.members:
         mm = np.array(m.mean or [0.0] * c, dtype=np.float64)
         ms = np.array(m.std or [1.0] * c, dtype=np.float64)
@@ -247,9 +236,9 @@ def check_dataset(ens: Ensemble, dataset: Dataset) -> None:
     if dataset.bands != ens.bands:
         raise DataError(f"{where}: the data has {dataset.bands} band(s) but {ens.checkpoints[0]} was trained "
                         f"on {ens.bands}")
-    if dataset.eight_bit != get_kind(ens.kind).eight_bit:  # packed shards: the kind of their pixels
-        raise DataError(f"{where}: {dataset.pixel_kind} data, but {ens.checkpoints[0]} was trained on {ens.kind} data "
-                        "(8-bit images and float arrays are normalised differently)")
+    if not dataset.data_kind.pixels(dataset).same_pixels(_kind_of(ens.checkpoints[0], ens.pixels)):  # (packed: their pixels)
+        raise DataError(f"{where}: {dataset.pixel_kind} data, but {ens.checkpoints[0]} was trained on "
+                        f"{ens.pixels.kind} data (8-bit images and float arrays are normalised differently)")
 
 
 def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, shard_id: int = 0,
@@ -262,7 +251,7 @@ def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, 
     return LoaderOptions(scales=ensemble.scales, batch_size=int(batch_size), train=False, augment=False,
                          shard_id=shard_id, num_shards=num_shards, num_workers=workers, tta=bool(tta),
                          **ensemble.pixels.pixel_fields(),
-                         dtype="uint8" if get_kind(ensemble.kind).eight_bit else "float32")
+                         dtype="uint8" if get_kind(ensemble.pixels.kind).eight_bit else "float32")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,7 +271,7 @@ def score_batches(ensemble: Ensemble, loader) -> Iterator[tuple[np.ndarray, np.n
             m.model.to(memory_format=torch.channels_last)
     for batch in loader:
         logits = {m.name: member_logits(m.model, batch["image"], m.scales, device, amp=ensemble.amp_dtype,
-                                        norm=(ensemble.mean, ensemble.std), channels_last=channels_last,
+                                        norm=(ensemble.pixels.mean, ensemble.pixels.std), channels_last=channels_last,
                                         correction=m.correction).cpu().numpy()
                   for m in ensemble.members}
         yield batch["index"].cpu().numpy().astype(np.int64), batch["label"].cpu().numpy().astype(np.int64), logits

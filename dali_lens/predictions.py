@@ -30,7 +30,7 @@ class PredictError(ValueError):
 
 
 def header_for(names: list[str]) -> list[str]:
-    from .trainers.outputs import prediction_header
+    from .prediction_rows import prediction_header
 
     return prediction_header(names)
 
@@ -458,7 +458,7 @@ def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: st
 
 def _rows(ens, sub, idx, score, probs, spread) -> list[list]:
     """The CSV rows of one scored batch (``idx``: positions in ``sub``)."""
-    from .trainers.outputs import prediction_row
+    from .prediction_rows import prediction_row
 
     several = len(ens.members) > 1
     return [prediction_row(s.path, s.id, s.label, score[j], [probs[k][j] for k in ens.names] if several else (),

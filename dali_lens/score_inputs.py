@@ -41,7 +41,7 @@ def load_scoring_inputs(checkpoint: list[str], data: list[str], split: str, *, b
     if threads:
         torch.set_num_threads(threads)
     ens = load_ensemble(checkpoint, device)
-    hdus = parse_hdus(hdus) or ens.hdus
+    hdus = parse_hdus(hdus) or ens.pixels.hdus
     dataset = gather_inputs(data, split, hdus, float(ens.config.get("val_fraction", 0.15)),
                             int(ens.config.get("seed", 0)))
     check_dataset(ens, dataset)
@@ -49,5 +49,5 @@ def load_scoring_inputs(checkpoint: list[str], data: list[str], split: str, *, b
     if skip_bad:
         from .data.validate import drop_bad
 
-        dataset = drop_bad(dataset, allow_nonfinite=ens.mask_value is not None, log=say)
+        dataset = drop_bad(dataset, allow_nonfinite=ens.pixels.mask_value is not None, log=say)
     return ScoringInputs(ens, dataset, backend, device, hdus)

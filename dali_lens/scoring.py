@@ -23,8 +23,21 @@ from .choices import FUSIONS
 from .pipelines.options import finish
 
 
-__all__ = ["FUSIONS", "autocast", "channels_last_on", "to_model", "member_logits", "sigmoid", "fuse",
-           "probabilities"]
+__all__ = ["FUSIONS", "amp_dtype", "autocast", "channels_last_on", "to_model", "member_logits", "sigmoid",
+           "check_fusion", "fuse", "probabilities"]
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The mixed precision ``--amp`` ``mode`` (``choices.AMP_MODES``) means on ``device``: None (full precision)
+    off the GPU or with ``off``; ``auto`` is bf16 where the GPU supports it, else fp16. The trainers
+    (``TrainConfig.amp_dtype``) and inference (the checkpoint's ``amp``) both ask here."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -79,16 +92,21 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
+def check_fusion(how: str) -> None:
+    """The one check of a fusion name: ValueError unless it is one of ``choices.FUSIONS``."""
+    if how not in FUSIONS:
+        raise ValueError(f"unknown fusion {how!r}: choose from {FUSIONS}")
+
+
 def fuse(logits: dict[str, np.ndarray], how: str = "mean_prob", temperatures: dict[str, float] | None = None) -> np.ndarray:
     """Ensemble lens probability from member logits: ``mean_prob``, ``mean_logit`` or ``temperature``."""
+    check_fusion(how)
     zs = np.stack(list(logits.values()))
     if how == "mean_logit":
         return sigmoid(zs.mean(0))
     if how == "temperature":
         t = np.array([(temperatures or {}).get(k, 1.0) for k in logits])[:, None]
         return sigmoid(zs / t).mean(0)
-    if how != "mean_prob":
-        raise ValueError(f"unknown fusion {how!r}: mean_prob, mean_logit or temperature")
     return sigmoid(zs).mean(0)
 
 

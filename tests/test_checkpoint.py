@@ -15,9 +15,9 @@ import shutil
 import pytest
 import torch
 
+from dali_lens.checkpoint import VERSION, Checkpoint, MemberSpec, MemberState, PixelSettings
 from dali_lens.inference import CheckpointError, load_ensemble, loader_options
 from dali_lens.predictions import predict_files
-from dali_lens.trainers.checkpoint import VERSION, Checkpoint, PixelSettings
 
 V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "v1_run")
 EXPECTED = json.load(open(os.path.join(V1, "expected.json")))
@@ -48,8 +48,8 @@ def test_old_checkpoint_gives_the_same_loader_options(old_run):
     for key, value in EXPECTED["loader"].items():
         got = getattr(opts, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
-    assert (ens.bands, ens.kind, ens.hdus, ens.names) == (EXPECTED["bands"], EXPECTED["kind"], EXPECTED["hdus"],
-                                                          EXPECTED["names"])
+    assert (ens.bands, ens.pixels.kind, ens.pixels.hdus, ens.names) == (EXPECTED["bands"], EXPECTED["kind"],
+                                                                        EXPECTED["hdus"], EXPECTED["names"])
 
 
 @pytest.mark.parametrize("tta", [False, True])
@@ -106,6 +106,35 @@ def test_write_then_read_keeps_everything(tmp_path):
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["kind"] == "fits" and state["norm"] == {"mean": pixels.mean, "std": pixels.std,
                                                          "noise_sigma": pixels.noise_sigma}
+
+
+def test_member_states_are_typed_and_the_file_keeps_its_format(old_run, tmp_path):
+    """Checkpoint.load gives each member as a MemberState with a MemberSpec (no raw dict keys for the trainers and
+    inference to read), and writes them back as the same plain dicts the files have always held; a spec without a
+    name gets MemberSpec's (computed once), which is also the member's name at inference."""
+    raw = torch.load(old_run / "run" / "best.pt", weights_only=True)
+    ck = Checkpoint.load(old_run / "run" / "best.pt")
+    ms = ck.members[0]
+    assert isinstance(ms, MemberState) and isinstance(ms.spec, MemberSpec) and ms.spec.name == EXPECTED["names"][0]
+    assert ms.spec.to_dict() == {k: (tuple(v) if k == "scales" else v) for k, v in raw["members"][0]["spec"].items()}
+    written = ck.to_dict()["members"][0]
+    assert set(written) == {"spec", "model", "optimizer", "scheduler", "scaler", "temperature"}
+    assert set(written) | {"history"} == set(raw["members"][0])  # (before #23 each member also held an empty list)
+    assert all(torch.equal(written["model"][k], v) for k, v in raw["members"][0]["model"].items())
+
+    del raw["members"][0]["spec"]["name"]
+    torch.save(raw, tmp_path / "nameless.pt")
+    spec = Checkpoint.load(tmp_path / "nameless.pt").members[0].spec
+    assert spec.name == MemberSpec(spec.arch, spec.scales, spec.seed).name == f"{spec.arch}@{spec.scales[0]}#{spec.seed}"
+    ens = load_ensemble(str(tmp_path / "nameless.pt"), "cpu")
+    assert ens.names == [spec.name]
+    # one spelling of the pixel settings: ens.pixels.mean, not also ens.mean (eight alias properties before #23)
+    assert [a for a in ("kind", "mean", "std", "scaling", "scale_a", "noise_sigma", "mask_value", "hdus")
+            if hasattr(ens, a)] == [] and ens.pixels.kind == EXPECTED["kind"]
+    raw["members"][0]["spec"]["scales"] = "x"
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: a member has no valid arch/scales in its spec"):
+        Checkpoint.load(tmp_path / "bad.pt")
 
 
 def test_pixel_settings_are_the_loader_options(tmp_path):

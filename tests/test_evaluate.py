@@ -18,7 +18,7 @@ from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import load_ensemble, loader_options, score_batches
 from dali_lens.metrics import expected_contamination, roc_auc, tpr0, tpr10
 from dali_lens.pipelines import build_loader
-from dali_lens.trainers.checkpoint import Checkpoint
+from dali_lens.checkpoint import Checkpoint
 from dali_lens.data.inputs import gather_inputs
 
 MEMBERS = ["small_cnn@32#0", "small_cnn@24#1"]
@@ -152,7 +152,7 @@ def test_normalisation_correction_is_exact(run, tmp_path):
 
     alone_ens, alone = logits([other])
     both_ens, both = logits([run["run"], other])
-    assert both_ens.mean != alone_ens.mean
+    assert both_ens.pixels.mean != alone_ens.pixels.mean
     name_alone = alone_ens.names[0]
     name_both = both_ens.names[-1]
     np.testing.assert_allclose(both[name_both], alone[name_alone], atol=1e-4)

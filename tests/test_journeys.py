@@ -243,15 +243,15 @@ def test_checkpoints_without_a_noise_estimate_load_as_before(sources, tmp_path, 
     _main("train", ["--data-root", sources["npy"], "--out", out, "--epochs", "1", "--img-size", "24",
                     "--batch-size", "8", "--workers", "1", "--no-progress"], capsys)
     ens = load_ensemble(out)
-    assert ens.scaling == "auto" and len(ens.noise_sigma) == 2
-    assert loader_options(ens).noise_sigma == ens.noise_sigma
+    assert ens.pixels.scaling == "auto" and len(ens.pixels.noise_sigma) == 2
+    assert loader_options(ens).noise_sigma == ens.pixels.noise_sigma
     state = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     del state["version"], state["pixels"]  # a version-1 checkpoint (before #16): config, norm and kind
     del state["norm"]["noise_sigma"]
     state["config"]["scaling"] = "none"
     torch.save(state, str(tmp_path / "old.pt"))
     old = load_ensemble(str(tmp_path / "old.pt"))
-    assert old.scaling == "none" and old.noise_sigma is None and loader_options(old).noise_sigma is None
+    assert old.pixels.scaling == "none" and old.pixels.noise_sigma is None and loader_options(old).noise_sigma is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -23,9 +23,20 @@ BUILT_IN = ("image", "npy", "fits", "fits-bands", "shards")
 
 # ============================================================================================ no kind names outside
 
+def _kind_key(node: ast.AST) -> str:
+    """The key of ``x["kind"]`` or ``x.get("kind", ...)``, else ''."""
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        return node.slice.value if isinstance(node.slice.value, str) else ""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" \
+            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+        return node.args[0].value
+    return ""
+
+
 def _is_kind_expr(node: ast.AST) -> bool:
-    """``x.kind``, ``kind``, ``x.pixel_kind``, ``member_kind``, ...: something that holds a kind's name."""
-    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+    """``x.kind``, ``kind``, ``x.pixel_kind``, ``member_kind``, ``state["kind"]``, ``cfg.get("kind")``, ...:
+    something that holds a kind's name."""
+    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else _kind_key(node)
     return name == "kind" or name.endswith("_kind")
 
 
@@ -36,14 +47,15 @@ def _kind_literals(node: ast.AST, names) -> list[str]:
 
 def kind_comparisons(source: str, names=BUILT_IN) -> list[tuple[int, str]]:
     """(line, kind name) of every comparison of a kind expression with a kind name (``dataset.kind == "npy"``,
-    ``kind in ("fits", "fits-bands")``, ``"image" != x.pixel_kind``); ``arr.dtype.kind == "f"`` is not one."""
+    ``kind in ("fits", "fits-bands")``, ``"image" != x.pixel_kind``, ``state["kind"] == "image"``);
+    ``arr.dtype.kind == "f"`` is not one."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Compare):
             operands = [node.left, *node.comparators]
             if any(_is_kind_expr(o) for o in operands):
                 found += [(node.lineno, k) for o in operands for k in _kind_literals(o, names)]
-    return found
+    return sorted(found)
 
 
 def test_no_kind_name_comparisons_outside_the_kinds():
@@ -68,8 +80,13 @@ def test_the_comparison_finder_sees_planted_lines():
     planted = ("if dataset.kind == 'fits':\n    pass\n"
                "ok = ds.pixel_kind in ('image', 'npy')\n"
                "other = 'shards' != d.kind\n"
-               "fine = arr.dtype.kind == 'f' and kind == 'mse' and a.kind == b.kind\n")
-    assert kind_comparisons(planted) == [(1, "fits"), (3, "image"), (3, "npy"), (4, "shards")]
+               "fine = arr.dtype.kind == 'f' and kind == 'mse' and a.kind == b.kind\n"
+               # (inference.py before #23, which the finder missed: subscripts and .get of a "kind" key)
+               "if (mine['kind'] == 'image') != (theirs['kind'] == 'image'):\n    pass\n"
+               "npy = state.get('pixel_kind', 'image') in ('npy',)\n"
+               "fine = d['kind'] == d['other'] and d['name'] == 'image'\n")
+    assert kind_comparisons(planted) == [(1, "fits"), (3, "image"), (3, "npy"), (4, "shards"), (6, "image"),
+                                         (6, "image"), (8, "npy")]
 
 
 # ============================================================================================ a sixth kind

@@ -1,4 +1,6 @@
-"""The package's shape: docs/DESIGN.md lists every module, and library modules never import a command."""
+"""The package's shape: docs/DESIGN.md lists every module and the public names, and the import rules hold on
+the import graph: library modules never import a command or the public facade, scoring reaches no trainers
+module, benchmarks call library functions."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +11,12 @@ PKG = os.path.join(ROOT, "dali_lens")
 COMMANDS = ("commands.train", "generate", "commands.predict", "check", "evaluate", "pack", "inspect")
 #: dali_lens/train.py and predict.py: `python -m` shims of commands.train / commands.predict (tests/test_api.py)
 SHIMS = ("dali_lens.train", "dali_lens.predict")
+#: the public facade: the package's own names (dali_lens/__init__.py, imported on first use) and api.py behind them
+FACADE = ("dali_lens", "dali_lens.api")
+#: the scoring side (predict, evaluate): it reads checkpoints through the neutral dali_lens.checkpoint and writes
+#: rows through prediction_rows, and reaches no dali_lens.trainers module, not even through another module
+SCORING_SIDE = ("dali_lens.scoring", "dali_lens.inference", "dali_lens.predictions", "dali_lens.score_inputs",
+                "dali_lens.evaluation", "dali_lens.checkpoint", "dali_lens.prediction_rows")
 
 
 def modules() -> dict[str, str]:
@@ -63,7 +71,9 @@ def imports_of(name: str, path: str, known: set[str]) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+            subs = [f"{target}.{a.name}" for a in node.names]
+            # ``from . import inspection`` imports the submodule, not the package's own names
+            candidates = subs if all(c in known for c in subs) else [target] + subs
         elif isinstance(node, ast.Import):
             candidates = [a.name for a in node.names]
         else:
@@ -72,12 +82,95 @@ def imports_of(name: str, path: str, known: set[str]) -> set[str]:
     return found
 
 
-def test_library_never_imports_a_command():
+def command_modules(mods) -> set[str]:
+    """Every command module: COMMANDS, the ``python -m`` shims and the dali_lens.commands package."""
+    return {f"dali_lens.{c}" for c in COMMANDS} | set(SHIMS) | {m for m in mods if m.startswith("dali_lens.commands")}
+
+
+def test_library_never_imports_a_command_or_the_facade():
+    """Library modules (all but the commands, the shims and the facade itself) import neither a command module
+    nor the public facade (``dali_lens``'s own names, ``dali_lens.api``): the facade sits on the library."""
     mods = modules()
-    commands = {f"dali_lens.{c}" for c in COMMANDS}
-    upward = {(m, t) for m, p in mods.items() if m not in commands and m not in SHIMS and m != "dali_lens.cli"
-              for t in imports_of(m, p, set(mods)) if t in commands}
-    assert not upward, f"library modules importing a command: {sorted(upward)}"
+    commands = command_modules(mods)
+    upward = {(m, t) for m, p in mods.items() if m not in commands and m not in FACADE
+              for t in imports_of(m, p, set(mods)) if t in commands or t in FACADE}
+    assert not upward, f"library modules importing a command or the public facade: {sorted(upward)}"
+
+
+def reached(graph: dict[str, set[str]], start: str) -> dict[str, list[str]]:
+    """{module: the import path from ``start`` to it} for every module ``start`` imports, directly or not."""
+    paths, todo = {start: [start]}, [start]
+    while todo:
+        m = todo.pop(0)
+        for t in sorted(graph.get(m, ())):
+            if t not in paths:
+                paths[t] = paths[m] + [t]
+                todo.append(t)
+    del paths[start]
+    return paths
+
+
+def test_scoring_reaches_no_trainers_module():
+    """Scoring, inference, predictions (and the checkpoint and row modules they share with the trainers) import no
+    ``dali_lens.trainers`` module, directly or through another module: predict and evaluate need no trainer."""
+    mods = modules()
+    graph = {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
+    bad = [" -> ".join(path) for m in SCORING_SIDE for t, path in reached(graph, m).items()
+           if t == "dali_lens.trainers" or t.startswith("dali_lens.trainers.")]
+    assert not bad, f"the scoring side reaches the trainers: {bad}"
+
+
+#: benchmarks allowed to import a command for now, each (benchmark, command module) with its reason: none (wt-cli
+#: gave evaluate and pack library cores; bench_autoscale and bench_shards call them)
+BENCHMARK_COMMAND_IMPORTS_TO_REMOVE: set = set()
+
+
+def test_benchmarks_call_library_functions_not_commands():
+    """A benchmark measures the library: it imports library modules (or the public API), not a command module."""
+    mods = modules()
+    commands = command_modules(mods)
+    bench = os.path.join(ROOT, "benchmarks")
+    found = {(f"benchmarks.{f[:-3]}", t) for f in sorted(os.listdir(bench)) if f.endswith(".py")
+             for t in imports_of(f"benchmarks.{f[:-3]}", os.path.join(bench, f), set(mods)) if t in commands}
+    new = found - BENCHMARK_COMMAND_IMPORTS_TO_REMOVE
+    assert not new, f"benchmarks importing a command (call its library function instead): {sorted(new)}"
+    gone = BENCHMARK_COMMAND_IMPORTS_TO_REMOVE - found
+    assert not gone, f"these are gone: remove them from BENCHMARK_COMMAND_IMPORTS_TO_REMOVE: {sorted(gone)}"
+
+
+def test_import_rules_see_planted_imports(tmp_path):
+    """The rules are not vacuous: a lazy import of the facade, of a trainers module two steps away, and of a
+    command from a benchmark are found; ``from . import submodule`` is not an import of the package's names."""
+    known = {"dali_lens", "dali_lens.api", "dali_lens.inspection", "dali_lens.x", "dali_lens.trainers.runner",
+             "dali_lens.evaluate"}
+    planted = tmp_path / "x.py"
+    planted.write_text("def f():\n    from . import inspection\n    from .api import describe\n")
+    assert imports_of("dali_lens.y", str(planted), known) == {"dali_lens.inspection", "dali_lens.api"}
+    planted.write_text("import dali_lens\nfrom . import x\n")
+    assert imports_of("dali_lens.y", str(planted), known) == {"dali_lens", "dali_lens.x"}
+    graph = {"dali_lens.inference": {"dali_lens.x"}, "dali_lens.x": {"dali_lens.trainers.runner"}}
+    assert reached(graph, "dali_lens.inference")["dali_lens.trainers.runner"] == [
+        "dali_lens.inference", "dali_lens.x", "dali_lens.trainers.runner"]
+    planted.write_text("def main():\n    from dali_lens import evaluate\n")
+    assert "dali_lens.evaluate" in imports_of("benchmarks.z", str(planted), known)
+
+
+def public_names_in_design() -> list[str]:
+    """The first column of DESIGN.md's "Public API" table."""
+    text = open(os.path.join(ROOT, "docs", "DESIGN.md"), encoding="utf-8").read()
+    section = text.split("## Public API", 1)[1].split("\n## ", 1)[0]
+    return [line.split("|")[1].strip().strip("`") for line in section.splitlines()
+            if line.startswith("| `")]
+
+
+def test_design_lists_exactly_the_public_names():
+    import dali_lens
+
+    listed = public_names_in_design()
+    assert len(listed) == len(set(listed)), f"listed twice in docs/DESIGN.md: {listed}"
+    assert sorted(listed) == sorted(dali_lens.__all__), (
+        f"docs/DESIGN.md's Public API and dali_lens.__all__ differ: only in DESIGN "
+        f"{sorted(set(listed) - set(dali_lens.__all__))}, only in __all__ {sorted(set(dali_lens.__all__) - set(listed))}")
 
 
 def test_commands_do_not_import_each_other():

@@ -1,7 +1,7 @@
 """``python -m dali_lens.predict``: streaming, resumable, multi-process scoring on generated cutouts.
 
 Real data from the synthetic generator, the real DALI CPU backend (and torchvision), real checkpoints in
-the trainers' format (``trainers.checkpoint.Checkpoint``), no mocks.
+the trainers' format (``dali_lens.checkpoint.Checkpoint``), no mocks.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dali_lens.predictions import find_parts, part_path
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import CheckpointError, load_ensemble
 from dali_lens.models import build_model
-from dali_lens.trainers.checkpoint import Checkpoint, PixelSettings
+from dali_lens.checkpoint import Checkpoint, PixelSettings
 from dali_lens.trainers.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -49,3 +49,26 @@ def test_probabilities_fuse_and_spread():
     np.testing.assert_allclose(fuse(logits, "mean_logit"), 1 / (1 + np.exp(-np.array([0.5, 0.5]))))
     with pytest.raises(ValueError, match="unknown fusion"):
         fuse(logits, "max")
+
+
+def test_fusion_and_numpy_reader_have_one_check_each_reading_choices():
+    """One check per choice, reading ``choices.py``: a fusion outside ``choices.FUSIONS`` is refused by
+    ``scoring.check_fusion`` (which ``fuse``, ``probabilities`` and ``Ensemble.probabilities`` go through), a numpy
+    reader outside ``choices.NUMPY_READERS`` by ``LoaderOptions``; each message names the tuple. (Before: fuse had
+    its own hard-coded list, inference a second check, and the reader values were written out in two modules.)"""
+    from dali_lens import choices
+    from dali_lens.pipelines.options import LoaderOptions
+    from dali_lens.scoring import check_fusion
+
+    logits = {"a": np.zeros(2), "b": np.ones(2)}
+    for call in (lambda: check_fusion("max"), lambda: fuse(logits, "max"), lambda: probabilities(logits, "max")):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(choices.FUSIONS) in str(err.value)
+    for how in choices.FUSIONS:
+        assert probabilities(logits, how)[0].shape == (2,)
+    with pytest.raises(ValueError) as err:
+        LoaderOptions(numpy_reader="gds")
+    assert str(choices.NUMPY_READERS) in str(err.value)
+    for reader in choices.NUMPY_READERS:
+        assert LoaderOptions(numpy_reader=reader).numpy_reader == reader

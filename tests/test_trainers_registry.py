@@ -13,12 +13,13 @@ import torch
 from test_layout import PKG, modules
 
 import dali_lens
+from dali_lens.checkpoint import MemberSpec, MemberState
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.inference import load_ensemble
 from dali_lens.trainers import (TRAINERS, Trainer, get_trainer, register_trainer, run, trainer_names,
                                 unregister_trainer)
 from dali_lens.trainers.config import TrainConfig, add_arguments
-from dali_lens.trainers.members import MemberSpec, load_member_state, make_member, member_state
+from dali_lens.trainers.members import load_member_state, make_member, member_state
 
 #: the modules that may know a trainer by name: the trainers themselves and the registry
 TRAINER_MODULES = {os.path.join("trainers", f) for f in ("base.py", "single.py", "multiscale.py", "ensemble.py")}
@@ -197,11 +198,11 @@ def test_member_state_has_no_history_and_old_ones_still_load():
     cfg = TrainConfig(epochs=1)
     spec = MemberSpec("small_cnn", (16,), 0)
     m = make_member(spec, 3, cfg, steps_per_epoch=2, device=torch.device("cpu"))
-    state = member_state(m)
+    state = member_state(m).to_dict()
     assert "history" not in state and not hasattr(m, "history")
     old = {**state, "history": [{"epoch": 1}], "temperature": 1.5}
     fresh = make_member(MemberSpec("small_cnn", (16,), 1), 3, cfg, steps_per_epoch=2, device=torch.device("cpu"))
-    load_member_state(fresh, old)
+    load_member_state(fresh, MemberState.from_dict(old))
     assert fresh.temperature == 1.5 and not hasattr(fresh, "history")
     for a, b in zip(fresh.core.state_dict().values(), m.core.state_dict().values()):
         assert torch.equal(a, b)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import write_dataset
-from dali_lens.trainers.checkpoint import Checkpoint
+from dali_lens.checkpoint import Checkpoint
 
 TRAIN = ["--epochs", "1", "--img-size", "32", "--batch-size", "8", "--arch", "small_cnn", "--backend", "torchvision",
          "--workers", "0", "--no-progress", "--no-gallery"]

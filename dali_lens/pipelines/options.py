@@ -8,19 +8,18 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from ..choices import DTYPES, RESIZE_MODES, SCALINGS
+from ..choices import DTYPES, NUMPY_READERS, RESIZE_MODES, SCALINGS
 
 #: ``scaling='auto'``: arcsinh(x / (AUTO_K * noise)) per band, ``noise`` the band's noise level (estimate_noise):
 #: linear within the noise, logarithmic for sources brighter than a few noise levels, whatever the flux unit.
 AUTO_K = 1.0
-NUMPY_READERS = ("auto", "gpu", "cpu")
 
 
 @dataclass
 class PixelOptions:
     """How a loader turns a file's pixels into a model's input: scaling, masking, resizing, normalisation
     (``LoaderOptions`` documents each step). The part of the loader's options that a trained model fixes:
-    ``trainers.checkpoint.PixelSettings`` stores them with the checkpoint and hands them back through
+    ``checkpoint.PixelSettings`` stores them with the checkpoint and hands them back through
     :meth:`pixel_fields`. Defined once, here; ``LoaderOptions`` and ``PixelSettings`` both extend it."""
 
     scaling: str = "none"
@@ -109,7 +108,7 @@ class LoaderOptions(PixelOptions):
         if self.augment is None:
             self.augment = self.train
         if self.numpy_reader not in NUMPY_READERS:
-            raise ValueError(f"numpy_reader must be 'auto', 'gpu' or 'cpu', not {self.numpy_reader!r}")
+            raise ValueError(f"numpy_reader must be one of {NUMPY_READERS}, not {self.numpy_reader!r}")
 
     @property
     def workers(self) -> int:

@@ -9,10 +9,10 @@ modules compares trainer names.
 """
 from __future__ import annotations
 
+from ..checkpoint import MemberSpec
 from .base import TRAINERS, Trainer, get_trainer
 from .config import TrainConfig
 from .ensemble import TRAINER as ENSEMBLE
-from .members import MemberSpec
 from .multiscale import TRAINER as MULTISCALE
 from .runner import run
 from .single import TRAINER as SINGLE

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol, runtime_checkabl
 if TYPE_CHECKING:  # (members imports torch and the models; the table and the protocol need neither)
     import torch
 
-    from .members import Member, MemberSpec
+    from ..checkpoint import MemberSpec
+    from .members import Member
 
 #: ``(logits at each scale, index of the one with its gradient, labels) -> loss``: see ``extra_loss``
 LossTerm = Callable[[list, int, "torch.Tensor"], "torch.Tensor"]

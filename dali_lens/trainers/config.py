@@ -22,7 +22,7 @@ from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSION
                        NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
                        PIXELS, SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
 from .base import TRAINERS
-from .members import MemberSpec
+from ..checkpoint import MemberSpec
 
 
 def parse_mask_value(text) -> float | str | None:
@@ -208,13 +208,9 @@ class TrainConfig:
                 setattr(self, f.name, typ.parse(value))
 
     def amp_dtype(self, device: torch.device):
-        if device.type != "cuda" or self.amp == "off":
-            return None
-        if self.amp == "fp16":
-            return torch.float16
-        if self.amp == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
+        from ..scoring import amp_dtype
+
+        return amp_dtype(self.amp, device)
 
     def to_dict(self) -> dict:
         """Strict JSON (config.json, the checkpoint's ``config``): tuples as lists, members as dicts."""

@@ -7,7 +7,7 @@ training: :meth:`EnsembleTrainer.after_fit`).
 from __future__ import annotations
 
 from .base import Trainer
-from .members import MemberSpec
+from ..checkpoint import MemberSpec
 
 
 class EnsembleTrainer(Trainer):

@@ -3,6 +3,8 @@
 The single-scale trainer trains one member on one scale, the multi-scale trainer one member on several
 scales, the ensemble trainer several members each on its own scale. All of them read one loader that
 produces the union of the scales from a single decode. What tells the trainers apart is ``base.Trainer``.
+What a member is (``MemberSpec``) and what a checkpoint keeps of it (``MemberState``) live in the neutral
+``dali_lens.checkpoint``, which inference reads too.
 """
 from __future__ import annotations
 
@@ -12,31 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint import MemberSpec, MemberState
 from ..models import build_model
 from ..scoring import channels_last_on
-
-
-@dataclass
-class MemberSpec:
-    """``arch`` at ``scales`` (the first scale is its main one), seeded with ``seed``."""
-
-    arch: str
-    scales: tuple[int, ...]
-    seed: int = 0
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        self.scales = tuple(int(s) for s in self.scales)
-        if not self.name:
-            self.name = f"{self.arch}@{'-'.join(map(str, self.scales))}#{self.seed}"
-
-    @classmethod
-    def parse(cls, text: str) -> "MemberSpec":
-        """``ARCH:SCALE[:SEED]``, e.g. ``resnet18:112:1``."""
-        parts = text.strip().split(":")
-        if len(parts) not in (2, 3):
-            raise ValueError(f"ensemble member {text!r}: expected ARCH:SCALE[:SEED], e.g. resnet18:112:1")
-        return cls(parts[0], (int(parts[1]),), int(parts[2]) if len(parts) == 3 else 0)
 
 
 @dataclass
@@ -82,24 +62,27 @@ def make_member(spec: MemberSpec, in_chans: int, cfg, steps_per_epoch: int, devi
     return Member(spec, model, opt, sched, scaler)
 
 
-def member_state(m: Member) -> dict:
-    """What a checkpoint keeps of a member. (Checkpoints before #23 also hold a ``history`` list per member,
-    always empty: the run's history is ``Checkpoint.history``; it is ignored when read.)"""
-    return {"spec": vars(m.spec).copy(), "model": m.core.state_dict(), "optimizer": m.optimizer.state_dict(),
-            "scheduler": m.scheduler.state_dict(), "scaler": m.scaler.state_dict() if m.scaler else None,
-            "temperature": m.temperature}
+def member_state(m: Member) -> MemberState:
+    """What a checkpoint keeps of a member."""
+    return MemberState(spec=m.spec, model=m.core.state_dict(), optimizer=m.optimizer.state_dict(),
+                       scheduler=m.scheduler.state_dict(), scaler=m.scaler.state_dict() if m.scaler else None,
+                       temperature=m.temperature)
 
 
-def load_member_state(m: Member, state: dict, weights_only: bool = False) -> None:
-    m.core.load_state_dict(state["model"])
-    m.temperature = float(state.get("temperature", 1.0))
+def load_member_state(m: Member, state: MemberState, weights_only: bool = False) -> None:
+    """``state`` into ``m``: the weights and temperature, and (unless ``weights_only``) the optimizer's,
+    scheduler's and grad scaler's states; ValueError when a state ``--resume`` needs is not kept."""
+    m.core.load_state_dict(state.model)
+    m.temperature = state.temperature
     if weights_only:
         return
-    m.optimizer.load_state_dict(state["optimizer"])
+    if state.optimizer is None or state.scheduler is None:
+        raise ValueError("the checkpoint keeps no optimizer/scheduler state to resume from")
+    m.optimizer.load_state_dict(state.optimizer)
     # the step reached, on this run's schedule: what depends on the run's length (OneCycleLR's total and phases)
     # stays as built for the current --epochs, so a longer resumed run stretches the schedule
     fresh = m.scheduler.state_dict()
-    m.scheduler.load_state_dict({**state["scheduler"],
+    m.scheduler.load_state_dict({**state.scheduler,
                                  **{k: fresh[k] for k in ("total_steps", "_schedule_phases") if k in fresh}})
     with warnings.catch_warnings():  # (get_lr outside step() warns; this is the value step() set at that step)
         warnings.simplefilter("ignore")
@@ -109,5 +92,5 @@ def load_member_state(m: Member, state: dict, weights_only: bool = False) -> Non
             lrs = []
     for group, lr in zip(m.optimizer.param_groups, lrs):
         group["lr"] = lr
-    if m.scaler is not None and state.get("scaler"):
-        m.scaler.load_state_dict(state["scaler"])
+    if m.scaler is not None and state.scaler:
+        m.scaler.load_state_dict(state.scaler)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .base import Trainer
-from .members import MemberSpec
+from ..checkpoint import MemberSpec
 
 
 def consistency_loss(logits: list[torch.Tensor], kind: str) -> torch.Tensor:

@@ -6,31 +6,10 @@ import os
 import numpy as np
 
 from ..data.dataset import Dataset
-from ..data.io import atomic_write_csv, atomic_write_json, to_cell
+from ..data.io import atomic_write_csv, atomic_write_json
 from ..metrics import classification_metrics, plot_roc, to_jsonable
+from ..prediction_rows import prediction_header, prediction_row
 from ..scoring import probabilities
-
-
-def prediction_header(names: list[str]) -> list[str]:
-    """The columns of every predictions CSV (training, ``predict``, ``evaluate``): ``file,id,label,score`` and,
-    with several members, ``score_<member>`` for each and ``member_std``."""
-    head = ["file", "id", "label", "score"]
-    if len(names) > 1:
-        head += [f"score_{n}" for n in names] + ["member_std"]
-    return head
-
-
-def _fmt(v: float) -> str:
-    return f"{float(v):.7g}"
-
-
-def prediction_row(path: str, ident: str, label, score: float, members=(), spread=None) -> list[str]:
-    """One row of a predictions CSV (``prediction_header``'s columns): ``label`` None or < 0 is unlabelled;
-    ``members`` the member scores in header order and ``spread`` their std (several members only)."""
-    row = [to_cell(path), to_cell(ident), "" if label is None or int(label) < 0 else str(int(label)), _fmt(score)]
-    if len(members):
-        row += [_fmt(v) for v in members] + [_fmt(spread)]
-    return row
 
 
 def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndarray, logits: dict, cfg,

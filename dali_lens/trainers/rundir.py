@@ -221,7 +221,7 @@ def check_resume_config(out: str, now: dict, allow: bool, log=print, data: dict 
         with open(path, encoding="utf-8") as fh:
             saved_all = json.load(fh)
     except (OSError, ValueError):
-        from .checkpoint import Checkpoint
+        from ..checkpoint import Checkpoint
 
         saved_all = Checkpoint.load(os.path.join(out, CHECKPOINT)).config
     saved = {**TrainConfig.from_dict(saved_all).to_dict(), "data_root": saved_all.get("data_root")}

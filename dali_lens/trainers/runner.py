@@ -26,7 +26,7 @@ from ..pipelines.options import AUTO_K, LoaderOptions
 from ..scoring import fuse, sigmoid
 from .budget import parse_budget
 from .base import Trainer, get_trainer
-from .checkpoint import Checkpoint, CheckpointError, PixelSettings
+from ..checkpoint import Checkpoint, CheckpointError, PixelSettings
 from .config import TrainConfig, parse_mask_value
 from .loop import dist_info, predict, train_epoch
 from .members import load_member_state, make_member, member_state

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import Trainer
-from .members import MemberSpec
+from ..checkpoint import MemberSpec
 
 
 class SingleTrainer(Trainer):

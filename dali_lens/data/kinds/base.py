@@ -51,6 +51,11 @@ class Kind:
         """The kind of the pixels of ``dataset`` (a packed set: the kind its members are stored as)."""
         return self
 
+    def same_pixels(self, other: "Kind") -> bool:
+        """A model trained on this kind's pixels takes ``other``'s as they are: both 8-bit images, or both float
+        data (FITS and ``.npy`` are the same floats); 8-bit images are normalised from 0..255 instead."""
+        return self.eight_bit == other.eight_bit
+
     def quick_problem(self, dataset, i: int, path: str, size: int) -> str | None:
         """A header-level problem of sample ``i`` (``path``, ``size`` bytes), without decoding it; the files were
         found present and not empty."""

@@ -87,12 +87,10 @@ def numpy_reader_device(opts, path: str | None = None, probe: bool = False) -> s
     """Device of the numpy reader on the GPU backend: ``"gpu"`` (read straight to the GPU with cuFile) when
     :func:`cufile_problem` finds none for ``path`` (a file of the data set), else ``"cpu"`` (read on the CPU,
     then moved with ``.gpu()``). ``opts.numpy_reader`` = ``"gpu"``/``"cpu"`` forces one (``"auto"``, the
-    default, decides)."""
+    default, decides; ``LoaderOptions`` checked the value)."""
     want = opts.numpy_reader
     if want in ("gpu", "cpu"):
         return want
-    if want != "auto":
-        raise ValueError(f"numpy_reader must be 'auto', 'gpu' or 'cpu', not {want!r}")
     return "cpu" if cufile_problem(path, opts.device_id or 0, probe) else "gpu"
 
 

@@ -1,6 +1,10 @@
 """What a checkpoint holds: one writer, one reader, a version (after timm's ``checkpoint_saver``/``_helpers``).
 
-:class:`Checkpoint` is what ``best.pt``/``last.pt`` hold: the members' states (``members.member_state``), the
+A neutral module: the trainers write checkpoints, ``inference`` (predict, evaluate) and the trainers' ``--resume``
+read them, and none of them imports another's package for it.
+
+:class:`Checkpoint` is what ``best.pt``/``last.pt`` hold: the members' states (:class:`MemberState`: a
+:class:`MemberSpec`, the weights, the optimizer's, scheduler's and grad scaler's states and the temperature), the
 run's config, where training stands (epoch, best score, history, the loader's mid-epoch state), the band count,
 and :class:`PixelSettings`, the loader's pixel options. ``PixelSettings`` is the one source of those options for
 training, ``predict``, ``evaluate`` and the benchmarks: the trainer measures them on the training set and
@@ -30,17 +34,83 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.dataset import parse_hdus
-from ..data.io import atomic_save_torch, load_torch_plain
-from ..pipelines.options import LoaderOptions, PixelOptions
+from .data.dataset import parse_hdus
+from .data.io import atomic_save_torch, load_torch_plain
+from .pipelines.options import LoaderOptions, PixelOptions
 
 VERSION = 2
 
-__all__ = ["VERSION", "CheckpointError", "PixelSettings", "Checkpoint"]
+__all__ = ["VERSION", "CheckpointError", "MemberSpec", "MemberState", "PixelSettings", "Checkpoint"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or inconsistent; the message names the file."""
+
+
+@dataclass
+class MemberSpec:
+    """``arch`` at ``scales`` (the first scale is its main one), seeded with ``seed``; ``name`` (default
+    ``ARCH@SCALE[-SCALE...]#SEED``) is computed here, once, for training and inference alike."""
+
+    arch: str
+    scales: tuple[int, ...]
+    seed: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(int(s) for s in self.scales)
+        if not self.name:
+            self.name = f"{self.arch}@{'-'.join(map(str, self.scales))}#{self.seed}"
+
+    @classmethod
+    def parse(cls, text: str) -> "MemberSpec":
+        """``ARCH:SCALE[:SEED]``, e.g. ``resnet18:112:1``."""
+        parts = text.strip().split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"ensemble member {text!r}: expected ARCH:SCALE[:SEED], e.g. resnet18:112:1")
+        return cls(parts[0], (int(parts[1]),), int(parts[2]) if len(parts) == 3 else 0)
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "scales": self.scales, "seed": self.seed, "name": self.name}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemberSpec":
+        """A spec as a checkpoint stores it; ValueError when it has no valid arch/scales (or seed)."""
+        try:
+            return cls(str(d["arch"]), tuple(int(s) for s in d["scales"]), int(d.get("seed", 0)),
+                       str(d.get("name") or ""))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("a member has no valid arch/scales in its spec") from None
+
+
+@dataclass
+class MemberState:
+    """What a checkpoint keeps of one member: its spec, its weights (a state dict), the optimizer's, scheduler's
+    and grad scaler's states (None: not kept; ``--resume`` needs the first two) and its temperature.
+
+    On disk it is a plain dict with these keys (:meth:`to_dict`; ``optimizer``/``scheduler`` left out when None).
+    Checkpoints before #23 also hold a ``history`` list per member, always empty (the run's history is
+    ``Checkpoint.history``); it is ignored when read."""
+
+    spec: MemberSpec
+    model: dict
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    temperature: float = 1.0
+
+    def to_dict(self) -> dict:
+        d = {"spec": self.spec.to_dict(), "model": self.model}
+        d.update({k: v for k, v in (("optimizer", self.optimizer), ("scheduler", self.scheduler)) if v is not None})
+        return {**d, "scaler": self.scaler, "temperature": self.temperature}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemberState":
+        """A member as a checkpoint stores it (types checked by ``Checkpoint.from_dict``); a missing or null
+        temperature is 1."""
+        spec = d["spec"] if isinstance(d["spec"], MemberSpec) else MemberSpec.from_dict(d["spec"])
+        return cls(spec=spec, model=d["model"], optimizer=d.get("optimizer"), scheduler=d.get("scheduler"),
+                   scaler=d.get("scaler"), temperature=float(d.get("temperature") or 1.0))
 
 
 def _floats(v) -> tuple[float, ...] | None:
@@ -195,9 +265,10 @@ class PixelSettings(PixelOptions):
 
 @dataclass
 class Checkpoint:
-    """The content of ``best.pt``/``last.pt``. ``members``: one ``members.member_state`` dict per member."""
+    """The content of ``best.pt``/``last.pt``. ``members``: one :class:`MemberState` per member (plain dicts
+    in their on-disk form are read as such)."""
 
-    members: list[dict]
+    members: list[MemberState]
     bands: int
     pixels: PixelSettings
     config: dict = field(default_factory=dict)
@@ -209,10 +280,13 @@ class Checkpoint:
     progress: dict | None = None  # mid-epoch: the epoch's steps and loss sums so far (trainers.loop.train_epoch)
     version: int = VERSION
 
+    def __post_init__(self) -> None:
+        self.members = [m if isinstance(m, MemberState) else MemberState.from_dict(m) for m in self.members]
+
     def to_dict(self) -> dict:
         p = self.pixels
-        return _plain({"version": VERSION, "members": self.members, "epoch": self.epoch, "best_auc": self.best_auc,
-                       "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
+        return _plain({"version": VERSION, "members": [m.to_dict() for m in self.members], "epoch": self.epoch,
+                       "best_auc": self.best_auc, "bad_epochs": self.bad_epochs, "history": self.history, "loader": self.loader,
                        "progress": self.progress,
                        "config": self.config, "bands": self.bands, "pixels": p.to_dict(),
                        # version 1's keys, for dali-lens before #16
@@ -244,12 +318,16 @@ class Checkpoint:
         if problem:
             raise CheckpointError(f"{path}: not a valid dali-lens checkpoint ({problem})")
         try:
+            members = [MemberState.from_dict(ms) for ms in state["members"]]
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        try:
             pixels = PixelSettings(**state["pixels"]) if version >= 2 else PixelSettings.from_v1(state)
             LoaderOptions(**pixels.for_inference().pixel_fields())  # (the loader's own checks of each setting)
         except (TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path}: not a valid dali-lens checkpoint (pixel settings: "
                                   f"{str(exc).strip()[:200]})") from None
-        return cls(members=state["members"], bands=state["bands"], pixels=pixels,
+        return cls(members=members, bands=state["bands"], pixels=pixels,
                    config=state.get("config") or {}, epoch=state.get("epoch", 0),
                    best_auc=state.get("best_auc", float("-inf")), bad_epochs=state.get("bad_epochs", 0),
                    history=state.get("history", []), loader=state.get("loader"),
