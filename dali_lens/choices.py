@@ -110,7 +110,26 @@ class Range:
         return out
 
 
-class IntList:
+class _ParsedOption:
+    """An option type defined by its ``parse(value)`` (ValueError saying why not) and ``describe``: argparse's
+    ``type=`` (``__call__``) and the library's check (``check``) of the same value, for IntList, HduList and
+    Parsed."""
+
+    def __call__(self, text):
+        try:
+            return self.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"must be {self.describe}, got {text!r} ({exc})") from None
+
+    def check(self, flag: str, value) -> None:
+        if value is not None:
+            try:
+                self.parse(value)
+            except ValueError as exc:
+                raise OptionRangeError(f"{flag} must be {self.describe}, got {value!r} ({exc})") from None
+
+
+class IntList(_ParsedOption):
     """Comma-separated integers >= ``lo`` (``count`` of them if given, pairwise different if ``distinct``),
     read as a tuple of ints (``parse``): the command line's text and the library's values (a tuple, or the same
     text) become the same tuple."""
@@ -139,19 +158,6 @@ class IntList:
             raise ValueError("a value is repeated")
         return vals
 
-    def __call__(self, text):
-        try:
-            return self.parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"must be {self.describe}, got {text!r} ({exc})") from None
-
-    def check(self, flag: str, value) -> None:
-        if value is not None:
-            try:
-                self.parse(value)
-            except ValueError as exc:
-                raise OptionRangeError(f"{flag} must be {self.describe}, got {value!r} ({exc})") from None
-
     def invalid_examples(self) -> list[str]:
         out = ["x", str(self.lo - 1) if not self.count else ",".join([str(self.lo - 1)] * self.count)]
         if self.distinct:
@@ -168,7 +174,7 @@ def _integer(v) -> int:
     return int(v.strip()) if isinstance(v, str) else v
 
 
-class HduList:
+class HduList(_ParsedOption):
     """``--hdus``: comma-separated HDU indices (integers >= 0) or EXTNAMEs, one per band, read as a tuple of ints
     and names (``parse``; ``data.dataset.parse_hdus``)."""
 
@@ -192,43 +198,17 @@ class HduList:
                 out.append(s)
         return tuple(out)
 
-    def __call__(self, text):
-        try:
-            return self.parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"must be {self.describe}, got {text!r} ({exc})") from None
-
-    def check(self, flag: str, value) -> None:
-        if value is not None:
-            try:
-                self.parse(value)
-            except ValueError as exc:
-                raise OptionRangeError(f"{flag} must be {self.describe}, got {value!r} ({exc})") from None
-
     def invalid_examples(self) -> list[str]:
         return ["-1", "0,-2", "1,,2"]
 
 
-class Parsed:
+class Parsed(_ParsedOption):
     """An option read by its own ``parse(text)`` (raising ValueError on a bad value), with its range in words
     and values outside it (``invalid``) for the tests."""
 
     def __init__(self, parse, describe: str, invalid: tuple[str, ...]):
         self.parse, self.describe, self.invalid = parse, describe, invalid
         self.__name__ = describe
-
-    def __call__(self, text):
-        try:
-            return self.parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"must be {self.describe}, got {text!r} ({exc})") from None
-
-    def check(self, flag: str, value) -> None:
-        if value is not None:
-            try:
-                self.parse(value)
-            except ValueError as exc:
-                raise OptionRangeError(f"{flag} must be {self.describe}, got {value!r} ({exc})") from None
 
     def invalid_examples(self) -> list[str]:
         return list(self.invalid)
