@@ -276,3 +276,24 @@ def test_evaluate_and_inspect_overwrite_replace_only_their_own_outputs(run, tmp_
     (look / "index.html").unlink()
     assert inspect.main([preds, run["data"], "--out", str(look), "--top", "3"]) == 0
     assert inspect.main([preds, run["data"], "--out", str(look), "--overwrite", "--top", "3"]) == 0
+
+
+def test_a_control_character_in_a_test_file_name_does_not_stop_the_runs_gallery(tmp_path):
+    """A CR in a test cutout's name reached Pillow's text layout in gallery.png ('raqm_layout() failed'): the run
+    ended with a traceback after training. It is drawn as '?' and the run writes its gallery."""
+    import dali_lens
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 12), ("test", 6)):
+        for cls in ("lens", "nonlens"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                x = rng.normal(0, 1, (2, 24, 24)).astype(np.float32) + (3.0 if cls == "lens" else 0.0)
+                np.save(d / (f"we\rird<!--<script>{i}.npy" if split == "test" and i == 0 else f"o{i}.npy"), x)
+    out = tmp_path / "run"
+    dali_lens.train(str(tmp_path / "data"), out=str(out), epochs=1, img_size=24, batch_size=8,
+                    backend="torchvision", workers=0, progress=False)
+    assert (out / "gallery" / "gallery.png").stat().st_size > 0
+    rows = list(csv.DictReader(open(out / "predictions.csv", newline="")))
+    assert sum("we\rird<!--<script>" in r["file"] for r in rows) == 2

@@ -20,6 +20,14 @@ import numpy as np
 
 from ..data.dataset import DataError, Dataset, get_kind
 
+
+def drawable(text: str) -> str:
+    """``text`` as Pillow can draw it on a thumbnail or a gallery: control characters (a CR or LF in a file name
+    or id) shown as '?' -- Pillow's text layout fails on them, which stopped a run's gallery with a traceback."""
+    import unicodedata
+
+    return "".join("?" if unicodedata.category(ch).startswith("C") else ch for ch in str(text))
+
 MASK_COLOUR = (128, 128, 128)
 CHALLENGE_GROUND_RGB = (1, 0, 2)  # Band2 = I -> red, Band1 = R -> green, Band3 = G -> blue
 Q, STRETCH = 8.0, 1.0
@@ -122,5 +130,5 @@ def placeholder(size: tuple[int, int], problem: str) -> np.ndarray:
             line = f"{line} {word}".strip()[:chars]
     lines.append(line)
     for k, text in enumerate(lines[: max(1, h // 12)]):
-        draw.text((3, 3 + 12 * k), text, fill=(255, 220, 220))
+        draw.text((3, 3 + 12 * k), drawable(text), fill=(255, 220, 220))
     return np.asarray(im)

@@ -14,7 +14,7 @@ import numpy as np
 from ..data.dataset import DataError
 from ..data.io import atomic_open, atomic_write_text
 from .candidates import Candidate
-from .composite import default_rgb_bands, placeholder, thumbnail
+from .composite import default_rgb_bands, drawable, placeholder, thumbnail
 from .page import page_html
 
 KIND_COLOUR = {"false-positive": (220, 40, 40), "missed": (30, 150, 255)}
@@ -110,13 +110,13 @@ def write_gallery(path: str, cands: list[Candidate], thumbs: list[np.ndarray], t
     im = Image.fromarray(canvas)
     draw = ImageDraw.Draw(im)
     small, bold, big = _font(10), _font(10, bold=True), _font(13, bold=True)
-    draw.text((6, 6), title, fill=(0, 0, 0), font=big)
+    draw.text((6, 6), drawable(title), fill=(0, 0, 0), font=big)
     draw.text((6, 26), "red frame: false positive (non-lens scored high)   blue frame: missed lens (lens scored low)",
               fill=(64, 64, 64), font=small)
     for k, c in enumerate(cands):
         r, q = divmod(k, cols)
         y, x = head + r * ch + tile + 2 * pad + 1, q * cw + pad
-        lines = caption(c)
+        lines = [drawable(line) for line in caption(c)]
         draw.text((x, y), lines[0], fill=(0, 0, 0), font=small)
         draw.text((x, y + 13), lines[1], fill=(0, 0, 0), font=small)
         colour = tuple(int(v * 0.8) for v in KIND_COLOUR[c.kind]) if c.kind else (80, 80, 80)
