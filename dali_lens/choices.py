@@ -227,4 +227,5 @@ NON_NEGATIVE_NUMBER = Range(float, 0.0)   #: a weight
 ANY_NUMBER = Range(float)                 #: any finite number (a mask value)
 PIXELS = Range(int, 8)                    #: an input size (the models need >= 8 px)
 SCALES = IntList(8, distinct=True, what="sizes")  #: multiscale input sizes
+AT_N = IntList(1, distinct=True, what="counts")  #: --at-n: the N of purity@N and completeness@N
 HDUS = HduList()

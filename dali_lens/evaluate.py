@@ -8,7 +8,8 @@ Scores the split with every member of the given checkpoint(s) and their ensemble
                    completeness of the lenses at --threshold binned by every numeric catalogue column of
                    the samples (einstein_area, numb_pix_lensed_image, flux_lensed_image_in_sigma, ...), and
                    the expected contamination (false positives per true lens, purity) in a survey whose
-                   lens fraction is --prior
+                   lens fraction is --prior, purity@N and completeness@N (--at-n) and completeness at
+                   purity 50% and 90%, on the split and at --prior
   predictions.csv  file,id,label,score[,score_<member>...,member_std]
   roc.png          ROC curves of the members and the ensemble
   completeness_<column>.png   one per catalogue column
@@ -31,7 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .choices import COUNT, FRACTION_OPEN, NON_NEGATIVE, PROBABILITY, SEED
+from .choices import AT_N, COUNT, FRACTION_OPEN, NON_NEGATIVE, PROBABILITY, SEED
 from .cli import Parser, add_scoring_args, run_command
 from .data.dataset import DataError
 from .evaluation import EvaluateError, evaluate_files
@@ -51,7 +52,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threshold", type=PROBABILITY, default=0.5,
                     help="score threshold for accuracy/precision/recall/F1, completeness, contamination (default: 0.5)")
     ap.add_argument("--prior", type=FRACTION_OPEN, default=1e-3,
-                    help="lens fraction of the survey for the expected contamination (default: 1e-3)")
+                    help="lens fraction of the survey for the expected contamination and the purity/completeness "
+                         "at N and at purity at the prior (default: 1e-3)")
+    ap.add_argument("--at-n", type=AT_N, default=(10, 100, 1000), metavar="N,...",
+                    help="purity@N and completeness@N at these N, each capped at the split's size (default: "
+                         "10,100,1000)")
     ap.add_argument("--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap replicates for the intervals (0 = none; "
                                                              "default: 1000)")
     ap.add_argument("--alpha", type=FRACTION_OPEN, default=0.05, help="intervals at level 1 - alpha (default: 0.05)")

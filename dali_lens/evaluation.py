@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cli import log
+from .choices import AT_N
 from .data.dataset import DataError, Dataset
+from .metrics import DEFAULT_AT_N
 from .score_inputs import load_scoring_inputs
 
 CI_METRICS = ("roc_auc", "tpr0", "tpr10")
@@ -70,7 +72,8 @@ def numeric_columns(dataset: Dataset, labels: np.ndarray, wanted: list[str] | No
 
 
 def model_report(y: np.ndarray, s: np.ndarray, opts: EvaluateOptions) -> dict:
-    from .metrics import bootstrap_ci, classification_metrics, expected_contamination, roc_auc, tpr0, tpr10
+    from .metrics import (bootstrap_ci, classification_metrics, expected_contamination, roc_auc, search_metrics,
+                          tpr0, tpr10)
 
     rep = classification_metrics(y, s, opts.threshold)
     fns = {"roc_auc": roc_auc, "tpr0": tpr0, "tpr10": tpr10}
@@ -80,6 +83,7 @@ def model_report(y: np.ndarray, s: np.ndarray, opts: EvaluateOptions) -> dict:
     else:
         rep["ci"] = {k: [math.nan, math.nan] for k in CI_METRICS}
     rep["contamination"] = expected_contamination(y, s, opts.threshold, opts.prior)
+    rep["search"] = search_metrics(y, s, opts.at_n, opts.prior)  # purity/completeness at N and at purity
     return rep
 
 
@@ -102,6 +106,12 @@ def table(reports: dict[str, dict]) -> str:
         rows.append([key] + [_cell(reports[c], key) for c in cols])
     rows.append(["fp_per_tp"] + [_cell(reports[c]["contamination"], "fp_per_tp") for c in cols])
     rows.append(["purity"] + [_cell(reports[c]["contamination"], "purity") for c in cols])
+    first = reports[cols[0]]["search"]
+    for key, name in (("purity_at_n", "purity@"), ("completeness_at_n", "completeness@")):
+        rows.extend([f"{name}{n}"] + [_cell(reports[c]["search"][key], str(n)) for c in cols] for n in first["at_n"])
+    rows.extend([f"completeness at purity {100 * float(p):g}%"]
+                + [_cell(reports[c]["search"]["completeness_at_purity"], p) for c in cols]
+                for p in first["completeness_at_purity"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -132,6 +142,7 @@ class EvaluateOptions:
     hdus: str | None = None
     skip_bad: bool = False
     progress: bool = True
+    at_n: tuple[int, ...] = DEFAULT_AT_N
 
 
 def evaluate_files(checkpoint: list[str] | str, data: str, out: str, *, overwrite: bool = False,
@@ -140,7 +151,7 @@ def evaluate_files(checkpoint: list[str] | str, data: str, out: str, *, overwrit
                    completeness_columns: str | None = None, backend: str = "auto", batch_size: int = 64,
                    tta: bool = False, fusion: str | None = None, workers: int | None = None,
                    threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, at_n: tuple[int, ...] | str = DEFAULT_AT_N) -> dict:
     """Score the labelled ``split`` of ``data`` with the ensemble of ``checkpoint``, compute the metrics and
     write ``out`` (metrics.json, predictions.csv, plots, gallery/; see ``python -m dali_lens.evaluate --help``
     for every option); prints the summary and returns metrics.json's content. Raises DataError, EvaluateError,
@@ -148,7 +159,8 @@ def evaluate_files(checkpoint: list[str] | str, data: str, out: str, *, overwrit
     opts = EvaluateOptions(split=split, threshold=threshold, prior=prior, n_boot=n_boot, alpha=alpha, seed=seed,
                            gallery=gallery, bins=bins, completeness_columns=completeness_columns, backend=backend,
                            batch_size=batch_size, tta=tta, fusion=fusion, workers=workers, threads=threads,
-                           hdus=hdus, skip_bad=skip_bad, progress=progress)
+                           hdus=hdus, skip_bad=skip_bad, progress=progress,
+                           at_n=_at_n(at_n))
     _check_ranges(opts)
     out = os.path.abspath(os.path.expanduser(out))
     _check_out(out, overwrite)
@@ -174,6 +186,12 @@ def evaluate_files(checkpoint: list[str] | str, data: str, out: str, *, overwrit
     result = _write(out, ens, dataset, all_labels, score, probs, spread, metrics, opts)
     _print_summary(out, dataset, metrics, len(result["plots"]), opts)
     return result
+
+
+def _at_n(value) -> tuple[int, ...]:
+    """``--at-n`` as a tuple of ints (text or a sequence), held to its range (``choices.AT_N``) first."""
+    AT_N.check("--at-n", value)
+    return AT_N.parse(value)
 
 
 def _check_ranges(opts: EvaluateOptions) -> None:
@@ -299,8 +317,9 @@ def _write(out: str, ens, dataset: Dataset, all_labels: np.ndarray, score: np.nd
 
 
 def _print_summary(out: str, dataset: Dataset, metrics: dict, n_plots: int, opts: EvaluateOptions) -> None:
-    """The results on stdout: the metrics table (each member and the ensemble), contamination, what was written."""
-    from .metrics import to_jsonable
+    """The results on stdout: the metrics table (each member and the ensemble), contamination, purity and
+    completeness at N and at purity (``metrics.format_search``), what was written."""
+    from .metrics import format_search, to_jsonable
 
     names = [m["name"] for m in metrics["members_info"]]
     shown = dict(metrics["members"]) if len(names) > 1 else {}
@@ -309,6 +328,7 @@ def _print_summary(out: str, dataset: Dataset, metrics: dict, n_plots: int, opts
     c = metrics["ensemble"]["contamination"]
     print(f"{dataset.split}: n={len(dataset)} ({metrics['n_pos']} lenses); at threshold {opts.threshold} and prior "
           f"{opts.prior:g}: {_num(c['fp_per_tp'])} false positives per true lens (purity {_num(c['purity'])})")
+    print(format_search(metrics["ensemble"]["search"], dataset.split))
     print(f"wrote {out}/metrics.json, predictions.csv, {n_plots} plot(s); {metrics['images_per_s']} img/s")
 
 

@@ -20,6 +20,22 @@ Lens-finding-challenge metrics (Metcalf et al. 2019)
 ``tpr_at_fp(labels, scores, max_fp)`` is the highest true-positive rate over the thresholds that admit at
 most ``max_fp`` false positives (counts on the evaluated set, not rates).  ``tpr0`` uses ``max_fp = 0``
 (no false positive at all) and ``tpr10`` uses ``max_fp = 9`` ("fewer than ten false positives").
+
+What searches report (``search_metrics``)
+-----------------------------------------
+Rank the candidates by score, highest first. ``purity@N`` is the share of lenses among the top ``N``;
+``completeness@N`` the share of all lenses that the top ``N`` hold. ``completeness at purity p`` is the largest
+completeness over the thresholds whose purity (precision) is at least ``p`` (scikit-learn's
+``precision_recall_curve``). Each is also given *at a survey prior* ``pi``: the evaluated set is reweighted so
+that lenses make up a fraction ``pi`` of it, every lens counting 1 and every non-lens
+``w = ((1 - pi) / pi) * n_lens / n_nonlens`` (``nonlens_weight``; the same reweighting as
+``expected_contamination``), so that the purity of a threshold is ``TP / (TP + w FP)``. At the prior, ``N``
+counts objects of that reweighted population: a survey of ``n_lens / pi`` objects holding the evaluated lenses,
+in which each evaluated non-lens stands for ``w`` survey objects. ``N`` is capped at the population's size
+(the split's size on the evaluated set, ``n_lens / pi`` at the prior): ``n_used`` records the ``N`` counted.
+Ties at the ``N``-th place: a group of tied scores that straddles it enters pro rata, each member with the
+share of its weight that fits, so the group's lenses count by the group's lens fraction; this is the mean over
+every order of the tied scores, and does not depend on the order of the rows.
 """
 
 from __future__ import annotations
@@ -42,6 +58,14 @@ __all__ = [
     "bootstrap_ci",
     "completeness_by_bin",
     "expected_contamination",
+    "DEFAULT_AT_N",
+    "PURITY_TARGETS",
+    "nonlens_weight",
+    "purity_completeness_curve",
+    "completeness_at_purity",
+    "at_n",
+    "search_metrics",
+    "format_search",
     "fit_temperature",
     "to_jsonable",
     "plot_roc",
@@ -415,6 +439,154 @@ def expected_contamination(labels, scores, threshold: float, prior: float = 1e-3
         "n_pos": n_pos,
         "n_neg": n_neg,
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# what searches report: purity and completeness at N, completeness at purity, at a survey prior
+
+DEFAULT_AT_N = (10, 100, 1000)
+PURITY_TARGETS = (0.5, 0.9)
+
+
+def nonlens_weight(labels, prior: float) -> float:
+    """The weight of one non-lens, relative to a lens, that gives the evaluated set the survey's lens fraction
+    ``prior``: ``((1 - prior) / prior) * n_lens / n_nonlens``. NaN when a class is missing."""
+    if not 0 < prior < 1:
+        raise ValueError("prior must be in (0, 1)")
+    y = np.asarray(labels).ravel()
+    n_pos = int(np.sum(y == 1))
+    n_neg = int(y.size - n_pos)
+    return (1 - prior) / prior * n_pos / n_neg if n_pos and n_neg else float("nan")
+
+
+def purity_completeness_curve(labels, scores, prior: float | None = None
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(purity, completeness, thresholds)``: scikit-learn's ``precision_recall_curve`` (thresholds increasing,
+    one per distinct score; the last point, purity 1 and completeness 0, has none), on the evaluated set or, with
+    ``prior``, with every non-lens weighted by ``nonlens_weight`` (purity ``TP / (TP + w FP)``). Completeness is
+    NaN without lenses; at a prior, everything is NaN when a class is missing."""
+    y, s = _as_labels_scores(labels, scores)
+    weight = None
+    if prior is not None:
+        w = nonlens_weight(y, prior)
+        if math.isnan(w):
+            nan = np.full(2, np.nan)
+            return nan, nan, np.full(1, np.nan)
+        weight = np.where(y == 1, 1.0, w)
+    if not y.any():
+        purity = np.r_[np.zeros(np.unique(s).size), 1.0]
+        return purity, np.full(purity.size, np.nan), np.unique(s)
+    p, r, thr = _sklearn_metrics().precision_recall_curve(y, s, pos_label=1, sample_weight=weight)
+    return p, r, thr
+
+
+def completeness_at_purity(labels, scores, purity: float, prior: float | None = None) -> tuple[float, float]:
+    """``(completeness, threshold)``: the largest completeness over the thresholds (``score >= threshold``) whose
+    purity is at least ``purity`` (at ``prior`` if given), and the highest threshold reaching it. ``(0.0, NaN)``
+    when no threshold is that pure (only admitting nothing is); NaN without lenses (or, at a prior, without a
+    class)."""
+    if not 0 < purity <= 1:
+        raise ValueError("purity must be in (0, 1]")
+    p, r, thr = purity_completeness_curve(labels, scores, prior)
+    if np.isnan(r).all():
+        return float("nan"), float("nan")
+    ok = p[:-1] >= purity - 1e-12  # (rounding of the weighted sums)
+    if not ok.any():
+        return 0.0, float("nan")
+    best = float(r[:-1][ok].max())
+    return best, float(thr[ok & (r[:-1] == best)].max())  # (thr has one entry per point but the last)
+
+
+def at_n(labels, scores, ns=DEFAULT_AT_N, prior: float | None = None) -> list[dict[str, Any]]:
+    """``purity@N`` and ``completeness@N`` for each ``N`` of ``ns``: rows ``{"n", "n_used", "lenses", "purity",
+    "completeness"}``, ``lenses`` the (weighted, possibly fractional) lenses among the top ``n_used`` (``N`` capped
+    at the population's size). With ``prior``, ``N`` counts objects of the reweighted population (see the module's
+    docstring); NaN there when a class is missing. Completeness is NaN without lenses. A tied group at the
+    ``N``-th place enters pro rata (by weight)."""
+    ns = [int(n) for n in ns]
+    if any(n < 1 for n in ns):
+        raise ValueError("N must be >= 1")
+    y, s = _as_labels_scores(labels, scores)
+    n_pos = int(y.sum())
+    w = 1.0 if prior is None else nonlens_weight(y, prior)
+    if math.isnan(w):
+        return [{"n": n, "n_used": float("nan"), "lenses": float("nan"), "purity": float("nan"),
+                 "completeness": float("nan")} for n in ns]
+    tps, fps, _ = _counts_at_thresholds(y, s)  # cumulative, one entry per distinct score, highest first
+    cum = tps + w * fps  # weight admitted down to each group
+    rows = []
+    for n in ns:
+        n_used = min(float(n), float(cum[-1]))
+        k = int(np.searchsorted(cum, n_used - 1e-9 * max(1.0, n_used), side="left"))
+        k = min(k, cum.size - 1)
+        prev_w, prev_tp = (float(cum[k - 1]), float(tps[k - 1])) if k else (0.0, 0.0)
+        group_w, group_tp = float(cum[k]) - prev_w, float(tps[k]) - prev_tp
+        lenses = prev_tp + (n_used - prev_w) * group_tp / group_w if group_w > 0 else prev_tp
+        lenses = min(max(lenses, prev_tp), float(tps[k]))
+        rows.append({"n": n, "n_used": int(n_used) if prior is None else n_used, "lenses": lenses,
+                     "purity": lenses / n_used, "completeness": _safe_div(lenses, n_pos)})
+    return rows
+
+
+def _search_block(y, s, ns, purities, prior) -> dict[str, Any]:
+    rows = at_n(y, s, ns, prior)
+    at_p = {f"{p:g}": completeness_at_purity(y, s, p, prior) for p in purities}
+    return {"n_used": {str(r["n"]): r["n_used"] for r in rows},
+            "purity_at_n": {str(r["n"]): r["purity"] for r in rows},
+            "completeness_at_n": {str(r["n"]): r["completeness"] for r in rows},
+            "completeness_at_purity": {k: v[0] for k, v in at_p.items()},
+            "threshold_at_purity": {k: v[1] for k, v in at_p.items()}}
+
+
+def search_metrics(labels, scores, ns=DEFAULT_AT_N, prior: float | None = 1e-3,
+                   purities=PURITY_TARGETS) -> dict[str, Any]:
+    """What lens searches report, on the evaluated set and (``prior`` not None) at the survey prior:
+    ``{"at_n": [N...], "n_used", "purity_at_n", "completeness_at_n" ({str(N): value}), "completeness_at_purity",
+    "threshold_at_purity" ({f"{p:g}": value}), "prior": {"prior", "nonlens_weight", "population", and the same
+    keys at the prior}}``. Pass through ``to_jsonable`` before writing JSON."""
+    y, s = _as_labels_scores(labels, scores)
+    out: dict[str, Any] = {"at_n": [int(n) for n in ns], "purity_targets": [float(p) for p in purities],
+                           **_search_block(y, s, ns, purities, None)}
+    if prior is not None:
+        w = nonlens_weight(y, prior)
+        out["prior"] = {"prior": float(prior), "nonlens_weight": w,
+                        "population": float(y.sum()) / prior if not math.isnan(w) else float("nan"),
+                        **_search_block(y, s, ns, purities, prior)}
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3f}"
+
+
+def _search_text(block: dict, ns) -> str:
+    def at(key):
+        parts = []
+        for k, n in enumerate(ns):
+            used = block["n_used"].get(str(n))
+            capped = used is not None and not (isinstance(used, float) and math.isnan(used)) and used < n
+            parts.append(("" if k else f"{key}") + f"@{n}" + (f"({used:g})" if capped else "") + " "
+                         + _fmt(block[f"{key}_at_n"].get(str(n))))
+        return " ".join(parts)
+
+    at_p = " ".join(f"{100 * float(p):g}% {_fmt(v)}" for p, v in block["completeness_at_purity"].items())
+    return f"{at('purity')}  {at('completeness')}  completeness at purity {at_p}"
+
+
+def format_search(search: Mapping[str, Any], split: str = "") -> str:
+    """``search_metrics``'s result as the log's lines (``split:`` first): purity@N, completeness@N, completeness
+    at purity, and the same at the prior; a capped ``N`` shows the ``N`` counted in brackets."""
+    ns = search["at_n"]
+    head = f"{split}: " if split else ""
+    lines = [head + _search_text(search, ns)]
+    pr = search.get("prior")
+    if pr:
+        pop = pr.get("population")
+        size = "n/a" if pop is None or (isinstance(pop, float) and math.isnan(pop)) else f"{pop:,.0f}"
+        lines.append(f"{head}at prior {pr['prior']:g} (a survey of {size}): " + _search_text(pr, ns))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..choices import AT_N, FRACTION_OPEN
+from ..metrics import DEFAULT_AT_N
 from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSIONS, HDUS, HOLD_OUT, LR_SCHEDULES,
                        NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
                        PIXELS, SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
@@ -193,6 +195,13 @@ class TrainConfig:
     gallery: bool = _f(True, "write gallery/ in the run directory: gallery.png and index.html (grading page) of the "
                              "test split's 50 highest-scoring non-lenses and 50 lowest-scoring lenses")
     progress: bool = _f(True, "progress bars")
+    # --- issue 24: metrics and curves ---
+    at_n: tuple[int, ...] = _f(DEFAULT_AT_N, "test pass: purity@N and completeness@N at these N, each capped at "
+                                             "the split's size", type=AT_N)
+    prior: float = _f(1e-3, "test pass: the survey's lens fraction at which purity@N, completeness@N and "
+                            "completeness at purity are also given", type=FRACTION_OPEN)
+    tensorboard: bool = _f(True, "per-epoch curves also as TensorBoard event files in <out>/tensorboard/ "
+                                 "(curves.csv and curves.png are always written)")
 
     def __post_init__(self) -> None:
         """Every option is held to the range its field declares (the CLI's ``type=``), whichever door it came

@@ -7,9 +7,14 @@ import numpy as np
 
 from ..data.dataset import Dataset
 from ..data.io import atomic_write_csv, atomic_write_json
-from ..metrics import classification_metrics, plot_roc, to_jsonable
+from ..metrics import classification_metrics, plot_roc, search_metrics, to_jsonable
 from ..prediction_rows import prediction_header, prediction_row
 from ..scoring import probabilities
+
+
+def _metrics(y: np.ndarray, s: np.ndarray, cfg) -> dict:
+    """The headline metrics and, under "search", purity/completeness at N and at purity (also at the prior)."""
+    return {**classification_metrics(y, s, cfg.threshold), "search": search_metrics(y, s, cfg.at_n, cfg.prior)}
 
 
 def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndarray, logits: dict, cfg,
@@ -20,10 +25,9 @@ def write_outputs(out: str, dataset: Dataset, index: np.ndarray, labels: np.ndar
     labelled = labels >= 0
     result = {"split": dataset.split, "n": int(len(index))}
     if labelled.any():
-        result["metrics"] = classification_metrics(labels[labelled], score[labelled], cfg.threshold)
+        result["metrics"] = _metrics(labels[labelled], score[labelled], cfg)
         if len(names) > 1:
-            result["members"] = {k: classification_metrics(labels[labelled], v[labelled], cfg.threshold)
-                                 for k, v in member_scores.items()}
+            result["members"] = {k: _metrics(labels[labelled], v[labelled], cfg) for k, v in member_scores.items()}
             result["fusion"] = fusion
             if temperatures:
                 result["temperatures"] = temperatures

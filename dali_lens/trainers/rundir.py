@@ -44,7 +44,7 @@ BEFORE_CHECKPOINT = ("config.json",)
 #: options that may differ on --resume without --allow-config-change
 SAFE_TO_CHANGE = ("out", "resume", "allow_config_change", "epochs", "patience", "progress", "workers",
                   "checkpoint_every", "threshold", "tta", "backend", "memory_budget", "micro_batch",
-                  "channels_last")
+                  "channels_last", "at_n", "prior", "tensorboard")
 # an atomic write's temporary file (data/io.py) left by a killed run: .<name>.<pid>.<n>.tmp
 _TMP = re.compile(r"^\..+\.\d+\.\d+\.tmp$")
 

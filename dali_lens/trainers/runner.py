@@ -28,6 +28,7 @@ from .budget import parse_budget
 from .base import Trainer, get_trainer
 from ..checkpoint import Checkpoint, CheckpointError, PixelSettings
 from .config import TrainConfig, parse_mask_value
+from .curves import Curves, learning_rate
 from .loop import dist_info, predict, train_epoch
 from .members import load_member_state, make_member, member_state
 from .outputs import write_outputs
@@ -131,7 +132,9 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     val_loader = job.loader("val", False) if "val" in splits else None
     select = selection_metric(splits.get("val"), say)
     t_start = time.perf_counter()
+    job.curves = Curves(out, cfg.tensorboard, is_main, job.ck.history)  # curves.csv, tensorboard/, curves.png
     _train(job, kind, active, val_loader, select)
+    job.curves.close(job.ck.history)
     if is_main and not os.path.exists(job.best) and job.ck.history:
         say(f"warning: no epoch had a finite validation {select}; best.pt holds the last epoch")
         job.save(job.best, len(job.ck.history))
@@ -239,7 +242,7 @@ def _end_epoch(job: _Job, epoch: int, stats: dict, val_loader, select: str, load
     epoch's end); whether to stop early."""
     cfg, ck = job.cfg, job.ck
     line = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_images_per_s": round(stats["images_per_s"], 1),
-            "data_wait_fraction": round(stats["data_wait_fraction"], 3)}
+            "data_wait_fraction": round(stats["data_wait_fraction"], 3), "lr": learning_rate(job.members)}
     if val_loader is not None:
         line.update(_validate(job.members, val_loader, cfg, job.device, select, job.show_progress))
         auc = line["val_select"]
@@ -255,6 +258,7 @@ def _end_epoch(job: _Job, epoch: int, stats: dict, val_loader, select: str, load
     if improved:
         job.save(job.best, epoch + 1)
     job.save(job.last, epoch + 1, loader_state)
+    job.curves.epoch(ck.history)
     if cfg.patience and ck.bad_epochs >= cfg.patience:
         job.say(f"early stopping: no better validation {select} for {cfg.patience} epoch(s)")
         return True
@@ -431,5 +435,10 @@ def summary_line(result: dict, split: str) -> str:
         v = m.get(k)
         return "n/a" if v is None else f"{v:.3f}"
 
-    return (f"{split}: AUC {f('roc_auc')}  PR-AUC {f('pr_auc')}  accuracy {f('accuracy')}  F1 {f('f1')}  "
+    line = (f"{split}: AUC {f('roc_auc')}  PR-AUC {f('pr_auc')}  accuracy {f('accuracy')}  F1 {f('f1')}  "
             f"TPR0 {f('tpr0')}  TPR10 {f('tpr10')}  ECE {f('ece')}  (n={m.get('n')})")
+    if m.get("search"):  # purity@N, completeness@N, completeness at purity, also at --prior
+        from ..metrics import format_search
+
+        line += "\n" + format_search(m["search"], split)
+    return line
