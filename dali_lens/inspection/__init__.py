@@ -15,13 +15,13 @@ import numpy as np
 
 from ..cli import log
 from ..data.dataset import DataError, Dataset
-from .candidates import (DEFAULT_BINS, GRADES, Candidate, format_purity, match, purity_table, read_grades,
-                         read_ids, read_predictions, select)
+from .candidates import (DEFAULT_BINS, GRADES, Candidate, format_purity, graded_search, match, purity_table,
+                         read_grades, read_ids, read_predictions, select)
 from .composite import parse_rgb_bands, thumbnail
 
 __all__ = ["inspect_predictions", "split_gallery", "grades_summary", "Candidate", "read_predictions", "select",
-           "read_grades", "purity_table", "format_purity", "thumbnail", "GRADES", "DEFAULT_BINS", "OUTPUTS",
-           "GALLERY_N"]
+           "read_grades", "purity_table", "graded_search", "format_purity", "thumbnail", "GRADES", "DEFAULT_BINS",
+           "OUTPUTS", "GALLERY_N"]
 
 OUTPUTS = ("gallery.png", "index.html")
 GALLERY_N = 50  # false positives and missed lenses each, in the galleries train and evaluate write
@@ -94,14 +94,16 @@ def write_inspection(out: str, shown: list[Candidate], title: str, rgb_bands=Non
 
 
 def inspect_predictions(predictions: str, data: str, out: str | None = None, *, top: int = 0, bottom: int = 0,
-                        ids: str | None = None, false_positives: int = 0, missed: int = 0,
+                        ids: str | None = None, false_positives: int = 0, missed: int = 0, uncertain: int = 0,
+                        disagree: int = 0,
                         rgb_bands: str | None = None, mask_value: float | None = None, hdus=None,
                         threshold: float = 0.5, grades: str | None = None, gallery_max: int = 200,
                         overwrite: bool = False, workers: int | None = None, log=_quiet) -> dict:
     """Select candidates from ``predictions`` (a predictions CSV), read their cutouts from ``data`` and write
     ``gallery.png`` and ``index.html`` to ``out`` (default: ``inspect/`` next to the CSV).
 
-    With no selection at all, the top 100 are shown. IDs in the CSV (or in ``ids``) that are not in the data
+    ``uncertain``: the N scores nearest ``threshold``; ``disagree``: the N largest ensemble spreads (the most
+    informative to grade next). With no selection at all, the top 100 are shown. IDs in the CSV (or in ``ids``) that are not in the data
     are logged by name and shown as placeholder tiles; so is any cutout that cannot be read.
     """
     from ..data.sources import discover
@@ -111,7 +113,7 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
     check_out(out, overwrite)
     cands = read_predictions(predictions)
     wanted = read_ids(ids) if ids else None
-    if not (top or bottom or wanted or false_positives or missed):
+    if not (top or bottom or wanted or false_positives or missed or uncertain or disagree):
         top = 100
     datasets = list(discover(data, hdus=hdus, val_fraction=0.0).values())
     if mask_value is None:
@@ -120,13 +122,16 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
     if missing:
         log(f"warning: {len(missing)} id(s) in {os.path.basename(predictions)} not found in {data}: "
             + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "") + " (placeholder tiles if shown)")
-    shown, unknown = select(cands, top, bottom, wanted, false_positives, missed, threshold)
+    try:
+        shown, unknown = select(cands, top, bottom, wanted, false_positives, missed, threshold, uncertain, disagree)
+    except DataError as exc:  # a selection these predictions cannot make: name the file
+        raise DataError(f"{predictions}: {exc}") from None
     if unknown:
         log(f"warning: {len(unknown)} id(s) from {ids} not in {os.path.basename(predictions)}: "
             + ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else ""))
     picked = parse_rgb_bands(rgb_bands, datasets[0].bands) if rgb_bands else None
     prior = {k: g for k, (g, _) in read_grades(grades).items()} if grades else None
-    groups = [g for g in ("top", "bottom", "ids", "false-positive", "missed")
+    groups = [g for g in ("top", "bottom", "ids", "false-positive", "missed", "uncertain", "disagree")
               if any(g in c.groups for c in shown)]
     title = f"{os.path.basename(os.path.dirname(predictions))}/{os.path.basename(predictions)}: " \
             f"{len(shown)} candidates ({', '.join(groups)})"
@@ -153,9 +158,18 @@ def split_gallery(out: str, dataset: Dataset, scores, labels, spread=None, *, n:
     return write_inspection(out, shown, title, mask_value=mask_value, threshold=threshold, workers=None, log=log)
 
 
-def grades_summary(grades: str, bins=DEFAULT_BINS) -> str:
-    """Purity of the graded set by score bin, as a text table (``inspect --grades FILE --summary``)."""
+def grades_summary(grades: str, bins=DEFAULT_BINS, at_n=None) -> str:
+    """Purity of the graded set by score bin, as a text table, then purity@N, completeness@N and completeness
+    at purity of the graded candidates ranked by score (``metrics.format_search``; ``at_n``: the N, default
+    10, 100, 1000) (``inspect --grades FILE --summary``)."""
+    from ..metrics import format_search
+
     g = read_grades(grades)
     unscored = sum(1 for _, s in g.values() if s is None)
     head = f"{grades}: {len(g)} graded candidate(s); purity = share graded 2 (probable) or 3 (definite)\n"
-    return head + format_purity(purity_table(g, bins), unscored)
+    text = head + format_purity(purity_table(g, bins), unscored)
+    search = graded_search(g, at_n)
+    if search is not None:
+        text += ("\nranked by score (completeness: share of the graded lenses, 2-3):\n"
+                 + format_search(search, "graded"))
+    return text

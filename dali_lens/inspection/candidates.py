@@ -109,10 +109,27 @@ def read_ids(path: str) -> list[str]:
     return ids
 
 
+def member_spread(c: Candidate) -> float | None:
+    """The ensemble's spread for ``c``: its ``member_std``, else the standard deviation of its member scores
+    (as the predictions' writers compute ``member_std``), None for a single model's row."""
+    if c.spread is not None:
+        return c.spread
+    if len(c.members) >= 2:
+        vals = list(c.members.values())
+        mean = sum(vals) / len(vals)
+        return math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+    return None
+
+
 def select(candidates: list[Candidate], top: int = 0, bottom: int = 0, ids: list[str] | None = None,
-           false_positives: int = 0, missed: int = 0, threshold: float = 0.5) -> tuple[list[Candidate], list[str]]:
-    """The candidates to show, in order (top, bottom, ids, false positives, missed; each once), and the
-    requested ids that are not in the predictions.
+           false_positives: int = 0, missed: int = 0, threshold: float = 0.5, uncertain: int = 0,
+           disagree: int = 0) -> tuple[list[Candidate], list[str]]:
+    """The candidates to show, in order (top, bottom, ids, false positives, missed, uncertain, disagree; each
+    once), and the requested ids that are not in the predictions.
+
+    ``uncertain``: the scores nearest ``threshold`` (equally near: the higher score first, then the rows'
+    order); ``disagree``: the largest ensemble spreads (:func:`member_spread`; equally large: the rows' order),
+    DataError when no row has one. Both are what is most informative to grade next.
 
     Labelled candidates are marked 'false-positive' (a non-lens scoring >= ``threshold``) or 'missed' (a lens
     scoring below it), whichever list picked them; ``--false-positives``/``--missed`` pick the highest-scoring
@@ -140,6 +157,17 @@ def select(candidates: list[Candidate], top: int = 0, bottom: int = 0, ids: list
                             "labelled data)")
     add("false-positive", [c for c in by_score if c.label == 0][:max(0, false_positives)])
     add("missed", [c for c in by_score[::-1] if c.label == 1][:max(0, missed)])
+    if uncertain:
+        add("uncertain", sorted(candidates, key=lambda c: (abs(c.score - threshold), -c.score))[:uncertain])
+    if disagree:
+        spreads = [(member_spread(c), c) for c in candidates]
+        if all(s is None for s, _ in spreads):
+            raise DataError("--disagree needs ensemble predictions (a member_std or score_<member> columns); these "
+                            "have one score per row")
+        ranked = sorted(((s, c) for s, c in spreads if s is not None), key=lambda sc: -sc[0])[:disagree]
+        for s, c in ranked:
+            c.spread = s
+        add("disagree", [c for _, c in ranked])
     shown = list(picked.values())
     for c in shown:
         c.mark = ("false-positive" if c.label == 0 and c.score >= threshold else
@@ -190,6 +218,17 @@ def purity_table(grades: dict[str, tuple[int, float | None]], bins=DEFAULT_BINS)
                      "purity": sum(g >= 2 for g in gs) / n if n else math.nan,
                      "purity_incl_possible": sum(g >= 1 for g in gs) / n if n else math.nan})
     return rows
+
+
+def graded_search(grades: dict[str, tuple[int, float | None]], at_n=None) -> dict | None:
+    """purity@N, completeness@N and completeness at purity (``metrics.search_metrics``) of the graded candidates
+    that have a score, ranked by it, a lens being a grade of 2 or 3; None when none has a score."""
+    from ..metrics import DEFAULT_AT_N, search_metrics
+
+    scored = [(g, s) for g, s in grades.values() if s is not None]
+    if not scored:
+        return None
+    return search_metrics([int(g >= 2) for g, _ in scored], [s for _, s in scored], at_n or DEFAULT_AT_N, prior=None)
 
 
 def format_purity(rows: list[dict], unscored: int = 0) -> str:
