@@ -1,0 +1,151 @@
+"""Issue 24, items 5-6 on real runs: the search metrics in training's and evaluate's metrics.json and logs,
+the per-epoch curves (curves.csv, TensorBoard event files read back with TensorBoard's own reader, curves.png)
+on both CPU backends, a --resume that does not duplicate epochs, and bad --at-n / --prior values."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import command_module
+from dali_lens.data.synthetic import generate_dataset
+from dali_lens.metrics import format_search, search_metrics, to_jsonable
+from dali_lens.trainers import TrainConfig, run
+from dali_lens.trainers.curves import flatten
+
+QUIET = dict(progress=False, workers=1, gallery=False, batch_size=16, img_size=16)
+
+
+@pytest.fixture(scope="module")
+def lenses(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("search") / "data")
+    generate_dataset(root, n=120, size=16, fmt="png", seed=5, source_mag=(20.0, 22.0))
+    return root
+
+
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _events(out):
+    """TensorBoard's own reader over the run's tensorboard/ folder: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(out, "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _check_curves(out, history):
+    """curves.csv and the event files hold exactly metrics.json's history, one row/step per epoch."""
+    flat = [flatten(h) for h in history]
+    rows = _csv(os.path.join(out, "curves.csv"))
+    assert [int(r["epoch"]) for r in rows] == [h["epoch"] for h in history]
+    assert list(rows[0])[:7] == ["epoch", "train_loss", "val_loss", "val_auc", "lr", "train_images_per_s",
+                                 "data_wait_fraction"]
+    for r, f in zip(rows, flat):
+        assert {k: float(v) for k, v in r.items()} == pytest.approx({k: float(v) for k, v in f.items()})
+    events = _events(out)
+    assert set(events) == set(flat[0]) - {"epoch"}
+    for tag, points in events.items():
+        assert [s for s, _ in points] == [f["epoch"] for f in flat], tag
+        assert [v for _, v in points] == pytest.approx([f[tag] for f in flat], rel=1e-6), tag  # float32 in the file
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "torchvision"])
+def test_training_reports_search_metrics_and_writes_its_curves(lenses, tmp_path, backend):
+    out = str(tmp_path / "run")
+    said = []
+    result = run(TrainConfig(data_root=lenses, out=out, epochs=2, backend=backend, at_n=(5, 10, 1000), prior=0.01,
+                             **QUIET), log=said.append)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    search = metrics["metrics"]["search"]
+    # the same numbers as the metrics functions on the predictions the run wrote
+    preds = _csv(os.path.join(out, "predictions.csv"))
+    y = np.array([int(r["label"]) for r in preds])
+    s = np.array([float(r["score"]) for r in preds])
+    expected = to_jsonable(search_metrics(y, s, (5, 10, 1000), prior=0.01))
+    assert search["n_used"] == {"5": 5, "10": 10, "1000": len(preds)}  # capped at the test split's size
+    for key in ("purity_at_n", "completeness_at_n", "completeness_at_purity"):
+        assert search[key] == pytest.approx(expected[key], abs=1e-5), key
+        assert search["prior"][key] == pytest.approx(expected["prior"][key], abs=1e-5), key
+    assert search["prior"]["prior"] == 0.01
+    assert format_search(search, "test") in "\n".join(said)  # the log's lines
+    assert result["metrics"]["search"]["at_n"] == [5, 10, 1000]
+    _check_curves(out, metrics["history"])
+    assert all(h["lr"] >= 0 for h in metrics["history"])
+    with open(os.path.join(out, "curves.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_appends_epochs_once_and_no_tensorboard_writes_none(lenses, tmp_path):
+    out = str(tmp_path / "run")
+    run(TrainConfig(data_root=lenses, out=out, epochs=1, backend="torchvision", **QUIET))
+    assert [r["epoch"] for r in _csv(os.path.join(out, "curves.csv"))] == ["1"]
+    run(TrainConfig(data_root=lenses, out=out, epochs=3, resume=True, backend="torchvision", **QUIET))
+    history = json.load(open(os.path.join(out, "metrics.json")))["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    _check_curves(out, history)  # epoch 1 once in the CSV and in TensorBoard, though two event files hold it
+    assert len(os.listdir(os.path.join(out, "tensorboard"))) == 2
+
+    off = str(tmp_path / "off")
+    assert command_module("train").main(["--data-root", lenses, "--out", off, "--epochs", "1", "--no-tensorboard",
+                                         "--backend", "torchvision", "--no-progress", "--workers", "1",
+                                         "--no-gallery", "--batch-size", "16", "--img-size", "16"]) == 0
+    assert not os.path.exists(os.path.join(off, "tensorboard"))
+    assert len(_csv(os.path.join(off, "curves.csv"))) == 1 and os.path.exists(os.path.join(off, "curves.png"))
+    assert json.load(open(os.path.join(off, "config.json")))["tensorboard"] is False
+
+
+def test_evaluate_reports_search_metrics(lenses, tmp_path, capsys):
+    ck = str(tmp_path / "run")
+    run(TrainConfig(data_root=lenses, out=ck, epochs=1, backend="torchvision", **QUIET))
+    out = str(tmp_path / "eval")
+    assert command_module("evaluate").main(["-c", ck, lenses, "--out", out, "--at-n", "3,7,500", "--prior", "0.02",
+                                            "--n-boot", "0", "--no-gallery", "--backend", "torchvision",
+                                            "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    preds = _csv(os.path.join(out, "predictions.csv"))
+    y = np.array([int(r["label"]) for r in preds])
+    s = np.array([float(r["score"]) for r in preds])
+    got, expected = m["ensemble"]["search"], to_jsonable(search_metrics(y, s, (3, 7, 500), prior=0.02))
+    assert got["n_used"] == {"3": 3, "7": 7, "500": len(preds)}
+    for key in ("purity_at_n", "completeness_at_n", "completeness_at_purity"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-5)
+        assert got["prior"][key] == pytest.approx(expected["prior"][key], abs=1e-5)
+    assert format_search(got, "test") in printed
+    table = {ln.split()[0]: ln.split()[1:] for ln in printed.splitlines() if ln.strip()}
+    assert table["purity@3"] == [f"{got['purity_at_n']['3']:.3f}"]  # the table's rows too
+    assert table["completeness@500"] == [f"{got['completeness_at_n']['500']:.3f}"]
+
+
+@pytest.mark.parametrize("command,argv", [
+    ("train", ["--at-n", "0"]), ("train", ["--at-n", "10,10"]), ("train", ["--at-n", "ten"]),
+    ("train", ["--prior", "1"]), ("train", ["--prior", "0"]),
+    ("evaluate", ["--at-n", "-5"]), ("evaluate", ["--prior", "1.5"]),
+    ("inspect", ["--at-n", "0,1"]), ("inspect", ["--uncertain", "-1"]), ("inspect", ["--disagree", "x"])])
+def test_bad_at_n_and_prior_are_one_error_line(tmp_path, capsys, command, argv):
+    base = {"train": ["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+            "evaluate": ["-c", str(tmp_path / "ck.pt"), str(tmp_path / "data"), "--out", str(tmp_path / "ev")],
+            "inspect": [str(tmp_path / "p.csv"), str(tmp_path / "data")]}[command]
+    with pytest.raises(SystemExit) as exc:
+        command_module(command).main(base + argv)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {argv[0]}"), lines
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "ev")
+
+
+def test_library_calls_check_at_n_and_prior():
+    from dali_lens.choices import OptionRangeError
+
+    with pytest.raises(OptionRangeError, match="--at-n"):
+        TrainConfig(at_n=(0,))
+    with pytest.raises(OptionRangeError, match="--prior"):
+        TrainConfig(prior=0.0)
+    assert TrainConfig(at_n="5,50").at_n == (5, 50)
