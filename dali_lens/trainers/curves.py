@@ -117,17 +117,21 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> str:
 class Curves:
     """The curves of one run in ``out``: :meth:`epoch` after every epoch's checkpoint, :meth:`close` once
     training is done. Does nothing on ranks other than 0 (``enabled=False``). ``history``: what a resumed
-    run's checkpoint already holds."""
+    run's checkpoint already holds. The event file is opened at the first epoch's end, after its checkpoint:
+    a run stopped before that leaves only what ``rundir`` counts as an unstarted run."""
 
     def __init__(self, out: str, tensorboard: bool = True, enabled: bool = True, history: list[dict] = ()):
-        self.out, self.enabled, self.writer = out, enabled, None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.out, self.enabled, self.tensorboard = out, enabled, tensorboard
+        self.resumed = bool(history)
+        self.writer = None
 
-            self.writer = SummaryWriter(os.path.join(out, TENSORBOARD), purge_step=1 if history else None)
-            for entry in history:
-                self._scalars(entry)
-            self.writer.flush()
+    def _open(self, history: list[dict]) -> None:
+        """The writer; a resumed run's starts with a purge at step 1 and logs the checkpoint's history again."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(self.out, TENSORBOARD), purge_step=1 if self.resumed else None)
+        for entry in history:
+            self._scalars(entry)
 
     def _scalars(self, entry: dict) -> None:
         f = flatten(entry)
@@ -138,11 +142,14 @@ class Curves:
 
     def epoch(self, history: list[dict]) -> None:
         """The epoch just done (``history[-1]``): the CSV rewritten from ``history``, its scalars logged."""
-        if not self.enabled:
+        if not self.enabled or not history:
             return
         write_csv(os.path.join(self.out, CSV), history)
-        if self.writer is not None and history:
-            self._scalars(history[-1])
+        if self.tensorboard:
+            if self.writer is None:
+                self._open(history)
+            else:
+                self._scalars(history[-1])
             self.writer.flush()
 
     def close(self, history: list[dict]) -> None:
