@@ -36,6 +36,7 @@ from .choices import AT_N, COUNT, FRACTION_OPEN, NON_NEGATIVE, PROBABILITY, SEED
 from .cli import Parser, add_scoring_args, run_command
 from .data.dataset import DataError
 from .evaluation import EvaluateError, evaluate_files
+from .metrics import DEFAULT_AT_N
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prior", type=FRACTION_OPEN, default=1e-3,
                     help="lens fraction of the survey for the expected contamination and the purity/completeness "
                          "at N and at purity at the prior (default: 1e-3)")
-    ap.add_argument("--at-n", type=AT_N, default=(10, 100, 1000), metavar="N,...",
+    ap.add_argument("--at-n", type=AT_N, default=DEFAULT_AT_N, metavar="N,...",
                     help="purity@N and completeness@N at these N, each capped at the split's size (default: "
                          "10,100,1000)")
     ap.add_argument("--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap replicates for the intervals (0 = none; "

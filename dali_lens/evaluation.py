@@ -159,8 +159,7 @@ def evaluate_files(checkpoint: list[str] | str, data: str, out: str, *, overwrit
     opts = EvaluateOptions(split=split, threshold=threshold, prior=prior, n_boot=n_boot, alpha=alpha, seed=seed,
                            gallery=gallery, bins=bins, completeness_columns=completeness_columns, backend=backend,
                            batch_size=batch_size, tta=tta, fusion=fusion, workers=workers, threads=threads,
-                           hdus=hdus, skip_bad=skip_bad, progress=progress,
-                           at_n=_at_n(at_n))
+                           hdus=hdus, skip_bad=skip_bad, progress=progress, at_n=_at_n(at_n))
     _check_ranges(opts)
     out = os.path.abspath(os.path.expanduser(out))
     _check_out(out, overwrite)
