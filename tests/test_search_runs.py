@@ -149,3 +149,38 @@ def test_library_calls_check_at_n_and_prior():
     with pytest.raises(OptionRangeError, match="--prior"):
         TrainConfig(prior=0.0)
     assert TrainConfig(at_n="5,50").at_n == (5, 50)
+
+
+def test_ensemble_histories_get_one_column_and_tag_per_member(tmp_path):
+    """An ensemble's per-member losses and AUCs (names with '@' and '#') as columns, tags and plot lines; an
+    epoch without a value (no val split) is an empty cell."""
+    from dali_lens.trainers.curves import Curves, columns
+
+    history = [{"epoch": e, "train_loss": {"small_cnn@48#0": 0.7 / e, "resnet18@64#2": 0.8 / e}, "lr": 1e-3 / e,
+                "train_images_per_s": 100.0 * e, "data_wait_fraction": 0.1, "val_auc": 0.6 + 0.1 * e,
+                "val_auc_members": {"small_cnn@48#0": 0.6, "resnet18@64#2": 0.5 + 0.1 * e}, "val_loss": 0.5}
+               for e in (1, 2)]
+    history.append({"epoch": 3, "train_loss": {"small_cnn@48#0": 0.2, "resnet18@64#2": 0.3}, "lr": 0.0,
+                    "train_images_per_s": 300.0, "data_wait_fraction": 0.0, "val_auc_members": None})
+    assert columns(history) == ["epoch", "val_loss", "val_auc", "lr", "train_images_per_s", "data_wait_fraction",
+                                "train_loss/small_cnn@48#0", "train_loss/resnet18@64#2", "val_auc/small_cnn@48#0",
+                                "val_auc/resnet18@64#2"]
+    out = str(tmp_path)
+    curves = Curves(out, tensorboard=True, enabled=True)
+    for k in range(1, 4):
+        curves.epoch(history[:k])
+    curves.close(history)
+    rows = _csv(os.path.join(out, "curves.csv"))
+    assert rows[2]["val_auc"] == "" and rows[2]["train_loss/resnet18@64#2"] == "0.3"
+    events = _events(out)
+    assert events["train_loss/small_cnn@48#0"] == [(1, pytest.approx(0.7)), (2, pytest.approx(0.35)),
+                                                   (3, pytest.approx(0.2))]
+    assert [s for s, _ in events["val_auc"]] == [1, 2]
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+    # rank > 0 writes nothing
+    other = tmp_path / "rank1"
+    other.mkdir()
+    quiet = Curves(str(other), tensorboard=True, enabled=False)
+    quiet.epoch(history)
+    quiet.close(history)
+    assert os.listdir(other) == []
