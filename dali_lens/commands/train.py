@@ -10,8 +10,9 @@ Examples:
   python -m dali_lens.train --trainer ensemble --members small_cnn:64:0,resnet18:112:1,vit_b_16:224:2
   torchrun --nproc_per_node 4 -m dali_lens.train --data-root /data/lenses
 Outputs go to --out (default runs/<trainer>-<arch>-<time>/): best.pt, last.pt, config.json,
-metrics.json, predictions.csv, roc.png. One run at a time per --out (run.lock); --resume continues it with
-the same options (--allow-config-change for deliberate changes).
+metrics.json (with purity@N, completeness@N, completeness at purity), predictions.csv, roc.png, and the
+per-epoch curves.csv, curves.png and tensorboard/. One run at a time per --out (run.lock); --resume
+continues it with the same options (--allow-config-change for deliberate changes).
 Exit status: 0 done, 2 bad input or options (the message names the file or option), 130 interrupted
 (Ctrl-C), 143 terminated (SIGTERM); both keep the checkpoints written so far.
 """

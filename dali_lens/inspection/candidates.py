@@ -115,9 +115,9 @@ def member_spread(c: Candidate) -> float | None:
     if c.spread is not None:
         return c.spread
     if len(c.members) >= 2:
-        vals = list(c.members.values())
-        mean = sum(vals) / len(vals)
-        return math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        import numpy as np
+
+        return float(np.std(list(c.members.values())))
     return None
 
 

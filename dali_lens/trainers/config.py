@@ -197,7 +197,7 @@ class TrainConfig:
     progress: bool = _f(True, "progress bars")
     # --- issue 24: metrics and curves ---
     at_n: tuple[int, ...] = _f(DEFAULT_AT_N, "test pass: purity@N and completeness@N at these N, each capped at "
-                                             "the split's size", type=AT_N)
+                                             "the split's size", type=AT_N, metavar="N,...")
     prior: float = _f(1e-3, "test pass: the survey's lens fraction at which purity@N, completeness@N and "
                             "completeness at purity are also given", type=FRACTION_OPEN)
     tensorboard: bool = _f(True, "per-epoch curves also as TensorBoard event files in <out>/tensorboard/ "
