@@ -78,6 +78,8 @@ def summarise(cmd: list[str], proc: subprocess.CompletedProcess, wall: float, tm
             rec["backend_line"] = s
         elif s.startswith("epoch "):
             rec.setdefault("epochs", []).append(s)
+        elif s.startswith("test: purity@") or s.startswith("test: at prior"):  # the search metrics' lines
+            rec.setdefault("search_lines", []).append(s)
         elif s.startswith("test:") or s.startswith("AUC") or "ROC AUC" in s:
             rec["result_line"] = s
         elif s.startswith("scored ") and "img/s" in s:  # predict's throughput line

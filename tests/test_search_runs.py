@@ -184,3 +184,14 @@ def test_ensemble_histories_get_one_column_and_tag_per_member(tmp_path):
     quiet.epoch(history)
     quiet.close(history)
     assert os.listdir(other) == []
+
+
+def test_evaluate_files_checks_at_n_before_any_work(tmp_path):
+    from dali_lens.choices import OptionRangeError
+    from dali_lens.evaluation import evaluate_files
+
+    out = tmp_path / "eval"
+    for bad in ((0,), "5,5", "x"):
+        with pytest.raises(OptionRangeError, match="--at-n"):
+            evaluate_files(str(tmp_path / "no.pt"), str(tmp_path / "nodata"), str(out), at_n=bad)
+    assert not out.exists()
