@@ -195,3 +195,38 @@ def test_evaluate_files_checks_at_n_before_any_work(tmp_path):
         with pytest.raises(OptionRangeError, match="--at-n"):
             evaluate_files(str(tmp_path / "no.pt"), str(tmp_path / "nodata"), str(out), at_n=bad)
     assert not out.exists()
+
+
+def test_a_full_disk_under_tensorboard_is_one_error_naming_the_folder(tmp_path, capsys):
+    """TensorBoard writes from a thread of its own: a full disk there is the main thread's OSError naming
+    tensorboard/ (the command's one `error: cannot write` line), and no traceback from the thread."""
+    import subprocess
+
+    from dali_lens.trainers.curves import Curves
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: needs root")
+    try:
+        filler = mnt / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # every page taken, then one given back: curves.csv
+        try:                                             # fits, the event file does not
+            while os.write(fd, b"\0" * 4096) == 4096:
+                pass
+        except OSError:
+            pass
+        os.close(fd)
+        os.truncate(filler, os.path.getsize(filler) // 4096 * 4096 - 4096)
+        curves = Curves(str(mnt), tensorboard=True, enabled=True)
+        with pytest.raises(OSError) as exc:
+            curves.epoch([{"epoch": 1, "train_loss": {"m": 0.5}, "lr": 1e-3}])
+        assert exc.value.filename == os.path.join(str(mnt), "tensorboard") and exc.value.errno == 28
+        assert (mnt / "curves.csv").exists()
+        import time
+
+        time.sleep(0.2)  # (the writer thread has ended by now)
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

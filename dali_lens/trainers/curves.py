@@ -14,8 +14,10 @@ history the run holds, even when the run stopped between its checkpoint and its 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 
 CSV = "curves.csv"
 TENSORBOARD = "tensorboard"
@@ -114,6 +116,28 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> str:
     return _atomic_savefig(fig, path)
 
 
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes event files from a thread of its own; a failed write there (a full disk) is kept for
+    the main thread, which raises it at the next flush (one ``error:`` line from the command), and is also
+    re-raised in the thread, whose traceback would be printed. The threading hook skips that one thread class's
+    OSErrors (every other thread's exceptions go to the hook that was there)."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another tensorboard: its thread is left as it is
+        return
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard_writer", False):
+        return
+
+    def hook(args) -> None:
+        if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.quiet_tensorboard_writer = True
+    threading.excepthook = hook
+
+
 class Curves:
     """The curves of one run in ``out``: :meth:`epoch` after every epoch's checkpoint, :meth:`close` once
     training is done. Does nothing on ranks other than 0 (``enabled=False``). ``history``: what a resumed
@@ -125,10 +149,21 @@ class Curves:
         self.resumed = bool(history)
         self.writer = None
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write of the event file names the folder (TensorBoard's own error names no file)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:
+                raise OSError(exc.errno, exc.strerror, os.path.join(self.out, TENSORBOARD)) from None
+            raise
+
     def _open(self, history: list[dict]) -> None:
         """The writer; a resumed run's starts with a purge at step 1 and logs the checkpoint's history again."""
         from torch.utils.tensorboard import SummaryWriter
 
+        _quiet_writer_threads()
         self.writer = SummaryWriter(os.path.join(self.out, TENSORBOARD), purge_step=1 if self.resumed else None)
         for entry in history:
             self._scalars(entry)
@@ -146,11 +181,12 @@ class Curves:
             return
         write_csv(os.path.join(self.out, CSV), history)
         if self.tensorboard:
-            if self.writer is None:
-                self._open(history)
-            else:
-                self._scalars(history[-1])
-            self.writer.flush()
+            with self._writing():
+                if self.writer is None:
+                    self._open(history)
+                else:
+                    self._scalars(history[-1])
+                self.writer.flush()
 
     def close(self, history: list[dict]) -> None:
         """Training is over: ``curves.png`` written (when there is a history), the event file closed."""
@@ -160,5 +196,6 @@ class Curves:
             write_csv(os.path.join(self.out, CSV), history)
             plot_curves(history, os.path.join(self.out, PNG), os.path.basename(self.out))
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            with self._writing():
+                writer.close()
