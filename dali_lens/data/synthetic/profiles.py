@@ -57,11 +57,12 @@ def _sersic_coefficients(re, n, q, phi):
 
 
 def _sersic_profile(x: torch.Tensor, n, bn, log_amp) -> torch.Tensor:
-    """In place: x = (R / Re)^2 (softened), (m, ...) -> unit-flux Sersic surface brightness per pixel^2."""
+    """x = (R / Re)^2 (softened), (m, ...) -> unit-flux Sersic surface brightness per pixel^2 (overwrites x).
+
+    exp(log_amp - b_n (R / Re)^(1/n)) in three passes over the pixels: pow, addcmul, exp."""
     d = x.ndim
-    x.log_().mul_(_col(0.5 / n, d)).exp_()                      # (R / Re)^(1/n)
-    x.mul_(_col(-bn, d)).add_(_col(log_amp, d)).exp_()
-    return x
+    x.pow_(_col(0.5 / n, d))                                    # (R / Re)^(1/n)
+    return torch.addcmul(_col(log_amp, d), x, _col(-bn, d), out=x).exp_()
 
 
 def sersic_grid(xs: torch.Tensor, ys: torch.Tensor, x0, y0, re, n, q, phi) -> torch.Tensor:
@@ -154,24 +155,51 @@ def lensed_source(x0, y0, theta_e_pix, q, phi, g1, g2, src_dx, src_dy, src_re_pi
     (g1, g2); the source (effective radius ``src_re_pix``, index ``src_n``, axis ratio ``src_q``, angle
     ``src_phi``) sits at (src_dx, src_dy) px from the lens centre; sub-pixels are averaged. The image sums to
     the magnification of the part of the lensed light inside the cutout. All parameters are (m,) tensors.
+
+    The same lens equation as ``sie_deflection`` + ``sersic_points``, evaluated in the frame of the mass's major
+    axis (the shear, the source offset and the source's orientation are rotated into it instead of the
+    deflection out of it) and with the per-sample factors folded into fused passes: ~25 passes over the rays
+    instead of ~45 (the hot path of the injector).
     """
+    f64 = lambda v: torch.as_tensor(v).to(_F64)  # noqa: E731
+    x0, y0, theta_e_pix, q, phi, g1, g2, sdx, sdy = (f64(v) for v in (x0, y0, theta_e_pix, q, phi, g1, g2,
+                                                                    src_dx, src_dy))
     m = len(theta_e_pix)
-    xs, ys = pixel_grid(size, supersample, device)
-    x0, y0, theta_e_pix, q = (torch.as_tensor(v).to(_F64) for v in (x0, y0, theta_e_pix, q))
-    ldx = xs[None] - _col(x0, 3)
-    ldy = ys[None] - _col(y0, 3)
-    bsie = theta_e_pix * torch.sqrt(torch.clamp(q, max=0.9999))
-    ax, ay = sie_deflection(ldx, ldy, bsie, q, phi, g1, g2)
-    ldx -= ax
-    ldx -= _col(torch.as_tensor(src_dx), 3)
-    ldy -= ay
-    ldy -= _col(torch.as_tensor(src_dy), 3)
-    del ax, ay
-    src = sersic_points(ldx, ldy, src_re_pix, src_n, src_q, src_phi)
-    del ldx, ldy
-    s = int(supersample)
-    if s > 1:
-        src = src.reshape(m, size, s, size, s).mean(dim=(2, 4))
+    ax = pixel_axis(size, supersample, device)
+    n_ax = ax.numel()
+    q = torch.clamp(q, max=0.9999)
+    f = torch.sqrt(1 - q ** 2)
+    b_over_f = theta_e_pix * torch.sqrt(q) / f
+    c, s = torch.cos(phi), torch.sin(phi)
+    dx = ax[None, None, :] - _col(x0, 3)                         # (m, 1, W)
+    dy = ax[None, :, None] - _col(y0, 3)                         # (m, H, 1)
+    xr = dx * _col(c, 3) + dy * _col(s, 3)                       # (m, H, W): along the mass major axis
+    yr = dy * _col(c, 3) - dx * _col(s, 3)
+    del dx, dy
+    psi = torch.hypot(xr * _col(q, 3), yr)
+    psi.add_(1e-6).div_(_col(f, 3))                              # psi / f
+    ax_ = torch.div(xr, psi).atan_()                             # alpha_x' / (b / f)
+    ay_ = torch.div(yr, psi, out=psi).atanh_()                   # alpha_y' / (b / f)
+    # shear and source offset in the rotated frame: gamma' = gamma e^{-2i phi}, offset' = R(-phi) offset
+    c2, s2 = torch.cos(2 * phi), torch.sin(2 * phi)
+    g1r, g2r = g1 * c2 + g2 * s2, g2 * c2 - g1 * s2
+    sxr, syr = sdx * c + sdy * s, sdy * c - sdx * s
+    bx = torch.addcmul(_col(-sxr, 3), xr, _col(1 - g1r, 3))      # beta_x' = x'(1 - g1') - g2' y' - alpha_x' - s_x'
+    bx.addcmul_(yr, _col(-g2r, 3)).addcmul_(ax_, _col(-b_over_f, 3))
+    by = torch.addcmul(_col(-syr, 3), yr, _col(1 + g1r, 3), out=yr)  # beta_y' = y'(1 + g1') - g2' x' - ...
+    by.addcmul_(xr, _col(-g2r, 3)).addcmul_(ay_, _col(-b_over_f, 3))
+    del xr, ax_, ay_, psi
+    a, b, cc, soft, n, bn, log_amp = _sersic_coefficients(src_re_pix, src_n, src_q, f64(src_phi) - phi)
+    r2 = torch.mul(bx, _col(a, 3))                               # a bx^2 + b bx by + c by^2 + soft
+    r2.addcmul_(by, _col(b, 3)).mul_(bx)
+    by2 = torch.mul(by, _col(cc, 3)).mul_(by)
+    r2.add_(by2).add_(_col(soft, 3))
+    del bx, by, by2
+    src = _sersic_profile(r2, n, bn, log_amp)
+    if supersample > 1:
+        k = int(supersample)
+        src = src.reshape(m, size, k, size, k).mean(dim=(2, 4))
+    assert src.shape[-1] == n_ax // int(supersample)
     return src
 
 

@@ -198,6 +198,31 @@ def _add_noise(out: np.ndarray, rngs: list[np.random.Generator], bg_var: np.ndar
     out += var
 
 
+def lensed_source_model(n: int, size: int = 64, bands: Sequence[str] = ("g", "r", "i"), seed: int = 0, *,
+                        start: int = 0, einstein_radius: tuple[float, float] = DEFAULT_DIFFICULTY["einstein_radius"],
+                        source_mag: tuple[float, float] = DEFAULT_DIFFICULTY["source_mag"],
+                        seeing: tuple[float, float] | None = None, pixel_scale: float | None = None,
+                        psf: str = "gaussian", survey: str = "ground", supersample: int = 2,
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The lensed source alone of samples ``start .. start + n - 1`` simulated as lenses (the noiseless,
+    PSF-convolved part that ``simulate`` adds to the deflector's light), in counts, float32 (n, B, size, size),
+    and their parameters: the draws of ``draw_parameters`` (pixels and arcsec as there) plus ``flux`` (n, B),
+    the unlensed source's counts per band, and ``fwhm_pix`` (n, B), the PSF FWHM in pixels. Rendered by the
+    same shared code as ``simulate`` (``profiles.lensed_source``, ``psf_otf``, ``convolve``); the injector's
+    ``lensed_images`` renders the same image from the same parameters (tests/test_injection.py)."""
+    st = simulation_settings(size, bands, survey, psf, einstein_radius, source_mag, seeing, pixel_scale,
+                             supersample, 1.0)
+    indices = np.arange(int(start), int(start) + int(n), dtype=np.int64)
+    u, _ = draw_uniforms(indices, check_seed(seed))
+    p = draw_parameters(u, np.ones(len(indices), dtype=bool), st)
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in p.items()}
+    flux = source_band_fluxes(p, st)
+    fwhm_pix = _fwhm_pix(p, st)
+    src = torch.from_numpy(flux.astype(np.float32))[:, :, None, None] * lensed_source_unconvolved(t, st)[:, None]
+    images = convolve(src, psf_otf(torch.from_numpy(fwhm_pix), st["size"], st["psf"])).numpy()
+    return images, dict(p, flux=flux, fwhm_pix=fwhm_pix)
+
+
 def simulate(n: int, size: int = 64, bands: Sequence[str] = ("g", "r", "i"), seed: int = 0,
              is_lens: bool | Sequence[bool] | np.ndarray | None = None, *,
              einstein_radius: tuple[float, float] = DEFAULT_DIFFICULTY["einstein_radius"],
