@@ -20,7 +20,9 @@ What is drawn, per sample (``draw``; every knob has a documented default range, 
 * its brightness: the S/N of the lensed image uniform in ``--inject-snr`` (default 10-50). **S/N** is the
   generator's ``flux_lensed_image_in_sigma`` summed over all bands: sum over the pixels of every band where the
   noiseless arc exceeds that band's noise sigma of arc / sigma (``profiles.flux_in_sigma``). The arc is scaled
-  so that this equals the drawn value exactly (up to one pixel crossing the 1-sigma threshold: < 1 too high);
+  so that this equals the drawn value (exactly on the stretches where it varies continuously; pixels cross the
+  threshold one at a time, each adding at least 1, so where the drawn value falls in such a jump the nearer
+  end is taken: within +-0.5); the catalogue holds the S/N measured on the scaled arc;
 * its colours: per-band flux ratios ``colours`` (default: the generator's blue star-forming source,
   ``synthetic.bands``, at the bands' positions between g and z for the band count);
 * the PSF: a Gaussian (or Moffat, beta = 3.5) of FWHM ``--psf-fwhm`` per band (arcsec; one value for all bands;
@@ -342,41 +344,47 @@ def lensed_images(params: dict, size: int, bands: int, settings: InjectionSettin
 
 def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The factor k (B,) float64 such that the S/N of ``k * images`` against ``sigma`` ((C,) or (B, C);
-    ``profiles.flux_in_sigma``, the module docstring's S/N) is ``snr`` (B,), with that S/N and the number of
-    pixels above 1 sigma (B,) of the scaled images.
+    """The factor k (B,) float64 that brings the S/N of ``k * images`` against ``sigma`` ((C,) or (B, C);
+    ``profiles.flux_in_sigma``, the module docstring's S/N) closest to ``snr`` (B,), with the S/N reached and
+    the number of pixels above 1 sigma (B,) of the scaled images.
 
-    F(k) = k * (sum of v over the pixels with k v > 1), v = image / sigma, increases with k and jumps by
-    exactly 1 where a pixel crosses the threshold; k is the smallest value with F(k) >= snr, so the S/N reached
-    is in [snr, snr + 1) (equal to snr but where snr falls in a jump). Every pixel counted adds > 1, so at most
-    ceil(snr) pixels count: only the top floor(max snr) + 2 values per sample are needed (``topk``, not a
-    sort). k = 0 for an image without a positive pixel."""
+    F(k) = k * (sum of v over the pixels with k v > 1), v = image / sigma, increases with k, continuously
+    between threshold crossings, and jumps by exactly 1 where a pixel crosses the threshold. Where ``snr`` lies
+    on a continuous stretch F(k) = snr exactly; where it falls in a jump, the nearer end is taken (|F - snr| <=
+    0.5). Every pixel counted adds > 1, so at most ceil(snr) + 1 pixels count: only the top floor(max snr) + 3
+    values per sample are needed (``topk``, not a sort). k = 0 for an image without a positive pixel."""
     b = images.shape[0]
     sigma = torch.as_tensor(sigma, device=images.device).to(torch.float32)
     v = (images / sigma.reshape(sigma.shape[:-1] + (sigma.shape[-1], 1, 1))).reshape(b, -1)
     target = torch.as_tensor(snr, device=images.device).to(torch.float64)
     if b == 0:
         z = torch.zeros(0, dtype=torch.float64, device=images.device)
-        return z, z, z
+        return z, z, z.to(torch.int64)
     kk = min(v.shape[1], int(math.floor(float(target.max()))) + 3)
     vs = torch.topk(v, kk, dim=1, sorted=True).values.to(torch.float64)      # (B, K) descending
-    s = torch.cumsum(vs, dim=1)
+    s = torch.cumsum(vs, dim=1)                                               # S_j: top j + 1 pixels
     pos = vs > 0
     inf = torch.full_like(vs, math.inf)
-    inv = torch.where(pos, 1.0 / vs, inf)
-    last = inf[:, :1] if kk == v.shape[1] else inv[:, -1:]
-    inv_next = torch.cat([inv[:, 1:], last], dim=1)
+    inv = torch.where(pos, 1.0 / vs, inf)                                     # pixel j counts for k > inv_j
+    inv_next = torch.cat([inv[:, 1:], inf[:, :1] if kk == v.shape[1] else inv[:, -1:]], dim=1)
     cand = torch.maximum(inv, target[:, None] / torch.where(pos, s, torch.ones_like(s)))
-    ok = pos & (cand < inv_next)
-    k, j = torch.where(ok, cand, inf).min(dim=1)
+    k, j = torch.where(pos & (cand < inv_next), cand, inf).min(dim=1)  # smallest k with F(k) >= snr: segment j
     found = torch.isfinite(k)
-    # a margin so that a pixel exactly at the threshold (k = 1 / v) stays above it after float32 rounding,
-    # never past the next pixel's threshold
-    k = torch.minimum(k * (1 + 1e-5), 0.5 * (k + inv_next.gather(1, j[:, None])[:, 0]))
-    # the achieved S/N and pixel count of segment j (top j + 1 pixels counted)
-    reached = torch.where(found, k * s.gather(1, j[:, None])[:, 0], torch.zeros_like(k))
-    npix = torch.where(found, j + 1, torch.zeros_like(j))
-    return torch.where(found, k, torch.zeros_like(k)), reached, npix
+    j1 = j[:, None]
+    inv_j, s_j = inv.gather(1, j1)[:, 0], s.gather(1, j1)[:, 0]
+    s_prev = torch.where(j > 0, s.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(s_j))
+    inv_prev = torch.where(j > 0, inv.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(inv_j))
+    # in a jump (k = inv_j): the S/N just below (pixel j not counted) or at it (counted), whichever is nearer
+    f_plus, f_minus = s_j * inv_j, s_prev * inv_j
+    below = found & (k <= inv_j) & (target - f_minus < f_plus - target)
+    # margins keep a pixel at its threshold on the intended side after float32 rounding, never past a neighbour's
+    k_up = torch.minimum(k * (1 + 2e-6), 0.5 * (k + inv_next.gather(1, j1)[:, 0]))
+    k_down = torch.maximum(inv_j * (1 - 2e-6), 0.5 * (inv_j + inv_prev))
+    k = torch.where(below, k_down, k_up)
+    reached = torch.where(below, k * s_prev, k * s_j)
+    npix = torch.where(below, j, j + 1)
+    zero = torch.zeros_like(k)
+    return torch.where(found, k, zero), torch.where(found, reached, zero), torch.where(found, npix, 0 * npix)
 
 
 def arcs(settings: InjectionSettings, bands: int, size: int, indices, epoch: int, noise_sigma,
