@@ -300,36 +300,38 @@ def draw(settings: InjectionSettings, bands: int, indices, epoch: int) -> dict[s
 # ----------------------------------------------------------------------------------------------- rendering
 
 def _otf(settings: InjectionSettings, params: dict, bands: int, size: int, device) -> torch.Tensor:
-    """Transfer functions (C, size, size//2+1), or (B, C, ...) for per-sample ``params["psf_fwhm"]`` (B, C)."""
+    """Transfer functions (C, size, size//2+1), or (B, C, ...) for per-sample ``params["psf_fwhm"]`` (B, C), or
+    (1, size, size//2+1) where every band has the same PSF (one (k, k) image, or equal FWHMs: the default)."""
     ps = settings.pixel_scale
     if "psf_fwhm" in params:
         return psf_otf(torch.as_tensor(params["psf_fwhm"], device=device).to(torch.float64) / ps, size,
                        settings.psf_profile)
     if settings.psf is not None:
         ker = torch.from_numpy(np.array(settings.psf)).to(device)
-        if ker.ndim == 2:
-            ker = ker.expand(bands, -1, -1)
-        return kernel_otf(ker, size)
-    fwhm = torch.tensor(settings.fwhm(bands), dtype=torch.float64, device=device) / ps
-    return psf_otf(fwhm, size, settings.psf_profile)
+        return kernel_otf(ker[None] if ker.ndim == 2 else ker, size)
+    fwhm = settings.fwhm(bands)
+    fwhm = fwhm[:1] if len(set(fwhm)) == 1 else fwhm
+    return psf_otf(torch.tensor(fwhm, dtype=torch.float64, device=device) / ps, size, settings.psf_profile)
 
 
-def _render(params: dict, size: int, bands: int, settings: InjectionSettings, device) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
-    """(images (B, C, size, size) float32, magnification (B,) float64) of ``lensed_images``."""
+def _render(params: dict, size: int, bands: int, settings: InjectionSettings, device,
+            flux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (B, C, size, size) float32, magnification (B,) float64) of ``lensed_images``; ``flux`` (B, C)
+    or (C,): the unlensed source's flux per band (default: ``params["flux"]``, else the settings' colours).
+    One FFT convolution per band, or one in all where the bands share the PSF."""
     ps = settings.pixel_scale
     dev = torch.device(device) if device is not None else params["theta_e"].device
     p = {k: torch.as_tensor(v, device=dev) for k, v in params.items()}
     src = lensed_source(p["x0"] / ps, p["y0"] / ps, p["theta_e"] / ps, p["lens_q"], p["lens_phi"], p["g1"], p["g2"],
                         p["source_x"] / ps, p["source_y"] / ps, p["source_re"] / ps, p["sersic_n"], p["source_q"],
                         p["source_phi"], size, settings.supersample, dev)
-    magnification = src.sum(dim=(1, 2), dtype=torch.float64)
-    if "flux" in p:
-        flux = p["flux"].to(torch.float32)                                    # (B, C)
-    else:
-        flux = torch.tensor(settings.colour_ratios(bands), dtype=torch.float32, device=dev)[None]
-    otf = _otf(settings, p, bands, size, dev) * flux[:, :, None, None]
-    return convolve(src[:, None], otf), magnification
+    magnification = src.sum(dim=(1, 2)).to(torch.float64)
+    if flux is None:
+        flux = p["flux"] if "flux" in p else torch.tensor(settings.colour_ratios(bands), device=dev)
+    flux = torch.as_tensor(flux, device=dev).to(torch.float32)
+    flux = flux.reshape((-1, bands, 1, 1))
+    img = convolve(src[:, None], _otf(settings, p, bands, size, dev))    # (B, C or 1, H, W)
+    return (img.mul_(flux) if img.shape[1] == bands else img * flux), magnification
 
 
 def lensed_images(params: dict, size: int, bands: int, settings: InjectionSettings, device=None) -> torch.Tensor:
@@ -405,22 +407,25 @@ def arcs(settings: InjectionSettings, bands: int, size: int, indices, epoch: int
     sigma = torch.as_tensor(noise_sigma, dtype=torch.float32, device=dev)
     if sigma.ndim not in (1, 2) or sigma.shape[-1] != bands or (sigma.ndim == 2 and sigma.shape[0] != b):
         raise ValueError(f"noise_sigma must be ({bands},) or ({b}, {bands}), got {tuple(sigma.shape)}")
-    out = torch.zeros((b, bands, size, size), dtype=torch.float32, device=dev)
     cat = {k: torch.zeros(b, dtype=torch.float64, device=dev) for k in CATALOGUE[1:]}
     cat["inject"] = inject
     sel = torch.nonzero(inject).flatten()
-    if sel.numel():
-        q = {k: v[sel] for k, v in p.items()}
-        sig = sigma[sel] if sigma.ndim == 2 else sigma
-        img, magnification = _render(q, size, bands, settings, dev)
-        k, snr, npix = scale_to_snr(img, sig, q["snr"])
-        img *= k.to(torch.float32)[:, None, None, None]
-        out[sel] = img
-        for name in ("theta_e", "source_re", "sersic_n", "source_q", "lens_q", "lens_phi", "shear", "x0", "y0",
-                     "source_x", "source_y"):
-            cat[name][sel] = q[name]
-        cat["snr"][sel] = snr
-        cat["magnification"][sel] = magnification
-        cat["npix"][sel] = npix.to(torch.float64)
-        cat["source_flux"][sel] = k
+    if not sel.numel():
+        return torch.zeros((b, bands, size, size), dtype=torch.float32, device=dev), inject, cat
+    q = {k: v[sel] for k, v in p.items()}
+    sig = sigma[sel] if sigma.ndim == 2 else sigma
+    img, magnification = _render(q, size, bands, settings, dev)
+    k, snr, npix = scale_to_snr(img, sig, q["snr"])
+    img *= k.to(torch.float32)[:, None, None, None]
+    if sel.numel() == b:
+        out = img
+    else:
+        out = torch.zeros((b, bands, size, size), dtype=torch.float32, device=dev).index_copy_(0, sel, img)
+    for name in ("theta_e", "source_re", "sersic_n", "source_q", "lens_q", "lens_phi", "shear", "x0", "y0",
+                 "source_x", "source_y"):
+        cat[name][sel] = q[name]
+    cat["snr"][sel] = snr
+    cat["magnification"][sel] = magnification
+    cat["npix"][sel] = npix.to(torch.float64)
+    cat["source_flux"][sel] = k
     return out, inject, cat
