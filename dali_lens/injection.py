@@ -57,7 +57,7 @@ import torch
 
 from .choices import NON_NEGATIVE_NUMBER, POSITIVE, PROBABILITY, PSFS, SEED, OptionRangeError, Parsed, Range
 from .data.synthetic.bands import band_properties
-from .data.synthetic.parameters import MASS_Q, SHEAR_MAX, SOURCE_OFFSET, SOURCE_Q
+from .data.synthetic.parameters import MASS_Q, SHEAR_MAX, SOURCE_OFFSET, SOURCE_Q, parse_pair
 from .data.synthetic.profiles import convolve, kernel_otf, lensed_source, psf_otf
 
 __all__ = ["InjectionSettings", "draw", "lensed_images", "arcs", "default_colours", "uniforms", "scale_to_snr",
@@ -90,13 +90,10 @@ def _numbers(value) -> tuple[float, ...]:
 
 
 def _pair(lo_min: float, lo_open: bool = False, hi_max: float | None = None):
+    """A parser of MIN,MAX ranges (``synthetic.parameters.parse_pair``: two finite numbers, MIN <= MAX) with
+    MIN >= ``lo_min`` (> where ``lo_open``) and MAX <= ``hi_max``."""
     def parse(value) -> tuple[float, float]:
-        vals = _numbers(value)
-        if len(vals) != 2:
-            raise ValueError("not two values MIN,MAX")
-        lo, hi = vals
-        if lo > hi:
-            raise ValueError(f"MIN {lo:g} > MAX {hi:g}")
+        lo, hi = parse_pair(value, "MIN,MAX")
         if lo < lo_min or (lo_open and lo == lo_min):
             raise ValueError(f"MIN {lo:g} is {'<=' if lo_open else '<'} {lo_min:g}")
         if hi_max is not None and hi > hi_max:
