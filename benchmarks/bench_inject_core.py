@@ -90,7 +90,8 @@ def loader_reference() -> dict | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny run (1 batch, 1 repeat): a smoke test")
-    p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/inject-core-<gpu-or-host>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default: benchmarks/results/inject-core-<gpu-or-host>.json)")
     args = p.parse_args(argv)
     batches, repeats = (1, 1) if args.quick else (8, 3)
     machine = common.machine_info()

@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,8 +67,10 @@ DEFAULT_PSF_FWHM = 1.0    #: arcsec, every band, when neither psf_fwhm nor psf i
 
 #: catalogue columns of ``arcs`` (B,) each: inject (bool), then float64 values (0 where not injected):
 #: theta_e, source_re, x0, y0, source_x, source_y (arcsec; x0, y0 the lens centre's offset from the cutout
-#: centre, source_x/y the source's offset from the lens centre), snr (as measured on the scaled arc, see the
-#: module docstring), magnification (lensed flux in the cutout / unlensed source flux, before the PSF),
+#: centre, source_x/y the source's offset from the lens centre; x along the image's last axis (columns), y along
+#: its rows), snr (as measured on the scaled arc, see the module docstring), magnification (lensed flux in the
+#: cutout before the PSF / the unlensed source's flux, the generator's definition: the Sersic's analytic unit
+#: flux, of which the 0.3 px softened core of a source smaller than ~1 px holds a few per cent less),
 #: sersic_n, source_q, lens_q, lens_phi (rad), shear (|gamma|), npix (pixels above 1 sigma, all bands),
 #: source_flux (the unlensed source's flux in data units per unit of ``colours``).
 CATALOGUE = ("inject", "theta_e", "snr", "magnification", "source_re", "sersic_n", "source_q", "lens_q", "lens_phi",
@@ -243,9 +245,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def uniforms(seed: int, epoch: int, indices: torch.Tensor, slots: int = _N_SLOTS) -> torch.Tensor:
     """Counter-based uniforms in (0, 1), float64 (B, slots): a hash of (seed, epoch, index, slot), so each
     value depends on nothing else (batch, device, order)."""
-    idx = torch.as_tensor(indices, dtype=torch.int64)
-    if (idx < 0).any():
-        raise ValueError("sample indices must be >= 0")
+    idx = torch.as_tensor(indices, dtype=torch.int64)             # (any int64, negative ones too)
     h = _mix(torch.full_like(idx, (int(seed) ^ 0x9E3779B9) & _M32))
     h = _mix(h ^ (int(epoch) & _M32))
     h = _mix(h ^ ((int(epoch) >> 32) & _M32) ^ 0x85EBCA6B)
@@ -341,7 +341,7 @@ def lensed_images(params: dict, size: int, bands: int, settings: InjectionSettin
     return _render(params, int(size), int(bands), settings, device)[0]
 
 
-def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
+def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor, snr_max: float | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The factor k (B,) float64 that brings the S/N of ``k * images`` against ``sigma`` ((C,) or (B, C);
     ``profiles.flux_in_sigma``, the module docstring's S/N) closest to ``snr`` (B,), with the S/N reached and
@@ -351,7 +351,8 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
     between threshold crossings, and jumps by exactly 1 where a pixel crosses the threshold. Where ``snr`` lies
     on a continuous stretch F(k) = snr exactly; where it falls in a jump, the nearer end is taken (|F - snr| <=
     0.5). Every pixel counted adds > 1, so at most ceil(snr) + 1 pixels count: only the top floor(max snr) + 3
-    values per sample are needed (``topk``, not a sort). k = 0 for an image without a positive pixel."""
+    values per sample are needed (``topk``, not a sort; ``snr_max``, an upper bound of ``snr`` known beforehand,
+    spares reading it back from the device). k = 0 for an image without a positive pixel."""
     b = images.shape[0]
     sigma = torch.as_tensor(sigma, device=images.device).to(torch.float32)
     v = (images / sigma.reshape(sigma.shape[:-1] + (sigma.shape[-1], 1, 1))).reshape(b, -1)
@@ -359,7 +360,8 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
     if b == 0:
         z = torch.zeros(0, dtype=torch.float64, device=images.device)
         return z, z, z.to(torch.int64)
-    kk = min(v.shape[1], int(math.floor(float(target.max()))) + 3)
+    top = float(target.max()) if snr_max is None else float(snr_max)
+    kk = min(v.shape[1], int(math.floor(top)) + 3)
     vs = torch.topk(v, kk, dim=1, sorted=True).values.to(torch.float64)      # (B, K) descending
     s = torch.cumsum(vs, dim=1)                                               # S_j: top j + 1 pixels
     pos = vs > 0
@@ -412,7 +414,7 @@ def arcs(settings: InjectionSettings, bands: int, size: int, indices, epoch: int
     q = {k: v[sel] for k, v in p.items()}
     sig = sigma[sel] if sigma.ndim == 2 else sigma
     img, magnification = _render(q, size, bands, settings, dev)
-    k, snr, npix = scale_to_snr(img, sig, q["snr"])
+    k, snr, npix = scale_to_snr(img, sig, q["snr"], settings.snr[1])
     img *= k.to(torch.float32)[:, None, None, None]
     if sel.numel() == b:
         out = img
