@@ -32,7 +32,9 @@ What is drawn, per sample (``draw``; every knob has a documented default range, 
 
 Determinism: every draw comes from a counter-based hash of (seed, epoch, sample index, slot) (32-bit integer
 arithmetic in int64 tensors, identical on CPU and CUDA), so the arc of a sample depends on nothing else: not on
-the batch it is in, its position there, the number of workers or DDP ranks. A mid-epoch resume repeats the
+the batch it is in, its position there, the number of workers or DDP ranks. Its parameters are the same bit for
+bit; its pixels to float rounding (~1e-6 of its peak: two samples share one complex FFT, and devices round
+differently), and bit for bit in the same batch on the same device, so a mid-epoch resume repeats the
 injections exactly; the next epoch draws new ones (fixed sets: pass the same epoch, e.g. 0).
 
 Use::
@@ -58,7 +60,7 @@ import torch
 from .choices import NON_NEGATIVE_NUMBER, POSITIVE, PROBABILITY, PSFS, SEED, OptionRangeError, Parsed, Range
 from .data.synthetic.bands import band_properties
 from .data.synthetic.parameters import MASS_Q, SHEAR_MAX, SOURCE_OFFSET, SOURCE_Q, parse_pair
-from .data.synthetic.profiles import convolve, kernel_otf, lensed_source, psf_otf
+from .data.synthetic.profiles import convolve, convolve_bands, kernel_otf, lensed_source, psf_otf
 
 __all__ = ["InjectionSettings", "draw", "lensed_images", "arcs", "default_colours", "uniforms", "scale_to_snr",
            "OPTIONS", "CATALOGUE", "DEFAULT_PSF_FWHM"]
@@ -297,25 +299,28 @@ def draw(settings: InjectionSettings, bands: int, indices, epoch: int) -> dict[s
 # ----------------------------------------------------------------------------------------------- rendering
 
 def _otf(settings: InjectionSettings, params: dict, bands: int, size: int, device) -> torch.Tensor:
-    """Transfer functions (C, size, size//2+1), or (B, C, ...) for per-sample ``params["psf_fwhm"]`` (B, C), or
-    (1, size, size//2+1) where every band has the same PSF (one (k, k) image, or equal FWHMs: the default)."""
+    """Transfer functions (B, C, size, size//2+1) for per-sample ``params["psf_fwhm"]`` (B, C) (``convolve``);
+    else full ones (C, size, size) for ``convolve_bands``, (1, size, size) where every band has the same PSF
+    (one (k, k) image, or equal FWHMs: the default)."""
     ps = settings.pixel_scale
     if "psf_fwhm" in params:
         return psf_otf(torch.as_tensor(params["psf_fwhm"], device=device).to(torch.float64) / ps, size,
                        settings.psf_profile)
     if settings.psf is not None:
         ker = torch.from_numpy(np.array(settings.psf)).to(device)
-        return kernel_otf(ker[None] if ker.ndim == 2 else ker, size)
+        return kernel_otf(ker[None] if ker.ndim == 2 else ker, size, full=True)
     fwhm = settings.fwhm(bands)
     fwhm = fwhm[:1] if len(set(fwhm)) == 1 else fwhm
-    return psf_otf(torch.tensor(fwhm, dtype=torch.float64, device=device) / ps, size, settings.psf_profile)
+    return psf_otf(torch.tensor(fwhm, dtype=torch.float64, device=device) / ps, size, settings.psf_profile,
+                   full=True)
 
 
 def _render(params: dict, size: int, bands: int, settings: InjectionSettings, device,
             flux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (B, C, size, size) float32, magnification (B,) float64) of ``lensed_images``; ``flux`` (B, C)
     or (C,): the unlensed source's flux per band (default: ``params["flux"]``, else the settings' colours).
-    One FFT convolution per band, or one in all where the bands share the PSF."""
+    One FFT convolution per band (two samples per complex transform), or one in all where the bands share the
+    PSF."""
     ps = settings.pixel_scale
     dev = torch.device(device) if device is not None else params["theta_e"].device
     p = {k: torch.as_tensor(v, device=dev) for k, v in params.items()}
@@ -327,7 +332,8 @@ def _render(params: dict, size: int, bands: int, settings: InjectionSettings, de
         flux = p["flux"] if "flux" in p else torch.tensor(settings.colour_ratios(bands), device=dev)
     flux = torch.as_tensor(flux, device=dev).to(torch.float32)
     flux = flux.reshape((-1, bands, 1, 1))
-    img = convolve(src[:, None], _otf(settings, p, bands, size, dev))    # (B, C or 1, H, W)
+    otf = _otf(settings, p, bands, size, dev)
+    img = convolve(src[:, None], otf) if otf.ndim == 4 else convolve_bands(src, otf)    # (B, C or 1, H, W)
     return (img.mul_(flux) if img.shape[1] == bands else img * flux), magnification
 
 

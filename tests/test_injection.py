@@ -116,9 +116,12 @@ def test_draws_depend_only_on_seed_epoch_and_index():
     for part in parts:
         arc, inj_part, cat_part = inj.arcs(s, 3, 32, part, 4, SIGMA)
         assert torch.equal(inj_part, inject[part])
-        torch.testing.assert_close(arc, whole[part], rtol=1e-6, atol=1e-6)
+        # (the parameters bit for bit; the pixels to float rounding: two samples share a complex FFT)
+        torch.testing.assert_close(arc, whole[part], rtol=0, atol=1e-5 * float(whole.abs().max()))
         for k in inj.CATALOGUE[1:]:
-            torch.testing.assert_close(cat_part[k], cat[k][part], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(cat_part[k], cat[k][part], rtol=1e-5, atol=1e-9)
+    again, _, _ = inj.arcs(s, 3, 32, idx, 4, SIGMA)
+    assert torch.equal(again, whole)                                   # the same batch: bit for bit
     u = inj.uniforms(5, 4, idx)
     for part in parts:
         assert torch.equal(inj.uniforms(5, 4, part), u[part])          # bit for bit
