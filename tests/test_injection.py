@@ -206,6 +206,11 @@ def test_band_counts_are_checked_and_defaults():
         inj.draw(inj.InjectionSettings(psf_fwhm=(1.0, 1.1)), 3, torch.arange(4), 0)
     with pytest.raises(OptionRangeError, match=r"^--inject-colours"):
         inj.draw(inj.InjectionSettings(colours=(1.0, 1.1)), 3, torch.arange(4), 0)
+    import pickle
+
+    s = inj.InjectionSettings(psf=np.ones((3, 5, 5)), seed=4)               # loader workers get a pickled copy
+    t = pickle.loads(pickle.dumps(s))
+    assert t == s and hash(t) == hash(s) and np.array_equal(t.psf, s.psf)
     s = inj.InjectionSettings(theta_e="0.5,1.5", psf_fwhm="0.9", probability=1)
     assert s.theta_e == (0.5, 1.5) and s.fwhm(3) == (0.9, 0.9, 0.9) and s.probability == 1.0
     assert inj.InjectionSettings().fwhm(2) == (inj.DEFAULT_PSF_FWHM,) * 2
