@@ -395,19 +395,25 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor, s
 
 
 def arcs(settings: InjectionSettings, bands: int, size: int, indices, epoch: int, noise_sigma,
-         device=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+         device=None, eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                    dict[str, torch.Tensor]]:
     """Arcs to add to a batch of cutouts: ``(arcs (B, C, size, size) float32, inject (B,) bool, catalogue)``.
 
     ``indices`` (B,) are the samples' dataset indices, ``epoch`` the epoch (the draws' counters), ``noise_sigma``
     each band's noise per pixel in the data's units, (C,) or (B, C). Arcs are scaled to the drawn S/N against it
     and are 0 where not injected (only the injected samples are rendered). ``catalogue``: ``CATALOGUE``'s
-    columns, (B,) each, on the device. Everything is batched torch on ``device`` (default: ``indices``')."""
+    columns, (B,) each, on the device. Everything is batched torch on ``device`` (default: ``indices``').
+    ``eligible`` (B,) bool, optional: the samples that may be injected (the background: non-lenses); the others
+    get no arc, ``inject`` False, and are not rendered (their draws are unchanged, so a sample's arc does not
+    depend on its neighbours' eligibility)."""
     bands, size = int(bands), int(size)
     idx = torch.as_tensor(indices, dtype=torch.int64)
     dev = torch.device(device) if device is not None else idx.device
     idx = idx.to(dev)
     p = draw(settings, bands, idx, epoch)
     inject = p["inject"]
+    if eligible is not None:
+        inject = inject & torch.as_tensor(eligible, dtype=torch.bool, device=dev)
     b = idx.numel()
     sigma = torch.as_tensor(noise_sigma, dtype=torch.float32, device=dev)
     if sigma.ndim not in (1, 2) or sigma.shape[-1] != bands or (sigma.ndim == 2 and sigma.shape[0] != b):

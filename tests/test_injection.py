@@ -65,6 +65,11 @@ def test_arcs_are_the_lensed_images_scaled_and_zero_where_not_injected(device):
     assert (arc[~inject] == 0).all() and (arc[inject].amax(dim=(1, 2, 3)) > 0).all()
     for k in inj.CATALOGUE[1:]:
         assert cat[k].shape == (40,) and (cat[k][~inject] == 0).all(), k
+    eligible = torch.arange(40, device=device) % 3 > 0                  # e.g. real lenses are never painted
+    arc_e, inject_e, cat_e = inj.arcs(s, 3, 32, idx, 2, SIGMA, eligible=eligible)
+    assert torch.equal(inject_e, inject & eligible) and (arc_e[~eligible] == 0).all()
+    torch.testing.assert_close(arc_e[inject_e], arc[inject_e], rtol=0, atol=1e-5 * float(arc.abs().max()))
+    assert torch.equal(cat_e["theta_e"][inject_e], cat["theta_e"][inject_e])
     p = {k: v[inject] for k, v in inj.draw(s, 3, idx, 2).items()}
     unit = inj.lensed_images(p, 32, 3, s)
     scaled = unit * cat["source_flux"][inject].to(torch.float32)[:, None, None, None]
