@@ -269,7 +269,8 @@ def simulate(n: int, size: int = 64, bands: Sequence[str] = ("g", "r", "i"), see
     'space' (pixel scale, seeing, zero-point, read noise). ``supersample`` ray-traces s x s rays per pixel.
     ``noise=False`` returns the noiseless (PSF-convolved) model.
     Samples are ``start .. start + n - 1``: sample k is identical whatever ``n``, ``start`` and ``workers``.
-    ``workers`` threads (default: up to 4, the CPU count) share the work (numpy releases the GIL).
+    ``workers`` threads (default: up to 4, the CPU count) share the work (numpy and torch release the GIL;
+    torch's own intra-op threads are off meanwhile, ``single_torch_thread``).
 
     The catalogue has ``index``, ``is_lens`` and the ``CATALOGUE_COLUMNS``.
     """
