@@ -22,7 +22,9 @@ What is drawn, per sample (``draw``; every knob has a documented default range, 
   noiseless arc exceeds that band's noise sigma of arc / sigma (``profiles.flux_in_sigma``). The arc is scaled
   so that this equals the drawn value (exactly on the stretches where it varies continuously; pixels cross the
   threshold one at a time, each adding at least 1, so where the drawn value falls in such a jump the nearer
-  end is taken: within +-0.5); the catalogue holds the S/N measured on the scaled arc;
+  end is taken: within +-0.5, or half the jump where bands with equal colours and noise cross together); the
+  catalogue holds the S/N of the scaled arc. A draw that lenses less than ``MIN_FLUX_IN_CUTOUT`` (1 %) of the
+  source's flux into the cutout (an Einstein radius larger than a small cutout) is not injected;
 * its colours: per-band flux ratios ``colours`` (default: the generator's blue star-forming source,
   ``synthetic.bands``, at the bands' positions between g and z for the band count);
 * the PSF: a Gaussian (or Moffat, beta = 3.5) of FWHM ``--psf-fwhm`` per band (arcsec; one value for all bands;
@@ -63,9 +65,11 @@ from .data.synthetic.parameters import MASS_Q, SHEAR_MAX, SOURCE_OFFSET, SOURCE_
 from .data.synthetic.profiles import convolve, convolve_bands, kernel_otf, lensed_source, psf_otf
 
 __all__ = ["InjectionSettings", "draw", "lensed_images", "arcs", "default_colours", "uniforms", "scale_to_snr",
-           "OPTIONS", "CATALOGUE", "DEFAULT_PSF_FWHM"]
+           "OPTIONS", "CATALOGUE", "DEFAULT_PSF_FWHM", "MIN_FLUX_IN_CUTOUT"]
 
 DEFAULT_PSF_FWHM = 1.0    #: arcsec, every band, when neither psf_fwhm nor psf is given
+#: a draw is injected only if at least this much of the (unit) source's lensed flux falls inside the cutout
+MIN_FLUX_IN_CUTOUT = 0.01
 
 #: catalogue columns of ``arcs`` (B,) each: inject (bool), then float64 values (0 where not injected):
 #: theta_e, source_re, x0, y0, source_x, source_y (arcsec; x0, y0 the lens centre's offset from the cutout
@@ -378,9 +382,13 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor, s
     k, j = torch.where(pos & (cand < inv_next), cand, inf).min(dim=1)  # smallest k with F(k) >= snr: segment j
     found = torch.isfinite(k)
     j1 = j[:, None]
-    inv_j, s_j = inv.gather(1, j1)[:, 0], s.gather(1, j1)[:, 0]
-    s_prev = torch.where(j > 0, s.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(s_j))
-    inv_prev = torch.where(j > 0, inv.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(inv_j))
+    v_j, inv_j, s_j = vs.gather(1, j1)[:, 0], inv.gather(1, j1)[:, 0], s.gather(1, j1)[:, 0]
+    # j is the last of the pixels equal to v_j (equal values cross together: a tie's first segments are empty)
+    n_eq = (vs == v_j[:, None]).sum(dim=1)
+    s_prev = s_j - n_eq * v_j                                                  # the pixels above v_j
+    first = j + 1 - n_eq                                                       # how many those are
+    inv_prev = torch.where(first > 0, inv.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0],
+                           torch.zeros_like(inv_j))
     # in a jump (k = inv_j): the S/N just below (pixel j not counted) or at it (counted), whichever is nearer
     f_plus, f_minus = s_j * inv_j, s_prev * inv_j
     below = found & (k <= inv_j) & (target - f_minus < f_plus - target)
@@ -389,7 +397,7 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor, s
     k_down = torch.maximum(inv_j * (1 - 2e-6), 0.5 * (inv_j + inv_prev))
     k = torch.where(below, k_down, k_up)
     reached = torch.where(below, k * s_prev, k * s_j)
-    npix = torch.where(below, j, j + 1)
+    npix = torch.where(below, first, j + 1)
     zero = torch.zeros_like(k)
     return torch.where(found, k, zero), torch.where(found, reached, zero), torch.where(found, npix, 0 * npix)
 
@@ -401,7 +409,8 @@ def arcs(settings: InjectionSettings, bands: int, size: int, indices, epoch: int
 
     ``indices`` (B,) are the samples' dataset indices, ``epoch`` the epoch (the draws' counters), ``noise_sigma``
     each band's noise per pixel in the data's units, (C,) or (B, C). Arcs are scaled to the drawn S/N against it
-    and are 0 where not injected (only the injected samples are rendered). ``catalogue``: ``CATALOGUE``'s
+    and are 0 where not injected (only the injected samples are rendered; a draw with less than
+    ``MIN_FLUX_IN_CUTOUT`` of its source's flux lensed into the cutout is not injected). ``catalogue``: ``CATALOGUE``'s
     columns, (B,) each, on the device. Everything is batched torch on ``device`` (default: ``indices``').
     ``eligible`` (B,) bool, optional: the samples that may be injected (the background: non-lenses); the others
     get no arc, ``inject`` False, and are not rendered (their draws are unchanged, so a sample's arc does not
@@ -427,16 +436,23 @@ def arcs(settings: InjectionSettings, bands: int, size: int, indices, epoch: int
     sig = sigma[sel] if sigma.ndim == 2 else sigma
     img, magnification = _render(q, size, bands, settings, dev)
     k, snr, npix = scale_to_snr(img, sig, q["snr"], settings.snr[1])
+    # a draw whose lensed light falls (almost) all outside the cutout is not injected: scaling its remnant to the
+    # S/N would amplify rounding noise (and a sample labelled a lens would show no arc)
+    visible = magnification >= MIN_FLUX_IN_CUTOUT
+    inject = inject.clone()
+    inject[sel] = visible
+    k, snr, npix = k * visible, snr * visible, npix * visible
     img *= k.to(torch.float32)[:, None, None, None]
     if sel.numel() == b:
         out = img
     else:
         out = torch.zeros((b, bands, size, size), dtype=torch.float32, device=dev).index_copy_(0, sel, img)
+    cat["inject"] = inject
     for name in ("theta_e", "source_re", "sersic_n", "source_q", "lens_q", "lens_phi", "shear", "x0", "y0",
                  "source_x", "source_y"):
-        cat[name][sel] = q[name]
+        cat[name][sel] = q[name] * visible
     cat["snr"][sel] = snr
-    cat["magnification"][sel] = magnification
+    cat["magnification"][sel] = magnification * visible
     cat["npix"][sel] = npix.to(torch.float64)
     cat["source_flux"][sel] = k
     return out, inject, cat

@@ -101,6 +101,14 @@ def test_snr_is_the_generators_flux_in_sigma_over_all_bands(device):
         assert torch.equal(npix.to(torch.float64), cat["npix"])
         assert ((measured - drawn).abs() <= 0.5 + 1e-4 * drawn).all()    # exact, or the nearer end of a jump
         assert torch.isclose(measured, drawn, rtol=1e-4).any()
+    # five bands: two have the same default colour, so their pixels cross the threshold together (ties)
+    s5 = inj.InjectionSettings(probability=1.0, snr=(1.0, 60.0), seed=2)
+    sig5 = torch.full((5,), 3.0, device=device)
+    arc, _, cat = inj.arcs(s5, 5, 24, torch.arange(300, device=device), 0, sig5)
+    npix, measured = profiles.flux_in_sigma(arc, sig5)
+    torch.testing.assert_close(measured, cat["snr"], rtol=1e-5, atol=1e-4)
+    assert torch.equal(npix.to(torch.float64), cat["npix"])
+    assert ((measured - inj.draw(s5, 5, torch.arange(300, device=device), 0)["snr"]).abs() <= 1 + 1e-3).all()
     # the generator's own catalogue value is the same measure on its detection band
     images, p = simulator.lensed_source_model(8, 32, ("g", "r", "i"), seed=2, source_mag=(20, 22))
     _, cat = syn.simulate(8, 32, ("g", "r", "i"), seed=2, is_lens=True, source_mag=(20, 22), noise=False)
@@ -225,6 +233,11 @@ def test_band_counts_are_checked_and_defaults():
     props = syn.band_properties(["b0", "b1", "b2"])
     np.testing.assert_allclose(c, 10 ** (-0.4 * props["source"]))
     assert inj.InjectionSettings(theta_e=(0.0, 0.0)).theta_e == (0.0, 0.0)   # theta_E = 0 (unlensed) is valid
+    # an arc (almost) all outside the cutout is not injected, rather than its rounding noise scaled to the S/N
+    wide = inj.InjectionSettings(theta_e=(2.0, 2.0), probability=1.0, source_re=(0.1, 0.1), offset=0.0)
+    arc, inject, cat = inj.arcs(wide, 3, 8, torch.arange(200), 0, SIGMA)
+    assert 0 < int((~inject).sum()) and (arc[~inject] == 0).all() and (cat["snr"][~inject] == 0).all()
+    assert (cat["magnification"][inject] >= inj.MIN_FLUX_IN_CUTOUT).all()
     flat = inj.InjectionSettings(theta_e=(0.0, 0.0), probability=1.0, source_re=(0.4, 0.4), supersample=4)
     arc, _, cat = inj.arcs(flat, 3, 32, torch.arange(4), 0, SIGMA)          # shear alone: magnification ~1
     # (less by a few per cent: the 0.3 px softened core and the wings beyond the cutout, as in the generator)
