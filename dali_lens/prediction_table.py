@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["ScoredBatch", "CatalogueColumn", "catalogue_columns", "open_table", "is_parquet", "CsvTable",
-           "ParquetTable", "read_table", "HIST_BINS", "score_histogram"]
+           "ParquetTable", "TopTable", "read_table", "HIST_BINS", "score_histogram", "histogram", "top_rows",
+           "merge_top", "part_meta", "live_parts"]
 
 #: rows buffered before a Parquet part is written (an interruption loses at most the rows not yet in a part;
 #: Ctrl-C and SIGTERM write them first)
@@ -261,6 +262,7 @@ class ParquetTable:
         fields += list(extra_fields)
         self.schema = pa.schema(fields)
         self.now: dict | None = None
+        self.top: int | None = None  # TopTable: K
 
     # -- the parts
 
@@ -271,20 +273,7 @@ class ParquetTable:
         return [os.path.join(self.path, n) for n in sorted(os.listdir(self.path)) if PART_RE.match(n)]
 
     def _meta(self, part: str) -> tuple[dict, object]:
-        _, pq = _pa()
-        try:
-            schema = pq.read_schema(part)
-        except (OSError, ValueError) as exc:
-            raise _error(f"{part}: not a readable Parquet file ({str(exc).splitlines()[0]}); the output is left "
-                         "untouched: choose another --out") from None
-        try:
-            meta = json.loads((schema.metadata or {}).get(META_KEY, b"null"))
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict) or meta.get("written_by") != "dali_lens.predict":
-            raise _error(f"{part}: a Parquet file not written by dali_lens.predict (no dali_lens record in its "
-                         f"schema metadata); {self.path} is left untouched: choose another --out")
-        return meta, schema
+        return part_meta(part)
 
     def check(self, now: dict) -> bool:
         from .prediction_csv import _differences
@@ -306,6 +295,12 @@ class ParquetTable:
                 raise _error(f"{part}: its columns {schema.names} differ from this run's {self.schema.names} "
                              "(other checkpoints, or other catalogue columns in DATA?); it is left untouched: "
                              "choose another --out")
+            if meta.get("top") != self.top:
+                def what(k):
+                    return f"--top {k}" if k else "every row (no --top)"
+
+                raise _error(f"{part}: holds {what(meta.get('top'))}, this run asks for {what(self.top)}; it is "
+                             "left untouched: choose another --out")
             diffs = _differences(meta.get("provenance") or {}, now)
             if diffs:
                 raise _error(f"{self.path}: its rows were written by another model or with other options ("
@@ -336,13 +331,10 @@ class ParquetTable:
 
     def histogram(self) -> np.ndarray:
         """The score histogram of every row scored into the output (the parts' counts summed)."""
-        total = np.zeros(HIST_BINS, dtype=np.int64)
-        for part in self.parts():
-            total += np.asarray(self._meta(part)[0].get("histogram") or 0, dtype=np.int64)
-        return total
+        return histogram(self.path)
 
     def writer(self, rank: int = 0, world: int = 1, tag: str | None = None) -> "_ParquetWriter":
-        return _ParquetWriter(self, tag if tag is not None else (f"{rank}of{world}" if world > 1 else None))
+        return _ParquetWriter(self, _tag(rank, world, tag))
 
     # -- rows
 
@@ -380,7 +372,7 @@ class ParquetTable:
         nums = [int(m.group(1)) for m in map(PART_RE.match, os.listdir(self.path)) if m]
         name = f"part-{max(nums, default=-1) + 1:05d}" + (f"-{tag}" if tag else "") + ".parquet"
         meta = {"written_by": "dali_lens.predict", "version": __version__, "provenance": self.now,
-                "rows": table.num_rows,
+                "top": self.top, "rows": table.num_rows,
                 "histogram": score_histogram(table.column("score").to_numpy(zero_copy_only=False)).tolist()}
         meta.update(extra_meta or {})
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, separators=(",", ":")).encode()})
@@ -418,12 +410,242 @@ class _ParquetWriter:
         self.flush()  # on Ctrl-C/SIGTERM too: the rows scored so far become a part
 
 
-def open_table(path: str, header: list[str], samples=(), say=None, extra_fields: list = ()):
+def _tag(rank: int, world: int, tag: str | None) -> str | None:
+    return tag if tag is not None else (f"{rank}of{world}" if world > 1 else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --top K
+
+
+#: a --top run writes its part (the K best rows so far, replacing its previous part) every this many rows
+TOP_ROWS_PER_PART = 1 << 20
+
+
+def top_rows(table, k: int):
+    """The ``k`` best rows of ``table`` by score (highest first; ties by file name), as a table."""
+    import pyarrow.compute as pc
+
+    if table.num_rows <= k:
+        order = pc.sort_indices(table, sort_keys=[("score", "descending"), ("file", "ascending")])
+        return table.take(order)
+    keep = pc.select_k_unstable(table, k, sort_keys=[("score", "descending"), ("file", "ascending")])
+    sub = table.take(keep)
+    return sub.take(pc.sort_indices(sub, sort_keys=[("score", "descending"), ("file", "ascending")]))
+
+
+def _path_hash(path: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _ranges(positions) -> list[list[int]]:
+    """``positions`` as ``[start, stop)`` runs (in the order given)."""
+    p = np.asarray(positions, dtype=np.int64)
+    if p.size == 0:
+        return []
+    return [[int(r[0]), int(r[-1]) + 1] for r in np.split(p, np.flatnonzero(np.diff(p) != 1) + 1)]
+
+
+def _add_ranges(into: list[list[int]], new: list[list[int]]) -> None:
+    for a, b in new:
+        if into and into[-1][1] == a:
+            into[-1][1] = b
+        else:
+            into.append([a, b])
+
+
+class TopTable(ParquetTable):
+    """A ``--top K`` Parquet output: the folder holds the ``K`` best rows of every cutout scored into it.
+
+    Each writer keeps a bounded heap (at most ``K`` rows plus one buffer) and writes it as a part every
+    :data:`TOP_ROWS_PER_PART` rows (or :data:`SECONDS_PER_PART` s), the new part replacing its previous one (its
+    metadata names it under ``replaces``); when the run ends, the live parts (one per rank, or one from an
+    earlier run) are merged into one (:func:`merge_top`). A part's metadata also records how many cutouts it
+    stands for (``scored``), their score histogram, and which cutouts they are for resuming: their positions in
+    the run's DATA as ``[start, stop)`` runs (``covers``) and a checksum of their file names (``covers_sum``),
+    checked against DATA on resume (another DATA is refused).
+    """
+
+    def __init__(self, path: str, header: list[str], catalogue, k: int, samples, extra_fields: list = ()):
+        super().__init__(path, header, catalogue, extra_fields)
+        self.top, self.samples = int(k), samples
+
+    def _live(self) -> tuple[list[str], list[str]]:
+        return live_parts(self.path)
+
+    def parts(self) -> list[str]:
+        return self._live()[0]
+
+    def prepare(self, now: dict, record: bool, say) -> None:
+        super().prepare(now, record, say)
+        for p in self._live()[1]:  # written and replaced by this command (their successor's record says so)
+            os.unlink(p)
+
+    def done_files(self) -> set[str]:
+        done: set[str] = set()
+        n = len(self.samples)
+        for part in self.parts():
+            meta = self._meta(part)[0]
+            total, paths = 0, []
+            for a, b in meta.get("covers") or ():
+                if not (0 <= a < b <= n):
+                    paths = None
+                    break
+                paths.extend(self.samples[i].path for i in range(a, b))
+            if paths is not None:
+                total = sum(map(_path_hash, paths)) % (1 << 64)
+            if paths is None or total != meta.get("covers_sum"):
+                raise _error(f"{part}: its record of the cutouts it stands for does not match this DATA (the top "
+                             f"{self.top} were scored over other data); it is left untouched: choose another --out")
+            done.update(paths)
+        return done
+
+    def pending_parts(self) -> list[str]:
+        live = self.parts()
+        return live if len(live) > 1 else []
+
+    def merge(self) -> tuple[int, int]:
+        """Merge the live parts into one part (the K best of them all); returns (rows, parts merged)."""
+        live = self.parts()
+        if len(live) < 2:
+            return self.rows(), 0
+        table = merge_top(live, self.top)
+        meta = json.loads(table.schema.metadata[META_KEY])
+        meta["replaces"] = [os.path.basename(p) for p in live]
+        self.write_part(table.replace_schema_metadata(None), extra_meta={
+            k: meta[k] for k in ("scored", "histogram", "covers", "covers_sum", "replaces")})
+        for p in live:
+            os.unlink(p)
+        return table.num_rows, len(live)
+
+    def writer(self, rank: int = 0, world: int = 1, tag: str | None = None) -> "_TopWriter":
+        return _TopWriter(self, _tag(rank, world, tag))
+
+
+class _TopWriter(_ParquetWriter):
+    def __init__(self, table: TopTable, tag: str | None):
+        super().__init__(table, tag)
+        self.best = None
+        self.hist = np.zeros(HIST_BINS, dtype=np.int64)
+        self.covers: list[list[int]] = []
+        self.covers_sum, self.since, self.prev = 0, 0, None
+
+    def add(self, batch: ScoredBatch) -> None:
+        if batch.positions is None:
+            raise ValueError("a --top table needs the rows' positions in the run's DATA")
+        rb = self.table.batch(batch)
+        self.buf.append(rb)
+        self.buffered += rb.num_rows
+        self.written += rb.num_rows
+        self.since += rb.num_rows
+        self.hist += score_histogram(batch.score)
+        _add_ranges(self.covers, _ranges(batch.positions))
+        self.covers_sum = (self.covers_sum + sum(_path_hash(s.path) for s in batch.samples)) % (1 << 64)
+        if self.buffered >= max(self.table.top, ROWS_PER_PART):
+            self._prune()
+        if self.since >= TOP_ROWS_PER_PART or time.monotonic() - self.last >= SECONDS_PER_PART:
+            self.flush()
+
+    def _prune(self) -> None:
+        pa, _ = _pa()
+        parts = ([self.best] if self.best is not None else []) + [pa.Table.from_batches(self.buf, self.table.schema)]
+        self.best = top_rows(pa.concat_tables(parts), self.table.top)
+        self.buf, self.buffered = [], 0
+
+    def flush(self) -> None:
+        if not self.since:
+            return
+        self._prune()
+        path = self.table.write_part(self.best, self.tag, extra_meta={
+            "scored": int(self.hist.sum()), "histogram": self.hist.tolist(), "covers": self.covers,
+            "covers_sum": self.covers_sum, "replaces": [os.path.basename(self.prev)] if self.prev else []})
+        if self.prev:
+            os.unlink(self.prev)
+        self.prev, self.since, self.last = path, 0, time.monotonic()
+
+
+def merge_top(sources: list[str], k: int | None = None):
+    """The ``k`` best rows of several ``--top`` outputs or their parts (folders or files; e.g. the per-part
+    outputs of a job array) as one ``pyarrow.Table`` sorted by score, whose schema metadata (``dali_lens``)
+    holds ``top`` (``k``, default: the largest of theirs), ``scored`` and ``histogram`` summed, and ``covers``
+    and ``covers_sum`` joined (meaningful when they were scored over the same DATA, as a run's own parts are).
+    Raises PredictError for a source that is not a ``--top`` output of dali_lens.predict or whose columns differ."""
+    pa, pq = _pa()
+    tables, metas = [], []
+    for src in sources:
+        for f in [src] if os.path.isfile(src) else live_parts(src)[0]:
+            meta, schema = part_meta(f)
+            if not meta.get("top"):
+                raise _error(f"{f}: not a --top output of dali_lens.predict (its record has no 'top')")
+            if tables and not schema.remove_metadata().equals(tables[0].schema.remove_metadata()):
+                raise _error(f"{f}: its columns {schema.names} differ from {tables[0].schema.names}")
+            tables.append(pq.read_table(f))
+            metas.append(meta)
+    if not tables:
+        raise _error(f"{', '.join(sources)}: no --top parts to merge")
+    k = int(k or max(m["top"] for m in metas))
+    best = top_rows(pa.concat_tables([t.replace_schema_metadata(None) for t in tables]), k)
+    covers: list[list[int]] = []
+    for m in metas:
+        covers += m.get("covers") or []
+    out = dict(metas[0], top=k, rows=best.num_rows, scored=sum(int(m.get("scored") or 0) for m in metas),
+               histogram=np.sum([np.asarray(m["histogram"], dtype=np.int64) for m in metas], axis=0).tolist(),
+               covers=covers, covers_sum=sum(int(m.get("covers_sum") or 0) for m in metas) % (1 << 64))
+    out.pop("replaces", None)
+    return best.replace_schema_metadata({META_KEY: json.dumps(out, separators=(",", ":")).encode()})
+
+
+def part_meta(part: str) -> tuple[dict, object]:
+    """``(the dali_lens record, the schema)`` of a Parquet part written by predict; PredictError otherwise."""
+    _, pq = _pa()
+    try:
+        schema = pq.read_schema(part)
+    except (OSError, ValueError) as exc:
+        raise _error(f"{part}: not a readable Parquet file ({str(exc).splitlines()[0]}); it is left untouched: "
+                     "choose another --out") from None
+    try:
+        meta = json.loads((schema.metadata or {}).get(META_KEY, b"null"))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("written_by") != "dali_lens.predict":
+        raise _error(f"{part}: a Parquet file not written by dali_lens.predict (no dali_lens record in its schema "
+                     "metadata); it is left untouched: choose another --out")
+    return meta, schema
+
+
+def live_parts(path: str) -> tuple[list[str], list[str]]:
+    """``(live parts, superseded parts)`` of the Parquet output folder ``path``: a part named in another's
+    ``replaces`` record (a ``--top`` writer's earlier heap) is superseded."""
+    if not os.path.isdir(path):
+        return [], []
+    parts = [os.path.join(path, n) for n in sorted(os.listdir(path)) if PART_RE.match(n)]
+    gone: set[str] = set()
+    for p in parts:
+        gone.update(part_meta(p)[0].get("replaces") or ())
+    return [p for p in parts if os.path.basename(p) not in gone], [p for p in parts if os.path.basename(p) in gone]
+
+
+def histogram(path: str) -> np.ndarray:
+    """The score histogram (:data:`HIST_BINS` counts over [0, 1]) of every cutout scored into the Parquet
+    output ``path`` (a folder of parts or one file; a ``--top`` output's counts include the rows not kept)."""
+    total = np.zeros(HIST_BINS, dtype=np.int64)
+    for f in [path] if os.path.isfile(path) else live_parts(path)[0]:
+        total += np.asarray(part_meta(f)[0].get("histogram") or 0, dtype=np.int64)
+    return total
+
+
+def open_table(path: str, header: list[str], samples=(), say=None, extra_fields: list = (), top: int | None = None):
     """The output table for ``--out path``: Parquet (with the catalogue columns of ``samples``) for a
-    ``.parquet`` path, else CSV."""
+    ``.parquet`` path (a :class:`TopTable` with ``top``), else CSV (``top`` needs Parquet: PredictError)."""
     if is_parquet(path):
-        taken = list(header) + [f.name for f in extra_fields]
-        return ParquetTable(path, header, catalogue_columns(samples, taken, say), extra_fields)
+        cat = catalogue_columns(samples, list(header) + [f.name for f in extra_fields], say)
+        if top:
+            return TopTable(path, header, cat, top, samples, extra_fields)
+        return ParquetTable(path, header, cat, extra_fields)
+    if top:
+        raise _error(f"--top {top}: needs a Parquet --out (OUT.parquet), got {path}")
     return CsvTable(path, header)
 
 

@@ -33,10 +33,10 @@ def _barrier(world: int) -> None:
 def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: str = "all", backend: str = "auto",
                   batch_size: int = 64, tta: bool = False, fusion: str | None = None, workers: int | None = None,
                   threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
-                  limit: int | None = None, progress: bool = True) -> int:
-    """Score ``data`` with the ensemble of ``checkpoint`` into the CSV ``out`` (resumable; see
-    ``python -m dali_lens.predict --help`` for every option). Returns 0; raises DataError, PredictError,
-    CheckpointError or BackendError on bad input."""
+                  limit: int | None = None, progress: bool = True, top: int | None = None) -> int:
+    """Score ``data`` with the ensemble of ``checkpoint`` into ``out``, a CSV or (``.parquet``) a folder of Parquet
+    parts (resumable; ``top``: keep only the K best rows; see ``python -m dali_lens.predict --help`` for every
+    option). Returns 0; raises DataError, PredictError, CheckpointError or BackendError on bad input."""
     from .pipelines import resolve_backend
     from .distributed import init as init_distributed
 
@@ -44,16 +44,20 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     main_rank = rank == 0
     say = log if main_rank else (lambda *a, **k: None)
     out = os.path.abspath(os.path.expanduser(out))
+    from .choices import COUNT
     from .prediction_table import is_parquet
 
     if os.path.isdir(out) and not is_parquet(out):
         raise PredictError(f"{out}: --out is a directory; give the CSV (or .parquet) file to write")
+    COUNT.check("--top", top)
+    if top and not is_parquet(out):
+        raise PredictError(f"--top {top}: needs a Parquet --out (OUT.parquet), got {out}")
     resolve_backend(backend)  # a backend this machine lacks fails (BackendError) before anything is loaded
     with _lock_out(out, main_rank, world):
         return _predict_locked(checkpoint, data, out, split=split, backend=backend, batch_size=batch_size,
                                tta=tta, fusion=fusion, workers=workers, threads=threads, hdus=hdus,
                                skip_bad=skip_bad, limit=limit, progress=progress, rank=rank, world=world,
-                               device=device, say=say)
+                               device=device, say=say, top=top)
 
 
 def lock_path(out: str) -> str:
@@ -85,7 +89,7 @@ def _lock_out(out: str, main_rank: bool = True, world: int = 1):
 
 
 def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, fusion, workers, threads, hdus,
-                    skip_bad, limit, progress, rank, world, device, say) -> int:
+                    skip_bad, limit, progress, rank, world, device, say, top=None) -> int:
     from .prediction_table import open_table
     from .score_inputs import load_scoring_inputs
 
@@ -97,7 +101,7 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
     say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"
         + (", TTA x8" if tta else "") + f"; backend {backend} on {device}; {world} process(es)")
 
-    table = open_table(out, header, dataset.samples, say)
+    table = open_table(out, header, dataset.samples, say, top=top)
     _prepare_out(table, provenance(ens, tta, data, split, hdus, fusion, header), main_rank, world, say)
     remaining, total_left, already = _remaining(dataset, table, limit, world, say)
     if len(remaining) == 0:

@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
                          "dataset root")
     ap.add_argument("--checkpoint", "-c", action="append", metavar="CKPT",
                     help="a checkpoint (best.pt/last.pt) or a run directory (its best.pt); repeat for an ensemble")
-    ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming)")
+    ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming); "
+                    "OUT.parquet: a folder of Parquet parts with the catalogue columns")
     ap.add_argument("--split", default="all",
                     help="for a labelled dataset root: train, val, test, or all (every split; default)")
     add_scoring_args(ap, "the cores divided among local processes", limit=True)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.checkpoint, args.data, args.out, split=args.split, backend=args.backend,
                                batch_size=args.batch_size, tta=args.tta, fusion=args.fusion, workers=args.workers,
                                threads=args.threads, hdus=args.hdus, skip_bad=args.skip_bad, limit=args.limit,
-                               progress=args.progress),
+                               progress=args.progress, top=args.top),
                            (DataError, CheckpointError, PredictError, BackendError, FileNotFoundError,
                             PermissionError, IsADirectoryError),
                            f"interrupted: rows written so far are kept in {args.out} (or its part files); "
