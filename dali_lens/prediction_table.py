@@ -291,10 +291,6 @@ class ParquetTable:
                              "part-*.parquet there); it is left untouched: choose another --out")
         for part in self.parts():
             meta, schema = self._meta(part)
-            if not schema.remove_metadata().equals(self.schema):
-                raise _error(f"{part}: its columns {schema.names} differ from this run's {self.schema.names} "
-                             "(other checkpoints, or other catalogue columns in DATA?); it is left untouched: "
-                             "choose another --out")
             if meta.get("top") != self.top:
                 def what(k):
                     return f"--top {k}" if k else "every row (no --top)"
@@ -306,6 +302,10 @@ class ParquetTable:
                 raise _error(f"{self.path}: its rows were written by another model or with other options ("
                              + "; ".join(diffs) + f"); nothing was changed: choose another --out, or remove "
                              f"{self.path} to score again")
+            if not schema.remove_metadata().equals(self.schema):
+                raise _error(f"{part}: its columns {schema.names} differ from this run's {self.schema.names} "
+                             "(other checkpoints, or other catalogue columns in DATA?); it is left untouched: "
+                             "choose another --out")
         return False
 
     def prepare(self, now: dict, record: bool, say) -> None:
