@@ -239,3 +239,30 @@ def test_catalogue_text_columns_and_evaluate_numeric_columns(env):
     assert "tile" not in ds.samples[0].meta  # an empty cell
     cols = numeric_columns(ds, np.array(ds.labels))
     assert "tile" not in cols and "ra" in cols
+
+
+def test_two_processes_torchrun_top_merges_rank_parts(env, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) onto a --top output begun by one process: each rank writes its own
+    parts (named by rank), rank 0 merges them; with K above N every cutout is there exactly once."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "dist.parquet")
+    base = args(env["ckpt"], env["cat"], out, "dali-cpu", "--top", "1000")
+    assert P.main(base + ["--limit", "11"]) == 0
+    envv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dali_lens.predict"] + base
+    res = subprocess.run(cmd, cwd=repo, env=envv, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stderr and "31 to score now" in res.stderr and "merged 3 part file(s)" in res.stderr
+    assert len(os.listdir(out)) == 1
+    got = pd.read_parquet(out)
+    assert len(got) == N_TRAIN and got["file"].is_unique
+    ref = csv_rows(env["ref"])
+    assert set(got["file"]) == set(ref)
+    for f, score in zip(got["file"], got["score"]):
+        assert abs(score - float(ref[f]["score"])) <= 1e-6
+    assert list(got["score"]) == sorted(got["score"], reverse=True)
+    assert histogram(out).sum() == N_TRAIN
