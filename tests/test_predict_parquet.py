@@ -266,3 +266,21 @@ def test_two_processes_torchrun_top_merges_rank_parts(env, tmp_path):
         assert abs(score - float(ref[f]["score"])) <= 1e-6
     assert list(got["score"]) == sorted(got["score"], reverse=True)
     assert histogram(out).sum() == N_TRAIN
+
+
+def test_packed_set_keeps_catalogue_columns(env, tmp_path):
+    """A packed set keeps the manifest's catalogue columns (text and exact integers too): its Parquet has them."""
+    from dali_lens.data.packing import pack
+
+    packed = str(tmp_path / "packed")
+    pack(env["cat"], packed, fsync=False, val_fraction=0.0, log=lambda *a, **k: None)
+    out = str(tmp_path / "p.parquet")
+    assert P.main(args(env["ckpt"], packed, out, "dali-cpu")) == 0
+    got = pds.dataset(out, format="parquet").to_table()
+    assert got.num_rows == N_TRAIN
+    assert got.schema.field("objid").type == pa.int64() and got.schema.field("tile").type == pa.string()
+    ids = set(got.column("objid").to_pylist())
+    assert ids == {2 ** 60 + k for k in range(N_TRAIN)}
+    ref = {r["id"]: float(r["score"]) for r in csv_rows(env["ref"]).values()}
+    for i, score in zip(got.column("id").to_pylist(), got.column("score").to_pylist()):
+        assert abs(score - ref[i]) <= 1e-6
