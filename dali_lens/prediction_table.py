@@ -41,7 +41,7 @@ import numpy as np
 
 __all__ = ["ScoredBatch", "CatalogueColumn", "catalogue_columns", "open_table", "is_parquet", "CsvTable",
            "ParquetTable", "TopTable", "read_table", "HIST_BINS", "score_histogram", "histogram", "top_rows",
-           "merge_top", "part_meta", "live_parts"]
+           "merge_top", "merge_output", "part_meta", "live_parts"]
 
 #: rows buffered before a Parquet part is written (an interruption loses at most the rows not yet in a part;
 #: Ctrl-C and SIGTERM write them first)
@@ -516,7 +516,7 @@ class TopTable(ParquetTable):
         meta = json.loads(table.schema.metadata[META_KEY])
         meta["replaces"] = [os.path.basename(p) for p in live]
         self.write_part(table.replace_schema_metadata(None), extra_meta={
-            k: meta[k] for k in ("scored", "histogram", "covers", "covers_sum", "replaces")})
+            k: meta[k] for k in ("provenance", "scored", "histogram", "covers", "covers_sum", "replaces")})
         for p in live:
             os.unlink(p)
         return table.num_rows, len(live)
@@ -640,6 +640,21 @@ def live_parts(path: str) -> tuple[list[str], list[str]]:
     for p in parts:
         gone.update(part_meta(p)[0].get("replaces") or ())
     return [p for p in parts if os.path.basename(p) not in gone], [p for p in parts if os.path.basename(p) in gone]
+
+
+def merge_output(path: str) -> tuple[int, int]:
+    """``predict --merge`` for a Parquet output: a ``--top`` folder's live parts merged into one (a plain folder
+    of parts is one table already); returns (rows, parts merged). PredictError when ``path`` holds no parts."""
+    live = live_parts(path)[0] if os.path.isdir(path) else []
+    if not live:
+        raise _error(f"{path}: no Parquet parts written by dali_lens.predict to merge")
+    tops = {part_meta(p)[0].get("top") for p in live}
+    if tops == {None}:
+        _, pq = _pa()
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in live), 0
+    table = TopTable.__new__(TopTable)
+    table.path, table.top, table.now = path, max(k for k in tops if k), None
+    return table.merge()
 
 
 def histogram(path: str) -> np.ndarray:

@@ -223,8 +223,15 @@ def _finish(table, written: int, seconds: float, total_left: int, main_rank: boo
 
 
 def merge_only(out: str) -> int:
-    """Merge ``OUT.part-*-of-*.csv`` into ``out`` (``--merge``)."""
+    """Merge ``OUT.part-*-of-*.csv`` into ``out`` (``--merge``; a Parquet output: its --top parts)."""
     out = os.path.abspath(os.path.expanduser(out))
+    from .prediction_table import is_parquet, merge_output
+
+    if is_parquet(out):
+        with _lock_out(out):
+            n, k = merge_output(out)
+        log(f"merged {k} part file(s) into {out}: {n} rows" if k else f"{out}: {n} rows in its parts; nothing to merge")
+        return 0
     parts = find_parts(out)
     if not parts:
         if os.path.isfile(out):

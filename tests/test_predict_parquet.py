@@ -284,3 +284,23 @@ def test_packed_set_keeps_catalogue_columns(env, tmp_path):
     ref = {r["id"]: float(r["score"]) for r in csv_rows(env["ref"]).values()}
     for i, score in zip(got.column("id").to_pylist(), got.column("score").to_pylist()):
         assert abs(score - ref[i]) <= 1e-6
+
+
+def test_merge_only_parquet(env, tmp_path, capsys):
+    """--merge on a Parquet output: a plain one is left as it is; --top parts left by ranks are merged."""
+    import shutil
+
+    out = str(tmp_path / "m.parquet")
+    assert P.main(args(env["ckpt"], env["a"], out, "torchvision", "--top", "5")) == 0
+    assert P.main(args(env["ckpt"], env["b"], str(tmp_path / "n.parquet"), "torchvision", "--top", "5")) == 0
+    other = os.path.join(str(tmp_path / "n.parquet"), os.listdir(str(tmp_path / "n.parquet"))[0])
+    shutil.copy(other, os.path.join(out, "part-00007-1of2.parquet"))  # what a second rank leaves
+    capsys.readouterr()
+    assert P.main(["--merge", "--out", out]) == 0
+    assert "merged 2 part file(s)" in capsys.readouterr().err
+    got = pd.read_parquet(out)
+    assert len(os.listdir(out)) == 1 and len(got) == 5 and list(got["score"]) == sorted(got["score"], reverse=True)
+    meta = json.loads(pq.read_schema(os.path.join(out, os.listdir(out)[0])).metadata[b"dali_lens"])
+    assert meta["scored"] == N_TRAIN and meta["provenance"]["checkpoints"][0]["sha256"] == file_sha256(env["ckpt"])
+    assert P.main(["--merge", "--out", str(tmp_path / "none.parquet")]) == 2
+    one_error_line(capsys, "none.parquet")
