@@ -21,6 +21,11 @@ holds OUT.lock (an exclusive flock naming its pid and host) from start to end: a
 names with commas, quotes, CR or LF included); a cell starting with = + - @ (or tab, CR, ') is written with a
 leading ' so that a spreadsheet does not run it as a formula, and dali-lens's readers remove that quote.
 
+--out NAME.parquet: a folder of Parquet part files (pandas/pyarrow read it as one table) with the data's
+catalogue columns (a name clashing with ours becomes cat_<name>) and the provenance in each part's schema
+metadata instead of OUT.meta.json; resumed alike. --top K (Parquet only): keep only the K best-scoring rows of
+the whole run, with the histogram of every score in the metadata (see README, "Survey-scale predictions").
+
 Several processes: under torchrun each rank scores its share of the remaining cutouts (every cutout exactly
 once) into OUT.part-<rank>-of-<world>.csv, then rank 0 merges the parts into OUT atomically. --merge does the
 merge step alone (for ranks launched as separate jobs). A restarted job skips the rows already in the parts.
@@ -52,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
                          "dataset root")
     ap.add_argument("--checkpoint", "-c", action="append", metavar="CKPT",
                     help="a checkpoint (best.pt/last.pt) or a run directory (its best.pt); repeat for an ensemble")
-    ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming)")
+    ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming); "
+                    "OUT.parquet: a folder of Parquet parts with the catalogue columns")
     ap.add_argument("--split", default="all",
                     help="for a labelled dataset root: train, val, test, or all (every split; default)")
     add_scoring_args(ap, "the cores divided among local processes", limit=True)
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.checkpoint, args.data, args.out, split=args.split, backend=args.backend,
                                batch_size=args.batch_size, tta=args.tta, fusion=args.fusion, workers=args.workers,
                                threads=args.threads, hdus=args.hdus, skip_bad=args.skip_bad, limit=args.limit,
-                               progress=args.progress),
+                               progress=args.progress, top=args.top),
                            (DataError, CheckpointError, PredictError, BackendError, FileNotFoundError,
                             PermissionError, IsADirectoryError),
                            f"interrupted: rows written so far are kept in {args.out} (or its part files); "
