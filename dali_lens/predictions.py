@@ -99,6 +99,10 @@ def _differences(saved: dict, now: dict) -> list[str]:
     for key in PROVENANCE_KEYS[1:]:
         if saved.get(key) != now[key]:
             diffs.append(f"--{key}: {saved.get(key)!r} then, {now[key]!r} now")
+    if bool(saved.get("embeddings")) != bool(now.get("embeddings")):
+        diffs.append(f"--embeddings: {bool(saved.get('embeddings'))} then, {bool(now.get('embeddings'))} now")
+    if (saved.get("shard") or None) != (now.get("shard") or None):  # a --shard part: the same part of the same DATA
+        diffs.append(f"--shard part: {saved.get('shard')} then, {now.get('shard')} now (other DATA?)")
     return diffs
 
 
@@ -244,31 +248,56 @@ def done_files(paths: list[str], header: list[str] | None) -> set[str]:
     return done
 
 
+def copy_rows(out: str, header: list[str], sources: list[str], *, disjoint: bool = False, check=None,
+              before_commit=None) -> dict[str, int]:
+    """Write ``out`` atomically: ``header``, then the rows of each of ``sources`` in turn, each file once.
+
+    Returns the rows copied from each source. ``disjoint``: a file in two sources raises PredictError naming
+    both (else the later row is dropped). ``check(source, rows)`` runs after each source and may raise;
+    ``before_commit()`` just before ``out`` replaces its old self. On any error ``out`` is left as it was.
+    """
+    from .data.io import atomic_open
+    from .data.io import write_csv_rows
+
+    seen: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    with atomic_open(out, "w", newline="") as dst:
+        write_csv_rows(dst, [header])
+        for k, src in enumerate(sources):
+            n = 0
+            for f, row in iter_rows(src, header):
+                if not f:
+                    continue
+                if f in seen:
+                    if disjoint:
+                        raise PredictError(f"{src}: {f!r} is also in {sources[seen[f]]} (overlapping parts: "
+                                           "scored from other DATA?); nothing was merged")
+                    continue
+                seen[f] = k
+                write_csv_rows(dst, [row])
+                n += 1
+            counts[src] = n
+            if check is not None:
+                check(src, n)
+        if before_commit is not None:
+            before_commit()
+    return counts
+
+
 def merge(out: str, header: list[str]) -> tuple[int, int]:
     """Merge ``out`` and its part files into ``out`` atomically (each file once); removes the parts.
 
     Returns (rows in ``out`` afterwards, part files merged). Rows are copied as they are: rows already in
     ``out`` first, then the parts by (world size, rank).
     """
-    from .data.io import atomic_open
-    from .data.io import write_csv_rows
-
     parts = find_parts(out)
     if not parts:
         n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
         return n, 0
-    sources = ([out] if os.path.isfile(out) else []) + parts
-    seen: set[str] = set()
-    with atomic_open(out, "w", newline="") as dst:
-        write_csv_rows(dst, [header])
-        for src in sources:
-            for f, row in iter_rows(src, header):
-                if f and f not in seen:
-                    seen.add(f)
-                    write_csv_rows(dst, [row])
+    counts = copy_rows(out, header, ([out] if os.path.isfile(out) else []) + parts)
     for p in parts:
         os.unlink(p)
-    return len(seen), len(parts)
+    return sum(counts.values()), len(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,25 +314,32 @@ def _barrier(world: int) -> None:
 def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: str = "all", backend: str = "auto",
                   batch_size: int = 64, tta: bool = False, fusion: str | None = None, workers: int | None = None,
                   threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
-                  limit: int | None = None, progress: bool = True) -> int:
+                  limit: int | None = None, progress: bool = True, shard=None, embeddings: bool = False) -> int:
     """Score ``data`` with the ensemble of ``checkpoint`` into the CSV ``out`` (resumable; see
-    ``python -m dali_lens.predict --help`` for every option). Returns 0; raises DataError, PredictError,
-    CheckpointError or BackendError on bad input."""
+    ``python -m dali_lens.predict --help`` for every option). ``shard``: ``"I/N"`` (or ``(I, N)``) scores
+    only part I of N of the inputs into its own file (``prediction_parts.shard_path``). Returns 0; raises
+    DataError, PredictError, CheckpointError or BackendError on bad input."""
     from .pipelines import resolve_backend
     from .distributed import init as init_distributed
 
+    if shard is not None:
+        from .prediction_parts import parse_shard, shard_path
+
+        shard = parse_shard(shard)  # before any work: a bad --shard is one line
     rank, world, _, device = init_distributed()
     main_rank = rank == 0
     say = log if main_rank else (lambda *a, **k: None)
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.isdir(out):
         raise PredictError(f"{out}: --out is a directory; give the CSV file to write")
+    if shard is not None:
+        out = shard_path(out, *shard)  # an output of its own: record, lock, resume
     resolve_backend(backend)  # a backend this machine lacks fails (BackendError) before anything is loaded
     with _lock_out(out, main_rank, world):
         return _predict_locked(checkpoint, data, out, split=split, backend=backend, batch_size=batch_size,
                                tta=tta, fusion=fusion, workers=workers, threads=threads, hdus=hdus,
                                skip_bad=skip_bad, limit=limit, progress=progress, rank=rank, world=world,
-                               device=device, say=say)
+                               device=device, say=say, shard=shard, embeddings=embeddings)
 
 
 def lock_path(out: str) -> str:
@@ -335,18 +371,29 @@ def _lock_out(out: str, main_rank: bool = True, world: int = 1):
 
 
 def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, fusion, workers, threads, hdus,
-                    skip_bad, limit, progress, rank, world, device, say) -> int:
+                    skip_bad, limit, progress, rank, world, device, say, shard=None, embeddings=False) -> int:
     from .score_inputs import load_scoring_inputs
 
     main_rank = rank == 0
+    place: dict = {}
     ens, dataset, backend, _, hdus = load_scoring_inputs(checkpoint, data, split, backend=backend, threads=threads,
-                                                         hdus=hdus, skip_bad=skip_bad, device=device, say=say)
+                                                         hdus=hdus, skip_bad=skip_bad, device=device, say=say,
+                                                         select=_part_of(shard, place) if shard else None)
     fusion = fusion or ens.fusion
     header = header_for(ens.names)
     say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"
         + (", TTA x8" if tta else "") + f"; backend {backend} on {device}; {world} process(es)")
+    now = provenance(ens, tta, data, split, hdus, fusion, header)
+    if shard:
+        now["shard"] = dict(place, cutouts=len(dataset))
+        say(f"--shard {shard[0]}/{shard[1]}: {len(dataset)} of the {place['of']} cutouts"
+            + (f" ({place['tars']} tar shard(s))" if "tars" in place else "") + f", into {out}")
+    _prepare_out(out, header, now, main_rank, world, say)
+    if shard and main_rank and not os.path.isfile(out):  # an empty part too leaves its file for --merge
+        from .data.io import atomic_write_csv
 
-    _prepare_out(out, header, provenance(ens, tta, data, split, hdus, fusion, header), main_rank, world, say)
+        atomic_write_csv(out, header, [])
+    _barrier(world)
     remaining, total_left, already = _remaining(dataset, out, header, limit, world, say)
     if len(remaining) == 0:
         _nothing_to_score(out, header, total_left, len(dataset), main_rank, world, say)
@@ -360,6 +407,22 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
                            dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank)
     _finish(out, header, written, time.perf_counter() - t0, total_left, main_rank, world, say)
     return 0
+
+
+def _part_of(shard: tuple[int, int], place: dict):
+    """The ``select`` of ``load_scoring_inputs`` for part ``shard`` = (I, N): the part's cutouts, its place
+    (index, count, of = the cutouts of the whole DATA, tars) noted in ``place``."""
+    def select(dataset):
+        from .prediction_parts import part_positions
+
+        pos = part_positions(dataset, *shard)
+        place.update(index=shard[0], count=shard[1], of=len(dataset))
+        if dataset.data_kind.packed:
+            from .data.shards import split_member_path
+
+            place["tars"] = len({split_member_path(dataset.samples[int(k)].path)[0] for k in pos})
+        return dataset.subset(pos)
+    return select
 
 
 def _prepare_out(out: str, header: list[str], now: dict, main_rank: bool, world: int, say) -> None:
@@ -489,14 +552,20 @@ def _finish(out: str, header: list[str], written: int, seconds: float, total_lef
 
 
 def merge_only(out: str) -> int:
-    """Merge ``OUT.part-*-of-*.csv`` into ``out`` (``--merge``)."""
+    """Merge ``OUT.part-*-of-*.csv`` (torchrun ranks) or ``OUT.shard-I-of-N.csv`` (``--shard`` parts) into
+    ``out`` (``--merge``)."""
+    from .prediction_parts import find_shards
+
     out = os.path.abspath(os.path.expanduser(out))
+    if find_shards(out):
+        return _merge_shards(out)
     parts = find_parts(out)
     if not parts:
         if os.path.isfile(out):
             log(f"{out}: no part files to merge; left as it is")
             return 0
-        raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv exists")
+        raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv or "
+                           f"{os.path.basename(out)}.shard-*-of-* part exists")
     header = next((h for h in map(read_header, parts) if h is not None), None)
     if header is None:
         raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
@@ -509,4 +578,82 @@ def merge_only(out: str) -> int:
                 log(f"{p}: removed a truncated last row ({cut} bytes)")
         n, k = merge(out, header)
     log(f"merged {k} part file(s) into {out}: {n} rows")
+    return 0
+
+
+def read_record(path: str) -> dict:
+    """The record (``.meta.json``) that ``predict`` wrote for the output ``path``; PredictError naming it when
+    it is missing or is not one."""
+    side = provenance_path(path)
+    try:
+        with open(side, encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise PredictError(f"{side}: the record of {os.path.basename(path)} is missing or unreadable ({exc}); "
+                           "rerun its task to write it") from None
+    if (not isinstance(saved, dict) or saved.get("written_by") != "dali_lens.predict"
+            or any(k not in saved for k in PROVENANCE_KEYS) or not isinstance(saved.get("checkpoints"), list) or not isinstance(saved.get("columns"), list)
+            or not all(isinstance(c, dict) for c in saved["checkpoints"])):
+        raise PredictError(f"{side}: not a record written by dali_lens.predict; nothing was merged")
+    return saved
+
+
+def _merge_shards(out: str) -> int:
+    """``--merge`` of the ``--shard`` parts of ``out``: every part present, complete, disjoint and from the
+    same model, options and DATA, else nothing changes; then ``out`` and its record are written atomically and
+    the parts removed. Holds ``OUT.lock`` and each part's lock (a task still running stops the merge)."""
+    from .prediction_parts import check_shards
+
+    with _lock_out(out):
+        count, paths, merged = check_shards(out, read_record)
+        header = merged["columns"]
+        locks = []
+        try:
+            for p in paths:
+                locks.append(_lock_out(p))
+                check_own(p, header)
+            check_own(out, header)
+            check_provenance(out, merged, header)  # OUT's rows (if any) from this model and these options
+            if os.path.isfile(out) and os.path.getsize(out) > len(_header_line(header).encode()):
+                if read_record(out).get("merged_shards") == count:
+                    return _leftover_shards(out, header, paths)
+                raise PredictError(f"{out}: already holds rows that are not a merge of these {count} parts; it is "
+                                   "left untouched: choose another --out, or remove it and its .meta.json first")
+            for p in paths:
+                cut = repair(p)
+                if cut:
+                    log(f"{p}: removed a truncated last row ({cut} bytes)")
+
+            def complete(src: str, n: int) -> None:
+                place = read_record(src)["shard"]
+                if n < int(place.get("cutouts", 0)):
+                    raise PredictError(f"{src}: unfinished, {n} of its {place['cutouts']} rows (rerun its task, "
+                                       f"--shard {place['index']}/{count}, to complete it); nothing was merged")
+
+            from .data.io import atomic_write_json
+
+            counts = copy_rows(out, header, paths, disjoint=True, check=complete,
+                               before_commit=lambda: atomic_write_json(provenance_path(out), merged))
+            for p in paths:
+                os.unlink(p)
+                os.unlink(provenance_path(p))
+        finally:
+            for lock in locks:
+                lock.release()
+    log(f"merged {count} part file(s) into {out}: {sum(counts.values())} rows")
+    return 0
+
+
+def _leftover_shards(out: str, header: list[str], paths: list[str]) -> int:
+    """Part files left behind by a merge that stopped after writing ``out``: removed when every row they hold
+    is in ``out``."""
+    done = done_files([out], header)
+    for p in paths:
+        if not done_files([p], header) <= done:
+            raise PredictError(f"{out}: already the merge of {len(paths)} parts, but {p} holds rows that are not in "
+                               "it; it is left untouched: choose another --out to merge these parts")
+    for p in paths:
+        os.unlink(p)
+        os.unlink(provenance_path(p))
+    log(f"{out}: already merged; removed {len(paths)} part file(s) left behind by an interrupted merge")
     return 0
