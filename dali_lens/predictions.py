@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from .cli import log
+from .embeddings import embedding_files
 
 
 class PredictError(ValueError):
@@ -101,6 +102,8 @@ def _differences(saved: dict, now: dict) -> list[str]:
             diffs.append(f"--{key}: {saved.get(key)!r} then, {now[key]!r} now")
     if bool(saved.get("embeddings")) != bool(now.get("embeddings")):
         diffs.append(f"--embeddings: {bool(saved.get('embeddings'))} then, {bool(now.get('embeddings'))} now")
+    elif saved.get("embeddings") != now.get("embeddings"):
+        diffs.append(f"embeddings: {saved.get('embeddings')} then, {now.get('embeddings')} now")
     if (saved.get("shard") or None) != (now.get("shard") or None):  # a --shard part: the same part of the same DATA
         diffs.append(f"--shard part: {saved.get('shard')} then, {now.get('shard')} now (other DATA?)")
     return diffs
@@ -249,38 +252,54 @@ def done_files(paths: list[str], header: list[str] | None) -> set[str]:
 
 
 def copy_rows(out: str, header: list[str], sources: list[str], *, disjoint: bool = False, check=None,
-              before_commit=None) -> dict[str, int]:
+              before_commit=None, embeddings: list[dict] | None = None) -> dict[str, int]:
     """Write ``out`` atomically: ``header``, then the rows of each of ``sources`` in turn, each file once.
 
     Returns the rows copied from each source. ``disjoint``: a file in two sources raises PredictError naming
     both (else the later row is dropped). ``check(source, rows)`` runs after each source and may raise;
-    ``before_commit()`` just before ``out`` replaces its old self. On any error ``out`` is left as it was.
+    ``before_commit()`` just before ``out`` replaces its old self. ``embeddings`` (the record's layout): the
+    sources' embedding files are copied alike, in the same row order. On any error ``out`` is left as it was.
     """
     from .data.io import atomic_open
     from .data.io import write_csv_rows
 
     seen: dict[str, int] = {}
     counts: dict[str, int] = {}
-    with atomic_open(out, "w", newline="") as dst:
-        write_csv_rows(dst, [header])
-        for k, src in enumerate(sources):
-            n = 0
-            for f, row in iter_rows(src, header):
-                if not f:
-                    continue
-                if f in seen:
-                    if disjoint:
-                        raise PredictError(f"{src}: {f!r} is also in {sources[seen[f]]} (overlapping parts: "
-                                           "scored from other DATA?); nothing was merged")
-                    continue
-                seen[f] = k
-                write_csv_rows(dst, [row])
-                n += 1
-            counts[src] = n
-            if check is not None:
-                check(src, n)
-        if before_commit is not None:
-            before_commit()
+    emb = None
+    if embeddings:
+        from .embeddings import copy_embeddings
+
+        emb = copy_embeddings(out, embeddings)
+    try:
+        with atomic_open(out, "w", newline="") as dst:
+            write_csv_rows(dst, [header])
+            for k, src in enumerate(sources):
+                files, kept = [], []
+                for j, (f, row) in enumerate(iter_rows(src, header)):
+                    files.append(f)
+                    if not f:
+                        continue
+                    if f in seen:
+                        if disjoint:
+                            raise PredictError(f"{src}: {f!r} is also in {sources[seen[f]]} (overlapping parts: "
+                                               "scored from other DATA?); nothing was merged")
+                        continue
+                    seen[f] = k
+                    kept.append(j)
+                    write_csv_rows(dst, [row])
+                counts[src] = len(kept)
+                if emb is not None:
+                    emb.source(src, files, kept)
+                if check is not None:
+                    check(src, len(kept))
+            if emb is not None:
+                emb.commit()
+                emb = None
+            if before_commit is not None:
+                before_commit()
+    finally:
+        if emb is not None:
+            emb.discard()
     return counts
 
 
@@ -294,10 +313,24 @@ def merge(out: str, header: list[str]) -> tuple[int, int]:
     if not parts:
         n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
         return n, 0
-    counts = copy_rows(out, header, ([out] if os.path.isfile(out) else []) + parts)
+    layout = _recorded_embeddings(out)
+    counts = copy_rows(out, header, ([out] if os.path.isfile(out) else []) + parts, embeddings=layout)
     for p in parts:
-        os.unlink(p)
+        for f in [p] + embedding_files(p, layout):
+            os.unlink(f)
     return sum(counts.values()), len(parts)
+
+
+def _recorded_embeddings(out: str) -> list[dict] | None:
+    """The embedding layout ``out``'s record holds (None: scored without --embeddings, or no record)."""
+    try:
+        with open(provenance_path(out), encoding="utf-8") as fh:
+            layout = json.load(fh).get("embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(layout, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                          and re.fullmatch(r"\.embeddings\.\d+\.npy", e["file"]) for e in layout)
+    return layout if ok and layout else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,6 +417,13 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
     say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"
         + (", TTA x8" if tta else "") + f"; backend {backend} on {device}; {world} process(es)")
     now = provenance(ens, tta, data, split, hdus, fusion, header)
+    if embeddings:
+        from .embeddings import embedding_layout
+
+        try:
+            now["embeddings"] = embedding_layout(ens)
+        except ValueError as exc:
+            raise PredictError(f"--embeddings: {exc}") from None
     if shard:
         now["shard"] = dict(place, cutouts=len(dataset))
         say(f"--shard {shard[0]}/{shard[1]}: {len(dataset)} of the {place['of']} cutouts"
@@ -404,7 +444,8 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
         workers = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     t0 = time.perf_counter()
     written = _score_share(ens, dataset.subset(remaining), out, header, fusion, backend, rank, world,
-                           dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank)
+                           dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank,
+                           now.get("embeddings"))
     _finish(out, header, written, time.perf_counter() - t0, total_left, main_rank, world, say)
     return 0
 
@@ -442,6 +483,13 @@ def _prepare_out(out: str, header: list[str], now: dict, main_rank: bool, world:
             cut = repair(p)
             if cut:
                 say(f"{p}: removed a truncated last line ({cut} bytes) left by an interruption")
+            if now.get("embeddings") and os.path.isfile(p):
+                from .embeddings import EmbeddingWriter
+
+                with EmbeddingWriter(p, now["embeddings"]) as emb:
+                    cut = emb.reconcile([f for f, _ in iter_rows(p, header)])
+                if cut:
+                    say(f"{p}: removed {cut} embedding row(s) of a batch an interruption left without scores")
     _barrier(world)
 
 
@@ -478,9 +526,10 @@ def _nothing_to_score(out: str, header: list[str], total_left: int, n: int, main
 
 
 def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: str, rank: int, world: int,
-                 loader_kw: dict, show_progress: bool) -> int:
-    """Score this rank's share of ``sub`` into ``out`` (or its part file), flushed batch by batch; returns the
-    rows written."""
+                 loader_kw: dict, show_progress: bool, embeddings: list[dict] | None = None) -> int:
+    """Score this rank's share of ``sub`` into ``out`` (or its part file), flushed batch by batch, with the
+    embeddings (``embeddings``: their layout) written just before each batch's rows; returns the rows
+    written."""
     from .inference import loader_options, score_batches
     from .pipelines import build_loader
     from .pipelines.options import shard_bounds
@@ -499,13 +548,18 @@ def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: st
                disable=not show_progress, dynamic_ncols=True, smoothing=0.1)
     written = 0
     new = not os.path.isfile(target) or os.path.getsize(target) == 0
+    from .embeddings import EmbeddingWriter
+
+    emb = EmbeddingWriter(target, embeddings) if embeddings else None
     with open(target, "a", encoding="utf-8", newline="") as fh:
         if new:
             write_csv_rows(fh, [header])
             fh.flush()
         try:
-            for idx, _, logits in score_batches(ens, loader):
+            for idx, _, logits, *vectors in score_batches(ens, loader, embeddings=emb is not None):
                 rows = _rows(ens, sub, idx, *ens.probabilities(logits, fusion))
+                if emb is not None:
+                    emb.append(rows, vectors[0])
                 write_csv_rows(fh, rows)
                 fh.flush()
                 written += len(rows)
@@ -514,6 +568,8 @@ def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: st
             bar.close()
             fh.flush()
             os.fsync(fh.fileno())
+            if emb is not None:
+                emb.close()
     if written != hi - lo:
         raise RuntimeError(f"rank {rank}: the loader returned {written} of {hi - lo} cutouts")
     return written
@@ -632,11 +688,12 @@ def _merge_shards(out: str) -> int:
 
             from .data.io import atomic_write_json
 
-            counts = copy_rows(out, header, paths, disjoint=True, check=complete,
+            layout = merged.get("embeddings") or None
+            counts = copy_rows(out, header, paths, disjoint=True, check=complete, embeddings=layout,
                                before_commit=lambda: atomic_write_json(provenance_path(out), merged))
             for p in paths:
-                os.unlink(p)
-                os.unlink(provenance_path(p))
+                for f in [p, provenance_path(p)] + embedding_files(p, layout):
+                    os.unlink(f)
         finally:
             for lock in locks:
                 lock.release()
@@ -652,8 +709,10 @@ def _leftover_shards(out: str, header: list[str], paths: list[str]) -> int:
         if not done_files([p], header) <= done:
             raise PredictError(f"{out}: already the merge of {len(paths)} parts, but {p} holds rows that are not in "
                                "it; it is left untouched: choose another --out to merge these parts")
+    layout = _recorded_embeddings(paths[0])
     for p in paths:
-        os.unlink(p)
-        os.unlink(provenance_path(p))
+        for f in [p, provenance_path(p)] + embedding_files(p, layout):
+            if os.path.exists(f):
+                os.unlink(f)
     log(f"{out}: already merged; removed {len(paths)} part file(s) left behind by an interrupted merge")
     return 0
