@@ -16,14 +16,16 @@ interrupted run leaves vectors for at least every row of the CSV; resuming cuts 
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import struct
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["embedding_layout", "ids_path", "embedding_files", "EmbeddingWriter", "Embeddings", "read_embeddings",
-           "NpyRows", "copy_embeddings"]
+__all__ = ["embedding_layout", "recorded_layout", "ids_path", "embedding_files", "EmbeddingWriter", "Embeddings",
+           "read_embeddings", "NpyRows", "copy_embeddings"]
 
 HEADER = 128  # bytes: magic, version, length and the padded dict (numpy's format 1.0; a multiple of 64)
 IDS_HEADER = ["file", "id"]
@@ -36,6 +38,22 @@ def ids_path(out: str) -> str:
 def embedding_files(out: str, layout: list[dict] | None) -> list[str]:
     """The embedding files of ``out`` (ids first), for ``layout``; none without one."""
     return [ids_path(out)] + [out + e["file"] for e in layout] if layout else []
+
+
+def recorded_layout(out: str) -> list[dict] | None:
+    """The embedding layout that ``out``'s record (``OUT.meta.json``) holds; None: scored without --embeddings,
+    or no readable record."""
+    from .predictions import provenance_path
+
+    try:
+        with open(provenance_path(out), encoding="utf-8") as fh:
+            layout = json.load(fh).get("embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(layout, list) and all(
+        isinstance(e, dict) and isinstance(e.get("member"), str) and isinstance(e.get("dim"), int)
+        and isinstance(e.get("file"), str) and re.fullmatch(r"\.embeddings\.\d+\.npy", e["file"]) for e in layout)
+    return layout if ok and layout else None
 
 
 def embedding_layout(ens) -> list[dict]:

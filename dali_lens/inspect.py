@@ -22,6 +22,7 @@ Examples:
   python -m dali_lens.inspect eval/predictions.csv challenge/ --false-positives 50 --missed 50 --out look
   python -m dali_lens.inspect preds.csv /data/cutouts --ids followup.txt --grades grades.csv --out look2
   python -m dali_lens.inspect --grades grades.csv --summary
+  python -m dali_lens.inspect preds.csv /data/cutouts --similar J0123+4567 --top 20   (predict --embeddings)
 Exit status: 0 done, 2 bad input (the message names the file), 130 interrupted.
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
                     help="at most N tiles in gallery.png (index.html has every candidate) (default: 200)")
     ap.add_argument("--workers", type=THREADS, default=None, help="reader threads (default: the cores, at most 8)")
     ap.add_argument("--overwrite", action="store_true", help="replace gallery.png/index.html in --out")
+    ap.add_argument("--similar", metavar="ID", help="the --top K (default 100) nearest to ID by embedding")
     return ap
 
 
@@ -91,7 +93,7 @@ def run(args) -> int:
         args.predictions, args.data, args.out, top=args.top, bottom=args.bottom, ids=args.ids,
         false_positives=args.false_positives, missed=args.missed, rgb_bands=args.rgb_bands,
         mask_value=args.mask_value, hdus=parse_hdus(args.hdus), threshold=args.threshold, grades=args.grades,
-        gallery_max=args.gallery_max, overwrite=args.overwrite, workers=args.workers, log=log)
+        gallery_max=args.gallery_max, overwrite=args.overwrite, workers=args.workers, log=log, similar=args.similar)
     bad = len(res["problems"])
     log(f"{res['shown']} candidates" + (f" ({bad} not shown: placeholder tiles)" if bad else "")
         + f"; wrote {res['out']}/gallery.png and {res['out']}/index.html")

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from .cli import log
-from .embeddings import embedding_files
+from .embeddings import embedding_files, recorded_layout
 
 
 class PredictError(ValueError):
@@ -313,24 +313,13 @@ def merge(out: str, header: list[str]) -> tuple[int, int]:
     if not parts:
         n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
         return n, 0
-    layout = _recorded_embeddings(out)
+    layout = recorded_layout(out)
     counts = copy_rows(out, header, ([out] if os.path.isfile(out) else []) + parts, embeddings=layout)
     for p in parts:
         for f in [p] + embedding_files(p, layout):
             os.unlink(f)
     return sum(counts.values()), len(parts)
 
-
-def _recorded_embeddings(out: str) -> list[dict] | None:
-    """The embedding layout ``out``'s record holds (None: scored without --embeddings, or no record)."""
-    try:
-        with open(provenance_path(out), encoding="utf-8") as fh:
-            layout = json.load(fh).get("embeddings")
-    except (OSError, ValueError, AttributeError):
-        return None
-    ok = isinstance(layout, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
-                                          and re.fullmatch(r"\.embeddings\.\d+\.npy", e["file"]) for e in layout)
-    return layout if ok and layout else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -709,7 +698,7 @@ def _leftover_shards(out: str, header: list[str], paths: list[str]) -> int:
         if not done_files([p], header) <= done:
             raise PredictError(f"{out}: already the merge of {len(paths)} parts, but {p} holds rows that are not in "
                                "it; it is left untouched: choose another --out to merge these parts")
-    layout = _recorded_embeddings(paths[0])
+    layout = recorded_layout(paths[0])
     for p in paths:
         for f in [p, provenance_path(p)] + embedding_files(p, layout):
             if os.path.exists(f):
