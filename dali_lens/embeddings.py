@@ -2,7 +2,8 @@
 
 Beside ``OUT`` (the CSV, a ``--shard`` part or a torchrun rank's part), in the CSV's row order:
 
-* ``OUT.embeddings.ids.csv``: ``file,id``, one row per vector (the same cells as the CSV's first columns);
+* ``OUT.embeddings.ids.jsonl``: one JSON line ``[file, id]`` per vector (the cutout's path and id as the CSV
+  has them; JSON, so that any file name reads back; ``pandas.read_json(path, lines=True)`` reads it too);
 * ``OUT.embeddings.<k>.npy``: member ``k``'s vectors (k = 0, 1, ... in the ensemble's member order; the
   record ``OUT.meta.json`` lists each member's name, dimension and file under ``embeddings``), a plain
   float32 ``(n, D)`` ``.npy`` that ``numpy.load`` (``mmap_mode="r"`` for big ones) reads.
@@ -24,15 +25,42 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["embedding_layout", "recorded_layout", "ids_path", "embedding_files", "EmbeddingWriter", "Embeddings",
-           "read_embeddings", "NpyRows", "copy_embeddings"]
+from .data.dataset import DataError
+
+__all__ = ["EmbeddingError", "embedding_layout", "layout_of", "ids_path", "embedding_files", "EmbeddingWriter",
+           "Embeddings", "read_embeddings", "NpyRows", "copy_embeddings"]
 
 HEADER = 128  # bytes: magic, version, length and the padded dict (numpy's format 1.0; a multiple of 64)
-IDS_HEADER = ["file", "id"]
+
+
+class EmbeddingError(DataError):
+    """Embedding files that are damaged or do not match their predictions (the message names the file)."""
 
 
 def ids_path(out: str) -> str:
-    return out + ".embeddings.ids.csv"
+    return out + ".embeddings.ids.jsonl"
+
+
+def _id_lines(path: str):
+    """``([file, id], end offset)`` for every complete line of an ids file (a line cut off ends it)."""
+    pos = 0
+    with open(path, "rb") as fh:
+        for k, raw in enumerate(fh, start=1):
+            if not raw.endswith(b"\n"):
+                return
+            pos += len(raw)
+            try:
+                item = json.loads(raw)
+            except ValueError:
+                item = None
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
+                raise EmbeddingError(f"{path}, line {k}: not a [file, id] line (a damaged file; remove it and its "
+                                     "predictions to score again)")
+            yield item, pos
+
+
+def _write_ids(fh, pairs) -> None:
+    fh.write("".join(json.dumps([str(f), str(i)], ensure_ascii=False) + "\n" for f, i in pairs))
 
 
 def embedding_files(out: str, layout: list[dict] | None) -> list[str]:
@@ -40,16 +68,10 @@ def embedding_files(out: str, layout: list[dict] | None) -> list[str]:
     return [ids_path(out)] + [out + e["file"] for e in layout] if layout else []
 
 
-def recorded_layout(out: str) -> list[dict] | None:
-    """The embedding layout that ``out``'s record (``OUT.meta.json``) holds; None: scored without --embeddings,
-    or no readable record."""
-    from .predictions import provenance_path
-
-    try:
-        with open(provenance_path(out), encoding="utf-8") as fh:
-            layout = json.load(fh).get("embeddings")
-    except (OSError, ValueError, AttributeError):
-        return None
+def layout_of(record) -> list[dict] | None:
+    """The embedding layout a predictions record (``OUT.meta.json``'s content) holds; None: scored without
+    --embeddings, or not a valid layout."""
+    layout = record.get("embeddings") if isinstance(record, dict) else None
     ok = isinstance(layout, list) and all(
         isinstance(e, dict) and isinstance(e.get("member"), str) and isinstance(e.get("dim"), int)
         and isinstance(e.get("file"), str) and re.fullmatch(r"\.embeddings\.\d+\.npy", e["file"]) for e in layout)
@@ -72,12 +94,10 @@ class NpyRows:
     (an interrupted append) are cut off."""
 
     def __init__(self, path: str, dim: int):
-        from .predictions import PredictError
-
         self.path, self.dim = path, int(dim)
         self.rows = 0
         if os.path.isfile(path) and os.path.getsize(path) > 0:
-            self.rows = _npy_rows(path, self.dim, PredictError)
+            self.rows = _npy_rows(path, self.dim, EmbeddingError)
         self.fh = open(path, "r+b" if os.path.isfile(path) else "w+b")
         end = HEADER + self.rows * self.dim * 4
         self.fh.truncate(end)
@@ -141,45 +161,35 @@ class EmbeddingWriter:
     def __init__(self, out: str, layout: list[dict]):
         self.out, self.layout = out, layout
         self.vectors = [NpyRows(out + e["file"], e["dim"]) for e in layout]
-        new = not os.path.isfile(ids_path(out)) or os.path.getsize(ids_path(out)) == 0
         self.ids = open(ids_path(out), "a", encoding="utf-8", newline="")
-        if new:
-            from .data.io import write_csv_rows
-
-            write_csv_rows(self.ids, [IDS_HEADER])
-            self.ids.flush()
 
     def reconcile(self, files: list[str]) -> int:
-        """Cut the vectors and ids back to the CSV's rows (``files``: its ``file`` cells in order, as read by
-        ``predictions.iter_rows``); returns the rows cut. PredictError when they hold fewer rows than the CSV
-        or other files (written without --embeddings, or another run's)."""
-        from .predictions import PredictError, _records, iter_rows
-
+        """Cut the vectors and ids back to the CSV's rows (``files``: the scored files of its rows, in order);
+        returns the rows cut. EmbeddingError when they hold fewer rows than the CSV or other files (written
+        without --embeddings, or another run's)."""
         self.ids.flush()
-        got = [f for f, _ in iter_rows(ids_path(self.out), IDS_HEADER)]
-        have = min([len(got)] + [v.rows for v in self.vectors])
-        if have < len(files) or got[:len(files)] != list(files):
-            raise PredictError(f"{self.out}: its embeddings ({ids_path(self.out)}: {have} rows) do not match its "
-                               f"{len(files)} rows (written without --embeddings?); choose another --out, or remove "
-                               "the output and its embedding files to score again")
-        cut = len(got) - len(files)
-        if cut or any(v.rows != len(files) for v in self.vectors):
-            end = [pos for _, pos in _records(ids_path(self.out))][len(files)]  # header + the kept rows
+        lines = list(_id_lines(ids_path(self.out)))
+        have = min([len(lines)] + [v.rows for v in self.vectors])
+        if have < len(files) or [item[0] for item, _ in lines[:len(files)]] != list(files):
+            raise EmbeddingError(f"{self.out}: its embeddings ({ids_path(self.out)}: {have} rows) do not match its "
+                                 f"{len(files)} rows (written without --embeddings?); choose another --out, or "
+                                 "remove the output and its embedding files to score again")
+        cut = len(lines) - len(files)
+        if cut or any(v.rows != len(files) for v in self.vectors) or os.path.getsize(ids_path(self.out)) != (
+                lines[len(files) - 1][1] if files else 0):
             self.ids.close()
-            os.truncate(ids_path(self.out), end)
+            os.truncate(ids_path(self.out), lines[len(files) - 1][1] if files else 0)
             self.ids = open(ids_path(self.out), "a", encoding="utf-8", newline="")
             for v in self.vectors:
                 v.truncate(len(files))
         return cut
 
-    def append(self, rows: list[list[str]], vectors: dict[str, np.ndarray]) -> None:
-        """One batch: ``rows`` the CSV rows about to be written (their file and id cells are copied), the
-        vectors ``{member: (B, D)}``. Call before writing the rows to the CSV."""
-        from .data.io import write_csv_rows
-
+    def append(self, pairs, vectors: dict[str, np.ndarray]) -> None:
+        """One batch: ``pairs`` the (file, id) of its rows, the vectors ``{member: (B, D)}``. Call before
+        writing the rows to the CSV."""
         for e, v in zip(self.layout, self.vectors):
             v.append(vectors[e["member"]])
-        write_csv_rows(self.ids, [r[:2] for r in rows])
+        _write_ids(self.ids, pairs)
         self.ids.flush()
 
     def close(self) -> None:
@@ -205,30 +215,23 @@ class Embeddings(NamedTuple):
     vectors: dict[str, np.ndarray]
 
 
-def read_embeddings(out: str, layout: list[dict], error=ValueError) -> Embeddings:
-    """The embeddings beside the predictions ``out`` (``layout``: its record's ``embeddings``); ``error`` (an
-    exception class) with one line naming the file when one is missing or damaged."""
-    from .predictions import PredictError, iter_rows
-
+def read_embeddings(out: str, layout: list[dict]) -> Embeddings:
+    """The embeddings beside the predictions ``out`` (``layout``: its record's ``embeddings``, ``layout_of``);
+    EmbeddingError naming the file when one is missing or damaged."""
     path = ids_path(out)
     if not os.path.isfile(path):
-        raise error(f"{path}: not found (score with predict --embeddings)")
-    try:
-        rows = [row for _, row in iter_rows(path, IDS_HEADER)]
-    except PredictError as exc:
-        raise error(str(exc)) from None
-    from .data.io import from_cell
-
+        raise EmbeddingError(f"{path}: not found (score with predict --embeddings)")
+    rows = [item for item, _ in _id_lines(path)]
     vectors = {}
     for e in layout:
-        vpath = out + str(e.get("file"))
+        vpath = out + e["file"]
         if not os.path.isfile(vpath):
-            raise error(f"{vpath}: not found (member {e.get('member')!r}'s embeddings)")
-        n = _npy_rows(vpath, int(e.get("dim", 0)) or None, error)
+            raise EmbeddingError(f"{vpath}: not found (member {e['member']!r}'s embeddings)")
+        n = _npy_rows(vpath, e["dim"], EmbeddingError)
         if n < len(rows):
-            raise error(f"{vpath}: {n} rows, but {path} lists {len(rows)}")
-        vectors[str(e.get("member"))] = np.load(vpath, mmap_mode="r")[:len(rows)]
-    return Embeddings([from_cell(r[0]) for r in rows], [from_cell(r[1]) for r in rows], vectors)
+            raise EmbeddingError(f"{vpath}: {n} rows, but {path} lists {len(rows)}")
+        vectors[e["member"]] = np.load(vpath, mmap_mode="r")[:len(rows)]
+    return Embeddings([r[0] for r in rows], [r[1] for r in rows], vectors)
 
 
 class copy_embeddings:
@@ -236,22 +239,18 @@ class copy_embeddings:
     order, into temporary files that :meth:`commit` renames to ``out``'s (:meth:`discard` removes them)."""
 
     def __init__(self, out: str, layout: list[dict]):
-        from .predictions import PredictError
-
-        self.out, self.layout, self.error = out, layout, PredictError
+        self.out, self.layout = out, layout
         self.tmp = f"{os.path.join(os.path.dirname(out), '.' + os.path.basename(out))}.merging-{os.getpid()}"
         self.writer = EmbeddingWriter(self.tmp, layout)
 
     def source(self, src: str, files: list[str], kept) -> None:
         """Copy the vectors of ``src``'s rows at positions ``kept`` (``files``: its ids, checked against the
         rows it holds)."""
-        emb = read_embeddings(src, self.layout, self.error)
+        emb = read_embeddings(src, self.layout)
         if emb.files[:len(files)] != files:
-            raise self.error(f"{ids_path(src)}: its rows do not match {src}'s (damaged?); nothing was merged")
-        from .data.io import to_cell, write_csv_rows
-
+            raise EmbeddingError(f"{ids_path(src)}: its rows do not match {src}'s (damaged?); nothing was merged")
         kept = np.asarray(kept, dtype=np.int64)
-        write_csv_rows(self.writer.ids, [[to_cell(emb.files[j]), to_cell(emb.ids[j])] for j in kept])
+        _write_ids(self.writer.ids, [(emb.files[j], emb.ids[j]) for j in kept])
         for e, v in zip(self.layout, self.writer.vectors):
             for lo in range(0, len(kept), 65536):
                 v.append(emb.vectors[e["member"]][kept[lo:lo + 65536]])

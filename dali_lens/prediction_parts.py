@@ -22,10 +22,10 @@ import numpy as np
 __all__ = ["parse_shard", "part_positions", "shard_path", "find_shards", "check_shards"]
 
 
-from .predictions import PredictError
+from .data.dataset import DataError
 
 
-class ShardError(PredictError):
+class ShardError(DataError):
     """A bad --shard, or part files that cannot be merged (the message names the file or option)."""
 
 
@@ -93,16 +93,15 @@ def _numbers(indices) -> str:
     return ", ".join(map(str, indices[:20])) + (" ..." if len(indices) > 20 else "")
 
 
-def check_shards(out: str, records) -> tuple[int, list[str], dict]:
+def check_shards(out: str, records, differences) -> tuple[int, list[str], dict]:
     """The N part files to merge into ``out``, in order, and the record the merge gives ``out``.
 
-    ``records(path)``: a part file's record (its ``.meta.json``, checked to be one). Raises ShardError naming
+    ``records(path)``: a part file's record (its ``.meta.json``, checked to be one); ``differences(a, b)``:
+    what differs between two records' checkpoints and options (``predictions._differences``). Raises ShardError naming
     the files when parts of several --shard counts are present, one is missing, holds no record of its part or
     another part's, or was written by another model, with other options or from other DATA than part 0. (That
     each part is complete and that no cutout is in two parts, the merge checks as it copies the rows.)
     """
-    from .predictions import _differences
-
     found = find_shards(out)
     if len(found) > 1:
         raise ShardError(f"{out}: part files of several --shard counts ({', '.join(f'N={n}' for n in sorted(found))}"
@@ -120,7 +119,7 @@ def check_shards(out: str, records) -> tuple[int, list[str], dict]:
         place = rec.get("shard") or {}
         if place.get("index") != i or place.get("count") != count:
             raise ShardError(f"{p}: its record {os.path.basename(p)}.meta.json is not that of part {i}/{count}")
-        diffs = _differences(dict(first, shard=None), dict(rec, shard=None)) + [f"{k}: {first.get(k)!r} in part 0, {rec.get(k)!r} here"
+        diffs = differences(dict(first, shard=None), dict(rec, shard=None)) + [f"{k}: {first.get(k)!r} in part 0, {rec.get(k)!r} here"
                                             for k in ("data", "split", "columns", "embeddings")
                                             if first.get(k) != rec.get(k)]
         if (first.get("shard") or {}).get("of") != place.get("of"):

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from .cli import log
-from .embeddings import embedding_files, recorded_layout
+from .embeddings import embedding_files, layout_of
 
 
 class PredictError(ValueError):
@@ -303,6 +303,15 @@ def copy_rows(out: str, header: list[str], sources: list[str], *, disjoint: bool
     return counts
 
 
+def _recorded_layout(out: str) -> list[dict] | None:
+    """The embedding layout in ``out``'s record (None: none, or no readable record)."""
+    try:
+        with open(provenance_path(out), encoding="utf-8") as fh:
+            return layout_of(json.load(fh))
+    except (OSError, ValueError):
+        return None
+
+
 def merge(out: str, header: list[str]) -> tuple[int, int]:
     """Merge ``out`` and its part files into ``out`` atomically (each file once); removes the parts.
 
@@ -313,7 +322,7 @@ def merge(out: str, header: list[str]) -> tuple[int, int]:
     if not parts:
         n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
         return n, 0
-    layout = recorded_layout(out)
+    layout = _recorded_layout(out)
     counts = copy_rows(out, header, ([out] if os.path.isfile(out) else []) + parts, embeddings=layout)
     for p in parts:
         for f in [p] + embedding_files(p, layout):
@@ -347,7 +356,7 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     if shard is not None:
         from .prediction_parts import parse_shard, shard_path
 
-        shard = parse_shard(shard)  # before any work: a bad --shard is one line
+        shard = parse_shard(shard)  # before any work: a bad --shard is one line (a DataError)
     rank, world, _, device = init_distributed()
     main_rank = rank == 0
     say = log if main_rank else (lambda *a, **k: None)
@@ -548,7 +557,7 @@ def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: st
             for idx, _, logits, *vectors in score_batches(ens, loader, embeddings=emb is not None):
                 rows = _rows(ens, sub, idx, *ens.probabilities(logits, fusion))
                 if emb is not None:
-                    emb.append(rows, vectors[0])
+                    emb.append([(sub.samples[int(i)].path, sub.samples[int(i)].id) for i in idx], vectors[0])
                 write_csv_rows(fh, rows)
                 fh.flush()
                 written += len(rows)
@@ -650,7 +659,7 @@ def _merge_shards(out: str) -> int:
     from .prediction_parts import check_shards
 
     with _lock_out(out):
-        count, paths, merged = check_shards(out, read_record)
+        count, paths, merged = check_shards(out, read_record, _differences)
         header = merged["columns"]
         locks = []
         try:
@@ -698,7 +707,7 @@ def _leftover_shards(out: str, header: list[str], paths: list[str]) -> int:
         if not done_files([p], header) <= done:
             raise PredictError(f"{out}: already the merge of {len(paths)} parts, but {p} holds rows that are not in "
                                "it; it is left untouched: choose another --out to merge these parts")
-    layout = recorded_layout(paths[0])
+    layout = _recorded_layout(paths[0])
     for p in paths:
         for f in [p, provenance_path(p)] + embedding_files(p, layout):
             if os.path.exists(f):

@@ -63,6 +63,11 @@ def _args(ckpt, data, out, *extra, backend="dali-cpu"):
             "--workers", "1", *extra]
 
 
+def read_ids(out: str) -> list[list[str]]:
+    with open(ids_path(out), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
 def _vectors(out: str) -> list[np.ndarray]:
     with open(out + ".meta.json") as fh:
         layout = json.load(fh)["embeddings"]
@@ -75,8 +80,7 @@ def test_embeddings_are_the_classifier_inputs(env, backend):
     classifier saw (with ids in the CSV's order), on both CPU backends."""
     out = env["runs"][backend]
     head, rows = read(out)
-    ids_head, ids = read(ids_path(out))
-    assert ids_head == ["file", "id"] and ids == [r[:2] for r in rows] and len(rows) == N + 1
+    assert read_ids(out) == [r[:2] for r in rows] and len(rows) == N + 1
     vecs, layout = _vectors(out)
     ens = load_ensemble(env["ckpt"], "cpu")
     assert [e["member"] for e in layout] == ens.names and [e["dim"] for e in layout] == [128, 128]
@@ -120,7 +124,7 @@ def test_resume_cuts_an_interrupted_batch_and_appends(env, tmp_path, capsys):
         rows.append(np.ones((3, e["dim"]), np.float32))
         rows.close()
     with open(ids_path(out), "a") as fh:
-        fh.write("x.png,x\ny.png,y\n")
+        fh.write('["x.png", "x"]\n["y.png", "y"]\n["z.png", "z')  # the last line cut off
     assert np.load(out + layout[0]["file"]).shape == (19, 128)
     capsys.readouterr()
     assert P.main(args) == 0
@@ -129,7 +133,7 @@ def test_resume_cuts_an_interrupted_batch_and_appends(env, tmp_path, capsys):
     ref = dict(zip([r[0] for r in ref_rows], _vectors(env["runs"]["dali-cpu"])[0][1]))
     _, rows = read(out)
     got = _vectors(out)[0][1]
-    assert read(ids_path(out))[1] == [r[:2] for r in rows] and len(got) == len(rows) == N + 1
+    assert read_ids(out) == [r[:2] for r in rows] and len(got) == len(rows) == N + 1
     np.testing.assert_allclose(got, [ref[r[0]] for r in rows], atol=1e-5)
     # a rerun without --embeddings onto it, or with it onto scores without: refused, one line
     assert P.main(args[:-1]) == 2
@@ -153,7 +157,7 @@ def test_shard_parts_merge_their_embeddings(env, tmp_path):
     ref = _vectors(env["runs"]["dali-cpu"])[0]
     got = _vectors(out)[0]
     pos = {r[0]: k for k, r in enumerate(ref_rows)}
-    assert read(ids_path(out))[1] == [r[:2] for r in rows] and sorted(pos) == sorted(r[0] for r in rows)
+    assert read_ids(out) == [r[:2] for r in rows] and sorted(pos) == sorted(r[0] for r in rows)
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r[[pos[x[0]] for x in rows]], atol=1e-5)
 

@@ -50,13 +50,20 @@ def similar_candidates(predictions: str, cands: list, ident: str, k: int, log=No
     """The ``k`` candidates (rows of ``predictions``, as ``read_predictions`` gives them) nearest to the one whose
     id (or file) is ``ident``, each with its ``similarity``; the object itself comes first. DataError (one
     line) when the predictions have no embeddings, the ID is not in them or names several rows."""
-    from ..embeddings import read_embeddings, recorded_layout
+    import json
 
-    layout = recorded_layout(predictions)
+    from ..embeddings import layout_of, read_embeddings
+    from ..predictions import provenance_path
+
+    try:
+        with open(provenance_path(predictions), encoding="utf-8") as fh:
+            layout = layout_of(json.load(fh))
+    except (OSError, ValueError):
+        layout = None
     if not layout:
         raise DataError(f"{predictions}: no embeddings (its record {os.path.basename(predictions)}.meta.json lists "
                         "none): score with predict --embeddings to use --similar")
-    emb = read_embeddings(predictions, layout, DataError)
+    emb = read_embeddings(predictions, layout)
     rows = [j for j, i in enumerate(emb.ids) if i == ident] or \
         [j for j, f in enumerate(emb.files) if f == ident or f == os.path.abspath(ident)]
     if not rows:
