@@ -133,6 +133,9 @@ def add_scoring_args(ap: argparse.ArgumentParser, workers_help: str = "all cores
     if limit:
         ap.add_argument("--limit", type=COUNT, default=None, metavar="N",
                         help="score at most N of the cutouts not yet in --out, then stop (rerun to continue)")
+        ap.add_argument("--top", type=COUNT, default=None, metavar="K",
+                        help="keep only the K best-scoring rows of the whole run, plus the histogram of every score "
+                             "(a Parquet --out only)")
 
 
 def scoring_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,9 @@
-"""The pooled feature vectors ``predict --embeddings`` writes beside a predictions CSV, and reading them back.
+"""The pooled feature vectors ``predict --embeddings`` writes with the predictions, and reading them back.
 
-Beside ``OUT`` (the CSV, a ``--shard`` part or a torchrun rank's part), in the CSV's row order:
+In a Parquet output they are columns: ``emb_<member>``, a ``fixed_size_list<float32>[D]`` per member
+(:func:`parquet_fields`), in the same rows as the scores. A CSV gets files of its own:
+
+beside ``OUT`` (the CSV, a ``--shard`` part or a torchrun rank's part), in the CSV's row order:
 
 * ``OUT.embeddings.ids.jsonl``: one JSON line ``[file, id]`` per vector (the cutout's path and id as the CSV
   has them; JSON, so that any file name reads back; ``pandas.read_json(path, lines=True)`` reads it too);
@@ -17,6 +20,7 @@ interrupted run leaves vectors for at least every row of the CSV; resuming cuts 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,7 +32,8 @@ import numpy as np
 from .data.dataset import DataError
 
 __all__ = ["EmbeddingError", "embedding_layout", "layout_of", "ids_path", "embedding_files", "EmbeddingWriter",
-           "Embeddings", "read_embeddings", "NpyRows", "copy_embeddings"]
+           "Embeddings", "read_embeddings", "NpyRows", "copy_embeddings", "parquet_fields", "column_of",
+           "embedding_sink"]
 
 HEADER = 128  # bytes: magic, version, length and the padded dict (numpy's format 1.0; a multiple of 64)
 
@@ -76,6 +81,34 @@ def layout_of(record) -> list[dict] | None:
         isinstance(e, dict) and isinstance(e.get("member"), str) and isinstance(e.get("dim"), int)
         and isinstance(e.get("file"), str) and re.fullmatch(r"\.embeddings\.\d+\.npy", e["file"]) for e in layout)
     return layout if ok and layout else None
+
+
+def column_of(entry: dict) -> str:
+    """A member's embedding column in a Parquet output: ``emb_<member>``."""
+    return f"emb_{entry['member']}"
+
+
+def parquet_fields(layout: list[dict]) -> list:
+    """The Parquet output's embedding columns (pyarrow fields): ``emb_<member>``, fixed_size_list<float32>[D]."""
+    import pyarrow as pa
+
+    return [pa.field(column_of(e), pa.list_(pa.float32(), e["dim"])) for e in layout]
+
+
+@contextlib.contextmanager
+def embedding_sink(table, writer, layout: list[dict] | None):
+    """Where a run's embeddings go, as ``sink(batch, {member: (B, D)})`` called before ``writer.add(batch)``:
+    a Parquet ``table``'s columns (``batch.extra``), or a CSV writer's target's files (:class:`EmbeddingWriter`).
+    None without a ``layout``."""
+    if not layout:
+        yield None
+    elif table.format == "parquet":
+        def put(batch, vectors):
+            batch.extra.update({column_of(e): vectors[e["member"]] for e in layout})
+        yield put
+    else:
+        with EmbeddingWriter(writer.target, layout) as emb:
+            yield lambda batch, vectors: emb.append([(s.path, s.id) for s in batch.samples], vectors)
 
 
 def embedding_layout(ens) -> list[dict]:

@@ -47,9 +47,9 @@ def numeric_columns(dataset: Dataset, labels: np.ndarray, wanted: list[str] | No
                     ) -> dict[str, np.ndarray]:
     """Catalogue columns usable for completeness: finite for some lenses and not constant among them."""
     names: list[str] = []
-    for s in dataset.samples:
-        for k in s.meta:
-            if k not in names:
+    for s in dataset.samples:  # text columns (a tile name) are not numeric: only columns with a number somewhere
+        for k, v in s.meta.items():
+            if k not in names and not isinstance(v, str):
                 names.append(k)
     if wanted:
         missing = [w for w in wanted if w not in names]
@@ -60,7 +60,8 @@ def numeric_columns(dataset: Dataset, labels: np.ndarray, wanted: list[str] | No
     out = {}
     lens = labels == 1
     for k in names:
-        v = np.array([float(s.meta.get(k, math.nan)) for s in dataset.samples], dtype=np.float64)
+        v = np.array([math.nan if isinstance(x := s.meta.get(k, math.nan), str) else float(x)
+                      for s in dataset.samples], dtype=np.float64)
         lv = v[lens & np.isfinite(v)]
         if lv.size >= 2 and np.ptp(lv) > 0:
             out[k] = v

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-__all__ = ["parse_shard", "part_positions", "shard_path", "find_shards", "check_shards"]
+__all__ = ["parse_shard", "part_positions", "shard_path", "find_shards", "check_shards", "write_empty"]
 
 
 from .data.dataset import DataError
@@ -130,3 +130,17 @@ def check_shards(out: str, records, differences) -> tuple[int, list[str], dict]:
     merged = {k: v for k, v in first.items() if k != "shard"}
     merged["merged_shards"] = count
     return count, paths, merged
+
+
+def write_empty(table, header: list[str]) -> None:
+    """Leave the output of a part with no cutouts (and its record) for ``--merge``: a CSV with its header, or an
+    empty Parquet part (``prediction_table``)."""
+    if table.format == "csv":
+        if not os.path.isfile(table.path):
+            from .data.io import atomic_write_csv
+
+            atomic_write_csv(table.path, header, [])
+        return
+    import pyarrow as pa
+
+    table.write_part(pa.Table.from_batches([], table.schema))

@@ -1,334 +1,25 @@
 """The predictions CSV a scoring run writes, and the run that writes it.
 
 ``predict_files`` is the typed core of ``python -m dali_lens.predict`` and of ``dali_lens.predict``: it scores
-DATA with an ensemble of checkpoints into one CSV (``file,id,label,score[,score_<member>...,member_std]``),
-batch by batch, resumable. The rest is the file's bookkeeping: its header (``header_for``), which existing
-files it may append to (``check_own``), what wrote it (``OUT.meta.json``: ``provenance``/``check_provenance``),
-resuming (``repair``, ``done_files``), per-rank part files and their merge (``part_path``, ``merge``). The
-command's docstring (``dali_lens/predict.py``) says what a user sees.
+DATA with an ensemble of checkpoints into one CSV (``file,id,label,score[,score_<member>...,member_std]``) or
+Parquet output, batch by batch, resumable, through ``prediction_table`` (the output formats). The CSV's
+bookkeeping (header, own-file check, ``OUT.meta.json``, repair, parts, merge) is in ``prediction_csv`` and its
+names are re-exported here. The command's docstring (``dali_lens/predict.py``) says what a user sees.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
-import re
 import time
 
 import numpy as np
 
 from .cli import log
-from .embeddings import embedding_files, layout_of
-
-
-class PredictError(ValueError):
-    """Bad arguments or an output file that does not match this run."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the output file(s)
-
-
-def header_for(names: list[str]) -> list[str]:
-    from .prediction_rows import prediction_header
-
-    return prediction_header(names)
-
-
-def _header_line(header: list[str]) -> str:
-    from .data.io import write_csv_rows
-
-    buf = io.StringIO(newline="")
-    write_csv_rows(buf, [header])
-    return buf.getvalue()
-
-
-def check_own(path: str, header: list[str]) -> None:
-    """Refuse, without touching it, an existing ``path`` that is not a predictions CSV with exactly ``header``.
-
-    Only an empty file or one whose first line is this header may be repaired and appended to: anything else
-    (a notes file, an image, another command's CSV, predictions with other columns) raises PredictError.
-    """
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return
-    want = _header_line(header).encode()
-    with open(path, "rb") as fh:
-        head = fh.read(max(len(want), 1 << 16))
-    if head.startswith(want):
-        return
-    first = head.split(b"\n", 1)[0]
-    try:
-        found = _parse(first.decode("utf-8")) if first else []
-    except (UnicodeDecodeError, csv.Error):
-        found = None
-    if found and found[:2] == ["file", "id"] and b"\n" in head:
-        raise PredictError(f"{path}: its columns {found} differ from this run's {header} (written with other "
-                           "checkpoints, or by an older dali-lens?); it is left untouched: choose another --out or "
-                           "remove the file")
-    raise PredictError(f"{path}: exists and is not a predictions CSV written by dali_lens.predict (its first line "
-                       f"is not the header {','.join(header)}); it is left untouched: choose another --out")
-
-
-PROVENANCE_KEYS = ("checkpoints", "fusion", "tta", "hdus")
-
-
-def provenance_path(out: str) -> str:
-    """The record of what wrote ``out`` (next to it)."""
-    return out + ".meta.json"
-
-
-def provenance(ens, tta: bool, data: list[str], split: str, hdus, fusion: str, header: list[str]) -> dict:
-    """What determines the scores in ``out``: the checkpoints' contents and the scoring options (and, for
-    information, the DATA and --split given; rows are keyed by file, so other DATA may be added)."""
-    from .data.shards import file_sha256
-
-    return {"written_by": "dali_lens.predict", "columns": header,
-            "checkpoints": [{"sha256": file_sha256(p), "path": p} for p in ens.checkpoints],
-            "fusion": fusion, "tta": bool(tta), "hdus": list(hdus) if hdus else None,
-            "data": [os.path.abspath(os.path.expanduser(d)) for d in data], "split": split}
-
-
-def _differences(saved: dict, now: dict) -> list[str]:
-    diffs = []
-    old_ck, new_ck = saved.get("checkpoints") or [], now["checkpoints"]
-    if [c.get("sha256") for c in old_ck] != [c["sha256"] for c in new_ck]:
-        def show(cks):
-            return ", ".join(f"{c.get('path')} (sha256 {str(c.get('sha256'))[:12]})" for c in cks) or "none"
-
-        diffs.append(f"checkpoints: {show(old_ck)} then, {show(new_ck)} now")
-    for key in PROVENANCE_KEYS[1:]:
-        if saved.get(key) != now[key]:
-            diffs.append(f"--{key}: {saved.get(key)!r} then, {now[key]!r} now")
-    if bool(saved.get("embeddings")) != bool(now.get("embeddings")):
-        diffs.append(f"--embeddings: {bool(saved.get('embeddings'))} then, {bool(now.get('embeddings'))} now")
-    elif saved.get("embeddings") != now.get("embeddings"):
-        diffs.append(f"embeddings: {saved.get('embeddings')} then, {now.get('embeddings')} now")
-    if (saved.get("shard") or None) != (now.get("shard") or None):  # a --shard part: the same part of the same DATA
-        diffs.append(f"--shard part: {saved.get('shard')} then, {now.get('shard')} now (other DATA?)")
-    return diffs
-
-
-def check_provenance(out: str, now: dict, header: list[str]) -> bool:
-    """Whether ``out``'s record must be written. Raises PredictError when ``out`` (or its part files) hold
-    rows that another model or other options produced, or rows with no record, or when the record's name is
-    taken by a file that is not one."""
-    side = provenance_path(out)
-    files = [p for p in [out] + find_parts(out) if os.path.isfile(p)]
-    has_rows = any(os.path.getsize(p) > len(_header_line(header).encode()) for p in files)
-    if os.path.exists(side):
-        try:
-            with open(side, encoding="utf-8") as fh:
-                saved = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise PredictError(f"{side}: not a readable record of dali_lens.predict ({exc}); it is left "
-                               "untouched: choose another --out") from None
-        if not isinstance(saved, dict) or saved.get("written_by") != "dali_lens.predict":
-            raise PredictError(f"{side}: exists and was not written by dali_lens.predict; it is left untouched: "
-                               "choose another --out")
-        if not has_rows:
-            return saved != now
-        diffs = _differences(saved, now)
-        if diffs:
-            raise PredictError(f"{out}: its rows were written by another model or with other options ("
-                               + "; ".join(diffs) + "); nothing was changed: choose another --out, or remove "
-                               f"{out} and {os.path.basename(side)} to score again")
-        return False
-    if has_rows:
-        raise PredictError(f"{out}: holds rows but no record {os.path.basename(side)} of the checkpoints and "
-                           "options that wrote them (an older dali-lens?), so they cannot be checked against this "
-                           "run; it is left untouched: choose another --out, or remove the file to score again")
-    return True
-
-
-def part_path(out: str, rank: int, world: int) -> str:
-    return f"{out}.part-{rank}-of-{world}.csv"
-
-
-def find_parts(out: str) -> list[str]:
-    """Existing part files of ``out`` (any world size), ordered by (world size, rank)."""
-    directory, name = os.path.split(os.path.abspath(out))
-    pat = re.compile(re.escape(name) + r"\.part-(\d+)-of-(\d+)\.csv$")
-    found = []
-    if os.path.isdir(directory):
-        for entry in os.listdir(directory):
-            m = pat.match(entry)
-            if m:
-                found.append((int(m.group(2)), int(m.group(1)), os.path.join(directory, entry)))
-    return [p for _, _, p in sorted(found)]
-
-
-def _records(path: str):
-    """``(row, end offset)`` for every complete CSV record of ``path``, the header first; a record cut off by an
-    interruption (no final newline, or inside a quoted cell) ends the file. Records may span lines (a newline
-    inside a quoted cell), so the file is read with the csv module, never line by line. Raises PredictError for
-    a damaged file."""
-    state = {"pos": 0, "nl": True, "eof": False, "line": 0}
-    with open(path, "rb") as fh:
-        def lines():
-            for raw in fh:
-                state["pos"] += len(raw)
-                state["nl"] = raw.endswith(b"\n")
-                state["line"] += 1
-                try:
-                    yield raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise PredictError(f"{path}, line {state['line']}: not UTF-8 text (a damaged file; remove it "
-                                       "to start again)") from None
-            state["eof"] = True
-
-        reader = csv.reader(lines(), strict=True)
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                if state["eof"]:
-                    return  # cut off inside a quoted cell
-                raise PredictError(f"{path}, line {state['line']}: {exc} (a damaged file; remove it to start "
-                                   "again)") from None
-            if not state["nl"]:
-                return  # cut off mid-line
-            yield row, state["pos"]
-
-
-def complete_length(path: str) -> int:
-    """Bytes up to the end of the last complete record (what survives of a file cut off mid-row)."""
-    end = 0
-    for _, end in _records(path):
-        pass
-    return end
-
-
-def repair(path: str) -> int:
-    """Cut a truncated last row off ``path``; returns the number of bytes removed."""
-    if not os.path.isfile(path):
-        return 0
-    size, keep = os.path.getsize(path), complete_length(path)
-    if keep < size:
-        os.truncate(path, keep)
-    return size - keep
-
-
-def _parse(line: str) -> list[str]:
-    return next(csv.reader([line]))
-
-
-def read_header(path: str) -> list[str] | None:
-    """The header of a predictions CSV (None when it holds no complete one)."""
-    return next((row for row, _ in _records(path)), None)
-
-
-def iter_rows(path: str, header: list[str] | None):
-    """``(file, row)`` for every complete row of a predictions CSV (a truncated last row is ignored); ``file``
-    is the cell as written before ``to_cell`` (the scored file's path).
-
-    Checks the header against ``header`` (when given) and that every row has the header's columns.
-    """
-    from .data.io import from_cell
-
-    records = _records(path)
-    first = next(records, None)
-    if first is None:
-        return  # empty, or only a truncated header
-    found = first[0]
-    if header is not None and found != header:
-        raise PredictError(f"{path}: its columns {found} differ from this run's {header} (written with other "
-                           "checkpoints?); choose another --out or remove the file")
-    for k, (row, _) in enumerate(records, start=1):
-        if len(row) != len(found):
-            raise PredictError(f"{path}, row {k}: {len(row)} columns instead of {len(found)} "
-                               "(a damaged file; remove it to start again)")
-        yield from_cell(row[0]), row
-
-
-def done_files(paths: list[str], header: list[str] | None) -> set[str]:
-    done: set[str] = set()
-    for p in paths:
-        if os.path.isfile(p):
-            done.update(f for f, _ in iter_rows(p, header) if f)
-    return done
-
-
-def copy_rows(out: str, header: list[str], sources: list[str], *, disjoint: bool = False, check=None,
-              before_commit=None, embeddings: list[dict] | None = None) -> dict[str, int]:
-    """Write ``out`` atomically: ``header``, then the rows of each of ``sources`` in turn, each file once.
-
-    Returns the rows copied from each source. ``disjoint``: a file in two sources raises PredictError naming
-    both (else the later row is dropped). ``check(source, rows)`` runs after each source and may raise;
-    ``before_commit()`` just before ``out`` replaces its old self. ``embeddings`` (the record's layout): the
-    sources' embedding files are copied alike, in the same row order. On any error ``out`` is left as it was.
-    """
-    from .data.io import atomic_open
-    from .data.io import write_csv_rows
-
-    seen: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    emb = None
-    if embeddings:
-        from .embeddings import copy_embeddings
-
-        emb = copy_embeddings(out, embeddings)
-    try:
-        with atomic_open(out, "w", newline="") as dst:
-            write_csv_rows(dst, [header])
-            for k, src in enumerate(sources):
-                files, kept = [], []
-                for j, (f, row) in enumerate(iter_rows(src, header)):
-                    files.append(f)
-                    if not f:
-                        continue
-                    if f in seen:
-                        if disjoint:
-                            raise PredictError(f"{src}: {f!r} is also in {sources[seen[f]]} (overlapping parts: "
-                                               "scored from other DATA?); nothing was merged")
-                        continue
-                    seen[f] = k
-                    kept.append(j)
-                    write_csv_rows(dst, [row])
-                counts[src] = len(kept)
-                if emb is not None:
-                    emb.source(src, files, kept)
-                if check is not None:
-                    check(src, len(kept))
-            if emb is not None:
-                emb.commit()
-                emb = None
-            if before_commit is not None:
-                before_commit()
-    finally:
-        if emb is not None:
-            emb.discard()
-    return counts
-
-
-def _recorded_layout(out: str) -> list[dict] | None:
-    """The embedding layout in ``out``'s record (None: none, or no readable record)."""
-    try:
-        with open(provenance_path(out), encoding="utf-8") as fh:
-            return layout_of(json.load(fh))
-    except (OSError, ValueError):
-        return None
-
-
-def merge(out: str, header: list[str]) -> tuple[int, int]:
-    """Merge ``out`` and its part files into ``out`` atomically (each file once); removes the parts.
-
-    Returns (rows in ``out`` afterwards, part files merged). Rows are copied as they are: rows already in
-    ``out`` first, then the parts by (world size, rank).
-    """
-    parts = find_parts(out)
-    if not parts:
-        n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
-        return n, 0
-    layout = _recorded_layout(out)
-    counts = copy_rows(out, header, ([out] if os.path.isfile(out) else []) + parts, embeddings=layout)
-    for p in parts:
-        for f in [p] + embedding_files(p, layout):
-            os.unlink(f)
-    return sum(counts.values()), len(parts)
-
+from .embeddings import embedding_files
+from .prediction_csv import (PROVENANCE_KEYS, PredictError, _differences, _header_line,  # noqa: F401
+                             _recorded_layout, check_own, check_provenance, complete_length, copy_rows, done_files,
+                             find_parts, header_for, iter_rows, merge, part_path, provenance, provenance_path,
+                             read_header, read_record, repair)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,11 +36,13 @@ def _barrier(world: int) -> None:
 def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: str = "all", backend: str = "auto",
                   batch_size: int = 64, tta: bool = False, fusion: str | None = None, workers: int | None = None,
                   threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
-                  limit: int | None = None, progress: bool = True, shard=None, embeddings: bool = False) -> int:
-    """Score ``data`` with the ensemble of ``checkpoint`` into the CSV ``out`` (resumable; see
-    ``python -m dali_lens.predict --help`` for every option). ``shard``: ``"I/N"`` (or ``(I, N)``) scores
-    only part I of N of the inputs into its own file (``prediction_parts.shard_path``). Returns 0; raises
-    DataError, PredictError, CheckpointError or BackendError on bad input."""
+                  limit: int | None = None, progress: bool = True, top: int | None = None, shard=None,
+                  embeddings: bool = False) -> int:
+    """Score ``data`` with the ensemble of ``checkpoint`` into ``out``, a CSV or (``.parquet``) a folder of Parquet
+    parts (resumable; ``top``: keep only the K best rows; see ``python -m dali_lens.predict --help`` for every
+    option). ``shard``: ``"I/N"`` (or ``(I, N)``) scores only part I of N of the inputs into its own output
+    (``prediction_parts.shard_path``); ``embeddings``: also each member's pooled features (``embeddings.py``).
+    Returns 0; raises DataError, PredictError, CheckpointError or BackendError on bad input."""
     from .pipelines import resolve_backend
     from .distributed import init as init_distributed
 
@@ -361,8 +54,14 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     main_rank = rank == 0
     say = log if main_rank else (lambda *a, **k: None)
     out = os.path.abspath(os.path.expanduser(out))
-    if os.path.isdir(out):
-        raise PredictError(f"{out}: --out is a directory; give the CSV file to write")
+    from .choices import COUNT
+    from .prediction_table import is_parquet
+
+    if os.path.isdir(out) and not is_parquet(out):
+        raise PredictError(f"{out}: --out is a directory; give the CSV (or .parquet) file to write")
+    COUNT.check("--top", top)
+    if top and not is_parquet(out):
+        raise PredictError(f"--top {top}: needs a Parquet --out (OUT.parquet), got {out}")
     if shard is not None:
         out = shard_path(out, *shard)  # an output of its own: record, lock, resume
     resolve_backend(backend)  # a backend this machine lacks fails (BackendError) before anything is loaded
@@ -370,7 +69,7 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
         return _predict_locked(checkpoint, data, out, split=split, backend=backend, batch_size=batch_size,
                                tta=tta, fusion=fusion, workers=workers, threads=threads, hdus=hdus,
                                skip_bad=skip_bad, limit=limit, progress=progress, rank=rank, world=world,
-                               device=device, say=say, shard=shard, embeddings=embeddings)
+                               device=device, say=say, top=top, shard=shard, embeddings=embeddings)
 
 
 def lock_path(out: str) -> str:
@@ -402,7 +101,9 @@ def _lock_out(out: str, main_rank: bool = True, world: int = 1):
 
 
 def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, fusion, workers, threads, hdus,
-                    skip_bad, limit, progress, rank, world, device, say, shard=None, embeddings=False) -> int:
+                    skip_bad, limit, progress, rank, world, device, say, top=None, shard=None,
+                    embeddings=False) -> int:
+    from .prediction_table import open_table
     from .score_inputs import load_scoring_inputs
 
     main_rank = rank == 0
@@ -416,7 +117,7 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
         + (", TTA x8" if tta else "") + f"; backend {backend} on {device}; {world} process(es)")
     now = provenance(ens, tta, data, split, hdus, fusion, header)
     if embeddings:
-        from .embeddings import embedding_layout
+        from .embeddings import embedding_layout, parquet_fields
 
         try:
             now["embeddings"] = embedding_layout(ens)
@@ -426,25 +127,27 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
         now["shard"] = dict(place, cutouts=len(dataset))
         say(f"--shard {shard[0]}/{shard[1]}: {len(dataset)} of the {place['of']} cutouts"
             + (f" ({place['tars']} tar shard(s))" if "tars" in place else "") + f", into {out}")
-    _prepare_out(out, header, now, main_rank, world, say)
-    if shard and main_rank and not os.path.isfile(out):  # an empty part too leaves its file for --merge
-        from .data.io import atomic_write_csv
+    table = open_table(out, header, dataset.samples, say, top=top,
+                       extra_fields=parquet_fields(now["embeddings"]) if embeddings else ())
+    _prepare_out(table, now, main_rank, world, say)
+    if shard and main_rank and table.rows() == 0:  # an empty part too leaves its output (and record) for --merge
+        from .prediction_parts import write_empty
 
-        atomic_write_csv(out, header, [])
+        write_empty(table, header)
     _barrier(world)
-    remaining, total_left, already = _remaining(dataset, out, header, limit, world, say)
+    remaining, total_left, already = _remaining(dataset, table, limit, world, say)
     if len(remaining) == 0:
-        _nothing_to_score(out, header, total_left, len(dataset), main_rank, world, say)
+        _nothing_to_score(table, total_left, len(dataset), main_rank, world, say)
         return 0
     say(f"{len(dataset)} cutouts, {already} already scored, {len(remaining)} to score now"
         + (f" (of {total_left} left)" if len(remaining) < total_left else ""))
     if workers is None:
         workers = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     t0 = time.perf_counter()
-    written = _score_share(ens, dataset.subset(remaining), out, header, fusion, backend, rank, world,
-                           dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank,
+    written = _score_share(ens, dataset.subset(remaining), table, fusion, backend, rank, world,
+                           dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank, remaining,
                            now.get("embeddings"))
-    _finish(out, header, written, time.perf_counter() - t0, total_left, main_rank, world, say)
+    _finish(table, written, time.perf_counter() - t0, total_left, main_rank, world, say)
     return 0
 
 
@@ -464,37 +167,29 @@ def _part_of(shard: tuple[int, int], place: dict):
     return select
 
 
-def _prepare_out(out: str, header: list[str], now: dict, main_rank: bool, world: int, say) -> None:
-    """Check ``out`` and its parts (every rank, read-only: all stop alike), then repair them and write the
-    record (rank 0 only); afterwards every rank reads the same state."""
-    for p in [out] + find_parts(out):
-        check_own(p, header)
-    record = check_provenance(out, now, header)
+def _prepare_out(table, now: dict, main_rank: bool, world: int, say) -> None:
+    """Check the output ``table`` (``prediction_table``; every rank, read-only: all stop alike), then repair it and
+    write the record (rank 0 only), cutting a CSV's embeddings back to its rows; afterwards every rank reads the
+    same state."""
+    record = table.check(now)
     _barrier(world)
     if main_rank:
-        from .data.io import atomic_write_json
+        table.prepare(now, record, say)
+        if now.get("embeddings") and table.format == "csv":
+            from .embeddings import EmbeddingWriter
 
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        if record:
-            atomic_write_json(provenance_path(out), now)
-        for p in [out] + find_parts(out):
-            cut = repair(p)
-            if cut:
-                say(f"{p}: removed a truncated last line ({cut} bytes) left by an interruption")
-            if now.get("embeddings") and os.path.isfile(p):
-                from .embeddings import EmbeddingWriter
-
-                with EmbeddingWriter(p, now["embeddings"]) as emb:
-                    cut = emb.reconcile([f for f, _ in iter_rows(p, header)])
-                if cut:
-                    say(f"{p}: removed {cut} embedding row(s) of a batch an interruption left without scores")
+            for p in [table.path] + find_parts(table.path):
+                if os.path.isfile(p):
+                    with EmbeddingWriter(p, now["embeddings"]) as emb:
+                        cut = emb.reconcile([f for f, _ in iter_rows(p, table.header)])
+                    if cut:
+                        say(f"{p}: removed {cut} embedding row(s) of a batch an interruption left without scores")
     _barrier(world)
 
 
-def _remaining(dataset, out: str, header: list[str], limit: int | None, world: int, say
-               ) -> tuple[np.ndarray, int, int]:
+def _remaining(dataset, table, limit: int | None, world: int, say) -> tuple[np.ndarray, int, int]:
     """``(positions still to score, at most limit of them; how many are left in all; how many are done)``."""
-    done = done_files([out] + find_parts(out), header)
+    done = table.done_files()
     _barrier(world)
     paths = {s.path for s in dataset.samples}
     extra, already = len(done - paths), len(done & paths)
@@ -506,15 +201,14 @@ def _remaining(dataset, out: str, header: list[str], limit: int | None, world: i
     if limit is not None:
         remaining = remaining[: max(0, limit)]
     if extra:
-        say(f"note: {out} holds {extra} row(s) for files not in this DATA; they are kept")
+        say(f"note: {table.path} holds {extra} row(s) for files not in this DATA; they are kept")
     return remaining, total_left, already
 
 
-def _nothing_to_score(out: str, header: list[str], total_left: int, n: int, main_rank: bool, world: int,
-                      say) -> None:
-    parts = find_parts(out)
-    if main_rank and parts:
-        n, k = merge(out, header)
+def _nothing_to_score(table, total_left: int, n: int, main_rank: bool, world: int, say) -> None:
+    out = table.path
+    if main_rank and table.pending_parts():
+        n, k = table.merge()
         say(f"merged {k} part file(s) into {out}: {n} rows")
     elif total_left == 0:
         say(f"{out} is complete: all {n} cutouts are scored; nothing to do")
@@ -523,17 +217,16 @@ def _nothing_to_score(out: str, header: list[str], total_left: int, n: int, main
     _barrier(world)
 
 
-def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: str, rank: int, world: int,
-                 loader_kw: dict, show_progress: bool, embeddings: list[dict] | None = None) -> int:
-    """Score this rank's share of ``sub`` into ``out`` (or its part file), flushed batch by batch, with the
-    embeddings (``embeddings``: their layout) written just before each batch's rows; returns the rows
-    written."""
+def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: int, loader_kw: dict,
+                 show_progress: bool, positions=None, embeddings: list[dict] | None = None) -> int:
+    """Score this rank's share of ``sub`` into the output ``table`` (``OUT`` or its part file), batch by batch
+    (``positions``: where ``sub``'s samples are in the run's dataset), with the members' embeddings
+    (``embeddings``: their layout; Parquet columns, or a CSV's files written just before each batch's rows);
+    returns the rows written."""
     from .inference import loader_options, score_batches
     from .pipelines import build_loader
     from .pipelines.options import shard_bounds
-    from .data.io import write_csv_rows
 
-    target = out if world == 1 else part_path(out, rank, world)
     lo, hi = shard_bounds(len(sub), rank, world)
     if hi <= lo:
         return 0
@@ -545,46 +238,34 @@ def _score_share(ens, sub, out: str, header: list[str], fusion: str, backend: st
     bar = tqdm(total=hi - lo, unit="img", desc="predict" if world == 1 else f"predict rank {rank}/{world}",
                disable=not show_progress, dynamic_ncols=True, smoothing=0.1)
     written = 0
-    new = not os.path.isfile(target) or os.path.getsize(target) == 0
-    from .embeddings import EmbeddingWriter
+    from .embeddings import embedding_sink
 
-    emb = EmbeddingWriter(target, embeddings) if embeddings else None
-    with open(target, "a", encoding="utf-8", newline="") as fh:
-        if new:
-            write_csv_rows(fh, [header])
-            fh.flush()
+    with table.writer(rank, world) as writer, embedding_sink(table, writer, embeddings) as sink:
         try:
-            for idx, _, logits, *vectors in score_batches(ens, loader, embeddings=emb is not None):
-                rows = _rows(ens, sub, idx, *ens.probabilities(logits, fusion))
-                if emb is not None:
-                    emb.append([(sub.samples[int(i)].path, sub.samples[int(i)].id) for i in idx], vectors[0])
-                write_csv_rows(fh, rows)
-                fh.flush()
-                written += len(rows)
-                bar.update(len(rows))
+            for idx, _, logits, *vectors in score_batches(ens, loader, embeddings=bool(embeddings)):
+                batch = _batch(ens, sub, idx, positions, *ens.probabilities(logits, fusion))
+                if embeddings:
+                    sink(batch, vectors[0])
+                writer.add(batch)
+                written += len(batch.samples)
+                bar.update(len(batch.samples))
         finally:
             bar.close()
-            fh.flush()
-            os.fsync(fh.fileno())
-            if emb is not None:
-                emb.close()
     if written != hi - lo:
         raise RuntimeError(f"rank {rank}: the loader returned {written} of {hi - lo} cutouts")
     return written
 
 
-def _rows(ens, sub, idx, score, probs, spread) -> list[list]:
-    """The CSV rows of one scored batch (``idx``: positions in ``sub``)."""
-    from .prediction_rows import prediction_row
+def _batch(ens, sub, idx, positions, score, probs, spread):
+    """One scored batch as the tables take it (``idx``: positions in ``sub``)."""
+    from .prediction_table import ScoredBatch
 
     several = len(ens.members) > 1
-    return [prediction_row(s.path, s.id, s.label, score[j], [probs[k][j] for k in ens.names] if several else (),
-                           spread[j] if several else None)
-            for j, s in ((j, sub.samples[int(i)]) for j, i in enumerate(idx))]
+    return ScoredBatch([sub.samples[int(i)] for i in idx], score, {k: probs[k] for k in ens.names} if several else {},
+                       spread if several else None, None if positions is None else positions[idx])
 
 
-def _finish(out: str, header: list[str], written: int, seconds: float, total_left: int, main_rank: bool,
-            world: int, say) -> None:
+def _finish(table, written: int, seconds: float, total_left: int, main_rank: bool, world: int, say) -> None:
     """Every rank done: the counts gathered, the parts merged into ``out`` and the run summed up (rank 0)."""
     _barrier(world)
     if world > 1:
@@ -594,10 +275,11 @@ def _finish(out: str, header: list[str], written: int, seconds: float, total_lef
         dist.all_gather_object(counts, (written, seconds))
         written, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
     if main_rank:
-        if find_parts(out):
-            _, k = merge(out, header)
+        out = table.path
+        if table.pending_parts():
+            _, k = table.merge()
             say(f"merged {k} part file(s) into {out}")
-        n = sum(1 for f, _ in iter_rows(out, header) if f)
+        n = table.rows()
         rate = written / max(seconds, 1e-9)
         left = total_left - written
         say(f"scored {written} cutouts in {seconds:.1f} s ({rate:.1f} img/s); {out} holds {n} rows"
@@ -620,6 +302,7 @@ def merge_only(out: str) -> int:
             return 0
         raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv or "
                            f"{os.path.basename(out)}.shard-*-of-* part exists")
+
     header = next((h for h in map(read_header, parts) if h is not None), None)
     if header is None:
         raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
@@ -633,23 +316,6 @@ def merge_only(out: str) -> int:
         n, k = merge(out, header)
     log(f"merged {k} part file(s) into {out}: {n} rows")
     return 0
-
-
-def read_record(path: str) -> dict:
-    """The record (``.meta.json``) that ``predict`` wrote for the output ``path``; PredictError naming it when
-    it is missing or is not one."""
-    side = provenance_path(path)
-    try:
-        with open(side, encoding="utf-8") as fh:
-            saved = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise PredictError(f"{side}: the record of {os.path.basename(path)} is missing or unreadable ({exc}); "
-                           "rerun its task to write it") from None
-    if (not isinstance(saved, dict) or saved.get("written_by") != "dali_lens.predict"
-            or any(k not in saved for k in PROVENANCE_KEYS) or not isinstance(saved.get("checkpoints"), list) or not isinstance(saved.get("columns"), list)
-            or not all(isinstance(c, dict) for c in saved["checkpoints"])):
-        raise PredictError(f"{side}: not a record written by dali_lens.predict; nothing was merged")
-    return saved
 
 
 def _merge_shards(out: str) -> int:

@@ -25,8 +25,9 @@ Several processes: under torchrun each rank scores its share of the remaining cu
 once) into OUT.part-<rank>-of-<world>.csv, then rank 0 merges the parts into OUT atomically. --merge does the
 merge step alone (for ranks launched as separate jobs). A restarted job skips the rows already in the parts.
 Job arrays need no rendezvous: --shard I/N scores part I of N fixed, disjoint parts of DATA (whole tar shards
-of packed data) into OUT.shard-I-of-N.csv, resumable like OUT; --merge joins all N (refusing missing,
-unfinished, overlapping or mismatched parts, by name) and removes them.
+of packed data) into OUT.shard-I-of-N.csv (.parquet for a Parquet OUT), resumable like OUT; --merge joins
+all N (refusing missing, unfinished, overlapping or mismatched parts, by name) and removes them. --embeddings
+adds each member's pooled features: emb_<member> columns in Parquet, OUT.embeddings.<k>.npy beside a CSV.
 
 Examples:
   python -m dali_lens.predict --checkpoint runs/single-small_cnn/best.pt /data/cutouts --out preds.csv
@@ -57,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
                          "dataset root")
     ap.add_argument("--checkpoint", "-c", action="append", metavar="CKPT",
                     help="a checkpoint (best.pt/last.pt) or a run directory (its best.pt); repeat for an ensemble")
-    ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming)")
+    ap.add_argument("--out", "-o", required=True, help="the CSV file to write (appended to when resuming); "
+                    "OUT.parquet: a folder of Parquet parts with the catalogue columns")
     ap.add_argument("--split", default="all",
                     help="for a labelled dataset root: train, val, test, or all (every split; default)")
     add_scoring_args(ap, "the cores divided among local processes", limit=True)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.checkpoint, args.data, args.out, split=args.split, backend=args.backend,
                                batch_size=args.batch_size, tta=args.tta, fusion=args.fusion, workers=args.workers,
                                threads=args.threads, hdus=args.hdus, skip_bad=args.skip_bad, limit=args.limit,
-                               progress=args.progress, shard=args.shard, embeddings=args.embeddings),
+                               progress=args.progress, top=args.top, shard=args.shard, embeddings=args.embeddings),
                            (DataError, CheckpointError, PredictError, BackendError, FileNotFoundError,
                             PermissionError, IsADirectoryError),
                            f"interrupted: rows written so far are kept in {args.out} (or its part files); "

@@ -13,7 +13,7 @@ import csv
 import os
 import re
 
-from .dataset import DataError, Dataset, Sample, parse_label
+from .dataset import DataError, Dataset, Sample, catalogue_value, parse_label
 from .io import open_text
 
 GROUND_DIRS = ("Band1", "Band2", "Band3", "Band4")
@@ -84,14 +84,7 @@ def read_challenge(root: str, track: str | None = None) -> dict[str, Dataset]:
                     continue
                 paths.append(files[oid])
             label = parse_label(row.get("is_lens") or "", f"{where}, is_lens", binary=True)
-            meta = {}
-            for c in cols:
-                if c in ("ID", "is_lens"):
-                    continue
-                try:
-                    meta[c] = float(row[c])
-                except (TypeError, ValueError):
-                    pass
+            meta = {c: v for c in cols if c not in ("ID", "is_lens") and (v := catalogue_value(row[c])) is not None}
             samples.append(Sample(paths[0], label, oid, band_paths=tuple(paths), meta=meta))
     if not samples:
         raise DataError(f"{catalogue}: lists no objects")

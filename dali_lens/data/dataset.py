@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,15 +58,17 @@ class Sample:
 
     ``path`` is absolute. For per-band files (one file per band) ``band_paths`` lists them in band order
     and ``path`` is the first. ``label`` is 1 for a lens, 0 for a non-lens, ``None`` when unlabelled.
-    ``meta`` holds numeric catalogue columns (e.g. ``einstein_area``); samples without any share one empty
-    read-only mapping. Slots keep a sample at ~280 bytes: survey-scale sets hold millions of them.
+    ``meta`` holds the catalogue columns (e.g. ``einstein_area``, ``ra``, ``tile``): numbers where the cell parses
+    as one (``int`` for an integer, so object IDs stay exact; ``float`` otherwise), else the text
+    (:func:`catalogue_value`); samples without any share one empty read-only mapping. Slots keep a sample at
+    ~280 bytes: survey-scale sets hold millions of them.
     """
 
     path: str
     label: int | None
     id: str
     band_paths: tuple[str, ...] = ()
-    meta: Mapping[str, float] = field(default_factory=_no_meta, compare=False, hash=False)
+    meta: Mapping[str, int | float | str] = field(default_factory=_no_meta, compare=False, hash=False)
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -219,6 +222,24 @@ def parse_label(value: str, where: str, binary: bool = False) -> int | None:
     if v in ("", "-1", "none", "nan"):
         return None
     raise DataError(f"{where}: unknown label {value!r} (use 1 for lens, 0 for non-lens)")
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def catalogue_value(text) -> int | float | str | None:
+    """A catalogue cell of a manifest or ``classifications.csv`` as ``Sample.meta`` keeps it: None when empty
+    (the column is left out of that sample's meta), an ``int`` for an integer (exact: 64-bit object IDs), a
+    ``float`` for another number (``nan``/``inf`` included), else the text itself (stripped)."""
+    v = "" if text is None else str(text).strip()
+    if not v:
+        return None
+    if _INTEGER.fullmatch(v):
+        return int(v)
+    try:
+        return float(v)
+    except ValueError:
+        return v
 
 
 def parse_hdus(text) -> tuple[int | str, ...] | None:

@@ -3,7 +3,7 @@
 Supported layouts (checked in this order):
 
 1. CSV manifests ``train.csv`` / ``val.csv`` / ``test.csv`` with columns ``filepath,label`` (paths relative to
-   the data root; extra numeric columns become per-sample metadata) — the mechine_lensing layout.
+   the data root; extra columns become per-sample catalogue metadata, numbers or text) — the mechine_lensing layout.
 2. Split folders ``train/``, ``val/``, ``test/`` each holding class folders ``lens/`` and ``nonlens/``.
 3. Class folders ``lens/`` and ``nonlens/`` directly under the root (one ``train`` split).
 4. Files directly under the root, or a single CSV file: unlabelled samples (split ``predict``).
@@ -20,7 +20,7 @@ import csv
 import hashlib
 import os
 
-from .dataset import DataError, Dataset, Sample, kind_of, parse_label, sample_id, supported_files
+from .dataset import DataError, Dataset, Sample, catalogue_value, kind_of, parse_label, sample_id, supported_files
 from .io import open_text
 
 SPLITS = ("train", "val", "test")
@@ -91,14 +91,7 @@ def read_manifest(path: str, root: str) -> list[Sample]:
             if not os.path.exists(full):  # kept: reported by check and the loaders, skipped by --skip-bad
                 missing.append(f"{where}: file not found: {full}")
             label = parse_label(row[label_col], where) if label_col else None
-            meta = {}
-            for c in cols:
-                if c in (path_col, label_col):
-                    continue
-                try:
-                    meta[c] = float(row[c])
-                except (TypeError, ValueError):
-                    pass
+            meta = {c: v for c in cols if c not in (path_col, label_col) and (v := catalogue_value(row[c])) is not None}
             samples.append(Sample(os.path.abspath(full), label, sample_id(full), meta=meta))
     if not samples:
         raise DataError(f"{path}: manifest lists no samples")

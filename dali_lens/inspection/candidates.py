@@ -45,7 +45,12 @@ def _float(text: str, where: str, column: str) -> float:
 
 
 def read_predictions(path: str) -> list[Candidate]:
-    """The rows of a predictions CSV written by ``predict``, ``evaluate`` or a training run."""
+    """The rows of a predictions CSV written by ``predict``, ``evaluate`` or a training run, or of a Parquet
+    output of ``predict`` (``OUT.parquet``, a folder of parts or one file)."""
+    from ..prediction_table import is_parquet
+
+    if is_parquet(path) and os.path.exists(path):
+        return _read_parquet(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     with open_text(path, newline="") as fh:
@@ -71,6 +76,31 @@ def read_predictions(path: str) -> list[Candidate]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _read_parquet(path: str) -> list[Candidate]:
+    from ..prediction_table import read_table
+
+    try:
+        t = read_table(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable Parquet predictions output ({str(exc).splitlines()[0]})") from None
+    cols = t.column_names
+    if "score" not in cols or not ({"id", "file"} & set(cols)):
+        raise DataError(f"{path}: not a predictions table (needs 'score' and 'id' or 'file' columns; has {cols})")
+    if t.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    n = t.num_rows
+
+    def col(name):
+        return t.column(name).to_pylist() if name in cols else [None] * n
+
+    members = [c for c in cols if c.startswith("score_")]
+    files, ids, labels, scores, spread = col("file"), col("id"), col("label"), col("score"), col("member_std")
+    mem = {c[len("score_"):]: col(c) for c in members}
+    return [Candidate(ids[j] or os.path.basename(files[j] or ""), float(scores[j]), files[j] or "",
+                      None if labels[j] is None or labels[j] < 0 else int(labels[j] > 0), spread[j],
+                      {k: float(v[j]) for k, v in mem.items() if v[j] is not None}) for j in range(n)]
 
 
 def match(candidates: list[Candidate], datasets: list[Dataset]) -> list[str]:
