@@ -14,6 +14,7 @@ task reads its own tars and no tar is read twice.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -120,7 +121,7 @@ def check_shards(out: str, records, differences) -> tuple[int, list[str], dict]:
         if place.get("index") != i or place.get("count") != count:
             raise ShardError(f"{p}: its record {os.path.basename(p)}.meta.json is not that of part {i}/{count}")
         diffs = differences(dict(first, shard=None), dict(rec, shard=None)) + [f"{k}: {first.get(k)!r} in part 0, {rec.get(k)!r} here"
-                                            for k in ("data", "split", "columns", "embeddings")
+                                            for k in ("data", "split", "columns", "embeddings", "top")
                                             if first.get(k) != rec.get(k)]
         if (first.get("shard") or {}).get("of") != place.get("of"):
             diffs.append(f"DATA held {first['shard'].get('of')} cutouts for part 0, {place.get('of')} for this part")
@@ -128,19 +129,122 @@ def check_shards(out: str, records, differences) -> tuple[int, list[str], dict]:
             raise ShardError(f"{p}: written by another model, with other options or from other DATA than "
                              f"{os.path.basename(paths[0])} ({'; '.join(diffs)}); nothing was merged")
     merged = {k: v for k, v in first.items() if k != "shard"}
-    merged["merged_shards"] = count
+    merged.update(merged_shards=count, shard_of=(first.get("shard") or {}).get("of"))
     return count, paths, merged
 
 
 def write_empty(table, header: list[str]) -> None:
-    """Leave the output of a part with no cutouts (and its record) for ``--merge``: a CSV with its header, or an
-    empty Parquet part (``prediction_table``)."""
+    """Make sure a part's output exists with its record even before (or without: a part with no cutouts) its
+    first rows, for ``--merge``: a CSV with its header, or an empty Parquet part file."""
     if table.format == "csv":
         if not os.path.isfile(table.path):
             from .data.io import atomic_write_csv
 
             atomic_write_csv(table.path, header, [])
         return
+    if table.parts():
+        return
     import pyarrow as pa
 
-    table.write_part(pa.Table.from_batches([], table.schema))
+    extra = {"scored": 0, "covers": [], "covers_sum": 0, "replaces": []} if table.top else None
+    table.write_part(pa.Table.from_batches([], table.schema), extra_meta=extra)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parquet parts (each part is a folder of Parquet files; its record is in their schema metadata)
+
+
+def parquet_record(path: str) -> dict:
+    """A Parquet part's record: the provenance in its (first live) part file's metadata, with ``top``."""
+    from .prediction_table import live_parts, part_meta
+
+    files = live_parts(path)[0] if os.path.isdir(path) else []
+    if not files:
+        raise ShardError(f"{path}: holds no Parquet part files (its task has not written any yet: rerun it)")
+    meta = part_meta(files[0])[0]
+    rec = meta.get("provenance")
+    if not isinstance(rec, dict) or not isinstance(rec.get("checkpoints"), list) or "columns" not in rec:
+        raise ShardError(f"{files[0]}: its record holds no provenance of dali_lens.predict; nothing was merged")
+    return dict(rec, top=meta.get("top"))
+
+
+def merge_parquet(out: str, count: int, paths: list[str], merged: dict, log) -> int:
+    """Join the Parquet parts ``paths`` (checked by :func:`check_shards`) into the folder ``out``: written as a
+    temporary folder renamed to ``out``, then the parts removed. Each part must hold all its cutouts
+    (``--top`` parts: have scored them all) and no file twice across parts; ``--top`` parts are reduced to the
+    K best of them all (``prediction_table.merge_top``). ``out`` must not exist, unless it is this merge
+    already done (then left-over parts whose rows it holds are removed)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from .prediction_table import ParquetTable, live_parts, merge_top, part_meta
+
+    if os.path.lexists(out):
+        return _parquet_leftovers(out, count, paths, log)
+    seen: dict[str, int] = {}
+    top = merged.get("top")
+    for i, p in enumerate(paths):
+        files = live_parts(p)[0]
+        metas = [part_meta(f)[0] for f in files]
+        rows = sum(int(m.get("scored") if top else m.get("rows") or 0) for m in metas)
+        if rows < int(merged_place(p).get("cutouts", 0)):
+            raise ShardError(f"{p}: unfinished, {rows} of its {merged_place(p)['cutouts']} "
+                             f"{'cutouts scored' if top else 'rows'} (rerun its task, --shard {i}/{count}, to "
+                             "complete it); nothing was merged")
+        for f in files:
+            for name in pq.read_table(f, columns=["file"]).column(0).to_pylist():
+                if name in seen:
+                    raise ShardError(f"{p}: {name!r} is also in {paths[seen[name]]} (overlapping parts: scored from "
+                                     "other DATA?); nothing was merged")
+                seen[name] = i
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.merging-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        dest = ParquetTable(tmp, merged["columns"])
+        dest.now, dest.top = {k: v for k, v in merged.items() if k != "top"}, top
+        if top:  # the K best of all; covering the whole DATA when no part dropped bad files
+            best = merge_top(paths, top)
+            meta = json.loads(best.schema.metadata[b"dali_lens"])
+            whole = (merged.get("shard_of") is not None
+                     and sum(int(merged_place(p).get("cutouts", 0)) for p in paths) == merged["shard_of"])
+            dest.write_part(best.replace_schema_metadata(None), extra_meta={
+                "scored": meta["scored"], "histogram": meta["histogram"], "replaces": [],
+                "covers": [[0, merged["shard_of"]]] if whole else [], "covers_sum": meta["covers_sum"] if whole else 0})
+        else:
+            for p in paths:
+                for f in live_parts(p)[0]:
+                    dest.write_part(pq.read_table(f).replace_schema_metadata(None))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for p in paths:
+        shutil.rmtree(p)
+    log(f"merged {count} part(s) into {out}: " + (f"the {top} best rows" if top else f"{len(seen)} rows"))
+    return 0
+
+
+def merged_place(path: str) -> dict:
+    return parquet_record(path).get("shard") or {}
+
+
+def _parquet_leftovers(out: str, count: int, paths: list[str], log) -> int:
+    import shutil
+
+    from .prediction_table import live_parts, part_meta, read_table
+
+    files = live_parts(out)[0] if os.path.isdir(out) else []
+    if not files or (part_meta(files[0])[0].get("provenance") or {}).get("merged_shards") != count:
+        raise ShardError(f"{out}: already exists and is not a merge of these {count} parts; it is left untouched: "
+                         "choose another --out, or remove it first")
+    done = set(read_table(out, ["file"]).column(0).to_pylist())
+    for p in paths:
+        if not set(read_table(p, ["file"]).column(0).to_pylist()) <= done:
+            raise ShardError(f"{out}: already the merge of {count} parts, but {p} holds rows that are not in it; it "
+                             "is left untouched: choose another --out to merge these parts")
+    for p in paths:
+        shutil.rmtree(p)
+    log(f"{out}: already merged; removed {len(paths)} part(s) left behind by an interrupted merge")
+    return 0

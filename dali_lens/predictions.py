@@ -130,7 +130,7 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
     table = open_table(out, header, dataset.samples, say, top=top,
                        extra_fields=parquet_fields(now["embeddings"]) if embeddings else ())
     _prepare_out(table, now, main_rank, world, say)
-    if shard and main_rank and table.rows() == 0:  # an empty part too leaves its output (and record) for --merge
+    if shard and main_rank:  # an empty part too leaves its output (and record) for --merge
         from .prediction_parts import write_empty
 
         write_empty(table, header)
@@ -322,15 +322,19 @@ def _merge_shards(out: str) -> int:
     """``--merge`` of the ``--shard`` parts of ``out``: every part present, complete, disjoint and from the
     same model, options and DATA, else nothing changes; then ``out`` and its record are written atomically and
     the parts removed. Holds ``OUT.lock`` and each part's lock (a task still running stops the merge)."""
-    from .prediction_parts import check_shards
+    from .prediction_parts import check_shards, merge_parquet, parquet_record
+    from .prediction_table import is_parquet
 
     with _lock_out(out):
-        count, paths, merged = check_shards(out, read_record, _differences)
+        count, paths, merged = check_shards(out, parquet_record if is_parquet(out) else read_record, _differences)
         header = merged["columns"]
         locks = []
         try:
             for p in paths:
                 locks.append(_lock_out(p))
+            if is_parquet(out):
+                return merge_parquet(out, count, paths, merged, log)
+            for p in paths:
                 check_own(p, header)
             check_own(out, header)
             check_provenance(out, merged, header)  # OUT's rows (if any) from this model and these options

@@ -181,3 +181,39 @@ def test_library_door_checks_shard(env, tmp_path):
     with pytest.raises(ValueError, match="--shard must be I/N"):
         dali_lens.predict(env["ckpt"], env["loose"], str(tmp_path / "x.csv"), shard="4/4")
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("top", [None, 5])
+def test_parquet_parts_merge(env, tmp_path, capsys, top):
+    """Parquet --out: each part is a folder of its own; --merge joins them (the K best of all with --top)."""
+    import pyarrow.parquet as pq
+
+    from dali_lens.prediction_table import read_table
+
+    out = str(tmp_path / "scores.parquet")
+    extra = ["--top", str(top)] if top else []
+    for i in range(3):
+        assert P.main(_args(env["ckpt"], env["packed"], out, "--shard", f"{i}/3", *extra)) == 0
+        assert os.path.isdir(shard_path(out, i, 3))
+        assert os.path.basename(shard_path(out, i, 3)) == f"scores.parquet.shard-{i}-of-3.parquet"
+    capsys.readouterr()
+    assert P.main(["--merge", "--out", out]) == 0
+    assert "merged 3 part(s)" in capsys.readouterr().err
+    assert not find_shards(out)
+    got = read_table(out).to_pandas()
+    ref_head, ref_rows = read(env["ref"]["packed"])
+    ref = {r[0]: float(r[3]) for r in ref_rows}
+    if top:
+        best = sorted(ref.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        assert list(got["file"]) == [f for f, _ in best]
+        np.testing.assert_allclose(got["score"], [s for _, s in best], atol=1e-6)
+    else:
+        assert sorted(got["file"]) == sorted(ref) and got["file"].is_unique
+        np.testing.assert_allclose(got.set_index("file").loc[sorted(ref), "score"], [ref[f] for f in sorted(ref)],
+                                   atol=1e-6)
+    # a plain rerun onto the merged output: complete, nothing to do
+    assert P.main(_args(env["ckpt"], env["packed"], out, *extra)) == 0
+    assert "is complete" in capsys.readouterr().err
+    assert len(read_table(out)) == (top or N)
+    assert all(json.loads(pq.read_schema(os.path.join(out, f)).metadata[b"dali_lens"])["provenance"]["merged_shards"]
+               == 3 for f in os.listdir(out))
