@@ -200,3 +200,32 @@ def test_similar_bad_inputs_are_one_line(env, tmp_path, capsys):
     assert I.main([plain, env["data"], "--similar", env["query"], "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no embeddings" in err[0] and plain in err[0]
+
+
+def test_parquet_embedding_columns_and_similar(env, tmp_path, capsys):
+    """Parquet --out: one fixed_size_list<float32>[D] column per member, the same vectors as beside the CSV;
+    resumable; inspect --similar reads them."""
+    import pyarrow as pa
+
+    from dali_lens.prediction_table import read_table
+
+    out = str(tmp_path / "e.parquet")
+    args = _args(env["ckpt"], env["data"], out, "--embeddings")
+    assert P.main(args + ["--limit", "16"]) == 0
+    assert P.main(args) == 0
+    t = read_table(out)
+    ens = load_ensemble(env["ckpt"], "cpu")
+    cols = [f"emb_{n}" for n in ens.names]
+    assert all(t.schema.field(c).type == pa.list_(pa.float32(), 128) for c in cols)
+    assert t.num_rows == N + 1 and len(set(t.column("file").to_pylist())) == N + 1
+    ref_rows = read(env["runs"]["dali-cpu"])[1]
+    ref = _vectors(env["runs"]["dali-cpu"])[0]
+    pos = {r[0]: k for k, r in enumerate(ref_rows)}
+    order = [pos[f] for f in t.column("file").to_pylist()]
+    for c, r in zip(cols, ref):
+        v = np.asarray(t.column(c).to_pylist(), dtype=np.float32)
+        np.testing.assert_allclose(v, r[order], atol=1e-5)
+    capsys.readouterr()
+    assert I.main([out, env["data"], "--similar", env["query"], "--top", "3", "--out", str(tmp_path / "look")]) == 0
+    near = capsys.readouterr().err.split("(cosine similarity): ", 1)[1].splitlines()[0].split(", ")
+    assert [x.split()[0] for x in near[:2]] == [env["query"], DUP]

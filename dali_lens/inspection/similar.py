@@ -46,24 +46,47 @@ def nearest(vectors: list[np.ndarray], row: int, k: int, chunk: int = CHUNK) -> 
     return best_rows, np.where(np.isinf(best_sims), 1.0, best_sims)
 
 
+def _embeddings(predictions: str):
+    """``(embeddings.Embeddings, layout)`` of a predictions CSV (its ``.npy`` files) or Parquet output (its
+    ``emb_<member>`` columns); DataError when it has none."""
+    import json
+
+    from ..embeddings import Embeddings, column_of, layout_of, read_embeddings
+    from ..prediction_table import is_parquet
+
+    if is_parquet(predictions):
+        from ..prediction_table import live_parts, part_meta, read_table
+
+        try:
+            parts = live_parts(predictions)[0]
+            layout = layout_of(part_meta(parts[0])[0].get("provenance")) if parts else None
+            if layout:
+                t = read_table(predictions, ["file", "id"] + [column_of(e) for e in layout])
+        except ValueError as exc:  # PredictError: not ours, damaged
+            raise DataError(str(exc)) from None
+    else:
+        from ..predictions import provenance_path
+
+        try:
+            with open(provenance_path(predictions), encoding="utf-8") as fh:
+                layout = layout_of(json.load(fh))
+        except (OSError, ValueError):
+            layout = None
+    if not layout:
+        raise DataError(f"{predictions}: no embeddings (its record lists none): score with predict --embeddings to "
+                        "use --similar")
+    if not is_parquet(predictions):
+        return read_embeddings(predictions, layout), layout
+    vectors = {e["member"]: t.column(column_of(e)).combine_chunks().flatten().to_numpy().reshape(-1, e["dim"])
+               for e in layout}
+    return Embeddings(t.column("file").to_pylist(), t.column("id").to_pylist(), vectors), layout
+
+
 def similar_candidates(predictions: str, cands: list, ident: str, k: int, log=None) -> list:
     """The ``k`` candidates (rows of ``predictions``, as ``read_predictions`` gives them) nearest to the one whose
     id (or file) is ``ident``, each with its ``similarity``; the object itself comes first. DataError (one
     line) when the predictions have no embeddings, the ID is not in them or names several rows."""
-    import json
-
-    from ..embeddings import layout_of, read_embeddings
-    from ..predictions import provenance_path
-
-    try:
-        with open(provenance_path(predictions), encoding="utf-8") as fh:
-            layout = layout_of(json.load(fh))
-    except (OSError, ValueError):
-        layout = None
-    if not layout:
-        raise DataError(f"{predictions}: no embeddings (its record {os.path.basename(predictions)}.meta.json lists "
-                        "none): score with predict --embeddings to use --similar")
-    emb = read_embeddings(predictions, layout)
+    emb, layout = _embeddings(predictions)
     rows = [j for j, i in enumerate(emb.ids) if i == ident] or \
         [j for j, f in enumerate(emb.files) if f == ident or f == os.path.abspath(ident)]
     if not rows:
