@@ -279,6 +279,8 @@ class copy_embeddings:
     def source(self, src: str, files: list[str], kept) -> None:
         """Copy the vectors of ``src``'s rows at positions ``kept`` (``files``: its ids, checked against the
         rows it holds)."""
+        if not files:  # no rows (e.g. a part file holding only its header): nothing to copy, nothing to read
+            return
         emb = read_embeddings(src, self.layout)
         if emb.files[:len(files)] != files:
             raise EmbeddingError(f"{ids_path(src)}: its rows do not match {src}'s (damaged?); nothing was merged")

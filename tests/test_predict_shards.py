@@ -59,14 +59,14 @@ def _args(ckpt, data, out, *extra, backend="dali-cpu"):
 
 
 @pytest.mark.parametrize("kind", ["loose", "packed"])
-@pytest.mark.parametrize("count", [1, 3, 7])
-def test_union_of_parts_is_the_one_process_run(env, tmp_path, kind, count, capsys):
+@pytest.mark.parametrize("count,backend", [(1, "dali-cpu"), (3, "dali-cpu"), (7, "dali-cpu"), (3, "torchvision")])
+def test_union_of_parts_is_the_one_process_run(env, tmp_path, kind, count, backend, capsys):
     out = str(tmp_path / "scores.csv")
     ref_head, ref_rows = read(env["ref"][kind])
     ref = {r[0]: r for r in ref_rows}
     union: list[list[str]] = []
     for i in range(count):
-        assert P.main(_args(env["ckpt"], env[kind], out, "--shard", f"{i}/{count}")) == 0
+        assert P.main(_args(env["ckpt"], env[kind], out, "--shard", f"{i}/{count}", backend=backend)) == 0
         part = shard_path(out, i, count)
         head, rows = read(part)
         assert head == ref_head
@@ -78,7 +78,7 @@ def test_union_of_parts_is_the_one_process_run(env, tmp_path, kind, count, capsy
     assert len(files) == len(set(files)), "a cutout scored in two parts"
     assert set(files) == set(ref), "parts miss cutouts or hold others"
     worst = max(np.abs(np.array(r[3:], float) - np.array(ref[r[0]][3:], float)).max() for r in union)
-    assert worst <= 1e-5, worst
+    assert worst <= (1e-5 if backend == "dali-cpu" else 2e-3), worst  # the reference ran on dali-cpu
     assert [r[:3] for r in sorted(union)] == [r[:3] for r in sorted(ref_rows)]
     capsys.readouterr()
     assert P.main(["--merge", "--out", out]) == 0
@@ -217,3 +217,25 @@ def test_parquet_parts_merge(env, tmp_path, capsys, top):
     assert len(read_table(out)) == (top or N)
     assert all(json.loads(pq.read_schema(os.path.join(out, f)).metadata[b"dali_lens"])["provenance"]["merged_shards"]
                == 3 for f in os.listdir(out))
+
+
+def test_torchrun_ranks_within_a_part(env, tmp_path):
+    """--shard under torchrun (2 gloo processes): the part's cutouts split among the ranks, merged into the part
+    file with their embeddings; then --merge as usual."""
+    out = str(tmp_path / "t.csv")
+    envv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "dali_lens.predict", *_args(env["ckpt"], env["loose"], out, "--shard", "0/2", "--embeddings")]
+    res = subprocess.run(cmd, cwd=REPO, env=envv, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stderr and "--shard 0/2: 30 of the 60 cutouts" in res.stderr
+    part = shard_path(out, 0, 2)
+    assert not [f for f in os.listdir(tmp_path) if ".part-" in f], "rank parts merged into the part file"
+    assert P.main(_args(env["ckpt"], env["loose"], out, "--shard", "1/2", "--embeddings")) == 0
+    assert P.main(["--merge", "--out", out]) == 0
+    _, rows = read(out)
+    ref = {r[0]: r for r in read(env["ref"]["loose"])[1]}
+    assert sorted(r[0] for r in rows) == sorted(ref) and len(rows) == N
+    with open(out + ".embeddings.ids.jsonl") as fh:
+        assert [json.loads(x)[0] for x in fh] == [r[0] for r in rows]
+    assert np.load(out + ".embeddings.0.npy").shape == (N, 128) and not os.path.exists(part)
