@@ -333,7 +333,7 @@ def read_record(path: str) -> dict:
         raise PredictError(f"{side}: the record of {os.path.basename(path)} is missing or unreadable ({exc}); "
                            "rerun its task to write it") from None
     if (not isinstance(saved, dict) or saved.get("written_by") != "dali_lens.predict"
-            or any(k not in saved for k in PROVENANCE_KEYS) or not isinstance(saved.get("checkpoints"), list) or not isinstance(saved.get("columns"), list)
-            or not all(isinstance(c, dict) for c in saved["checkpoints"])):
+            or any(k not in saved for k in PROVENANCE_KEYS) or not isinstance(saved.get("checkpoints"), list)
+            or not isinstance(saved.get("columns"), list) or not all(isinstance(c, dict) for c in saved["checkpoints"])):
         raise PredictError(f"{side}: not a record written by dali_lens.predict; nothing was merged")
     return saved

@@ -8,7 +8,6 @@ names are re-exported here. The command's docstring (``dali_lens/predict.py``) s
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 

@@ -5,7 +5,6 @@ the trainers' format, both CPU backends; no mocks.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from conftest import command_module
-from test_predict import make_checkpoint
+from test_predict import make_checkpoint, read
 
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.embeddings import NpyRows, ids_path
@@ -28,12 +27,6 @@ I = command_module("inspect")
 N = 40
 SIZE = 32
 DUP = "zz_duplicate"
-
-
-def read(path: str) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    return rows[0], rows[1:]
 
 
 @pytest.fixture(scope="module")

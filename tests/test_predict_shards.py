@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import command_module
-from test_predict import make_checkpoint
+from test_predict import make_checkpoint, read
 
 from dali_lens.data.synthetic import generate_dataset
 from dali_lens.prediction_parts import find_shards, part_positions, shard_path
@@ -24,12 +24,6 @@ P = command_module("predict")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 60
 SIZE = 32
-
-
-def read(path: str) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    return rows[0], rows[1:]
 
 
 @pytest.fixture(scope="module")
