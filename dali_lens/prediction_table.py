@@ -262,6 +262,7 @@ class ParquetTable:
         fields += list(extra_fields)
         self.schema = pa.schema(fields)
         self.now: dict | None = None
+        pa.array([0])  # pyarrow imports pandas (when installed) on its first array: at start-up, not mid-run
         self.top: int | None = None  # TopTable: K
 
     # -- the parts
