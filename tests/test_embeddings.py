@@ -222,3 +222,17 @@ def test_parquet_embedding_columns_and_similar(env, tmp_path, capsys):
     assert I.main([out, env["data"], "--similar", env["query"], "--top", "3", "--out", str(tmp_path / "look")]) == 0
     near = capsys.readouterr().err.split("(cosine similarity): ", 1)[1].splitlines()[0].split(", ")
     assert [x.split()[0] for x in near[:2]] == [env["query"], DUP]
+
+
+def test_similar_benchmark_quick(tmp_path):
+    """`python -m benchmarks.bench_similar --quick` runs and writes its JSON (not a speed test)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "similar.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_similar", "--quick", "--out", str(out)], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "similar" and doc["runs"][0]["rows"] == 20000 and doc["machine"]["git_commit"]
