@@ -236,3 +236,23 @@ def test_similar_benchmark_quick(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "similar" and doc["runs"][0]["rows"] == 20000 and doc["machine"]["git_commit"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "vit_tiny_patch16_224"])
+def test_pooled_features_of_timm_models_are_their_pre_logits(name):
+    """scoring.pooled_layer finds any timm model's classifier: the captured vectors are exactly timm's
+    forward_head(..., pre_logits=True), and the logits are unchanged by the capture."""
+    import timm
+
+    from dali_lens.scoring import member_logits
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=1, **({"img_size": 64} if "vit" in name else {}))
+    model.eval()
+    x = torch.randn(3, 3, 64, 64)
+    feats: list = []
+    with torch.no_grad():
+        z = member_logits(model, {64: x}, (64,), torch.device("cpu"), features=feats)
+        ref = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(z, model(x).reshape(-1))
+    torch.testing.assert_close(feats[0], ref)

@@ -186,8 +186,16 @@ def test_parquet_parts_merge(env, tmp_path, capsys, top):
 
     out = str(tmp_path / "scores.parquet")
     extra = ["--top", str(top)] if top else []
-    for i in range(3):
+    assert P.main(_args(env["ckpt"], env["packed"], out, "--shard", "0/3", "--limit", "3", *extra)) == 0
+    for i in (1, 2):
         assert P.main(_args(env["ckpt"], env["packed"], out, "--shard", f"{i}/3", *extra)) == 0
+    capsys.readouterr()
+    assert P.main(["--merge", "--out", out]) == 2  # part 0 unfinished: nothing merged
+    err = capsys.readouterr().err
+    assert "unfinished, 3 of its" in err and shard_path(out, 0, 3) in err and not os.path.exists(out)
+    assert P.main(_args(env["ckpt"], env["packed"], out, "--shard", "0/3", *extra)) == 0  # resumes
+    assert "3 already scored" in capsys.readouterr().err
+    for i in range(3):
         assert os.path.isdir(shard_path(out, i, 3))
         assert os.path.basename(shard_path(out, i, 3)) == f"scores.parquet.shard-{i}-of-3.parquet"
     capsys.readouterr()
