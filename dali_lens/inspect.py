@@ -37,7 +37,8 @@ from .data.dataset import DataError, parse_hdus
 
 def parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m dali_lens.inspect", description=__doc__)
-    ap.add_argument("predictions", nargs="?", metavar="PREDICTIONS", help="predictions CSV (file,id[,label],score...)")
+    ap.add_argument("predictions", nargs="?", metavar="PREDICTIONS",
+                    help="predictions CSV or predict's OUT.parquet (file,id[,label],score...)")
     ap.add_argument("data", nargs="?", metavar="DATA", help="the data the predictions came from")
     ap.add_argument("--out", "-o", default=None, help="output folder (default: inspect/ next to PREDICTIONS)")
     ap.add_argument("--top", type=NON_NEGATIVE, default=0, metavar="N", help="the N highest scores (default 100 when no "

@@ -21,6 +21,11 @@ holds OUT.lock (an exclusive flock naming its pid and host) from start to end: a
 names with commas, quotes, CR or LF included); a cell starting with = + - @ (or tab, CR, ') is written with a
 leading ' so that a spreadsheet does not run it as a formula, and dali-lens's readers remove that quote.
 
+--out NAME.parquet: a folder of Parquet part files (pandas/pyarrow read it as one table) with the data's
+catalogue columns (a name clashing with ours becomes cat_<name>) and the provenance in each part's schema
+metadata instead of OUT.meta.json; resumed alike. --top K (Parquet only): keep only the K best-scoring rows of
+the whole run, with the histogram of every score in the metadata (see README, "Survey-scale predictions").
+
 Several processes: under torchrun each rank scores its share of the remaining cutouts (every cutout exactly
 once) into OUT.part-<rank>-of-<world>.csv, then rank 0 merges the parts into OUT atomically. --merge does the
 merge step alone (for ranks launched as separate jobs). A restarted job skips the rows already in the parts.
