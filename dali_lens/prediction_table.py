@@ -41,7 +41,7 @@ import numpy as np
 
 __all__ = ["ScoredBatch", "CatalogueColumn", "catalogue_columns", "open_table", "is_parquet", "CsvTable",
            "ParquetTable", "TopTable", "read_table", "HIST_BINS", "score_histogram", "histogram", "top_rows",
-           "merge_top", "part_meta", "live_parts"]
+           "merge_top", "merge_output", "part_meta", "live_parts"]
 
 #: rows buffered before a Parquet part is written (an interruption loses at most the rows not yet in a part;
 #: Ctrl-C and SIGTERM write them first)
@@ -516,7 +516,7 @@ class TopTable(ParquetTable):
         meta = json.loads(table.schema.metadata[META_KEY])
         meta["replaces"] = [os.path.basename(p) for p in live]
         self.write_part(table.replace_schema_metadata(None), extra_meta={
-            k: meta[k] for k in ("scored", "histogram", "covers", "covers_sum", "replaces")})
+            k: meta[k] for k in ("provenance", "scored", "histogram", "covers", "covers_sum", "replaces")})
         for p in live:
             os.unlink(p)
         return table.num_rows, len(live)
@@ -536,14 +536,16 @@ class _TopWriter(_ParquetWriter):
     def add(self, batch: ScoredBatch) -> None:
         if batch.positions is None:
             raise ValueError("a --top table needs the rows' positions in the run's DATA")
-        rb = self.table.batch(batch)
+        rb = self.table.batch(batch)  # everything computed first, then the state changed in a few steps
+        hist, runs = score_histogram(batch.score), _ranges(batch.positions)
+        total = (self.covers_sum + sum(_path_hash(s.path) for s in batch.samples)) % (1 << 64)
         self.buf.append(rb)
+        self.hist += hist
+        _add_ranges(self.covers, runs)
+        self.covers_sum = total
         self.buffered += rb.num_rows
         self.written += rb.num_rows
         self.since += rb.num_rows
-        self.hist += score_histogram(batch.score)
-        _add_ranges(self.covers, _ranges(batch.positions))
-        self.covers_sum = (self.covers_sum + sum(_path_hash(s.path) for s in batch.samples)) % (1 << 64)
         if self.buffered >= max(self.table.top, ROWS_PER_PART):
             self._prune()
         if self.since >= TOP_ROWS_PER_PART or time.monotonic() - self.last >= SECONDS_PER_PART:
@@ -572,6 +574,7 @@ def merge_top(sources: list[str], k: int | None = None):
     outputs of a job array) as one ``pyarrow.Table`` sorted by score, whose schema metadata (``dali_lens``)
     holds ``top`` (``k``, default: the largest of theirs), ``scored`` and ``histogram`` summed, and ``covers``
     and ``covers_sum`` joined (meaningful when they were scored over the same DATA, as a run's own parts are).
+    A file in several sources is kept once (its best row); ``scored`` and the histogram then count it twice.
     Raises PredictError for a source that is not a ``--top`` output of dali_lens.predict or whose columns differ."""
     pa, pq = _pa()
     tables, metas = [], []
@@ -587,7 +590,18 @@ def merge_top(sources: list[str], k: int | None = None):
     if not tables:
         raise _error(f"{', '.join(sources)}: no --top parts to merge")
     k = int(k or max(m["top"] for m in metas))
-    best = top_rows(pa.concat_tables([t.replace_schema_metadata(None) for t in tables]), k)
+    import pyarrow.compute as pc
+
+    rows = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[("score", "descending"), ("file", "ascending")]))
+    keep, seen = [], set()
+    for i, f in enumerate(rows.column("file").to_pylist()):  # a file in several sources: its best row, once
+        if f not in seen:
+            seen.add(f)
+            keep.append(i)
+            if len(keep) == k:
+                break
+    best = rows.take(keep)
     covers: list[list[int]] = []
     for m in metas:
         covers += m.get("covers") or []
@@ -626,6 +640,21 @@ def live_parts(path: str) -> tuple[list[str], list[str]]:
     for p in parts:
         gone.update(part_meta(p)[0].get("replaces") or ())
     return [p for p in parts if os.path.basename(p) not in gone], [p for p in parts if os.path.basename(p) in gone]
+
+
+def merge_output(path: str) -> tuple[int, int]:
+    """``predict --merge`` for a Parquet output: a ``--top`` folder's live parts merged into one (a plain folder
+    of parts is one table already); returns (rows, parts merged). PredictError when ``path`` holds no parts."""
+    live = live_parts(path)[0] if os.path.isdir(path) else []
+    if not live:
+        raise _error(f"{path}: no Parquet parts written by dali_lens.predict to merge")
+    tops = {part_meta(p)[0].get("top") for p in live}
+    if tops == {None}:
+        _, pq = _pa()
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in live), 0
+    table = TopTable.__new__(TopTable)
+    table.path, table.top, table.now = path, max(k for k in tops if k), None
+    return table.merge()
 
 
 def histogram(path: str) -> np.ndarray:

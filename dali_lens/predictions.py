@@ -287,13 +287,19 @@ def _finish(table, written: int, seconds: float, total_left: int, main_rank: boo
 
 
 def merge_only(out: str) -> int:
-    """Merge ``OUT.part-*-of-*.csv`` (torchrun ranks) or ``OUT.shard-I-of-N.csv`` (``--shard`` parts) into
-    ``out`` (``--merge``)."""
+    """Merge ``OUT.part-*-of-*.csv`` (torchrun ranks) or ``OUT.shard-I-of-N.csv|.parquet`` (``--shard`` parts)
+    into ``out`` (``--merge``; a Parquet output without parts: its --top parts)."""
     from .prediction_parts import find_shards
+    from .prediction_table import is_parquet, merge_output
 
     out = os.path.abspath(os.path.expanduser(out))
     if find_shards(out):
         return _merge_shards(out)
+    if is_parquet(out):
+        with _lock_out(out):
+            n, k = merge_output(out)
+        log(f"merged {k} part file(s) into {out}: {n} rows" if k else f"{out}: {n} rows in its parts; nothing to merge")
+        return 0
     parts = find_parts(out)
     if not parts:
         if os.path.isfile(out):

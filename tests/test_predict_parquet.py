@@ -239,3 +239,68 @@ def test_catalogue_text_columns_and_evaluate_numeric_columns(env):
     assert "tile" not in ds.samples[0].meta  # an empty cell
     cols = numeric_columns(ds, np.array(ds.labels))
     assert "tile" not in cols and "ra" in cols
+
+
+def test_two_processes_torchrun_top_merges_rank_parts(env, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) onto a --top output begun by one process: each rank writes its own
+    parts (named by rank), rank 0 merges them; with K above N every cutout is there exactly once."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "dist.parquet")
+    base = args(env["ckpt"], env["cat"], out, "dali-cpu", "--top", "1000")
+    assert P.main(base + ["--limit", "11"]) == 0
+    envv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dali_lens.predict"] + base
+    res = subprocess.run(cmd, cwd=repo, env=envv, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stderr and "31 to score now" in res.stderr and "merged 3 part file(s)" in res.stderr
+    assert len(os.listdir(out)) == 1
+    got = pd.read_parquet(out)
+    assert len(got) == N_TRAIN and got["file"].is_unique
+    ref = csv_rows(env["ref"])
+    assert set(got["file"]) == set(ref)
+    for f, score in zip(got["file"], got["score"]):
+        assert abs(score - float(ref[f]["score"])) <= 1e-6
+    assert list(got["score"]) == sorted(got["score"], reverse=True)
+    assert histogram(out).sum() == N_TRAIN
+
+
+def test_packed_set_keeps_catalogue_columns(env, tmp_path):
+    """A packed set keeps the manifest's catalogue columns (text and exact integers too): its Parquet has them."""
+    from dali_lens.data.packing import pack
+
+    packed = str(tmp_path / "packed")
+    pack(env["cat"], packed, fsync=False, val_fraction=0.0, log=lambda *a, **k: None)
+    out = str(tmp_path / "p.parquet")
+    assert P.main(args(env["ckpt"], packed, out, "dali-cpu")) == 0
+    got = pds.dataset(out, format="parquet").to_table()
+    assert got.num_rows == N_TRAIN
+    assert got.schema.field("objid").type == pa.int64() and got.schema.field("tile").type == pa.string()
+    ids = set(got.column("objid").to_pylist())
+    assert ids == {2 ** 60 + k for k in range(N_TRAIN)}
+    ref = {r["id"]: float(r["score"]) for r in csv_rows(env["ref"]).values()}
+    for i, score in zip(got.column("id").to_pylist(), got.column("score").to_pylist()):
+        assert abs(score - ref[i]) <= 1e-6
+
+
+def test_merge_only_parquet(env, tmp_path, capsys):
+    """--merge on a Parquet output: a plain one is left as it is; --top parts left by ranks are merged."""
+    import shutil
+
+    out = str(tmp_path / "m.parquet")
+    assert P.main(args(env["ckpt"], env["a"], out, "torchvision", "--top", "5")) == 0
+    assert P.main(args(env["ckpt"], env["b"], str(tmp_path / "n.parquet"), "torchvision", "--top", "5")) == 0
+    other = os.path.join(str(tmp_path / "n.parquet"), os.listdir(str(tmp_path / "n.parquet"))[0])
+    shutil.copy(other, os.path.join(out, "part-00007-1of2.parquet"))  # what a second rank leaves
+    capsys.readouterr()
+    assert P.main(["--merge", "--out", out]) == 0
+    assert "merged 2 part file(s)" in capsys.readouterr().err
+    got = pd.read_parquet(out)
+    assert len(os.listdir(out)) == 1 and len(got) == 5 and list(got["score"]) == sorted(got["score"], reverse=True)
+    meta = json.loads(pq.read_schema(os.path.join(out, os.listdir(out)[0])).metadata[b"dali_lens"])
+    assert meta["scored"] == N_TRAIN and meta["provenance"]["checkpoints"][0]["sha256"] == file_sha256(env["ckpt"])
+    assert P.main(["--merge", "--out", str(tmp_path / "none.parquet")]) == 2
+    one_error_line(capsys, "none.parquet")
