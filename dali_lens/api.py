@@ -66,7 +66,8 @@ def predict(checkpoint: str | list[str], data: str | list[str], out: str, **opti
 
     Writes ``out`` (``file,id,label,score[,member scores]``; resumable) and returns its path. ``options`` are the
     CLI flags with ``_`` for ``-`` (``backend``, ``batch_size``, ``tta``, ``fusion``, ``workers``, ``split``,
-    ``hdus``, ``skip_bad``, ``limit``, ``top``, ``threads``, ``progress``; see
+    ``hdus``, ``skip_bad``, ``limit``, ``top``, ``threads``, ``progress``, ``embeddings``, and ``shard="I/N"``,
+    which writes part I's own output, ``prediction_parts.shard_path(out, I, N)``; see
     :func:`dali_lens.predictions.predict_files`). Bad input raises ``DataError`` (or ``PredictError`` /
     ``CheckpointError`` / ``BackendError``), naming the file or option.
     """

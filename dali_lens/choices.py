@@ -229,3 +229,19 @@ PIXELS = Range(int, 8)                    #: an input size (the models need >= 8
 SCALES = IntList(8, distinct=True, what="sizes")  #: multiscale input sizes
 AT_N = IntList(1, distinct=True, what="counts")  #: --at-n: the N of purity@N and completeness@N
 HDUS = HduList()
+
+
+def _shard(value) -> tuple[int, int]:
+    """``--shard I/N`` (text, or an ``(I, N)`` pair) as ``(I, N)`` with 0 <= I < N; ValueError saying why not."""
+    try:
+        i, n = ((value if isinstance(value, (list, tuple)) else str(value).split("/")) if value is not None else ())
+        i, n = _integer(i), _integer(n)
+    except ValueError:
+        raise ValueError("not two integers I/N") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError("needs N >= 1 and 0 <= I < N")
+    return i, n
+
+
+#: ``predict --shard I/N``: the I-th (0-based) of N parts of the inputs (a Slurm array task's part)
+SHARD = Parsed(_shard, "I/N with 0 <= I < N", ("x", "3", "3/3", "-1/4", "1/0", "1/2/3", "a/b"))

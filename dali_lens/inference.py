@@ -259,19 +259,24 @@ def loader_options(ensemble: Ensemble, batch_size: int = 64, tta: bool = False, 
 
 
 @torch.inference_mode()
-def score_batches(ensemble: Ensemble, loader) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+def score_batches(ensemble: Ensemble, loader, embeddings: bool = False
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
     """Per batch of ``loader``: ``(indices, labels, {member name: logits})`` as numpy arrays.
 
     ``indices`` point into the loader's dataset; ``labels`` are -1 for unlabelled samples. A member's logits
-    are the mean over its scales and, with TTA batches ``(B, 8, C, s, s)``, over the 8 views.
+    are the mean over its scales and, with TTA batches ``(B, 8, C, s, s)``, over the 8 views. ``embeddings``:
+    each tuple has a fourth item, ``{member name: (B, D) float32}``, the member's pooled feature vectors
+    (``scoring.member_logits``'s ``features``, averaged alike).
     """
     device, channels_last = ensemble.device, ensemble.channels_last
     if channels_last_on(device, channels_last):
         for m in ensemble.members:
             m.model.to(memory_format=torch.channels_last)
     for batch in loader:
+        feats: dict[str, list] = {m.name: [] for m in ensemble.members} if embeddings else {}
         logits = {m.name: member_logits(m.model, batch["image"], m.scales, device, amp=ensemble.amp_dtype,
                                         norm=(ensemble.pixels.mean, ensemble.pixels.std), channels_last=channels_last,
-                                        correction=m.correction).cpu().numpy()
+                                        correction=m.correction, features=feats.get(m.name)).cpu().numpy()
                   for m in ensemble.members}
-        yield batch["index"].cpu().numpy().astype(np.int64), batch["label"].cpu().numpy().astype(np.int64), logits
+        out = batch["index"].cpu().numpy().astype(np.int64), batch["label"].cpu().numpy().astype(np.int64), logits
+        yield (*out, {k: v[0].cpu().numpy().astype(np.float32) for k, v in feats.items()}) if embeddings else out

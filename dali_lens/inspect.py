@@ -27,6 +27,7 @@ Examples:
   python -m dali_lens.inspect preds.csv /data/cutouts --ids followup.txt --grades grades.csv --out look2
   python -m dali_lens.inspect preds.csv /data/cutouts --uncertain 100 --disagree 50 --out next-round
   python -m dali_lens.inspect --grades grades.csv --summary --at-n 10,50
+  python -m dali_lens.inspect preds.csv /data/cutouts --similar J0123+4567 --top 20   (predict --embeddings)
 Exit status: 0 done, 2 bad input (the message names the file), 130 interrupted.
 """
 from __future__ import annotations

@@ -12,6 +12,8 @@ import json
 import os
 import re
 
+from .embeddings import embedding_files, layout_of
+
 class PredictError(ValueError):
     """Bad arguments or an output file that does not match this run."""
 
@@ -90,6 +92,12 @@ def _differences(saved: dict, now: dict) -> list[str]:
     for key in PROVENANCE_KEYS[1:]:
         if saved.get(key) != now[key]:
             diffs.append(f"--{key}: {saved.get(key)!r} then, {now[key]!r} now")
+    if bool(saved.get("embeddings")) != bool(now.get("embeddings")):
+        diffs.append(f"--embeddings: {bool(saved.get('embeddings'))} then, {bool(now.get('embeddings'))} now")
+    elif saved.get("embeddings") != now.get("embeddings"):
+        diffs.append(f"embeddings: {saved.get('embeddings')} then, {now.get('embeddings')} now")
+    if (saved.get("shard") or None) != (now.get("shard") or None):  # a --shard part: the same part of the same DATA
+        diffs.append(f"--shard part: {saved.get('shard')} then, {now.get('shard')} now (other DATA?)")
     return diffs
 
 
@@ -235,28 +243,97 @@ def done_files(paths: list[str], header: list[str] | None) -> set[str]:
     return done
 
 
+def copy_rows(out: str, header: list[str], sources: list[str], *, disjoint: bool = False, check=None,
+              before_commit=None, embeddings: list[dict] | None = None) -> dict[str, int]:
+    """Write ``out`` atomically: ``header``, then the rows of each of ``sources`` in turn, each file once.
+
+    Returns the rows copied from each source. ``disjoint``: a file in two sources raises PredictError naming
+    both (else the later row is dropped). ``check(source, rows)`` runs after each source and may raise;
+    ``before_commit()`` just before ``out`` replaces its old self. ``embeddings`` (the record's layout): the
+    sources' embedding files are copied alike, in the same row order. On any error ``out`` is left as it was.
+    """
+    from .data.io import atomic_open
+    from .data.io import write_csv_rows
+
+    seen: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    emb = None
+    if embeddings:
+        from .embeddings import copy_embeddings
+
+        emb = copy_embeddings(out, embeddings)
+    try:
+        with atomic_open(out, "w", newline="") as dst:
+            write_csv_rows(dst, [header])
+            for k, src in enumerate(sources):
+                files, kept = [], []
+                for j, (f, row) in enumerate(iter_rows(src, header)):
+                    files.append(f)
+                    if not f:
+                        continue
+                    if f in seen:
+                        if disjoint:
+                            raise PredictError(f"{src}: {f!r} is also in {sources[seen[f]]} (overlapping parts: "
+                                               "scored from other DATA?); nothing was merged")
+                        continue
+                    seen[f] = k
+                    kept.append(j)
+                    write_csv_rows(dst, [row])
+                counts[src] = len(kept)
+                if emb is not None:
+                    emb.source(src, files, kept)
+                if check is not None:
+                    check(src, len(kept))
+            if emb is not None:
+                emb.commit()
+                emb = None
+            if before_commit is not None:
+                before_commit()
+    finally:
+        if emb is not None:
+            emb.discard()
+    return counts
+
+
+def _recorded_layout(out: str) -> list[dict] | None:
+    """The embedding layout in ``out``'s record (None: none, or no readable record)."""
+    try:
+        with open(provenance_path(out), encoding="utf-8") as fh:
+            return layout_of(json.load(fh))
+    except (OSError, ValueError):
+        return None
+
+
 def merge(out: str, header: list[str]) -> tuple[int, int]:
     """Merge ``out`` and its part files into ``out`` atomically (each file once); removes the parts.
 
     Returns (rows in ``out`` afterwards, part files merged). Rows are copied as they are: rows already in
     ``out`` first, then the parts by (world size, rank).
     """
-    from .data.io import atomic_open
-    from .data.io import write_csv_rows
-
     parts = find_parts(out)
     if not parts:
         n = sum(1 for f, _ in iter_rows(out, header) if f) if os.path.isfile(out) else 0
         return n, 0
-    sources = ([out] if os.path.isfile(out) else []) + parts
-    seen: set[str] = set()
-    with atomic_open(out, "w", newline="") as dst:
-        write_csv_rows(dst, [header])
-        for src in sources:
-            for f, row in iter_rows(src, header):
-                if f and f not in seen:
-                    seen.add(f)
-                    write_csv_rows(dst, [row])
+    layout = _recorded_layout(out)
+    counts = copy_rows(out, header, ([out] if os.path.isfile(out) else []) + parts, embeddings=layout)
     for p in parts:
-        os.unlink(p)
-    return len(seen), len(parts)
+        for f in [p] + embedding_files(p, layout):
+            os.unlink(f)
+    return sum(counts.values()), len(parts)
+
+
+def read_record(path: str) -> dict:
+    """The record (``.meta.json``) that ``predict`` wrote for the output ``path``; PredictError naming it when
+    it is missing or is not one."""
+    side = provenance_path(path)
+    try:
+        with open(side, encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise PredictError(f"{side}: the record of {os.path.basename(path)} is missing or unreadable ({exc}); "
+                           "rerun its task to write it") from None
+    if (not isinstance(saved, dict) or saved.get("written_by") != "dali_lens.predict"
+            or any(k not in saved for k in PROVENANCE_KEYS) or not isinstance(saved.get("checkpoints"), list)
+            or not isinstance(saved.get("columns"), list) or not all(isinstance(c, dict) for c in saved["checkpoints"])):
+        raise PredictError(f"{side}: not a record written by dali_lens.predict; nothing was merged")
+    return saved

@@ -14,9 +14,11 @@ import time
 import numpy as np
 
 from .cli import log
-from .prediction_csv import (PROVENANCE_KEYS, PredictError, check_own, check_provenance,  # noqa: F401
-                             complete_length, done_files, find_parts, header_for, iter_rows, merge, part_path,
-                             provenance, provenance_path, read_header, repair)
+from .embeddings import embedding_files
+from .prediction_csv import (PROVENANCE_KEYS, PredictError, _differences, _header_line,  # noqa: F401
+                             _recorded_layout, check_own, check_provenance, complete_length, copy_rows, done_files,
+                             find_parts, header_for, iter_rows, merge, part_path, provenance, provenance_path,
+                             read_header, read_record, repair)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -33,13 +35,20 @@ def _barrier(world: int) -> None:
 def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: str = "all", backend: str = "auto",
                   batch_size: int = 64, tta: bool = False, fusion: str | None = None, workers: int | None = None,
                   threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
-                  limit: int | None = None, progress: bool = True, top: int | None = None) -> int:
+                  limit: int | None = None, progress: bool = True, top: int | None = None, shard=None,
+                  embeddings: bool = False) -> int:
     """Score ``data`` with the ensemble of ``checkpoint`` into ``out``, a CSV or (``.parquet``) a folder of Parquet
     parts (resumable; ``top``: keep only the K best rows; see ``python -m dali_lens.predict --help`` for every
-    option). Returns 0; raises DataError, PredictError, CheckpointError or BackendError on bad input."""
+    option). ``shard``: ``"I/N"`` (or ``(I, N)``) scores only part I of N of the inputs into its own output
+    (``prediction_parts.shard_path``); ``embeddings``: also each member's pooled features (``embeddings.py``).
+    Returns 0; raises DataError, PredictError, CheckpointError or BackendError on bad input."""
     from .pipelines import resolve_backend
     from .distributed import init as init_distributed
 
+    if shard is not None:
+        from .prediction_parts import parse_shard, shard_path
+
+        shard = parse_shard(shard)  # before any work: a bad --shard is one line (a DataError)
     rank, world, _, device = init_distributed()
     main_rank = rank == 0
     say = log if main_rank else (lambda *a, **k: None)
@@ -52,12 +61,14 @@ def predict_files(checkpoint: list[str], data: list[str], out: str, *, split: st
     COUNT.check("--top", top)
     if top and not is_parquet(out):
         raise PredictError(f"--top {top}: needs a Parquet --out (OUT.parquet), got {out}")
+    if shard is not None:
+        out = shard_path(out, *shard)  # an output of its own: record, lock, resume
     resolve_backend(backend)  # a backend this machine lacks fails (BackendError) before anything is loaded
     with _lock_out(out, main_rank, world):
         return _predict_locked(checkpoint, data, out, split=split, backend=backend, batch_size=batch_size,
                                tta=tta, fusion=fusion, workers=workers, threads=threads, hdus=hdus,
                                skip_bad=skip_bad, limit=limit, progress=progress, rank=rank, world=world,
-                               device=device, say=say, top=top)
+                               device=device, say=say, top=top, shard=shard, embeddings=embeddings)
 
 
 def lock_path(out: str) -> str:
@@ -89,20 +100,40 @@ def _lock_out(out: str, main_rank: bool = True, world: int = 1):
 
 
 def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, fusion, workers, threads, hdus,
-                    skip_bad, limit, progress, rank, world, device, say, top=None) -> int:
+                    skip_bad, limit, progress, rank, world, device, say, top=None, shard=None,
+                    embeddings=False) -> int:
     from .prediction_table import open_table
     from .score_inputs import load_scoring_inputs
 
     main_rank = rank == 0
+    place: dict = {}
     ens, dataset, backend, _, hdus = load_scoring_inputs(checkpoint, data, split, backend=backend, threads=threads,
-                                                         hdus=hdus, skip_bad=skip_bad, device=device, say=say)
+                                                         hdus=hdus, skip_bad=skip_bad, device=device, say=say,
+                                                         select=_part_of(shard, place) if shard else None)
     fusion = fusion or ens.fusion
     header = header_for(ens.names)
     say(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}"
         + (", TTA x8" if tta else "") + f"; backend {backend} on {device}; {world} process(es)")
+    now = provenance(ens, tta, data, split, hdus, fusion, header)
+    if embeddings:
+        from .embeddings import embedding_layout, parquet_fields
 
-    table = open_table(out, header, dataset.samples, say, top=top)
-    _prepare_out(table, provenance(ens, tta, data, split, hdus, fusion, header), main_rank, world, say)
+        try:
+            now["embeddings"] = embedding_layout(ens)
+        except ValueError as exc:
+            raise PredictError(f"--embeddings: {exc}") from None
+    if shard:
+        now["shard"] = dict(place, cutouts=len(dataset))
+        say(f"--shard {shard[0]}/{shard[1]}: {len(dataset)} of the {place['of']} cutouts"
+            + (f" ({place['tars']} tar shard(s))" if "tars" in place else "") + f", into {out}")
+    table = open_table(out, header, dataset.samples, say, top=top,
+                       extra_fields=parquet_fields(now["embeddings"]) if embeddings else ())
+    _prepare_out(table, now, main_rank, world, say)
+    if shard and main_rank:  # an empty part too leaves its output (and record) for --merge
+        from .prediction_parts import write_empty
+
+        write_empty(table, header)
+    _barrier(world)
     remaining, total_left, already = _remaining(dataset, table, limit, world, say)
     if len(remaining) == 0:
         _nothing_to_score(table, total_left, len(dataset), main_rank, world, say)
@@ -113,18 +144,45 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
         workers = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     t0 = time.perf_counter()
     written = _score_share(ens, dataset.subset(remaining), table, fusion, backend, rank, world,
-                           dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank, remaining)
+                           dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank, remaining,
+                           now.get("embeddings"))
     _finish(table, written, time.perf_counter() - t0, total_left, main_rank, world, say)
     return 0
 
 
+def _part_of(shard: tuple[int, int], place: dict):
+    """The ``select`` of ``load_scoring_inputs`` for part ``shard`` = (I, N): the part's cutouts, its place
+    (index, count, of = the cutouts of the whole DATA, tars) noted in ``place``."""
+    def select(dataset):
+        from .prediction_parts import part_positions
+
+        pos = part_positions(dataset, *shard)
+        place.update(index=shard[0], count=shard[1], of=len(dataset))
+        if dataset.data_kind.packed:
+            from .data.shards import split_member_path
+
+            place["tars"] = len({split_member_path(dataset.samples[int(k)].path)[0] for k in pos})
+        return dataset.subset(pos)
+    return select
+
+
 def _prepare_out(table, now: dict, main_rank: bool, world: int, say) -> None:
     """Check the output ``table`` (``prediction_table``; every rank, read-only: all stop alike), then repair it and
-    write the record (rank 0 only); afterwards every rank reads the same state."""
+    write the record (rank 0 only), cutting a CSV's embeddings back to its rows; afterwards every rank reads the
+    same state."""
     record = table.check(now)
     _barrier(world)
     if main_rank:
         table.prepare(now, record, say)
+        if now.get("embeddings") and table.format == "csv":
+            from .embeddings import EmbeddingWriter
+
+            for p in [table.path] + find_parts(table.path):
+                if os.path.isfile(p):
+                    with EmbeddingWriter(p, now["embeddings"]) as emb:
+                        cut = emb.reconcile([f for f, _ in iter_rows(p, table.header)])
+                    if cut:
+                        say(f"{p}: removed {cut} embedding row(s) of a batch an interruption left without scores")
     _barrier(world)
 
 
@@ -159,9 +217,11 @@ def _nothing_to_score(table, total_left: int, n: int, main_rank: bool, world: in
 
 
 def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: int, loader_kw: dict,
-                 show_progress: bool, positions=None) -> int:
+                 show_progress: bool, positions=None, embeddings: list[dict] | None = None) -> int:
     """Score this rank's share of ``sub`` into the output ``table`` (``OUT`` or its part file), batch by batch
-    (``positions``: where ``sub``'s samples are in the run's dataset); returns the rows written."""
+    (``positions``: where ``sub``'s samples are in the run's dataset), with the members' embeddings
+    (``embeddings``: their layout; Parquet columns, or a CSV's files written just before each batch's rows);
+    returns the rows written."""
     from .inference import loader_options, score_batches
     from .pipelines import build_loader
     from .pipelines.options import shard_bounds
@@ -177,10 +237,14 @@ def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: i
     bar = tqdm(total=hi - lo, unit="img", desc="predict" if world == 1 else f"predict rank {rank}/{world}",
                disable=not show_progress, dynamic_ncols=True, smoothing=0.1)
     written = 0
-    with table.writer(rank, world) as writer:
+    from .embeddings import embedding_sink
+
+    with table.writer(rank, world) as writer, embedding_sink(table, writer, embeddings) as sink:
         try:
-            for idx, _, logits in score_batches(ens, loader):
+            for idx, _, logits, *vectors in score_batches(ens, loader, embeddings=bool(embeddings)):
                 batch = _batch(ens, sub, idx, positions, *ens.probabilities(logits, fusion))
+                if embeddings:
+                    sink(batch, vectors[0])
                 writer.add(batch)
                 written += len(batch.samples)
                 bar.update(len(batch.samples))
@@ -223,10 +287,14 @@ def _finish(table, written: int, seconds: float, total_left: int, main_rank: boo
 
 
 def merge_only(out: str) -> int:
-    """Merge ``OUT.part-*-of-*.csv`` into ``out`` (``--merge``; a Parquet output: its --top parts)."""
-    out = os.path.abspath(os.path.expanduser(out))
+    """Merge ``OUT.part-*-of-*.csv`` (torchrun ranks) or ``OUT.shard-I-of-N.csv|.parquet`` (``--shard`` parts)
+    into ``out`` (``--merge``; a Parquet output without parts: its --top parts)."""
+    from .prediction_parts import find_shards
     from .prediction_table import is_parquet, merge_output
 
+    out = os.path.abspath(os.path.expanduser(out))
+    if find_shards(out):
+        return _merge_shards(out)
     if is_parquet(out):
         with _lock_out(out):
             n, k = merge_output(out)
@@ -237,7 +305,9 @@ def merge_only(out: str) -> int:
         if os.path.isfile(out):
             log(f"{out}: no part files to merge; left as it is")
             return 0
-        raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv exists")
+        raise PredictError(f"{out}: neither the file nor any {os.path.basename(out)}.part-*-of-*.csv or "
+                           f"{os.path.basename(out)}.shard-*-of-* part exists")
+
     header = next((h for h in map(read_header, parts) if h is not None), None)
     if header is None:
         raise PredictError(f"{out}: nothing to merge (the part files hold no complete header)")
@@ -250,4 +320,72 @@ def merge_only(out: str) -> int:
                 log(f"{p}: removed a truncated last row ({cut} bytes)")
         n, k = merge(out, header)
     log(f"merged {k} part file(s) into {out}: {n} rows")
+    return 0
+
+
+def _merge_shards(out: str) -> int:
+    """``--merge`` of the ``--shard`` parts of ``out``: every part present, complete, disjoint and from the
+    same model, options and DATA, else nothing changes; then ``out`` and its record are written atomically and
+    the parts removed. Holds ``OUT.lock`` and each part's lock (a task still running stops the merge)."""
+    from .prediction_parts import check_shards, merge_parquet, parquet_record
+    from .prediction_table import is_parquet
+
+    with _lock_out(out):
+        count, paths, merged = check_shards(out, parquet_record if is_parquet(out) else read_record, _differences)
+        header = merged["columns"]
+        locks = []
+        try:
+            for p in paths:
+                locks.append(_lock_out(p))
+            if is_parquet(out):
+                return merge_parquet(out, count, paths, merged, log)
+            for p in paths:
+                check_own(p, header)
+            check_own(out, header)
+            check_provenance(out, merged, header)  # OUT's rows (if any) from this model and these options
+            if os.path.isfile(out) and os.path.getsize(out) > len(_header_line(header).encode()):
+                if read_record(out).get("merged_shards") == count:
+                    return _leftover_shards(out, header, paths)
+                raise PredictError(f"{out}: already holds rows that are not a merge of these {count} parts; it is "
+                                   "left untouched: choose another --out, or remove it and its .meta.json first")
+            for p in paths:
+                cut = repair(p)
+                if cut:
+                    log(f"{p}: removed a truncated last row ({cut} bytes)")
+
+            def complete(src: str, n: int) -> None:
+                place = read_record(src)["shard"]
+                if n < int(place.get("cutouts", 0)):
+                    raise PredictError(f"{src}: unfinished, {n} of its {place['cutouts']} rows (rerun its task, "
+                                       f"--shard {place['index']}/{count}, to complete it); nothing was merged")
+
+            from .data.io import atomic_write_json
+
+            layout = merged.get("embeddings") or None
+            counts = copy_rows(out, header, paths, disjoint=True, check=complete, embeddings=layout,
+                               before_commit=lambda: atomic_write_json(provenance_path(out), merged))
+            for p in paths:
+                for f in [p, provenance_path(p)] + embedding_files(p, layout):
+                    os.unlink(f)
+        finally:
+            for lock in locks:
+                lock.release()
+    log(f"merged {count} part file(s) into {out}: {sum(counts.values())} rows")
+    return 0
+
+
+def _leftover_shards(out: str, header: list[str], paths: list[str]) -> int:
+    """Part files left behind by a merge that stopped after writing ``out``: removed when every row they hold
+    is in ``out``."""
+    done = done_files([out], header)
+    for p in paths:
+        if not done_files([p], header) <= done:
+            raise PredictError(f"{out}: already the merge of {len(paths)} parts, but {p} holds rows that are not in "
+                               "it; it is left untouched: choose another --out to merge these parts")
+    layout = _recorded_layout(paths[0])
+    for p in paths:
+        for f in [p, provenance_path(p)] + embedding_files(p, layout):
+            if os.path.exists(f):
+                os.unlink(f)
+    log(f"{out}: already merged; removed {len(paths)} part file(s) left behind by an interrupted merge")
     return 0

@@ -23,10 +23,11 @@ class ScoringInputs(NamedTuple):
 
 def load_scoring_inputs(checkpoint: list[str], data: list[str], split: str, *, backend: str = "auto",
                         threads: int | None = None, hdus: str | None = None, skip_bad: bool = False,
-                        device=None, say=log) -> ScoringInputs:
+                        device=None, say=log, select=None) -> ScoringInputs:
     """The ensemble, dataset, backend, device and HDUs for scoring ``data``'s ``split`` with ``checkpoint``: a backend
     this machine lacks fails (BackendError) before anything is loaded; ``device`` (default: CUDA when present,
-    else the CPU); bad files are dropped and listed through ``say`` with ``skip_bad``. Raises DataError,
+    else the CPU); ``select(dataset)`` (e.g. a ``--shard`` part) picks the cutouts to score before bad files
+    are looked for; bad files are dropped and listed through ``say`` with ``skip_bad``. Raises DataError,
     CheckpointError or BackendError naming the file or option."""
     import torch
 
@@ -46,6 +47,8 @@ def load_scoring_inputs(checkpoint: list[str], data: list[str], split: str, *, b
                             int(ens.config.get("seed", 0)))
     check_dataset(ens, dataset)
     backend = resolve_backend(backend, dataset)
+    if select is not None:
+        dataset = select(dataset)
     if skip_bad:
         from .data.validate import drop_bad
 

@@ -8,6 +8,8 @@ normalisation on the device or channels-last lands once:
   batches ``(B, 8, C, s, s)``, over the 8 views;
 * :func:`to_model`: one scale of a batch as the model takes it (uint8 batches normalised on the device, a
   member's own normalisation, channels-last on CUDA);
+* :func:`pooled_layer`: the final linear classifier of any model (ours, timm's), whose input is the pooled
+  feature vector ``member_logits(..., features=[])`` also returns (``predict --embeddings``);
 * :func:`fuse` and :func:`probabilities`: member logits to the ensemble score (``mean_prob``, ``mean_logit``,
   ``temperature``), the member probabilities and their spread.
 """
@@ -23,8 +25,8 @@ from .choices import FUSIONS
 from .pipelines.options import finish
 
 
-__all__ = ["FUSIONS", "amp_dtype", "autocast", "channels_last_on", "to_model", "member_logits", "sigmoid",
-           "check_fusion", "fuse", "probabilities"]
+__all__ = ["FUSIONS", "amp_dtype", "autocast", "channels_last_on", "to_model", "member_logits", "pooled_layer",
+           "sigmoid", "check_fusion", "fuse", "probabilities"]
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -65,26 +67,66 @@ def to_model(x: torch.Tensor, device: torch.device, norm: tuple = (None, None), 
     return x
 
 
+def pooled_layer(model: torch.nn.Module) -> torch.nn.Linear:
+    """The final linear classifier of ``model``, whose input is its pooled feature vector: what timm's
+    ``get_classifier()`` returns (on the model or any submodule, e.g. a wrapper's timm body), else the last
+    ``Linear`` under the model's ``head_prefix`` (``models.py``: ``fc.``, ``heads.``), else the last ``Linear``
+    registered. ValueError when the model has none."""
+    def last_linear(module):
+        return next((m for m in reversed(list(module.modules())) if isinstance(m, torch.nn.Linear)), None)
+
+    for m in model.modules():
+        get = getattr(m, "get_classifier", None)
+        head = get() if callable(get) else None
+        found = last_linear(head) if isinstance(head, torch.nn.Module) else None
+        if found is not None:
+            return found
+    prefix = str(getattr(model, "head_prefix", "") or "").rstrip(".")
+    found = last_linear(model.get_submodule(prefix)) if prefix else None
+    found = found or last_linear(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no linear classifier whose input could be its embedding")
+    return found
+
+
 def member_logits(model: torch.nn.Module, images: dict[int, torch.Tensor], scales, device: torch.device, *,
                   amp: torch.dtype | None = None, norm: tuple = (None, None), channels_last: bool = False,
-                  correction=None, chunks: Callable[[int, torch.Tensor], list[slice]] | None = None) -> torch.Tensor:
+                  correction=None, chunks: Callable[[int, torch.Tensor], list[slice]] | None = None,
+                  features: list | None = None) -> torch.Tensor:
     """Logits ``(B,)`` of ``model`` for a contract batch's ``images`` ({scale: tensor}): the mean over
     ``scales`` and, for TTA batches ``(B, 8, C, s, s)``, over the 8 views. ``chunks(scale, x)`` cuts a scale's
-    batch into the slices one forward pass may take (a memory bound); default: all at once."""
-    per_scale = []
-    for s in scales:
-        x = images[s]
-        tta = x.dim() == 5
-        if tta:
-            b, k = x.shape[:2]
-            x = x.reshape(b * k, *x.shape[2:])
-        parts = chunks(s, x) if chunks is not None else [slice(None)]
-        with autocast(device, amp):
-            z = torch.cat([model(to_model(x[c], device, norm, channels_last, correction)).float().reshape(-1)
-                           for c in parts])
-        if tta:
-            z = z.reshape(b, k).mean(1)
-        per_scale.append(z)
+    batch into the slices one forward pass may take (a memory bound); default: all at once. ``features``: a
+    list that receives the pooled feature vectors ``(B, D)`` float32 (the input of :func:`pooled_layer`),
+    averaged like the logits over the scales and the 8 TTA views."""
+    captured: list[torch.Tensor] = []
+    hook = None
+    if features is not None:
+        hook = pooled_layer(model).register_forward_pre_hook(
+            lambda _m, inp: captured.append(inp[0].detach().float().reshape(inp[0].shape[0], -1)))
+    per_scale, per_scale_f = [], []
+    try:
+        for s in scales:
+            x = images[s]
+            tta = x.dim() == 5
+            if tta:
+                b, k = x.shape[:2]
+                x = x.reshape(b * k, *x.shape[2:])
+            parts = chunks(s, x) if chunks is not None else [slice(None)]
+            captured.clear()
+            with autocast(device, amp):
+                z = torch.cat([model(to_model(x[c], device, norm, channels_last, correction)).float().reshape(-1)
+                               for c in parts])
+            f = torch.cat(captured) if hook is not None else None
+            if tta:
+                z = z.reshape(b, k).mean(1)
+                f = f.reshape(b, k, -1).mean(1) if f is not None else None
+            per_scale.append(z)
+            per_scale_f.append(f)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if features is not None:
+        features.append(torch.stack(per_scale_f).mean(0))
     return torch.stack(per_scale).mean(0)
 
 

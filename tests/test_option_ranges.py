@@ -36,7 +36,7 @@ FREE_TEXT = {
     "evaluate": {"data", "checkpoint", "out", "split", "completeness_columns"},
     "check": {"data"},
     "pack": {"data", "out"},
-    "inspect": {"predictions", "data", "out", "ids", "grades", "bins"},
+    "inspect": {"predictions", "data", "out", "ids", "grades", "bins", "similar"},
 }
 
 

@@ -29,6 +29,10 @@ the whole run, with the histogram of every score in the metadata (see README, "S
 Several processes: under torchrun each rank scores its share of the remaining cutouts (every cutout exactly
 once) into OUT.part-<rank>-of-<world>.csv, then rank 0 merges the parts into OUT atomically. --merge does the
 merge step alone (for ranks launched as separate jobs). A restarted job skips the rows already in the parts.
+Job arrays need no rendezvous: --shard I/N scores part I of N fixed, disjoint parts of DATA (whole tar shards
+of packed data) into OUT.shard-I-of-N.csv (.parquet for a Parquet OUT), resumable like OUT; --merge joins
+all N (refusing missing, unfinished, overlapping or mismatched parts, by name) and removes them. --embeddings
+adds each member's pooled features: emb_<member> columns in Parquet, OUT.embeddings.<k>.npy beside a CSV.
 
 Examples:
   python -m dali_lens.predict --checkpoint runs/single-small_cnn/best.pt /data/cutouts --out preds.csv
@@ -37,6 +41,7 @@ Examples:
   python -m dali_lens.predict --checkpoint runs/a tile1/*.fits --out tile1.csv --backend dali-cpu
   torchrun --nproc_per_node 4 -m dali_lens.predict --checkpoint runs/a /data/cutouts --out preds.csv
   python -m dali_lens.predict --merge --out preds.csv
+  python -m dali_lens.predict -c runs/a /data/packed --out p.csv --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
 Exit status: 0 done (or nothing left to do), 2 bad input or options (the message names the file or option),
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); both keep the rows written so far.
 """
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..choices import SHARD
 from ..cli import Parser, add_scoring_args, run_command
 from ..data.dataset import DataError
 from ..predictions import PredictError, merge_only, predict_files
@@ -62,8 +68,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", default="all",
                     help="for a labelled dataset root: train, val, test, or all (every split; default)")
     add_scoring_args(ap, "the cores divided among local processes", limit=True)
-    ap.add_argument("--merge", action="store_true",
-                    help="only merge OUT.part-*-of-*.csv into OUT (no checkpoint or DATA needed)")
+    ap.add_argument("--merge", action="store_true", help="only merge OUT.part-*-of-*.csv (torchrun) or the "
+                    "--shard parts OUT.shard-I-of-N.csv into OUT (no checkpoint or DATA needed)")
+    ap.add_argument("--shard", type=SHARD, default=None, metavar="I/N", help="score only part I (0-based) of N "
+                    "disjoint parts of DATA into OUT.shard-I-of-N.csv (a job-array task; see docs/slurm.md)")
+    ap.add_argument("--embeddings", action="store_true", help="also write each member's pooled features (see "
+                    "README, 'Job arrays and embeddings')")
     return ap
 
 
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.checkpoint, args.data, args.out, split=args.split, backend=args.backend,
                                batch_size=args.batch_size, tta=args.tta, fusion=args.fusion, workers=args.workers,
                                threads=args.threads, hdus=args.hdus, skip_bad=args.skip_bad, limit=args.limit,
-                               progress=args.progress, top=args.top),
+                               progress=args.progress, top=args.top, shard=args.shard, embeddings=args.embeddings),
                            (DataError, CheckpointError, PredictError, BackendError, FileNotFoundError,
                             PermissionError, IsADirectoryError),
                            f"interrupted: rows written so far are kept in {args.out} (or its part files); "

@@ -98,13 +98,16 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
                         disagree: int = 0,
                         rgb_bands: str | None = None, mask_value: float | None = None, hdus=None,
                         threshold: float = 0.5, grades: str | None = None, gallery_max: int = 200,
-                        overwrite: bool = False, workers: int | None = None, log=_quiet) -> dict:
+                        overwrite: bool = False, workers: int | None = None, log=_quiet,
+                        similar: str | None = None) -> dict:
     """Select candidates from ``predictions`` (a predictions CSV), read their cutouts from ``data`` and write
     ``gallery.png`` and ``index.html`` to ``out`` (default: ``inspect/`` next to the CSV).
 
     ``uncertain``: the N scores nearest ``threshold``; ``disagree``: the N largest ensemble spreads (the most
-    informative to grade next). With no selection at all, the top 100 are shown. IDs in the CSV (or in ``ids``) that are not in the data
-    are logged by name and shown as placeholder tiles; so is any cutout that cannot be read.
+    informative to grade next). With no selection at all, the top 100 are shown. IDs in the CSV (or in ``ids``)
+    that are not in the data are logged by name and shown as placeholder tiles; so is any cutout that cannot be
+    read. ``similar``: an id (or file) of the predictions, whose ``top`` (default 100) nearest cutouts by
+    embedding are shown instead (``inspection.similar``; the predictions need ``predict --embeddings``).
     """
     from ..data.sources import discover
 
@@ -112,6 +115,11 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
     out = os.path.abspath(os.path.expanduser(out or os.path.join(os.path.dirname(predictions), "inspect")))
     check_out(out, overwrite)
     cands = read_predictions(predictions)
+    if similar is not None:
+        from .similar import similar_candidates
+
+        near = similar_candidates(predictions, cands, similar, top or 100, log)
+        cands, top, bottom, ids, false_positives, missed = near, len(near), 0, None, 0, 0
     wanted = read_ids(ids) if ids else None
     if not (top or bottom or wanted or false_positives or missed or uncertain or disagree):
         top = 100
@@ -131,8 +139,11 @@ def inspect_predictions(predictions: str, data: str, out: str | None = None, *, 
             + ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else ""))
     picked = parse_rgb_bands(rgb_bands, datasets[0].bands) if rgb_bands else None
     prior = {k: g for k, (g, _) in read_grades(grades).items()} if grades else None
-    groups = [g for g in ("top", "bottom", "ids", "false-positive", "missed", "uncertain", "disagree")
+    groups = [g for g in ("similar", "top", "bottom", "ids", "false-positive", "missed", "uncertain", "disagree")
               if any(g in c.groups for c in shown)]
+    if similar is not None:
+        shown.sort(key=lambda c: -c.similarity)  # nearest first (select ordered them by score)
+        groups = [f"the {len(shown)} nearest to {similar} by embedding"]
     title = f"{os.path.basename(os.path.dirname(predictions))}/{os.path.basename(predictions)}: " \
             f"{len(shown)} candidates ({', '.join(groups)})"
     _record_out(out)

@@ -28,6 +28,7 @@ class Candidate:
     sample: Sample | None = None
     dataset: Dataset | None = None
     problem: str | None = None  # why its cutout could not be shown
+    similarity: float | None = None  # inspect --similar: cosine similarity of its embedding to the query's
 
     @property
     def kind(self) -> str:

@@ -55,6 +55,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                     help="at most N tiles in gallery.png (index.html has every candidate) (default: 200)")
     ap.add_argument("--workers", type=THREADS, default=None, help="reader threads (default: the cores, at most 8)")
     ap.add_argument("--overwrite", action="store_true", help="replace gallery.png/index.html in --out")
+    ap.add_argument("--similar", metavar="ID", help="the --top K (default 100) nearest to ID by embedding "
+                                                    "(predictions made with predict --embeddings)")
     return ap
 
 
@@ -84,7 +86,7 @@ def parse_bins(text: str | None):
 
 #: the options passed to inspect_predictions under their own names
 _PASSED = ("top", "bottom", "ids", "false_positives", "missed", "uncertain", "disagree", "rgb_bands", "mask_value",
-           "threshold", "grades", "gallery_max", "overwrite", "workers")
+           "threshold", "grades", "gallery_max", "overwrite", "workers", "similar")
 
 
 def inspect_arguments(args: argparse.Namespace) -> dict:

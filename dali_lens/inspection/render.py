@@ -65,6 +65,8 @@ def caption(c: Candidate) -> list[str]:
     line = f"score {c.score:.3f}"
     if c.spread is not None:
         line += f" ±{c.spread:.3f}"
+    if c.similarity is not None:  # inspect --similar
+        line += f" cos {c.similarity:.3f}"
     lines.append(line)
     label = KIND_TEXT[c.kind] if c.kind else {1: "lens", 0: "non-lens", None: "unlabelled"}[c.label]
     if c.problem:
