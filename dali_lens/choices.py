@@ -228,3 +228,4 @@ ANY_NUMBER = Range(float)                 #: any finite number (a mask value)
 PIXELS = Range(int, 8)                    #: an input size (the models need >= 8 px)
 SCALES = IntList(8, distinct=True, what="sizes")  #: multiscale input sizes
 HDUS = HduList()
+LAYER_DECAY = Range(float, 0.0, 1.0, lo_open=True)  #: --layer-decay: (0, 1], each layer's LR factor vs the one above
