@@ -4,14 +4,14 @@
    (0.2"/px, 0.6-1.2" seeing).
 2. Fine-tune it on 300 training cutouts of a different set -- space-like 4-band g,r,i,z ``.npy`` float cutouts
    (0.1"/px, 0.16-0.22" seeing: another layout, band set, pixel scale and PSF) -- through ``--weights`` given
-   the pretraining run's folder (the first conv adapted from 3 to 4 bands by timm), with and without
-   ``--freeze-epochs``.
+   the pretraining run's folder (the first conv adapted from 3 to 4 bands by timm), the head alone for the
+   first ``--freeze-epochs``.
 3. Train the same model from random initialisation on the same 300 cutouts, for the same epochs.
 
 All runs score the same test split of the second set (best.pt by validation AUC); the test AUCs go to
 ``benchmarks/results/transfer-<host>.json`` with the machine, the commit and the command.
 
-    python -m benchmarks.bench_transfer            # the committed figure (about 10 min on 2 busy CPU cores)
+    python -m benchmarks.bench_transfer            # the committed figure (10-15 min on 2 busy CPU cores)
     python -m benchmarks.bench_transfer --quick    # a smoke run (tiny sets, 1 epoch)
 """
 from __future__ import annotations
@@ -45,13 +45,13 @@ def _train(log, **options) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet10t", help="a timm model name (default resnet10t)")
-    p.add_argument("--size", type=int, default=48, help="cutout size in px (default 48)")
-    p.add_argument("--n-pretrain", type=int, default=2000, help="cutouts of the pretraining set (default 2000)")
-    p.add_argument("--pretrain-epochs", type=int, default=4)
+    p.add_argument("--size", type=int, default=32, help="cutout size in px (default 32)")
+    p.add_argument("--n-pretrain", type=int, default=1000, help="cutouts of the pretraining set (default 1000)")
+    p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--n-train", type=int, default=300, help="training cutouts of the second set (default 300)")
-    p.add_argument("--n-test", type=int, default=400, help="test cutouts of the second set (default 400)")
-    p.add_argument("--epochs", type=int, default=8, help="fine-tuning / from-scratch epochs (default 8)")
-    p.add_argument("--freeze-epochs", type=int, default=2, help="for the frozen-start fine-tuning (default 2)")
+    p.add_argument("--n-test", type=int, default=300, help="test cutouts of the second set (default 300)")
+    p.add_argument("--epochs", type=int, default=4, help="fine-tuning / from-scratch epochs (default 4)")
+    p.add_argument("--freeze-epochs", type=int, default=1, help="fine-tuning: head-only epochs first (default 1)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds of the small-set runs (default 0)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny sets and one epoch: a smoke test")
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.n_pretrain, args.pretrain_epochs, args.n_train, args.n_test = 80, 1, 40, 40
-        args.epochs, args.freeze_epochs, args.size = 2, 1, 32
+        args.epochs = 2
     import torch
 
     from dali_lens.data.synthetic import generate_dataset
@@ -88,10 +88,9 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(small_data, "train.csv")):
         generate_dataset(small_data, n=n_small, size=args.size, bands="g,r,i,z", fmt="npy", seed=200,
                          splits=fractions, pixel_scale=0.1, seeing=(0.16, 0.22))
-    runs = {"random_init": [], "pretrained": [], "pretrained_freeze": []}
+    runs = {"random_init": [], "pretrained": []}
     for seed in seeds:
-        for name, extra in (("random_init", {}), ("pretrained", {"weights": pre_run}),
-                            ("pretrained_freeze", {"weights": pre_run, "freeze_epochs": args.freeze_epochs})):
+        for name, extra in (("random_init", {}), ("pretrained", {"weights": pre_run, "freeze_epochs": args.freeze_epochs})):
             log(f"{name}, seed {seed}: {args.n_train} space g,r,i,z .npy cutouts, {args.epochs} epochs")
             run_dir = os.path.join(work, f"{name}-{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -38,7 +38,10 @@ def train(data_root: str | None = None, *, out: str | None = None, resume: bool 
           fusion: str = "mean_prob", weights: str | None = None, epochs: int = 6, batch_size: int = 64,
           lr: float = 0.002, weight_decay: float = 0.0001, lr_schedule: str = "cosine", patience: int = 4,
           amp: str = "auto", channels_last: bool = True, seed: int = 0, checkpoint_every: int = 0,
-          threshold: float = 0.5, gallery: bool = True, progress: bool = True) -> dict:
+          threshold: float = 0.5, gallery: bool = True, progress: bool = True,
+          # issue 24: fine-tuning (timm, weights)
+          freeze_epochs: int = 0, trainable_blocks: int | None = None, layer_decay: float | None = None,
+          head_lr: float | None = None) -> dict:
     """Train a lens finder like ``python -m dali_lens.train`` and return the final metrics (also written to
     ``<out>/metrics.json``).
 
