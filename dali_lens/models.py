@@ -90,9 +90,11 @@ def small_stem(arch: str, img_size: int, stem: str = "auto") -> bool | None:
 
 def check_arch(arch) -> None:
     """ValueError (one line, naming the options and the closest timm names) unless ``arch`` is ours or timm's."""
+    if arch in ARCHS:
+        return
     import timm
 
-    if isinstance(arch, str) and (arch in ARCHS or timm.is_model(arch)):
+    if isinstance(arch, str) and timm.is_model(arch):
         return
     text = str(arch)
     names = timm.list_models()
