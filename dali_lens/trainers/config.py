@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSIONS, HDUS, HOLD_OUT, LR_SCHEDULES,
-                       LAYER_DECAY, NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
+                       NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
                        PIXELS, SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
+from ..choices import LAYER_DECAY  # (issue 24: fine-tuning)
 from .base import TRAINERS
 from ..checkpoint import MemberSpec
 
