@@ -40,7 +40,10 @@ def train(data_root: str | None = None, *, out: str | None = None, resume: bool 
           amp: str = "auto", channels_last: bool = True, seed: int = 0, checkpoint_every: int = 0,
           threshold: float = 0.5, gallery: bool = True, progress: bool = True,
           # --- issue 24: metrics and curves ---
-          at_n: tuple[int, ...] | str = (10, 100, 1000), prior: float = 0.001, tensorboard: bool = True) -> dict:
+          at_n: tuple[int, ...] | str = (10, 100, 1000), prior: float = 0.001, tensorboard: bool = True,
+          # issue 24: fine-tuning (timm, weights)
+          freeze_epochs: int = 0, trainable_blocks: int | None = None, layer_decay: float | None = None,
+          head_lr: float | None = None) -> dict:
     """Train a lens finder like ``python -m dali_lens.train`` and return the final metrics (also written to
     ``<out>/metrics.json``).
 

@@ -245,3 +245,4 @@ def _shard(value) -> tuple[int, int]:
 
 #: ``predict --shard I/N``: the I-th (0-based) of N parts of the inputs (a Slurm array task's part)
 SHARD = Parsed(_shard, "I/N with 0 <= I < N", ("x", "3", "3/3", "-1/4", "1/0", "1/2/3", "a/b"))
+LAYER_DECAY = Range(float, 0.0, 1.0, lo_open=True)  #: --layer-decay: (0, 1], each layer's LR factor vs the one above

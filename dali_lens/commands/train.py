@@ -8,6 +8,7 @@ Examples:
   python -m dali_lens.train --data-root /data/lenses --arch resnet18 --img-size 96 --epochs 20
   python -m dali_lens.train --trainer multiscale --scales 64,112,224 --consistency kl
   python -m dali_lens.train --trainer ensemble --members small_cnn:64:0,resnet18:112:1,vit_b_16:224:2
+  python -m dali_lens.train --arch efficientnet_b0 --weights runs/pretrain --freeze-epochs 2 --layer-decay 0.75
   torchrun --nproc_per_node 4 -m dali_lens.train --data-root /data/lenses
 Outputs go to --out (default runs/<trainer>-<arch>-<time>/): best.pt, last.pt, config.json,
 metrics.json (with purity@N, completeness@N, completeness at purity), predictions.csv, roc.png, and the

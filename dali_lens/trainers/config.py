@@ -23,6 +23,7 @@ from ..metrics import DEFAULT_AT_N
 from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSIONS, HDUS, HOLD_OUT, LR_SCHEDULES,
                        NON_NEGATIVE, NON_NEGATIVE_NUMBER, NORMS, PIXELS, POSITIVE, PROBABILITY, RESIZE_MODES,
                        PIXELS, SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
+from ..choices import LAYER_DECAY  # (issue 24: fine-tuning)
 from .base import TRAINERS
 from ..checkpoint import MemberSpec
 
@@ -151,7 +152,10 @@ class TrainConfig:
                                 "ensemble: several members, each its own architecture/scale/seed; or a trainer "
                                 "added with dali_lens.trainers.register_trainer",
                       choices=TRAINERS.keys())  # the registry's live names: one registered later is a choice too
-    arch: str = _f("small_cnn", "single/multiscale model: small_cnn, resnet18, resnet34, vit_tiny, vit_b_16")
+    arch: str = _f("small_cnn", "single/multiscale model: small_cnn, or any timm model name (efficientnet_b0, "
+                                "convnext_nano, resnet18, vit_tiny_patch16_224...: timm.list_models()), built for "
+                                "the data's band count and --img-size with random weights; vit_tiny and vit_b_16 "
+                                "are the torchvision ViTs of earlier runs")
     img_size: int = _f(64, "single trainer: input size in pixels (images are resized on the loader's device)", type=PIXELS)
     stem: str = _f("auto", "ResNets: auto (the small-input stem, 3x3 stride 1 without max-pool, for inputs <= 96 "
                            "px: 16x the pixels through every block, 15x the forward FLOPs of the ImageNet stem at "
@@ -178,7 +182,11 @@ class TrainConfig:
                                          type=MEMBERS)
     fusion: str = _f("mean_prob", "ensemble fusion: mean_prob, mean_logit, temperature (fitted on validation)",
                      choices=FUSIONS)
-    weights: str | None = _f(None, "initial weights: a local state-dict file (no downloads)")
+    weights: str | None = _f(None, "initial weights, from a local file (nothing is downloaded; tensors only, never "
+                                   "code): a timm or torchvision state dict, a Lightning or Zoobot checkpoint (the "
+                                   "encoder found under its prefix), a .safetensors file, or a dali-lens run "
+                                   "(its folder or best.pt); band count, position embeddings and a head of "
+                                   "another shape are adapted by timm")
     # optimisation
     epochs: int = _f(6, "training epochs", type=COUNT)
     batch_size: int = _f(64, "batch size per process", type=COUNT)
@@ -202,6 +210,18 @@ class TrainConfig:
                             "completeness at purity are also given", type=FRACTION_OPEN)
     tensorboard: bool = _f(True, "per-epoch curves also as TensorBoard event files in <out>/tensorboard/ "
                                  "(curves.csv and curves.png are always written)")
+    # --- issue 24: fine-tuning (timm, weights) ---
+    freeze_epochs: int = _f(0, "fine-tuning: train only the head for the first N epochs, the encoder frozen "
+                               "(then what --trainable-blocks allows); 0 = off", type=NON_NEGATIVE)
+    trainable_blocks: int | None = _f(None, "fine-tuning: train only the last N blocks of the encoder and the head "
+                                            "(Zoobot's n_blocks; blocks are timm's coarse group_matcher groups: "
+                                            "ResNet/EfficientNet/ConvNeXt stages, ViT blocks, small_cnn's 4 conv "
+                                            "blocks); 0 = the head only. Default: all", type=NON_NEGATIVE)
+    layer_decay: float | None = _f(None, "fine-tuning: layer-wise learning-rate decay (timm's layer_decay): the "
+                                         "top layer trains at --lr, each one below at X times the one above. "
+                                         "Default: off", type=LAYER_DECAY)
+    head_lr: float | None = _f(None, "fine-tuning: the classifier head's learning rate. Default: --lr",
+                               type=POSITIVE)
 
     def __post_init__(self) -> None:
         """Every option is held to the range its field declares (the CLI's ``type=``), whichever door it came

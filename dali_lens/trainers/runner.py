@@ -30,7 +30,7 @@ from ..checkpoint import Checkpoint, CheckpointError, PixelSettings
 from .config import TrainConfig, parse_mask_value
 from .curves import Curves, learning_rate
 from .loop import dist_info, predict, train_epoch
-from .members import load_member_state, make_member, member_state
+from .members import check_models, load_member_state, make_member, member_state, set_trainable
 from .outputs import write_outputs
 from .rundir import RunDir, check_resume_config, data_record
 
@@ -105,6 +105,7 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     kind = get_trainer(cfg.trainer)
     specs = kind.member_specs(cfg)
     parse_budget(cfg.memory_budget)  # a bad value fails here, before any data is touched
+    weights = check_models(specs, cfg)  # (issue 24: unknown --arch/--members, unreadable --weights: before any work)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -121,8 +122,8 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     if getattr(job.train_loader, "reads", ""):  # the GPU read path taken (DALI backend): cuFile or not, DALI or astropy
         say(job.train_loader.reads)
     in_chans = splits["train"].bands + int(cfg.mask_channel)
-    job.members = [make_member(sp, in_chans, cfg, len(job.train_loader), device, distributed=world > 1)
-                   for sp in specs]
+    job.members = [make_member(sp, in_chans, cfg, len(job.train_loader), device, distributed=world > 1,
+                               weights=weights) for sp in specs]
     if resume:
         _restore(job.ck, job.members, job.last, device, say)
     if is_main:
@@ -205,6 +206,8 @@ def _train(job: _Job, kind: Trainer, active: tuple, val_loader, select: str) -> 
             job.train_loader = job.loader("train", True, active)
             job.say(f"epoch {epoch + 1}: training scales now {active}")
         job.train_loader.set_epoch(epoch)
+        for said in filter(None, (set_trainable(m, cfg, epoch) for m in job.members)):  # --freeze-epochs...
+            job.say(said)
         progress = {"steps": 0, "loss_sums": {}}
         if loader_state is not None and loader_state.get("epoch", epoch) == epoch:
             job.train_loader.load_state_dict(loader_state)
