@@ -129,6 +129,7 @@ def parse_label_files(value) -> tuple[str, ...] | None:
     if value is None:
         return None
     items = [value] if isinstance(value, str) else list(value)
+    items = [v for item in items for v in (item if isinstance(item, (list, tuple)) else [item])]  # argparse's
     if not all(isinstance(p, str) and p.strip() for p in items):
         raise ValueError("expected file paths")
     return tuple(items) or None
