@@ -1,0 +1,107 @@
+"""Training at a survey-like class ratio (issue 24): TPR10 and purity@N of the small CNN trained at 1:100, with
+and without ``--pos-weight auto`` and ``--sampler balanced``.
+
+One simulated set (``generate_dataset``, ``lens_fraction`` 0.01, 32 px PNG) is split 60/10/30 into train, val
+and test, so that all three hold the survey's ratio; the four runs (plain, pos-weight auto, sampler balanced,
+both) train on the same files with the same seed and are scored on the same test split:
+
+* ``tpr10``: the share of the test lenses scored above the tenth-highest non-lens (``metrics.tpr10``);
+* ``purity@N``: the share of lenses among the N highest-scoring test cutouts (N = 10, the number of test
+  lenses, 100); ``roc_auc`` and ``pr_auc`` from the run's metrics.json.
+
+    python -m benchmarks.bench_imbalance                       # 10,000 cutouts, 6 epochs: ~8 min on 2 cores
+    python -m benchmarks.bench_imbalance --quick               # a smoke test (400 cutouts, 1 epoch)
+Writes benchmarks/results/imbalance-<gpu-or-host>.json (the machine, the git commit, the command).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+
+from benchmarks import common
+
+CONFIGS = {"plain": {}, "pos-weight-auto": {"pos_weight": "auto"}, "sampler-balanced": {"sampler": "balanced"},
+           "both": {"pos_weight": "auto", "sampler": "balanced"}}
+
+
+def purity_at(labels: list[int], scores: list[float], n: int) -> float:
+    """The share of lenses among the ``n`` highest scores. (Local helper: switch to metrics.py's purity@N when
+    issue 24 item 5 lands there.)"""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:n]
+    return sum(labels[i] == 1 for i in order) / max(1, len(order))
+
+
+def _scores(out: str) -> tuple[list[int], list[float]]:
+    labels, scores = [], []
+    with open(os.path.join(out, "predictions.csv"), newline="") as fh:
+        for row in csv.DictReader(fh):
+            labels.append(int(float(row["label"])))
+            scores.append(float(row["score"]))
+    return labels, scores
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=10000, help="cutouts generated (default 10000: 100 lenses)")
+    p.add_argument("--lens-fraction", type=float, default=0.01, help="lenses among them (default 0.01: 1:99)")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--backend", default="dali-cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="400 cutouts at 1:9, 1 epoch: a smoke test")
+    p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
+    p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/imbalance-<host>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.lens_fraction, args.epochs = 400, 0.1, 1
+    from dali_lens.data.synthetic import generate_dataset
+    from dali_lens.trainers import TrainConfig, run
+
+    machine = common.machine_info(with_gpu=False)
+    out = common.result_path(args.out, "imbalance", machine)
+    work = args.work or tempfile.mkdtemp(prefix="bench-imbalance-")
+    data = os.path.join(work, "data")
+    t0 = time.perf_counter()
+    if not os.path.exists(os.path.join(data, "train.csv")):
+        generate_dataset(data, n=args.n, size=args.size, fmt="png", seed=args.seed, lens_fraction=args.lens_fraction,
+                         splits=(0.6, 0.1, 0.3))
+    generate_seconds = time.perf_counter() - t0
+    results = {}
+    for name, extra in CONFIGS.items():
+        run_dir = os.path.join(work, f"run-{name}")
+        t0 = time.perf_counter()
+        metrics = run(TrainConfig(data_root=data, out=run_dir, backend=args.backend, arch="small_cnn",
+                                  img_size=args.size, epochs=args.epochs, batch_size=args.batch_size, patience=0,
+                                  seed=args.seed, progress=False, gallery=False, **extra),
+                      log=lambda *a, **k: None)["metrics"]
+        labels, scores = _scores(run_dir)
+        n_lens = sum(v == 1 for v in labels)
+        results[name] = {
+            "options": extra, "tpr10": metrics.get("tpr10"), "tpr0": metrics.get("tpr0"),
+            "roc_auc": metrics.get("roc_auc"), "pr_auc": metrics.get("pr_auc"),
+            "purity_at": {str(n): round(purity_at(labels, scores, n), 4) for n in sorted({10, n_lens, 100})},
+            "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name:17s} TPR10 {results[name]['tpr10']:.3f}  AUC {results[name]['roc_auc']:.3f}  purity@N "
+              + "  ".join(f"{k}: {v:.2f}" for k, v in results[name]["purity_at"].items()), flush=True)
+    test_labels = _scores(os.path.join(work, "run-plain"))[0]
+    doc = {"benchmark": "imbalance", "mode": "quick" if args.quick else "full", "command": common.command_line(),
+           "timestamp": common.utc_timestamp(), "machine": machine,
+           "settings": {"n": args.n, "lens_fraction": args.lens_fraction, "size": args.size, "epochs": args.epochs,
+                        "batch_size": args.batch_size, "backend": args.backend, "seed": args.seed,
+                        "splits": [0.6, 0.1, 0.3], "arch": "small_cnn",
+                        "test": {"n": len(test_labels), "lenses": sum(v == 1 for v in test_labels)}},
+           "generate_seconds": round(generate_seconds, 1),
+           "purity_note": "purity@N computed by the benchmark's local helper; switch to metrics.py's when it has one",
+           "results": results}
+    common.save_result(doc, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
