@@ -137,12 +137,10 @@ def _balanced(opts: LoaderOptions) -> bool:
 
 
 def _orderable(dataset: Dataset, gpu: bool) -> bool:
-    """``--sampler balanced`` on DALI: the kind's reader reads a given list of files in order (PNG/JPEG, .npy that
-    DALI reads exactly, FITS where DALI's GPU reader is listed already); other kinds go through the per-sample
-    source, which reads any kind by position."""
-    kind = dataset.data_kind
-    return (kind.dali_listed(dataset, gpu) or dataset.kind == "image"
-            or (dataset.kind == "npy" and kind.dali_checkpointable(dataset)))
+    """``--sampler balanced`` on DALI: the kind's reader reads a given list of files in order (``Kind.dali_ordered``:
+    PNG/JPEG, .npy that DALI reads exactly, FITS where DALI's GPU reader is listed already); other kinds go
+    through the per-sample source, which reads any kind by position."""
+    return dataset.data_kind.dali_ordered(dataset, gpu)
 
 
 if HAVE_DALI:
