@@ -245,3 +245,19 @@ def test_one_data_root_and_old_configs_are_unchanged(sim, tmp_path, capsys):
     rc, log = _train(["--data-root", sim] + _common(out), capsys)
     assert rc == 0 and json.loads((out / "config.json").read_text())["data_root"] == sim
     assert "train: class ratio 1:" in log and "pos-weight 1" in log
+
+
+def test_gather_names_ids_that_match_several_samples_and_reads_id_at_split(sim, tmp_path):
+    from dali_lens.data.labels import gather
+
+    ident = sorted(os.listdir(os.path.join(sim, "test", "nonlens")))[0][:-4]
+    path = _write(tmp_path / "g.csv", f"id,grade,score\n{ident},3,0.5\n")
+    said = []
+    got = gather([f"a={sim}", f"b={sim}"], discover, label_paths=[path], weights_text="b=2", log=said.append)
+    assert any("1 name several samples (all labelled: " + ident in s for s in said), said
+    assert sum(s.id == ident and s.label == 1 for s in got.splits["test"].samples) == 2
+    assert len(got.splits["train"]) == 2 * len(discover(sim)["train"])
+    assert set(got.weights.values()) == {2.0}  # root b's samples (the same files: the last weight wins)
+    at = _write(tmp_path / "at.csv", f"id,label\n{ident}@test,1\n")
+    got = gather(sim, discover, label_paths=[at], log=said.append)
+    assert [s.label for s in got.splits["test"].samples if s.id == ident] == [1]

@@ -286,7 +286,7 @@ def _join(splits: dict[str, Dataset], lf: LabelFile, conflict: str, file_weight:
         for i, s in enumerate(ds.samples):
             by_id.setdefault(s.id, []).append((split, i))
     changes: dict[str, dict[int, Sample]] = {}
-    missing, contradicts, matched, counts = [], 0, 0, {0: 0, 1: 0, None: 0}
+    missing, contradicts, matched, counts, several = [], 0, 0, {0: 0, 1: 0, None: 0}, []
     for ident, (label, weight) in lf.labels.items():
         hits = by_id.get(ident)
         if hits is None and "@" in ident:  # the page's ID@split for an id that repeats across splits
@@ -297,6 +297,8 @@ def _join(splits: dict[str, Dataset], lf: LabelFile, conflict: str, file_weight:
             continue
         matched += 1
         counts[label] += 1
+        if len(hits) > 1:
+            several.append(ident)
         for split, i in hits:
             s = changes.get(split, {}).get(i) or splits[split].samples[i]
             if s.label is not None and label is not None and s.label != label:
@@ -320,11 +322,14 @@ def _join(splits: dict[str, Dataset], lf: LabelFile, conflict: str, file_weight:
     if missing:
         parts.append(f"{len(missing)} not in the data: {', '.join(missing[:5])}"
                      + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if several:
+        parts.append(f"{len(several)} name several samples (all labelled: {', '.join(several[:3])}"
+                     + (" ..." if len(several) > 3 else "") + "; ID@split names one split's)")
     if contradicts:
         parts.append(f"{contradicts} contradict the data's own label ("
                      + ("the file's label wins" if conflict == "file" else "the data's label kept")
                      + "; --label-conflict file|data)")
-    log(f"{'warning: ' if missing else ''}labels {lf.path} (sha256 {lf.sha256[:12]}): " + "; ".join(parts))
+    log(f"{'warning: ' if missing or several else ''}labels {lf.path} (sha256 {lf.sha256[:12]}): " + "; ".join(parts))
     return out
 
 
