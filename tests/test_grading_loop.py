@@ -2,8 +2,8 @@
 inspect, grade on the real page in a real headless Chromium (keyboard events, the page's own export), train
 again with ``--labels grades.csv``, and the graded lenses now score higher than before.
 
-The survey's lenses are fainter than the simulations' (source magnitude 23-24.5 against 20-22), so the first
-model scores many of them low: the case grades are for. Skipped, with the reason, without chromium.
+The survey's lenses are fainter and smaller than the simulations' (source magnitude 21.5-23 against 20-22,
+Einstein radii 0.5-1.2" against 0.5-2.5"), so the first model scores many of them low: the case grades are for. Skipped, with the reason, without chromium.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _scores(path) -> dict[str, float]:
 
 
 def _train(out, *extra):
-    return _main("train", ["--out", str(out), "--backend", "torchvision", "--epochs", "4", "--img-size", "32",
+    return _main("train", ["--out", str(out), "--backend", "torchvision", "--epochs", "5", "--img-size", "32",
                            "--batch-size", "32", "--workers", "0", "--seed", "1", "--no-progress", "--no-gallery",
                            "--lr", "3e-3", *extra])
 
@@ -81,7 +81,8 @@ def test_the_whole_loop_graded_lenses_score_higher_after_training_with_their_gra
     generate_dataset(sim, n=320, size=32, fmt="png", seed=11, source_mag=(20.0, 22.0))
     # the survey: unlabelled cutouts in one flat folder (ids not in the simulations), fainter lenses
     gen = str(tmp_path / "gen")
-    generate_dataset(gen, n=48, size=32, fmt="png", seed=12, source_mag=(23.0, 24.5), splits=(1.0, 0.0, 0.0))
+    generate_dataset(gen, n=48, size=32, fmt="png", seed=12, source_mag=(21.5, 23.0), einstein_radius=(0.5, 1.2),
+                     splits=(1.0, 0.0, 0.0))
     survey, truth = str(tmp_path / "survey"), {}
     os.makedirs(survey)
     for cls, label in (("lens", 1), ("nonlens", 0)):
@@ -107,7 +108,7 @@ def test_the_whole_loop_graded_lenses_score_higher_after_training_with_their_gra
     # 5. train again, the survey's graded cutouts joined to the simulations by --labels
     capsys.readouterr()
     assert _train(tmp_path / "run2", "--data-root", sim, "--data-root", survey, "--labels", grades,
-                  "--source-weight", "grades=2") == 0
+                  "--source-weight", "grades=5") == 0
     log = capsys.readouterr()
     log = log.out + log.err
     lenses = [i for i, v in truth.items() if v == 1]
