@@ -261,3 +261,32 @@ def test_gather_names_ids_that_match_several_samples_and_reads_id_at_split(sim, 
     at = _write(tmp_path / "at.csv", f"id,label\n{ident}@test,1\n")
     got = gather(sim, discover, label_paths=[at], log=said.append)
     assert [s.label for s in got.splits["test"].samples if s.id == ident] == [1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_balanced_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, backend):
+    import dali_lens.trainers.runner as runner
+    from dali_lens.trainers import TrainConfig, run
+
+    data = str(tmp_path / "data")
+    generate_dataset(data, n=64, size=32, fmt="png", seed=3, lens_fraction=0.2, source_mag=(20.0, 22.0))
+    opts = dict(data_root=data, backend=backend, img_size=32, batch_size=15, epochs=2, checkpoint_every=1,
+                workers=1, progress=False, gallery=False, sampler="balanced", pos_weight=2.0)
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    real, saves = runner._Job.save, []
+
+    def save(self, path, *args):
+        real(self, path, *args)
+        if os.path.basename(path) == "last.pt":
+            saves.append(1)
+            if len(saves) == 6:  # epoch 2, after its first step
+                shutil.copytree(straight, stopped, ignore=shutil.ignore_patterns("run.lock"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner._Job, "save", save)
+        run(TrainConfig(out=straight, **opts), log=lambda *a: None)
+    run(TrainConfig(out=stopped, resume=True, **opts), log=lambda *a: None)
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=False)["members"][0]["model"] for d in (straight, stopped))
+    assert all(torch.equal(a[k], b[k]) for k in a), backend
+    hist = [json.load(open(os.path.join(d, "metrics.json")))["history"] for d in (straight, stopped)]
+    assert [h["train_loss"] for h in hist[0]] == [h["train_loss"] for h in hist[1]]
