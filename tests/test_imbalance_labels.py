@@ -279,7 +279,7 @@ def test_a_balanced_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tm
         real(self, path, *args)
         if os.path.basename(path) == "last.pt":
             saves.append(1)
-            if len(saves) == 6:  # epoch 2, after its first step
+            if len(saves) == 6:  # epoch 2, after its second of three steps
                 shutil.copytree(straight, stopped, ignore=shutil.ignore_patterns("run.lock"))
 
     with pytest.MonkeyPatch.context() as mp:
