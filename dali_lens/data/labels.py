@@ -23,7 +23,6 @@ weights, and the class ratio a run trains on (issue 24: survey-like imbalance, g
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -154,14 +153,6 @@ class LabelFile:
                 "rows": len(self.labels)}
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_label_file(path: str, grade1: str = "drop", grade1_weight: float = 0.5) -> LabelFile:
     """A grades CSV (``id,grade[,score]``) or an ``id,label`` CSV; DataError naming the file (and line)."""
     if not os.path.isfile(path):
@@ -170,6 +161,8 @@ def read_label_file(path: str, grade1: str = "drop", grade1_weight: float = 0.5)
         cols = next(csv.reader(fh), None) or []
     cols = [c.strip() for c in cols]
     name = os.path.splitext(os.path.basename(path))[0]
+    from .shards import file_sha256
+
     out = LabelFile(path, name, file_sha256(path), "grades" if "grade" in cols else "labels")
     if out.kind == "grades":
         from ..inspection.candidates import read_grades  # the page's export has one reader
