@@ -286,7 +286,8 @@ def test_a_balanced_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tm
         mp.setattr(runner._Job, "save", save)
         run(TrainConfig(out=straight, **opts), log=lambda *a: None)
     run(TrainConfig(out=stopped, resume=True, **opts), log=lambda *a: None)
-    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=False)["members"][0]["model"] for d in (straight, stopped))
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=False)["members"][0]["model"]
+            for d in (straight, stopped))
     assert all(torch.equal(a[k], b[k]) for k in a), backend
     hist = [json.load(open(os.path.join(d, "metrics.json")))["history"] for d in (straight, stopped)]
     assert [h["train_loss"] for h in hist[0]] == [h["train_loss"] for h in hist[1]]
