@@ -22,7 +22,7 @@ def describe(path: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
     return discover(path, hdus=hdus, val_fraction=val_fraction, seed=seed)
 
 
-def train(data_root: str | None = None, *, out: str | None = None, resume: bool = False,
+def train(data_root: str | tuple[str, ...] | None = None, *, out: str | None = None, resume: bool = False,
           allow_config_change: bool = False, val_fraction: float = 0.15,
           hdus: tuple[int | str, ...] | None | str = None,
           skip_bad: bool = False, backend: str = "auto", workers: int | None = None, dtype: str = "auto",
@@ -38,7 +38,11 @@ def train(data_root: str | None = None, *, out: str | None = None, resume: bool 
           fusion: str = "mean_prob", weights: str | None = None, epochs: int = 6, batch_size: int = 64,
           lr: float = 0.002, weight_decay: float = 0.0001, lr_schedule: str = "cosine", patience: int = 4,
           amp: str = "auto", channels_last: bool = True, seed: int = 0, checkpoint_every: int = 0,
-          threshold: float = 0.5, gallery: bool = True, progress: bool = True) -> dict:
+          threshold: float = 0.5, gallery: bool = True, progress: bool = True,
+          # issue 24: imbalance and labels
+          pos_weight: str | float | None = None, sampler: str = "shuffle",
+          labels: tuple[str, ...] | None | str = None, grade1: str = "drop", grade1_weight: float = 0.5,
+          label_conflict: str = "file", source_weight: str | None = None) -> dict:
     """Train a lens finder like ``python -m dali_lens.train`` and return the final metrics (also written to
     ``<out>/metrics.json``).
 
