@@ -22,7 +22,7 @@ def describe(path: str, hdus: tuple[int | str, ...] | None = None, val_fraction:
     return discover(path, hdus=hdus, val_fraction=val_fraction, seed=seed)
 
 
-def train(data_root: str | None = None, *, out: str | None = None, resume: bool = False,
+def train(data_root: str | tuple[str, ...] | None = None, *, out: str | None = None, resume: bool = False,
           allow_config_change: bool = False, val_fraction: float = 0.15,
           hdus: tuple[int | str, ...] | None | str = None,
           skip_bad: bool = False, backend: str = "auto", workers: int | None = None, dtype: str = "auto",
@@ -43,7 +43,11 @@ def train(data_root: str | None = None, *, out: str | None = None, resume: bool 
           at_n: tuple[int, ...] | str = (10, 100, 1000), prior: float = 0.001, tensorboard: bool = True,
           # issue 24: fine-tuning (timm, weights)
           freeze_epochs: int = 0, trainable_blocks: int | None = None, layer_decay: float | None = None,
-          head_lr: float | None = None) -> dict:
+          head_lr: float | None = None,
+          # issue 24: imbalance and labels
+          pos_weight: str | float | None = None, sampler: str = "shuffle",
+          labels: tuple[str, ...] | None | str = None, grade1: str = "drop", grade1_weight: float = 0.5,
+          label_conflict: str = "file", source_weight: str | None = None) -> dict:
     """Train a lens finder like ``python -m dali_lens.train`` and return the final metrics (also written to
     ``<out>/metrics.json``).
 

@@ -9,7 +9,7 @@ batches, one worker), never by editing their text:
   generated there (the challenge layout when NAME mentions ``challenge``, else a small PNG set), outputs
   (``--out``, ``pack``'s OUT) are left to the command; ``~/.cache/dali-lens`` is ``$DALI_LENS_CACHE`` (a
   temporary folder); glob patterns (``runs/single-small_cnn-*/...``) expand as the shell would;
-* ``--grades FILE`` that no earlier command wrote (the grading page exports it) is made from the first
+* ``--grades FILE`` (or ``train --labels FILE``) that no earlier command wrote (the grading page exports it) is made from the first
   predictions CSV under ``runs/``, grading its rows 0..3 in turn;
 * ``--checkpoint P`` that no earlier command wrote gets a small trained run copied to P;
 * a command without ``--out`` that writes a run gets ``--out runs/<trainer>-<arch>-readme-L<line>`` (the
@@ -123,6 +123,9 @@ def world(tmp_path_factory):
 
 
 def _data_path(token: str, world: dict) -> str:
+    name, sep, rest = token.partition("=")
+    if sep and re.match(r"^[A-Za-z0-9_.-]+$", name) and rest.startswith(("/data/", "/shared/")):  # NAME=PATH
+        return f"{name}={_data_path(rest, world)}"
     if token.startswith(("/data/", "/shared/")):
         return os.path.join(world["base"], token.lstrip("/"))
     if token == "~/.cache/dali-lens" or token.startswith("~/.cache/dali-lens/"):
@@ -177,11 +180,12 @@ def prepare(line: int, tokens: list[str], world: dict) -> tuple[str, list[str], 
     for i, t in enumerate(argv):
         if t in outputs:
             continue
-        if t.startswith(world["base"]) and (i == 0 or argv[i - 1] not in ("--checkpoint", "-c")):
-            _make_input(t, world)
+        named = t.partition("=")[2] if "=" in t and t.partition("=")[2].startswith(world["base"]) else t
+        if named.startswith(world["base"]) and (i == 0 or argv[i - 1] not in ("--checkpoint", "-c")):
+            _make_input(named, world)
         if i and argv[i - 1] in ("--checkpoint", "-c") and not os.path.exists(os.path.join(world["cwd"], t)):
             shutil.copytree(world["run"], os.path.join(world["cwd"], t))
-        if i and argv[i - 1] == "--grades" and not os.path.exists(os.path.join(world["cwd"], t)):
+        if i and argv[i - 1] in ("--grades", "--labels") and not os.path.exists(os.path.join(world["cwd"], t)):
             _make_grades(os.path.join(world["cwd"], t), world["cwd"])
     argv += SMALL.get(module, [])
     if module in WRITES_RUN and not outputs:

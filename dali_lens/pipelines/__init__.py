@@ -106,7 +106,8 @@ def _unavailable(name: str) -> str:
 
 def _torchvision(dataset: Dataset, opts: LoaderOptions):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dataset.data_kind.packed:  # packed shards: streamed with the webdataset library
+    # packed shards: streamed with the webdataset library (--sampler balanced: read by position, in its order)
+    if dataset.data_kind.packed and not (opts.train and opts.sampler == "balanced"):
         from .shards_torch import ShardsLoader
 
         return ShardsLoader(dataset, opts, device=device)

@@ -92,9 +92,10 @@ class _PythonSource:
         self.dataset, self.opts = dataset, opts
         self.order = files_order
         self.first_epoch = first_epoch  # the loader's epoch when the pipeline was built (DALI counts from 0)
+        self.labels = np.asarray(dataset.labels)[files_order] if _balanced(opts) else None
 
     def shard(self, epoch: int) -> np.ndarray:
-        return self.order[epoch_order(len(self.order), epoch, self.opts)]
+        return self.order[epoch_order(len(self.order), epoch, self.opts, self.labels)]
 
     @staticmethod
     def epoch_samples(n: int, opts: LoaderOptions) -> int:
@@ -119,8 +120,27 @@ class _PythonSource:
 
 
 def _kind_source(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, reader_args: dict):
-    """The kind's DALI reader and decoder (``Kind.dali_source``), or None (plain Python: kept from AutoGraph)."""
+    """The kind's DALI reader and decoder (``Kind.dali_source``), or None (plain Python: kept from AutoGraph).
+    ``--sampler balanced``: a reader that reads a list of files (images, ``.npy``) is handed this epoch's
+    balanced order front to back (:func:`_orderable`); other kinds are read by the per-sample source."""
+    if _balanced(opts):
+        if not _orderable(dataset, gpu):
+            return None
+        from ..data.kinds.fits import LISTED_READER
+
+        reader_args = dict(LISTED_READER, name="reader")
     return dataset.data_kind.dali_source(dataset, opts, gpu, order, reader_args)
+
+
+def _balanced(opts: LoaderOptions) -> bool:
+    return opts.train and opts.sampler == "balanced"
+
+
+def _orderable(dataset: Dataset, gpu: bool) -> bool:
+    """``--sampler balanced`` on DALI: the kind's reader reads a given list of files in order (``Kind.dali_ordered``:
+    PNG/JPEG, .npy that DALI reads exactly, FITS where DALI's GPU reader is listed already); other kinds go
+    through the per-sample source, which reads any kind by position."""
+    return dataset.data_kind.dali_ordered(dataset, gpu)
 
 
 if HAVE_DALI:
@@ -197,7 +217,9 @@ def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.
 
     threads = max(1, opts.workers)
     kwargs = dict(batch_size=opts.batch_size, num_threads=threads, device_id=opts.device_id if gpu else None,
-                  seed=(opts.seed * 1009 + opts.shard_id) % (2 ** 31),
+                  # --sampler balanced builds a pipeline per epoch: its augmentation seeded per epoch too
+                  seed=(opts.seed * 1009 + opts.shard_id
+                        + (7919 * first_epoch if _balanced(opts) and _orderable(dataset, gpu) else 0)) % (2 ** 31),
                   # CPU: one batch in flight is as fast here and ~130 MB lighter at batch 256 x 3 scales
                   prefetch_queue_depth=int(opts.prefetch_queue_depth or (2 if gpu else 1)))
     if checkpoint:
@@ -251,7 +273,8 @@ class DaliLoader:
         self.device = torch.device(f"cuda:{opts.device_id or 0}" if self.gpu else "cpu")
         if self.gpu:  # what needs a running GPU (cuFile's probe), settled before any pipeline is defined
             dataset.data_kind.dali_prepare(dataset, opts)
-        self.order = base_permutation(len(dataset), opts.seed) if opts.train else np.arange(len(dataset))
+        self.order = (base_permutation(len(dataset), opts.seed) if opts.train and not _balanced(opts)
+                      else np.arange(len(dataset)))
         self._by_name = None
         # 8-bit images normalised with a positive std cannot become NaN/inf: only float data is checked
         self._check = BatchChecker(dataset, self.device, tta=opts.tta, check_finite=not dataset.eight_bit)
@@ -283,10 +306,13 @@ class DaliLoader:
     def _listed(self) -> bool:
         """The kind's DALI reader is handed this rank's samples of each epoch in order (DALI's GPU FITS reader):
         a pipeline per epoch."""
-        return self.dataset.data_kind.dali_listed(self.dataset, self.gpu)
+        return self.dataset.data_kind.dali_listed(self.dataset, self.gpu) or (
+            _balanced(self.opts) and _orderable(self.dataset, self.gpu))
 
     @property
     def checkpointable(self) -> bool:
+        if _balanced(self.opts) and not _orderable(self.dataset, self.gpu):
+            return False  # the per-sample source (read by position, in the balanced order)
         return self.dataset.data_kind.dali_checkpointable(self.dataset)
 
     def _iterator(self):
@@ -312,7 +338,8 @@ class DaliLoader:
 
     def listed_order(self) -> np.ndarray:
         """Dataset positions that a listed reader (DALI's FITS reader) is handed for this rank in this epoch."""
-        return self.order[epoch_order(len(self.order), self.epoch, self.opts)]
+        labels = np.asarray(self.dataset.labels)[self.order] if _balanced(self.opts) else None
+        return self.order[epoch_order(len(self.order), self.epoch, self.opts, labels)]
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.dataset), self.opts)

@@ -81,6 +81,7 @@ class LoaderOptions(PixelOptions):
     mmap: bool = False
     numpy_reader: str = "auto"
     prefetch_queue_depth: int | None = None
+    sampler: str = "shuffle"  # training order: shuffle, or balanced (classes drawn equally: balanced_order)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -134,19 +135,45 @@ def base_permutation(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 0x1e25]).permutation(n)
 
 
-def epoch_order(n: int, epoch: int, opts: LoaderOptions) -> np.ndarray:
+def epoch_order(n: int, epoch: int, opts: LoaderOptions, labels=None) -> np.ndarray:
     """Sample indices this shard visits in ``epoch`` (torchvision backend, and DALI pipelines that are handed
-    their order: FITS through astropy or DALI's FITS reader; DALI's other readers shuffle internally).
+    their order: FITS through astropy or DALI's FITS reader, and every kind with ``sampler='balanced'``; DALI's
+    other readers shuffle internally).
 
     Train: a permutation that depends on (seed, epoch), identical on all ranks, cut into equal shards of
-    floor(n / S) samples (like DistributedSampler with drop_last). Eval: contiguous shards, every sample once.
+    floor(n / S) samples (like DistributedSampler with drop_last); with ``opts.sampler == 'balanced'`` the
+    :func:`balanced_order` of ``labels`` (one per index) instead of the permutation. Eval: contiguous shards,
+    every sample once.
     """
     if not opts.train:
         lo, hi = shard_bounds(n, opts.shard_id, opts.num_shards)
         return np.arange(lo, hi)
-    perm = np.random.default_rng([opts.seed, epoch, 0x5eed]).permutation(n)
+    if opts.sampler == "balanced":
+        if labels is None or len(labels) != n:
+            raise ValueError("sampler='balanced' needs the label of every training sample")
+        perm = balanced_order(labels, epoch, opts.seed)
+    else:
+        perm = np.random.default_rng([opts.seed, epoch, 0x5eed]).permutation(n)
     per = n // opts.num_shards
     return perm[opts.shard_id * per:(opts.shard_id + 1) * per]
+
+
+def balanced_order(labels, epoch: int, seed: int) -> np.ndarray:
+    """``--sampler balanced``: ``len(labels)`` indices for ``epoch``, half lenses (label 1) and half non-lenses
+    (label 0), shuffled together. Each class is drawn as consecutive seeded permutations of its members (the
+    rarer class repeated, each member equally often up to one; the commoner one a different subset each
+    epoch). Depends on (seed, epoch) only: identical on every rank, which then cut it into their shards."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, epoch, 0xba1a])
+    n = len(labels)
+    groups = [np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)]
+    if not len(groups[0]) or not len(groups[1]):
+        raise ValueError("sampler='balanced' needs both lenses and non-lenses in the training split")
+    parts = []
+    for idx, k in zip(groups, (n // 2, n - n // 2)):
+        reps = -(-k // len(idx))
+        parts.append(np.concatenate([rng.permutation(idx) for _ in range(reps)])[:k])
+    return rng.permutation(np.concatenate(parts))
 
 
 def batches_per_epoch(n: int, opts: LoaderOptions) -> int:

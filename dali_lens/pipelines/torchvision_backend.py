@@ -190,7 +190,8 @@ class TorchvisionLoader(WorkerLoader):
                                         sampler=_EpochSampler(self), drop_last=opts.train)
 
     def _begin(self, skip: int) -> bool:
-        order = epoch_order(len(self.dataset), self.epoch, self.opts).tolist()
+        labels = self.dataset.labels if self.opts.sampler == "balanced" else None
+        order = epoch_order(len(self.dataset), self.epoch, self.opts, labels).tolist()
         self._order = order[skip * self.opts.batch_size:]
         return bool(self._order)
 

@@ -25,6 +25,7 @@ from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSION
                        PIXELS, SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
 from ..choices import LAYER_DECAY  # (issue 24: fine-tuning)
 from .base import TRAINERS
+from ..data.labels import parse_data_roots, parse_label_files, parse_pos_weight, parse_source_weights
 from ..checkpoint import MemberSpec
 
 
@@ -90,6 +91,13 @@ def parse_names(value) -> tuple[str, ...]:
 
 
 NAMES = Parsed(parse_names, "comma-separated names", ())
+POS_WEIGHT = Parsed(parse_pos_weight, "auto or a positive number", ("0", "-1", "x", "inf"))
+SOURCE_WEIGHTS = Parsed(parse_source_weights, "comma-separated NAME=WEIGHT, weights >= 0", ("x", "a=-1", "a=x", "=1"))
+LABEL_FILES = Parsed(parse_label_files, "file paths", ())
+DATA_ROOTS = Parsed(parse_data_roots, "paths (PATH or NAME=PATH)", ())
+SAMPLERS = ("shuffle", "balanced")
+GRADE1 = ("drop", "weak")
+LABEL_CONFLICTS = ("file", "data")
 DEFAULT_MEMBERS = (MemberSpec("small_cnn", (48,), 0), MemberSpec("small_cnn", (64,), 1),
                    MemberSpec("resnet18", (64,), 2))
 
@@ -104,9 +112,11 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # data
-    data_root: str | None = _f(None, "dataset root: class folders, CSV manifests (train.csv/val.csv/test.csv), "
-                                     "FITS, .npy or the lens-finding-challenge layout. Default: the built-in "
-                                     "synthetic set, generated once and cached", flag="--data-root")
+    data_root: str | tuple[str, ...] | None = _f(
+        None, "dataset root: class folders, CSV manifests (train.csv/val.csv/test.csv), FITS, .npy or the "
+              "lens-finding-challenge layout; repeatable (or a comma list) to mix roots, each PATH or NAME=PATH, "
+              "their splits concatenated. Default: the built-in synthetic set, generated once and cached",
+        flag="--data-root", type=DATA_ROOTS, action="append")
     out: str | None = _f(None, "run directory for checkpoints, metrics.json, predictions.csv, roc.png "
                                "(default: runs/<trainer>-<arch>-<time>)")
     resume: bool = _f(False, "continue the run in --out from its last checkpoint (mid-epoch if saved mid-epoch); "
@@ -222,6 +232,26 @@ class TrainConfig:
                                          "Default: off", type=LAYER_DECAY)
     head_lr: float | None = _f(None, "fine-tuning: the classifier head's learning rate. Default: --lr",
                                type=POSITIVE)
+    # --- issue 24: imbalance and labels ---
+    pos_weight: str | float | None = _f(None, "weight of the lens class in the BCE loss: auto (the training split's "
+                                              "non-lens/lens ratio, e.g. 100 at 1:100) or a positive number "
+                                              "(default: 1)", type=POS_WEIGHT)
+    sampler: str = _f("shuffle", "training order: shuffle (every sample once per epoch) or balanced (each epoch "
+                                 "draws lenses and non-lenses equally, the rarer class repeated; deterministic per "
+                                 "seed, epoch and rank)", choices=SAMPLERS)
+    labels: tuple[str, ...] | None = _f(None, "a label file joined by id onto the data (repeatable): the grading "
+                                              "page's grades.csv (id,grade[,score]: 2-3 lens, 0 non-lens, 1 see "
+                                              "--grade1) or id,label", type=LABEL_FILES, action="append",
+                                        flag="--labels")
+    grade1: str = _f("drop", "grade 1 (possible) in --labels: drop (left out of training) or weak (a lens with loss "
+                             "weight --grade1-weight)", choices=GRADE1)
+    grade1_weight: float = _f(0.5, "loss weight of a grade-1 lens with --grade1 weak", type=PROBABILITY)
+    label_conflict: str = _f("file", "a --labels label that contradicts the data's own: file (the file wins) or "
+                                     "data (the data's label is kept); counted in the log either way",
+                             choices=LABEL_CONFLICTS)
+    source_weight: str | None = _f(None, "per-source loss weights NAME=W,... (names: the data roots' folder names "
+                                         "or NAME=PATH names, the label files' stems); weights multiply",
+                                   type=SOURCE_WEIGHTS)
 
     def __post_init__(self) -> None:
         """Every option is held to the range its field declares (the CLI's ``type=``), whichever door it came

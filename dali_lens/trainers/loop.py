@@ -24,14 +24,15 @@ def dist_info() -> tuple[int, int, int]:
 
 
 def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_scales=None,
-                on_step=None, show_progress: bool = True, progress: dict | None = None, trainer=None) -> dict:
+                on_step=None, show_progress: bool = True, progress: dict | None = None, trainer=None,
+                loss_weights: "LossWeights | None" = None) -> dict:
     """One pass over ``loader``; each member sees its own scales. Returns mean loss per member.
 
     ``trainer`` (default: ``cfg.trainer``'s) may add a loss term (``base.Trainer.extra_loss``).
     ``progress`` is where the epoch stands, ``{"steps": n, "loss_sums": {member: sum}}``: a resumed epoch
     continues from its mid-epoch checkpoint's (the loader restored to the same step), so that the epoch's mean
     loss is the uninterrupted run's. It is updated in place after every step, before ``on_step(step)`` (the
-    step's number in the epoch) is called."""
+    step's number in the epoch) is called. ``loss_weights`` (:class:`LossWeights`) weighs each sample's BCE."""
     trainer = trainer if trainer is not None else get_trainer(cfg.trainer)
     for m in members:
         m.model.train()
@@ -47,6 +48,7 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
     for batch in loader:
         wait += time.perf_counter() - fetch
         y = batch["label"].to(device, non_blocking=True).float()
+        w, w_total = loss_weights.of(batch["index"], y) if loss_weights is not None else (None, None)
         for m in members:
             scales = [s for s in m.spec.scales if active_scales is None or s in active_scales]
             m.optimizer.zero_grad(set_to_none=True)
@@ -68,7 +70,11 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
                         z = m.model(_to(batch["image"][s][c], device, cfg, norm)).float()
                     # each chunk's share of the batch mean: the accumulated gradient is the whole batch's
                     share = len(yc) / len(y) / len(scales)
-                    loss = F.binary_cross_entropy_with_logits(z, yc) * share
+                    if w is None:
+                        loss = F.binary_cross_entropy_with_logits(z, yc) * share
+                    else:  # this chunk's share of the batch's weighted mean
+                        loss = (F.binary_cross_entropy_with_logits(z, yc, reduction="none") * w[c]).sum() \
+                            / w_total / len(scales)
                     if term is not None:
                         group = [z if j == k else partner[j][c] for j in range(len(scales))]
                         loss = loss + term(group, k, yc) * share
@@ -98,6 +104,21 @@ def train_epoch(members, loader, cfg, device: torch.device, epoch: int, active_s
     return {"loss": {k: v / max(1, steps) for k, v in totals.items()}, "steps": steps, "samples": seen,
             "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9), "data_wait_fraction": wait / max(elapsed, 1e-9),
             **chunker.report()}
+
+
+class LossWeights:
+    """Per-sample loss weights (``data/labels.py``): ``sample`` (one per training-set position, or None: all 1)
+    and ``pos_weight`` (lenses' factor, ``--pos-weight``). A batch's loss is ``sum(w p BCE) / sum(w)``: with
+    ``sample`` None exactly ``BCEWithLogitsLoss(pos_weight=p)``."""
+
+    def __init__(self, sample, pos_weight: float, device: torch.device):
+        self.sample = None if sample is None else torch.as_tensor(sample, dtype=torch.float32, device=device)
+        self.pos_weight = float(pos_weight)
+
+    def of(self, index: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample factors ``w p``, the batch's ``sum(w)``) for a batch's ``index`` and labels ``y``."""
+        w = self.sample[index.to(self.sample.device)].to(y.device) if self.sample is not None else torch.ones_like(y)
+        return w * torch.where(y > 0.5, self.pos_weight, 1.0), w.sum().clamp_min(1e-12)
 
 
 class Chunker:

@@ -209,6 +209,15 @@ def data_changes(saved: dict, now: dict) -> str:
     return "; ".join(parts)
 
 
+def _label_digests(files) -> list[str]:
+    """``config.json["label_files"]`` as comparable ``name (sha256 ...)`` texts (the content, not the path)."""
+    return [f"{f.get('name')} (sha256 {str(f.get('sha256'))[:12]})" for f in files or [] if isinstance(f, dict)]
+
+
+def _real_roots(value) -> list[str]:
+    return [os.path.realpath(str(v)) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
 def check_resume_config(out: str, now: dict, allow: bool, log=print, data: dict | None = None) -> dict:
     """``--resume``: the options in ``now`` (``TrainConfig.to_dict()`` plus the resolved ``data_root``), and the
     training data as ``data`` (:func:`data_record`) describes it, against the run's ``config.json``. Raises
@@ -224,14 +233,17 @@ def check_resume_config(out: str, now: dict, allow: bool, log=print, data: dict 
         from ..checkpoint import Checkpoint
 
         saved_all = Checkpoint.load(os.path.join(out, CHECKPOINT)).config
-    saved = {**TrainConfig.from_dict(saved_all).to_dict(), "data_root": saved_all.get("data_root")}
+    saved = {**TrainConfig.from_dict(saved_all).to_dict(), "data_root": saved_all.get("data_root"),
+             "label_files": _label_digests(saved_all.get("label_files"))}  # a run before --labels: none
     diffs = {}
     for key, value in now.items():
         if key in SAFE_TO_CHANGE or key not in saved:
             continue
         old = saved[key]
+        if key == "label_files":  # what each --labels file held: its name and sha256
+            value = _label_digests(value)
         if key == "data_root" and old and value:
-            same = os.path.realpath(str(old)) == os.path.realpath(str(value))
+            same = _real_roots(old) == _real_roots(value)
         else:
             same = old == value
         if not same:

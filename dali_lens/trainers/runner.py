@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..data import DataError, discover
 from ..data.io import atomic_write_json
+from ..data.labels import class_line, class_record, gather, resolve_pos_weight, sample_weights
 from ..data.sources import leave_out_unlabelled
 from ..distributed import init as init_distributed
 from ..pipelines import build_loader, compute_stats, estimate_noise, resolve_backend
@@ -29,7 +30,7 @@ from .base import Trainer, get_trainer
 from ..checkpoint import Checkpoint, CheckpointError, PixelSettings
 from .config import TrainConfig, parse_mask_value
 from .curves import Curves, learning_rate
-from .loop import dist_info, predict, train_epoch
+from .loop import LossWeights, dist_info, predict, train_epoch
 from .members import check_models, load_member_state, make_member, member_state, set_trainable
 from .outputs import write_outputs
 from .rundir import RunDir, check_resume_config, data_record
@@ -112,8 +113,11 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     out = _out_dir(cfg, kind)
     resume = rundir.claim(out, cfg.resume, is_main, world, say)
     cfg, data_root, splits, config_extra = _prepare_data(cfg, out, resume, world, say)
+    config_extra["class_ratio"], loss_weights = _class_balance(cfg, splits["train"], config_extra.pop("_weights"),
+                                                               device, say)
     backend = resolve_backend(cfg.backend, splits["train"])
     job = _Job(cfg, splits, backend, specs, device, out, say)
+    job.loss_weights = loss_weights
     say(f"backend {backend} on {device}; trainer {cfg.trainer}: "
         + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
     _say_stems(specs, cfg, say)
@@ -170,11 +174,13 @@ class _Job:
         pixels = measure_pixels(cfg, splits, say)
         self.base = LoaderOptions(scales=self.scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
                                   num_shards=self.world, num_workers=cfg.workers, max_shift=cfg.max_shift,
-                                  dtype=output_dtype(cfg, splits["train"]), **pixels.pixel_fields())
+                                  dtype=output_dtype(cfg, splits["train"]), sampler=cfg.sampler,
+                                  **pixels.pixel_fields())
         self.ck = Checkpoint(members=[], bands=splits["train"].bands, pixels=pixels, config=cfg.to_dict())
         self.last, self.best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
         self.members: list = []
         self.train_loader = None
+        self.loss_weights = None  # LossWeights of --pos-weight / --source-weight / --grade1 weak, or None
 
     def loader(self, split: str, train: bool, scales=None, tta: bool = False):
         """A loader of ``split`` at ``scales`` (default: every member's), training or evaluation."""
@@ -219,7 +225,8 @@ def _train(job: _Job, kind: Trainer, active: tuple, val_loader, select: str) -> 
                 job.save(job.last, epoch, job.train_loader.state_dict(), progress)
 
         stats = train_epoch(job.members, job.train_loader, cfg, job.device, epoch, active_scales=active,
-                            on_step=on_step, show_progress=job.show_progress, progress=progress, trainer=kind)
+                            on_step=on_step, show_progress=job.show_progress, progress=progress, trainer=kind,
+                            loss_weights=job.loss_weights)
         chunks_said = _note_chunks(stats, cfg.batch_size, chunks_said, job.say)
         # the loader's state at the epoch's end goes into last.pt: DALI's readers shuffle from their own state,
         # which a fresh pipeline would restart at its first epoch's order. (A new loader is built for the next
@@ -295,16 +302,22 @@ def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
         holder = [data_root]
         dist.broadcast_object_list(holder, src=0)
         data_root = holder[0]
-    splits = leave_out_unlabelled(discover(data_root, hdus=cfg.hdus, val_fraction=cfg.val_fraction,
-                                           seed=cfg.seed), say)
+    # issue 24: several roots, --labels joined by id, per-sample loss weights (data/labels.py)
+    got = gather(data_root, discover, hdus=cfg.hdus, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                 label_paths=cfg.labels, grade1=cfg.grade1, grade1_weight=cfg.grade1_weight,
+                 conflict=cfg.label_conflict, weights_text=cfg.source_weight, log=say)
+    splits = leave_out_unlabelled(got.splits, say)
     if "train" not in splits:
-        raise DataError(f"{data_root}: no training data (labelled train split) found")
+        raise DataError(f"{got.root}: no training data (labelled train split) found")
     cfg = layout_defaults(cfg, splits["train"], say)
     # compared once the defaults are resolved, as config.json records them (--mask-value auto -> 100); what the
     # run trains on (files, labels, sizes, mtimes) is recorded and compared too
-    record = data_record(splits, data_root)
-    config_extra = (check_resume_config(out, {**cfg.to_dict(), "data_root": data_root}, cfg.allow_config_change, say,
-                                        data=record) if resume else {"data": record})
+    record = data_record(splits, got.root)
+    label_files = [f.record() for f in got.label_files]
+    now = {**cfg.to_dict(), "data_root": data_root, "label_files": label_files}
+    config_extra = (check_resume_config(out, now, cfg.allow_config_change, say, data=record) if resume
+                    else {"data": record})
+    config_extra["label_files"], config_extra["_weights"] = label_files, got.weights
     if cfg.skip_bad:
         from ..data.validate import drop_bad
 
@@ -316,6 +329,20 @@ def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
 
         report_duplicates(splits, log=say)
     return cfg, data_root, splits, config_extra
+
+
+def _class_balance(cfg: TrainConfig, train, weights: dict, device, say) -> tuple:
+    """(config.json's ``class_ratio``, the loop's ``LossWeights`` or None): what the run trains on, logged."""
+    pos_weight = resolve_pos_weight(cfg.pos_weight, train)
+    record = class_record(train, pos_weight, cfg.sampler)
+    say(class_line(record))
+    if cfg.sampler == "balanced" and cfg.pos_weight is not None:
+        say("warning: --sampler balanced already trains on equal classes; --pos-weight then weighs lenses again")
+    sample = sample_weights(train, weights)
+    if sample is not None:
+        say(f"loss weights: {int((sample != 1).sum())} of {len(sample)} training samples weighted "
+            f"(--source-weight, --grade1 weak), from {sample.min():g} to {sample.max():g}")
+    return record, (LossWeights(sample, pos_weight, device) if sample is not None or pos_weight != 1.0 else None)
 
 
 def measure_pixels(cfg: TrainConfig, splits: dict, say) -> PixelSettings:

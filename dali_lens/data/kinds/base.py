@@ -119,6 +119,12 @@ class Kind:
         sharding; the loader rebuilds the pipeline per epoch and knows the positions)."""
         return False
 
+    def dali_ordered(self, dataset, gpu: bool) -> bool:
+        """:meth:`dali_source` reads a given list of samples in that order when handed one reader's arguments
+        (no reader-side shuffling or sharding): ``--sampler balanced`` then gives it each epoch's order. False
+        (the default): the loader reads such a kind by :meth:`read` in its per-sample source instead."""
+        return self.dali_listed(dataset, gpu)
+
     def dali_positions(self, dataset, raw):
         """Dataset positions (an int64 tensor) from the index output of :meth:`dali_source`; None: the index is
         the position itself, or a file name DALI reports (the loader maps it)."""

@@ -339,6 +339,9 @@ class ImageKind(Kind):
         raw, index = fn.readers.file(files=files, labels=[int(i) for i in order], **reader_args)
         return dali_decode_images(raw, dataset, gpu), index
 
+    def dali_ordered(self, dataset, gpu: bool) -> bool:
+        return True  # fn.readers.file reads its files list in order
+
     dali_decode = staticmethod(dali_decode_images)
 
 

@@ -197,6 +197,9 @@ class NpyKind(Kind):
     def dali_checkpointable(self, dataset) -> bool:
         return dali_reads_exactly(dataset)
 
+    def dali_ordered(self, dataset, gpu: bool) -> bool:
+        return dali_reads_exactly(dataset)  # fn.readers.numpy reads its files list in order
+
     def dali_source(self, dataset, opts, gpu: bool, order: np.ndarray, reader_args: dict):
         """DALI's numpy reader (on the GPU when cuFile reads the data: :func:`numpy_reader_device`); the index
         is the file name it reports. None (the files read by :meth:`read`, as torchvision reads them) where the
