@@ -1,0 +1,252 @@
+"""Simulated arcs painted onto the loader's own pixels (issue 25): the wiring around ``dali_lens.injection``.
+
+Where: on the decoded sample, at native resolution and in the data's units, before masking, scaling,
+augmentation, resizing and normalisation (``options.prescale`` and everything after it), so every scale sees
+the same arc and a resize can never blur an arc differently from the galaxy under it. ``compute_stats`` and
+``estimate_noise`` read the files themselves: the statistics and the noise come from real pixels only.
+
+What: each background sample (a non-lens, or an unlabelled cutout: ``label != 1``) gets the arc of
+``injection.arcs(settings, bands, size, index, epoch, noise)`` when that draw says ``inject`` (probability
+``settings.probability``), deterministic in (seed, epoch, dataset index): the same on every backend, on a
+resumed run and on every rank. Real lenses are never painted. Evaluation sets (``--inject-eval``) use a
+fixed epoch and their own seed, so val/test are the same injected sets every epoch and in ``evaluate``.
+
+8-bit images (PNG/JPEG): the arc is added to the 8-bit values (the stretched space), with its S/N against the
+noise measured in the same 8-bit units, then clipped to 0..255 and rounded, as if the arc had been in the file.
+The stretch of a user's PNGs is not known (and clipping at 0/255 cannot be undone), so it cannot be undone
+in general; at the S/N of injected arcs most arc pixels are within a few noise levels, where an asinh
+stretch is close to linear (see README "Inject into your own cutouts").
+
+Per backend: torchvision and packed shards paint a whole batch per worker call
+(:func:`paint_arrays`); DALI (CPU and GPU) paints inside the pipeline, right after the decoder, with
+``fn.dl_tensor_python_function(batch_processing=True)`` running :class:`DaliPainter` (one batched torch call
+per batch, on the GPU for the GPU backend; no per-sample Python).
+"""
+from __future__ import annotations
+
+import math
+import numpy as np
+import torch
+
+#: the fixed epoch of injected evaluation sets, and the seed offset of each split (train uses cfg.seed)
+EVAL_EPOCH = 0
+EVAL_SEEDS = {"val": 0x7a1, "test": 0x7e57}
+#: catalogue columns (the draws of ``injection.arcs``) written per sample; completeness bins by the first two
+CATALOGUE = ("theta_e", "snr", "magnification", "source_re", "sersic_n", "x0", "y0")
+
+
+class Injector:
+    """What a loader needs to paint arcs: the settings, the per-band noise in the data's units (the S/N
+    reference), and, for evaluation sets, the fixed epoch. Picklable (torchvision's worker processes)."""
+
+    def __init__(self, settings, noise_sigma, *, fixed_epoch: int | None = None, mask_value=None,
+                 eight_bit: bool = False):
+        self.settings = settings
+        self.noise_sigma = tuple(float(v) for v in noise_sigma)
+        self.fixed_epoch = fixed_epoch
+        self.mask_value = mask_value
+        self.eight_bit = eight_bit
+
+    def epoch(self, loader_epoch: int) -> int:
+        return int(self.fixed_epoch if self.fixed_epoch is not None else loader_epoch)
+
+    def arcs(self, index: torch.Tensor, epoch: int, size: int, device=None):
+        """(arcs (B, C, size, size) float32, inject mask (B,), catalogue) for dataset positions ``index``."""
+        from .. import injection
+
+        return injection.arcs(self.settings, len(self.noise_sigma), size, index, self.epoch(epoch),
+                              torch.tensor(self.noise_sigma, dtype=torch.float32), device=device)
+
+    def paint(self, x: torch.Tensor, index: torch.Tensor, epoch: int, background: torch.Tensor):
+        """``x`` (B, C, H, W) in the data's units (any dtype) plus the arcs of the samples drawn for injection
+        among ``background`` (B,) bool; returns (painted float32 tensor, injected (B,) bool)."""
+        b, c, h, w = x.shape
+        if h != w:
+            raise ValueError(f"injection needs square cutouts, got {h}x{w} px")
+        if c != len(self.noise_sigma):
+            raise ValueError(f"injection: the data has {c} band(s), the noise estimate {len(self.noise_sigma)}")
+        arcs, inject, _ = self.arcs(index.to(x.device), epoch, h, device=x.device)
+        inject = inject.to(x.device) & background.to(x.device)
+        y = x.float()
+        if not bool(inject.any()):
+            return y, inject
+        add = arcs.to(x.device, torch.float32) * inject.view(-1, 1, 1, 1)
+        if self.mask_value is not None:  # masked pixels (NaN/inf, the sentinel) stay masked
+            keep = torch.isfinite(y) & (y != float(self.mask_value))
+            add = torch.where(keep, add, torch.zeros_like(add))
+        y = y + add
+        if self.eight_bit:  # as if the arc had been in the 8-bit file
+            y = y.clamp_(0, 255).round_()
+        return y, inject
+
+
+def background_mask(labels) -> torch.Tensor:
+    """Samples that may be painted: non-lenses (0) and unlabelled cutouts (-1); real lenses (1) never."""
+    return torch.as_tensor(np.asarray(labels)) != 1
+
+
+def paint_arrays(injector: Injector, arrays: list, index: list[int], epoch: int, labels) -> tuple[list, list]:
+    """Torchvision/shards workers: decoded (C, H, W) arrays of one batch, painted in one batched call per
+    shape; returns (arrays, injected flags)."""
+    out, flags = list(arrays), [False] * len(arrays)
+    groups: dict[tuple, list[int]] = {}
+    for k, a in enumerate(arrays):
+        groups.setdefault(tuple(a.shape), []).append(k)
+    lab = np.asarray(labels)
+    for ks in groups.values():
+        x = torch.from_numpy(np.stack([np.asarray(arrays[k], dtype=np.float32) for k in ks]))
+        idx = torch.tensor([index[k] for k in ks], dtype=torch.long)
+        y, inj = injector.paint(x, idx, epoch, torch.from_numpy(lab[idx.numpy()] != 1))
+        for j, k in enumerate(ks):
+            out[k], flags[k] = y[j].numpy(), bool(inj[j])
+    return out, flags
+
+
+class DaliPainter:
+    """The ``fn.dl_tensor_python_function`` of the DALI pipeline (``batch_processing=True``): a batch of decoded
+    HWC samples and their dataset positions in, the painted batch (same dtype) and an ``injected`` flag per
+    sample out, in one batched torch call (on the GPU for the GPU backend).
+
+    DALI's readers shuffle internally, so the painter cannot be told the epoch of each batch; it counts its
+    calls instead: the pipeline runs exactly ``calls_per_epoch`` iterations per epoch (its readers pad the last
+    batch), in order, so call k is epoch ``first_epoch + (skip + k) // calls_per_epoch``. A pipeline restored
+    from a mid-epoch DALI checkpoint starts with ``skip`` = the batches done."""
+
+    def __init__(self, injector: Injector, labels, calls_per_epoch: int, first_epoch: int = 0, skip: int = 0,
+                 gpu: bool = False):
+        self.injector, self.cpe = injector, max(1, int(calls_per_epoch))
+        self.first_epoch, self.calls = int(first_epoch), int(skip)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.gpu = gpu
+        self._keep = None  # the last outputs, alive until DALI has copied them
+
+    def __call__(self, images, index):
+        epoch = self.first_epoch + self.calls // self.cpe
+        self.calls += 1
+        xs = [torch.from_dlpack(t) for t in images]
+        idx = torch.cat([torch.from_dlpack(t).reshape(-1)[:1] for t in index]).long()
+        dtype = xs[0].dtype
+        painted, flags = list(xs), torch.zeros(len(xs), dtype=torch.bool, device=idx.device)
+        groups: dict[tuple, list[int]] = {}
+        for k, t in enumerate(xs):
+            groups.setdefault(tuple(t.shape), []).append(k)
+        for ks in groups.values():
+            x = torch.stack([xs[k] for k in ks]).permute(0, 3, 1, 2)
+            sel = idx[ks]
+            y, inj = self.injector.paint(x, sel, epoch, self.labels.to(sel.device)[sel] != 1)
+            y = y.permute(0, 2, 3, 1).to(dtype).contiguous()
+            for j, k in enumerate(ks):
+                painted[k] = y[j]
+            flags[torch.tensor(ks, device=flags.device)] = inj.to(flags.device)
+        flag_out = [f.reshape(1).to(torch.uint8) for f in flags.unbind(0)]
+        if self.gpu:
+            torch.cuda.current_stream().synchronize()  # DALI reads the outputs on its own stream
+        self._keep = (painted, flag_out)
+        return ([torch.utils.dlpack.to_dlpack(t.contiguous()) for t in painted],
+                [torch.utils.dlpack.to_dlpack(t) for t in flag_out])
+
+
+def dali_calls_per_epoch(n: int, opts, python_source: bool) -> int:
+    """Pipeline iterations per epoch for this shard: DALI's readers pad the shard's last batch (one more
+    iteration when it is partial); the per-sample Python source of a training loader stops at whole batches.
+    Training shards of unequal iteration counts (DALI rotates them between epochs) are refused."""
+    from .options import shard_bounds
+
+    sizes = [shard_bounds(n, s, opts.num_shards) for s in range(opts.num_shards)]
+    sizes = [hi - lo for lo, hi in sizes]
+    b = opts.batch_size
+    if python_source:
+        own = sizes[opts.shard_id] if not opts.train else n // opts.num_shards
+        return max(1, own // b if opts.train else math.ceil(own / b))
+    counts = {math.ceil(s / b) for s in (sizes if opts.train else [sizes[opts.shard_id]])}
+    if len(counts) > 1:
+        raise ValueError(f"injection on the DALI backends: {n} training samples over {opts.num_shards} processes "
+                         f"give shards of unequal batch counts ({sorted(counts)}); use a number of samples "
+                         "divisible by the process count, or --backend torchvision")
+    return max(1, counts.pop())
+
+
+def dali_paint(img, index, opts, dataset, gpu: bool, first_epoch: int, skip: int, python_source: bool):
+    """The DALI pipeline's painting step (nodes in, nodes out): (painted HWC image, injected flag)."""
+    from nvidia.dali import fn
+
+    painter = DaliPainter(opts.inject, dataset.labels, dali_calls_per_epoch(len(dataset), opts, python_source),
+                          first_epoch, skip, gpu)
+    if gpu:
+        index = index.gpu()
+    img, flag = fn.dl_tensor_python_function(img, index, function=painter, batch_processing=True, num_outputs=2,
+                                             synchronize_stream=True, device="gpu" if gpu else "cpu")
+    return fn.reshape(img, layout="HWC"), flag
+
+
+# --- settings from a run's options; the catalogue of an injected evaluation set ---
+
+def settings_from_config(cfg, split: str = "train"):
+    """``injection.InjectionSettings`` of a TrainConfig (or its dict form) for ``split``: training uses the run's
+    seed (per epoch); val/test their own fixed seeds (:data:`EVAL_SEEDS`)."""
+    from ..injection import InjectionSettings
+
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k))
+    psf = get("injection_psf")
+    seed = int(get("seed") or 0) + (EVAL_SEEDS[split] if split in EVAL_SEEDS else 0)
+    return InjectionSettings(
+        probability=float(get("inject")), theta_e=tuple(get("inject_theta_e")),
+        source_re=tuple(get("inject_source_re")), sersic_n=tuple(get("inject_sersic_n")),
+        snr=tuple(get("inject_snr")), offset=float(get("inject_offset")), pixel_scale=float(get("pixel_scale")),
+        psf_fwhm=tuple(get("psf_fwhm")) if get("psf_fwhm") else None,
+        psf=np.asarray(psf, dtype=np.float32) if psf is not None else None,
+        colours=tuple(get("inject_colours")) if get("inject_colours") else None, seed=seed % (2 ** 32))
+
+
+def injector_for(config: dict, split: str, train: bool, eight_bit: bool, mask_value=None) -> Injector | None:
+    """The Injector of a loader of ``split`` from a run's config (``config.json``/the checkpoint's config with
+    its ``injection`` record): training always when ``--inject`` > 0; val/test only with ``--inject-eval``."""
+    record = config.get("injection")
+    if not record or not float(config.get("inject") or 0) > 0:
+        return None
+    if not train and not config.get("inject_eval"):
+        return None
+    settings = settings_from_config({**config, "injection_psf": record.get("psf")}, "train" if train else split)
+    return Injector(settings, record["noise"], fixed_epoch=None if train else EVAL_EPOCH, mask_value=mask_value,
+                    eight_bit=eight_bit)
+
+
+def catalogue(injector: Injector, dataset, chunk: int = 256) -> dict[str, np.ndarray]:
+    """The injected evaluation set's per-sample record: ``injected`` (bool) and the draws (:data:`CATALOGUE`,
+    NaN where not injected) for every sample of ``dataset`` (in its order); needs square cutouts."""
+    n = len(dataset)
+    size = dataset.shape[0] if dataset.shape else None
+    if size is None:
+        from ..data.readers import read_sample
+
+        size = read_sample(dataset.samples[0], dataset, check=False).shape[-1]
+    background = background_mask(dataset.labels)
+    out = {"injected": np.zeros(n, dtype=bool), **{k: np.full(n, np.nan) for k in CATALOGUE}}
+    for lo in range(0, n, chunk):
+        idx = torch.arange(lo, min(n, lo + chunk))
+        _, inject, cat = injector.arcs(idx, EVAL_EPOCH, size)
+        inject = inject.cpu() & background[idx]
+        out["injected"][idx.numpy()] = inject.numpy()
+        for k in CATALOGUE:
+            if k in cat:
+                v = cat[k].detach().cpu().double().numpy()
+                out[k][idx.numpy()] = np.where(inject.numpy(), v, np.nan)
+    return out
+
+
+def injected_labels(labels, record: dict) -> np.ndarray:
+    """The labels of an injected evaluation set: 1 where an arc was painted."""
+    y = np.asarray(labels, dtype=np.int64).copy()
+    y[record["injected"]] = 1
+    return y
+
+
+def write_catalogue(path: str, parts: dict) -> None:
+    """``injected_catalogue.csv``: one row per sample of each ``{split: (dataset, record)}`` (split, file, id,
+    injected, the draws; empty where not injected)."""
+    from ..data.io import atomic_write_csv
+
+    rows = [[split, s.path, s.id, int(rec["injected"][j])]
+            + [("" if not math.isfinite(rec[k][j]) else f"{rec[k][j]:.6g}") for k in CATALOGUE]
+            for split, (dataset, rec) in parts.items() for j, s in enumerate(dataset.samples)]
+    atomic_write_csv(path, ["split", "file", "id", "injected", *CATALOGUE], rows)
