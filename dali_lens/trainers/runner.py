@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import DataError, discover
+from ..data import DataError
 from ..data.io import atomic_write_json
 from ..data.sources import leave_out_unlabelled
 from ..distributed import init as init_distributed
@@ -28,6 +28,7 @@ from .budget import parse_budget
 from .base import Trainer, get_trainer
 from ..checkpoint import Checkpoint, CheckpointError, PixelSettings
 from .config import TrainConfig, parse_mask_value
+from . import inject
 from .loop import dist_info, predict, train_epoch
 from .members import load_member_state, make_member, member_state
 from .outputs import write_outputs
@@ -110,8 +111,9 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     out = _out_dir(cfg, kind)
     resume = rundir.claim(out, cfg.resume, is_main, world, say)
     cfg, data_root, splits, config_extra = _prepare_data(cfg, out, resume, world, say)
+    psf = inject.check(cfg, splits, say)  # issue 25: --inject's checks that need the data, before any work
     backend = resolve_backend(cfg.backend, splits["train"])
-    job = _Job(cfg, splits, backend, specs, device, out, say)
+    job = _Job(cfg, splits, backend, specs, device, out, say, psf)
     say(f"backend {backend} on {device}; trainer {cfg.trainer}: "
         + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
     _say_stems(specs, cfg, say)
@@ -125,9 +127,10 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     if resume:
         _restore(job.ck, job.members, job.last, device, say)
     if is_main:
-        atomic_write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "data_root": data_root,
+        atomic_write_json(os.path.join(out, "config.json"), {**job.run_config, "data_root": data_root,
                                                              "backend_resolved": backend, "world_size": world,
                                                              **config_extra})
+        inject.write_eval_catalogue(out, job.run_config, splits, job.base.mask_value)
     val_loader = job.loader("val", False) if "val" in splits else None
     select = selection_metric(splits.get("val"), say)
     t_start = time.perf_counter()
@@ -157,7 +160,7 @@ class _Job:
     """A run's moving parts once its data is known: its loaders, its members, and the record of where training
     stands that best.pt/last.pt hold (``ck``)."""
 
-    def __init__(self, cfg: TrainConfig, splits: dict, backend: str, specs, device, out: str, say):
+    def __init__(self, cfg: TrainConfig, splits: dict, backend: str, specs, device, out: str, say, psf=None):
         rank, self.world, _ = dist_info()
         self.is_main = rank == 0
         self.cfg, self.splits, self.backend, self.device, self.say = cfg, splits, backend, device, say
@@ -167,7 +170,9 @@ class _Job:
         self.base = LoaderOptions(scales=self.scales, batch_size=cfg.batch_size, seed=cfg.seed, shard_id=rank,
                                   num_shards=self.world, num_workers=cfg.workers, max_shift=cfg.max_shift,
                                   dtype=output_dtype(cfg, splits["train"]), **pixels.pixel_fields())
-        self.ck = Checkpoint(members=[], bands=splits["train"].bands, pixels=pixels, config=cfg.to_dict())
+        # issue 25: the options plus the injection record (noise, PSF): what evaluate needs to repeat --inject-eval
+        self.run_config = inject.run_config(cfg, inject.record(cfg, splits["train"], pixels, psf, say))
+        self.ck = Checkpoint(members=[], bands=splits["train"].bands, pixels=pixels, config=self.run_config)
         self.last, self.best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
         self.members: list = []
         self.train_loader = None
@@ -176,7 +181,9 @@ class _Job:
         """A loader of ``split`` at ``scales`` (default: every member's), training or evaluation."""
         transforms = self.cfg.batch_transforms if train else ()
         opts = LoaderOptions(**{**self.base.to_dict(), "scales": scales or self.scales, "train": train,
-                                "augment": train, "tta": tta, "transforms": transforms})
+                                "augment": train, "tta": tta, "transforms": transforms,
+                                "inject": inject.injector(self.run_config, self.splits[split], train,
+                                                          self.base.mask_value)})
         return build_loader(self.splits[split], backend=self.backend, options=opts)
 
     def save(self, path: str, epoch: int, loader_state=None, progress=None) -> None:
@@ -288,8 +295,7 @@ def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
         holder = [data_root]
         dist.broadcast_object_list(holder, src=0)
         data_root = holder[0]
-    splits = leave_out_unlabelled(discover(data_root, hdus=cfg.hdus, val_fraction=cfg.val_fraction,
-                                           seed=cfg.seed), say)
+    splits = leave_out_unlabelled(inject.discover_backgrounds(cfg, data_root), say)  # --inject: backgrounds
     if "train" not in splits:
         raise DataError(f"{data_root}: no training data (labelled train split) found")
     cfg = layout_defaults(cfg, splits["train"], say)
