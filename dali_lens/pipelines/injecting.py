@@ -250,3 +250,17 @@ def write_catalogue(path: str, parts: dict) -> None:
             + [("" if not math.isfinite(rec[k][j]) else f"{rec[k][j]:.6g}") for k in CATALOGUE]
             for split, (dataset, rec) in parts.items() for j, s in enumerate(dataset.samples)]
     atomic_write_csv(path, ["split", "file", "id", "injected", *CATALOGUE], rows)
+
+
+def for_evaluation(config: dict, dataset, labels, mask_value=None, say=None):
+    """``evaluate`` on a checkpoint trained with ``--inject-eval``: (the Injector that repeats the run's injected
+    ``dataset`` split exactly, its labels with the injected samples as lenses, completeness columns
+    ``injected_<draw>`` (NaN where not injected)); (None, labels, {}) otherwise. ``predict`` never injects."""
+    inj = injector_for(config, dataset.split, False, dataset.eight_bit, mask_value)
+    if inj is None:
+        return None, labels, {}
+    rec = catalogue(inj, dataset)
+    if say is not None:
+        say(f"injection: {int(rec['injected'].sum())} of {len(dataset)} {dataset.split} samples get the run's "
+            "fixed-seed arcs (--inject-eval); completeness by injected_theta_e, injected_snr, injected_magnification")
+    return inj, injected_labels(labels, rec), {f"injected_{k}": rec[k] for k in ("theta_e", "snr", "magnification")}
