@@ -64,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
                     help="at most N tiles in gallery.png (index.html has every candidate) (default: 200)")
     ap.add_argument("--workers", type=THREADS, default=None, help="reader threads (default: the cores, at most 8)")
     ap.add_argument("--overwrite", action="store_true", help="replace gallery.png/index.html in --out")
+    ap.add_argument("--injected", type=NON_NEGATIVE, default=0, metavar="N", help="N arcs of the run's --inject (config.json next to PREDICTIONS) on DATA's backgrounds, bare and with arcs, next to N real lenses")
     return ap
 
 
@@ -87,6 +88,8 @@ def run(args) -> int:
     if args.summary:
         print(inspection.grades_summary(args.grades, _bins(args.bins)))
         return 0
+    if args.injected:  # issue 25: inspection/injected.py
+        return 0 if inspection.show_injected(args.predictions, args.data, args.out, args.injected, overwrite=args.overwrite, log=log) else 2
     res = inspection.inspect_predictions(
         args.predictions, args.data, args.out, top=args.top, bottom=args.bottom, ids=args.ids,
         false_positives=args.false_positives, missed=args.missed, rgb_bands=args.rgb_bands,

@@ -18,10 +18,11 @@ from ..data.dataset import DataError, Dataset
 from .candidates import (DEFAULT_BINS, GRADES, Candidate, format_purity, match, purity_table, read_grades,
                          read_ids, read_predictions, select)
 from .composite import parse_rgb_bands, thumbnail
+from .injected import show_injected
 
 __all__ = ["inspect_predictions", "split_gallery", "grades_summary", "Candidate", "read_predictions", "select",
            "read_grades", "purity_table", "format_purity", "thumbnail", "GRADES", "DEFAULT_BINS", "OUTPUTS",
-           "GALLERY_N"]
+           "GALLERY_N", "show_injected"]
 
 OUTPUTS = ("gallery.png", "index.html")
 GALLERY_N = 50  # false positives and missed lenses each, in the galleries train and evaluate write
