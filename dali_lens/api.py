@@ -38,7 +38,14 @@ def train(data_root: str | None = None, *, out: str | None = None, resume: bool 
           fusion: str = "mean_prob", weights: str | None = None, epochs: int = 6, batch_size: int = 64,
           lr: float = 0.002, weight_decay: float = 0.0001, lr_schedule: str = "cosine", patience: int = 4,
           amp: str = "auto", channels_last: bool = True, seed: int = 0, checkpoint_every: int = 0,
-          threshold: float = 0.5, gallery: bool = True, progress: bool = True) -> dict:
+          threshold: float = 0.5, gallery: bool = True, progress: bool = True,
+          # --- issue 25: injection ---
+          inject: float = 0.0, inject_theta_e: tuple[float, float] | str = (0.8, 2.0),
+          inject_source_re: tuple[float, float] | str = (0.1, 0.4),
+          inject_sersic_n: tuple[float, float] | str = (0.5, 2.0),
+          inject_snr: tuple[float, float] | str = (10.0, 50.0), inject_offset: float = 0.1,
+          pixel_scale: float = 0.2, psf_fwhm: tuple[float, ...] | None | str = None, psf: str | None = None,
+          inject_colours: tuple[float, ...] | None | str = None, inject_eval: bool = False) -> dict:
     """Train a lens finder like ``python -m dali_lens.train`` and return the final metrics (also written to
     ``<out>/metrics.json``).
 

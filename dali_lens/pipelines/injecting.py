@@ -113,18 +113,48 @@ class DaliPainter:
     from a mid-epoch DALI checkpoint starts with ``skip`` = the batches done."""
 
     def __init__(self, injector: Injector, labels, calls_per_epoch: int, first_epoch: int = 0, skip: int = 0,
-                 gpu: bool = False):
+                 gpu: bool = False, dataset=None):
         self.injector, self.cpe = injector, max(1, int(calls_per_epoch))
         self.first_epoch, self.calls = int(first_epoch), int(skip)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.gpu = gpu
         self._keep = None  # the last outputs, alive until DALI has copied them
+        self.dataset, self._names = dataset, None
+
+    def positions(self, raw: torch.Tensor) -> torch.Tensor:
+        """Dataset positions of the reader's index output, as ``DaliLoader._indices`` maps it, batched: the
+        kind's mapping (packed key numbers), the position itself, or the file name a reader reports (bytes),
+        looked up by a random linear hash of its padded bytes in a sorted table (torch, on the batch's device)."""
+        if self.dataset is not None:
+            mapped = self.dataset.data_kind.dali_positions(self.dataset, raw)
+            if mapped is not None:
+                return mapped.to(raw.device).long()
+        if raw.dtype != torch.uint8:
+            return raw[:, 0].long()
+        width = raw.shape[1]
+        if self._names is None or self._names[0] != width or self._names[1].device != raw.device:
+            gen = torch.Generator().manual_seed(0x1e25)
+            weights = torch.randint(0, 2 ** 40, (width,), generator=gen, dtype=torch.int64)
+            w = weights.numpy()  # the table once per pipeline: one dot product per name, no (N, width) array
+            keys = torch.from_numpy(np.array(
+                [int(np.frombuffer(p, np.uint8).astype(np.int64) @ w[:len(p)])
+                 for p in (sample.path.encode()[:width] for sample in self.dataset.samples)], dtype=np.int64))
+            order = torch.argsort(keys)
+            if len(keys) > 1 and bool((keys[order][1:] == keys[order][:-1]).any()):
+                raise ValueError("injection: two file names of the data set hash alike; use --backend torchvision")
+            self._names = (width, weights.to(raw.device), keys[order].to(raw.device), order.to(raw.device))
+        _, weights, keys, order = self._names
+        h = raw.long() @ weights
+        at = torch.searchsorted(keys, h).clamp_(max=len(keys) - 1)
+        if not bool((keys[at] == h).all()):
+            raise ValueError("injection: the DALI reader reported a file name that is not in the data set")
+        return order[at]
 
     def __call__(self, images, index):
         epoch = self.first_epoch + self.calls // self.cpe
         self.calls += 1
         xs = [torch.from_dlpack(t) for t in images]
-        idx = torch.cat([torch.from_dlpack(t).reshape(-1)[:1] for t in index]).long()
+        idx = self.positions(torch.stack([torch.from_dlpack(t).reshape(-1) for t in index]))
         dtype = xs[0].dtype
         painted, flags = list(xs), torch.zeros(len(xs), dtype=torch.bool, device=idx.device)
         groups: dict[tuple, list[int]] = {}
@@ -171,7 +201,7 @@ def dali_paint(img, index, opts, dataset, gpu: bool, first_epoch: int, skip: int
     from nvidia.dali import fn
 
     painter = DaliPainter(opts.inject, dataset.labels, dali_calls_per_epoch(len(dataset), opts, python_source),
-                          first_epoch, skip, gpu)
+                          first_epoch, skip, gpu, dataset)
     if gpu:
         index = index.gpu()
     img, flag = fn.dl_tensor_python_function(img, index, function=painter, batch_processing=True, num_outputs=2,
