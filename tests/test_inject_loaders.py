@@ -162,7 +162,10 @@ def _train_cli(args, capsys):
     from dali_lens.commands.train import main
 
     capsys.readouterr()
-    code = main(args)
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own errors (a value outside its range)
+        code = exc.code
     return code, capsys.readouterr()
 
 
