@@ -96,6 +96,13 @@ def check(cfg, splits: dict, say) -> np.ndarray | None:
     return psf
 
 
+def val_has_lenses(cfg, splits: dict) -> bool:
+    """With ``--inject-eval`` the val split holds injected lenses (its non-lenses drawn with ``--inject``'s
+    probability), so its AUC picks best.pt even when its files are non-lenses only."""
+    val = splits.get("val")
+    return bool(cfg.inject > 0 and cfg.inject_eval and val is not None and any(s.label != 1 for s in val.samples))
+
+
 def _per_band(values, bands: int):
     return None if values is None else tuple(values) * bands if len(values) == 1 else tuple(values)
 

@@ -132,7 +132,7 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
                                                              **config_extra})
         inject.write_eval_catalogue(out, job.run_config, splits, job.base.mask_value)
     val_loader = job.loader("val", False) if "val" in splits else None
-    select = selection_metric(splits.get("val"), say)
+    select = "AUC" if inject.val_has_lenses(cfg, splits) else selection_metric(splits.get("val"), say)
     t_start = time.perf_counter()
     _train(job, kind, active, val_loader, select)
     if is_main and not os.path.exists(job.best) and job.ck.history:
