@@ -313,7 +313,7 @@ def test_unlabelled_non_lenses_with_inject_learn_to_find_lenses(tmp_path, capsys
     generate_dataset(other, n=120, size=SIZE, fmt="npy", seed=99, einstein_radius=(1.0, 2.0),
                      splits=(0.1, 0.1, 0.8))
     out = str(tmp_path / "run")
-    code, cap = _train_cli(["--data-root", back, "--out", out, "--inject", "0.5", "--lr", "3e-3",
+    code, cap = _train_cli(["--data-root", back, "--out", out, "--inject", "0.5", "--inject-eval", "--lr", "3e-3",
                             *_base(epochs=4, backend=backend)], capsys)
     assert code == 0, cap.err
     result = evaluate_files(os.path.join(out, "best.pt"), other, str(tmp_path / "eval"), split="test",
