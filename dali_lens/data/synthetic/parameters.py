@@ -37,6 +37,15 @@ DEFAULT_DIFFICULTY: dict[str, Any] = {
 _N_UNIFORMS = 64          # uniforms drawn per sample (fixed: changing it changes every sample)
 MAX_FIELD = 2            # field galaxies per cutout, at most
 
+#: Distributions of the lens and source shape shared with the injector (``dali_lens.injection``): mass axis ratio
+#: q uniform in MASS_Q, external shear |gamma| = SHEAR_MAX sqrt(u) (uniform in the disc |gamma| <= SHEAR_MAX),
+#: source axis ratio uniform in SOURCE_Q, source offset |beta| <= SOURCE_OFFSET theta_E uniform in radius (inside
+#: the region where the SIE's images form arcs, rings, doubles and crosses).
+MASS_Q = (0.45, 1.0)
+SHEAR_MAX = 0.08
+SOURCE_Q = (0.35, 1.0)
+SOURCE_OFFSET = 0.85
+
 
 def parse_pair(value, name: str) -> tuple[float, float]:
     """A (min, max) range from a pair or from text such as '0.5,2.5'; ValueError naming ``name`` if not."""
@@ -146,9 +155,9 @@ def _draw_mass(u: np.ndarray, st: dict[str, Any], p: dict[str, np.ndarray]) -> N
     """SIE: Einstein radius (arcsec), axis ratio, orientation; external shear (slots 1-3, 5, 6)."""
     lo, hi = st["einstein_radius"]
     p["theta_e"] = lo + (hi - lo) * u[:, 1]                          # arcsec
-    p["q"] = 0.45 + 0.55 * u[:, 2]                                   # mass axis ratio
+    p["q"] = MASS_Q[0] + (MASS_Q[1] - MASS_Q[0]) * u[:, 2]           # mass axis ratio
     p["phi"] = np.pi * u[:, 3]
-    gamma = 0.08 * np.sqrt(u[:, 5])
+    gamma = SHEAR_MAX * np.sqrt(u[:, 5])
     gphi = np.pi * u[:, 6]
     p["g1"], p["g2"] = gamma * np.cos(2 * gphi), gamma * np.sin(2 * gphi)
     p["gamma"] = gamma
@@ -173,9 +182,9 @@ def _draw_source(u: np.ndarray, st: dict[str, Any], p: dict[str, np.ndarray]) ->
     p["s_mag"] = slo + (shi - slo) * u[:, 12]
     p["s_re"] = 0.08 + 0.32 * u[:, 13]                                # arcsec
     p["s_n"] = 0.7 + 0.8 * u[:, 14]
-    p["s_q"] = 0.35 + 0.65 * u[:, 15]
+    p["s_q"] = SOURCE_Q[0] + (SOURCE_Q[1] - SOURCE_Q[0]) * u[:, 15]
     p["s_phi"] = np.pi * u[:, 16]
-    r_off = 0.85 * p["theta_e"] * u[:, 17] / st["pixel_scale"]       # pixels (uniform in radius)
+    r_off = SOURCE_OFFSET * p["theta_e"] * u[:, 17] / st["pixel_scale"]       # pixels (uniform in radius)
     a_off = 2 * np.pi * u[:, 18]
     p["s_dx"], p["s_dy"] = r_off * np.cos(a_off), r_off * np.sin(a_off)
     p["s_col"] = 0.3 * (u[:, 19] - 0.5)

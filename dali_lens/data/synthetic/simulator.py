@@ -10,12 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from .bands import REF_WAVELENGTH
 from .parameters import (DEFAULT_DIFFICULTY, MAX_FIELD, check_seed, draw_parameters, draw_uniforms,
                          sample_labels, simulation_settings)
 from .pool import default_workers
-from .profiles import pixel_grid, psf_otf, sersic_grid, sersic_points, sie_deflection
+from .profiles import convolve, flux_in_sigma, lensed_source, pixel_axis, psf_otf, sersic_grid
 
 #: Numeric catalogue columns written to the CSV manifests (after ``filepath,label``).
 CATALOGUE_COLUMNS: tuple[str, ...] = (
@@ -64,14 +65,18 @@ def _simulate_block(indices: np.ndarray, labels: np.ndarray, seed: int, st: dict
     u, rngs = draw_uniforms(indices, seed)
     is_lens = labels.astype(bool)
     p = draw_parameters(u, is_lens, st)
-    out[...] = 0.0
-    _add_light(out, p, st)
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in p.items()}
+    o = torch.from_numpy(out)                                 # the block, in place
+    o.zero_()
+    _add_light(o, t, st)
     lens = np.flatnonzero(is_lens)
-    src_det, magnification = _add_lensed_source(out, p, lens, st)
-    fwhm_pix, otf = _convolve_psf(out, p, st)
+    src, magnification = _add_lensed_source(o, t, torch.from_numpy(lens), st)
+    fwhm_pix = _fwhm_pix(p, st)
+    otf = psf_otf(torch.from_numpy(fwhm_pix), st["size"], st["psf"])
+    o.copy_(convolve(o, otf))
     bg_var = _background_variance(st)
     sigma_det = float(np.sqrt(bg_var[st["det"]]))
-    npix, fsig = _lensed_image_stats(src_det, otf, lens, sigma_det, len(indices), st)
+    npix, fsig = _lensed_image_stats(src, otf, lens, sigma_det, len(indices), st)
     if noise:
         _add_noise(out, rngs, bg_var)
     theta_e = np.where(is_lens, p["theta_e"], 0.0)
@@ -97,71 +102,67 @@ def _simulate_block(indices: np.ndarray, labels: np.ndarray, seed: int, st: dict
     }
 
 
-def _add_light(out: np.ndarray, p: dict[str, np.ndarray], st: dict[str, Any]) -> None:
+def _add_light(out: torch.Tensor, p: dict[str, torch.Tensor], st: dict[str, Any]) -> None:
     """Add the unlensed light to ``out``: deflector, companion (where there is one), field galaxies."""
     ps = st["pixel_scale"]
-    xs = pixel_grid(st["size"])[0][0]                        # 1-D pixel axis (same for x and y)
+    xs = pixel_axis(st["size"])
     morph = sersic_grid(xs, xs, p["x0"], p["y0"], p["d_re"] / ps, p["d_n"], p["d_q"], p["d_phi"])
-    flux = _band_fluxes(p["d_mag"], 1.0, p["d_col"], st).astype(np.float32)
-    out += flux[:, :, None, None] * morph[:, None]
-    sel = np.flatnonzero(p["companion"] > 0)
+    flux = _band_fluxes(p["d_mag"].numpy(), 1.0, p["d_col"].numpy(), st)
+    out += torch.from_numpy(flux.astype(np.float32))[:, :, None, None] * morph[:, None]
+    sel = torch.nonzero(p["companion"] > 0).flatten()
     if len(sel):
-        morph = sersic_grid(xs, xs, p["x0"][sel] + p["c_dx"][sel], p["y0"][sel] + p["c_dy"][sel],
-                            p["c_re"][sel] / ps, p["c_n"][sel], p["c_q"][sel], p["c_phi"][sel])
-        flux = _band_fluxes(p["c_mag"][sel], p["c_col"][sel], 0.0, st).astype(np.float32)
-        out[sel] += flux[:, :, None, None] * morph[:, None]
+        q = {k: p[k][sel] for k in ("x0", "y0", "c_dx", "c_dy", "c_re", "c_n", "c_q", "c_phi", "c_mag", "c_col")}
+        morph = sersic_grid(xs, xs, q["x0"] + q["c_dx"], q["y0"] + q["c_dy"], q["c_re"] / ps, q["c_n"], q["c_q"],
+                            q["c_phi"])
+        flux = _band_fluxes(q["c_mag"].numpy(), q["c_col"].numpy(), 0.0, st)
+        out[sel] += torch.from_numpy(flux.astype(np.float32))[:, :, None, None] * morph[:, None]
     for j in range(MAX_FIELD):
-        sel = np.flatnonzero(p["n_field"] > j)
+        sel = torch.nonzero(p["n_field"] > j).flatten()
         if not len(sel):
             continue
-        morph = sersic_grid(xs, xs, p[f"f{j}_x"][sel], p[f"f{j}_y"][sel], p[f"f{j}_re"][sel] / ps,
-                            np.full(len(sel), 1.0), p[f"f{j}_q"][sel], p[f"f{j}_phi"][sel])
-        flux = _band_fluxes(p[f"f{j}_mag"][sel], p[f"f{j}_col"][sel], 0.0, st).astype(np.float32)
-        out[sel] += flux[:, :, None, None] * morph[:, None]
+        f = {k: p[f"f{j}_{k}"][sel] for k in ("x", "y", "re", "q", "phi", "mag", "col")}
+        morph = sersic_grid(xs, xs, f["x"], f["y"], f["re"] / ps, torch.ones(len(sel), dtype=torch.float64),
+                            f["q"], f["phi"])
+        flux = _band_fluxes(f["mag"].numpy(), f["col"].numpy(), 0.0, st)
+        out[sel] += torch.from_numpy(flux.astype(np.float32))[:, :, None, None] * morph[:, None]
 
 
-def _add_lensed_source(out: np.ndarray, p: dict[str, np.ndarray], lens: np.ndarray,
-                       st: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray]:
+def source_band_fluxes(p: dict[str, np.ndarray], st: dict[str, Any]) -> np.ndarray:
+    """The unlensed source's counts per band (m, B) of parameter draws ``p``."""
+    return _band_fluxes(p["s_mag"], 0.0, p["s_col"], st)
+
+
+def lensed_source_unconvolved(p: dict[str, torch.Tensor], st: dict[str, Any]) -> torch.Tensor:
+    """The simulator's lensed source (m, H, W) (unit source flux, unconvolved) for parameter draws ``p`` (m,)
+    each, through the shared ray-tracing (``profiles.lensed_source``; lens centre, source offset in pixels)."""
+    ps = st["pixel_scale"]
+    return lensed_source(p["x0"], p["y0"], p["theta_e"] / ps, p["q"], p["phi"], p["g1"], p["g2"], p["s_dx"],
+                         p["s_dy"], p["s_re"] / ps, p["s_n"], p["s_q"], p["s_phi"], st["size"], st["supersample"])
+
+
+def _add_lensed_source(out: torch.Tensor, p: dict[str, torch.Tensor], lens: torch.Tensor,
+                       st: dict[str, Any]) -> tuple[torch.Tensor | None, np.ndarray]:
     """Ray-trace the (supersampled) pixel grid of the lenses ``lens`` through the SIE + shear and add the
-    source's surface brightness at the traced positions to ``out``. Returns the unconvolved source in the
-    detection band (len(lens), H, W) (None without lenses) and the magnification of every sample."""
+    source's surface brightness at the traced positions to ``out``. Returns the unconvolved source in every
+    band (len(lens), B, H, W) (None without lenses) and the magnification of every sample."""
     magnification = np.zeros(len(out))
     if not len(lens):
         return None, magnification
-    size, ss, ps = st["size"], st["supersample"], st["pixel_scale"]
-    Xs, Ys = pixel_grid(size, ss)
-    ldx = Xs[None] - p["x0"][lens].astype(np.float32)[:, None, None]
-    ldy = Ys[None] - p["y0"][lens].astype(np.float32)[:, None, None]
-    theta_e_pix = p["theta_e"][lens] / ps
-    bsie = theta_e_pix * np.sqrt(np.minimum(p["q"][lens], 0.9999))
-    ax, ay = sie_deflection(ldx, ldy, bsie, p["q"][lens], p["phi"][lens], p["g1"][lens], p["g2"][lens])
-    ldx -= ax
-    ldx -= p["s_dx"][lens].astype(np.float32)[:, None, None]
-    ldy -= ay
-    ldy -= p["s_dy"][lens].astype(np.float32)[:, None, None]
-    del ax, ay
-    src = sersic_points(ldx, ldy, p["s_re"][lens] / ps, p["s_n"][lens], p["s_q"][lens], p["s_phi"][lens])
-    del ldx, ldy
-    if ss > 1:
-        src = src.reshape(len(lens), size, ss, size, ss).mean(axis=(2, 4))
-    magnification[lens] = src.sum(axis=(1, 2), dtype=np.float64)
-    flux = _band_fluxes(p["s_mag"][lens], 0.0, p["s_col"][lens], st).astype(np.float32)
-    out[lens] += flux[:, :, None, None] * src[:, None]
-    return src * flux[:, st["det"], None, None], magnification
+    q = {k: v[lens] for k, v in p.items()}
+    src = lensed_source_unconvolved(q, st)
+    magnification[lens.numpy()] = src.sum(dim=(1, 2), dtype=torch.float64).numpy()
+    flux = torch.from_numpy(source_band_fluxes({k: v.numpy() for k, v in q.items() if k in ("s_mag", "s_col")},
+                                               st).astype(np.float32))
+    src = flux[:, :, None, None] * src[:, None]
+    out[lens] += src
+    return src, magnification
 
 
-def _convolve_psf(out: np.ndarray, p: dict[str, np.ndarray], st: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Convolve ``out`` in place with each sample's PSF (FFT over the whole block); returns the FWHM per
-    sample and band (m, B) in pixels and the transfer functions."""
-    size, ps = st["size"], st["pixel_scale"]
+def _fwhm_pix(p: dict[str, np.ndarray], st: dict[str, Any]) -> np.ndarray:
+    """The PSF FWHM per sample and band (m, B) in pixels (ground: chromatic seeing)."""
     lam = st["props"]["wavelength"]
     chrom = (lam / REF_WAVELENGTH) ** -0.2 if st["chromatic_seeing"] else np.ones(len(st["bands"]))
-    fwhm_pix = (p["seeing"][:, None] * chrom[None, :]) / ps                 # (m, B)
-    otf = psf_otf(fwhm_pix, size, st["psf"])
-    # norm='ortho' on both transforms: same result as the default pair, but numpy's unscaled transform
-    # is ~3x slower than a scaled one (numpy 2.x)
-    out[...] = np.fft.irfft2(np.fft.rfft2(out, norm="ortho") * otf, s=(size, size), norm="ortho")
-    return fwhm_pix, otf
+    return (p["seeing"][:, None] * chrom[None, :]) / st["pixel_scale"]
 
 
 def _background_variance(st: dict[str, Any]) -> np.ndarray:
@@ -170,19 +171,17 @@ def _background_variance(st: dict[str, Any]) -> np.ndarray:
     return sky + st["read_noise"] ** 2
 
 
-def _lensed_image_stats(src_det: np.ndarray | None, otf: np.ndarray, lens: np.ndarray, sigma_det: float, m: int,
+def _lensed_image_stats(src: torch.Tensor | None, otf: torch.Tensor, lens: np.ndarray, sigma_det: float, m: int,
                         st: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Catalogue numbers of the PSF-convolved lensed image in the detection band: pixels above 1 sigma and
-    their flux in sigma, (m,) each (0 for non-lenses)."""
+    their flux in sigma, (m,) each (0 for non-lenses); ``profiles.flux_in_sigma``."""
     npix = np.zeros(m, dtype=np.int64)
     fsig = np.zeros(m)
-    if src_det is not None:
-        size = st["size"]
-        conv = np.fft.irfft2(np.fft.rfft2(src_det, norm="ortho") * otf[lens, st["det"]], s=(size, size),
-                             norm="ortho")
-        above = conv > sigma_det
-        npix[lens] = above.sum(axis=(1, 2))
-        fsig[lens] = np.where(above, conv, 0).sum(axis=(1, 2), dtype=np.float64) / sigma_det
+    if src is not None:
+        det = st["det"]
+        conv = convolve(src[:, det:det + 1], otf[torch.from_numpy(lens), det:det + 1])
+        n, f = flux_in_sigma(conv, torch.tensor([sigma_det]))
+        npix[lens], fsig[lens] = n.numpy(), f.numpy()
     return npix, fsig
 
 
@@ -197,6 +196,31 @@ def _add_noise(out: np.ndarray, rngs: list[np.random.Generator], bg_var: np.ndar
         rng.standard_normal(dtype=np.float32, out=draws)
         var[j] *= draws
     out += var
+
+
+def lensed_source_model(n: int, size: int = 64, bands: Sequence[str] = ("g", "r", "i"), seed: int = 0, *,
+                        start: int = 0, einstein_radius: tuple[float, float] = DEFAULT_DIFFICULTY["einstein_radius"],
+                        source_mag: tuple[float, float] = DEFAULT_DIFFICULTY["source_mag"],
+                        seeing: tuple[float, float] | None = None, pixel_scale: float | None = None,
+                        psf: str = "gaussian", survey: str = "ground", supersample: int = 2,
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The lensed source alone of samples ``start .. start + n - 1`` simulated as lenses (the noiseless,
+    PSF-convolved part that ``simulate`` adds to the deflector's light), in counts, float32 (n, B, size, size),
+    and their parameters: the draws of ``draw_parameters`` (pixels and arcsec as there) plus ``flux`` (n, B),
+    the unlensed source's counts per band, and ``fwhm_pix`` (n, B), the PSF FWHM in pixels. Rendered by the
+    same shared code as ``simulate`` (``profiles.lensed_source``, ``psf_otf``, ``convolve``); the injector's
+    ``lensed_images`` renders the same image from the same parameters (tests/test_injection.py)."""
+    st = simulation_settings(size, bands, survey, psf, einstein_radius, source_mag, seeing, pixel_scale,
+                             supersample, 1.0)
+    indices = np.arange(int(start), int(start) + int(n), dtype=np.int64)
+    u, _ = draw_uniforms(indices, check_seed(seed))
+    p = draw_parameters(u, np.ones(len(indices), dtype=bool), st)
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in p.items()}
+    flux = source_band_fluxes(p, st)
+    fwhm_pix = _fwhm_pix(p, st)
+    src = torch.from_numpy(flux.astype(np.float32))[:, :, None, None] * lensed_source_unconvolved(t, st)[:, None]
+    images = convolve(src, psf_otf(torch.from_numpy(fwhm_pix), st["size"], st["psf"])).numpy()
+    return images, dict(p, flux=flux, fwhm_pix=fwhm_pix)
 
 
 def simulate(n: int, size: int = 64, bands: Sequence[str] = ("g", "r", "i"), seed: int = 0,
