@@ -23,6 +23,7 @@ from ..choices import (AMP_MODES, BACKENDS, CONSISTENCIES, COUNT, DTYPES, FUSION
                        PIXELS, SCALE_SCHEDULES, SCALES, SCALINGS, SEED, STEMS, THREADS, LOADER_WORKERS, Parsed)
 from .base import TRAINERS
 from ..checkpoint import MemberSpec
+from ..injection import OPTIONS as _INJECTION_OPTIONS
 
 
 def parse_mask_value(text) -> float | str | None:
@@ -87,37 +88,12 @@ def parse_names(value) -> tuple[str, ...]:
 
 
 NAMES = Parsed(parse_names, "comma-separated names", ())
-
-
-# --- issue 25: injection ---
-def parse_numbers(value, *, lo: float = 0.0, lo_open: bool = False, pair: bool = False) -> tuple[float, ...]:
-    """Comma-separated finite numbers ``>= lo`` (``> lo`` with ``lo_open``), or a sequence of them, as a tuple;
-    ``pair``: exactly MIN,MAX with MIN <= MAX. ValueError saying why not."""
-    items = str(value).split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not items:
-        raise ValueError("expected comma-separated numbers")
-    try:
-        out = tuple(float(str(v).strip()) for v in items)
-    except ValueError:
-        raise ValueError("not a list of numbers") from None
-    if not all(math.isfinite(v) for v in out):
-        raise ValueError("a value is not finite")
-    bad = [v for v in out if v < lo or (lo_open and v == lo)]
-    if bad:
-        raise ValueError(f"{bad[0]:g} is {'not above' if lo_open else 'below'} {lo:g}")
-    if pair and (len(out) != 2 or out[0] > out[1]):
-        raise ValueError("expected MIN,MAX with MIN <= MAX")
-    return out
-
-
-INJECT_THETA_E = Parsed(lambda v: parse_numbers(v, pair=True), "MIN,MAX: two numbers >= 0, MIN <= MAX",
-                        ("x", "-0.5,1", "2,1", "1"))
-INJECT_POSITIVE_RANGE = Parsed(lambda v: parse_numbers(v, lo_open=True, pair=True),
-                               "MIN,MAX: two numbers > 0, MIN <= MAX", ("x", "0,1", "2,1", "1", "1,nan"))
-INJECT_PER_BAND = Parsed(lambda v: parse_numbers(v, lo_open=True), "comma-separated numbers > 0, one per band "
-                         "or one for all", ("x", "0", "1,-1", "inf"))
 DEFAULT_MEMBERS = (MemberSpec("small_cnn", (48,), 0), MemberSpec("small_cnn", (64,), 1),
                    MemberSpec("resnet18", (64,), 2))
+
+# --- issue 25: injection --- (the ranges are the injector's own: dali_lens.injection.OPTIONS)
+INJECT_THETA_E, INJECT_SOURCE_RE, INJECT_SERSIC_N, INJECT_SNR, INJECT_FWHM, INJECT_COLOURS = (
+    _INJECTION_OPTIONS[k][1] for k in ("theta_e", "source_re", "sersic_n", "snr", "psf_fwhm", "colours"))
 
 
 def _f(default, help: str, **kw):
@@ -231,21 +207,22 @@ class TrainConfig:
     inject_theta_e: tuple[float, float] = _f((0.8, 2.0), "injection: Einstein radius range MIN,MAX in arcsec "
                                                        "(>= 0; --pixel-scale converts)", type=INJECT_THETA_E)
     inject_source_re: tuple[float, float] = _f((0.1, 0.4), "injection: the source's effective radius range "
-                                                         "MIN,MAX in arcsec", type=INJECT_POSITIVE_RANGE)
+                                                         "MIN,MAX in arcsec", type=INJECT_SOURCE_RE)
     inject_sersic_n: tuple[float, float] = _f((0.5, 2.0), "injection: the source's Sersic index range MIN,MAX",
-                                              type=INJECT_POSITIVE_RANGE)
+                                              type=INJECT_SERSIC_N)
     inject_snr: tuple[float, float] = _f((10.0, 50.0), "injection: S/N range MIN,MAX of the lensed image over all "
                                                      "bands, against each band's noise (estimated as --scaling "
-                                                     "auto does, on the training set)", type=INJECT_POSITIVE_RANGE)
+                                                     "auto does, on the training set)", type=INJECT_SNR)
     inject_offset: float = _f(0.1, "injection: largest offset (arcsec) of the lens centre from the cutout centre",
                               type=NON_NEGATIVE_NUMBER)
     pixel_scale: float = _f(0.2, "injection: the data's pixel scale in arcsec per pixel", type=POSITIVE)
     psf_fwhm: tuple[float, ...] | None = _f(None, "injection: Gaussian PSF FWHM in arcsec, one per band or one for "
-                                                 "all (default 1.0)", type=INJECT_PER_BAND)
-    psf: str | None = _f(None, "injection: PSF images, one per band: a FITS file (one image HDU per band, or a cube) "
-                               "or a .npy array (bands, k, k); replaces --psf-fwhm")
+                                                 "all (default 1.0)", type=INJECT_FWHM)
+    psf: str | None = _f(None, "injection: PSF images, one per band (or one for all): a FITS file (one image HDU per "
+                               "band, or a cube) or a .npy array (bands, k, k); instead of --psf-fwhm")
     inject_colours: tuple[float, ...] | None = _f(None, "injection: the source's flux ratio per band (default: the "
-                                                       "generator's blue source)", type=INJECT_PER_BAND)
+                                                       "generator's blue source; one value: all bands alike)",
+                                         type=INJECT_COLOURS)
     inject_eval: bool = _f(False, "inject into val/test too (fixed seeds: the same injected sets every epoch and "
                                   "in evaluate; their draws go to injected_catalogue.csv)")
 

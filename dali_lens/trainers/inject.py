@@ -55,14 +55,10 @@ def read_psf(path: str, bands: int) -> np.ndarray:
         arr = read_npy(path) if path.lower().endswith(".npy") else read_fits(path)
     except DataError as exc:
         raise DataError(f"--psf {exc}") from None
-    if arr.shape[0] != bands:
-        raise DataError(f"--psf {path}: holds {arr.shape[0]} PSF image(s), the data has {bands} band(s)")
-    if arr.shape[1] != arr.shape[2] or arr.shape[1] % 2 == 0:
-        raise DataError(f"--psf {path}: PSF images must be square with an odd size, got {arr.shape[1]}x{arr.shape[2]}")
-    sums = arr.reshape(bands, -1).sum(1)
-    if not np.isfinite(arr).all() or not (sums > 0).all():
-        raise DataError(f"--psf {path}: every PSF image needs finite values and a positive sum")
-    return (arr / sums[:, None, None]).astype(np.float32)
+    if arr.shape[0] not in (1, bands):
+        raise DataError(f"--psf {path}: holds {arr.shape[0]} PSF image(s), the data has {bands} band(s) "
+                        f"(give {bands}, or one for all bands)")
+    return arr[0] if arr.shape[0] == 1 else arr  # checked and normalised by InjectionSettings
 
 
 def check(cfg, splits: dict, say) -> np.ndarray | None:
@@ -83,10 +79,10 @@ def check(cfg, splits: dict, say) -> np.ndarray | None:
                         "arcs on (only lenses)")
     from ..pipelines.injecting import settings_from_config
 
-    try:  # the injector's own checks of the settings (ValueError naming the option)
+    try:  # the injector's own checks of the settings and band counts (ValueError naming the option)
         settings_from_config(dataclasses.replace(cfg, psf_fwhm=_per_band(cfg.psf_fwhm, bands),
                                                  inject_colours=_per_band(cfg.inject_colours, bands))
-                             .__dict__ | {"injection_psf": psf})
+                             .__dict__ | {"injection_psf": psf}).check_bands(bands)
     except ValueError as exc:
         raise DataError(str(exc).splitlines()[0]) from None
     c = train.counts()
