@@ -93,7 +93,7 @@ def throughput(root: str, backend: str, fmt: str, n: int, batch: int, epochs: in
 
     data = os.path.join(root, f"tp-{fmt}")
     if not os.path.exists(data):
-        generate_dataset(data, n=n, size=64, fmt=fmt, seed=5, splits=(1.0, 0.0, 0.0))
+        generate_dataset(data, n=n, size=64, fmt=fmt, seed=5, splits=(0.9, 0.05, 0.05))
     ds = discover(data, val_fraction=0.0)["train"]
     noise = estimate_noise(ds, LoaderOptions())
     res = {}
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     try:
         if not args.skip_teach:
             log("(a) injection teaches:")
-            doc["results"]["teaches"] = teaches(root, 120 if args.quick else 600, 32, 2 if args.quick else 4,
+            doc["results"]["teaches"] = teaches(root, 120 if args.quick else 500, 32, 2 if args.quick else 3,
                                                 "dali-cpu", log)
         log("(b) CPU loader throughput, 64 px, 3 bands:")
         n, epochs = (128, 1) if args.quick else (512, 2)

@@ -33,27 +33,21 @@ def run_config(predictions: str) -> dict:
     return config
 
 
-def show_injected(predictions: str, data: str, out: str | None, n: int, *, overwrite: bool = False,
-                  workers: int | None = None, log=print) -> dict:
-    """Write ``out/gallery.png`` and ``out/index.html``: ``n`` injected backgrounds of ``data``'s training split,
-    the same backgrounds without the arc, and ``n`` real lenses (rows of up to 10 of each)."""
+def injected_tiles(predictions: str, data: str, n: int) -> dict:
+    """The tiles of ``inspect --injected N``: ``n`` injected backgrounds of ``data``'s training split, the same
+    backgrounds without the arc, and ``n`` real lenses (rows of up to 10 of each): ``{"cands", "thumbs",
+    "title", "columns", "injected", "lenses"}`` (written by ``inspection.show_injected``)."""
     import dataclasses
 
     import torch
 
-    from ..pipelines.injecting import Injector, settings_from_config
-    from ..trainers.config import TrainConfig
-    from ..trainers.inject import discover_backgrounds
-    from . import check_out, _record_out
+    from ..pipelines.injecting import Injector, discover_backgrounds, settings_from_config
     from .composite import default_rgb_bands, thumbnail
-    from .render import write_gallery, write_page
 
     config = run_config(predictions)
-    out = os.path.abspath(os.path.expanduser(out or os.path.join(os.path.dirname(os.path.abspath(predictions)),
-                                                                 "inspect-injected")))
-    check_out(out, overwrite)
-    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != "injection"})
-    train = discover_backgrounds(dataclasses.replace(cfg, data_root=data), data)["train"]
+    hdus = tuple(config["hdus"]) if config.get("hdus") else None
+    train = discover_backgrounds(data, hdus=hdus, val_fraction=float(config.get("val_fraction", 0.15)),
+                                 seed=int(config.get("seed") or 0))["train"]
     labels = np.asarray(train.labels)
     rng = np.random.default_rng([int(config.get("seed") or 0), 0x1a7])
     back = rng.permutation(np.flatnonzero(labels != 1))[:n]
@@ -93,9 +87,5 @@ def show_injected(predictions: str, data: str, out: str | None, n: int, *, overw
     cands, thumbs = [c for c, _ in tiles], [t for _, t in tiles]
     title = (f"{len(injected)} injected arcs (the run's --inject settings), the same cutouts bare, "
              f"{len(real)} real lenses")
-    _record_out(out)
-    os.makedirs(out, exist_ok=True)
-    write_gallery(os.path.join(out, "gallery.png"), cands, thumbs, title, columns=cols)
-    write_page(os.path.join(out, "index.html"), cands, thumbs, title, None, 0.5)
-    log(f"{len(injected)} injected, {len(real)} real lenses; wrote {out}/gallery.png and {out}/index.html")
-    return {"out": out, "shown": len(cands), "injected": len(injected), "lenses": len(real)}
+    return {"cands": cands, "thumbs": thumbs, "title": title, "columns": cols, "injected": len(injected),
+            "lenses": len(real)}

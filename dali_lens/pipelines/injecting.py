@@ -209,7 +209,42 @@ def dali_paint(img, index, opts, dataset, gpu: bool, first_epoch: int, skip: int
     return fn.reshape(img, layout="HWC"), flag
 
 
-# --- settings from a run's options; the catalogue of an injected evaluation set ---
+# --- backgrounds; settings from a run's options; the catalogue of an injected evaluation set ---
+
+def discover_backgrounds(root: str, *, hdus=None, val_fraction: float = 0.15, seed: int = 0,
+                         inject: bool = True) -> dict:
+    """``data.discover`` for an injected run: with ``inject``, a training split of non-lenses only is valid,
+    and unlabelled cutouts (a folder without classes, empty labels) are non-lens backgrounds of the training
+    splits: label 0 there (a flat folder's samples become the training split, a validation split held out of
+    it). Without ``inject``: ``discover`` itself."""
+    import dataclasses
+
+    from ..data.sources import ONE_CLASS_OK, _with_val, discover
+
+    if not inject:
+        return discover(root, hdus=hdus, val_fraction=val_fraction, seed=seed)
+    token = ONE_CLASS_OK.set(True)
+    try:
+        splits = discover(root, hdus=hdus, val_fraction=val_fraction, seed=seed)
+        if "train" not in splits and "predict" in splits:  # unlabelled cutouts only: they are the training set
+            splits = {"train": dataclasses.replace(splits.pop("predict"), split="train"), **splits}
+            splits = _with_val(_as_background(splits), val_fraction, seed)
+        return _as_background(splits)
+    finally:
+        ONE_CLASS_OK.reset(token)
+
+
+def _as_background(splits: dict) -> dict:
+    import dataclasses
+
+    out = dict(splits)
+    for name in ("train", "val"):
+        ds = out.get(name)
+        if ds is not None and any(s.label is None for s in ds.samples):
+            samples = [s if s.label is not None else dataclasses.replace(s, label=0) for s in ds.samples]
+            out[name] = dataclasses.replace(ds, samples=samples)
+    return out
+
 
 def settings_from_config(cfg, split: str = "train"):
     """``injection.InjectionSettings`` of a TrainConfig (or its dict form) for ``split``: training uses the run's

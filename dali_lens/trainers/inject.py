@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from ..data import DataError
-from ..data.sources import ONE_CLASS_OK, _with_val, discover
+from ..pipelines.injecting import discover_backgrounds as _discover
 
 #: what a run records of its injection next to its options (config.json's and the checkpoint's "injection")
 RECORD_KEYS = ("noise", "psf")
@@ -18,30 +18,8 @@ CATALOGUE_FILE = "injected_catalogue.csv"
 
 
 def discover_backgrounds(cfg, data_root: str) -> dict:
-    """``discover`` for a run: with ``--inject``, a training split of non-lenses only is valid, and unlabelled
-    cutouts (a folder without classes, empty labels) are non-lens backgrounds of the training splits: label 0
-    there (a flat folder's samples become the training split, a validation split held out of it)."""
-    if not cfg.inject > 0:
-        return discover(data_root, hdus=cfg.hdus, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    token = ONE_CLASS_OK.set(True)
-    try:
-        splits = discover(data_root, hdus=cfg.hdus, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        if "train" not in splits and "predict" in splits:  # unlabelled cutouts only: they are the training set
-            splits = {"train": dataclasses.replace(splits.pop("predict"), split="train"), **splits}
-            splits = _with_val(_as_background(splits), cfg.val_fraction, cfg.seed)
-        return _as_background(splits)
-    finally:
-        ONE_CLASS_OK.reset(token)
-
-
-def _as_background(splits: dict) -> dict:
-    out = dict(splits)
-    for name in ("train", "val"):
-        ds = out.get(name)
-        if ds is not None and any(s.label is None for s in ds.samples):
-            samples = [s if s.label is not None else dataclasses.replace(s, label=0) for s in ds.samples]
-            out[name] = dataclasses.replace(ds, samples=samples)
-    return out
+    """``discover`` for a run (``pipelines.injecting.discover_backgrounds`` with the run's options)."""
+    return _discover(data_root, hdus=cfg.hdus, val_fraction=cfg.val_fraction, seed=cfg.seed, inject=cfg.inject > 0)
 
 
 def read_psf(path: str, bands: int) -> np.ndarray:
