@@ -163,7 +163,8 @@ class DaliPainter:
         for ks in groups.values():
             x = torch.stack([xs[k] for k in ks]).permute(0, 3, 1, 2)
             sel = idx[ks]
-            y, inj = self.injector.paint(x, sel, epoch, self.labels.to(sel.device)[sel] != 1)
+            with _torch_threads(None if self.gpu else 1):
+                y, inj = self.injector.paint(x, sel, epoch, self.labels.to(sel.device)[sel] != 1)
             y = y.permute(0, 2, 3, 1).to(dtype).contiguous()
             for j, k in enumerate(ks):
                 painted[k] = y[j]
@@ -174,6 +175,24 @@ class DaliPainter:
         self._keep = (painted, flag_out)
         return ([torch.utils.dlpack.to_dlpack(t.contiguous()) for t in painted],
                 [torch.utils.dlpack.to_dlpack(t) for t in flag_out])
+
+
+class _torch_threads:
+    """PyTorch's intra-op threads set to ``n`` for a block (None: unchanged). The CPU painter runs in one of
+    DALI's worker threads, next to DALI's others: a torch pool as wide as the machine on top of them
+    oversubscribes the cores (measured: 24x slower arcs on a loaded 2-core VM), so each call paints on one."""
+
+    def __init__(self, n: int | None):
+        self.n, self.before = n, None
+
+    def __enter__(self):
+        if self.n is not None and torch.get_num_threads() != self.n:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            torch.set_num_threads(self.before)
 
 
 def dali_calls_per_epoch(n: int, opts, python_source: bool) -> int:
