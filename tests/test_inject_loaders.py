@@ -43,6 +43,11 @@ def _write_blank(root: str, fmt: str, size: int = SIZE, bands: int = 3) -> str:
         name = f"train/{k:03d}.{fmt}"
         if fmt == "png":
             Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(os.path.join(root, name))
+        elif fmt == "fits":  # one image HDU per band (read by astropy: DALI's per-sample Python source on the CPU)
+            from dali_lens.data.kinds.fits import fits_bytes
+
+            with open(os.path.join(root, name), "wb") as fh:
+                fh.write(fits_bytes(np.zeros((bands, size, size), np.float32), extnames=["G", "R", "I"][:bands]))
         else:
             np.save(os.path.join(root, name), np.zeros((bands, size, size), np.float32))
         rows.append([name, int(k >= N_BACK)])
@@ -53,15 +58,16 @@ def _write_blank(root: str, fmt: str, size: int = SIZE, bands: int = 3) -> str:
 
 @pytest.fixture(scope="module")
 def blank(tmp_path_factory):
-    """{kind: train Dataset} of blank cutouts: PNG, .npy and the .npy set packed into shards."""
+    """{kind: train Dataset} of blank cutouts: PNG, .npy, FITS and the .npy set packed into shards."""
     from dali_lens.data.packing import pack
 
     base = tmp_path_factory.mktemp("blank")
     png = _write_blank(str(base / "png"), "png")
     npy = _write_blank(str(base / "npy"), "npy")
+    fits = _write_blank(str(base / "fits"), "fits")
     pack(npy, str(base / "shards"), shard_size=40000, val_fraction=0.0, log=lambda *a, **k: None)
     return {k: discover(p, val_fraction=0.0)["train"] for k, p in
-            (("png", png), ("npy", npy), ("shards", str(base / "shards")))}
+            (("png", png), ("npy", npy), ("fits", fits), ("shards", str(base / "shards")))}
 
 
 def _loader(ds, backend, inj, scales=(SIZE,), train=False, batch_size=6, **kw):
@@ -77,7 +83,7 @@ def _expected(inj: Injector, ds, index: torch.Tensor, epoch: int) -> torch.Tenso
     return x.clamp(0, 255).round() / 255.0 if ds.eight_bit else x
 
 
-@pytest.mark.parametrize("kind", ["png", "npy", "shards"])
+@pytest.mark.parametrize("kind", ["png", "npy", "fits", "shards"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_arc_on_a_blank_cutout_equals_the_injectors_lensed_image(blank, kind, backend):
     ds = blank[kind]
@@ -319,3 +325,40 @@ def test_unlabelled_non_lenses_with_inject_learn_to_find_lenses(tmp_path, capsys
     result = evaluate_files(os.path.join(out, "best.pt"), other, str(tmp_path / "eval"), split="test",
                             backend=backend, n_boot=0, gallery=False, progress=False)
     assert result["ensemble"]["roc_auc"] > 0.65, result["ensemble"]["roc_auc"]
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "torchvision"])
+def test_a_run_resumed_mid_epoch_repeats_the_injections(generated, tmp_path, monkeypatch, backend):
+    """train --inject stopped right after a mid-epoch checkpoint and resumed: the history and the weights equal
+    the uninterrupted run's (the resumed epoch's injections are the same arcs on the same samples)."""
+    import dali_lens.trainers.runner as runner
+    from dali_lens.trainers import TrainConfig, run
+
+    opts = dict(data_root=generated, backend=backend, img_size=SIZE, batch_size=16, epochs=2, checkpoint_every=1,
+                workers=1, progress=False, gallery=False, inject=0.5, inject_eval=True)
+    straight = str(tmp_path / "straight")
+    run(TrainConfig(out=straight, **opts), log=lambda *a, **k: None)
+    stopped, real, saves = str(tmp_path / "stopped"), runner._Job.save, []
+
+    def save(self, path, *args):
+        real(self, path, *args)
+        saves.append(os.path.basename(path))
+        if saves.count("last.pt") == 5:  # epoch 2, step 1 (epoch 1: 3 steps and its end)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner._Job, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        run(TrainConfig(out=stopped, **opts), log=lambda *a, **k: None)
+    monkeypatch.setattr(runner._Job, "save", real)
+    assert torch.load(os.path.join(stopped, "last.pt"), weights_only=False)["loader"]["batches_done"] == 1
+    run(TrainConfig(out=stopped, resume=True, **opts), log=lambda *a, **k: None)
+
+    def history(out):
+        with open(os.path.join(out, "metrics.json")) as fh:
+            return [{k: v for k, v in h.items() if k not in ("train_images_per_s", "data_wait_fraction")}
+                    for h in json.load(fh)["history"]]
+
+    assert history(stopped) == history(straight)
+    a = torch.load(os.path.join(stopped, "last.pt"), weights_only=False)["members"][0]["model"]
+    b = torch.load(os.path.join(straight, "last.pt"), weights_only=False)["members"][0]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -52,8 +52,8 @@ def injected_tiles(predictions: str, data: str, n: int) -> dict:
     rng = np.random.default_rng([int(config.get("seed") or 0), 0x1a7])
     back = rng.permutation(np.flatnonzero(labels != 1))[:n]
     lenses = rng.permutation(np.flatnonzero(labels == 1))[:n]
-    settings = dataclasses.replace(settings_from_config({**config, "injection_psf": config["injection"].get("psf")}),
-                                   probability=1.0)
+    settings = dataclasses.replace(settings_from_config({**config, "injection_psf": config["injection"].get("psf")},
+                                                        bands=len(config["injection"]["noise"])), probability=1.0)
     injector = Injector(settings, config["injection"]["noise"], fixed_epoch=0, mask_value=config.get("mask_value")
                         if isinstance(config.get("mask_value"), (int, float)) else None, eight_bit=train.eight_bit)
     from ..data.readers import read_sample

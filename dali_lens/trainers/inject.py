@@ -3,8 +3,6 @@ the injection record (noise, PSF) that config.json and the checkpoint keep, and 
 sets' catalogue. The painting itself is the loaders' (``pipelines/injecting.py``)."""
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 
 import numpy as np
@@ -12,8 +10,6 @@ import numpy as np
 from ..data import DataError
 from ..pipelines.injecting import discover_backgrounds as _discover
 
-#: what a run records of its injection next to its options (config.json's and the checkpoint's "injection")
-RECORD_KEYS = ("noise", "psf")
 CATALOGUE_FILE = "injected_catalogue.csv"
 
 
@@ -58,9 +54,7 @@ def check(cfg, splits: dict, say) -> np.ndarray | None:
     from ..pipelines.injecting import settings_from_config
 
     try:  # the injector's own checks of the settings and band counts (ValueError naming the option)
-        settings_from_config(dataclasses.replace(cfg, psf_fwhm=_per_band(cfg.psf_fwhm, bands),
-                                                 inject_colours=_per_band(cfg.inject_colours, bands))
-                             .__dict__ | {"injection_psf": psf}).check_bands(bands)
+        settings_from_config(cfg.__dict__ | {"injection_psf": psf}, bands=bands).check_bands(bands)
     except ValueError as exc:
         raise DataError(str(exc).splitlines()[0]) from None
     c = train.counts()
@@ -75,10 +69,6 @@ def val_has_lenses(cfg, splits: dict) -> bool:
     probability), so its AUC picks best.pt even when its files are non-lenses only."""
     val = splits.get("val")
     return bool(cfg.inject > 0 and cfg.inject_eval and val is not None and any(s.label != 1 for s in val.samples))
-
-
-def _per_band(values, bands: int):
-    return None if values is None else tuple(values) * bands if len(values) == 1 else tuple(values)
 
 
 def record(cfg, train, pixels, psf, say) -> dict | None:
@@ -99,13 +89,11 @@ def record(cfg, train, pixels, psf, say) -> dict | None:
 
 
 def run_config(cfg, injection: dict | None) -> dict:
-    """What the loaders read: the config's dict with per-band values expanded and the injection record."""
+    """What config.json, the checkpoint and the loaders read: the options as given (so that --resume compares
+    like with like) plus the injection record."""
     d = cfg.to_dict()
     if injection is not None:
-        bands = len(injection["noise"])
-        fwhm, colours = _per_band(cfg.psf_fwhm, bands), _per_band(cfg.inject_colours, bands)
-        d.update(psf_fwhm=list(fwhm) if fwhm else None, inject_colours=list(colours) if colours else None,
-                 injection=injection)
+        d["injection"] = injection
     return d
 
 
