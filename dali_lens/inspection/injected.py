@@ -71,7 +71,7 @@ def injected_tiles(predictions: str, data: str, n: int) -> dict:
             s = train.samples[i]
             te, snr, mu = (float(cat[k][j]) if k in cat else math.nan for k in ("theta_e", "snr", "magnification"))
             arr = painted[j].numpy().astype(np.uint8) if train.eight_bit else painted[j].numpy()
-            injected.append((Candidate(f"θE {te:.2f}\" S/N {snr:.0f} μ {mu:.1f}", math.nan, s.path, 1,
+            injected.append((Candidate(f"θE{te:.2f}\" S/N{snr:.0f} μ{mu:.1f}", math.nan, s.path, 1,
                                        sample=s, dataset=train), thumbnail(arr, train.pixel_kind, bands)))
             bare.append((Candidate(f"{s.id} (bare)", math.nan, s.path, 0, sample=s, dataset=train),
                          thumbnail(raw[j], train.pixel_kind, bands)))
