@@ -362,3 +362,23 @@ def test_a_run_resumed_mid_epoch_repeats_the_injections(generated, tmp_path, mon
     a = torch.load(os.path.join(stopped, "last.pt"), weights_only=False)["members"][0]["model"]
     b = torch.load(os.path.join(straight, "last.pt"), weights_only=False)["members"][0]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["png", "npy", "fits", "shards"])
+def test_the_gpu_pipeline_with_injection_passes_dalis_schemas(blank, kind):
+    """The DALI GPU backend's graph with the painter (defined without a GPU, linted as tests/test_gpu_graphs.py
+    does): the painting operator runs on the GPU, its inputs are GPU nodes, and the images leave on the GPU."""
+    from test_gpu_graphs import graph_ops, lint
+
+    from dali_lens.pipelines import dali_backend
+    from dali_lens.pipelines.options import LoaderOptions
+
+    ds = blank[kind]
+    inj = Injector(_settings(), (1.0,) * 3, eight_bit=ds.eight_bit)
+    for train in (True, False):
+        opts = LoaderOptions(scales=(16, SIZE), batch_size=4, train=train, device_id=0, inject=inj)
+        pipe = dali_backend.define_pipeline(ds, opts, True, np.arange(len(ds)))
+        assert lint(pipe) == []
+        painters = [op for op in graph_ops(pipe) if "PythonFunction" in op._op.schema.Name()]
+        assert len(painters) == 1 and painters[0]._op.device == "gpu"
+        assert all(node.device == "gpu" for node in pipe._graph_out[:2])
