@@ -90,7 +90,8 @@ def loader_reference() -> dict | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny run (1 batch, 1 repeat): a smoke test")
-    p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/inject-core-<gpu-or-host>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default: benchmarks/results/inject-core-<gpu-or-host>.json)")
     args = p.parse_args(argv)
     batches, repeats = (1, 1) if args.quick else (8, 3)
     machine = common.machine_info()
@@ -110,8 +111,11 @@ def main(argv=None) -> int:
     # bands) and the example of one per band (0.9, 0.8, 0.8: one per band)
     cases = [(1, ss, prob, fwhm) for fwhm in (None, PER_BAND) for ss in (1, 2) for prob in (1.0, 0.5)]
     cases += [(None, 1, 0.5, None), (None, 1, 0.5, PER_BAND)]
+    if args.quick:                                            # a smoke test: the two estimate cases
+        cases = [(1, 1, 0.5, None), (1, 1, 0.5, PER_BAND)]
     for device in devices:
-        todo = cases if device == "cpu" else [(None, ss, 0.5, f) for ss in (1, 2) for f in (None, PER_BAND)]
+        todo = cases if device == "cpu" else [(None, ss, 0.5, f) for ss in (1, 2) for f in (None, PER_BAND)][
+            :1 if args.quick else None]
         for threads, supersample, probability, fwhm in todo:
             r = bench(device, threads, probability, supersample, batches, repeats, fwhm)
             runs.append(r)

@@ -22,7 +22,9 @@ What is drawn, per sample (``draw``; every knob has a documented default range, 
   noiseless arc exceeds that band's noise sigma of arc / sigma (``profiles.flux_in_sigma``). The arc is scaled
   so that this equals the drawn value (exactly on the stretches where it varies continuously; pixels cross the
   threshold one at a time, each adding at least 1, so where the drawn value falls in such a jump the nearer
-  end is taken: within +-0.5); the catalogue holds the S/N measured on the scaled arc;
+  end is taken: within +-0.5, or half the jump where bands with equal colours and noise cross together); the
+  catalogue holds the S/N of the scaled arc. A draw that lenses less than ``MIN_FLUX_IN_CUTOUT`` (1 %) of the
+  source's flux into the cutout (an Einstein radius larger than a small cutout) is not injected;
 * its colours: per-band flux ratios ``colours`` (default: the generator's blue star-forming source,
   ``synthetic.bands``, at the bands' positions between g and z for the band count);
 * the PSF: a Gaussian (or Moffat, beta = 3.5) of FWHM ``--psf-fwhm`` per band (arcsec; one value for all bands;
@@ -32,7 +34,9 @@ What is drawn, per sample (``draw``; every knob has a documented default range, 
 
 Determinism: every draw comes from a counter-based hash of (seed, epoch, sample index, slot) (32-bit integer
 arithmetic in int64 tensors, identical on CPU and CUDA), so the arc of a sample depends on nothing else: not on
-the batch it is in, its position there, the number of workers or DDP ranks. A mid-epoch resume repeats the
+the batch it is in, its position there, the number of workers or DDP ranks. Its parameters are the same bit for
+bit; its pixels to float rounding (~1e-6 of its peak: two samples share one complex FFT, and devices round
+differently), and bit for bit in the same batch on the same device, so a mid-epoch resume repeats the
 injections exactly; the next epoch draws new ones (fixed sets: pass the same epoch, e.g. 0).
 
 Use::
@@ -50,25 +54,29 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .choices import NON_NEGATIVE_NUMBER, POSITIVE, PROBABILITY, PSFS, SEED, OptionRangeError, Parsed, Range
 from .data.synthetic.bands import band_properties
-from .data.synthetic.parameters import MASS_Q, SHEAR_MAX, SOURCE_OFFSET, SOURCE_Q
-from .data.synthetic.profiles import convolve, kernel_otf, lensed_source, psf_otf
+from .data.synthetic.parameters import MASS_Q, SHEAR_MAX, SOURCE_OFFSET, SOURCE_Q, parse_pair
+from .data.synthetic.profiles import convolve, convolve_bands, kernel_otf, lensed_source, psf_otf
 
 __all__ = ["InjectionSettings", "draw", "lensed_images", "arcs", "default_colours", "uniforms", "scale_to_snr",
-           "OPTIONS", "CATALOGUE", "DEFAULT_PSF_FWHM"]
+           "OPTIONS", "CATALOGUE", "DEFAULT_PSF_FWHM", "MIN_FLUX_IN_CUTOUT"]
 
 DEFAULT_PSF_FWHM = 1.0    #: arcsec, every band, when neither psf_fwhm nor psf is given
+#: a draw is injected only if at least this much of the (unit) source's lensed flux falls inside the cutout
+MIN_FLUX_IN_CUTOUT = 0.01
 
 #: catalogue columns of ``arcs`` (B,) each: inject (bool), then float64 values (0 where not injected):
 #: theta_e, source_re, x0, y0, source_x, source_y (arcsec; x0, y0 the lens centre's offset from the cutout
-#: centre, source_x/y the source's offset from the lens centre), snr (as measured on the scaled arc, see the
-#: module docstring), magnification (lensed flux in the cutout / unlensed source flux, before the PSF),
+#: centre, source_x/y the source's offset from the lens centre; x along the image's last axis (columns), y along
+#: its rows), snr (as measured on the scaled arc, see the module docstring), magnification (lensed flux in the
+#: cutout before the PSF / the unlensed source's flux, the generator's definition: the Sersic's analytic unit
+#: flux, of which the 0.3 px softened core of a source smaller than ~1 px holds a few per cent less),
 #: sersic_n, source_q, lens_q, lens_phi (rad), shear (|gamma|), npix (pixels above 1 sigma, all bands),
 #: source_flux (the unlensed source's flux in data units per unit of ``colours``).
 CATALOGUE = ("inject", "theta_e", "snr", "magnification", "source_re", "sersic_n", "source_q", "lens_q", "lens_phi",
@@ -90,13 +98,10 @@ def _numbers(value) -> tuple[float, ...]:
 
 
 def _pair(lo_min: float, lo_open: bool = False, hi_max: float | None = None):
+    """A parser of MIN,MAX ranges (``synthetic.parameters.parse_pair``: two finite numbers, MIN <= MAX) with
+    MIN >= ``lo_min`` (> where ``lo_open``) and MAX <= ``hi_max``."""
     def parse(value) -> tuple[float, float]:
-        vals = _numbers(value)
-        if len(vals) != 2:
-            raise ValueError("not two values MIN,MAX")
-        lo, hi = vals
-        if lo > hi:
-            raise ValueError(f"MIN {lo:g} > MAX {hi:g}")
+        lo, hi = parse_pair(value, "MIN,MAX")
         if lo < lo_min or (lo_open and lo == lo_min):
             raise ValueError(f"MIN {lo:g} is {'<=' if lo_open else '<'} {lo_min:g}")
         if hi_max is not None and hi > hi_max:
@@ -246,9 +251,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def uniforms(seed: int, epoch: int, indices: torch.Tensor, slots: int = _N_SLOTS) -> torch.Tensor:
     """Counter-based uniforms in (0, 1), float64 (B, slots): a hash of (seed, epoch, index, slot), so each
     value depends on nothing else (batch, device, order)."""
-    idx = torch.as_tensor(indices, dtype=torch.int64)
-    if (idx < 0).any():
-        raise ValueError("sample indices must be >= 0")
+    idx = torch.as_tensor(indices, dtype=torch.int64)             # (any int64, negative ones too)
     h = _mix(torch.full_like(idx, (int(seed) ^ 0x9E3779B9) & _M32))
     h = _mix(h ^ (int(epoch) & _M32))
     h = _mix(h ^ ((int(epoch) >> 32) & _M32) ^ 0x85EBCA6B)
@@ -300,25 +303,28 @@ def draw(settings: InjectionSettings, bands: int, indices, epoch: int) -> dict[s
 # ----------------------------------------------------------------------------------------------- rendering
 
 def _otf(settings: InjectionSettings, params: dict, bands: int, size: int, device) -> torch.Tensor:
-    """Transfer functions (C, size, size//2+1), or (B, C, ...) for per-sample ``params["psf_fwhm"]`` (B, C), or
-    (1, size, size//2+1) where every band has the same PSF (one (k, k) image, or equal FWHMs: the default)."""
+    """Transfer functions (B, C, size, size//2+1) for per-sample ``params["psf_fwhm"]`` (B, C) (``convolve``);
+    else full ones (C, size, size) for ``convolve_bands``, (1, size, size) where every band has the same PSF
+    (one (k, k) image, or equal FWHMs: the default)."""
     ps = settings.pixel_scale
     if "psf_fwhm" in params:
         return psf_otf(torch.as_tensor(params["psf_fwhm"], device=device).to(torch.float64) / ps, size,
                        settings.psf_profile)
     if settings.psf is not None:
         ker = torch.from_numpy(np.array(settings.psf)).to(device)
-        return kernel_otf(ker[None] if ker.ndim == 2 else ker, size)
+        return kernel_otf(ker[None] if ker.ndim == 2 else ker, size, full=True)
     fwhm = settings.fwhm(bands)
     fwhm = fwhm[:1] if len(set(fwhm)) == 1 else fwhm
-    return psf_otf(torch.tensor(fwhm, dtype=torch.float64, device=device) / ps, size, settings.psf_profile)
+    return psf_otf(torch.tensor(fwhm, dtype=torch.float64, device=device) / ps, size, settings.psf_profile,
+                   full=True)
 
 
 def _render(params: dict, size: int, bands: int, settings: InjectionSettings, device,
             flux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (B, C, size, size) float32, magnification (B,) float64) of ``lensed_images``; ``flux`` (B, C)
     or (C,): the unlensed source's flux per band (default: ``params["flux"]``, else the settings' colours).
-    One FFT convolution per band, or one in all where the bands share the PSF."""
+    One FFT convolution per band (two samples per complex transform), or one in all where the bands share the
+    PSF."""
     ps = settings.pixel_scale
     dev = torch.device(device) if device is not None else params["theta_e"].device
     p = {k: torch.as_tensor(v, device=dev) for k, v in params.items()}
@@ -330,7 +336,8 @@ def _render(params: dict, size: int, bands: int, settings: InjectionSettings, de
         flux = p["flux"] if "flux" in p else torch.tensor(settings.colour_ratios(bands), device=dev)
     flux = torch.as_tensor(flux, device=dev).to(torch.float32)
     flux = flux.reshape((-1, bands, 1, 1))
-    img = convolve(src[:, None], _otf(settings, p, bands, size, dev))    # (B, C or 1, H, W)
+    otf = _otf(settings, p, bands, size, dev)
+    img = convolve(src[:, None], otf) if otf.ndim == 4 else convolve_bands(src, otf)    # (B, C or 1, H, W)
     return (img.mul_(flux) if img.shape[1] == bands else img * flux), magnification
 
 
@@ -344,7 +351,7 @@ def lensed_images(params: dict, size: int, bands: int, settings: InjectionSettin
     return _render(params, int(size), int(bands), settings, device)[0]
 
 
-def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
+def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor, snr_max: float | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The factor k (B,) float64 that brings the S/N of ``k * images`` against ``sigma`` ((C,) or (B, C);
     ``profiles.flux_in_sigma``, the module docstring's S/N) closest to ``snr`` (B,), with the S/N reached and
@@ -354,7 +361,8 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
     between threshold crossings, and jumps by exactly 1 where a pixel crosses the threshold. Where ``snr`` lies
     on a continuous stretch F(k) = snr exactly; where it falls in a jump, the nearer end is taken (|F - snr| <=
     0.5). Every pixel counted adds > 1, so at most ceil(snr) + 1 pixels count: only the top floor(max snr) + 3
-    values per sample are needed (``topk``, not a sort). k = 0 for an image without a positive pixel."""
+    values per sample are needed (``topk``, not a sort; ``snr_max``, an upper bound of ``snr`` known beforehand,
+    spares reading it back from the device). k = 0 for an image without a positive pixel."""
     b = images.shape[0]
     sigma = torch.as_tensor(sigma, device=images.device).to(torch.float32)
     v = (images / sigma.reshape(sigma.shape[:-1] + (sigma.shape[-1], 1, 1))).reshape(b, -1)
@@ -362,7 +370,8 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
     if b == 0:
         z = torch.zeros(0, dtype=torch.float64, device=images.device)
         return z, z, z.to(torch.int64)
-    kk = min(v.shape[1], int(math.floor(float(target.max()))) + 3)
+    top = float(target.max()) if snr_max is None else float(snr_max)
+    kk = min(v.shape[1], int(math.floor(top)) + 3)
     vs = torch.topk(v, kk, dim=1, sorted=True).values.to(torch.float64)      # (B, K) descending
     s = torch.cumsum(vs, dim=1)                                               # S_j: top j + 1 pixels
     pos = vs > 0
@@ -373,9 +382,13 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
     k, j = torch.where(pos & (cand < inv_next), cand, inf).min(dim=1)  # smallest k with F(k) >= snr: segment j
     found = torch.isfinite(k)
     j1 = j[:, None]
-    inv_j, s_j = inv.gather(1, j1)[:, 0], s.gather(1, j1)[:, 0]
-    s_prev = torch.where(j > 0, s.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(s_j))
-    inv_prev = torch.where(j > 0, inv.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(inv_j))
+    v_j, inv_j, s_j = vs.gather(1, j1)[:, 0], inv.gather(1, j1)[:, 0], s.gather(1, j1)[:, 0]
+    # j is the last of the pixels equal to v_j (equal values cross together: a tie's first segments are empty)
+    n_eq = (vs == v_j[:, None]).sum(dim=1)
+    s_prev = s_j - n_eq * v_j                                                  # the pixels above v_j
+    first = j + 1 - n_eq                                                       # how many those are
+    inv_prev = torch.where(first > 0, inv.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0],
+                           torch.zeros_like(inv_j))
     # in a jump (k = inv_j): the S/N just below (pixel j not counted) or at it (counted), whichever is nearer
     f_plus, f_minus = s_j * inv_j, s_prev * inv_j
     below = found & (k <= inv_j) & (target - f_minus < f_plus - target)
@@ -384,25 +397,32 @@ def scale_to_snr(images: torch.Tensor, sigma: torch.Tensor, snr: torch.Tensor
     k_down = torch.maximum(inv_j * (1 - 2e-6), 0.5 * (inv_j + inv_prev))
     k = torch.where(below, k_down, k_up)
     reached = torch.where(below, k * s_prev, k * s_j)
-    npix = torch.where(below, j, j + 1)
+    npix = torch.where(below, first, j + 1)
     zero = torch.zeros_like(k)
     return torch.where(found, k, zero), torch.where(found, reached, zero), torch.where(found, npix, 0 * npix)
 
 
 def arcs(settings: InjectionSettings, bands: int, size: int, indices, epoch: int, noise_sigma,
-         device=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+         device=None, eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                    dict[str, torch.Tensor]]:
     """Arcs to add to a batch of cutouts: ``(arcs (B, C, size, size) float32, inject (B,) bool, catalogue)``.
 
     ``indices`` (B,) are the samples' dataset indices, ``epoch`` the epoch (the draws' counters), ``noise_sigma``
     each band's noise per pixel in the data's units, (C,) or (B, C). Arcs are scaled to the drawn S/N against it
-    and are 0 where not injected (only the injected samples are rendered). ``catalogue``: ``CATALOGUE``'s
-    columns, (B,) each, on the device. Everything is batched torch on ``device`` (default: ``indices``')."""
+    and are 0 where not injected (only the injected samples are rendered; a draw with less than
+    ``MIN_FLUX_IN_CUTOUT`` of its source's flux lensed into the cutout is not injected). ``catalogue``: ``CATALOGUE``'s
+    columns, (B,) each, on the device. Everything is batched torch on ``device`` (default: ``indices``').
+    ``eligible`` (B,) bool, optional: the samples that may be injected (the background: non-lenses); the others
+    get no arc, ``inject`` False, and are not rendered (their draws are unchanged, so a sample's arc does not
+    depend on its neighbours' eligibility)."""
     bands, size = int(bands), int(size)
     idx = torch.as_tensor(indices, dtype=torch.int64)
     dev = torch.device(device) if device is not None else idx.device
     idx = idx.to(dev)
     p = draw(settings, bands, idx, epoch)
     inject = p["inject"]
+    if eligible is not None:
+        inject = inject & torch.as_tensor(eligible, dtype=torch.bool, device=dev)
     b = idx.numel()
     sigma = torch.as_tensor(noise_sigma, dtype=torch.float32, device=dev)
     if sigma.ndim not in (1, 2) or sigma.shape[-1] != bands or (sigma.ndim == 2 and sigma.shape[0] != b):
@@ -415,17 +435,24 @@ def arcs(settings: InjectionSettings, bands: int, size: int, indices, epoch: int
     q = {k: v[sel] for k, v in p.items()}
     sig = sigma[sel] if sigma.ndim == 2 else sigma
     img, magnification = _render(q, size, bands, settings, dev)
-    k, snr, npix = scale_to_snr(img, sig, q["snr"])
+    k, snr, npix = scale_to_snr(img, sig, q["snr"], settings.snr[1])
+    # a draw whose lensed light falls (almost) all outside the cutout is not injected: scaling its remnant to the
+    # S/N would amplify rounding noise (and a sample labelled a lens would show no arc)
+    visible = magnification >= MIN_FLUX_IN_CUTOUT
+    inject = inject.clone()
+    inject[sel] = visible
+    k, snr, npix = k * visible, snr * visible, npix * visible
     img *= k.to(torch.float32)[:, None, None, None]
     if sel.numel() == b:
         out = img
     else:
         out = torch.zeros((b, bands, size, size), dtype=torch.float32, device=dev).index_copy_(0, sel, img)
+    cat["inject"] = inject
     for name in ("theta_e", "source_re", "sersic_n", "source_q", "lens_q", "lens_phi", "shear", "x0", "y0",
                  "source_x", "source_y"):
-        cat[name][sel] = q[name]
+        cat[name][sel] = q[name] * visible
     cat["snr"][sel] = snr
-    cat["magnification"][sel] = magnification
+    cat["magnification"][sel] = magnification * visible
     cat["npix"][sel] = npix.to(torch.float64)
     cat["source_flux"][sel] = k
     return out, inject, cat

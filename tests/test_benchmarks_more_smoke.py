@@ -44,6 +44,17 @@ def test_generate_quick(tmp_path):
     assert (tmp_path / "gen.png").stat().st_size > 0
 
 
+def test_inject_core_quick(tmp_path):
+    """issue 25: the injector's core alone (wt-injcore)."""
+    out = tmp_path / "inject-core.json"
+    run("bench_inject_core.py", "--quick", "--out", str(out))
+    doc = load(out)
+    assert doc["mode"] == "quick" and doc["runs"]
+    for r in doc["runs"]:
+        assert r["arcs_per_s"] > 0 and r["samples_per_cpu_s"] > 0 and r["batch"] == 256
+    assert all(0 < c["estimated_throughput_fraction"] < 1 for c in doc["estimate_vs_loader"]["cases"])
+
+
 def test_shards_quick_and_one_section_rerun(tmp_path):
     pytest.importorskip("nvidia.dali", reason="the read and predict sections use the DALI CPU backend")
     out = tmp_path / "shards.json"

@@ -65,6 +65,11 @@ def test_arcs_are_the_lensed_images_scaled_and_zero_where_not_injected(device):
     assert (arc[~inject] == 0).all() and (arc[inject].amax(dim=(1, 2, 3)) > 0).all()
     for k in inj.CATALOGUE[1:]:
         assert cat[k].shape == (40,) and (cat[k][~inject] == 0).all(), k
+    eligible = torch.arange(40, device=device) % 3 > 0                  # e.g. real lenses are never painted
+    arc_e, inject_e, cat_e = inj.arcs(s, 3, 32, idx, 2, SIGMA, eligible=eligible)
+    assert torch.equal(inject_e, inject & eligible) and (arc_e[~eligible] == 0).all()
+    torch.testing.assert_close(arc_e[inject_e], arc[inject_e], rtol=0, atol=1e-5 * float(arc.abs().max()))
+    assert torch.equal(cat_e["theta_e"][inject_e], cat["theta_e"][inject_e])
     p = {k: v[inject] for k, v in inj.draw(s, 3, idx, 2).items()}
     unit = inj.lensed_images(p, 32, 3, s)
     scaled = unit * cat["source_flux"][inject].to(torch.float32)[:, None, None, None]
@@ -96,6 +101,14 @@ def test_snr_is_the_generators_flux_in_sigma_over_all_bands(device):
         assert torch.equal(npix.to(torch.float64), cat["npix"])
         assert ((measured - drawn).abs() <= 0.5 + 1e-4 * drawn).all()    # exact, or the nearer end of a jump
         assert torch.isclose(measured, drawn, rtol=1e-4).any()
+    # five bands: two have the same default colour, so their pixels cross the threshold together (ties)
+    s5 = inj.InjectionSettings(probability=1.0, snr=(1.0, 60.0), seed=2)
+    sig5 = torch.full((5,), 3.0, device=device)
+    arc, _, cat = inj.arcs(s5, 5, 24, torch.arange(300, device=device), 0, sig5)
+    npix, measured = profiles.flux_in_sigma(arc, sig5)
+    torch.testing.assert_close(measured, cat["snr"], rtol=1e-5, atol=1e-4)
+    assert torch.equal(npix.to(torch.float64), cat["npix"])
+    assert ((measured - inj.draw(s5, 5, torch.arange(300, device=device), 0)["snr"]).abs() <= 1 + 1e-3).all()
     # the generator's own catalogue value is the same measure on its detection band
     images, p = simulator.lensed_source_model(8, 32, ("g", "r", "i"), seed=2, source_mag=(20, 22))
     _, cat = syn.simulate(8, 32, ("g", "r", "i"), seed=2, is_lens=True, source_mag=(20, 22), noise=False)
@@ -116,9 +129,12 @@ def test_draws_depend_only_on_seed_epoch_and_index():
     for part in parts:
         arc, inj_part, cat_part = inj.arcs(s, 3, 32, part, 4, SIGMA)
         assert torch.equal(inj_part, inject[part])
-        torch.testing.assert_close(arc, whole[part], rtol=1e-6, atol=1e-6)
+        # (the parameters bit for bit; the pixels to float rounding: two samples share a complex FFT)
+        torch.testing.assert_close(arc, whole[part], rtol=0, atol=1e-5 * float(whole.abs().max()))
         for k in inj.CATALOGUE[1:]:
-            torch.testing.assert_close(cat_part[k], cat[k][part], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(cat_part[k], cat[k][part], rtol=1e-5, atol=1e-9)
+    again, _, _ = inj.arcs(s, 3, 32, idx, 4, SIGMA)
+    assert torch.equal(again, whole)                                   # the same batch: bit for bit
     u = inj.uniforms(5, 4, idx)
     for part in parts:
         assert torch.equal(inj.uniforms(5, 4, part), u[part])          # bit for bit
@@ -203,6 +219,11 @@ def test_band_counts_are_checked_and_defaults():
         inj.draw(inj.InjectionSettings(psf_fwhm=(1.0, 1.1)), 3, torch.arange(4), 0)
     with pytest.raises(OptionRangeError, match=r"^--inject-colours"):
         inj.draw(inj.InjectionSettings(colours=(1.0, 1.1)), 3, torch.arange(4), 0)
+    import pickle
+
+    s = inj.InjectionSettings(psf=np.ones((3, 5, 5)), seed=4)               # loader workers get a pickled copy
+    t = pickle.loads(pickle.dumps(s))
+    assert t == s and hash(t) == hash(s) and np.array_equal(t.psf, s.psf)
     s = inj.InjectionSettings(theta_e="0.5,1.5", psf_fwhm="0.9", probability=1)
     assert s.theta_e == (0.5, 1.5) and s.fwhm(3) == (0.9, 0.9, 0.9) and s.probability == 1.0
     assert inj.InjectionSettings().fwhm(2) == (inj.DEFAULT_PSF_FWHM,) * 2
@@ -212,6 +233,11 @@ def test_band_counts_are_checked_and_defaults():
     props = syn.band_properties(["b0", "b1", "b2"])
     np.testing.assert_allclose(c, 10 ** (-0.4 * props["source"]))
     assert inj.InjectionSettings(theta_e=(0.0, 0.0)).theta_e == (0.0, 0.0)   # theta_E = 0 (unlensed) is valid
+    # an arc (almost) all outside the cutout is not injected, rather than its rounding noise scaled to the S/N
+    wide = inj.InjectionSettings(theta_e=(2.0, 2.0), probability=1.0, source_re=(0.1, 0.1), offset=0.0)
+    arc, inject, cat = inj.arcs(wide, 3, 8, torch.arange(200), 0, SIGMA)
+    assert 0 < int((~inject).sum()) and (arc[~inject] == 0).all() and (cat["snr"][~inject] == 0).all()
+    assert (cat["magnification"][inject] >= inj.MIN_FLUX_IN_CUTOUT).all()
     flat = inj.InjectionSettings(theta_e=(0.0, 0.0), probability=1.0, source_re=(0.4, 0.4), supersample=4)
     arc, _, cat = inj.arcs(flat, 3, 32, torch.arange(4), 0, SIGMA)          # shear alone: magnification ~1
     # (less by a few per cent: the 0.3 px softened core and the wings beyond the cutout, as in the generator)

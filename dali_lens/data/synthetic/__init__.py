@@ -3,7 +3,8 @@
 The simulator
 =============
 
-Every cutout is drawn, vectorised over a batch with numpy (float32, no per-pixel Python loops), as:
+Every cutout is drawn, vectorised over a batch (torch on CPU tensors through ``profiles``, the lensing physics the
+injector ``dali_lens.injection`` shares; float32 pixels, no per-pixel Python loops), as:
 
 * **Deflector light**: an elliptical Sersic profile (index n in [3, 4], de Vaucouleurs-like) whose magnitude
   and effective radius scale with the Einstein radius (Faber-Jackson-like: L ~ theta_E^2, plus scatter).
@@ -29,7 +30,7 @@ Every cutout is drawn, vectorised over a batch with numpy (float32, no per-pixel
   position in the band list: band k of B is given the wavelength of position k / (B - 1) between g and z
   (475-890 nm), and the table is interpolated in wavelength.
 * **PSF**: Gaussian or Moffat (beta = 3.5), seeing FWHM drawn per image (ground: FWHM in the band is
-  FWHM_r * (lambda / 620 nm)^-0.2), applied by FFT (``numpy.fft.rfft2`` over the batch; Gaussian transfer
+  FWHM_r * (lambda / 620 nm)^-0.2), applied by FFT (``torch.fft.rfft2`` over the batch; Gaussian transfer
   function in closed form). The convolution is periodic (cutout edges wrap); the deflector is centred so this
   only matters for faint light within a few pixels of the border.
 * **Noise**: sky background (per band, from the sky brightness in the SED table), photon noise and Gaussian

@@ -203,13 +203,14 @@ def lensed_source(x0, y0, theta_e_pix, q, phi, g1, g2, src_dx, src_dy, src_re_pi
     return src
 
 
-def psf_otf(fwhm_pix, size: int, psf: str = "gaussian", device=None) -> torch.Tensor:
-    """Optical transfer functions (..., size, size//2+1) complex64 for FWHM (...) in pixels, PSF centred at
-    (0, 0): Gaussian in closed form, Moffat (beta = 3.5) by FFT of the unit-sum kernel on the periodic grid."""
+def psf_otf(fwhm_pix, size: int, psf: str = "gaussian", device=None, full: bool = False) -> torch.Tensor:
+    """Optical transfer functions (..., size, size//2+1) complex64 (``full``: (..., size, size), for
+    ``convolve_bands``) for FWHM (...) in pixels, PSF centred at (0, 0): Gaussian in closed form, Moffat
+    (beta = 3.5) by FFT of the unit-sum kernel on the periodic grid."""
     fwhm_pix = torch.as_tensor(fwhm_pix, device=device).to(_F64)
     device = fwhm_pix.device
     ky = torch.fft.fftfreq(size, device=device, dtype=_F32)
-    kx = torch.fft.rfftfreq(size, device=device, dtype=_F32)
+    kx = ky if full else torch.fft.rfftfreq(size, device=device, dtype=_F32)
     if psf == "gaussian":
         k2 = ky[:, None] ** 2 + kx[None, :] ** 2
         sig = fwhm_pix / (2 * math.sqrt(2 * math.log(2)))
@@ -225,14 +226,15 @@ def psf_otf(fwhm_pix, size: int, psf: str = "gaussian", device=None) -> torch.Te
     ker = r2 / (alpha[..., None, None] ** 2)
     ker.add_(1).log_().mul_(-beta).exp_()
     ker /= ker.sum(dim=(-2, -1), keepdim=True)
-    return torch.fft.rfft2(ker).to(torch.complex64)
+    return (torch.fft.fft2(ker.to(torch.complex64)) if full else torch.fft.rfft2(ker)).to(torch.complex64)
 
 
-def kernel_otf(kernels: torch.Tensor, size: int) -> torch.Tensor:
-    """Transfer functions (..., size, size//2+1) complex64 of sampled PSF images ``kernels`` (..., k, k) on the
-    periodic size x size grid. Each kernel is normalised to unit sum; its centre is pixel (k // 2, k // 2) (the
-    middle pixel of an odd size; for an even size the pixel right of and below the middle, as numpy and scipy
-    do). A kernel larger than the cutout wraps around (exactly what a periodic convolution does)."""
+def kernel_otf(kernels: torch.Tensor, size: int, full: bool = False) -> torch.Tensor:
+    """Transfer functions (..., size, size//2+1) complex64 (``full``: (..., size, size)) of sampled PSF images
+    ``kernels`` (..., k, k) on the periodic size x size grid. Each kernel is normalised to unit sum; its centre is
+    pixel (k // 2, k // 2) (the middle pixel of an odd size; for an even size the pixel right of and below the
+    middle, as numpy and scipy do). A kernel larger than the cutout wraps around (exactly what a periodic
+    convolution does)."""
     kernels = torch.as_tensor(kernels).to(_F64)
     kernels = kernels / kernels.sum(dim=(-2, -1), keepdim=True)
     k = kernels.shape[-1]
@@ -242,7 +244,10 @@ def kernel_otf(kernels: torch.Tensor, size: int) -> torch.Tensor:
     flat = grid.reshape(-1, size * size)
     pos = (idx[:, None] * size + idx[None, :]).reshape(-1)
     flat.index_add_(1, pos, kernels.reshape(-1, k * k))
-    return torch.fft.rfft2(flat.reshape(grid.shape).to(_F32)).to(torch.complex64)
+    grid = flat.reshape(grid.shape)
+    if full:
+        return torch.fft.fft2(grid.to(torch.complex64)).to(torch.complex64)
+    return torch.fft.rfft2(grid.to(_F32)).to(torch.complex64)
 
 
 def convolve(images: torch.Tensor, otf: torch.Tensor) -> torch.Tensor:
@@ -253,6 +258,22 @@ def convolve(images: torch.Tensor, otf: torch.Tensor) -> torch.Tensor:
     lead = spec.shape[:-2]
     # (the inverse transform of a 3-D stack is faster than of the same data with more leading dimensions)
     return torch.fft.irfft2(spec.reshape((-1,) + spec.shape[-2:]), s=(h, w)).reshape(lead + (h, w))
+
+
+def convolve_bands(images: torch.Tensor, otf_full: torch.Tensor) -> torch.Tensor:
+    """Periodic FFT convolution of real images (B, H, W) float32 with the PSF of every band, ``otf_full``
+    (C, H, W) complex64 (``psf_otf`` / ``kernel_otf`` with ``full=True``: real kernels, shared by all samples):
+    (B, C, H, W) float32, equal to ``convolve(images[:, None], otf)`` to float rounding.
+
+    Two samples travel as one complex image (a + i b): a real kernel convolves the real and imaginary parts
+    separately, so one complex transform each way does two samples, and no complex-to-real transform is
+    needed (torch's CPU c2r transform is several times slower than c2c of the same data)."""
+    b, h, w = images.shape
+    if b % 2:
+        images = torch.cat([images, images.new_zeros(1, h, w)])
+    z = torch.fft.fft2(torch.complex(images[0::2], images[1::2]))        # (B/2, H, W)
+    out = torch.view_as_real(torch.fft.ifft2(z[:, None] * otf_full))      # (B/2, C, H, W, 2): a, b
+    return out.permute(0, 4, 1, 2, 3).reshape(-1, otf_full.shape[0], h, w)[:b]
 
 
 def flux_in_sigma(images: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
