@@ -50,12 +50,14 @@ class Injector:
     def epoch(self, loader_epoch: int) -> int:
         return int(self.fixed_epoch if self.fixed_epoch is not None else loader_epoch)
 
-    def arcs(self, index: torch.Tensor, epoch: int, size: int, device=None):
-        """(arcs (B, C, size, size) float32, inject mask (B,), catalogue) for dataset positions ``index``."""
+    def arcs(self, index: torch.Tensor, epoch: int, size: int, device=None, eligible=None):
+        """(arcs (B, C, size, size) float32, inject mask (B,), catalogue) for dataset positions ``index``;
+        ``eligible`` (B,) bool: only those may be injected (and rendered)."""
         from .. import injection
 
         return injection.arcs(self.settings, len(self.noise_sigma), size, index, self.epoch(epoch),
-                              torch.tensor(self.noise_sigma, dtype=torch.float32), device=device)
+                              torch.tensor(self.noise_sigma, dtype=torch.float32), device=device,
+                              eligible=eligible)
 
     def paint(self, x: torch.Tensor, index: torch.Tensor, epoch: int, background: torch.Tensor):
         """``x`` (B, C, H, W) in the data's units (any dtype) plus the arcs of the samples drawn for injection
@@ -65,8 +67,9 @@ class Injector:
             raise ValueError(f"injection needs square cutouts, got {h}x{w} px")
         if c != len(self.noise_sigma):
             raise ValueError(f"injection: the data has {c} band(s), the noise estimate {len(self.noise_sigma)}")
-        arcs, inject, _ = self.arcs(index.to(x.device), epoch, h, device=x.device)
-        inject = inject.to(x.device) & background.to(x.device)
+        background = background.to(x.device)
+        arcs, inject, _ = self.arcs(index.to(x.device), epoch, h, device=x.device, eligible=background)
+        inject = inject.to(x.device) & background
         y = x.float()
         if not bool(inject.any()):
             return y, inject
@@ -320,7 +323,7 @@ def catalogue(injector: Injector, dataset, chunk: int = 256) -> dict[str, np.nda
     out = {"injected": np.zeros(n, dtype=bool), **{k: np.full(n, np.nan) for k in CATALOGUE}}
     for lo in range(0, n, chunk):
         idx = torch.arange(lo, min(n, lo + chunk))
-        _, inject, cat = injector.arcs(idx, EVAL_EPOCH, size)
+        _, inject, cat = injector.arcs(idx, EVAL_EPOCH, size, eligible=background[idx])
         inject = inject.cpu() & background[idx]
         out["injected"][idx.numpy()] = inject.numpy()
         for k in CATALOGUE:
