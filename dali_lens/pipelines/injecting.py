@@ -363,3 +363,12 @@ def for_evaluation(config: dict, dataset, labels, mask_value=None, say=None):
         say(f"injection: {int(rec['injected'].sum())} of {len(dataset)} {dataset.split} samples get the run's "
             "fixed-seed arcs (--inject-eval); completeness by injected_theta_e, injected_snr, injected_magnification")
     return inj, injected_labels(labels, rec), {f"injected_{k}": rec[k] for k in ("theta_e", "snr", "magnification")}
+
+
+try:  # the painting step is plain Python: kept from DALI's AutoGraph (pipelines with conditionals convert
+    # every function they call, and the converted painter's helpers failed), as dali_backend's kind source is
+    from nvidia.dali.pipeline import do_not_convert
+
+    dali_paint = do_not_convert(dali_paint)
+except ImportError:  # pragma: no cover - without DALI
+    pass
