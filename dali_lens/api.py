@@ -47,7 +47,14 @@ def train(data_root: str | tuple[str, ...] | None = None, *, out: str | None = N
           # issue 24: imbalance and labels
           pos_weight: str | float | None = None, sampler: str = "shuffle",
           labels: tuple[str, ...] | None | str = None, grade1: str = "drop", grade1_weight: float = 0.5,
-          label_conflict: str = "file", source_weight: str | None = None) -> dict:
+          label_conflict: str = "file", source_weight: str | None = None,
+          # --- issue 25: injection ---
+          inject: float = 0.0, inject_theta_e: tuple[float, float] | str = (0.8, 2.0),
+          inject_source_re: tuple[float, float] | str = (0.1, 0.4),
+          inject_sersic_n: tuple[float, float] | str = (0.5, 2.0),
+          inject_snr: tuple[float, float] | str = (10.0, 50.0), inject_offset: float = 0.1,
+          pixel_scale: float = 0.2, psf_fwhm: tuple[float, ...] | None | str = None, psf: str | None = None,
+          inject_colours: tuple[float, ...] | None | str = None, inject_eval: bool = False) -> dict:
     """Train a lens finder like ``python -m dali_lens.train`` and return the final metrics (also written to
     ``<out>/metrics.json``).
 

@@ -175,10 +175,14 @@ def evaluate_files(checkpoint: list[str] | str, data: str, out: str, *, overwrit
     wanted = [c.strip() for c in opts.completeness_columns.split(",") if c.strip()] if opts.completeness_columns \
         else None
     columns = numeric_columns(dataset, all_labels, wanted)  # fail early on a bad column name
+    from .pipelines.injecting import for_evaluation  # issue 25: a run's --inject-eval set, repeated exactly
+
+    inject, all_labels, injected_columns = for_evaluation(ens.config, dataset, all_labels, ens.pixels.mask_value, log)
+    columns.update(injected_columns)
     log(f"{dataset.describe()}")
     log(f"{ens.describe()}; fusion {fusion if len(ens.members) > 1 else 'n/a'}" + (", TTA x8" if opts.tta else "")
         + f"; backend {backend} on {device}")
-    logits, seconds = _score(ens, dataset, backend, opts)
+    logits, seconds = _score(ens, dataset, backend, opts, inject)
     score, probs, spread = ens.probabilities(logits, fusion)
     metrics = _metrics(ens, dataset, all_labels, score, probs, columns, fusion, opts)
     metrics.update({"backend": backend, "device": str(device), "seconds": round(seconds, 2),
@@ -207,15 +211,17 @@ def _check_ranges(opts: EvaluateOptions) -> None:
         kind.check(flag, value)
 
 
-def _score(ens, dataset: Dataset, backend: str, opts: EvaluateOptions) -> tuple[dict[str, np.ndarray], float]:
+def _score(ens, dataset: Dataset, backend: str, opts: EvaluateOptions, inject=None
+           ) -> tuple[dict[str, np.ndarray], float]:
     """Every member's logits for every sample of ``dataset``, in dataset order, and the seconds it took."""
     from tqdm import tqdm
 
     from .inference import loader_options, score_batches
     from .pipelines import build_loader
 
-    loader = build_loader(dataset, backend=backend, options=loader_options(ens, opts.batch_size, opts.tta,
-                                                                           workers=opts.workers))
+    options = loader_options(ens, opts.batch_size, opts.tta, workers=opts.workers)
+    options.inject = inject
+    loader = build_loader(dataset, backend=backend, options=options)
     idx_parts, logit_parts = [], {k: [] for k in ens.names}
     t0 = time.perf_counter()
     with tqdm(total=len(dataset), unit="img", desc=f"evaluate {dataset.split}", disable=not opts.progress,

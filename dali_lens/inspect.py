@@ -52,6 +52,10 @@ def run(args) -> int:
     if args.summary:
         print(inspection.grades_summary(args.grades, parse_bins(args.bins), at_n=args.at_n))
         return 0
+    if args.injected:  # issue 25: the run's arcs on DATA's backgrounds (inspection/injected.py)
+        inspection.show_injected(args.predictions, args.data, args.out, args.injected, overwrite=args.overwrite,
+                                 log=log)
+        return 0
     res = inspection.inspect_predictions(args.predictions, args.data, args.out, log=log, **inspect_arguments(args))
     bad = len(res["problems"])
     log(f"{res['shown']} candidates" + (f" ({bad} not shown: placeholder tiles)" if bad else "")

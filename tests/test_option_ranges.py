@@ -30,7 +30,7 @@ COMMANDS = {
 #: options whose value is free text (a path, a name, a list parsed against the data); everything else that
 #: takes a value must declare a range
 FREE_TEXT = {
-    "train": {"data_root", "out", "batch_transforms", "arch", "memory_budget", "members", "weights"},
+    "train": {"data_root", "out", "batch_transforms", "arch", "memory_budget", "members", "weights", "psf"},
     "generate": {"out", "bands"},
     "predict": {"data", "checkpoint", "out", "split"},
     "evaluate": {"data", "checkpoint", "out", "split", "completeness_columns"},

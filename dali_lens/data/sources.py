@@ -16,6 +16,7 @@ Files may be PNG/JPEG, ``.npy`` (bands, H, W) or FITS (one band per HDU, or one 
 """
 from __future__ import annotations
 
+import contextvars
 import csv
 import hashlib
 import os
@@ -49,6 +50,11 @@ def _list_files(folder: str) -> list[str]:
     return sorted(out)
 
 
+#: issue 25 (--inject): a training split of one class (non-lenses only: the arcs are painted on) is valid input
+#: while set (``pipelines.injecting.discover_backgrounds``); otherwise an empty class is an error
+ONE_CLASS_OK: contextvars.ContextVar[bool] = contextvars.ContextVar("one_class_ok", default=False)
+
+
 def _class_folders(folder: str) -> list[Sample] | None:
     subdirs = [d for d in sorted(os.listdir(folder)) if os.path.isdir(os.path.join(folder, d))]
     labelled = {d: 1 for d in subdirs if d.lower() in LENS_NAMES}
@@ -65,7 +71,7 @@ def _class_folders(folder: str) -> list[Sample] | None:
             raise DataError(f"{os.path.join(folder, d)}: class folder is empty")
         samples.extend(Sample(os.path.abspath(f), label, sample_id(f)) for f in files)
     for label, name in ((1, "lens"), (0, "nonlens")):
-        if not any(s.label == label for s in samples):
+        if not any(s.label == label for s in samples) and not ONE_CLASS_OK.get():
             raise DataError(f"{folder}: no '{name}' samples (an empty class)")
     return samples
 
@@ -264,7 +270,7 @@ def _with_val(datasets: dict[str, Dataset], val_fraction: float, seed: int) -> d
     for name in ("train",):
         if name in datasets:
             counts = datasets[name].counts()
-            if counts["lens"] == 0 or counts["nonlens"] == 0:
+            if (counts["lens"] == 0 or counts["nonlens"] == 0) and not ONE_CLASS_OK.get():
                 empty = "lens" if counts["lens"] == 0 else "nonlens"
                 raise DataError(f"{datasets[name].root}: the {name} split has no '{empty}' samples (an empty class)")
     return datasets

@@ -18,10 +18,11 @@ from ..data.dataset import DataError, Dataset
 from .candidates import (DEFAULT_BINS, GRADES, Candidate, format_purity, graded_search, match, purity_table,
                          read_grades, read_ids, read_predictions, select)
 from .composite import parse_rgb_bands, thumbnail
+from .injected import injected_tiles
 
 __all__ = ["inspect_predictions", "split_gallery", "grades_summary", "Candidate", "read_predictions", "select",
            "read_grades", "purity_table", "graded_search", "format_purity", "thumbnail", "GRADES", "DEFAULT_BINS",
-           "OUTPUTS", "GALLERY_N"]
+           "OUTPUTS", "GALLERY_N", "show_injected"]
 
 OUTPUTS = ("gallery.png", "index.html")
 GALLERY_N = 50  # false positives and missed lenses each, in the galleries train and evaluate write
@@ -167,6 +168,25 @@ def split_gallery(out: str, dataset: Dataset, scores, labels, spread=None, *, n:
     shown, _ = select(cands, false_positives=n, missed=n, threshold=threshold)
     title = f"{dataset.split}: the {n} highest-scoring non-lenses and the {n} lowest-scoring lenses"
     return write_inspection(out, shown, title, mask_value=mask_value, threshold=threshold, workers=None, log=log)
+
+
+def show_injected(predictions: str, data: str, out: str | None, n: int, *, overwrite: bool = False,
+                  log=_quiet) -> dict:
+    """``inspect PREDICTIONS DATA --injected N`` (issue 25, ``injected.py``): ``out/gallery.png`` and
+    ``out/index.html`` (default ``inspect-injected/`` next to PREDICTIONS) of the run's arcs on DATA."""
+    from .render import write_gallery, write_page
+
+    out = os.path.abspath(os.path.expanduser(out or os.path.join(os.path.dirname(os.path.abspath(predictions)),
+                                                                 "inspect-injected")))
+    check_out(out, overwrite)
+    tiles = injected_tiles(predictions, data, n)
+    _record_out(out)
+    os.makedirs(out, exist_ok=True)
+    write_gallery(os.path.join(out, "gallery.png"), tiles["cands"], tiles["thumbs"], tiles["title"],
+                  columns=tiles["columns"])
+    write_page(os.path.join(out, "index.html"), tiles["cands"], tiles["thumbs"], tiles["title"], None, 0.5)
+    log(f"{tiles['injected']} injected, {tiles['lenses']} real lenses; wrote {out}/gallery.png and {out}/index.html")
+    return {"out": out, "shown": len(tiles["cands"]), "injected": tiles["injected"], "lenses": tiles["lenses"]}
 
 
 def grades_summary(grades: str, bins=DEFAULT_BINS, at_n=None) -> str:

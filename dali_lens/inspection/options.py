@@ -55,6 +55,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                     help="at most N tiles in gallery.png (index.html has every candidate) (default: 200)")
     ap.add_argument("--workers", type=THREADS, default=None, help="reader threads (default: the cores, at most 8)")
     ap.add_argument("--overwrite", action="store_true", help="replace gallery.png/index.html in --out")
+    ap.add_argument("--injected", type=NON_NEGATIVE, default=0, metavar="N",
+                    help="N arcs of the run's --inject (config.json next to PREDICTIONS) on DATA's backgrounds, bare "
+                         "and with arcs, next to N real lenses")
     ap.add_argument("--similar", metavar="ID", help="the --top K (default 100) nearest to ID by embedding "
                                                     "(predictions made with predict --embeddings)")
     return ap

@@ -62,7 +62,7 @@ def caption(c: Candidate) -> list[str]:
     """The lines under a tile: ID; score (and ensemble spread); the label, or the mark (FALSE POSITIVE is a
     non-lens, MISSED LENS a lens)."""
     lines = [c.id if len(c.id) <= 22 else c.id[:10] + "…" + c.id[-10:]]
-    line = f"score {c.score:.3f}"
+    line = f"score {c.score:.3f}" if math.isfinite(c.score) else ""  # NaN: not scored (inspect --injected)
     if c.spread is not None:
         line += f" ±{c.spread:.3f}"
     if c.similarity is not None:  # inspect --similar

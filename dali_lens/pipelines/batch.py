@@ -3,6 +3,10 @@
 A batch is ``{"image": {scale: Tensor(B, C, s, s)}, "label": LongTensor(B,), "index": LongTensor(B,)}``;
 with test-time augmentation each image tensor is ``(B, 8, C, s, s)`` (the 8 dihedral transforms).
 ``label`` is -1 for unlabelled samples; ``index`` points into ``dataset.samples``.
+
+With injection (``LoaderOptions.inject``, issue 25) a batch also has ``"injected": BoolTensor(B,)``: True where
+the loader painted a simulated arc onto the sample (a non-lens or unlabelled background), whose ``label`` is
+then 1; batches of loaders without injection have no ``injected`` key.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ class BatchChecker:
         return s.path if not s.band_paths else f"object {s.id} ({s.path})"
 
     def __call__(self, images: dict[int, torch.Tensor], index: torch.Tensor,
-                 shapes: torch.Tensor | None = None) -> dict:
+                 shapes: torch.Tensor | None = None, injected: torch.Tensor | None = None) -> dict:
         index = index.reshape(-1).long()
         if shapes is not None and self.dataset.shape is not None:
             expected = torch.tensor([*self.dataset.shape, self.dataset.bands], dtype=shapes.dtype, device=shapes.device)
@@ -55,4 +59,9 @@ class BatchChecker:
         if self.tta:
             images = {s: dihedral8(t) for s, t in images.items()}
         index = index.to(self.labels.device)
-        return {"image": images, "label": self.labels[index], "index": index}
+        batch = {"image": images, "label": self.labels[index], "index": index}
+        if injected is not None:  # issue 25: painted backgrounds are lenses
+            injected = injected.reshape(-1).to(self.labels.device).bool()
+            batch["label"] = torch.where(injected, torch.ones_like(batch["label"]), batch["label"])
+            batch["injected"] = injected
+        return batch

@@ -149,8 +149,13 @@ if HAVE_DALI:
     _kind_source = do_not_convert(_kind_source)
 
 
-def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, first_epoch: int = 0):
-    """Reader + decoder: returns (HWC image node, index node).
+def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, first_epoch: int = 0,
+             skip: int = 0):
+    """Reader + decoder (+ injection): returns (HWC image node, index node, injected-flag node or None).
+
+    With ``opts.inject`` the decoded batch is painted right here, before any other step touches the pixels
+    (``injecting.dali_paint``: one batched torch call per batch; ``skip``: the batches of ``first_epoch``
+    already done when a checkpoint is restored).
 
     The dataset's kind reads and decodes (``Kind.dali_source``: images with their own channel count, so that a
     greyscale file in an RGB dataset is an error rather than silently expanded to three identical bands). A
@@ -162,18 +167,24 @@ def _decoded(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray
     common = dict(shard_id=opts.shard_id, num_shards=opts.num_shards, pad_last_batch=True, name="reader",
                   shuffle_after_epoch=train, stick_to_shard=not train, prefetch_queue_depth=2)
     nodes = _kind_source(dataset, opts, gpu, order, common)
-    if nodes is not None:
-        return nodes
-    src = _PythonSource(dataset, order, opts, first_epoch)
-    x, index = fn.external_source(source=src, num_outputs=2, batch=False, layout=["HWC", None],
-                                  dtype=[types.FLOAT, types.INT64])
-    if gpu:
-        x = x.gpu()
-    return x, index
+    python_source = nodes is None
+    if python_source:
+        src = _PythonSource(dataset, order, opts, first_epoch)
+        x, index = fn.external_source(source=src, num_outputs=2, batch=False, layout=["HWC", None],
+                                      dtype=[types.FLOAT, types.INT64])
+        if gpu:
+            x = x.gpu()
+        nodes = x, index
+    if opts.inject is None:
+        return (*nodes, None)
+    from .injecting import dali_paint
+
+    x, flag = dali_paint(nodes[0], nodes[1], opts, dataset, gpu, first_epoch, skip, python_source)
+    return x, nodes[1], flag
 
 
 def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray,
-                    checkpoint: str | None | bool = False, first_epoch: int = 0):
+                    checkpoint: str | None | bool = False, first_epoch: int = 0, skip: int = 0):
     """The loader's DALI pipeline with its graph defined but not built. Defining needs no GPU, even for
     ``gpu=True`` (only ``build()`` does): ``tests/test_gpu_graphs.py`` checks the GPU graphs on the CPU.
     ``first_epoch``: the loader's epoch when the pipeline is built (a per-sample source counts from it)."""
@@ -189,7 +200,7 @@ def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.
 
     @pipeline_def(enable_conditionals=opts.augment, enable_checkpointing=checkpoint is not False)
     def pipe():
-        img, index = _decoded(dataset, opts, gpu, order, first_epoch)
+        img, index, injected = _decoded(dataset, opts, gpu, order, first_epoch, skip)
         shapes = img.shape(dtype=types.INT64)
         if not images_are_uint8:
             img = _float_steps(img, opts, dataset.bands)
@@ -213,7 +224,7 @@ def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.
             else:
                 outs.append(fn.crop_mirror_normalize(y, mean=mean, std=std, dtype=out_dtype, output_layout="CHW",
                                                      bytes_per_sample_hint=pixels * OUT_BYTES[opts.dtype]))
-        return (*outs, index, shapes)
+        return (*outs, index, shapes) + ((injected,) if injected is not None else ())
 
     threads = max(1, opts.workers)
     kwargs = dict(batch_size=opts.batch_size, num_threads=threads, device_id=opts.device_id if gpu else None,
@@ -221,15 +232,16 @@ def define_pipeline(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.
                   seed=(opts.seed * 1009 + opts.shard_id
                         + (7919 * first_epoch if _balanced(opts) and _orderable(dataset, gpu) else 0)) % (2 ** 31),
                   # CPU: one batch in flight is as fast here and ~130 MB lighter at batch 256 x 3 scales
-                  prefetch_queue_depth=int(opts.prefetch_queue_depth or (2 if gpu else 1)))
+                  # (injection on the CPU: 2, so that the one-thread painter overlaps the next batch's decoding)
+                  prefetch_queue_depth=int(opts.prefetch_queue_depth or (2 if gpu or opts.inject is not None else 1)))
     if checkpoint:
         kwargs["checkpoint"] = checkpoint
     return pipe(**kwargs)
 
 
 def _build(dataset: Dataset, opts: LoaderOptions, gpu: bool, order: np.ndarray, checkpoint: str | None,
-           first_epoch: int = 0):
-    p = define_pipeline(dataset, opts, gpu, order, checkpoint, first_epoch)
+           first_epoch: int = 0, skip: int = 0):
+    p = define_pipeline(dataset, opts, gpu, order, checkpoint, first_epoch, skip)
     _BUILT[0] += 1
     p.build()
     return p
@@ -281,6 +293,7 @@ class DaliLoader:
         self.epoch, self._done = 0, 0
         self._checkpoint = None
         self._complete = False  # restored from a state taken at the epoch's last batch: nothing left of it
+        self._restored_done = 0  # batches of the epoch done in the restored DALI state (injection's call count)
         self._it = None
 
     @property
@@ -318,10 +331,13 @@ class DaliLoader:
     def _iterator(self):
         if self._it is None:
             order = self.listed_order() if self._listed else self.order
+            restoring = self._checkpoint is not None and self.checkpointable
             p = _build(self.dataset, self.opts, self.gpu, order, self._checkpoint if self.checkpointable else False,
-                       first_epoch=self.epoch)
+                       first_epoch=self.epoch, skip=self._restored_done if restoring else 0)
             self._checkpoint = None  # restored once: a pipeline built later starts afresh
             names = [f"s{s}" for s in self.opts.scales] + ["index", "shape"]
+            if self.opts.inject is not None:
+                names.append("injected")
             policy = LastBatchPolicy.DROP if self.opts.train else LastBatchPolicy.PARTIAL
             if self.checkpointable or self._listed:
                 self._it = DALIGenericIterator(p, names, reader_name="reader", last_batch_policy=policy,
@@ -373,6 +389,7 @@ class DaliLoader:
         self._done = 0
         if self._complete:  # DALI's state is already past this epoch's last batch: it starts the next epoch
             self._complete = False
+            self._restored_done = 0  # the restored state starts the next epoch at its first batch
             self.epoch += 1
             return
         if self._listed:
@@ -385,7 +402,7 @@ class DaliLoader:
                 if len(index) == 0:
                     continue
                 images = {s: out[f"s{s}"] for s in self.opts.scales}
-                batch = self._check(images, index, out["shape"])
+                batch = self._check(images, index, out["shape"], injected=out.get("injected"))
                 self._done += 1
                 yield batch
         except DataError:
@@ -425,6 +442,7 @@ class DaliLoader:
         self._complete = 0 < len(self) <= int(state.get("batches_done", 0))
         if "dali" in state and self.checkpointable:
             self._checkpoint = state["dali"]
+            self._restored_done = int(state.get("batches_done", 0))
             self._drop()
         elif state.get("batches_done") and not self._complete:
             warnings.warn(f"{self.dataset.kind} data cannot be checkpointed by DALI: restarting epoch {self.epoch} "

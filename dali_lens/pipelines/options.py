@@ -61,6 +61,9 @@ class LoaderOptions(PixelOptions):
     the torchvision stream's windows), ``mmap`` (packed shards: memory-map them instead of reading),
     ``numpy_reader`` (DALI GPU backend: ``auto``, ``gpu`` or ``cpu`` for ``.npy``), ``prefetch_queue_depth``
     (DALI pipeline batches in flight; None: 2 on the GPU, 1 on the CPU).
+
+    ``inject``: a ``pipelines.injecting.Injector``: simulated arcs painted onto background samples right
+    after decoding, before everything above (issue 25); batches then carry ``injected``.
     """
 
     scales: tuple[int, ...] = (64,)
@@ -82,6 +85,7 @@ class LoaderOptions(PixelOptions):
     numpy_reader: str = "auto"
     prefetch_queue_depth: int | None = None
     sampler: str = "shuffle"  # training order: shuffle, or balanced (classes drawn equally: balanced_order)
+    inject: object | None = None  # issue 25: a pipelines.injecting.Injector (arcs painted before prescale)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)

@@ -122,20 +122,31 @@ class _ShardStream(IterableDataset):
         raise DataError(f"{tar}#{missing[0]}: missing from the archive ({len(missing)} indexed member(s) not "
                         "found); the shard is truncated or corrupt")
 
-    def _decode(self, pos: int, data: bytes, epoch: int) -> dict[int, torch.Tensor]:
+    def _decode(self, pos: int, data: bytes) -> np.ndarray:
         sample = self.dataset.samples[pos]
         allow = self.opts.mask_value is not None and not self.member.eight_bit
         arr = self.member.decode_torch_bytes(data, sample.path)
         check_array(arr, sample, self.dataset, allow_nonfinite=allow)
+        return arr
+
+    def _view(self, pos: int, arr: np.ndarray, epoch: int) -> dict[int, torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(prescale(arr, self.member.name, self.opts)))
         params = (augment_params(self.opts.seed + 7919 * self.opts.shard_id, epoch, pos, self.opts.max_shift)
                   if self.opts.augment else (0, 0, 0, 0, 0))
         return transform(x, self.opts, params)
 
     def _batch(self, positions: np.ndarray, raw: dict[int, bytes], epoch: int):
-        views = [self._decode(int(p), raw[int(p)], epoch) for p in positions]
+        arrays = [self._decode(int(p), raw[int(p)]) for p in positions]
+        flags = None
+        if self.opts.inject is not None:  # issue 25: the batch's arcs in one call, on the native pixels
+            from .injecting import paint_arrays
+
+            arrays, flags = paint_arrays(self.opts.inject, arrays, [int(p) for p in positions], epoch,
+                                         self.dataset.labels)
+        views = [self._view(int(p), a, epoch) for p, a in zip(positions, arrays)]
         images = {s: torch.stack([v[s] for v in views]) for s in self.opts.scales}
-        return images, torch.as_tensor(positions, dtype=torch.long)
+        out = (images, torch.as_tensor(positions, dtype=torch.long))
+        return out + (torch.tensor(flags, dtype=torch.bool),) if flags is not None else out
 
     def __iter__(self):
         info = get_worker_info()

@@ -81,11 +81,25 @@ class _Samples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        i, epoch = key
-        x = torch.from_numpy(np.ascontiguousarray(prescale(decode(self.dataset, i, self.opts.mask_value is not None), self.dataset.pixel_kind, self.opts)))
-        params = (augment_params(self.opts.seed + 7919 * self.opts.shard_id, epoch, i, self.opts.max_shift)
-                  if self.opts.augment else (0, 0, 0, 0, 0))
-        return transform(x, self.opts, params), i
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        """One worker call per batch (the DataLoader's fetcher calls it with the batch's keys): decode each
+        sample; with injection, paint the batch's arcs in one batched call (native pixels, data units); then
+        prescale, augment, resize, normalise each."""
+        raw = [decode(self.dataset, i, self.opts.mask_value is not None) for i, _ in keys]
+        flags = None
+        if self.opts.inject is not None:
+            from .injecting import paint_arrays
+
+            raw, flags = paint_arrays(self.opts.inject, raw, [i for i, _ in keys], keys[0][1], self.dataset.labels)
+        out = []
+        for k, ((i, epoch), arr) in enumerate(zip(keys, raw)):
+            x = torch.from_numpy(np.ascontiguousarray(prescale(arr, self.dataset.pixel_kind, self.opts)))
+            params = (augment_params(self.opts.seed + 7919 * self.opts.shard_id, epoch, i, self.opts.max_shift)
+                      if self.opts.augment else (0, 0, 0, 0, 0))
+            out.append((transform(x, self.opts, params), i) + ((flags[k],) if flags is not None else ()))
+        return out
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -148,9 +162,9 @@ class WorkerLoader:
         self._done = skip
         if self._begin(skip):
             try:
-                for images, index in self._loader:
+                for images, index, *injected in self._loader:
                     images = {s: t.to(self.device, non_blocking=True) for s, t in images.items()}
-                    batch = self._check(images, index)
+                    batch = self._check(images, index, injected=injected[0] if injected else None)
                     self._done += 1
                     yield batch
             except DataError as exc:  # re-raised from a worker with its traceback: keep the message only

@@ -27,6 +27,7 @@ from ..choices import LAYER_DECAY  # (issue 24: fine-tuning)
 from .base import TRAINERS
 from ..data.labels import parse_data_roots, parse_label_files, parse_pos_weight, parse_source_weights
 from ..checkpoint import MemberSpec
+from ..injection import OPTIONS as _INJECTION_OPTIONS
 
 
 def parse_mask_value(text) -> float | str | None:
@@ -100,6 +101,10 @@ GRADE1 = ("drop", "weak")
 LABEL_CONFLICTS = ("file", "data")
 DEFAULT_MEMBERS = (MemberSpec("small_cnn", (48,), 0), MemberSpec("small_cnn", (64,), 1),
                    MemberSpec("resnet18", (64,), 2))
+
+# --- issue 25: injection --- (the ranges are the injector's own: dali_lens.injection.OPTIONS)
+INJECT_THETA_E, INJECT_SOURCE_RE, INJECT_SERSIC_N, INJECT_SNR, INJECT_FWHM, INJECT_COLOURS = (
+    _INJECTION_OPTIONS[k][1] for k in ("theta_e", "source_re", "sersic_n", "snr", "psf_fwhm", "colours"))
 
 
 def _f(default, help: str, **kw):
@@ -252,6 +257,33 @@ class TrainConfig:
     source_weight: str | None = _f(None, "per-source loss weights NAME=W,... (names: the data roots' folder names "
                                          "or NAME=PATH names, the label files' stems); weights multiply",
                                    type=SOURCE_WEIGHTS)
+    # --- issue 25: injection ---
+    inject: float = _f(0.0, "simulated lensed arcs painted onto the training non-lenses (and unlabelled cutouts): "
+                            "each becomes an injected lens with this probability, drawn per sample and per "
+                            "epoch; real lenses stay lenses; 0 = off. Painted at native resolution in the data's "
+                            "units, before any resize, scaling or normalisation (README: Inject into your own "
+                            "cutouts)", type=PROBABILITY)
+    inject_theta_e: tuple[float, float] = _f((0.8, 2.0), "injection: Einstein radius range MIN,MAX in arcsec "
+                                                       "(>= 0; --pixel-scale converts)", type=INJECT_THETA_E)
+    inject_source_re: tuple[float, float] = _f((0.1, 0.4), "injection: the source's effective radius range "
+                                                         "MIN,MAX in arcsec", type=INJECT_SOURCE_RE)
+    inject_sersic_n: tuple[float, float] = _f((0.5, 2.0), "injection: the source's Sersic index range MIN,MAX",
+                                              type=INJECT_SERSIC_N)
+    inject_snr: tuple[float, float] = _f((10.0, 50.0), "injection: S/N range MIN,MAX of the lensed image over all "
+                                                     "bands, against each band's noise (estimated as --scaling "
+                                                     "auto does, on the training set)", type=INJECT_SNR)
+    inject_offset: float = _f(0.1, "injection: largest offset (arcsec) of the lens centre from the cutout centre",
+                              type=NON_NEGATIVE_NUMBER)
+    pixel_scale: float = _f(0.2, "injection: the data's pixel scale in arcsec per pixel", type=POSITIVE)
+    psf_fwhm: tuple[float, ...] | None = _f(None, "injection: Gaussian PSF FWHM in arcsec, one per band or one for "
+                                                 "all (default 1.0)", type=INJECT_FWHM)
+    psf: str | None = _f(None, "injection: PSF images, one per band (or one for all): a FITS file (one image HDU per "
+                               "band, or a cube) or a .npy array (bands, k, k); instead of --psf-fwhm")
+    inject_colours: tuple[float, ...] | None = _f(None, "injection: the source's flux ratio per band (default: the "
+                                                       "generator's blue source; one value: all bands alike)",
+                                         type=INJECT_COLOURS)
+    inject_eval: bool = _f(False, "inject into val/test too (fixed seeds: the same injected sets every epoch and "
+                                  "in evaluate; their draws go to injected_catalogue.csv)")
 
     def __post_init__(self) -> None:
         """Every option is held to the range its field declares (the CLI's ``type=``), whichever door it came

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import DataError, discover
+from ..data import DataError
 from ..data.io import atomic_write_json
 from ..data.labels import class_line, class_record, gather, resolve_pos_weight, sample_weights
 from ..data.sources import leave_out_unlabelled
@@ -29,6 +29,7 @@ from .budget import parse_budget
 from .base import Trainer, get_trainer
 from ..checkpoint import Checkpoint, CheckpointError, PixelSettings
 from .config import TrainConfig, parse_mask_value
+from . import inject
 from .curves import Curves, learning_rate
 from .loop import LossWeights, dist_info, predict, train_epoch
 from .members import check_models, load_member_state, make_member, member_state, set_trainable
@@ -115,8 +116,9 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     cfg, data_root, splits, config_extra = _prepare_data(cfg, out, resume, world, say)
     config_extra["class_ratio"], loss_weights = _class_balance(cfg, splits["train"], config_extra.pop("_weights"),
                                                                device, say)
+    psf = inject.check(cfg, splits, say)  # issue 25: --inject's checks that need the data, before any work
     backend = resolve_backend(cfg.backend, splits["train"])
-    job = _Job(cfg, splits, backend, specs, device, out, say)
+    job = _Job(cfg, splits, backend, specs, device, out, say, psf)
     job.loss_weights = loss_weights
     say(f"backend {backend} on {device}; trainer {cfg.trainer}: "
         + ", ".join(f"{s.name}" for s in specs) + f"; {world} process(es)")
@@ -131,11 +133,12 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     if resume:
         _restore(job.ck, job.members, job.last, device, say)
     if is_main:
-        atomic_write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "data_root": data_root,
+        atomic_write_json(os.path.join(out, "config.json"), {**job.run_config, "data_root": data_root,
                                                              "backend_resolved": backend, "world_size": world,
                                                              **config_extra})
+        inject.write_eval_catalogue(out, job.run_config, splits, job.base.mask_value)
     val_loader = job.loader("val", False) if "val" in splits else None
-    select = selection_metric(splits.get("val"), say)
+    select = "AUC" if inject.val_has_lenses(cfg, splits) else selection_metric(splits.get("val"), say)
     t_start = time.perf_counter()
     job.curves = Curves(out, cfg.tensorboard, is_main, job.ck.history)  # curves.csv, tensorboard/, curves.png
     _train(job, kind, active, val_loader, select)
@@ -165,7 +168,7 @@ class _Job:
     """A run's moving parts once its data is known: its loaders, its members, and the record of where training
     stands that best.pt/last.pt hold (``ck``)."""
 
-    def __init__(self, cfg: TrainConfig, splits: dict, backend: str, specs, device, out: str, say):
+    def __init__(self, cfg: TrainConfig, splits: dict, backend: str, specs, device, out: str, say, psf=None):
         rank, self.world, _ = dist_info()
         self.is_main = rank == 0
         self.cfg, self.splits, self.backend, self.device, self.say = cfg, splits, backend, device, say
@@ -176,7 +179,9 @@ class _Job:
                                   num_shards=self.world, num_workers=cfg.workers, max_shift=cfg.max_shift,
                                   dtype=output_dtype(cfg, splits["train"]), sampler=cfg.sampler,
                                   **pixels.pixel_fields())
-        self.ck = Checkpoint(members=[], bands=splits["train"].bands, pixels=pixels, config=cfg.to_dict())
+        # issue 25: the options plus the injection record (noise, PSF): what evaluate needs to repeat --inject-eval
+        self.run_config = inject.run_config(cfg, inject.record(cfg, splits["train"], pixels, psf, say))
+        self.ck = Checkpoint(members=[], bands=splits["train"].bands, pixels=pixels, config=self.run_config)
         self.last, self.best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
         self.members: list = []
         self.train_loader = None
@@ -186,7 +191,9 @@ class _Job:
         """A loader of ``split`` at ``scales`` (default: every member's), training or evaluation."""
         transforms = self.cfg.batch_transforms if train else ()
         opts = LoaderOptions(**{**self.base.to_dict(), "scales": scales or self.scales, "train": train,
-                                "augment": train, "tta": tta, "transforms": transforms})
+                                "augment": train, "tta": tta, "transforms": transforms,
+                                "inject": inject.injector(self.run_config, self.splits[split], train,
+                                                          self.base.mask_value)})
         return build_loader(self.splits[split], backend=self.backend, options=opts)
 
     def save(self, path: str, epoch: int, loader_state=None, progress=None) -> None:
@@ -302,8 +309,9 @@ def _prepare_data(cfg: TrainConfig, out: str, resume: bool, world: int, say):
         holder = [data_root]
         dist.broadcast_object_list(holder, src=0)
         data_root = holder[0]
-    # issue 24: several roots, --labels joined by id, per-sample loss weights (data/labels.py)
-    got = gather(data_root, discover, hdus=cfg.hdus, val_fraction=cfg.val_fraction, seed=cfg.seed,
+    # issue 24: several roots, --labels joined by id, per-sample loss weights (data/labels.py); issue 25: with
+    # --inject, unlabelled or one-class data are backgrounds (inject.discover_for)
+    got = gather(data_root, inject.discover_for(cfg), hdus=cfg.hdus, val_fraction=cfg.val_fraction, seed=cfg.seed,
                  label_paths=cfg.labels, grade1=cfg.grade1, grade1_weight=cfg.grade1_weight,
                  conflict=cfg.label_conflict, weights_text=cfg.source_weight, log=say)
     splits = leave_out_unlabelled(got.splits, say)
