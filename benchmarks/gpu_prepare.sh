@@ -5,9 +5,12 @@
 #
 # The GPU machine (Python 3.12, torch 2.11, torchvision 0.26, numpy 2.5.2 as one session's pip list read it:
 # /work/.library/device/KINDS.md) has no DALI, astropy or webdataset, and no package registry. This script
-#   1. downloads the wheels dali_lens needs besides DALI into .whl/ (about 14 MB): astropy and its two
+#   1. downloads the wheels dali_lens needs besides DALI into .whl/ (about 17 MB): astropy and its two
 #      helpers, webdataset with braceexpand and PyYAML (without PyYAML webdataset silently falls back to
-#      another decoder path), for the device's Python ($DALI_PY, default 3.12); any failed download STOPS here;
+#      another decoder path), timm (resnet18 and every timm --arch; it imports without its optional
+#      huggingface_hub and safetensors, which only the hub and .safetensors --weights need), for the device's
+#      Python ($DALI_PY, default 3.12); any failed download STOPS here. pyarrow (Parquet predictions) and
+#      tensorboard are not carried: the plan writes CSV, and a run without tensorboard says so and goes on;
 #   2. checks that astropy's numpy requirement admits the device's numpy ($DEVICE_NUMPY, default 2.5.2);
 #   3. packs DALI with the shared packer dali-parts.sh (same $DALI_PY) into parts of at most 52 MiB ($PART_MIB):
 #      DALI 2.4 packs to 244 MiB: 5 parts, the last ~36 MiB, which travels with the wheels (50 MiB + the
@@ -30,7 +33,7 @@ mkdir -p "$(dirname "$exclude")"
 for d in /.whl/ /.gpu-meta/; do grep -qxF "$d" "$exclude" 2>/dev/null || echo "$d" >> "$exclude"; done
 
 WHEELS=(astropy==8.0.2 pyerfa==2.0.1.5 astropy-iers-data==0.2026.11.2.0.34.55 webdataset==1.0.2 braceexpand==0.1.7
-        PyYAML==6.0.3)
+        PyYAML==6.0.3 timm==1.0.31)
 stamp="py$PY ${WHEELS[*]}"
 if [ "$(cat .whl/STAMP 2>/dev/null)" != "$stamp" ]; then
   rm -rf .whl && mkdir -p .whl

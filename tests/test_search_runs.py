@@ -229,3 +229,31 @@ def test_a_full_disk_under_tensorboard_is_one_error_naming_the_folder(tmp_path, 
         assert "Traceback" not in proc.stderr, proc.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_without_the_tensorboard_package_the_run_says_so_and_writes_its_csv(tmp_path):
+    """An environment assembled by hand (a GPU node's carried wheels) may lack tensorboard: Curves says so once
+    and writes curves.csv and curves.png, no tensorboard/ folder and no traceback."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "class Block:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] == 'tensorboard':\n"
+              "            raise ModuleNotFoundError(name)\n"
+              "sys.meta_path.insert(0, Block())\n"
+              "from dali_lens.trainers.curves import Curves\n"
+              "c = Curves(sys.argv[1], say=lambda m: print('SAID', m))\n"
+              "h = [{'epoch': 1, 'train_loss': {'m': 0.5}, 'lr': 1e-3}, {'epoch': 2, 'train_loss': {'m': 0.4}, 'lr': 1e-3}]\n"
+              "c.epoch(h[:1]); c.epoch(h); c.close(h)\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+    assert proc.returncode == 0, proc.stderr
+    said = [ln for ln in proc.stdout.splitlines() if ln.startswith("SAID")]
+    assert len(said) == 1 and "tensorboard package is not installed" in said[0]
+    assert [r["epoch"] for r in _csv(out / "curves.csv")] == ["1", "2"]
+    assert (out / "curves.png").exists() and not (out / "tensorboard").exists()
+    assert "Traceback" not in proc.stderr

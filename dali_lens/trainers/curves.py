@@ -138,14 +138,31 @@ def _quiet_writer_threads() -> None:
     threading.excepthook = hook
 
 
+def tensorboard_available() -> bool:
+    """Whether ``torch.utils.tensorboard`` imports (it needs the ``tensorboard`` package)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("tensorboard") is not None
+    except ImportError:
+        return False
+
+
 class Curves:
     """The curves of one run in ``out``: :meth:`epoch` after every epoch's checkpoint, :meth:`close` once
     training is done. Does nothing on ranks other than 0 (``enabled=False``). ``history``: what a resumed
     run's checkpoint already holds. The event file is opened at the first epoch's end, after its checkpoint:
     a run stopped before that leaves only what ``rundir`` counts as an unstarted run."""
 
-    def __init__(self, out: str, tensorboard: bool = True, enabled: bool = True, history: list[dict] = ()):
+    def __init__(self, out: str, tensorboard: bool = True, enabled: bool = True, history: list[dict] = (),
+                 say=None):
         self.out, self.enabled, self.tensorboard = out, enabled, tensorboard
+        if tensorboard and enabled and not tensorboard_available():
+            # a declared dependency, but an environment assembled by hand (a GPU node's wheels) may lack it:
+            # the run goes on with curves.csv and curves.png, and says so once
+            self.tensorboard = False
+            (say or print)("warning: the tensorboard package is not installed: no TensorBoard event files "
+                           "(curves.csv and curves.png are still written; --no-tensorboard silences this)")
         self.resumed = bool(history)
         self.writer = None
 

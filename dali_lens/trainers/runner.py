@@ -140,7 +140,7 @@ def _run(cfg: TrainConfig, log, rundir: RunDir) -> dict:
     val_loader = job.loader("val", False) if "val" in splits else None
     select = "AUC" if inject.val_has_lenses(cfg, splits) else selection_metric(splits.get("val"), say)
     t_start = time.perf_counter()
-    job.curves = Curves(out, cfg.tensorboard, is_main, job.ck.history)  # curves.csv, tensorboard/, curves.png
+    job.curves = Curves(out, cfg.tensorboard, is_main, job.ck.history, say)  # curves.csv, tensorboard/, curves.png
     _train(job, kind, active, val_loader, select)
     job.curves.close(job.ck.history)
     if is_main and not os.path.exists(job.best) and job.ck.history:
