@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sets and one epoch: a smoke test")
     p.add_argument("--work", default=None, help="folder for the sets and runs (default: a temporary one)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/transfer-<host>.json)")
+    p.add_argument("--target", choices=("space", "ground"), default="space",
+                   help="the small set: space-like (0.1\"/px, 0.16-0.22\" seeing; another survey) or ground "
+                        "(the pretraining survey's pixels and seeing, another layout and band set) (default space)")
     args = p.parse_args(argv)
     if args.quick:
         args.n_pretrain, args.pretrain_epochs, args.n_train, args.n_test = 80, 1, 40, 40
@@ -84,14 +87,15 @@ def main(argv=None) -> int:
 
     n_small = args.n_train + args.n_test + args.n_train // 3
     fractions = (args.n_train / n_small, (args.n_train // 3) / n_small, args.n_test / n_small)
-    small_data = os.path.join(work, "space-griz-npy")
+    scale, seeing = ((0.1, (0.16, 0.22)) if args.target == "space" else (None, None))  # None: the ground preset
+    small_data = os.path.join(work, f"{args.target}-griz-npy")
     if not os.path.exists(os.path.join(small_data, "train.csv")):
         generate_dataset(small_data, n=n_small, size=args.size, bands="g,r,i,z", fmt="npy", seed=200,
-                         splits=fractions, pixel_scale=0.1, seeing=(0.16, 0.22))
+                         splits=fractions, pixel_scale=scale, seeing=seeing)
     runs = {"random_init": [], "pretrained": []}
     for seed in seeds:
         for name, extra in (("random_init", {}), ("pretrained", {"weights": pre_run, "freeze_epochs": args.freeze_epochs})):
-            log(f"{name}, seed {seed}: {args.n_train} space g,r,i,z .npy cutouts, {args.epochs} epochs")
+            log(f"{name}, seed {seed}: {args.n_train} {args.target} g,r,i,z .npy cutouts, {args.epochs} epochs")
             run_dir = os.path.join(work, f"{name}-{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)
             runs[name].append(_train(log, data_root=small_data, out=run_dir, epochs=args.epochs, seed=seed,
@@ -104,8 +108,10 @@ def main(argv=None) -> int:
                         "pretrain_set": {"n": args.n_pretrain, "bands": "g,r,i", "format": "png", "survey": "ground",
                                          "pixel_scale": 0.2, "epochs": args.pretrain_epochs},
                         "small_set": {"n_train": args.n_train, "n_val": args.n_train // 3, "n_test": args.n_test,
-                                      "bands": "g,r,i,z", "format": "npy", "pixel_scale": 0.1,
-                                      "seeing": [0.16, 0.22], "epochs": args.epochs,
+                                      "bands": "g,r,i,z", "format": "npy", "target": args.target,
+                                      "pixel_scale": 0.1 if args.target == "space" else 0.2,
+                                      "seeing": [0.16, 0.22] if args.target == "space" else "ground preset",
+                                      "epochs": args.epochs,
                                       "freeze_epochs": args.freeze_epochs}},
            "pretrain": pretrain, "runs": runs, "test_auc": summary,
            "seconds": round(time.perf_counter() - t_all, 1), "load_average_1min": round(os.getloadavg()[0], 2)}
