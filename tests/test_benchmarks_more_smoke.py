@@ -55,6 +55,18 @@ def test_inject_core_quick(tmp_path):
     assert all(0 < c["estimated_throughput_fraction"] < 1 for c in doc["estimate_vs_loader"]["cases"])
 
 
+def test_transfer_quick_both_targets(tmp_path):
+    """issue 24: pretrain, then fine-tune through --weights RUN against random init, on either small set."""
+    for target in ("space", "ground"):
+        out = tmp_path / f"transfer-{target}.json"
+        run("bench_transfer.py", "--quick", "--target", target, "--seeds", "0,1", "--work", str(tmp_path / target),
+            "--out", str(out))
+        doc = load(out)
+        assert doc["mode"] == "quick" and doc["settings"]["small_set"]["target"] == target
+        assert [len(doc["runs"][k]) for k in ("random_init", "pretrained")] == [2, 2]
+        assert all(0 <= r["test_auc"] <= 1 for k in doc["runs"] for r in doc["runs"][k])
+
+
 def test_shards_quick_and_one_section_rerun(tmp_path):
     pytest.importorskip("nvidia.dali", reason="the read and predict sections use the DALI CPU backend")
     out = tmp_path / "shards.json"
