@@ -32,10 +32,10 @@ CONFIGS = {"plain": {}, "pos-weight-auto": {"pos_weight": "auto"}, "sampler-bala
 
 
 def purity_at(labels: list[int], scores: list[float], n: int) -> float:
-    """The share of lenses among the ``n`` highest scores. (Local helper: switch to metrics.py's purity@N when
-    issue 24 item 5 lands there.)"""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:n]
-    return sum(labels[i] == 1 for i in order) / max(1, len(order))
+    """The share of lenses among the ``n`` highest scores: ``metrics.at_n``'s purity (ties pro rata)."""
+    from dali_lens.metrics import at_n
+
+    return float(at_n(labels, scores, [n])[0]["purity"])
 
 
 def _scores(out: str) -> tuple[list[int], list[float]]:
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                         "test": {"n": len(test_labels), "lenses": sum(v == 1 for v in test_labels)}},
            "generate_seconds": round(generate_seconds, 1),
            "load_average_1min": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
-           "purity_note": "purity@N computed by the benchmark's local helper; switch to metrics.py's when it has one",
+           "purity_note": "purity@N from dali_lens.metrics.at_n (tied scores at the N-th place count pro rata)",
            "results": results}
     common.save_result(doc, out)
     print(f"wrote {out}")
