@@ -67,6 +67,16 @@ def test_transfer_quick_both_targets(tmp_path):
         assert all(0 <= r["test_auc"] <= 1 for k in doc["runs"] for r in doc["runs"][k])
 
 
+def test_imbalance_quick(tmp_path):
+    """issue 24: the four imbalance runs, their TPR10 and purity@N (metrics.at_n) in the JSON."""
+    out = tmp_path / "imbalance.json"
+    run("bench_imbalance.py", "--quick", "--serial", "--work", str(tmp_path / "work"), "--out", str(out))
+    doc = load(out)
+    assert set(doc["results"]) == {"plain", "pos-weight-auto", "sampler-balanced", "both"}
+    for r in doc["results"].values():
+        assert r["purity_at"] and all(0 <= v <= 1 for v in r["purity_at"].values())
+
+
 def test_shards_quick_and_one_section_rerun(tmp_path):
     pytest.importorskip("nvidia.dali", reason="the read and predict sections use the DALI CPU backend")
     out = tmp_path / "shards.json"
