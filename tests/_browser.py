@@ -120,3 +120,18 @@ def _js(cdp, sid, expr):
 
 KEYS = {"ArrowRight": ("ArrowRight", 39, ""), "ArrowLeft": ("ArrowLeft", 37, ""), "s": ("KeyS", 83, "s"),
         **{str(d): (f"Digit{d}", 48 + d, str(d)) for d in range(4)}}
+
+
+def export_grades(cdp, sid, downloads):
+    """Click the page's "export grades.csv" button with a real mouse event and wait for the download: its path."""
+    box = json.loads(_js(cdp, sid, "JSON.stringify(document.getElementById('export').getBoundingClientRect())"))
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for kind in ("mousePressed", "mouseReleased"):
+        cdp.call("Input.dispatchMouseEvent", sid, type=kind, x=x, y=y, button="left", clickCount=1)
+    path = downloads / "grades.csv"
+    deadline = time.time() + 20
+    while not path.exists():
+        assert time.time() < deadline, f"no download: {os.listdir(downloads)}"
+        time.sleep(0.1)
+    time.sleep(0.2)
+    return path

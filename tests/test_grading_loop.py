@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from _browser import KEYS, _browser, _chromium, _js
+from _browser import KEYS, _browser, _chromium, _js, export_grades
 from conftest import command_module
 
 from dali_lens.data.synthetic import generate_dataset
@@ -64,16 +64,7 @@ def _grade_in_browser(page: str, truth: dict, tmp_path) -> str:
             cdp.call("Input.dispatchKeyEvent", sid, type="keyDown", text=text, **ev)
             cdp.call("Input.dispatchKeyEvent", sid, type="keyUp", **ev)
         assert _js(cdp, sid, "document.getElementById('count').textContent").startswith(f"graded {n} / {n}")
-        box = json.loads(_js(cdp, sid, "JSON.stringify(document.getElementById('export').getBoundingClientRect())"))
-        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        for kind in ("mousePressed", "mouseReleased"):
-            cdp.call("Input.dispatchMouseEvent", sid, type=kind, x=x, y=y, button="left", clickCount=1)
-        path = downloads / "grades.csv"
-        deadline = time.time() + 20
-        while not path.exists():
-            assert time.time() < deadline, f"no download: {os.listdir(downloads)}"
-            time.sleep(0.1)
-        time.sleep(0.2)
+        path = export_grades(cdp, sid, downloads)
     return str(path)
 
 

@@ -331,7 +331,7 @@ def test_train_and_evaluate_write_galleries_unless_turned_off(tmp_path):
 # the page in a real browser: keyboard grading, reload, export
 
 
-from _browser import CDP, KEYS, _browser, _chromium, _js  # noqa: E402,F401 - shared with test_grading_loop
+from _browser import CDP, KEYS, _browser, _chromium, _js, export_grades  # noqa: E402,F401 - shared with test_grading_loop
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run "
@@ -385,17 +385,7 @@ def test_grading_page_in_a_real_browser(npy_data, tmp_path):
         assert choose("filter", "graded") == "0,2,3"
         assert choose("filter", "all") == "0,1,2,3,4,5"
         assert choose("sort", "asc") == "5,4,3,2,1,0"
-        box = js("JSON.stringify(document.getElementById('export').getBoundingClientRect())")
-        box = json.loads(box)
-        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        for kind in ("mousePressed", "mouseReleased"):
-            cdp.call("Input.dispatchMouseEvent", sid, type=kind, x=x, y=y, button="left", clickCount=1)
-        target_csv = downloads / "grades.csv"
-        deadline = time.time() + 20
-        while not target_csv.exists():
-            assert time.time() < deadline, f"no download: {os.listdir(downloads)}"
-            time.sleep(0.1)
-        time.sleep(0.2)
+        target_csv = export_grades(cdp, sid, downloads)
         rows = list(csv.reader(open(target_csv)))
     assert rows[0] == ["id", "grade", "score"]
     want = [(cands[0], "3"), (cands[2], "0"), (cands[3], "1")]
