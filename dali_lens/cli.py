@@ -22,6 +22,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} [{rng}]" if rng and action.help != argparse.SUPPRESS else text
 
 
+def one_line(text) -> str:
+    """``text`` as one printable line: control characters (a CR or LF in a file name or id from the data) are
+    shown escaped (``\\r``), so an ``error:`` line stays one line on a terminal and in a log."""
+    import unicodedata
+
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch).startswith("C") else ch for ch in str(text))
+
+
 class Parser(argparse.ArgumentParser):
     """Every command's parser: a bad option is one ``error: --option ...`` line (then exit 2), no usage block."""
 
@@ -32,7 +40,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         if message.startswith("argument "):
             message = message[len("argument "):]
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def check_options(ap: argparse.ArgumentParser, options: dict) -> None:
@@ -93,7 +101,7 @@ def run_command(action, errors: tuple, interrupted: str, hint=None, output: str 
         log(interrupted)
         return 130
     except errors as exc:
-        log(f"error: {write_problem(exc, output) if isinstance(exc, OSError) and write_problem(exc) else exc}")
+        log("error: " + one_line(write_problem(exc, output) if isinstance(exc, OSError) and write_problem(exc) else exc))
         extra = hint(exc) if hint is not None else None
         if extra:
             log(extra)
@@ -102,7 +110,7 @@ def run_command(action, errors: tuple, interrupted: str, hint=None, output: str 
         line = write_problem(exc, output)
         if line is None:
             raise
-        log(f"error: {line}")
+        log(f"error: {one_line(line)}")
         return 2
     finally:
         if previous is not None:

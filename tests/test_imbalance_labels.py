@@ -291,3 +291,31 @@ def test_a_balanced_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tm
     assert all(torch.equal(a[k], b[k]) for k in a), backend
     hist = [json.load(open(os.path.join(d, "metrics.json")))["history"] for d in (straight, stopped)]
     assert [h["train_loss"] for h in hist[0]] == [h["train_loss"] for h in hist[1]]
+
+
+
+def test_a_cr_in_a_crafted_weights_file_name_stays_one_error_line(tmp_path, capsys):
+    """A --weights file holding a pickle payload, named with a CR and '<!--<script>': nothing in it runs, the
+    run stops with one `error:` line naming the file (the CR shown escaped by cli.one_line), and nothing is
+    written outside --out."""
+    import torch
+
+    from dali_lens.data.synthetic import generate_dataset
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "PWNED"),))
+
+    data = str(tmp_path / "data")
+    generate_dataset(data, n=40, size=16, fmt="png", seed=3)
+    evil = tmp_path / "we\rird<!--<script>.pt"
+    torch.save({"state_dict": Payload()}, evil)
+    before = sorted(os.listdir(tmp_path))
+    rc = command_module("train").main(["--data-root", data, "--out", str(tmp_path / "run"), "--weights", str(evil),
+                                       "--img-size", "16", "--epochs", "1", "--no-progress", "--no-gallery"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "\r" not in err and err.count("error:") == 1, err
+    line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
+    assert "we\\rird<!--<script>.pt" in line and "not a readable PyTorch file" in line
+    assert not (tmp_path / "PWNED").exists()
+    assert sorted(set(os.listdir(tmp_path)) - {"run"}) == before
