@@ -122,6 +122,17 @@ KEYS = {"ArrowRight": ("ArrowRight", 39, ""), "ArrowLeft": ("ArrowLeft", 37, "")
         **{str(d): (f"Digit{d}", 48 + d, str(d)) for d in range(4)}}
 
 
+def reload(cdp, sid, timeout: float = 30.0) -> None:
+    """Reload the page and wait for the *new* document to finish loading: the old one is marked first, so a
+    poll that reaches it (the reload not begun yet on a busy machine) is not taken for the new one."""
+    _js(cdp, sid, "window.__beforeReload = true")
+    cdp.call("Page.reload", sid)
+    deadline = time.time() + timeout
+    while _js(cdp, sid, "(window.__beforeReload ? 'old' : '') + document.readyState") != "complete":
+        assert time.time() < deadline, "the page did not reload"
+        time.sleep(0.1)
+
+
 def export_grades(cdp, sid, downloads):
     """Click the page's "export grades.csv" button with a real mouse event and wait for the download: its path."""
     box = json.loads(_js(cdp, sid, "JSON.stringify(document.getElementById('export').getBoundingClientRect())"))

@@ -331,7 +331,7 @@ def test_train_and_evaluate_write_galleries_unless_turned_off(tmp_path):
 # the page in a real browser: keyboard grading, reload, export
 
 
-from _browser import CDP, KEYS, _browser, _chromium, _js, export_grades  # noqa: E402,F401 - shared with test_grading_loop
+from _browser import CDP, KEYS, _browser, _chromium, _js, export_grades, reload  # noqa: E402,F401 - shared with test_grading_loop
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run "
@@ -370,8 +370,10 @@ def test_grading_page_in_a_real_browser(npy_data, tmp_path):
         for key in ["3", "s", "0", "ArrowRight", "ArrowLeft", "1"]:
             press(key)
         assert js("document.querySelector('.card.cur').dataset.id") == cands[4]["id"]
-        cdp.call("Page.reload", sid)
-        time.sleep(0.3)
+        assert js("document.getElementById('count').textContent") == "graded 3 / 6 (shown 6)"  # and stored:
+        stored = json.loads(js(f"localStorage.getItem('dali-lens-grades:' + {json.dumps(page_data(out)['key'])})"))
+        assert stored == {cands[0]["key"]: 3, cands[2]["key"]: 0, cands[3]["key"]: 1}
+        reload(cdp, sid)
         wait_loaded()
         assert js("document.getElementById('count').textContent").startswith("graded 3 / 6")  # kept in the browser
         # the filter by label and the sort by score
@@ -480,3 +482,33 @@ def test_ids_that_are_markup_show_as_text_and_run_nothing(tmp_path):
             assert _js(cdp, sid, "JSON.stringify(window.__ran)") == "[]", out
             assert _js(cdp, sid, "document.querySelectorAll('[onerror], img[src=\"x\"]').length") == 0, out
             assert _js(cdp, sid, "document.scripts.length") == 2, out
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run "
+                                                "installs it): the grading page is not tested in a browser")
+def test_grading_page_says_so_when_the_browser_will_not_keep_grades(npy_data, tmp_path):
+    """A browser that refuses localStorage (a locked-down profile, a privacy mode): grading still works and the
+    count says the grades are not kept, so the user exports them before closing (it was silent)."""
+    root, preds = npy_data
+    out = str(tmp_path / "look")
+    inspect_predictions(preds, root, out, top=6)
+    with _browser(tmp_path / "profile") as cdp:
+        target = cdp.call("Target.createTarget", url="about:blank")["targetId"]
+        sid = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        cdp.call("Page.enable", sid)
+        cdp.call("Page.addScriptToEvaluateOnNewDocument", sid, source=(
+            "Object.defineProperty(window, 'localStorage', {get() { throw new DOMException('denied', "
+            "'SecurityError'); }});"))
+        cdp.call("Page.navigate", sid, url="file://" + os.path.join(out, "index.html"))
+        deadline = time.time() + 30
+        while _js(cdp, sid, "document.readyState + ':' + document.querySelectorAll('.card').length") != "complete:6":
+            assert time.time() < deadline, "the page did not load"
+            time.sleep(0.1)
+        cdp.call("Page.bringToFront", sid)
+        code, vk, text = KEYS["3"]
+        ev = dict(key="3", code=code, windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
+        cdp.call("Input.dispatchKeyEvent", sid, type="keyDown", text=text, **ev)
+        cdp.call("Input.dispatchKeyEvent", sid, type="keyUp", **ev)
+        count = _js(cdp, sid, "document.getElementById('count').textContent")
+        assert count.startswith("graded 1 / 6") and "not kept" in count and "export grades.csv" in count
+        assert _js(cdp, sid, "window.gradesCsv()").count("\n") == 2  # the header and the grade: export still works

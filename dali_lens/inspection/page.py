@@ -3,7 +3,8 @@
 Keys: arrow keys move (left/right one candidate, up/down one row), 0-3 grade (0 not a lens, 1 possible,
 2 probable, 3 definite) and move on, ``s`` or space skips, Backspace/Delete clears a grade. Grades are kept in
 the browser's localStorage (per page: the same candidates and imported grades share them) and survive reloads;
-"export grades.csv" downloads ``id,grade,score``.
+a browser that refuses localStorage still grades, and the count says the grades are not kept. "export
+grades.csv" downloads ``id,grade,score``.
 """
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ _JS = r"""
 (function(){
 const DATA = JSON.parse(document.getElementById('data').textContent);
 const C = DATA.candidates, KEY = 'dali-lens-grades:' + DATA.key;
-let grades;
-try { grades = JSON.parse(localStorage.getItem(KEY)); } catch (e) { grades = null; }
+let grades, kept = true;  // kept: false once this browser refused to store the grades (shown next to the count)
+try { grades = JSON.parse(localStorage.getItem(KEY)); } catch (e) { grades = null; kept = false; }
 if (!grades || typeof grades !== 'object') grades = Object.assign({}, DATA.grades);
 let view = [], cur = 0;
 const grid = document.getElementById('grid'), sortSel = document.getElementById('sort'),
       filtSel = document.getElementById('filter'), count = document.getElementById('count');
-function save() { try { localStorage.setItem(KEY, JSON.stringify(grades)); } catch (e) {} }
+function save() { try { localStorage.setItem(KEY, JSON.stringify(grades)); } catch (e) { kept = false; } }
 function labelName(l) { return l === 1 ? 'lens' : l === 0 ? 'non-lens' : 'unlabelled'; }
 function keep(c) {
   const f = filtSel.value, g = grades[c.key];
@@ -85,7 +86,8 @@ function paint() {
     if (g !== undefined) n++;
     d.classList.toggle('cur', view[cur] === i);
   });
-  count.textContent = 'graded ' + n + ' / ' + C.length + ' (shown ' + view.length + ')';
+  count.textContent = 'graded ' + n + ' / ' + C.length + ' (shown ' + view.length + ')' +
+    (kept ? '' : ' - not kept: this browser refuses to store them, export grades.csv before closing');
   const d = cards[view[cur]];
   if (d) d.scrollIntoView({block: 'nearest'});
 }
