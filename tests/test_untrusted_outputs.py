@@ -195,6 +195,27 @@ def test_train_never_reuses_a_users_config_and_a_refused_run_leaves_no_trace(run
     assert sorted(os.listdir(out)) == ["notes.txt"] and _tree(out) == before
 
 
+def test_a_run_stopped_by_its_data_leaves_no_folder_where_there_was_none(run, tmp_path, capsys):
+    """A train that fails once it reads the data (none there; labels that match no cutout) made its --out and
+    took the lock: it removes the folders it made (a/b/run: all three), and leaves a folder that was there."""
+    base = ["--epochs", "1", "--batch-size", "8", "--img-size", str(SIZE), "--backend", "torchvision",
+            "--workers", "0", "--no-progress"]
+    nested = tmp_path / "a" / "b" / "run"
+    assert train.main(["--data-root", str(tmp_path / "missing"), "--out", str(nested), *base]) == 2
+    assert "missing" in _error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == []
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,label\nnot-a-cutout,1\n")
+    assert train.main(["--data-root", run["data"], "--labels", str(labels), "--out", str(nested), *base]) == 2
+    assert "labels.csv" in _error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["labels.csv"]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert train.main(["--data-root", str(tmp_path / "missing"), "--out", str(kept), *base]) == 2
+    _error_line(capsys)
+    assert kept.is_dir() and os.listdir(kept) == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # predictions CSV cells
 
