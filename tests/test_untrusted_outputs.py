@@ -197,7 +197,8 @@ def test_train_never_reuses_a_users_config_and_a_refused_run_leaves_no_trace(run
 
 def test_a_run_stopped_by_its_data_leaves_no_folder_where_there_was_none(run, tmp_path, capsys):
     """A train that fails once it reads the data (none there; labels that match no cutout) made its --out and
-    took the lock: it removes the folders it made (a/b/run: all three), and leaves a folder that was there."""
+    took the lock: it removes the folders it made (a/b/run: all three), and leaves a folder that was there.
+    So does predict, whose lock beside OUT made OUT's folders."""
     base = ["--epochs", "1", "--batch-size", "8", "--img-size", str(SIZE), "--backend", "torchvision",
             "--workers", "0", "--no-progress"]
     nested = tmp_path / "a" / "b" / "run"
@@ -214,6 +215,14 @@ def test_a_run_stopped_by_its_data_leaves_no_folder_where_there_was_none(run, tm
     assert train.main(["--data-root", str(tmp_path / "missing"), "--out", str(kept), *base]) == 2
     _error_line(capsys)
     assert kept.is_dir() and os.listdir(kept) == []
+    # predict the same: its lock beside OUT made OUT's folders (a checkpoint that is not one, inputs not there)
+    assert predict.main(["--checkpoint", str(labels), str(tmp_path / "missing"), "--out",
+                         str(tmp_path / "p" / "q" / "scores.csv")]) == 2
+    assert "labels.csv" in _error_line(capsys)
+    assert predict.main(["--checkpoint", run["ckpt"], str(tmp_path / "missing"), "--out",
+                         str(tmp_path / "p" / "q" / "scores.parquet"), "--backend", "torchvision"]) == 2
+    assert "missing" in _error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["kept", "labels.csv"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -270,12 +270,15 @@ class OutputLock:
     behind never blocks a later run. :meth:`release` removes the file (while still holding the lock:
     ``acquire`` checks that the file it locked is still the one at ``path``, so removing it is safe).
     A file at ``path`` that holds something other than a lock record is never written or removed.
+    The folders :meth:`acquire` made for ``path`` are removed by :meth:`release` while they are empty: a
+    command that failed before writing anything leaves no folder where there was none.
     (``flock`` on NFS is only as reliable as the NFS server's locking.)
     """
 
     def __init__(self, path: str | os.PathLike, busy) -> None:
         self.path, self.busy = os.path.abspath(os.fspath(path)), busy
         self.fd: int | None = None
+        self.made: list[str] = []  # the folders acquire() created, deepest first
 
     def __enter__(self) -> "OutputLock":
         return self
@@ -293,6 +296,10 @@ class OutputLock:
         import socket
         import sys
 
+        folder, self.made = os.path.dirname(self.path), []
+        while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+            self.made.append(folder)
+            folder = os.path.dirname(folder)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -330,6 +337,12 @@ class OutputLock:
                 pass
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+        for folder in self.made:  # rmdir removes only an empty folder, never a link or a file
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self.made = []
 
 
 def _lock_record(text: str) -> dict | None:

@@ -12,7 +12,7 @@
   names the trainer, data root and resolved backend): a user's own ``config.json``, or any other file in the
   directory, makes a fresh run refuse, as before: nothing a user wrote is touched, and a refused run leaves the
   directory exactly as it was (no ``run.lock``). A run that fails before writing anything (its data missing or
-  refused) removes the folder it made, if that folder is still empty; a folder that was there is left as it was.
+  refused) leaves no folder where there was none (``OutputLock`` removes the folders it made while empty).
 * **--resume with other options.** The options that decide what is trained (data, model, optimisation,
   loader) must equal the run's ``config.json``; otherwise the run stops and lists what differs.
   ``--allow-config-change`` continues with the new values and records the change in ``config.json``.
@@ -63,27 +63,12 @@ class RunDir:
 
     def __init__(self) -> None:
         self.lock: OutputLock | None = None
-        self.created: list[str] | None = None  # the folders claim() made, deepest first: removed if left empty
 
     def __enter__(self) -> "RunDir":
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, *exc) -> None:
         self.release()
-        if exc_type is not None:
-            self._remove_if_empty()
-
-    def _remove_if_empty(self) -> None:
-        """A run that failed before writing anything (bad data, an option refused once the data was read) leaves
-        no folder where there was none: only the empty folder this run made is removed, never a file."""
-        for path in self.created or ():  # deepest first: --out a/b/c where a was missing made three
-            try:
-                if not os.path.isdir(path) or os.path.islink(path) or os.listdir(path):
-                    break
-                os.rmdir(path)
-            except OSError:
-                break
-        self.created = None
 
     def release(self) -> None:
         if self.lock is not None:
@@ -100,13 +85,11 @@ class RunDir:
         """
         decision: list = [None, None]
         if is_main:
-            self.created = _missing(out)
             try:
                 self._lock(out)
                 decision[0] = _decide(out, resume, log)
             except (FileExistsError, FileNotFoundError) as exc:
-                self.release()
-                self._remove_if_empty()
+                self.release()  # (and the folder the lock made, if it made one)
                 decision[1] = exc
         if world > 1:
             import torch.distributed as dist
@@ -127,18 +110,6 @@ class RunDir:
         except OutputLockedError as exc:
             raise RunDirError(str(exc)) from None
         self.lock = lock
-
-
-def _missing(out: str) -> list[str]:
-    """``out`` and its ancestors that do not exist yet, deepest first (what making ``out`` creates)."""
-    missing, path = [], os.path.abspath(out)
-    while not os.path.lexists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing
 
 
 def _own_config(path: str) -> bool:
