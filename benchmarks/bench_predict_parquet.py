@@ -145,11 +145,17 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="folder for the data (default: a temporary folder, removed)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per predict run")
     ap.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/predict-parquet-<host>.json)")
+    ap.add_argument("--formats", default="csv,parquet",
+                    help="output formats to run, comma-separated, from csv,parquet (default: both; parquet alone "
+                         "measures the memory target only)")
     ap.add_argument("--quick", action="store_true", help="a smoke test: N 2000,6000, one repeat")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.repeats = "2000,6000", 1
     ns = sorted({int(v) for v in args.n.split(",")})
+    formats = [f for f in ("csv", "parquet") if f in args.formats.split(",")]
+    if not formats or set(args.formats.split(",")) - {"csv", "parquet"}:
+        ap.error(f"--formats: a comma-separated choice from csv,parquet, got {args.formats!r}")
     info = machine_info()
     out = result_path(args.out, NAME, info)
     work = args.work or tempfile.mkdtemp(prefix="bench-pq-")
@@ -161,7 +167,7 @@ def main(argv=None) -> int:
         for n in ns:
             data, pack_s = packed_set(work, pool, n)
             for r in range(args.repeats):
-                for fmt in ("csv", "parquet"):
+                for fmt in formats:
                     target = os.path.join(work, f"out-{n}-{r}.{fmt}")
                     rec = {"n": n, "repeat": r, "pack_s": round(pack_s, 1) if r == 0 else None,
                            **run_predict(ckpt, data, target, args)}
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
                         "met": r_pq / r_csv >= 0.95})
     doc = {"benchmark": NAME, "machine": info, "command": command_line(), "timestamp": utc_timestamp(),
            "mode": "quick" if args.quick else "full",
-           "settings": {"n": ns, "size": args.size, "bands": 1, "batch": args.batch, "backend": args.backend,
+           "settings": {"n": ns, "formats": formats, "size": args.size, "bands": 1, "batch": args.batch, "backend": args.backend,
                         "repeats": args.repeats, "model": "small_cnn (untrained)", "threads": 1, "workers": 1},
            "runs": records, "summary": summary, "targets": targets, "total_s": round(time.perf_counter() - t0, 1)}
     save_result(doc, out)
