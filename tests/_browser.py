@@ -122,6 +122,26 @@ KEYS = {"ArrowRight": ("ArrowRight", 39, ""), "ArrowLeft": ("ArrowLeft", 37, "")
         **{str(d): (f"Digit{d}", 48 + d, str(d)) for d in range(4)}}
 
 
+def press_key(cdp, sid, key: str) -> None:
+    """A real key press (keyDown, then keyUp) of ``key``, a name in :data:`KEYS`, on the page."""
+    code, vk, text = KEYS[key]
+    ev = dict(key=key, code=code, windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
+    cdp.call("Input.dispatchKeyEvent", sid, type="keyDown", text=text, **ev)
+    cdp.call("Input.dispatchKeyEvent", sid, type="keyUp", **ev)
+
+
+def wait_cards(cdp, sid, n: int | None = None, timeout: float = 30.0) -> int:
+    """Wait until the page has loaded and shows its cards (``n`` of them, or at least one): how many it shows."""
+    deadline = time.time() + timeout
+    while True:
+        ready, _, shown = _js(cdp, sid, "document.readyState + ':' + document.querySelectorAll('.card').length"
+                              ).partition(":")
+        if ready == "complete" and (int(shown) == n if n is not None else int(shown) > 0):
+            return int(shown)
+        assert time.time() < deadline, "the page did not load"
+        time.sleep(0.1)
+
+
 def reload(cdp, sid, timeout: float = 30.0) -> None:
     """Reload the page and wait for the *new* document to finish loading: the old one is marked first, so a
     poll that reaches it (the reload not begun yet on a busy machine) is not taken for the new one."""

@@ -13,11 +13,10 @@ import csv
 import json
 import os
 import shutil
-import time
 
 import pytest
 
-from _browser import KEYS, _browser, _chromium, _js, export_grades
+from _browser import _browser, _chromium, _js, export_grades, press_key, wait_cards
 from conftest import command_module
 
 from dali_lens.data.synthetic import generate_dataset
@@ -50,19 +49,11 @@ def _grade_in_browser(page: str, truth: dict, tmp_path) -> str:
         cdp.call("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads), eventsEnabled=True)
         target = cdp.call("Target.createTarget", url="file://" + page)["targetId"]
         sid = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        deadline = time.time() + 30
-        while _js(cdp, sid, "document.readyState") != "complete" or \
-                not _js(cdp, sid, "document.querySelectorAll('.card').length"):
-            assert time.time() < deadline, "the page did not load"
-            time.sleep(0.1)
+        n = wait_cards(cdp, sid)
         cdp.call("Page.bringToFront", sid)
-        n = _js(cdp, sid, "document.querySelectorAll('.card').length")
         for _ in range(n):  # the current card's id, then its grade (the page moves on by itself)
             ident = _js(cdp, sid, "document.querySelector('.card.cur').dataset.id")
-            code, vk, text = KEYS["3" if truth[ident] == 1 else "0"]
-            ev = dict(key=text, code=code, windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
-            cdp.call("Input.dispatchKeyEvent", sid, type="keyDown", text=text, **ev)
-            cdp.call("Input.dispatchKeyEvent", sid, type="keyUp", **ev)
+            press_key(cdp, sid, "3" if truth[ident] == 1 else "0")
         assert _js(cdp, sid, "document.getElementById('count').textContent").startswith(f"graded {n} / {n}")
         path = export_grades(cdp, sid, downloads)
     return str(path)

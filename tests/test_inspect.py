@@ -331,7 +331,7 @@ def test_train_and_evaluate_write_galleries_unless_turned_off(tmp_path):
 # the page in a real browser: keyboard grading, reload, export
 
 
-from _browser import CDP, KEYS, _browser, _chromium, _js, export_grades, reload  # noqa: E402,F401 - shared with test_grading_loop
+from _browser import _browser, _chromium, _js, export_grades, press_key, reload, wait_cards  # noqa: E402
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run "
@@ -352,29 +352,17 @@ def test_grading_page_in_a_real_browser(npy_data, tmp_path):
         def js(expr):
             return _js(cdp, sid, expr)
 
-        def wait_loaded():
-            deadline = time.time() + 30
-            while js("document.readyState + ':' + document.querySelectorAll('.card').length") != f"complete:{len(cands)}":
-                assert time.time() < deadline, "the page did not load"
-                time.sleep(0.1)
-
-        def press(key):
-            code, vk, text = KEYS[key]
-            ev = dict(key=key, code=code, windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
-            cdp.call("Input.dispatchKeyEvent", sid, type="keyDown", text=text, **ev)
-            cdp.call("Input.dispatchKeyEvent", sid, type="keyUp", **ev)
-
-        wait_loaded()
+        wait_cards(cdp, sid, len(cands))
         cdp.call("Page.bringToFront", sid)
         # grade 3 the first, skip the second, 0 the third, step right and back, 1 the fourth
         for key in ["3", "s", "0", "ArrowRight", "ArrowLeft", "1"]:
-            press(key)
+            press_key(cdp, sid, key)
         assert js("document.querySelector('.card.cur').dataset.id") == cands[4]["id"]
         assert js("document.getElementById('count').textContent") == "graded 3 / 6 (shown 6)"  # and stored:
         stored = json.loads(js(f"localStorage.getItem('dali-lens-grades:' + {json.dumps(page_data(out)['key'])})"))
         assert stored == {cands[0]["key"]: 3, cands[2]["key"]: 0, cands[3]["key"]: 1}
         reload(cdp, sid)
-        wait_loaded()
+        wait_cards(cdp, sid, len(cands))
         assert js("document.getElementById('count').textContent").startswith("graded 3 / 6")  # kept in the browser
         # the filter by label and the sort by score
         def choose(select, value):
@@ -500,15 +488,9 @@ def test_grading_page_says_so_when_the_browser_will_not_keep_grades(npy_data, tm
             "Object.defineProperty(window, 'localStorage', {get() { throw new DOMException('denied', "
             "'SecurityError'); }});"))
         cdp.call("Page.navigate", sid, url="file://" + os.path.join(out, "index.html"))
-        deadline = time.time() + 30
-        while _js(cdp, sid, "document.readyState + ':' + document.querySelectorAll('.card').length") != "complete:6":
-            assert time.time() < deadline, "the page did not load"
-            time.sleep(0.1)
+        wait_cards(cdp, sid, 6)
         cdp.call("Page.bringToFront", sid)
-        code, vk, text = KEYS["3"]
-        ev = dict(key="3", code=code, windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
-        cdp.call("Input.dispatchKeyEvent", sid, type="keyDown", text=text, **ev)
-        cdp.call("Input.dispatchKeyEvent", sid, type="keyUp", **ev)
+        press_key(cdp, sid, "3")
         count = _js(cdp, sid, "document.getElementById('count').textContent")
         assert count.startswith("graded 1 / 6") and "not kept" in count and "export grades.csv" in count
         assert _js(cdp, sid, "window.gradesCsv()").count("\n") == 2  # the header and the grade: export still works
