@@ -300,9 +300,12 @@ class OutputLock:
         while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
             self.made.append(folder)
             folder = os.path.dirname(folder)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:  # a failed run's release removed the empty folder just now: make it again
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
