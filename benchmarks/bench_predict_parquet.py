@@ -153,8 +153,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.n, args.repeats = "2000,6000", 1
     ns = sorted({int(v) for v in args.n.split(",")})
-    formats = [f for f in ("csv", "parquet") if f in args.formats.split(",")]
-    if not formats or set(args.formats.split(",")) - {"csv", "parquet"}:
+    asked = args.formats.split(",")
+    formats = [f for f in ("csv", "parquet") if f in asked]
+    if not formats or set(asked) - set(formats):
         ap.error(f"--formats: a comma-separated choice from csv,parquet, got {args.formats!r}")
     info = machine_info()
     out = result_path(args.out, NAME, info)
@@ -204,8 +205,8 @@ def main(argv=None) -> int:
                         "met": r_pq / r_csv >= 0.95})
     doc = {"benchmark": NAME, "machine": info, "command": command_line(), "timestamp": utc_timestamp(),
            "mode": "quick" if args.quick else "full",
-           "settings": {"n": ns, "formats": formats, "size": args.size, "bands": 1, "batch": args.batch, "backend": args.backend,
-                        "repeats": args.repeats, "model": "small_cnn (untrained)", "threads": 1, "workers": 1},
+           "settings": {"n": ns, "formats": formats, "size": args.size, "bands": 1, "batch": args.batch,
+                        "backend": args.backend, "repeats": args.repeats, "model": "small_cnn (untrained)", "threads": 1, "workers": 1},
            "runs": records, "summary": summary, "targets": targets, "total_s": round(time.perf_counter() - t0, 1)}
     save_result(doc, out)
     for t in targets:

@@ -238,3 +238,15 @@ def test_benchmarks_readme_timed_plan_is_the_plans_table():
     for script in ("gpu_session.sh", "gpu_prepare.sh"):
         with open(os.path.join(ROOT, "benchmarks", script), encoding="utf-8") as fh:
             assert "min" not in "".join(ln for ln in fh if "total" in ln.lower()), f"{script} states its own total"
+
+
+def test_predict_parquet_quick_parquet_only(tmp_path):
+    """issue 26: `bench_predict_parquet --quick --formats parquet` runs only Parquet, and its memory target is
+    computed from those runs (the throughput ratio needs CSV, so it is absent)."""
+    pytest.importorskip("nvidia.dali", reason="the benchmark scores with the DALI CPU backend")
+    out = tmp_path / "pq.json"
+    run("bench_predict_parquet.py", "--quick", "--formats", "parquet", "--out", str(out), timeout=600)
+    doc = load(out)
+    assert doc["settings"]["formats"] == ["parquet"] and {r["format"] for r in doc["runs"]} == {"parquet"}
+    assert all(r["ok"] and r["rows_read_back"] == r["n"] for r in doc["runs"])
+    assert [t["name"] for t in doc["targets"]] == ["parquet peak RSS at 6000 within 10 % of 2000"]
