@@ -168,6 +168,16 @@ def test_loader_refuses_objects_and_reads_plain_data(tmp_path):
     with pytest.raises(ValueError,
                        match=r"junk\.pt: refused: not a PyTorch file of tensors and plain data \(pickle opcode"):
         load_torch_plain(tmp_path / "junk.pt")
+    # a payload calling a function of a module torch blocks outright (os.system): refused by name too, and it
+    # never ran (torch words this refusal differently; the line showed its advice to load without weights_only)
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    torch.save({"model": Payload()}, tmp_path / "sys.pt")
+    with pytest.raises(ValueError, match=r"sys\.pt: refused: it holds a Python object \((posix|nt|os)\.system\)"):
+        load_torch_plain(tmp_path / "sys.pt")
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_writer_stores_plain_data_only(trained, tmp_path):

@@ -222,7 +222,9 @@ def load_torch_plain(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise
     except Exception as exc:  # pickle.UnpicklingError from the restricted unpickler, zip/EOF errors, ...
         text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # torch names the refused global in two wordings: "Unsupported global: GLOBAL m.f" and (a module it
+        # blocks outright, such as os or posix) "Trying to load unsupported GLOBAL m.f whose module m is blocked"
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
         if found:
             raise ValueError(f"{path}: refused: it holds a Python object ({found.group(1)}), not only tensors and "
                              "plain data; dali-lens never unpickles objects from a file (that can run code)") from None
