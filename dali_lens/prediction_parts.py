@@ -44,6 +44,12 @@ def _tar_groups(dataset) -> list[np.ndarray]:
     """The dataset positions of each tar shard of a packed dataset, tars in first-seen order."""
     from .data.shards import split_member_path
 
+    fast = getattr(dataset.samples, "shard_numbers", None)  # a packed listing: its shard numbers, no path built
+    if fast is not None:
+        tar = fast()[1]
+        order = np.argsort(tar, kind="stable")
+        cuts = np.flatnonzero(np.diff(tar[order])) + 1
+        return sorted(np.split(order, cuts), key=lambda g: int(g[0])) if len(order) else []
     groups: dict[str, list[int]] = {}
     for k, s in enumerate(dataset.samples):
         groups.setdefault(split_member_path(s.path)[0], []).append(k)

@@ -101,7 +101,8 @@ def catalogue_columns(samples, taken, say=None) -> list[CatalogueColumn]:
     ``string``. A key in ``taken`` (our own columns) or starting with ``score_`` is renamed ``cat_<key>`` (then
     ``cat_cat_<key>`` ...), told through ``say``."""
     kinds: dict[str, set] = {}
-    for s in samples:
+    has_meta = getattr(samples, "has_meta", None)  # a packed listing knows when none of its samples has any
+    for s in (samples if has_meta is None or has_meta() else ()):
         meta = s.meta
         if not meta:
             continue

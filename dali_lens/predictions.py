@@ -161,7 +161,9 @@ def _part_of(shard: tuple[int, int], place: dict):
         if dataset.data_kind.packed:
             from .data.shards import split_member_path
 
-            place["tars"] = len({split_member_path(dataset.samples[int(k)].path)[0] for k in pos})
+            fast = getattr(dataset.samples, "shard_numbers", None)
+            place["tars"] = (len(np.unique(fast()[1][pos])) if fast is not None
+                             else len({split_member_path(dataset.samples[int(k)].path)[0] for k in pos}))
         return dataset.subset(pos)
     return select
 
@@ -190,12 +192,15 @@ def _remaining(dataset, table, limit: int | None, world: int, say) -> tuple[np.n
     """``(positions still to score, at most limit of them; how many are left in all; how many are done)``."""
     done = table.done_files()
     _barrier(world)
-    paths = {s.path for s in dataset.samples}
-    extra, already = len(done - paths), len(done & paths)
-    del paths
-    # positions still to score, as one int64 array (a list of ints costs 36 bytes per cutout)
-    remaining = np.fromiter((i for i, s in enumerate(dataset.samples) if s.path not in done), dtype=np.int64)
-    del done
+    # positions still to score, as one int64 array (a list of ints costs 36 bytes per cutout); DATA's paths are
+    # unique (gather_inputs), so the done ones not among them are the rows for other files
+    n = len(dataset)
+    hit = (np.fromiter((s.path in done for s in dataset.samples), dtype=bool, count=n) if done
+           else np.zeros(n, dtype=bool))
+    already = int(hit.sum())
+    extra = len(done) - already
+    remaining = np.flatnonzero(~hit).astype(np.int64)
+    del done, hit
     total_left = len(remaining)
     if limit is not None:
         remaining = remaining[: max(0, limit)]
@@ -216,42 +221,68 @@ def _nothing_to_score(table, total_left: int, n: int, main_rank: bool, world: in
     _barrier(world)
 
 
+#: predict scores its inputs in consecutive chunks of at most this many cutouts, one loader each, so that what a
+#: loader holds per cutout (DALI's reader index, the shard plan, the file lists) stays bounded whatever the number
+#: of cutouts: peak memory is flat from about this many cutouts on (``benchmarks/bench_predict_parquet.py``)
+SCORE_CHUNK = 1 << 17
+
+
+def score_chunks(n: int, size: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the chunks ``n`` cutouts are scored in: as few as hold at most ``size`` (default
+    :data:`SCORE_CHUNK`) each, balanced (so each holds at least half of ``size`` when there are several)."""
+    from .pipelines.options import shard_bounds
+
+    k = max(1, -(-n // int(size or SCORE_CHUNK)))
+    return [shard_bounds(n, i, k) for i in range(k)]
+
+
 def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: int, loader_kw: dict,
                  show_progress: bool, positions=None, embeddings: list[dict] | None = None) -> int:
-    """Score this rank's share of ``sub`` into the output ``table`` (``OUT`` or its part file), batch by batch
-    (``positions``: where ``sub``'s samples are in the run's dataset), with the members' embeddings
-    (``embeddings``: their layout; Parquet columns, or a CSV's files written just before each batch's rows);
-    returns the rows written."""
+    """Score this rank's share of ``sub`` into the output ``table`` (``OUT`` or its part file), chunk by chunk
+    (:func:`score_chunks`: a loader each, every rank its share of each) and batch by batch (``positions``: where
+    ``sub``'s samples are in the run's dataset), with the members' embeddings (``embeddings``: their layout;
+    Parquet columns, or a CSV's files written just before each batch's rows); returns the rows written."""
     from .inference import loader_options, score_batches
     from .pipelines import build_loader
     from .pipelines.options import shard_bounds
 
-    lo, hi = shard_bounds(len(sub), rank, world)
-    if hi <= lo:
+    chunks = score_chunks(len(sub))
+    shares = [shard_bounds(b - a, rank, world) for a, b in chunks]
+    expected = sum(hi - lo for lo, hi in shares)
+    if expected == 0:
         return 0
     opts = loader_options(ens, loader_kw["batch_size"], loader_kw["tta"], shard_id=rank, num_shards=world,
                           workers=loader_kw["workers"])
-    loader = build_loader(sub, backend=backend, options=opts)
     from tqdm import tqdm
 
-    bar = tqdm(total=hi - lo, unit="img", desc="predict" if world == 1 else f"predict rank {rank}/{world}",
+    bar = tqdm(total=expected, unit="img", desc="predict" if world == 1 else f"predict rank {rank}/{world}",
                disable=not show_progress, dynamic_ncols=True, smoothing=0.1)
     written = 0
     from .embeddings import embedding_sink
 
     with table.writer(rank, world) as writer, embedding_sink(table, writer, embeddings) as sink:
         try:
-            for idx, _, logits, *vectors in score_batches(ens, loader, embeddings=bool(embeddings)):
-                batch = _batch(ens, sub, idx, positions, *ens.probabilities(logits, fusion))
-                if embeddings:
-                    sink(batch, vectors[0])
-                writer.add(batch)
-                written += len(batch.samples)
-                bar.update(len(batch.samples))
+            for (a, b), (lo, hi) in zip(chunks, shares):
+                if hi <= lo:
+                    continue
+                part = sub if (a, b) == (0, len(sub)) else sub.subset(np.arange(a, b, dtype=np.int64))
+                where = None if positions is None else positions[a:b]
+                loader = build_loader(part, backend=backend, options=opts)
+                got = 0
+                for idx, _, logits, *vectors in score_batches(ens, loader, embeddings=bool(embeddings)):
+                    batch = _batch(ens, part, idx, where, *ens.probabilities(logits, fusion))
+                    if embeddings:
+                        sink(batch, vectors[0])
+                    writer.add(batch)
+                    got += len(batch.samples)
+                    bar.update(len(batch.samples))
+                del loader  # its pipeline (and the reader's index of the chunk) goes before the next is built
+                written += got
+                if got != hi - lo:
+                    raise RuntimeError(f"rank {rank}: the loader returned {got} of {hi - lo} cutouts of "
+                                       f"cutouts {a}..{b - 1}")
         finally:
             bar.close()
-    if written != hi - lo:
-        raise RuntimeError(f"rank {rank}: the loader returned {written} of {hi - lo} cutouts")
     return written
 
 

@@ -356,3 +356,90 @@ def test_evaluate_on_packed_data_keeps_catalogue_columns(tmp_path):
     assert max(abs(s_loose[k] - s_packed[k]) for k in s_loose) < 1e-5
     assert m_packed["ensemble"]["roc_auc"] == pytest.approx(m_loose["ensemble"]["roc_auc"])
     assert "einstein_area" in m_packed["completeness"] and m_packed["completeness"].keys() == m_loose["completeness"].keys()
+
+
+def test_packed_listing_is_the_manifests_samples(tmp_path):
+    """A packed set's samples (a compact view, ``PackedSamples``) are exactly those its sample lists describe,
+    read here straight from the JSON: paths, labels, ids (non-ASCII too) and catalogue columns, in order; its
+    slices, subsets and splits concatenated by a scoring command's input gathering are the same samples."""
+    from dali_lens.data.dataset import Sample
+    from dali_lens.data.inputs import gather_inputs
+    from dali_lens.data.shards import PackedSamples, member_path
+
+    src, packed = str(tmp_path / "data"), str(tmp_path / "packed")
+    os.makedirs(os.path.join(src, "img"))
+    rows = ["file,label,objid,ra,tile"]
+    for i in range(30):
+        np.save(os.path.join(src, "img", f"c{i}-\u00e9\u4e2d.npy"), np.full((1, 8, 8), i, np.float32))
+        label = "" if i % 7 == 3 else str(i % 2)
+        rows.append(f"img/c{i}-\u00e9\u4e2d.npy,{label},{10 ** 17 + i},{150 + i / 8},{'T' + str(i % 3) if i % 5 else ''}")
+    with open(os.path.join(src, "test.csv"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(rows) + "\n")
+    with open(os.path.join(src, "train.csv"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(rows[:1] + rows[1:12]) + "\n")
+    pack(src, packed, shard_size="8K", fsync=False, val_fraction=0.0, log=lambda *a: None)
+    with open(os.path.join(packed, "manifest.json")) as fh:
+        m = json.load(fh)
+    expected: dict[str, list] = {}
+    for entry in m["shards"]:
+        with open(os.path.join(packed, entry["samples"]), encoding="utf-8") as fh:
+            info = json.load(fh)
+        tar = os.path.join(packed, entry["path"])
+        for j, key in enumerate(info["keys"]):
+            ext = (info.get("exts") or [info["ext"]] * len(info["keys"]))[j]
+            meta = (info.get("meta") or [None] * len(info["keys"]))[j] or {}
+            expected.setdefault(entry["split"], []).append(
+                (member_path(tar, f"{key:0{m['key_width']}d}", ext),
+                 None if info["labels"][j] < 0 else info["labels"][j], str(info["ids"][j]), meta))
+    assert sum(e["split"] == "test" for e in m["shards"]) >= 3, "want several shards"
+    splits = discover(packed, val_fraction=0.0)
+    assert set(splits) == set(expected)
+    for split, ds in splits.items():
+        assert isinstance(ds.samples, PackedSamples)
+        got = [(s.path, s.label, s.id, dict(s.meta)) for s in ds.samples]
+        assert got == expected[split]
+        assert ds.labels == [-1 if e[1] is None else e[1] for e in expected[split]]
+        assert ds.samples == [Sample(p, lab, i, meta=mt) for p, lab, i, mt in expected[split]]
+    test = splits["test"]
+    assert any(s.label is None for s in test.samples) and "\u4e2d" in test.samples[4].id
+    assert test.samples[-1].path == expected["test"][-1][0] and test.samples[2:5] == test.samples.take([2, 3, 4])
+    sub = test.subset([9, 0, 17])
+    assert isinstance(sub.samples, PackedSamples) and [s.id for s in sub.samples] == [
+        expected["test"][k][2] for k in (9, 0, 17)]
+    assert sub.samples[1].meta.get("ra") == pytest.approx(150.0) and sub.samples[1].meta["objid"] == 10 ** 17
+    every = gather_inputs([packed])  # train then test, one compact view
+    assert isinstance(every.samples, PackedSamples)
+    assert [s.path for s in every.samples] == [e[0] for e in expected["train"] + expected["test"]]
+    twice = gather_inputs([packed, packed])  # the same set twice: scored once
+    assert [s.path for s in twice.samples] == [s.path for s in every.samples]
+
+
+def test_a_sample_list_with_bad_labels_is_one_error_naming_it(tmp_path, capsys):
+    """A packed set's sample list edited by hand (a label that is not 1, 0 or -1, a key that is not a number):
+    the scoring command stops with one `error:` line naming the list."""
+    from test_predict import make_checkpoint
+
+    from conftest import command_module
+
+    from dali_lens.data.synthetic import generate_dataset
+
+    predict_main = command_module("predict").main
+    src, packed = str(tmp_path / "data"), str(tmp_path / "packed")
+    generate_dataset(src, n=20, size=16, seed=4)
+    pack(src, packed, fsync=False, val_fraction=0.0, log=lambda *a: None)
+    ckpt = make_checkpoint(str(tmp_path / "m.pt"), members=(("small_cnn", 16, 0),))
+    with open(os.path.join(packed, "manifest.json")) as fh:
+        listed = os.path.join(packed, json.load(fh)["shards"][0]["samples"])
+    with open(listed) as fh:
+        good = json.load(fh)
+    for field, value in (("labels", 7), ("keys", "x")):
+        info = json.loads(json.dumps(good))
+        info[field][0] = value
+        with open(listed, "w") as fh:
+            json.dump(info, fh)
+        capsys.readouterr()
+        assert predict_main(["-c", ckpt, packed, "--out", str(tmp_path / "s.csv"), "--backend", "dali-cpu",
+                             "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and listed in err and "malformed sample list" in err, err
+        assert not os.path.exists(tmp_path / "s.csv")

@@ -77,7 +77,8 @@ class Sample:
 
 @dataclass
 class Dataset:
-    """A list of samples plus what a loader must know to read them.
+    """A list of samples plus what a loader must know to read them (for a packed set, a compact read-only
+    sequence of them: ``data/shards.PackedSamples``).
 
     ``kind`` names a registered data kind (``dali_lens.data.kinds``): ``'image'`` (PNG/JPEG), ``'npy'`` (float
     arrays shaped (bands, H, W)), ``'fits'`` (one file per sample, one band per HDU or one 3-D HDU),
@@ -118,10 +119,13 @@ class Dataset:
 
     @property
     def labelled(self) -> bool:
-        return all(s.label is not None for s in self.samples)
+        return -1 not in self.labels
 
     @property
     def labels(self) -> list[int]:
+        fast = getattr(self.samples, "labels", None)  # a packed listing (data/shards.PackedSamples) has them as an array
+        if fast is not None:
+            return fast()
         return [-1 if s.label is None else int(s.label) for s in self.samples]
 
     def counts(self) -> dict[str, int]:
@@ -129,8 +133,9 @@ class Dataset:
         return {"lens": labels.count(1), "nonlens": labels.count(0), "unlabelled": labels.count(-1)}
 
     def subset(self, indices, split: str | None = None) -> "Dataset":
-        return Dataset([self.samples[i] for i in indices], self.bands, self.kind, self.root,
-                       split or self.split, self.hdus, self.shape)
+        take = getattr(self.samples, "take", None)  # a packed listing's view stays a compact view
+        samples = take(indices) if take is not None else [self.samples[i] for i in indices]
+        return Dataset(samples, self.bands, self.kind, self.root, split or self.split, self.hdus, self.shape)
 
     def describe(self) -> str:
         c = self.counts()

@@ -11,6 +11,7 @@ import os
 from ..cli import log
 from .dataset import DataError, Dataset, Sample, kind_of, sample_id, supported_files
 from .io import open_text
+from .shards import PackedSamples
 
 SPLIT_ORDER = ("train", "val", "test", "predict")
 
@@ -43,7 +44,6 @@ def _from_list_file(path: str) -> list[Sample]:
 
 def _concat(parts: list[Dataset], root: str, split: str) -> Dataset:
     ref = parts[0]
-    samples, seen, dups = [], set(), 0
     for d in parts:
         if d.bands != ref.bands or d.kind != ref.kind:
             raise DataError(f"{d.samples[0].path}: {d.bands} band(s) of {d.kind} data, but "
@@ -51,15 +51,26 @@ def _concat(parts: list[Dataset], root: str, split: str) -> Dataset:
         if d.shape and ref.shape and d.shape != ref.shape:
             raise DataError(f"{d.samples[0].path}: {d.shape[0]}x{d.shape[1]} px, but {ref.samples[0].path} is "
                             f"{ref.shape[0]}x{ref.shape[1]} px; score differently sized cutouts separately")
+    listings = {id(getattr(d.samples, "listing", None)) for d in parts}
+    if len(listings) == 1 and isinstance(ref.samples, PackedSamples):  # the splits of one packed set: stays compact
+        samples, dups = PackedSamples.concat([d.samples for d in parts])
+    else:
+        samples, dups = _concat_lists(parts)
+    if dups:
+        log(f"note: {dups} file(s) given more than once are scored once")
+    return Dataset(samples, ref.bands, ref.kind, root, split, ref.hdus, ref.shape)
+
+
+def _concat_lists(parts: list[Dataset]) -> tuple[list[Sample], int]:
+    samples, seen, dups = [], set(), 0
+    for d in parts:
         for s in d.samples:
             if s.path in seen:
                 dups += 1
                 continue
             seen.add(s.path)
             samples.append(s)
-    if dups:
-        log(f"note: {dups} file(s) given more than once are scored once")
-    return Dataset(samples, ref.bands, ref.kind, root, split, ref.hdus, ref.shape)
+    return samples, dups
 
 
 def gather_inputs(data: list[str], split: str = "all", hdus=None, val_fraction: float = 0.0,

@@ -30,6 +30,7 @@ import shutil
 import struct
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -268,8 +269,157 @@ def read_shard_samples(path: str) -> dict:
         raise DataError(f"{path}: cannot read the shard's sample list ({exc})") from None
 
 
+@dataclass
+class _Listing:
+    """Every sample of one packed set as arrays (:class:`PackedSamples` views it): per sample its shard
+    (``tar``: a position in ``tars``), key number, member extension (a position in ``exts``), label (-1: none),
+    id (UTF-8 in ``ids``, ``id_at[j]:id_at[j + 1]``) and catalogue columns (``metas``: None when no sample has
+    any)."""
+
+    tars: list[str]
+    tar: np.ndarray
+    key: np.ndarray
+    exts: list[str]
+    ext: np.ndarray
+    label: np.ndarray
+    ids: bytes
+    id_at: np.ndarray
+    metas: list | None
+    width: int
+
+    def sample(self, j: int) -> Sample:
+        meta = self.metas[j] if self.metas is not None else None
+        return Sample(member_path(self.tars[self.tar[j]], f"{int(self.key[j]):0{self.width}d}", self.exts[self.ext[j]]),
+                      None if self.label[j] < 0 else int(self.label[j]),
+                      self.ids[self.id_at[j]:self.id_at[j + 1]].decode("utf-8", "surrogatepass"), meta=meta or NO_META)
+
+
+class PackedSamples(Sequence):
+    """The samples of a packed set (or a subset of them, in any order) as a read-only sequence of
+    :class:`~dali_lens.data.dataset.Sample`, built on access from a compact :class:`_Listing`: about 30 bytes
+    per sample plus its id, where a list of ``Sample`` objects costs ~300, so a scoring run's listing of a
+    survey of millions of cutouts stays small (and a forked loader worker does not copy it page by page as it
+    touches reference counts). Indexing with an int gives a ``Sample``; with a slice or an array of positions
+    (:meth:`take`, used by ``Dataset.subset``) another view of the same listing. It compares equal to any
+    sequence of the same samples."""
+
+    __slots__ = ("listing", "sel")
+
+    def __init__(self, listing: _Listing, sel: np.ndarray):
+        self.listing, self.sel = listing, np.asarray(sel, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.sel)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return PackedSamples(self.listing, self.sel[i])
+        if isinstance(i, (int, np.integer)):
+            return self.listing.sample(int(self.sel[i]))
+        return self.take(i)
+
+    def take(self, indices) -> "PackedSamples":
+        """The samples at ``indices`` (positions in this view), as a view of the same listing."""
+        return PackedSamples(self.listing, self.sel[np.asarray(indices, dtype=np.int64).reshape(-1)])
+
+    def __iter__(self):
+        sample = self.listing.sample
+        for j in self.sel.tolist():
+            yield sample(j)
+
+    def __eq__(self, other):
+        if isinstance(other, PackedSamples) and other.listing is self.listing:
+            return bool(np.array_equal(self.sel, other.sel))
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def __radd__(self, other):
+        return list(other) + list(self)
+
+    def __repr__(self) -> str:
+        return f"PackedSamples({len(self)} samples of {len(self.listing.tars)} shard(s))"
+
+    @classmethod
+    def concat(cls, parts: list["PackedSamples"]) -> tuple["PackedSamples", int]:
+        """One view of ``parts`` (views of one listing) in order, each sample once: (view, duplicates left out)."""
+        sel = np.concatenate([p.sel for p in parts]) if parts else np.empty(0, dtype=np.int64)
+        _, first = np.unique(sel, return_index=True)
+        keep = np.sort(first)
+        return cls(parts[0].listing, sel[keep]), len(sel) - len(keep)
+
+    def labels(self) -> list[int]:
+        """Each sample's label, -1 for an unlabelled one (``Dataset.labels``)."""
+        return self.listing.label[self.sel].astype(np.int64).tolist()
+
+    def shard_numbers(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(shard paths, each sample's shard as a position in them, each sample's key number), no Sample built."""
+        return self.listing.tars, self.listing.tar[self.sel], self.listing.key[self.sel]
+
+    def has_meta(self) -> bool:
+        return self.listing.metas is not None
+
+
+def _read_listing(root: str, manifest: dict) -> tuple[_Listing, dict[str, tuple[int, int]]]:
+    """The :class:`_Listing` of every shard of ``manifest`` (read from their sample lists) and each split's
+    ``[start, stop)`` in it (a split's shards are listed together)."""
+    width = int(manifest.get("key_width", 9))
+    tars, exts, ext_code = [], [], {}
+    tar_c, key_c, ext_c, label_c, id_lens, blobs, metas = [], [], [], [], [], [], []
+    any_meta, spans, n = False, {}, 0
+    for split in manifest["splits"]:
+        start = n
+        for entry in (e for e in manifest["shards"] if e["split"] == split):
+            tar = os.path.join(root, entry["path"])
+            info = read_shard_samples(os.path.join(root, entry["samples"]))
+            keys, ids, labels = info["keys"], info["ids"], info["labels"]
+            if not len(keys) == len(ids) == len(labels) == entry["count"]:
+                raise DataError(f"{tar}: its sample list holds {len(keys)} samples, the manifest says {entry['count']}")
+            shard_exts = info.get("exts") or [info["ext"]] * len(keys)
+            for e in set(shard_exts):
+                if e not in ext_code:
+                    ext_code[e] = len(exts)
+                    exts.append(e)
+            m = info.get("meta") or [None] * len(keys)
+            any_meta = any_meta or any(m)
+            metas.extend(m)
+            try:
+                key_arr, label_arr = np.asarray(keys, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                key_arr = label_arr = None
+            if (key_arr is None or key_arr.ndim != 1 or label_arr.ndim != 1 or (key_arr < 0).any()
+                    or not np.isin(label_arr, (-1, 0, 1)).all()):
+                raise DataError(f"{os.path.join(root, entry['samples'])}: malformed sample list (keys must be "
+                                "integers >= 0, labels 1, 0 or -1)")
+            tar_c.append(np.full(len(keys), len(tars), dtype=np.int32))
+            tars.append(tar)
+            key_c.append(key_arr)
+            ext_c.append(np.fromiter((ext_code[e] for e in shard_exts), dtype=np.int16, count=len(keys)))
+            label_c.append(label_arr.astype(np.int8))
+            enc = [str(i).encode("utf-8", "surrogatepass") for i in ids]
+            id_lens.append(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)))
+            blobs.append(b"".join(enc))
+            n += len(keys)
+        if n > start:
+            spans[split] = (start, n)
+
+    def cat(parts, dtype):
+        return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+    id_at = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(cat(id_lens, np.int64), out=id_at[1:])
+    return _Listing(tars, cat(tar_c, np.int32), cat(key_c, np.int64), exts, cat(ext_c, np.int16),
+                    cat(label_c, np.int8), b"".join(blobs), id_at, metas if any_meta else None, width), spans
+
+
 def load_packed(root: str) -> dict[str, Dataset]:
-    """``{split: Dataset(kind='shards')}`` for the packed set at ``root``."""
+    """``{split: Dataset(kind='shards')}`` for the packed set at ``root``; the samples are :class:`PackedSamples`
+    views of one listing."""
     root = os.path.abspath(root)
     manifest = read_manifest(root)
     if not manifest.get("complete"):
@@ -278,23 +428,9 @@ def load_packed(root: str) -> dict[str, Dataset]:
                         "shard(s) so far); rerun `python -m dali_lens.pack` with the same arguments to finish it")
     bands = int(manifest["bands"])
     shape = tuple(int(v) for v in manifest["shape"]) if manifest.get("shape") else None
-    out: dict[str, Dataset] = {}
-    for split in manifest["splits"]:
-        samples: list[Sample] = []
-        for entry in (e for e in manifest["shards"] if e["split"] == split):
-            tar = os.path.join(root, entry["path"])
-            info = read_shard_samples(os.path.join(root, entry["samples"]))
-            keys, ids, labels = info["keys"], info["ids"], info["labels"]
-            exts = info.get("exts") or [info["ext"]] * len(keys)
-            metas = info.get("meta") or [None] * len(keys)
-            width = int(manifest.get("key_width", 9))
-            if not len(keys) == len(ids) == len(labels) == entry["count"]:
-                raise DataError(f"{tar}: its sample list holds {len(keys)} samples, the manifest says {entry['count']}")
-            for k, ident, label, ext, meta in zip(keys, ids, labels, exts, metas):
-                samples.append(Sample(member_path(tar, f"{k:0{width}d}", ext), None if label < 0 else int(label),
-                                      str(ident), meta=meta or NO_META))
-        if samples:
-            out[split] = Dataset(samples, bands, "shards", root, split, None, shape)
+    listing, spans = _read_listing(root, manifest)
+    out = {split: Dataset(PackedSamples(listing, np.arange(a, b, dtype=np.int64)), bands, "shards", root, split,
+                          None, shape) for split, (a, b) in spans.items()}
     if not out:
         raise DataError(f"{root}: the packed set holds no samples")
     return out
