@@ -8,6 +8,7 @@ names are re-exported here. The command's docstring (``dali_lens/predict.py``) s
 """
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -143,7 +144,8 @@ def _predict_locked(checkpoint, data, out, *, split, backend, batch_size, tta, f
     if workers is None:
         workers = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     t0 = time.perf_counter()
-    written = _score_share(ens, dataset.subset(remaining), table, fusion, backend, rank, world,
+    whole = len(remaining) == len(dataset)  # (a fresh run: no copy of the listing)
+    written = _score_share(ens, dataset if whole else dataset.subset(remaining), table, fusion, backend, rank, world,
                            dict(batch_size=batch_size, tta=tta, workers=workers), progress and main_rank, remaining,
                            now.get("embeddings"))
     _finish(table, written, time.perf_counter() - t0, total_left, main_rank, world, say)
@@ -227,13 +229,51 @@ def _nothing_to_score(table, total_left: int, n: int, main_rank: bool, world: in
 SCORE_CHUNK = 1 << 17
 
 
-def score_chunks(n: int, size: int | None = None) -> list[tuple[int, int]]:
-    """``[start, stop)`` of the chunks ``n`` cutouts are scored in: as few as hold at most ``size`` (default
-    :data:`SCORE_CHUNK`) each, balanced (so each holds at least half of ``size`` when there are several)."""
+def _trim_heap() -> None:
+    """Hand the heap memory freed with a chunk's loader back to the system (glibc's ``malloc_trim``), so that
+    the next chunk's loader does not add to the peak the freed pages still count in; nothing elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def score_chunks(dataset, size: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the consecutive chunks ``dataset`` is scored in, each at most ``size`` (default
+    :data:`SCORE_CHUNK`) cutouts: as few as that allows, balanced, for loose files; for a packed set whole tar
+    shards (so each reader uses the shard's own index), consecutive ones together up to ``size``, a shard
+    larger than that in balanced pieces."""
     from .pipelines.options import shard_bounds
 
-    k = max(1, -(-n // int(size or SCORE_CHUNK)))
-    return [shard_bounds(n, i, k) for i in range(k)]
+    n, size = len(dataset), int(size or SCORE_CHUNK)
+
+    def pieces(a: int, b: int) -> list[tuple[int, int]]:
+        k = max(1, -(-(b - a) // size))
+        return [(a + lo, a + hi) for lo, hi in (shard_bounds(b - a, i, k) for i in range(k))]
+
+    fast = getattr(dataset.samples, "shard_numbers", None)
+    if fast is None or n <= size:
+        return pieces(0, n)
+    tar = fast()[1]
+    cuts = np.flatnonzero(np.diff(tar)) + 1
+    out: list[tuple[int, int]] = []
+    cur = None
+    for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, n].tolist()):
+        if cur is not None and b - cur[0] <= size:
+            cur = (cur[0], b)
+            continue
+        if cur is not None:
+            out.append(cur)
+        cur = None
+        if b - a > size:
+            out += pieces(a, b)
+        else:
+            cur = (a, b)
+    if cur is not None:
+        out.append(cur)
+    return out
 
 
 def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: int, loader_kw: dict,
@@ -246,7 +286,7 @@ def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: i
     from .pipelines import build_loader
     from .pipelines.options import shard_bounds
 
-    chunks = score_chunks(len(sub))
+    chunks = score_chunks(sub)
     shares = [shard_bounds(b - a, rank, world) for a, b in chunks]
     expected = sum(hi - lo for lo, hi in shares)
     if expected == 0:
@@ -277,6 +317,8 @@ def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: i
                     got += len(batch.samples)
                     bar.update(len(batch.samples))
                 del loader  # its pipeline (and the reader's index of the chunk) goes before the next is built
+                gc.collect()
+                _trim_heap()
                 written += got
                 if got != hi - lo:
                     raise RuntimeError(f"rank {rank}: the loader returned {got} of {hi - lo} cutouts of "

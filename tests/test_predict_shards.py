@@ -252,8 +252,17 @@ def test_scoring_in_small_chunks_gives_the_one_loader_rows(env, tmp_path, monkey
     import dali_lens.predictions as predictions
     from dali_lens.prediction_table import read_table
 
+    from dali_lens.data.inputs import gather_inputs
+
     monkeypatch.setattr(predictions, "SCORE_CHUNK", 7)
-    assert len(predictions.score_chunks(N)) == 9
+    data = gather_inputs([env[kind]])
+    chunks = predictions.score_chunks(data)
+    assert chunks[0][0] == 0 and chunks[-1][1] == N and all(b == c for (_, b), (c, _) in zip(chunks, chunks[1:]))
+    assert all(0 < b - a <= 7 for a, b in chunks) and len(chunks) >= 9
+    if kind == "packed":  # whole tars, unless a tar holds more than 7
+        tar_of = [s.path.split("#")[0] for s in data.samples]
+        big = {t for t in tar_of if tar_of.count(t) > 7}
+        assert all(tar_of[a] != tar_of[a - 1] or tar_of[a] in big for a, _ in chunks[1:])
     ref_head, ref_rows = read(env["ref"][kind])
     tol = 1e-5 if backend == "dali-cpu" else 2e-3  # the reference ran on dali-cpu in one loader
     out = str(tmp_path / "s.csv")

@@ -348,6 +348,8 @@ class PackedSamples(Sequence):
     @classmethod
     def concat(cls, parts: list["PackedSamples"]) -> tuple["PackedSamples", int]:
         """One view of ``parts`` (views of one listing) in order, each sample once: (view, duplicates left out)."""
+        if len(parts) == 1:
+            return parts[0], 0
         sel = np.concatenate([p.sel for p in parts]) if parts else np.empty(0, dtype=np.int64)
         _, first = np.unique(sel, return_index=True)
         keep = np.sort(first)
@@ -385,9 +387,15 @@ def _read_listing(root: str, manifest: dict) -> tuple[_Listing, dict[str, tuple[
                 if e not in ext_code:
                     ext_code[e] = len(exts)
                     exts.append(e)
-            m = info.get("meta") or [None] * len(keys)
-            any_meta = any_meta or any(m)
-            metas.extend(m)
+            m = info.get("meta")
+            if m and (not isinstance(m, list) or len(m) != len(keys)
+                      or not all(x is None or isinstance(x, dict) for x in m)):
+                raise DataError(f"{os.path.join(root, entry['samples'])}: malformed sample list (its catalogue "
+                                "columns are not one mapping per sample)")
+            if m and any(m) and not any_meta:  # the first catalogue columns: the samples before have none
+                any_meta, metas = True, [None] * n
+            if any_meta:
+                metas.extend(m or [None] * len(keys))
             try:
                 key_arr, label_arr = np.asarray(keys, dtype=np.int64), np.asarray(labels, dtype=np.int64)
             except (TypeError, ValueError, OverflowError):
@@ -589,15 +597,10 @@ def _index_count(tar: str) -> int:
         raise DataError(f"{idx}: shard index missing or unreadable") from None
 
 
-def shard_plan(dataset: Dataset) -> ShardPlan:
-    """The :class:`ShardPlan` of a ``'shards'`` dataset (computed once per dataset object)."""
-    cache = dataset_cache(dataset, __name__)
-    if "plan" in cache:
-        return cache["plan"]
-    if not dataset.data_kind.packed:
-        raise ValueError(f"not a packed dataset (kind {dataset.kind!r})")
+def _path_groups(samples) -> tuple[list[Group], np.ndarray, set]:
+    """(runs of consecutive samples in one shard, key numbers, member kinds) read from the sample paths."""
     groups: list[Group] = []
-    numbers = np.empty(len(dataset), dtype=np.int64)
+    numbers = np.empty(len(samples), dtype=np.int64)
     cur_tar, cur_pos, cur_keys = None, [], []
     member_kinds = set()
 
@@ -605,7 +608,7 @@ def shard_plan(dataset: Dataset) -> ShardPlan:
         if cur_tar is not None:
             groups.append(Group(cur_tar, np.asarray(cur_pos, dtype=np.int64), cur_keys))
 
-    for i, s in enumerate(dataset.samples):
+    for i, s in enumerate(samples):
         tar, member = split_member_path(s.path)
         key, _, ext = member.partition(".")
         member_kinds.add(member_kind(ext) or NPY)
@@ -616,6 +619,33 @@ def shard_plan(dataset: Dataset) -> ShardPlan:
         cur_pos.append(i)
         cur_keys.append(key)
     close()
+    return groups, numbers, member_kinds
+
+
+def _listing_groups(samples: "PackedSamples") -> tuple[list[Group], np.ndarray, set]:
+    """What :func:`_path_groups` reads from the paths, from a packed listing's arrays (no path built)."""
+    listing = samples.listing
+    tars, tar, numbers = samples.shard_numbers()
+    cuts = np.flatnonzero(np.diff(tar)) + 1
+    starts, stops = np.r_[0, cuts], np.r_[cuts, len(tar)]
+    w = listing.width
+    groups = [Group(tars[int(tar[a])], np.arange(a, b, dtype=np.int64), [f"{k:0{w}d}" for k in numbers[a:b].tolist()])
+              for a, b in zip(starts.tolist(), stops.tolist())] if len(tar) else []
+    kinds = {member_kind(listing.exts[c]) or NPY for c in np.unique(listing.ext[samples.sel]).tolist()}
+    return groups, numbers, kinds
+
+
+def shard_plan(dataset: Dataset) -> ShardPlan:
+    """The :class:`ShardPlan` of a ``'shards'`` dataset (computed once per dataset object)."""
+    cache = dataset_cache(dataset, __name__)
+    if "plan" in cache:
+        return cache["plan"]
+    if not dataset.data_kind.packed:
+        raise ValueError(f"not a packed dataset (kind {dataset.kind!r})")
+    if isinstance(dataset.samples, PackedSamples):
+        groups, numbers, member_kinds = _listing_groups(dataset.samples)
+    else:
+        groups, numbers, member_kinds = _path_groups(dataset.samples)
     if len(member_kinds) > 1:
         raise DataError(f"{dataset.root}: packed images and float arrays mixed in one dataset")
     counts: dict[str, int] = {}
