@@ -265,7 +265,14 @@ def test_prediction_cells_read_back_exactly_and_never_run_in_a_spreadsheet(run, 
     assert predict.main(args) == 0  # the cut record is removed and scored again; the others are kept
     with open(out, newline="", encoding="utf-8") as fh:
         again = list(csv.reader(fh))
-    assert sorted(map(tuple, again)) == sorted(map(tuple, rows))
+    # the records before the cut one are kept byte for byte; the cut one and the rest are scored again, in
+    # another batch (the CPU kernels' rounding depends on the batch: a score may differ in its last digit)
+    with open(out, "rb") as fh:
+        assert fh.read().startswith(raw[: raw.rindex(b"\n", 0, raw.index(b"new\nline")) + 1])
+    assert len(again) == len(rows) and sorted(r[:3] for r in again) == sorted(r[:3] for r in rows)
+    ref = {r[0]: float(r[3]) for r in rows[1:]}
+    assert max(abs(float(r[3]) - ref[r[0]]) for r in again[1:]) <= 1e-6
+    rows = again
     os.replace(out, part_path(out, 0, 1))  # merged from a part file: the same rows
     os.unlink(out + ".meta.json")
     assert merge_only(out) == 0
