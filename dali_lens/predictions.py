@@ -253,14 +253,12 @@ def score_chunks(dataset, size: int | None = None) -> list[tuple[int, int]]:
         k = max(1, -(-(b - a) // size))
         return [(a + lo, a + hi) for lo, hi in (shard_bounds(b - a, i, k) for i in range(k))]
 
-    fast = getattr(dataset.samples, "shard_numbers", None)
-    if fast is None or n <= size:
+    runs = getattr(dataset.samples, "shard_runs", None)  # a packed listing's runs of samples in one shard
+    if runs is None or n <= size:
         return pieces(0, n)
-    tar = fast()[1]
-    cuts = np.flatnonzero(np.diff(tar)) + 1
     out: list[tuple[int, int]] = []
     cur = None
-    for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, n].tolist()):
+    for a, b in runs():
         if cur is not None and b - cur[0] <= size:
             cur = (cur[0], b)
             continue
@@ -317,6 +315,8 @@ def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: i
                     got += len(batch.samples)
                     bar.update(len(batch.samples))
                 del loader  # its pipeline (and the reader's index of the chunk) goes before the next is built
+                # the loader itself goes on del; the collector then frees what the chunk left in reference cycles
+                # (300k cutouts: peak 1,106 MB with it, 1,133 and 1,169 MB without; not pinned down further)
                 gc.collect()
                 _trim_heap()
                 written += got

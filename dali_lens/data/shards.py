@@ -297,7 +297,7 @@ class _Listing:
 class PackedSamples(Sequence):
     """The samples of a packed set (or a subset of them, in any order) as a read-only sequence of
     :class:`~dali_lens.data.dataset.Sample`, built on access from a compact :class:`_Listing`: about 30 bytes
-    per sample plus its id, where a list of ``Sample`` objects costs ~300, so a scoring run's listing of a
+    per sample plus its id, where a list of ``Sample`` objects costs ~320, so a scoring run's listing of a
     survey of millions of cutouts stays small (and a forked loader worker does not copy it page by page as it
     touches reference counts). Indexing with an int gives a ``Sample``; with a slice or an array of positions
     (:meth:`take`, used by ``Dataset.subset``) another view of the same listing. It compares equal to any
@@ -350,7 +350,7 @@ class PackedSamples(Sequence):
         """One view of ``parts`` (views of one listing) in order, each sample once: (view, duplicates left out)."""
         if len(parts) == 1:
             return parts[0], 0
-        sel = np.concatenate([p.sel for p in parts]) if parts else np.empty(0, dtype=np.int64)
+        sel = np.concatenate([p.sel for p in parts])
         _, first = np.unique(sel, return_index=True)
         keep = np.sort(first)
         return cls(parts[0].listing, sel[keep]), len(sel) - len(keep)
@@ -362,6 +362,14 @@ class PackedSamples(Sequence):
     def shard_numbers(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(shard paths, each sample's shard as a position in them, each sample's key number), no Sample built."""
         return self.listing.tars, self.listing.tar[self.sel], self.listing.key[self.sel]
+
+    def shard_runs(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` of each run of consecutive samples (positions in this view) in one shard, in order."""
+        tar = self.listing.tar[self.sel]
+        if not len(tar):
+            return []
+        cuts = (np.flatnonzero(np.diff(tar)) + 1).tolist()
+        return list(zip([0] + cuts, cuts + [len(tar)]))
 
     def has_meta(self) -> bool:
         return self.listing.metas is not None
@@ -377,20 +385,20 @@ def _read_listing(root: str, manifest: dict) -> tuple[_Listing, dict[str, tuple[
     for split in manifest["splits"]:
         start = n
         for entry in (e for e in manifest["shards"] if e["split"] == split):
-            tar = os.path.join(root, entry["path"])
-            info = read_shard_samples(os.path.join(root, entry["samples"]))
+            tar, listed = os.path.join(root, entry["path"]), os.path.join(root, entry["samples"])
+            info = read_shard_samples(listed)
             keys, ids, labels = info["keys"], info["ids"], info["labels"]
             if not len(keys) == len(ids) == len(labels) == entry["count"]:
                 raise DataError(f"{tar}: its sample list holds {len(keys)} samples, the manifest says {entry['count']}")
             shard_exts = info.get("exts") or [info["ext"]] * len(keys)
-            for e in set(shard_exts):
+            for e in dict.fromkeys(shard_exts):
                 if e not in ext_code:
                     ext_code[e] = len(exts)
                     exts.append(e)
             m = info.get("meta")
             if m and (not isinstance(m, list) or len(m) != len(keys)
                       or not all(x is None or isinstance(x, dict) for x in m)):
-                raise DataError(f"{os.path.join(root, entry['samples'])}: malformed sample list (its catalogue "
+                raise DataError(f"{listed}: malformed sample list (its catalogue "
                                 "columns are not one mapping per sample)")
             if m and any(m) and not any_meta:  # the first catalogue columns: the samples before have none
                 any_meta, metas = True, [None] * n
@@ -402,7 +410,7 @@ def _read_listing(root: str, manifest: dict) -> tuple[_Listing, dict[str, tuple[
                 key_arr = label_arr = None
             if (key_arr is None or key_arr.ndim != 1 or label_arr.ndim != 1 or (key_arr < 0).any()
                     or not np.isin(label_arr, (-1, 0, 1)).all()):
-                raise DataError(f"{os.path.join(root, entry['samples'])}: malformed sample list (keys must be "
+                raise DataError(f"{listed}: malformed sample list (keys must be "
                                 "integers >= 0, labels 1, 0 or -1)")
             tar_c.append(np.full(len(keys), len(tars), dtype=np.int32))
             tars.append(tar)
@@ -626,11 +634,9 @@ def _listing_groups(samples: "PackedSamples") -> tuple[list[Group], np.ndarray, 
     """What :func:`_path_groups` reads from the paths, from a packed listing's arrays (no path built)."""
     listing = samples.listing
     tars, tar, numbers = samples.shard_numbers()
-    cuts = np.flatnonzero(np.diff(tar)) + 1
-    starts, stops = np.r_[0, cuts], np.r_[cuts, len(tar)]
     w = listing.width
     groups = [Group(tars[int(tar[a])], np.arange(a, b, dtype=np.int64), [f"{k:0{w}d}" for k in numbers[a:b].tolist()])
-              for a, b in zip(starts.tolist(), stops.tolist())] if len(tar) else []
+              for a, b in samples.shard_runs()]
     kinds = {member_kind(listing.exts[c]) or NPY for c in np.unique(listing.ext[samples.sel]).tolist()}
     return groups, numbers, kinds
 
