@@ -130,13 +130,6 @@ def catalogue_columns(samples, taken, say=None) -> list[CatalogueColumn]:
     return out
 
 
-def _catalogue_array(pa, samples, col: CatalogueColumn):
-    vals = [s.meta.get(col.key) for s in samples]
-    if col.type == "string":
-        vals = [v if v is None or isinstance(v, str) else str(v) for v in vals]
-    return pa.array(vals, type=getattr(pa, col.type)())
-
-
 def score_histogram(score) -> np.ndarray:
     """Counts of ``score`` in :data:`HIST_BINS` equal bins over [0, 1] (the last bin includes 1)."""
     counts, _ = np.histogram(np.asarray(score, dtype=np.float64), bins=HIST_BINS, range=(0.0, 1.0))
@@ -255,6 +248,7 @@ class ParquetTable:
                  extra_fields: list = ()):
         pa, _ = _pa()
         self.path, self.header, self.catalogue = path, header, list(catalogue)
+        self.catalogue_names = {c.name for c in self.catalogue}
         fields = []
         for c in header:
             kind = pa.string() if c in ("file", "id") else pa.int64() if c == "label" else pa.float64()
@@ -340,31 +334,6 @@ class ParquetTable:
 
     # -- rows
 
-    def batch(self, b: ScoredBatch):
-        """``b`` as an Arrow record batch of this table's schema."""
-        pa, _ = _pa()
-        s = b.samples
-        cols = {"file": pa.array([x.path for x in s], pa.string()),
-                "id": pa.array([x.id for x in s], pa.string()),
-                "label": pa.array([None if x.label is None or int(x.label) < 0 else int(x.label) for x in s],
-                                  pa.int64()),
-                "score": pa.array(np.asarray(b.score, dtype=np.float64))}
-        if b.members:
-            for name, v in b.members.items():
-                cols[f"score_{name}"] = pa.array(np.asarray(v, dtype=np.float64))
-            cols["member_std"] = pa.array(np.asarray(b.spread, dtype=np.float64))
-        for c in self.catalogue:
-            cols[c.name] = _catalogue_array(pa, s, c)
-        for name, v in b.extra.items():
-            f = self.schema.field(name)
-            v = np.asarray(v)
-            if v.ndim == 2:
-                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)).cast(f.type.value_type),
-                                                               v.shape[1])
-            else:
-                cols[name] = pa.array(v).cast(f.type)
-        return pa.record_batch([cols[n] for n in self.schema.names], schema=self.schema)
-
     def write_part(self, table, tag: str | None = None, extra_meta: dict | None = None) -> str:
         """Write ``table`` (this schema) as the next part file, atomically; returns its path."""
         _, pq = _pa()
@@ -384,29 +353,158 @@ class ParquetTable:
         return path
 
 
+class _Utf8:
+    """A string column's rows laid out as Arrow lays them out: int32 offsets and UTF-8 bytes, in buffers allocated
+    once (the bytes grown, by doubling, when a batch's do not fit)."""
+
+    def __init__(self, size: int):
+        self.offsets = np.zeros(size + 1, dtype=np.int32)
+        self.data = np.empty(64 * max(size, 1), dtype=np.uint8)
+
+    def put(self, at: int, strings: list[str]) -> None:
+        """Set rows ``at``.. to ``strings`` (UnicodeEncodeError for a lone surrogate, as ``pyarrow.array``)."""
+        enc = [v.encode("utf-8") for v in strings]
+        ends = int(self.offsets[at]) + np.cumsum(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)))
+        start, end = int(self.offsets[at]), int(ends[-1]) if len(enc) else int(self.offsets[at])
+        if end >= 2 ** 31:
+            raise ValueError(f"a Parquet part's strings exceed 2 GiB at row {at + len(enc)}")
+        if end > len(self.data):
+            grown = np.empty(max(2 * len(self.data), end), dtype=np.uint8)
+            grown[:start] = self.data[:start]
+            self.data = grown
+        self.data[start:end] = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        self.offsets[at + 1:at + 1 + len(enc)] = ends
+
+    def array(self, n: int):
+        """Rows ``:n`` as a ``pyarrow`` string array, in buffers of its own."""
+        pa, _ = _pa()
+        end = int(self.offsets[n])
+        return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(self.offsets[:n + 1].copy()),
+                                                      pa.py_buffer(self.data[:end].copy())])
+
+
+class _Rows:
+    """A buffer of up to ``size`` rows of ``table``'s columns, allocated once, filled batch by batch (:meth:`add`)
+    and read out as one Arrow record batch (:meth:`batch`, then :meth:`clear`): numpy arrays for the numbers and
+    the embeddings, Arrow's own layout for ``file`` and ``id`` (:class:`_Utf8`), lists of the values for the
+    catalogue columns.
+
+    The rows used to wait as one small record batch per scored batch: those Arrow objects (C++ objects from the
+    process heap, a few per column and batch) lived for a whole part among the model's and the loader's
+    short-lived buffers, and the heap they held grew (``benchmarks/bench_predict_parquet.py``)."""
+
+    def __init__(self, table: "ParquetTable", size: int):
+        self.table, self.size, self.n = table, int(size), 0
+        self.cols: dict[str, object] = {}
+        for f in table.schema:
+            if f.name in ("file", "id"):
+                self.cols[f.name] = _Utf8(self.size)
+            elif f.name in table.catalogue_names:
+                self.cols[f.name] = [None] * self.size
+            elif f.name == "label":
+                self.cols[f.name] = np.zeros(self.size, dtype=np.int64)
+            elif f.name in table.header:
+                self.cols[f.name] = np.zeros(self.size, dtype=np.float64)
+            else:
+                self.cols[f.name] = None  # an extra column (embeddings): allocated by its first batch
+        self.labelled = np.zeros(self.size, dtype=bool)
+
+    def room(self) -> int:
+        return self.size - self.n
+
+    def add(self, b: ScoredBatch, start: int = 0, stop: int | None = None) -> None:
+        """Append rows ``start:stop`` of ``b`` (at most :meth:`room`)."""
+        stop = len(b.samples) if stop is None else stop
+        a, z = self.n, self.n + (stop - start)
+        if z > self.size:
+            raise ValueError(f"{z - a} rows do not fit the {self.room()} left")
+        samples = b.samples[start:stop]
+        c = self.cols
+        c["file"].put(a, [x.path for x in samples])
+        c["id"].put(a, [x.id for x in samples])
+        labels = np.array([-1 if x.label is None else int(x.label) for x in samples], dtype=np.int64)
+        c["label"][a:z] = labels
+        self.labelled[a:z] = labels >= 0
+        c["score"][a:z] = np.asarray(b.score, dtype=np.float64)[start:stop]
+        if b.members:
+            for name, v in b.members.items():
+                c[f"score_{name}"][a:z] = np.asarray(v, dtype=np.float64)[start:stop]
+            c["member_std"][a:z] = np.asarray(b.spread, dtype=np.float64)[start:stop]
+        for col in self.table.catalogue:
+            vals = [x.meta.get(col.key) if x.meta else None for x in samples]
+            if col.type == "string":
+                vals = [v if v is None or isinstance(v, str) else str(v) for v in vals]
+            c[col.name][a:z] = vals
+        for name, v in b.extra.items():
+            v = np.asarray(v)
+            if c[name] is None:
+                f = self.table.schema.field(name)
+                kind = f.type.value_type if hasattr(f.type, "value_type") else f.type
+                c[name] = np.zeros((self.size,) + v.shape[1:], dtype=kind.to_pandas_dtype())
+            c[name][a:z] = v[start:stop]
+        self.n = z
+
+    def batch(self):
+        """The rows as an Arrow record batch of the table's schema, in buffers of its own (the buffer may be
+        refilled while it lives: a ``--top`` writer keeps its best rows)."""
+        pa, _ = _pa()
+        n, out = self.n, []
+        for f in self.table.schema:
+            v = self.cols[f.name]
+            if isinstance(v, _Utf8):
+                arr = v.array(n)
+            elif isinstance(v, list):
+                arr = pa.array(v[:n], type=f.type)
+            elif v is None:
+                arr = pa.nulls(n, type=f.type)
+            elif f.name == "label":
+                arr = pa.array(v[:n].copy(), type=f.type, mask=~self.labelled[:n])
+            elif v.ndim == 2:
+                arr = pa.FixedSizeListArray.from_arrays(pa.array(v[:n].reshape(-1).copy(), type=f.type.value_type),
+                                                        v.shape[1])
+            else:
+                arr = pa.array(v[:n].copy(), type=f.type)
+            out.append(arr)
+        return pa.record_batch(out, schema=self.table.schema)
+
+    def clear(self) -> None:
+        """Empty the buffer (its catalogue values go now, not when overwritten)."""
+        for v in self.cols.values():
+            if isinstance(v, list):
+                v[:self.n] = [None] * self.n
+        self.n = 0
+
+
 class _ParquetWriter:
     def __init__(self, table: ParquetTable, tag: str | None):
-        self.table, self.tag, self.buf, self.buffered, self.written = table, tag, [], 0, 0
+        self.table, self.tag, self.written = table, tag, 0
+        self.rows: _Rows | None = None
         self.last = time.monotonic()
 
     def __enter__(self):
         os.makedirs(self.table.path, exist_ok=True)
+        self.rows = _Rows(self.table, ROWS_PER_PART)
         return self
 
     def add(self, batch: ScoredBatch) -> None:
-        rb = self.table.batch(batch)
-        self.buf.append(rb)
-        self.buffered += rb.num_rows
-        self.written += rb.num_rows
-        if self.buffered >= ROWS_PER_PART or time.monotonic() - self.last >= SECONDS_PER_PART:
+        n, at = len(batch.samples), 0
+        while at < n:
+            k = min(self.rows.room(), n - at)
+            self.rows.add(batch, at, at + k)
+            at += k
+            self.written += k
+            if not self.rows.room():
+                self.flush()
+        if time.monotonic() - self.last >= SECONDS_PER_PART:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buf:
+        if not self.rows.n:
             return
         pa, _ = _pa()
-        self.table.write_part(pa.Table.from_batches(self.buf, self.table.schema), self.tag)
-        self.buf, self.buffered, self.last = [], 0, time.monotonic()
+        self.table.write_part(pa.Table.from_batches([self.rows.batch()], self.table.schema), self.tag)
+        self.rows.clear()
+        self.last = time.monotonic()
 
     def __exit__(self, *exc) -> None:
         self.flush()  # on Ctrl-C/SIGTERM too: the rows scored so far become a part
@@ -534,29 +632,39 @@ class _TopWriter(_ParquetWriter):
         self.covers: list[list[int]] = []
         self.covers_sum, self.since, self.prev = 0, 0, None
 
+    def __enter__(self):
+        os.makedirs(self.table.path, exist_ok=True)
+        # K rows and more between prunes (each sorts K + the buffer), never more than DATA holds
+        self.rows = _Rows(self.table, max(1, min(max(self.table.top, ROWS_PER_PART), len(self.table.samples))))
+        return self
+
     def add(self, batch: ScoredBatch) -> None:
         if batch.positions is None:
             raise ValueError("a --top table needs the rows' positions in the run's DATA")
-        rb = self.table.batch(batch)  # everything computed first, then the state changed in a few steps
         hist, runs = score_histogram(batch.score), _ranges(batch.positions)
         total = (self.covers_sum + sum(_path_hash(s.path) for s in batch.samples)) % (1 << 64)
-        self.buf.append(rb)
+        n, at = len(batch.samples), 0
+        while at < n:  # the rows first, then what they stand for (an interruption between: rescored, not lost)
+            k = min(self.rows.room(), n - at)
+            self.rows.add(batch, at, at + k)
+            at += k
+            if not self.rows.room():
+                self._prune()
         self.hist += hist
         _add_ranges(self.covers, runs)
         self.covers_sum = total
-        self.buffered += rb.num_rows
-        self.written += rb.num_rows
-        self.since += rb.num_rows
-        if self.buffered >= max(self.table.top, ROWS_PER_PART):
-            self._prune()
+        self.written += n
+        self.since += n
         if self.since >= TOP_ROWS_PER_PART or time.monotonic() - self.last >= SECONDS_PER_PART:
             self.flush()
 
     def _prune(self) -> None:
+        """The best rows so far: the K best of the previous ones and the buffer's (emptied once they are kept)."""
         pa, _ = _pa()
-        parts = ([self.best] if self.best is not None else []) + [pa.Table.from_batches(self.buf, self.table.schema)]
+        parts = ([self.best] if self.best is not None else []) + [pa.Table.from_batches([self.rows.batch()],
+                                                                                        self.table.schema)]
         self.best = top_rows(pa.concat_tables(parts), self.table.top)
-        self.buf, self.buffered = [], 0
+        self.rows.clear()
 
     def flush(self) -> None:
         if not self.since:

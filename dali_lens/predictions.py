@@ -190,19 +190,22 @@ def _prepare_out(table, now: dict, main_rank: bool, world: int, say) -> None:
     _barrier(world)
 
 
-def _remaining(dataset, table, limit: int | None, world: int, say) -> tuple[np.ndarray, int, int]:
-    """``(positions still to score, at most limit of them; how many are left in all; how many are done)``."""
+def _remaining(dataset, table, limit: int | None, world: int, say) -> tuple[np.ndarray | range, int, int]:
+    """``(positions still to score, at most limit of them; how many are left in all; how many are done)``; the
+    positions are a ``range`` when nothing is done yet (a fresh run: no array of every position)."""
     done = table.done_files()
     _barrier(world)
-    # positions still to score, as one int64 array (a list of ints costs 36 bytes per cutout); DATA's paths are
-    # unique (gather_inputs), so the done ones not among them are the rows for other files
     n = len(dataset)
-    hit = (np.fromiter((s.path in done for s in dataset.samples), dtype=bool, count=n) if done
-           else np.zeros(n, dtype=bool))
-    already = int(hit.sum())
-    extra = len(done) - already
-    remaining = np.flatnonzero(~hit).astype(np.int64)
-    del done, hit
+    if done:
+        # positions still to score, as one int64 array (a list of ints costs 36 bytes per cutout); DATA's paths
+        # are unique (gather_inputs), so the done ones not among them are the rows for other files
+        hit = np.fromiter((s.path in done for s in dataset.samples), dtype=bool, count=n)
+        already = int(hit.sum())
+        extra = len(done) - already
+        remaining = np.flatnonzero(~hit).astype(np.int64)
+        del done, hit
+    else:
+        already, extra, remaining = 0, 0, range(n)
     total_left = len(remaining)
     if limit is not None:
         remaining = remaining[: max(0, limit)]
@@ -298,13 +301,16 @@ def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: i
     written = 0
     from .embeddings import embedding_sink
 
+    gc.collect()  # what reading DATA's sample lists left goes before the first loader (1 M cutouts: ~8 MB)
+    _trim_heap()
+
     with table.writer(rank, world) as writer, embedding_sink(table, writer, embeddings) as sink:
         try:
             for (a, b), (lo, hi) in zip(chunks, shares):
                 if hi <= lo:
                     continue
                 part = sub if (a, b) == (0, len(sub)) else sub.subset(np.arange(a, b, dtype=np.int64))
-                where = None if positions is None else positions[a:b]
+                where = None if positions is None else np.asarray(positions[a:b], dtype=np.int64)
                 loader = build_loader(part, backend=backend, options=opts)
                 got = 0
                 for idx, _, logits, *vectors in score_batches(ens, loader, embeddings=bool(embeddings)):

@@ -304,3 +304,53 @@ def test_merge_only_parquet(env, tmp_path, capsys):
     assert meta["scored"] == N_TRAIN and meta["provenance"]["checkpoints"][0]["sha256"] == file_sha256(env["ckpt"])
     assert P.main(["--merge", "--out", str(tmp_path / "none.parquet")]) == 2
     one_error_line(capsys, "none.parquet")
+
+
+def test_parts_of_a_fixed_row_count_hold_every_column_of_the_one_part_run(env, tmp_path, monkeypatch):
+    """The writer's row buffer (allocated once, filled batch by batch) splits batches across parts: with 10 rows
+    per part and batches of 8, the parts hold 10, 10, 10, 10 and 2 rows, and their rows are the one-part run's in
+    every column (non-ASCII file names and ids, null labels and catalogue cells, 61-bit integers, the members'
+    scores, the embeddings); a --top run that prunes its buffer mid-batch keeps the same K best rows."""
+    import shutil
+
+    from dali_lens import prediction_table
+
+    src = [os.path.join(env["data"], r["filepath"]) for r in env["rows"]]
+    names = []
+    for k, p in enumerate(src):  # every third file renamed: multi-byte UTF-8 of different lengths
+        q = str(tmp_path / "cut" / (f"Ω{k}-λé✓{'ü' * (k % 4)}" + os.path.splitext(p)[1])) if k % 3 == 0 else p
+        if q != p:
+            os.makedirs(os.path.dirname(q), exist_ok=True)
+            shutil.copy(p, q)
+        names.append(q)
+    rows = [dict(r, filepath=q, label=r["label"] if k % 4 else "") for k, (r, q) in enumerate(zip(env["rows"], names))]
+    cat = write_catalogue(str(tmp_path / "cat.csv"), env["data"], rows)
+    one = str(tmp_path / "one.parquet")
+    assert P.main(args(env["ckpt"], cat, one, "dali-cpu", "--embeddings")) == 0
+    assert len(os.listdir(one)) == 1
+    monkeypatch.setattr(prediction_table, "ROWS_PER_PART", 10)
+    split = str(tmp_path / "split.parquet")
+    assert P.main(args(env["ckpt"], cat, split, "dali-cpu", "--embeddings")) == 0
+    parts = sorted(os.listdir(split))
+    assert [pq.ParquetFile(os.path.join(split, n)).metadata.num_rows for n in parts] == [10, 10, 10, 10, 2]
+    a = pds.dataset(one, format="parquet").to_table().replace_schema_metadata(None)
+    b = pds.dataset(split, format="parquet").to_table().replace_schema_metadata(None)
+    assert a.schema.equals(b.schema) and "emb_small_cnn@32#0" in a.schema.names
+    assert a.column("file").to_pylist() == b.column("file").to_pylist()  # the same rows in the same order
+    for c in a.schema.names:
+        if c.startswith(("score", "member_std", "emb_")):  # batches of 8 either way: the same numbers
+            assert a.column(c).equals(b.column(c)), c
+        else:
+            assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
+    files = a.column("file").to_pylist()
+    assert sum("Ω" in f for f in files) == 14 and set(files) == set(names)
+    labels = dict(zip(files, a.column("label").to_pylist()))
+    assert all((labels[q] is None) == (k % 4 == 0) for k, q in enumerate(names))
+    assert a.column("objid").to_pylist() == [2 ** 60 + names.index(f) for f in files]
+    # --top 4 with 10 rows per part: the buffer (10 rows) is pruned inside batches
+    top = str(tmp_path / "top.parquet")
+    assert P.main(args(env["ckpt"], cat, top, "dali-cpu", "--top", "4")) == 0
+    best = a.to_pandas().sort_values(["score", "file"], ascending=[False, True])
+    got = pd.read_parquet(top)
+    assert list(got["file"]) == list(best["file"][:4])
+    assert list(got["objid"]) == list(best["objid"][:4]) and list(got["tile"]) == list(best["tile"][:4])
