@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -62,8 +63,29 @@ def world(tmp_path_factory):
     bad.write_bytes(b"filepath,label\n" + os.path.join(png, "caf\xe9.png").encode("latin-1") + b",1\n")
     badlist = root / "latin1.txt"
     badlist.write_bytes(os.path.join(png, "caf\xe9.png").encode("latin-1") + b"\n")
+    # a folder of files one of which is named with a byte that is not UTF-8 (Latin-1 'é'), and a packed set whose
+    # sample list holds an id with a lone surrogate (JSON's "\udcff")
+    import shutil
+
+    pack = command_module("pack")
+
+    byte_name = str(root / "byte_name")
+    pngs = sorted(glob.glob(os.path.join(png, "**", "*.png"), recursive=True))[:6]
+    os.makedirs(byte_name)
+    for k, f in enumerate(pngs):
+        shutil.copy(f, os.path.join(byte_name, f"c{k}.png"))
+    os.rename(os.path.join(byte_name, "c0.png").encode(), os.path.join(byte_name, "").encode() + b"caf\xe9.png")
+    packed = str(root / "packed")
+    assert pack.main([png, packed, "--no-progress"]) == 0
+    listed = sorted(glob.glob(os.path.join(packed, "*", "shard-*.json")))[0]
+    with open(listed) as fh:
+        text = fh.read()
+    first = json.loads(text)["ids"][0]
+    with open(listed, "w") as fh:
+        fh.write(text.replace(json.dumps(first), json.dumps(first)[:-1] + '\\udcff"', 1))
     return {"root": str(root), "png": png, "fits": fits, "run": run, "preds": os.path.join(run, "predictions.csv"),
-            "bad_csv": str(bad), "bad_list": str(badlist)}
+            "bad_csv": str(bad), "bad_list": str(badlist), "byte_name": byte_name, "packed": packed,
+            "listed": listed}
 
 
 # ----------------------------------------------------------------------------------------- bad input, options
@@ -88,6 +110,15 @@ def _bad_input_cases():
         ("train", ["--data-root", "{png}", "--out", "{o}", "--img-size", "7"], ["--img-size"]),
         ("predict", ["-c", "{run}", "{png}", "--out", "{o}.csv", "--threads", "-3"], ["--threads"]),
         ("generate", ["{o}", "--n", "-4"], ["--n"]),
+        # names that are not UTF-8 text: refused by name before any output (they were tracebacks: DALI's readers
+        # and the CSV and Parquet writers take UTF-8 only)
+        ("predict", ["-c", "{run}", "{byte_name}", "--out", "{o}.csv"] + QUICK, ["caf\\udce9.png", "UTF-8"]),
+        ("predict", ["-c", "{run}", "{byte_name}", "--out", "{o}.parquet"] + QUICK, ["caf\\udce9.png", "UTF-8"]),
+        ("pack", ["{byte_name}", "{o}", "--no-progress"], ["caf\\udce9.png", "UTF-8"]),
+        ("predict", ["-c", "{run}", "{packed}", "--out", "{o}.parquet", "--backend", "dali-cpu", "--no-progress"],
+         ["{listed}", "UTF-8"]),
+        ("predict", ["-c", "{run}", "{packed}", "--out", "{o}.csv", "--no-progress"], ["{listed}", "UTF-8"]),
+        ("train", ["--data-root", "{packed}", "--out", "{o}", "--epochs", "1"] + QUICK, ["{listed}", "UTF-8"]),
     ]
 
 
@@ -98,7 +129,8 @@ def test_bad_input_and_options_are_one_line(world, command, argv, words, tmp_pat
     argv = [a.replace("{o}", out).format(**world) for a in argv]
     rc, lines = _run(command, argv, capsys)
     assert rc == 2
-    _one_error(lines, *words)
+    _one_error(lines, *[w.format(**world) for w in words])
+    assert not glob.glob(out + "*"), "an output was written"
 
 
 # ----------------------------------------------------------------------------------------- full and read-only

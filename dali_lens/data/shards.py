@@ -417,7 +417,14 @@ def _read_listing(root: str, manifest: dict) -> tuple[_Listing, dict[str, tuple[
             key_c.append(key_arr)
             ext_c.append(np.fromiter((ext_code[e] for e in shard_exts), dtype=np.int16, count=len(keys)))
             label_c.append(label_arr.astype(np.int8))
-            enc = [str(i).encode("utf-8", "surrogatepass") for i in ids]
+            try:  # (a lone surrogate is not UTF-8: no output, reader or file name could hold it)
+                enc = [str(i).encode("utf-8") for i in ids]
+                tar.encode("utf-8")
+                for e in dict.fromkeys(shard_exts):
+                    str(e).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{listed}: malformed sample list (ids, extensions and shard paths must be "
+                                "UTF-8 text)") from None
             id_lens.append(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)))
             blobs.append(b"".join(enc))
             n += len(keys)

@@ -106,11 +106,26 @@ def read_manifest(path: str, root: str) -> list[Sample]:
     return samples
 
 
+def not_utf8(names) -> str | None:
+    """The first of ``names`` that is not valid UTF-8 text (a lone surrogate: how Python shows a file name's bytes
+    that are not UTF-8), or None."""
+    for v in names:
+        try:
+            str(v).encode("utf-8")
+        except UnicodeEncodeError:
+            return str(v)
+    return None
+
+
 def make_dataset(samples: list[Sample], root: str, split: str, hdus=None) -> Dataset:
     """A Dataset of ``samples`` (loose files of one kind, found by extension) with the band count and size
     most of its first samples have."""
     from .readers import reference_layout
 
+    bad = not_utf8(s.path for s in samples) or not_utf8(s.id for s in samples)
+    if bad is not None:
+        raise DataError(f"{bad}: not valid UTF-8 (a byte of the file name that is not text, shown escaped); rename "
+                        "the file: predict's outputs and DALI's readers take UTF-8 names only")
     kinds = {kind_of(s.path) for s in samples}
     if None in kinds:
         bad = next(s.path for s in samples if kind_of(s.path) is None)
