@@ -248,7 +248,6 @@ class ParquetTable:
                  extra_fields: list = ()):
         pa, _ = _pa()
         self.path, self.header, self.catalogue = path, header, list(catalogue)
-        self.catalogue_names = {c.name for c in self.catalogue}
         fields = []
         for c in header:
             kind = pa.string() if c in ("file", "id") else pa.int64() if c == "label" else pa.float64()
@@ -398,10 +397,11 @@ class _Rows:
     def __init__(self, table: "ParquetTable", size: int):
         self.table, self.size, self.n = table, int(size), 0
         self.cols: dict[str, object] = {}
+        catalogue = {c.name for c in table.catalogue}
         for f in table.schema:
             if f.name in ("file", "id"):
                 self.cols[f.name] = _Utf8(self.size)
-            elif f.name in table.catalogue_names:
+            elif f.name in catalogue:
                 self.cols[f.name] = [None] * self.size
             elif f.name == "label":
                 self.cols[f.name] = np.zeros(self.size, dtype=np.int64)
@@ -469,6 +469,11 @@ class _Rows:
             out.append(arr)
         return pa.record_batch(out, schema=self.table.schema)
 
+    def as_table(self):
+        """The rows as a ``pyarrow.Table`` (:meth:`batch`)."""
+        pa, _ = _pa()
+        return pa.Table.from_batches([self.batch()], self.table.schema)
+
     def clear(self) -> None:
         """Empty the buffer (its catalogue values go now, not when overwritten)."""
         for v in self.cols.values():
@@ -483,28 +488,35 @@ class _ParquetWriter:
         self.rows: _Rows | None = None
         self.last = time.monotonic()
 
+    def buffer_rows(self) -> int:
+        """The rows the buffer holds (a part)."""
+        return ROWS_PER_PART
+
     def __enter__(self):
         os.makedirs(self.table.path, exist_ok=True)
-        self.rows = _Rows(self.table, ROWS_PER_PART)
+        self.rows = _Rows(self.table, self.buffer_rows())
         return self
 
-    def add(self, batch: ScoredBatch) -> None:
+    def _put(self, batch: ScoredBatch, full) -> None:
+        """Every row of ``batch`` into the buffer, ``full()`` called each time the buffer is full (it empties it)."""
         n, at = len(batch.samples), 0
         while at < n:
             k = min(self.rows.room(), n - at)
             self.rows.add(batch, at, at + k)
             at += k
-            self.written += k
             if not self.rows.room():
-                self.flush()
+                full()
+
+    def add(self, batch: ScoredBatch) -> None:
+        self._put(batch, self.flush)
+        self.written += len(batch.samples)
         if time.monotonic() - self.last >= SECONDS_PER_PART:
             self.flush()
 
     def flush(self) -> None:
         if not self.rows.n:
             return
-        pa, _ = _pa()
-        self.table.write_part(pa.Table.from_batches([self.rows.batch()], self.table.schema), self.tag)
+        self.table.write_part(self.rows.as_table(), self.tag)
         self.rows.clear()
         self.last = time.monotonic()
 
@@ -634,37 +646,29 @@ class _TopWriter(_ParquetWriter):
         self.covers: list[list[int]] = []
         self.covers_sum, self.since, self.prev = 0, 0, None
 
-    def __enter__(self):
-        os.makedirs(self.table.path, exist_ok=True)
-        # K rows and more between prunes (each sorts K + the buffer), never more than DATA holds
-        self.rows = _Rows(self.table, max(1, min(max(self.table.top, ROWS_PER_PART), len(self.table.samples))))
-        return self
+    def buffer_rows(self) -> int:
+        """K rows and more between prunes (each sorts K + the buffer), never more than DATA holds."""
+        return max(1, min(max(self.table.top, ROWS_PER_PART), len(self.table.samples)))
 
     def add(self, batch: ScoredBatch) -> None:
         if batch.positions is None:
             raise ValueError("a --top table needs the rows' positions in the run's DATA")
         hist, runs = score_histogram(batch.score), _ranges(batch.positions)
         total = (self.covers_sum + sum(_path_hash(s.path) for s in batch.samples)) % (1 << 64)
-        n, at = len(batch.samples), 0
-        while at < n:  # the rows first, then what they stand for (an interruption between: rescored, not lost)
-            k = min(self.rows.room(), n - at)
-            self.rows.add(batch, at, at + k)
-            at += k
-            if not self.rows.room():
-                self._prune()
+        # the rows first, then what they stand for (an interruption between: rescored, not lost)
+        self._put(batch, self._prune)
         self.hist += hist
         _add_ranges(self.covers, runs)
         self.covers_sum = total
-        self.written += n
-        self.since += n
+        self.written += len(batch.samples)
+        self.since += len(batch.samples)
         if self.since >= TOP_ROWS_PER_PART or time.monotonic() - self.last >= SECONDS_PER_PART:
             self.flush()
 
     def _prune(self) -> None:
         """The best rows so far: the K best of the previous ones and the buffer's (emptied once they are kept)."""
         pa, _ = _pa()
-        parts = ([self.best] if self.best is not None else []) + [pa.Table.from_batches([self.rows.batch()],
-                                                                                        self.table.schema)]
+        parts = ([self.best] if self.best is not None else []) + [self.rows.as_table()]
         self.best = top_rows(pa.concat_tables(parts), self.table.top)
         self.rows.clear()
 

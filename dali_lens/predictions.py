@@ -232,9 +232,11 @@ def _nothing_to_score(table, total_left: int, n: int, main_rank: bool, world: in
 SCORE_CHUNK = 1 << 17
 
 
-def _trim_heap() -> None:
-    """Hand the heap memory freed with a chunk's loader back to the system (glibc's ``malloc_trim``), so that
-    the next chunk's loader does not add to the peak the freed pages still count in; nothing elsewhere."""
+def _release_memory() -> None:
+    """Free what is left in reference cycles (``gc.collect``), then hand the freed heap memory back to the system
+    (glibc's ``malloc_trim``; nothing elsewhere), so that the next loader does not add to the peak the freed
+    pages still count in."""
+    gc.collect()
     try:
         import ctypes
 
@@ -301,8 +303,7 @@ def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: i
     written = 0
     from .embeddings import embedding_sink
 
-    gc.collect()  # what reading DATA's sample lists left goes before the first loader (1 M cutouts: ~8 MB)
-    _trim_heap()
+    _release_memory()  # what reading DATA's sample lists left goes before the first loader (1 M cutouts: ~8 MB)
 
     with table.writer(rank, world) as writer, embedding_sink(table, writer, embeddings) as sink:
         try:
@@ -323,8 +324,7 @@ def _score_share(ens, sub, table, fusion: str, backend: str, rank: int, world: i
                 del loader  # its pipeline (and the reader's index of the chunk) goes before the next is built
                 # the loader itself goes on del; the collector then frees what the chunk left in reference cycles
                 # (300k cutouts: peak 1,106 MB with it, 1,133 and 1,169 MB without; not pinned down further)
-                gc.collect()
-                _trim_heap()
+                _release_memory()
                 written += got
                 if got != hi - lo:
                     raise RuntimeError(f"rank {rank}: the loader returned {got} of {hi - lo} cutouts of "
